@@ -1,0 +1,70 @@
+"""ASGI app assembly: routes, error rendering, and the lifecycle's start and stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tether import routes
+from tether.config import Settings
+from tether.engines import make_engine
+from tether.errors import APIError, server_error
+from tether.lifecycle import Lifecycle
+from tether.store import make_store
+
+log = logging.getLogger("tether")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+    engine = make_engine(settings.engine, scripted_rate=settings.scripted_rate,
+                         scripted_length=settings.scripted_length)
+    lifecycle = Lifecycle(make_store(settings.db), engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await lifecycle.start()
+        try:
+            yield
+        finally:
+            await lifecycle.stop()
+
+    app = Starlette(
+        routes=routes.routes + (routes.debug_routes if settings.debug_routes else []),
+        exception_handlers={APIError: _api_error, HTTPException: _http_error,
+                            Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.lifecycle = lifecycle
+    return app
+
+
+def _render(error: APIError) -> Response:
+    return routes.JSON(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return _render(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return _render(APIError(exc.status_code, message))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _render(server_error())

@@ -1,0 +1,52 @@
+"""The `tether` command: `tether serve`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import uvicorn
+
+from tether.config import Settings
+
+
+@click.group()
+def main() -> None:
+    """tether: a self-hosted OpenAI Responses API server where cancel means stop."""
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default 8000).")
+@click.option("--db", help="SQLite database file (default ./tether.db).")
+@click.option("--engine", type=click.Choice(["local", "scripted"]),
+              help="local: embedded SmolLM2-135M (default); scripted: deterministic text.")
+@click.option("--scripted-rate", type=float, help="Scripted tokens per second; 0 = max.")
+@click.option("--scripted-length", type=int, help="Scripted tokens per response.")
+@click.option("--cancel-timeout", type=float, help="Seconds a cancel waits for the run.")
+@click.option("--lease-timeout", type=float, help="Seconds before a lost run is ended.")
+@click.option("--keepalive", type=float, help="Seconds between SSE keepalive comments.")
+@click.option("--retention", type=float, help="Seconds a finished log stays streamable.")
+@click.option("--max-body-bytes", type=int, help="Largest request body accepted.")
+@click.option("--debug-routes/--no-debug-routes", default=None,
+              help="Expose /debug/engine/{id} (scripted engine traces).")
+@click.option("--log-level", help="Log level (default warning).")
+def serve(**options: Any) -> None:
+    """Serve the Responses API. Flags override TETHER_* environment variables."""
+    settings = Settings(**{k: v for k, v in options.items() if v is not None})
+    from tether.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+
+
+if __name__ == "__main__":
+    main()

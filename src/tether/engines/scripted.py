@@ -1,0 +1,127 @@
+"""A deterministic engine for timing tests and benchmarks.
+
+It emits one word per token step at `rate` tokens per second (0 = as fast as possible)
+and ends naturally after `length` tokens. It records, per response, when each token was
+produced and when the abort was seen, so tests can check that a cancel really stopped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from tether.engines.base import (
+    Abort,
+    Delta,
+    EngineError,
+    Finished,
+    Generation,
+    ModelInfo,
+    PromptRead,
+    Step,
+)
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while tether keeps every event "
+    "in order and stops the moment it is told to"
+).split()
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the engine did for one response (exposed on the debug route)."""
+
+    produced: int = 0
+    token_times: list[float] = field(default_factory=list)
+    aborted_at: float | None = None
+    finished: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "produced": self.produced,
+            "token_times": self.token_times,
+            "aborted_at": self.aborted_at,
+            "finished": self.finished,
+        }
+
+
+def scripted_text(n: int) -> str:
+    """The text of the first `n` tokens, as the engine would emit them."""
+    return "".join(_word(i) for i in range(n))
+
+
+def _word(i: int) -> str:
+    return (" " if i else "") + WORDS[i % len(WORDS)]
+
+
+class ScriptedEngine:
+    """Deterministic text at a fixed rate. Prompts containing `FAIL_AT=<n>` raise after n tokens."""
+
+    concurrency = 1_000_000
+
+    def __init__(self, rate: float = 100.0, length: int = 200) -> None:
+        self.rate = rate
+        self.length = length
+        self.traces: dict[str, Trace] = {}
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="scripted")]
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+        trace = self.traces.setdefault(request.response_id, Trace())
+        prompt = " ".join(m.text for m in request.messages)
+        fail_at = _fail_at(prompt)
+        yield PromptRead(input_tokens=max(1, len(prompt.split())))
+        budget = self.length
+        if request.max_output_tokens is not None:
+            budget = min(budget, request.max_output_tokens)
+        interval = 1.0 / self.rate if self.rate > 0 else 0.0
+        for i in range(budget):
+            if interval:
+                if await _interrupted(abort, interval):
+                    break
+            elif abort.is_set():
+                break
+            if fail_at is not None and i == fail_at:
+                raise EngineError(f"scripted failure after {i} tokens")
+            trace.produced += 1
+            trace.token_times.append(time.time())
+            yield Delta(_word(i))
+            if not interval and i % 64 == 63:
+                await asyncio.sleep(0)  # full speed still lets the loop breathe
+        else:
+            trace.finished = True
+            if budget < self.length:
+                yield Finished("length")
+            else:
+                yield Finished("stop")
+            return
+        trace.aborted_at = time.time()
+
+
+async def _interrupted(abort: Abort, delay: float) -> bool:
+    """Sleep one token step; True when the abort came first."""
+    if abort.is_set():
+        return True
+    try:
+        await asyncio.wait_for(abort.wait(), delay)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _fail_at(prompt: str) -> int | None:
+    marker = "FAIL_AT="
+    at = prompt.find(marker)
+    if at < 0:
+        return None
+    digits = prompt[at + len(marker) :].split()[0] if prompt[at + len(marker) :] else ""
+    return int(digits) if digits.isdigit() else None

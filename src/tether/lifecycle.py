@@ -1,0 +1,380 @@
+"""The life of a response: the only module that decides a state change.
+
+States (CONTRACT §1): `queued → in_progress → completed | incomplete | failed | cancelled`,
+and `queued → cancelled`. Every transition is one compare-and-set in the store; the
+store's answer, not this process's memory, says who won.
+
+Cancellation, the one concept to know:
+    `Lifecycle.cancel(id)` asks the run that owns the response to stop. The run's engine
+    stops at its next token boundary; the run appends every token it produced, closes
+    its open items (status `incomplete`) and commits `cancelled` together with a terminal
+    `response.failed` event whose response has `status: "cancelled"` and exact usage. If
+    the run has not answered within `cancel_timeout`, or no run has started, the cancel
+    fences the run out (new run token: its later writes are refused) and commits the same
+    ending itself from what reached the log. Only then does `cancel` return, so the reply,
+    every later retrieve and every stream agree on status and usage. Whichever terminal
+    transition commits first wins (completion racing a cancel included); the loser sees
+    the winner's state. A cancel of a cancelled response returns the same object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from tether import wire
+from tether.config import Settings
+from tether.engines.base import (
+    Abort, Delta, Engine, EngineError, Finished, Generation, Message, PromptRead,
+)
+from tether.errors import APIError, bad_request, not_found
+from tether.store.base import IdempotencyConflict, LogEntry, Record, Store
+
+log = logging.getLogger("tether.lifecycle")
+Ending = Literal["completed", "incomplete", "failed", "cancelled"]
+
+
+@dataclass(slots=True)
+class Run:
+    """A run in this process: its abort signal and why it was asked to stop."""
+
+    abort: Abort = field(default_factory=Abort)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    claimed: bool = False
+    stop_reason: Literal["cancel", "shutdown"] = "cancel"
+
+    def stop(self, reason: Literal["cancel", "shutdown"]) -> None:
+        if not self.abort.is_set():
+            self.stop_reason = reason
+            self.abort.set()
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+class Lifecycle:
+    def __init__(self, store: Store, engine: Engine, settings: Settings) -> None:
+        self.store = store
+        self.engine = engine
+        self.settings = settings
+        self.owner = new_token()
+        self.runs: dict[str, Run] = {}
+        self.models = {m.id for m in engine.models()}
+        self._slots = asyncio.Semaphore(engine.concurrency)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+
+    # --- process life ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.engine.start()
+        self._keeper = asyncio.create_task(self._keep())
+
+    async def stop(self) -> None:
+        """Graceful shutdown: in-progress runs end `failed`; queued ones wait for a restart."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+        for run in list(self.runs.values()):
+            run.stop("shutdown")
+        pending = [r.done.wait() for r in self.runs.values()]
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending), self.settings.cancel_timeout + 1)
+        await self.engine.close()
+        await self.store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- create ------------------------------------------------------------------------
+
+    async def create(
+        self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None
+    ) -> Record:
+        if req.model not in self.models:
+            raise APIError(404, f"The model '{req.model}' does not exist.",
+                           param="model", code="model_not_found")
+        messages: list[dict[str, str]] = []
+        if req.previous_response_id is not None:
+            prev = await self.store.get(req.previous_response_id, tenant)
+            if prev is None:
+                raise APIError(404, f"Previous response with id '{req.previous_response_id}' "
+                               "not found.", param="previous_response_id",
+                               code="previous_response_not_found")
+            messages = prev.run["messages"] + [
+                {"role": "assistant", "text": wire.item_text(item)}
+                for item in prev.snapshot["output"] if item.get("type") == "message"
+            ]
+        items = wire.input_items(req)
+        messages += [{"role": i["role"], "text": wire.item_text(i)} for i in items]
+        background = bool(req.background)
+        status = "queued" if background else "in_progress"
+        rid = wire.new_id("resp")
+        echo = wire.echo_fields(req)
+        snap = wire.snapshot(echo, id=rid, created_at=int(time.time()), status=status)
+        events = [wire.lifecycle_event("created", snap)]
+        if background:
+            events.append(wire.lifecycle_event("queued", snap))
+        run_spec = {"messages": messages, "instructions": req.instructions,
+                    "max_output_tokens": req.max_output_tokens,
+                    "temperature": echo["temperature"], "top_p": echo["top_p"]}
+        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
+                        input_items=items, run_token=None, owner=self.owner,
+                        lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
+                        input_tokens=0, finished_at=None)
+        idem = None
+        if idempotency_key:
+            body = req.model_dump(exclude_unset=True)
+            idem = (idempotency_key, hashlib.sha256(
+                orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest())
+        try:
+            record, created = await self.store.create(record, events, idem)
+        except IdempotencyConflict:
+            raise APIError(409, "This Idempotency-Key was used with a different request body.",
+                           param="Idempotency-Key", code="idempotency_key_reused",
+                           headers={"x-should-retry": "false"}) from None
+        if created:
+            self._start_run(record)
+        return record
+
+    def _start_run(self, record: Record) -> None:
+        run = self.runs[record.id] = Run()
+        self.spawn(self._run(record, run))
+
+    # --- the run (the one writer of a response's log) ------------------------------------
+
+    async def _run(self, record: Record, run: Run) -> None:
+        rid = record.id
+        try:
+            async with self._slots:
+                if run.abort.is_set():
+                    return  # cancelled while queued: the canceller ends it
+                token = new_token()
+                snap = {**record.snapshot, "status": "in_progress"}
+                claimed = await self.store.claim(
+                    rid, token, self.owner, time.time() + self.settings.lease_timeout,
+                    snap, [wire.lifecycle_event("in_progress", snap)])
+                if not claimed:
+                    return
+                run.claimed = True
+                await self._generate(record, snap, run, token)
+        except Exception:
+            log.exception("run %s crashed", rid)
+            with contextlib.suppress(Exception):
+                await self._end(rid, record.tenant, "failed", "The run crashed.")
+        finally:
+            run.done.set()
+            self.runs.pop(rid, None)
+
+    async def _generate(self, record: Record, snap: dict[str, Any], run: Run,
+                        token: str) -> None:
+        spec = record.run
+        messages = [Message(m["role"], m["text"]) for m in spec["messages"]]
+        if spec["instructions"]:
+            messages.insert(0, Message("system", spec["instructions"]))
+        request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
+                             spec["temperature"], spec["top_p"])
+        item = wire.MessageItem()
+        opened = False
+        input_tokens = output_tokens = 0
+        reason: str | None = None
+        error: str | None = None
+        append = self.store.append
+        try:
+            async with contextlib.aclosing(self.engine.generate(request, run.abort)) as steps:
+                async for step in steps:
+                    if type(step) is Delta:
+                        events = [item.delta(step.text)]
+                        if not opened:
+                            events = item.opened() + events
+                            opened = True
+                        if not await append(record.id, token, events, step.tokens):
+                            run.abort.set()
+                            return  # fenced out: someone else ended this response
+                        output_tokens += step.tokens
+                    elif type(step) is PromptRead:
+                        input_tokens = step.input_tokens
+                        await append(record.id, token, [], input_tokens=input_tokens)
+                    elif type(step) is Finished:
+                        reason = step.reason
+        except EngineError as exc:
+            error = str(exc)
+        if error is not None:
+            ending: Ending = "failed"
+        elif reason == "stop":
+            ending = "completed"
+        elif reason == "length":
+            ending = "incomplete"
+        elif run.abort.is_set() and run.stop_reason == "cancel":
+            ending = "cancelled"
+        else:
+            ending, error = "failed", "The server stopped while generating this response."
+        items = [item] if opened else []
+        await self.store.finish(record.id, token, ending,
+                                *_closing(snap, ending, items, [], input_tokens,
+                                          output_tokens, error))
+
+    # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
+
+    async def _end(self, rid: str, tenant: str, ending: Ending, error: str | None) -> None:
+        """End a live response from what reached its log, fencing out any run."""
+        rec = await self.store.get(rid, tenant)
+        if rec is None or rec.status not in wire.LIVE_STATES:
+            return
+        guard: str | None = None
+        if rec.run_token is not None:
+            guard = new_token()
+            if not await self.store.fence(rid, guard):
+                return
+            rec = await self.store.get(rid, tenant) or rec
+        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1)]
+        done, still_open = wire.replay(events)
+        snap = {**rec.snapshot, "status": "in_progress"}
+        output_tokens = await self.store.output_tokens(rid)
+        await self.store.finish(rid, guard, ending,
+                                *_closing(snap, ending, still_open, done, rec.input_tokens,
+                                          output_tokens, error))
+
+    async def cancel(self, rid: str, tenant: str) -> dict[str, Any]:
+        rec = await self.store.get(rid, tenant)
+        if rec is None:
+            raise not_found(rid)
+        if rec.status in wire.LIVE_STATES:
+            run = self.runs.get(rid)
+            if run is not None:
+                run.stop("cancel")
+                if run.claimed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(run.done.wait()),
+                                               self.settings.cancel_timeout)
+            await self._end(rid, tenant, "cancelled", None)
+            rec = await self.store.get(rid, tenant)
+            if rec is None:
+                raise not_found(rid)
+        if rec.status == "cancelled":
+            return rec.snapshot
+        article = "an" if rec.status == "incomplete" else "a"
+        raise APIError(400, f"Cannot cancel {article} {rec.status} response.",
+                       param="response_id", code="response_not_cancellable",
+                       headers={"x-should-retry": "false"})
+
+    # --- reading -----------------------------------------------------------------------
+
+    async def get(self, rid: str, tenant: str) -> Record:
+        rec = await self.store.get(rid, tenant)
+        if rec is None:
+            raise not_found(rid)
+        return rec
+
+    async def retrieve(self, rid: str, tenant: str) -> dict[str, Any]:
+        """The Response object; for a live response, with its output so far."""
+        rec = await self.get(rid, tenant)
+        if rec.status not in wire.LIVE_STATES:
+            return rec.snapshot
+        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1)]
+        done, still_open = wire.replay(events)
+        output = done + [m.item("in_progress") | {"content": [m.part()]} for m in still_open]
+        return {**rec.snapshot, "output": output}
+
+    async def check_streamable(self, rec: Record) -> None:
+        finished = rec.finished_at
+        if finished is not None and finished < time.time() - self.settings.retention:
+            raise bad_request("This response can no longer be streamed.", "stream",
+                              "stream_expired")
+
+    async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
+        """Every stream: the log after `after`, then live events, until the terminal one."""
+        read, wait = self.store.read, self.store.wait
+        while True:
+            entries = await read(rid, after)
+            if entries:
+                yield entries
+                after = entries[-1].seq
+                if entries[-1].type in wire.TERMINAL_EVENTS:
+                    return
+                continue
+            await wait(rid, after, self.settings.keepalive)
+            if not await read(rid, after):
+                # Idle: make sure the response still exists and can still grow.
+                rec = await self.store.get(rid, tenant)
+                if rec is None or rec.status not in wire.LIVE_STATES:
+                    return
+
+    async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
+        async for _ in self.follow(rid, tenant, -1):
+            pass
+        return (await self.get(rid, tenant)).snapshot
+
+    async def delete(self, rid: str, tenant: str) -> None:
+        rec = await self.get(rid, tenant)
+        if rec.status in wire.LIVE_STATES:
+            raise bad_request("Cannot delete an in-flight response.", "response_id",
+                              "response_in_flight")
+        await self.store.delete(rid, tenant)
+
+    # --- leases (CONTRACT §6.2) -----------------------------------------------------------
+
+    async def _keep(self) -> None:
+        lease = self.settings.lease_timeout
+        last_purge = 0.0
+        while True:
+            try:
+                now = time.time()
+                await self.store.renew(self.owner, now + lease)
+                for rec in await self.store.expired(now):
+                    await self._recover(rec)
+                if now - last_purge > 60:
+                    await self.store.purge(now - self.settings.retention)
+                    last_purge = now
+            except Exception:
+                log.exception("lease keeper failed; retrying")
+            await asyncio.sleep(lease / 3)
+
+    async def _recover(self, rec: Record) -> None:
+        """A response whose owner stopped renewing its lease: re-run it if it never
+        started, else end it `failed` so every stream gets its terminal event."""
+        if rec.run_token is None and rec.status == "queued":
+            lease_until = time.time() + self.settings.lease_timeout
+            if await self.store.adopt(rec.id, rec.owner, self.owner, lease_until):
+                self._start_run(rec)
+            return
+        await self._end(rec.id, rec.tenant, "failed",
+                        "The server running this response stopped before it finished.")
+
+
+def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.MessageItem],
+             done: list[dict[str, Any]], input_tokens: int, output_tokens: int,
+             error: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The terminal snapshot and the events that close a response (CONTRACT §3.4, §6.1)."""
+    item_status = "completed" if ending == "completed" else "incomplete"
+    events = [ev for m in still_open for ev in m.closed(item_status)]
+    output = done + [m.item(item_status) for m in still_open]
+    err = {"code": "server_error", "message": error} if ending == "failed" else None
+    final = wire.snapshot(
+        {k: v for k, v in snap.items() if k not in _DERIVED}, id=snap["id"],
+        created_at=snap["created_at"], status=ending, output=output,
+        usage=wire.usage(input_tokens, output_tokens), error=err,
+        incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
+        completed_at=int(time.time()) if ending == "completed" else None)
+    if err is not None:
+        events.append(wire.error_event("server_error", err["message"]))
+    kind = {"completed": "completed", "incomplete": "incomplete"}.get(ending, "failed")
+    events.append(wire.lifecycle_event(kind, final))
+    return final, events
+
+
+_DERIVED = {"id", "created_at", "status", "completed_at", "output", "usage", "error",
+            "incomplete_details"}

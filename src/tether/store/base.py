@@ -1,0 +1,132 @@
+"""The `Store` protocol: the few operations that must be atomic, and nothing more.
+
+Two of them decide every race (CONTRACT §1.1, §2.3):
+- `append` adds events unless the response is terminal or the caller's run token is stale;
+- `finish` sets a terminal state and appends the closing events, only if the response is
+  not terminal yet (and, for a run, only if its token is current).
+The store assigns `sequence_number`s, and readers only ever see committed events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+
+class LogEntry(NamedTuple):
+    seq: int
+    type: str
+    data: bytes  # the event's JSON, `sequence_number` included
+
+
+@dataclass(slots=True)
+class Record:
+    """A stored response: its current snapshot plus what the lifecycle needs to run it."""
+
+    id: str
+    tenant: str
+    status: str
+    snapshot: dict[str, Any]  # the Response object as of the last state change
+    run: dict[str, Any]  # what the engine needs: messages, budget, sampling
+    input_items: list[dict[str, Any]]
+    run_token: str | None
+    owner: str | None
+    lease_until: float
+    last_seq: int
+    input_tokens: int
+    finished_at: float | None
+
+
+class IdempotencyConflict(Exception):
+    """The key was used before with a different body (409)."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(
+        self,
+        record: Record,
+        events: list[dict[str, Any]],
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Record, bool]:
+        """Insert a response with its first events. With `(key, body_hash)`, a second
+        create with the same key returns the first record and False, or raises
+        `IdempotencyConflict` when the body differs."""
+        ...
+
+    async def get(self, response_id: str, tenant: str) -> Record | None: ...
+
+    async def claim(
+        self,
+        response_id: str,
+        run_token: str,
+        owner: str,
+        lease_until: float,
+        snapshot: dict[str, Any],
+        events: list[dict[str, Any]],
+    ) -> bool:
+        """Start a run: set `in_progress` and the run token, if live and unclaimed."""
+        ...
+
+    async def append(
+        self,
+        response_id: str,
+        run_token: str,
+        events: list[dict[str, Any]],
+        tokens: int = 0,
+        input_tokens: int | None = None,
+    ) -> bool:
+        """Append a run's events (carrying `tokens` output tokens). False: fenced out.
+        May return before the events are durable; `finish` and readers see them in order."""
+        ...
+
+    async def fence(self, response_id: str, run_token: str) -> bool:
+        """Give a live response a new run token, so its current run can write no more."""
+        ...
+
+    async def finish(
+        self,
+        response_id: str,
+        run_token: str | None,
+        status: str,
+        snapshot: dict[str, Any],
+        events: list[dict[str, Any]],
+        tokens: int = 0,
+    ) -> bool:
+        """The one terminal transition: True if this call won it. `run_token=None`
+        ends the response whoever runs it (fencing the run out)."""
+        ...
+
+    async def read(self, response_id: str, after: int) -> list[LogEntry]:
+        """Committed events with `seq > after`, in order."""
+        ...
+
+    async def wait(self, response_id: str, after: int, timeout: float) -> None:
+        """Return when events past `after` are committed, or after `timeout`."""
+        ...
+
+    async def output_tokens(self, response_id: str) -> int:
+        """Output tokens that reached the log."""
+        ...
+
+    async def delete(self, response_id: str, tenant: str) -> bool: ...
+
+    async def renew(self, owner: str, lease_until: float) -> None:
+        """Extend the leases of every live run `owner` holds."""
+        ...
+
+    async def expired(self, now: float) -> list[Record]:
+        """Live responses whose lease ran out."""
+        ...
+
+    async def adopt(self, response_id: str, old_owner: str | None, owner: str,
+                    lease_until: float) -> bool:
+        """Take over an expired, never-started response (to run it again)."""
+        ...
+
+    async def purge(self, before: float) -> int:
+        """Drop logs of responses finished before `before`, and unstored responses."""
+        ...

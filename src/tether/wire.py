@@ -1,0 +1,312 @@
+"""The wire format: request parsing, the Response object, stream events, SSE frames.
+
+Responses and events are plain dicts built here (the per-token path never runs model
+validation); tests check every one of them against the official SDK's types and the
+Open Responses OpenAPI schemas.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+from tether.errors import APIError, bad_request
+
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+TERMINAL_STATES = frozenset({"completed", "incomplete", "failed", "cancelled"})
+LIVE_STATES = ("queued", "in_progress")
+
+# Parameters either spec defines that tether accepts and echoes without acting on them,
+# each with the values that are safe to accept (anything else is refused, never misapplied).
+_ECHOED = {"parallel_tool_calls", "service_tier", "user", "safety_identifier",
+           "prompt_cache_key", "prompt_cache_retention", "max_tool_calls", "truncation"}
+# Parameters either spec defines that tether does not support yet: refused unless null/empty.
+_UNSUPPORTED = {"conversation", "prompt", "context_management", "moderation",
+                "prompt_cache_options", "include", "tools", "tool_choice", "reasoning",
+                "presence_penalty", "frequency_penalty", "top_logprobs", "text"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["input_text", "output_text"]
+    text: StrictStr
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: StrictStr | list[ContentPart]
+
+
+class CreateRequest(BaseModel):
+    """The subset of `POST /responses` that tether acts on; see `parse_create`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: StrictStr
+    input: StrictStr | list[InputMessage]
+    instructions: StrictStr | None = None
+    previous_response_id: StrictStr | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    stream: StrictBool | None = False
+    background: StrictBool | None = False
+    store: StrictBool | None = True
+    stream_options: dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    user: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: StrictStr | None = None
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+
+
+def parse_create(body: Any) -> CreateRequest:
+    """Validate a create body, naming the offending parameter in every refusal."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    for name in ("model", "input"):
+        if body.get(name) is None:
+            raise bad_request(
+                f"Missing required parameter: '{name}'.", name, "missing_required_parameter"
+            )
+    for name, value in body.items():
+        if name in CreateRequest.model_fields:
+            continue
+        if name in _UNSUPPORTED:
+            if value is None or value == [] or _is_default(name, value):
+                continue
+            raise bad_request(
+                f"Parameter '{name}' is not supported by this server yet.",
+                name,
+                "unsupported_parameter",
+            )
+        raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
+    try:
+        req = CreateRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    if req.metadata is not None and len(req.metadata) > 16:
+        raise bad_request("Invalid 'metadata': at most 16 keys.", "metadata", "invalid_value")
+    return req
+
+
+def _is_default(name: str, value: Any) -> bool:
+    if name in ("presence_penalty", "frequency_penalty", "top_logprobs"):
+        return value == 0
+    if name == "tool_choice":
+        return value in ("auto", "none")
+    if name == "text":
+        fmt = value.get("format") if isinstance(value, dict) else None
+        return isinstance(value, dict) and (fmt is None or fmt == {"type": "text"})
+    if name == "reasoning":
+        return isinstance(value, dict) and all(v is None for v in value.values())
+    return False
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    # In a union the deepest location is the branch the caller meant.
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    param = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not str(part).startswith(("str", "list[", "function-", "constrained")):
+            param += ("." if param else "") + str(part)
+    return bad_request(f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value")
+
+
+def input_items(req: CreateRequest) -> list[dict[str, Any]]:
+    """The request's input as stored items (what `GET .../input_items` lists)."""
+    if isinstance(req.input, str):
+        messages = [InputMessage(role="user", content=req.input)]
+    else:
+        messages = req.input
+    items = []
+    for msg in messages:
+        if isinstance(msg.content, str):
+            parts = [{"type": "input_text", "text": msg.content}]
+        else:
+            parts = [{"type": p.type, "text": p.text} for p in msg.content]
+            if msg.role != "assistant":
+                parts = [{"type": "input_text", "text": p["text"]} for p in parts]
+        items.append(
+            {"id": new_id("msg"), "type": "message", "role": msg.role,
+             "content": parts, "status": "completed"}
+        )
+    return items
+
+
+def item_text(item: dict[str, Any]) -> str:
+    return "".join(part.get("text", "") for part in item.get("content", []))
+
+
+# --- the Response object -----------------------------------------------------------------
+
+
+def echo_fields(req: CreateRequest) -> dict[str, Any]:
+    """The parts of a Response that repeat the request, fixed at creation."""
+    return {
+        "object": "response",
+        "model": req.model,
+        "instructions": req.instructions,
+        "previous_response_id": req.previous_response_id,
+        "tools": [],
+        "tool_choice": "auto",
+        "truncation": req.truncation or "disabled",
+        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "text": {"format": {"type": "text"}},
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "top_logprobs": 0,
+        "reasoning": None,
+        "max_output_tokens": req.max_output_tokens,
+        "max_tool_calls": req.max_tool_calls,
+        "store": True if req.store is None else req.store,
+        "background": bool(req.background),
+        "service_tier": req.service_tier or "default",
+        "metadata": req.metadata or {},
+        "safety_identifier": req.safety_identifier,
+        "prompt_cache_key": req.prompt_cache_key,
+        "user": req.user,
+    }
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def snapshot(
+    echo: dict[str, Any],
+    *,
+    id: str,
+    created_at: int,
+    status: str,
+    output: list[dict[str, Any]] | None = None,
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    incomplete_reason: str | None = None,
+    completed_at: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        **echo,
+        "created_at": created_at,
+        "status": status,
+        "completed_at": completed_at,
+        "output": output or [],
+        "usage": usage,
+        "error": error,
+        "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+    }
+
+
+# --- stream events -----------------------------------------------------------------------
+
+
+def lifecycle_event(kind: str, response: dict[str, Any]) -> dict[str, Any]:
+    return {"type": f"response.{kind}", "response": response}
+
+
+def error_event(code: str, message: str) -> dict[str, Any]:
+    """CONTRACT §6.1: flat fields (OpenAI) and the nested object (Open Responses)."""
+    err = {"type": "server_error", "code": code, "message": message, "param": None}
+    return {"type": "error", "code": code, "message": message, "param": None, "error": err}
+
+
+@dataclass(slots=True)
+class MessageItem:
+    """The one assistant message a run streams; builds its events in order."""
+
+    output_index: int = 0
+    id: str = field(default_factory=lambda: new_id("msg"))
+    text: list[str] = field(default_factory=list)
+
+    def item(self, status: str) -> dict[str, Any]:
+        content = [] if status == "in_progress" else [self.part()]
+        return {"id": self.id, "type": "message", "role": "assistant",
+                "status": status, "content": content}
+
+    def part(self) -> dict[str, Any]:
+        return {"type": "output_text", "text": "".join(self.text), "annotations": [],
+                "logprobs": []}
+
+    def opened(self) -> list[dict[str, Any]]:
+        empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            {"type": "response.output_item.added", "output_index": self.output_index,
+             "item": self.item("in_progress")},
+            {"type": "response.content_part.added", "item_id": self.id,
+             "output_index": self.output_index, "content_index": 0, "part": empty},
+        ]
+
+    def delta(self, text: str) -> dict[str, Any]:
+        self.text.append(text)
+        return {"type": "response.output_text.delta", "item_id": self.id,
+                "output_index": self.output_index, "content_index": 0, "delta": text,
+                "logprobs": []}
+
+    def closed(self, status: str) -> list[dict[str, Any]]:
+        part = self.part()
+        return [
+            {"type": "response.output_text.done", "item_id": self.id,
+             "output_index": self.output_index, "content_index": 0, "text": part["text"],
+             "logprobs": []},
+            {"type": "response.content_part.done", "item_id": self.id,
+             "output_index": self.output_index, "content_index": 0, "part": part},
+            {"type": "response.output_item.done", "output_index": self.output_index,
+             "item": self.item(status)},
+        ]
+
+
+def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[MessageItem]]:
+    """Rebuild output from a log: (closed items, items still open)."""
+    open_items: dict[str, MessageItem] = {}
+    done: list[dict[str, Any]] = []
+    for ev in events:
+        kind = ev["type"]
+        if kind == "response.output_item.added":
+            item = ev["item"]
+            open_items[item["id"]] = MessageItem(ev["output_index"], item["id"])
+        elif kind == "response.output_text.delta":
+            open_items[ev["item_id"]].text.append(ev["delta"])
+        elif kind == "response.output_item.done":
+            open_items.pop(ev["item"]["id"], None)
+            done.append(ev["item"])
+    return done, list(open_items.values())
+
+
+# --- SSE ---------------------------------------------------------------------------------
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def sse_frame(kind: str, data: bytes) -> bytes:
+    """CONTRACT §4.1: one event, one write, `\\n` line ends, no `id:`/`retry:`."""
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"

@@ -1,0 +1,131 @@
+"""Fixtures: a real `tether serve` subprocess and the real `openai` clients talking to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One `tether serve` process; `restart()` keeps the database."""
+
+    db: Path
+    args: list[str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.log = self.db.with_suffix(f".{self.port}.{int(time.time() * 1000)}.log")
+        cmd = [sys.executable, "-m", "tether", "serve", "--port", str(self.port),
+               "--db", str(self.db), *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)  # polling a starting process: no event to wait on
+        raise TimeoutError(f"server did not start: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0,
+                             _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
+
+    def async_client(self, **kwargs: object) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key="test", max_retries=0,
+                                  _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
+
+    def trace(self, response_id: str) -> dict[str, object]:
+        """What the scripted engine did for a response (needs --debug-routes)."""
+        r = httpx.get(f"{self.url}/debug/engine/{response_id}", timeout=5)
+        r.raise_for_status()
+        data: dict[str, object] = r.json()
+        return data
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[object]:
+    """Start servers with extra flags: `make_server("--scripted-rate", "50")`."""
+    servers: list[Server] = []
+
+    def make(*args: str, db: Path | None = None, engine: str = "scripted") -> Server:
+        server = Server(db or tmp_path / f"tether-{len(servers)}.db",
+                        ["--engine", engine, "--debug-routes", *args])
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server) -> Server:  # type: ignore[no-untyped-def]
+    """A scripted server at 100 tokens/s, 200 tokens per response."""
+    return make_server()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+if os.environ.get("CI") == "true":
+    os.environ.setdefault("TETHER_REQUIRE_SERVICES", "1")

@@ -1,0 +1,188 @@
+"""LocalEngine against the real embedded model (llama-cpp + SmolLM2-135M), no server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import llama_cpp  # imported on purpose: a missing runtime must fail, never skip
+import pytest
+
+from tether.engines.base import (
+    Abort,
+    Delta,
+    Engine,
+    EngineError,
+    Finished,
+    Generation,
+    Message,
+    ModelInfo,
+    PromptRead,
+    Step,
+)
+from tether.engines.local import LocalEngine, find_model_file
+
+STORY = [Message("user", "Write a long story about a robot who learns to paint.")]
+# Bounds every generation in these tests; SmolLM2 runs at ~50 tokens/s on 2 cores.
+TIMEOUT = 30.0
+
+
+def request(messages: list[Message], **kwargs: object) -> Generation:
+    return Generation(response_id="resp_test", model="smollm2-135m", messages=messages, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LocalEngine]:
+    # The engine is not tied to an event loop, so one loaded model serves every test.
+    eng = LocalEngine()
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())
+
+
+async def collect(engine: LocalEngine, gen: Generation, abort: Abort | None = None) -> list[Step]:
+    async def run() -> list[Step]:
+        return [step async for step in engine.generate(gen, abort or Abort())]
+
+    return await asyncio.wait_for(run(), TIMEOUT)
+
+
+def check_shape(steps: list[Step]) -> tuple[list[Delta], Finished | None]:
+    """PromptRead first, then only one-token Deltas, then at most one Finished at the end."""
+    assert isinstance(steps[0], PromptRead) and steps[0].input_tokens > 0
+    end = steps[-1] if isinstance(steps[-1], Finished) else None
+    deltas = steps[1 : len(steps) - (end is not None)]
+    assert all(isinstance(d, Delta) and d.tokens == 1 for d in deltas), steps
+    return deltas, end  # type: ignore[return-value]
+
+
+def test_is_an_engine() -> None:
+    eng = LocalEngine()
+    assert isinstance(eng, Engine)
+    assert eng.concurrency == 1
+    assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether")]
+
+
+def test_short_generation_matches_llama_cpp(engine: LocalEngine) -> None:
+    """Greedy output, prompt and token counts agree with llama-cpp's own chat completion."""
+    messages = [Message("user", "What is the capital of France? Answer in one sentence.")]
+    steps = asyncio.run(collect(engine, request(messages, temperature=0.0, max_output_tokens=60)))
+    deltas, end = check_shape(steps)
+    assert end == Finished("stop")
+    text = "".join(d.text for d in deltas)
+    assert "Paris" in text
+
+    reference = llama_cpp.Llama(str(find_model_file()), n_ctx=2048, n_threads=2, verbose=False)
+    try:
+        out = reference.create_chat_completion(
+            [{"role": "user", "content": messages[0].text}], temperature=0.0, max_tokens=60
+        )
+    finally:
+        reference.close()
+    assert isinstance(out, dict)
+    assert text == out["choices"][0]["message"]["content"]
+    assert steps[0] == PromptRead(input_tokens=out["usage"]["prompt_tokens"])
+    assert len(deltas) == out["usage"]["completion_tokens"]
+
+
+def test_max_output_tokens_gives_exactly_that_many(engine: LocalEngine) -> None:
+    steps = asyncio.run(collect(engine, request(STORY, max_output_tokens=5)))
+    deltas, end = check_shape(steps)
+    assert len(deltas) == 5
+    assert end == Finished("length")
+
+
+def test_zero_budget_reads_the_prompt_only(engine: LocalEngine) -> None:
+    steps = asyncio.run(collect(engine, request(STORY, max_output_tokens=0)))
+    assert isinstance(steps[0], PromptRead)
+    assert steps[1:] == [Finished("length")]
+
+
+def test_abort_stops_at_the_next_token_and_engine_recovers(engine: LocalEngine) -> None:
+    async def scenario() -> tuple[list[Step], float]:
+        abort = Abort()
+        steps: list[Step] = []
+        started = 0.0
+
+        async def consume() -> None:
+            nonlocal started
+            async for step in engine.generate(request(STORY, max_output_tokens=500), abort):
+                steps.append(step)
+                if sum(isinstance(s, Delta) for s in steps) == 3:
+                    abort.set()
+                    started = time.monotonic()
+
+        await asyncio.wait_for(consume(), TIMEOUT)
+        return steps, time.monotonic() - started
+
+    steps, stop_seconds = asyncio.run(scenario())
+    deltas, end = check_shape(steps)
+    assert end is None, "an aborted generation must not report Finished"
+    # Abort came after the 3rd token: at most the one token step in flight follows it.
+    assert 3 <= len(deltas) <= 4
+    assert stop_seconds < 2.0
+
+    # The same engine (and model) serves the next generation normally.
+    again = asyncio.run(collect(engine, request(STORY, max_output_tokens=8)))
+    deltas, end = check_shape(again)
+    assert len(deltas) == 8 and end == Finished("length")
+
+
+def test_closing_the_generator_stops_the_worker(engine: LocalEngine) -> None:
+    """A consumer that walks away frees the engine: the next generation is not stuck."""
+
+    async def scenario() -> None:
+        gen = engine.generate(request(STORY, max_output_tokens=500), Abort())
+        async for step in gen:
+            if isinstance(step, Delta):
+                break
+        await asyncio.wait_for(gen.aclose(), 2.0)  # type: ignore[attr-defined]
+        steps = await collect(engine, request(STORY, max_output_tokens=3))
+        assert len(check_shape(steps)[0]) == 3
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_task_stops_the_worker(engine: LocalEngine) -> None:
+    async def scenario() -> None:
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for step in engine.generate(request(STORY, max_output_tokens=500), Abort()):
+                if isinstance(step, Delta):
+                    first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), TIMEOUT)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        assert done, "cancelled generation did not end within 2 s"
+        steps = await collect(engine, request(STORY, max_output_tokens=3))
+        assert len(check_shape(steps)[0]) == 3
+
+    asyncio.run(scenario())
+
+
+def test_sampled_generation_counts_every_token(engine: LocalEngine) -> None:
+    """With sampling, text is still cut only at token boundaries and every token counted."""
+    gen = request(
+        [Message("developer", "Reply in French."), Message("user", "Tell me about cats.")],
+        temperature=1.0,
+        top_p=0.9,
+        max_output_tokens=40,
+    )
+    steps = asyncio.run(collect(engine, gen))
+    deltas, end = check_shape(steps)
+    assert end is not None
+    assert end.reason == "length" if len(deltas) == 40 else end.reason == "stop"
+    assert sum(d.tokens for d in deltas) == len(deltas)
+    "".join(d.text for d in deltas).encode("utf-8")  # whole characters only
+
+
+def test_generate_before_start_fails() -> None:
+    async def scenario() -> None:
+        with pytest.raises(EngineError):
+            await collect(LocalEngine(), request(STORY))
+
+    asyncio.run(scenario())
