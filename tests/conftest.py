@@ -129,3 +129,19 @@ def anyio_backend() -> str:
 
 if os.environ.get("CI") == "true":
     os.environ.setdefault("TETHER_REQUIRE_SERVICES", "1")
+
+
+def raw_events(server: Server, response_id: str, starting_after: int | None = None,
+               timeout: float = 30.0) -> list[dict[str, object]]:
+    """Read `GET ?stream=true` as raw JSON events (the SDK raises on `error` events)."""
+    import json
+
+    params = {"stream": "true"}
+    if starting_after is not None:
+        params["starting_after"] = str(starting_after)
+    with httpx.stream("GET", f"{server.base_url}/responses/{response_id}", params=params,
+                      timeout=timeout) as r:
+        r.raise_for_status()
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]

@@ -41,6 +41,28 @@ def engine() -> Iterator[LocalEngine]:
     asyncio.run(eng.close())
 
 
+@pytest.fixture(scope="module")
+def reference() -> Iterator[llama_cpp.Llama]:
+    """A plain llama-cpp model, to check the engine against llama-cpp's own chat path."""
+    llm = llama_cpp.Llama(str(find_model_file()), n_ctx=2048, n_threads=2, verbose=False)
+    yield llm
+    llm.close()
+
+
+def chat(llm: llama_cpp.Llama, text: str, max_tokens: int) -> tuple[str, int, int]:
+    """Greedy chat completion: (text, prompt tokens, completion tokens)."""
+    out = llm.create_chat_completion(
+        [{"role": "user", "content": text}], temperature=0.0, max_tokens=max_tokens
+    )
+    assert isinstance(out, dict)
+    usage = out["usage"]
+    return (
+        out["choices"][0]["message"]["content"] or "",
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+
+
 async def collect(engine: LocalEngine, gen: Generation, abort: Abort | None = None) -> list[Step]:
     async def run() -> list[Step]:
         return [step async for step in engine.generate(gen, abort or Abort())]
@@ -64,26 +86,40 @@ def test_is_an_engine() -> None:
     assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether")]
 
 
-def test_short_generation_matches_llama_cpp(engine: LocalEngine) -> None:
+def test_short_generation_matches_llama_cpp(
+    engine: LocalEngine, reference: llama_cpp.Llama
+) -> None:
     """Greedy output, prompt and token counts agree with llama-cpp's own chat completion."""
-    messages = [Message("user", "What is the capital of France? Answer in one sentence.")]
-    steps = asyncio.run(collect(engine, request(messages, temperature=0.0, max_output_tokens=60)))
+    prompt = "What is the capital of France? Answer in one sentence."
+    gen = request([Message("user", prompt)], temperature=0.0, max_output_tokens=60)
+    steps = asyncio.run(collect(engine, gen))
     deltas, end = check_shape(steps)
     assert end == Finished("stop")
     text = "".join(d.text for d in deltas)
     assert "Paris" in text
+    assert (text, steps[0], len(deltas)) == _as_steps(chat(reference, prompt, 60))
 
-    reference = llama_cpp.Llama(str(find_model_file()), n_ctx=2048, n_threads=2, verbose=False)
-    try:
-        out = reference.create_chat_completion(
-            [{"role": "user", "content": messages[0].text}], temperature=0.0, max_tokens=60
-        )
-    finally:
-        reference.close()
-    assert isinstance(out, dict)
-    assert text == out["choices"][0]["message"]["content"]
-    assert steps[0] == PromptRead(input_tokens=out["usage"]["prompt_tokens"])
-    assert len(deltas) == out["usage"]["completion_tokens"]
+
+def test_characters_split_across_tokens(engine: LocalEngine, reference: llama_cpp.Llama) -> None:
+    """An emoji spans several tokens: its bytes wait for the last one, each token still counts."""
+    prompt = "Reply with three emojis."  # greedy SmolLM2 answers with a run of 🌟
+    steps = asyncio.run(
+        collect(engine, request([Message("user", prompt)], temperature=0.0, max_output_tokens=20))
+    )
+    deltas, end = check_shape(steps)
+    assert end == Finished("length") and len(deltas) == 20
+    assert any(d.text == "" for d in deltas), "expected a token that ends mid-character"
+    # 20 tokens = six whole stars (3 tokens each) + 2 tokens of a 7th, whose bytes are dropped.
+    text = "".join(d.text for d in deltas)
+    assert text == "\N{GLOWING STAR}" * 6
+    # (llama-cpp itself overruns max_tokens to finish the character, so compare prefixes.)
+    ref_text, prompt_tokens, _ = chat(reference, prompt, 40)
+    assert ref_text.startswith(text) and steps[0] == PromptRead(input_tokens=prompt_tokens)
+
+
+def _as_steps(result: tuple[str, int, int]) -> tuple[str, PromptRead, int]:
+    text, prompt_tokens, completion_tokens = result
+    return text, PromptRead(input_tokens=prompt_tokens), completion_tokens
 
 
 def test_max_output_tokens_gives_exactly_that_many(engine: LocalEngine) -> None:
@@ -174,10 +210,8 @@ def test_sampled_generation_counts_every_token(engine: LocalEngine) -> None:
     )
     steps = asyncio.run(collect(engine, gen))
     deltas, end = check_shape(steps)
-    assert end is not None
-    assert end.reason == "length" if len(deltas) == 40 else end.reason == "stop"
-    assert sum(d.tokens for d in deltas) == len(deltas)
-    "".join(d.text for d in deltas).encode("utf-8")  # whole characters only
+    assert end == Finished("length" if len(deltas) == 40 else "stop")
+    assert sum(d.tokens for d in deltas) == len(deltas) > 0
 
 
 def test_generate_before_start_fails() -> None:

@@ -142,12 +142,12 @@ def input_items(req: CreateRequest) -> list[dict[str, Any]]:
         messages = req.input
     items = []
     for msg in messages:
-        if isinstance(msg.content, str):
-            parts = [{"type": "input_text", "text": msg.content}]
+        texts = [msg.content] if isinstance(msg.content, str) else [p.text for p in msg.content]
+        # Stored as the SDK's item types: assistant turns are output messages.
+        if msg.role == "assistant":
+            parts = [{"type": "output_text", "text": t, "annotations": []} for t in texts]
         else:
-            parts = [{"type": p.type, "text": p.text} for p in msg.content]
-            if msg.role != "assistant":
-                parts = [{"type": "input_text", "text": p["text"]} for p in parts]
+            parts = [{"type": "input_text", "text": t} for t in texts]
         items.append(
             {"id": new_id("msg"), "type": "message", "role": msg.role,
              "content": parts, "status": "completed"}

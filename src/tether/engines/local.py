@@ -13,8 +13,9 @@ import codecs
 import importlib.util
 import random
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
@@ -35,6 +36,37 @@ MODEL_ID = "smollm2-135m"
 
 # What the worker thread sends to the event loop: a step, a failure, or None (= done).
 _Item = Step | EngineError | None
+
+
+@dataclass(slots=True)
+class _Channel:
+    """Links one generation's worker thread to the async generator consuming it."""
+
+    loop: asyncio.AbstractEventLoop
+    abort: Abort
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)  # the consumer left
+    # Token credits: the worker computes the next token while the consumer handles this
+    # one, but never more, so an abort finds at most one token step in flight.
+    credits: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(2))
+
+    def emit(self, item: _Item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening
+            self.stop.set()
+
+    def next_turn(self, closing: threading.Event) -> bool:
+        """Wait until the consumer has room for a token; False when the run must end."""
+        acquired = False
+        while not acquired:
+            # Short waits so an abort or close is noticed even while the consumer is slow.
+            acquired = self.credits.acquire(timeout=0.05)
+            if closing.is_set():
+                raise EngineError("local engine closed during generation")
+            if self.abort.is_set() or self.stop.is_set():
+                return False
+        return True
 
 
 def find_model_file() -> Path:
@@ -112,63 +144,35 @@ class LocalEngine:
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         if self._executor is None:
             raise EngineError("local engine is not started")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Item] = asyncio.Queue()
-        stop = threading.Event()  # set when the consumer goes away
-        # Token credits: the worker computes the next token while the consumer handles
-        # this one, but never more, so an abort finds at most one token step in flight.
-        credits = threading.Semaphore(2)
-
-        def emit(item: _Item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody is listening
-                stop.set()
-
-        worker = loop.run_in_executor(
-            self._executor, self._run, request, abort, stop, credits, emit
-        )
+        chan = _Channel(asyncio.get_running_loop(), abort)
+        worker = chan.loop.run_in_executor(self._executor, self._run, request, chan)
         try:
-            while (item := await queue.get()) is not None:
+            while (item := await chan.queue.get()) is not None:
                 if isinstance(item, EngineError):
                     raise item
                 if isinstance(item, Finished) and abort.is_set():
                     break  # aborted runs end without Finished, even if the model just ended
                 yield item
                 if isinstance(item, Delta):
-                    credits.release()
+                    chan.credits.release()
         finally:
             # Closed early or cancelled: the worker sees `stop` within one token step.
             # Waiting for it keeps "no generation thread outlives its generator" true.
-            stop.set()
+            chan.stop.set()
             await asyncio.wait({worker})
 
-    def _run(
-        self,
-        request: Generation,
-        abort: Abort,
-        stop: threading.Event,
-        credits: threading.Semaphore,
-        emit: Callable[[_Item], None],
-    ) -> None:
-        """The blocking generation loop (worker thread). Never raises; ends with None."""
+    def _run(self, request: Generation, chan: _Channel) -> None:
+        """The blocking generation (worker thread). Never raises; always ends with None."""
         try:
-            self._generate_blocking(request, abort, stop, credits, emit)
+            self._generate_blocking(request, chan)
         except EngineError as exc:
-            emit(exc)
-        except Exception as exc:  # noqa: BLE001 - any llama.cpp failure fails the run
-            emit(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
+            chan.emit(exc)
+        except Exception as exc:  # any llama.cpp failure fails the run, never the server
+            chan.emit(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
         finally:
-            emit(None)
+            chan.emit(None)
 
-    def _generate_blocking(
-        self,
-        request: Generation,
-        abort: Abort,
-        stop: threading.Event,
-        credits: threading.Semaphore,
-        emit: Callable[[_Item], None],
-    ) -> None:
+    def _generate_blocking(self, request: Generation, chan: _Channel) -> None:
         llm, formatter = self._llm, self._formatter
         if llm is None or formatter is None or self._closing.is_set():
             raise EngineError("local engine is closed")
@@ -184,15 +188,17 @@ class LocalEngine:
         room = self._n_ctx - len(prompt)
         if room <= 0:
             raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
-        emit(PromptRead(input_tokens=len(prompt)))
+        chan.emit(PromptRead(input_tokens=len(prompt)))
 
-        budget = room if request.max_output_tokens is None else min(request.max_output_tokens, room)
+        limit = request.max_output_tokens
+        budget = room if limit is None else min(limit, room)
         if budget <= 0:
-            emit(Finished("length"))
+            chan.emit(Finished("length"))
             return
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         # A token can end in the middle of a UTF-8 character: hold bytes back until they
-        # decode, so a Delta may carry "" while still counting its one token.
+        # decode, so a Delta may carry "" while still counting its one token. Bytes of a
+        # character still unfinished when the run ends are dropped, never guessed at.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # llama-cpp keeps one seed per Llama; without a fresh one every sampled run of the
         # same prompt would produce the same text.
@@ -207,31 +213,15 @@ class LocalEngine:
             repeat_penalty=1.0,
         )
         try:
-            while self._next_turn(abort, stop, credits):
-                # One step: evaluate the previous token, sample the next.
-                token = next(tokens)
+            while chan.next_turn(self._closing):
+                token = next(tokens)  # one step: evaluate the previous token, sample one
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    emit(Finished("stop"))  # end-of-turn is not output text, so not counted
+                    chan.emit(Finished("stop"))  # end-of-turn is not output text: not counted
                     return
                 produced += 1
-                last = produced == budget
-                text = decoder.decode(llm.detokenize([token]), final=last)
-                emit(Delta(text, tokens=1))
-                if last:
-                    emit(Finished("length"))
+                chan.emit(Delta(decoder.decode(llm.detokenize([token])), tokens=1))
+                if produced == budget:
+                    chan.emit(Finished("length"))
                     return
-            # Aborted or abandoned: bytes of an unfinished character are dropped.
         finally:
             tokens.close()
-
-    def _next_turn(self, abort: Abort, stop: threading.Event, credits: threading.Semaphore) -> bool:
-        """Wait until the consumer has room for a token; False when the run must end."""
-        acquired = False
-        while not acquired:
-            # Short waits so an abort or close is noticed even while the consumer is slow.
-            acquired = credits.acquire(timeout=0.05)
-            if self._closing.is_set():
-                raise EngineError("local engine closed during generation")
-            if abort.is_set() or stop.is_set():
-                return False
-        return True
