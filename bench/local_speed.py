@@ -9,6 +9,7 @@ are importable so other benchmarks can add rows (e.g. through tether over HTTP).
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 
@@ -88,7 +89,10 @@ def measure_engine(tokens: int = TOKENS, runs: int = RUNS) -> float:
 def main() -> None:
     rows = [("llama-cpp directly", measure_direct()), ("LocalEngine.generate", measure_engine())]
     base = rows[0][1]
+    # llama.cpp's 2 threads on a 2-core machine slow down sharply under any other load.
+    load = os.getloadavg()[0]
     print(f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs")
+    print(f"(1-minute load average {load:.1f} on {os.cpu_count()} CPUs)")
     print(f"{'path':<24}{'tokens/s':>10}{'vs direct':>11}")
     for name, rate in rows:
         print(f"{name:<24}{rate:>10.1f}{rate / base:>10.0%}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from typing import cast
 
 import llama_cpp  # imported on purpose: a missing runtime must fail, never skip
 import pytest
@@ -28,8 +29,14 @@ STORY = [Message("user", "Write a long story about a robot who learns to paint."
 TIMEOUT = 30.0
 
 
-def request(messages: list[Message], **kwargs: object) -> Generation:
-    return Generation(response_id="resp_test", model="smollm2-135m", messages=messages, **kwargs)  # type: ignore[arg-type]
+def request(
+    messages: list[Message],
+    *,
+    max_output_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Generation:
+    return Generation("resp_test", "smollm2-135m", messages, max_output_tokens, temperature, top_p)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def check_shape(steps: list[Step]) -> tuple[list[Delta], Finished | None]:
     end = steps[-1] if isinstance(steps[-1], Finished) else None
     deltas = steps[1 : len(steps) - (end is not None)]
     assert all(isinstance(d, Delta) and d.tokens == 1 for d in deltas), steps
-    return deltas, end  # type: ignore[return-value]
+    return cast(list[Delta], deltas), end
 
 
 def test_is_an_engine() -> None:
@@ -169,11 +176,14 @@ def test_closing_the_generator_stops_the_worker(engine: LocalEngine) -> None:
     """A consumer that walks away frees the engine: the next generation is not stuck."""
 
     async def scenario() -> None:
-        gen = engine.generate(request(STORY, max_output_tokens=500), Abort())
+        gen = cast(
+            AsyncGenerator[Step, None],
+            engine.generate(request(STORY, max_output_tokens=500), Abort()),
+        )
         async for step in gen:
             if isinstance(step, Delta):
                 break
-        await asyncio.wait_for(gen.aclose(), 2.0)  # type: ignore[attr-defined]
+        await asyncio.wait_for(gen.aclose(), 2.0)
         steps = await collect(engine, request(STORY, max_output_tokens=3))
         assert len(check_shape(steps)[0]) == 3
 
@@ -218,5 +228,26 @@ def test_generate_before_start_fails() -> None:
     async def scenario() -> None:
         with pytest.raises(EngineError):
             await collect(LocalEngine(), request(STORY))
+
+    asyncio.run(scenario())
+
+
+def test_close_during_generation_fails_the_run_and_frees_the_model() -> None:
+    async def scenario() -> None:
+        eng = LocalEngine()
+        await eng.start()
+        steps: list[Step] = []
+
+        async def consume() -> None:
+            async for step in eng.generate(request(STORY, max_output_tokens=500), Abort()):
+                steps.append(step)
+                if isinstance(step, Delta):
+                    await eng.close()
+
+        with pytest.raises(EngineError, match="closed"):
+            await asyncio.wait_for(consume(), TIMEOUT)
+        assert not any(isinstance(s, Finished) for s in steps)
+        with pytest.raises(EngineError, match="not started"):
+            await collect(eng, request(STORY))
 
     asyncio.run(scenario())

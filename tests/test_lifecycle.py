@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from conftest import raw_events
 
 DONE_TYPES = ["response.output_text.done", "response.content_part.done",

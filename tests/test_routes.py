@@ -87,11 +87,11 @@ def test_stream_helper(client, background: bool) -> None:  # type: ignore[no-unt
 
 @pytest.mark.anyio
 async def test_stream_helper_async(server) -> None:  # type: ignore[no-untyped-def]
-    async with server.async_client() as client:
-        async with client.responses.stream(model="scripted", input="hi", background=True,
-                                           max_output_tokens=1000) as stream:
-            count = sum([e.type == "response.output_text.delta" async for e in stream])
-            final = await stream.get_final_response()
+    async with server.async_client() as client, client.responses.stream(
+        model="scripted", input="hi", background=True, max_output_tokens=1000
+    ) as stream:
+        count = sum([e.type == "response.output_text.delta" async for e in stream])
+        final = await stream.get_final_response()
     assert final.status == "completed" and count == final.usage.output_tokens == 200
 
 

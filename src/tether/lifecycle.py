@@ -34,7 +34,14 @@ import orjson
 from tether import wire
 from tether.config import Settings
 from tether.engines.base import (
-    Abort, Delta, Engine, EngineError, Finished, Generation, Message, PromptRead,
+    Abort,
+    Delta,
+    Engine,
+    EngineError,
+    Finished,
+    Generation,
+    Message,
+    PromptRead,
 )
 from tether.errors import APIError, bad_request, not_found
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store
@@ -194,7 +201,8 @@ class Lifecycle:
         error: str | None = None
         append = self.store.append
         try:
-            async with contextlib.aclosing(self.engine.generate(request, run.abort)) as steps:
+            steps = self.engine.generate(request, run.abort)
+            async with contextlib.aclosing(steps):  # type: ignore[type-var]
                 async for step in steps:
                     if type(step) is Delta:
                         events = [item.delta(step.text)]
@@ -362,7 +370,9 @@ def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.Message
     item_status = "completed" if ending == "completed" else "incomplete"
     events = [ev for m in still_open for ev in m.closed(item_status)]
     output = done + [m.item(item_status) for m in still_open]
-    err = {"code": "server_error", "message": error} if ending == "failed" else None
+    err = None
+    if ending == "failed":
+        err = {"code": "server_error", "message": error or "The response failed."}
     final = wire.snapshot(
         {k: v for k, v in snap.items() if k not in _DERIVED}, id=snap["id"],
         created_at=snap["created_at"], status=ending, output=output,
@@ -370,7 +380,7 @@ def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.Message
         incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
         completed_at=int(time.time()) if ending == "completed" else None)
     if err is not None:
-        events.append(wire.error_event("server_error", err["message"]))
+        events.append(wire.error_event(err["code"], err["message"]))
     kind = {"completed": "completed", "incomplete": "incomplete"}.get(ending, "failed")
     events.append(wire.lifecycle_event(kind, final))
     return final, events

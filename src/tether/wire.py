@@ -111,7 +111,7 @@ def parse_create(body: Any) -> CreateRequest:
 
 def _is_default(name: str, value: Any) -> bool:
     if name in ("presence_penalty", "frequency_penalty", "top_logprobs"):
-        return value == 0
+        return bool(value == 0)
     if name == "tool_choice":
         return value in ("auto", "none")
     if name == "text":

@@ -63,7 +63,7 @@ class Abort:
     token step that was already in flight, then returns without a `Finished`.
     """
 
-    __slots__ = ("_flag", "_event")
+    __slots__ = ("_event", "_flag")
 
     def __init__(self) -> None:
         self._flag = threading.Event()

@@ -24,9 +24,10 @@ from tether.engines.base import (
 )
 
 WORDS = (
-    "the quick brown fox jumps over a lazy dog while tether keeps every event "
-    "in order and stops the moment it is told to"
-).split()
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tether",
+    "keeps", "every", "event", "in", "order", "and", "stops", "the", "moment", "it", "is",
+    "told", "to",
+)
 
 
 @dataclass(slots=True)

@@ -252,7 +252,8 @@ class SQLiteStore:
                     self._fenced.add((response_id, p.run_token))
                     continue
                 first = row[0] - len(p.events) + 1
-                published.append((response_id, self._insert(response_id, first, p.events, p.tokens)))
+                entries = self._insert(response_id, first, p.events, p.tokens)
+                published.append((response_id, entries))
         for response_id, entries in published:
             self._publish(response_id, entries)
 
