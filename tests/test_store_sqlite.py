@@ -38,6 +38,7 @@ async def test_sequence_numbers_are_assigned_by_the_store(tmp_path: Path) -> Non
     assert await store.claim("resp_1", "tok", "me", 0, {}, [ev("response.in_progress")])
     for i in range(5):
         assert await store.append("resp_1", "tok", [ev(delta=str(i))], tokens=1)
+    await asyncio.sleep(0)  # one loop turn: the group commit runs
     entries = await store.read("resp_1", -1)
     assert [e.seq for e in entries] == list(range(8))
     assert [orjson.loads(e.data)["sequence_number"] for e in entries] == list(range(8))
