@@ -228,3 +228,44 @@ def test_restart_keeps_responses_and_ends_lost_runs(make_server, how: str) -> No
     deltas = sum(e["type"] == "response.output_text.delta" for e in full)
     assert terminal["response"]["usage"]["output_tokens"] == deltas >= 3
     assert client.responses.retrieve(rid).status == "failed"
+
+
+@pytest.mark.anyio
+async def test_cancel_racing_completion(make_server) -> None:  # type: ignore[no-untyped-def]
+    # contract §1.1, §3.7, §3.9: randomized cancel times around the natural end
+    import asyncio
+    import os
+    import random
+
+    seed = int(os.environ.get("TETHER_SEED", random.randrange(2**32)))
+    print(f"seed={seed} (rerun with TETHER_SEED={seed})")
+    rng = random.Random(seed)
+    server = make_server("--scripted-length", "10", "--scripted-rate", "100")
+
+    async def one(client: openai.AsyncOpenAI, delay: float) -> None:
+        stream = await client.responses.create(model="scripted", input="x", background=True,
+                                               stream=True)
+        events = []
+        cancel: Any = None
+        async for event in stream:
+            events.append(event)
+            if event.type == "response.created":
+                await asyncio.sleep(delay)  # the random moment of the cancel
+                try:
+                    cancel = await client.responses.cancel(event.response.id)
+                except openai.BadRequestError as exc:
+                    cancel = exc
+        rid = events[0].response.id
+        terminal = events[-1]
+        assert sum(e.type in ("response.completed", "response.failed") for e in events) == 1
+        final = await client.responses.retrieve(rid)
+        if isinstance(cancel, openai.BadRequestError):  # completion won
+            assert final.status == "completed" and terminal.type == "response.completed"
+        else:  # the cancel won, whatever the engine had produced by then
+            assert cancel.status == final.status == terminal.response.status == "cancelled"
+            assert cancel.usage == final.usage == terminal.response.usage
+        deltas = sum(e.type == "response.output_text.delta" for e in events)
+        assert final.usage.output_tokens == deltas == server.trace(rid)["produced"]
+
+    async with server.async_client() as client:
+        await asyncio.gather(*(one(client, rng.uniform(0, 0.15)) for _ in range(30)))
