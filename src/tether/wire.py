@@ -129,9 +129,15 @@ def _validation_error(exc: ValidationError) -> APIError:
     for part in err["loc"]:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif not str(part).startswith(("str", "list[", "function-", "constrained")):
+        elif not _is_type_tag(str(part)):
             param += ("." if param else "") + str(part)
     return bad_request(f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value")
+
+
+def _is_type_tag(part: str) -> bool:
+    """Pydantic names union branches in error locations (`str`, `list[...]`, ...)."""
+    return part in {"str", "bool", "int", "float", "dict", "list", "none"} or any(
+        c in part for c in "[-")
 
 
 def input_items(req: CreateRequest) -> list[dict[str, Any]]:
