@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import Server
 from jsonschema import Draft202012Validator
 from openai.types import Model
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
@@ -31,6 +30,8 @@ from openai.types.responses.response_item_list import ResponseItemList
 from pydantic import BaseModel, TypeAdapter
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
+
+from conftest import Server
 
 MODEL = "scripted"
 FAST_LENGTH = 50

@@ -101,7 +101,7 @@ async def test_claim_happens_once(tmp_path: Path) -> None:
 async def test_idempotency_keys(tmp_path: Path) -> None:
     # contract §5.3
     store = await opened(tmp_path)
-    first, created = await store.create(record("resp_a"), [ev("response.created")], ("k", "h1"))
+    _, created = await store.create(record("resp_a"), [ev("response.created")], ("k", "h1"))
     assert created
     again, created = await store.create(record("resp_b"), [ev("response.created")], ("k", "h1"))
     assert not created and again.id == "resp_a"

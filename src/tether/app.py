@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from tether import routes
 from tether.config import Settings
@@ -60,9 +61,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"Unknown request URL: {request.method} {request.url.path}."
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
+        headers = {"allow": ", ".join(_allowed_methods(request))}
+        return _render(APIError(405, message, headers=headers))
     else:
         message = str(exc.detail)
-    return _render(APIError(exc.status_code, message))
+    return _render(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Methods of every route on this path (one path can have a route per method)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

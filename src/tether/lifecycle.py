@@ -306,6 +306,7 @@ class Lifecycle:
     async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
         """Every stream: the log after `after`, then live events, until the terminal one."""
         read, wait = self.store.read, self.store.wait
+        idle = True  # check the status on the first empty read: a replay may be past the end
         while True:
             entries = await read(rid, after)
             if entries:
@@ -314,12 +315,13 @@ class Lifecycle:
                 if entries[-1].type in wire.TERMINAL_EVENTS:
                     return
                 continue
-            await wait(rid, after, self.settings.keepalive)
-            if not await read(rid, after):
-                # Idle: make sure the response still exists and can still grow.
+            if idle:
                 rec = await self.store.get(rid, tenant)
-                if rec is None or rec.status not in wire.LIVE_STATES:
+                if (rec is None or rec.status not in wire.LIVE_STATES) and not await read(
+                        rid, after):
                     return
+            await wait(rid, after, self.settings.keepalive)
+            idle = not await read(rid, after)
 
     async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
         async for _ in self.follow(rid, tenant, -1):

@@ -155,7 +155,8 @@ def _int_param(raw: str | None, name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer.", name) from None
+        raise bad_request(f"Invalid '{name}': expected an integer.", name,
+                          "invalid_value") from None
 
 
 def _starting_after(raw: str | None) -> int:

@@ -106,6 +106,9 @@ def parse_create(body: Any) -> CreateRequest:
         raise _validation_error(exc) from None
     if req.metadata is not None and len(req.metadata) > 16:
         raise bad_request("Invalid 'metadata': at most 16 keys.", "metadata", "invalid_value")
+    if req.metadata is not None and any(len(k) > 64 for k in req.metadata):
+        raise bad_request("Invalid 'metadata': keys are at most 64 characters.", "metadata",
+                          "invalid_value")
     return req
 
 
@@ -176,7 +179,8 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         "instructions": req.instructions,
         "previous_response_id": req.previous_response_id,
         "tools": [],
-        "tool_choice": "auto",
+        "tool_choice": "none" if req.model_extra and req.model_extra.get("tool_choice") == "none"
+        else "auto",
         "truncation": req.truncation or "disabled",
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         "text": {"format": {"type": "text"}},
