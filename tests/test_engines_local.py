@@ -251,3 +251,34 @@ def test_close_during_generation_fails_the_run_and_frees_the_model() -> None:
             await collect(eng, request(STORY))
 
     asyncio.run(scenario())
+
+
+def test_smoke_through_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
+    # The embedded default end to end: a short generation, then a cancel mid-stream.
+    server = make_server(engine="local")
+    with server.client() as client:
+        assert [m.id for m in client.models.list()] == ["smollm2-135m"]
+        short = client.responses.create(model="smollm2-135m", input="Say hello.",
+                                        max_output_tokens=8, temperature=0)
+        assert short.status in ("completed", "incomplete")
+        assert 0 < short.usage.output_tokens <= 8 and short.usage.input_tokens > 0
+        assert short.output_text.strip()
+        stream = client.responses.create(model="smollm2-135m", input="Write a long story.",
+                                         background=True, stream=True, temperature=0)
+        deltas = 0
+        rid = ""
+        for event in stream:
+            if event.type == "response.created":
+                rid = event.response.id
+            if event.type == "response.output_text.delta":
+                deltas += 1
+                if deltas == 3:
+                    break
+        reply = client.responses.cancel(rid)
+        assert reply.status == "cancelled"
+        events = list(stream)
+        assert events[-1].type == "response.failed"
+        assert events[-1].response.status == "cancelled"
+        total = deltas + sum(e.type == "response.output_text.delta" for e in events)
+        assert reply.usage.output_tokens == total == events[-1].response.usage.output_tokens
+        assert client.responses.retrieve(rid).usage == reply.usage
