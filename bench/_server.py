@@ -135,8 +135,8 @@ def tether_server(*, rate: float = 100.0, length: int = 200, extra: Sequence[str
                   keep: bool = False) -> Iterator[Server]:
     """A scripted-engine tether on a free port, with a temp database (removed unless `keep`)."""
     srv = Server(tether_cmd(rate=rate, length=length, extra=extra), name="tether")
-    srv.start()
     try:
+        srv.start()
         yield srv
     finally:
         srv.stop()
@@ -154,6 +154,23 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by process `pid` (default: this process)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    """Cores and load average: other work on the machine skews every number here."""
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} cores, load average {load} (before the run)"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,6 +1,6 @@
 """Cancel while streaming: how fast a cancel is answered, and whether it really stops.
 
-Run: `python bench/cancel.py` (about 15 s). Starts a scripted-engine tether
+Run: `python bench/cancel.py` (about 15 s on a quiet machine). Starts a scripted-engine tether
 (`--scripted-rate 100 --scripted-length 200 --debug-routes`) on a free loopback port with
 a temp database, then runs `--responses` background+stream responses, `--concurrency` at a
 time, through the official `openai.AsyncOpenAI` client:
@@ -12,32 +12,48 @@ time, through the official `openai.AsyncOpenAI` client:
   seeded RNG), a separate task calls `responses.cancel(id)`;
 - afterwards `GET /debug/engine/{id}` gives the engine's per-token unix times.
 
-It prints the parameters (with the seed), a latency table (p50/p99/max, ms) and a checks
-table; the exit code is 1 if any check failed. Measured (client and server share a clock):
+Streams are read through the SDK (`with_streaming_response`) but parsed with orjson: the
+SDK's typed events cost ~0.2 ms each, and at 40 streams x 100 events/s the client, not
+tether, would be what lags (`--sdk-events` parses them with the SDK anyway). One untimed
+response warms the SDK up first, and the client's GC is paused while measuring (a full
+collection over the SDK's model classes stalls the client for 100-300 ms).
 
-- cancel reply: cancel call sent -> reply received;
-- cancel -> terminal, every stream: cancel call sent -> terminal event received on that
-  stream (both streams of every response pooled), and the slowest stream per response;
+It prints the parameters (seed, machine load), a latency table (p50/p99/max, ms), a
+tokens table and a checks table; the exit code is 1 if any check failed. Client and
+server share a clock:
+
+- cancel call -> reply: what the caller of `responses.cancel` waits; "of which HTTP" is
+  the part between httpx handing the request to the transport and reading the reply's
+  headers (the rest is SDK and client event-loop time);
+- cancel request sent -> engine saw the abort: the trace's `aborted_at`;
+- cancel call -> terminal event: until each stream (both streams of every response
+  pooled; and the slowest stream per response) received its terminal event;
 - terminal - reply: terminal event received minus reply received (negative: the stream had
-  the terminal event before the caller had the reply; CONTRACT §3.4 says "about the moment");
-- tokens after the reply: engine `token_times` strictly after the reply was received (goal 0,
-  CONTRACT §3.3); tokens after the call (one token step in flight is allowed).
+  it first; CONTRACT §3.4 says "at about the moment the caller has the reply");
+- engine tokens after the cancel reply: trace `token_times` strictly after the reply was
+  received (goal 0, CONTRACT §3.3); tokens between the call and its reply, and deltas that
+  reached a stream after the reply, are informational.
 
-Checks per response: every stream ends with `response.failed` whose `response.status` is
-"cancelled" and `response.error` null, preceded by `output_item.done` with status
-"incomplete"; no event after the terminal one; each stream's delta count == reply
-`usage.output_tokens` == engine trace `produced` == a later retrieve's `output_tokens`.
+Checks per response: the reply is 200 `cancelled`; every stream ends with
+`response.failed` whose `response.status` is "cancelled" and `response.error` null,
+preceded by `output_item.done` with status "incomplete", then `[DONE]`, with nothing after
+the terminal event; each stream's delta count == reply `usage.output_tokens` == engine
+trace `produced` == the terminal event's and a later retrieve's `output_tokens`.
+A cancel that arrives after the response completed (a very slow client) fails the checks.
+On a 2-core machine the client uses about half a core and competes with the server: the
+parameters table prints the load average, and the last line the CPU each side used.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -45,6 +61,11 @@ import openai
 import orjson
 
 import _server
+
+try:  # the SDK's HTTP library: httpx2 for openai 3.x, httpx before
+    import httpx2 as sdk_httpx
+except ImportError:
+    import httpx as sdk_httpx  # type: ignore[no-redef]
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 
@@ -69,6 +90,8 @@ class Result:
     cancel_after: int
     rid: str | None = None
     cancel_sent: float | None = None
+    cancel_request_at: float | None = None  # httpx request hook: handed to the transport
+    cancel_response_at: float | None = None  # httpx response hook: status + headers read
     cancel_reply_at: float | None = None
     reply: Any = None
     cancel_error: str | None = None
@@ -137,7 +160,7 @@ async def _cancel(client: openai.AsyncOpenAI, res: Result) -> None:
 
 
 async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
-              sdk_events: bool) -> None:
+              sdk_events: bool, by_id: dict[str, Result]) -> None:
     main = StreamResult("A (POST)")
     extra = StreamResult("B (resume)")
     res.streams = [main, extra]
@@ -160,6 +183,7 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
     async def on_event(event: dict[str, Any]) -> None:
         if res.rid is None:
             res.rid = event["response"]["id"]
+            by_id[res.rid] = res
             tasks.append(asyncio.create_task(resume(event["sequence_number"])))
         if (event["type"] == "response.output_text.delta" and main.deltas == res.cancel_after
                 and res.cancel_sent is None):
@@ -221,46 +245,92 @@ def _after(res: Result, moment: float | None) -> int | None:
     return sum(1 for t in res.trace["token_times"] if t > moment)
 
 
+def _gap(later: float | None, earlier: float | None) -> list[float]:
+    return [] if later is None or earlier is None else [later - earlier]
+
+
+def _latest(times: list[float | None]) -> float | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known and len(known) == len(times) else None
+
+
+def _server_cpu(pid: int | None) -> float:
+    return _server.cpu_seconds(pid) if pid is not None else float("nan")
+
+
 def _ms(values: list[float]) -> list[object]:
     ms = [v * 1000 for v in values]
     return [len(ms), _server.percentile(ms, 50), _server.percentile(ms, 99),
             max(ms) if ms else float("nan")]
 
 
-async def bench(url: str, args: argparse.Namespace) -> int:
+async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> int:
     rng = random.Random(args.seed)
     results = [Result(i, rng.randint(args.min_deltas, args.max_deltas))
                for i in range(args.responses)]
-    limits = httpx.Limits(max_connections=4 * args.concurrency + 10,
-                          max_keepalive_connections=4 * args.concurrency + 10)
+    pool = 4 * args.concurrency + 10
+    limits = sdk_httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    by_id: dict[str, Result] = {}
+
+    async def on_request(request: Any) -> None:
+        parts = request.url.path.rsplit("/", 2)
+        if parts[-1] == "cancel" and parts[-2] in by_id:
+            by_id[parts[-2]].cancel_request_at = time.time()
+
+    async def on_response(response: Any) -> None:
+        parts = response.request.url.path.rsplit("/", 2)
+        if parts[-1] == "cancel" and parts[-2] in by_id:
+            by_id[parts[-2]].cancel_response_at = time.time()
+
     client = openai.AsyncOpenAI(
         base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60.0,
-        http_client=httpx.AsyncClient(limits=limits, timeout=60.0))
+        http_client=openai.DefaultAsyncHttpxClient(
+            limits=limits, timeout=60.0,
+            event_hooks={"request": [on_request], "response": [on_response]}))
     slots = asyncio.Semaphore(args.concurrency)
 
     async def limited(res: Result) -> None:
         async with slots:
-            await one(client, debug, res, args.sdk_events)
+            await one(client, debug, res, args.sdk_events, by_id)
 
-    started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as debug, client:
-        await asyncio.gather(*(limited(r) for r in results))
-    wall = time.perf_counter() - started
+        # Warm-up, not measured: the SDK imports modules and builds its pydantic models
+        # lazily on first use, blocking the client's loop for up to ~2 s.
+        await one(client, debug, Result(-1, 1), args.sdk_events, by_id)
+        # With the SDK's thousands of model classes loaded, a full GC pauses the client
+        # 100-300 ms; keep such client pauses out of the measured latencies.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        started = time.perf_counter()
+        cpu0, server_cpu0 = _server.cpu_seconds(), _server_cpu(server_pid)
+        try:
+            await asyncio.gather(*(limited(r) for r in results))
+        finally:
+            gc.enable()
+        wall = time.perf_counter() - started
+        client_cpu = _server.cpu_seconds() - cpu0
+        server_cpu = _server_cpu(server_pid) - server_cpu0
 
-    reply = [r.cancel_reply_at - r.cancel_sent for r in results
-             if r.reply is not None and r.cancel_sent and r.cancel_reply_at]
-    term_all = [s.terminal_at - r.cancel_sent for r in results for s in r.streams
-                if r.cancel_sent and s.terminal_at]
-    term_slowest = [max(s.terminal_at for s in r.streams) - r.cancel_sent for r in results
-                    if r.cancel_sent and all(s.terminal_at for s in r.streams)]
-    term_vs_reply = [s.terminal_at - r.cancel_reply_at for r in results for s in r.streams
-                     if r.cancel_reply_at and s.terminal_at]
+    ok = [r for r in results if r.reply is not None]
+    reply = [x for r in ok for x in _gap(r.cancel_reply_at, r.cancel_sent)]
+    exchange = [x for r in ok for x in _gap(r.cancel_response_at, r.cancel_request_at)]
+    stopped = [x for r in ok if r.trace
+               for x in _gap(r.trace["aborted_at"], r.cancel_request_at)]
+    term_all = [x for r in results for s in r.streams
+                for x in _gap(s.terminal_at, r.cancel_sent)]
+    term_slowest = [x for r in results
+                    for x in _gap(_latest([s.terminal_at for s in r.streams]), r.cancel_sent)]
+    term_vs_reply = [x for r in results for s in r.streams
+                     for x in _gap(s.terminal_at, r.cancel_reply_at)]
     after_reply = [n for r in results if (n := _after(r, r.cancel_reply_at)) is not None]
     after_call = [n for r in results if (n := _after(r, r.cancel_sent)) is not None]
     late_deltas = [s.deltas_after_reply for r in results for s in r.streams]
 
     print(_server.table(["latency (ms)", "n", "p50", "p99", "max"], [
-        ["cancel call -> reply", *_ms(reply)],
+        ["cancel call -> reply (SDK call, as the caller sees it)", *_ms(reply)],
+        ["  of which HTTP request sent -> reply headers read", *_ms(exchange)],
+        ["cancel request sent -> engine saw the abort (trace)", *_ms(stopped)],
         ["cancel call -> terminal event, every stream", *_ms(term_all)],
         ["cancel call -> terminal event, slowest stream of the response", *_ms(term_slowest)],
         ["terminal event - reply received (every stream)", *_ms(term_vs_reply)],
@@ -269,7 +339,7 @@ async def bench(url: str, args: argparse.Namespace) -> int:
     print(_server.table(["per response", "max", "total", "responses > 0"], [
         ["engine tokens after the cancel reply (goal 0)", max(after_reply, default="-"),
          sum(after_reply), sum(1 for n in after_reply if n)],
-        ["engine tokens after the cancel call (<= 1 in flight)", max(after_call, default="-"),
+        ["engine tokens between the cancel call and its reply", max(after_call, default="-"),
          sum(after_call), sum(1 for n in after_call if n)],
         ["deltas received after the cancel reply (all in log before it)",
          max(late_deltas, default="-"), sum(late_deltas), sum(1 for n in late_deltas if n)],
@@ -290,7 +360,8 @@ async def bench(url: str, args: argparse.Namespace) -> int:
         for p in filter(None, problems):
             print(f"  response {r.index} ({r.rid}): {p}")
             break
-    print(f"\nwall time {wall:.1f} s for {len(results)} responses")
+    print(f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
+          f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core")
     return 1 if failed else 0
 
 
@@ -324,12 +395,13 @@ def main() -> int:
         ["stream parsing", "SDK typed events" if args.sdk_events
          else "raw SSE + orjson (via with_streaming_response)"],
         ["server", args.url or "tether serve --engine scripted (temp db, started here)"],
+        ["machine", _server.machine()],
     ]))
     print()
     if args.url:
-        return _server.run(bench(args.url.rstrip("/"), args))
+        return _server.run(bench(args.url.rstrip("/"), args, None))
     with _server.tether_server(rate=args.rate, length=args.length) as srv:
-        return _server.run(bench(srv.url, args))
+        return _server.run(bench(srv.url, args, srv.pid))
 
 
 if __name__ == "__main__":

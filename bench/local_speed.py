@@ -20,7 +20,7 @@ from tether.engines.base import Abort, Delta, Finished, Generation, Message
 from tether.engines.local import LocalEngine, find_model_file
 
 TOKENS = 128
-RUNS = 3
+RUNS = 5
 # A prompt SmolLM2 answers at length, so greedy decoding reaches TOKENS without an EOS;
 # measure_engine() checks that it did (the Engine API has no way to suppress EOS).
 PROMPT = "Write a long, detailed story about a robot who learns to paint."
