@@ -306,22 +306,26 @@ class Lifecycle:
     async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
         """Every stream: the log after `after`, then live events, until the terminal one."""
         read, wait = self.store.read, self.store.wait
-        idle = True  # check the status on the first empty read: a replay may be past the end
+        entries = await read(rid, after)
+        check = True  # look at the status when the log is idle: a replay may be past the end
         while True:
-            entries = await read(rid, after)
             if entries:
                 yield entries
                 after = entries[-1].seq
                 if entries[-1].type in wire.TERMINAL_EVENTS:
                     return
+                entries = await read(rid, after)
                 continue
-            if idle:
+            if check:
                 rec = await self.store.get(rid, tenant)
-                if (rec is None or rec.status not in wire.LIVE_STATES) and not await read(
-                        rid, after):
-                    return
+                if rec is None or rec.status not in wire.LIVE_STATES:
+                    entries = await read(rid, after)
+                    if not entries:
+                        return
+                    continue
             await wait(rid, after, self.settings.keepalive)
-            idle = not await read(rid, after)
+            entries = await read(rid, after)
+            check = not entries
 
     async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
         async for _ in self.follow(rid, tenant, -1):

@@ -179,11 +179,11 @@ def _event_stream(lc: Lifecycle, rid: str, after: int, *,
 async def _frames(lc: Lifecycle, rid: str, after: int,
                   cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
     """CONTRACT §2.4: a stream is a reader of the log, nothing more."""
-    frame = wire.sse_frame
+    frames = wire.sse_frames
     ended = False
     try:
         async for entries in lc.follow(rid, TENANT, after):
-            yield b"".join([frame(e.type, e.data) for e in entries])
+            yield frames(entries)
         ended = True
         yield wire.DONE_FRAME
     finally:

@@ -15,6 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from tether.errors import APIError, bad_request
+from tether.store.base import LogEntry
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 TERMINAL_STATES = frozenset({"completed", "incomplete", "failed", "cancelled"})
@@ -320,3 +321,14 @@ DONE_FRAME = b"data: [DONE]\n\n"
 def sse_frame(kind: str, data: bytes) -> bytes:
     """CONTRACT §4.1: one event, one write, `\\n` line ends, no `id:`/`retry:`."""
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def sse_frames(entries: list[LogEntry]) -> bytes:
+    """The frames of logged events, each built once however many readers share it."""
+    frames = []
+    for entry in entries:
+        frame = entry.frame
+        if frame is None:
+            frame = entry.frame = sse_frame(entry.type, entry.data)
+        frames.append(frame)
+    return b"".join(frames)

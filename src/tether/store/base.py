@@ -10,13 +10,20 @@ The store assigns `sequence_number`s, and readers only ever see committed events
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 
-class LogEntry(NamedTuple):
-    seq: int
-    type: str
-    data: bytes  # the event's JSON, `sequence_number` included
+class LogEntry:
+    """One logged event. Entries are shared by every reader of a live log, so the SSE
+    frame is built once, by the first reader that needs it (`wire.sse_frames`)."""
+
+    __slots__ = ("data", "frame", "seq", "type")
+
+    def __init__(self, seq: int, type: str, data: bytes) -> None:
+        self.seq = seq
+        self.type = type
+        self.data = data  # the event's JSON, `sequence_number` included
+        self.frame: bytes | None = None
 
 
 @dataclass(slots=True)

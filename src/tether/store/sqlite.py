@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ import orjson
 from tether.store.base import IdempotencyConflict, LogEntry, Record
 
 LIVE = "('queued', 'in_progress')"
-_COLUMNS = (
-    "id, tenant, status, snapshot, run, input_items, run_token, owner, lease_until, "
-    "last_seq, input_tokens, finished_at"
+_SELECT = (
+    "SELECT r.id, r.tenant, r.status, b.snapshot, b.run, b.input_items, r.run_token, r.owner, "
+    "r.lease_until, r.last_seq, r.input_tokens, r.finished_at "
+    "FROM responses r JOIN response_bodies b ON b.id = r.id"
 )
 EVICT_AFTER = 30.0  # seconds a finished log stays in memory for late readers
 
@@ -32,7 +34,7 @@ EVICT_AFTER = 30.0  # seconds a finished log stays in memory for late readers
 class _Pending:
     run_token: str
     events: list[dict[str, Any]] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    tokens: int = 0
     input_tokens: int | None = None
 
 
@@ -77,11 +79,18 @@ class SQLiteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints copy the WAL into the database file and fsync: seconds of work per GB
+        # that must not run on the event loop, so a thread does them.
+        db.execute("PRAGMA wal_autocheckpoint=0")
         self._db = db
+        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer.start()
 
     async def close(self) -> None:
         if self._db is not None:
             self._flush()
+            self._checkpointer.stop()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
 
@@ -117,17 +126,19 @@ class SQLiteStore:
                     (record.tenant, key, body_hash, record.id, time.time()),
                 )
             db.execute(
-                "INSERT INTO responses (id, tenant, status, snapshot, run, input_items, "
-                "owner, lease_until, last_seq, stored, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
+                "stored, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.id, record.tenant, record.status, orjson.dumps(record.snapshot),
-                    orjson.dumps(record.run), orjson.dumps(record.input_items), record.owner,
-                    record.lease_until, len(events) - 1,
-                    bool(record.snapshot.get("store", True)), time.time(),
+                    record.id, record.tenant, record.status, record.owner, record.lease_until,
+                    len(events) - 1, bool(record.snapshot.get("store", True)), time.time(),
                 ),
             )
-            entries = self._insert(record.id, 0, events, [0] * len(events))
+            db.execute(
+                "INSERT INTO response_bodies VALUES (?, ?, ?, ?)",
+                (record.id, orjson.dumps(record.snapshot), orjson.dumps(record.run),
+                 orjson.dumps(record.input_items)),
+            )
+            entries = self._insert(record.id, 0, events, 0)
         record.last_seq = len(events) - 1
         self._tails[record.id] = _Tail(0)
         self._publish(record.id, entries)
@@ -144,8 +155,9 @@ class SQLiteStore:
     ) -> bool:
         return self._transition(
             response_id,
-            "status = 'in_progress', run_token = ?, owner = ?, lease_until = ?, snapshot = ?",
-            (run_token, owner, lease_until, orjson.dumps(snapshot)),
+            "status = 'in_progress', run_token = ?, owner = ?, lease_until = ?",
+            (run_token, owner, lease_until),
+            snapshot,
             "run_token IS NULL",
             (),
             events,
@@ -166,9 +178,8 @@ class SQLiteStore:
             if pending is not None:
                 self._flush()
             pending = self._pending[response_id] = _Pending(run_token)
-        if events:
-            pending.events.extend(events)
-            pending.tokens.extend([0] * (len(events) - 1) + [tokens])
+        pending.events.extend(events)
+        pending.tokens += tokens
         if input_tokens is not None:
             pending.input_tokens = input_tokens
         if self._flush_handle is None:
@@ -195,8 +206,9 @@ class SQLiteStore:
         self._flush()
         won = self._transition(
             response_id,
-            "status = ?, snapshot = ?, finished_at = ?, lease_until = 0",
-            (status, orjson.dumps(snapshot), time.time()),
+            "status = ?, finished_at = ?, lease_until = 0",
+            (status, time.time()),
+            snapshot,
             "run_token IS NULL" if run_token is None else "run_token = ?",
             () if run_token is None else (run_token,),
             events,
@@ -211,6 +223,7 @@ class SQLiteStore:
         response_id: str,
         assignments: str,
         values: tuple[Any, ...],
+        snapshot: dict[str, Any],
         guard: str,
         guard_values: tuple[Any, ...],
         events: list[dict[str, Any]],
@@ -226,9 +239,10 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return False
+            db.execute("UPDATE response_bodies SET snapshot = ? WHERE id = ?",
+                       (orjson.dumps(snapshot), response_id))
             first = row[0] - len(events) + 1
-            counts = [0] * (len(events) - 1) + [tokens] if events else []
-            entries = self._insert(response_id, first, events, counts)
+            entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
         return True
 
@@ -258,16 +272,20 @@ class SQLiteStore:
             self._publish(response_id, entries)
 
     def _insert(
-        self, response_id: str, first: int, events: list[dict[str, Any]], tokens: list[int]
+        self, response_id: str, first: int, events: list[dict[str, Any]], tokens: int
     ) -> list[LogEntry]:
+        if not events:
+            return []
+        dumps = orjson.dumps
         entries = []
-        rows = []
-        for seq, (event, n) in enumerate(zip(events, tokens, strict=True), first):
+        for seq, event in enumerate(events, first):
             event["sequence_number"] = seq
-            data = orjson.dumps(event)
-            entries.append(LogEntry(seq, event["type"], data))
-            rows.append((response_id, seq, event["type"], n, data))
-        self.db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
+            entries.append(LogEntry(seq, event["type"], dumps(event)))
+        self.db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+            (response_id, first, entries[-1].seq, "\n".join(e.type for e in entries), tokens,
+             b"\n".join(e.data for e in entries)),
+        )
         return entries
 
     def _publish(self, response_id: str, entries: list[LogEntry]) -> None:
@@ -285,7 +303,7 @@ class SQLiteStore:
 
     def _get(self, response_id: str, tenant: str) -> Record | None:
         row = self.db.execute(
-            f"SELECT {_COLUMNS} FROM responses WHERE id = ? AND tenant = ?",
+            f"{_SELECT} WHERE r.id = ? AND r.tenant = ?",
             (response_id, tenant),
         ).fetchone()
         return None if row is None else _record(row)
@@ -295,10 +313,18 @@ class SQLiteStore:
         if tail is not None and after + 1 >= tail.first_seq:
             return tail.entries[after + 1 - tail.first_seq :]
         rows = self.db.execute(
-            "SELECT seq, type, data FROM events WHERE response_id = ? AND seq > ? ORDER BY seq",
+            "SELECT first_seq, types, data FROM events "
+            "WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
             (response_id, after),
         ).fetchall()
-        return [LogEntry(*row) for row in rows]
+        return [
+            LogEntry(seq, kind, data)
+            for first, types, blob in rows
+            for seq, kind, data in zip(
+                range(first, first + blob.count(b"\n") + 1), types.split("\n"),
+                blob.split(b"\n"), strict=True)
+            if seq > after
+        ]
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         tail = self._tails.get(response_id)
@@ -333,6 +359,7 @@ class SQLiteStore:
                 "DELETE FROM responses WHERE id = ? AND tenant = ?", (response_id, tenant)
             )
             if cur.rowcount:
+                db.execute("DELETE FROM response_bodies WHERE id = ?", (response_id,))
                 db.execute("DELETE FROM events WHERE response_id = ?", (response_id,))
                 db.execute("DELETE FROM idempotency_keys WHERE response_id = ?", (response_id,))
         self._tails.pop(response_id, None)
@@ -346,7 +373,7 @@ class SQLiteStore:
 
     async def expired(self, now: float) -> list[Record]:
         rows = self.db.execute(
-            f"SELECT {_COLUMNS} FROM responses WHERE status IN {LIVE} AND lease_until < ?",
+            f"{_SELECT} WHERE r.status IN {LIVE} AND r.lease_until < ?",
             (now,),
         ).fetchall()
         return [_record(row) for row in rows]
@@ -369,10 +396,38 @@ class SQLiteStore:
                 "(SELECT id FROM responses WHERE finished_at < ?)",
                 (before,),
             )
+            db.execute(
+                "DELETE FROM response_bodies WHERE id IN "
+                "(SELECT id FROM responses WHERE stored = 0 AND finished_at < ?)",
+                (before,),
+            )
             cur = db.execute(
                 "DELETE FROM responses WHERE stored = 0 AND finished_at < ?", (before,)
             )
         return cur.rowcount
+
+
+class _Checkpointer(threading.Thread):
+    """Checkpoints the WAL every `interval` seconds from its own connection."""
+
+    def __init__(self, path: str, interval: float = 0.5) -> None:
+        super().__init__(name="tether-sqlite-checkpoint", daemon=True)
+        self.path = path
+        self.interval = interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        try:
+            while not self._stopped.wait(self.interval):
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
 
 
 class _transaction:
