@@ -120,6 +120,15 @@ async def engine_trace(request: Request) -> Response:
     return JSON(trace.as_dict())
 
 
+async def process_stats(request: Request) -> Response:
+    """Debug only: open file descriptors, asyncio tasks and live runs (leak checks)."""
+    import os
+
+    return JSON({"open_fds": len(os.listdir("/proc/self/fd")),
+                 "tasks": len(asyncio.all_tasks()),
+                 "runs": len(lifecycle(request).runs)})
+
+
 def _model(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
 
@@ -226,4 +235,7 @@ routes = [
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
 ]
-debug_routes = [Route("/debug/engine/{response_id}", engine_trace, methods=["GET"])]
+debug_routes = [
+    Route("/debug/engine/{response_id}", engine_trace, methods=["GET"]),
+    Route("/debug/process", process_stats, methods=["GET"]),
+]

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tether.engines.base import (
     Abort,
@@ -22,6 +23,8 @@ from tether.engines.base import (
     PromptRead,
     Step,
 )
+
+T = TypeVar("T", int, float)
 
 WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tether",
@@ -37,10 +40,12 @@ class Trace:
     produced: int = 0
     token_times: list[float] = field(default_factory=list)
     aborted_at: float | None = None
+    prompt_read_at: float | None = None
     finished: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "prompt_read_at": self.prompt_read_at,
             "produced": self.produced,
             "token_times": self.token_times,
             "aborted_at": self.aborted_at,
@@ -58,7 +63,9 @@ def _word(i: int) -> str:
 
 
 class ScriptedEngine:
-    """Deterministic text at a fixed rate. Prompts containing `FAIL_AT=<n>` raise after n tokens."""
+    """Deterministic text at a fixed rate, steered by directives in the prompt:
+    `FAIL_AT=n` raises after n tokens, `PREFILL=s` spends s seconds reading the prompt,
+    `LINGER=s` waits s seconds between the last token and the natural end."""
 
     concurrency = 1_000_000
 
@@ -79,7 +86,12 @@ class ScriptedEngine:
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         trace = self.traces.setdefault(request.response_id, Trace())
         prompt = " ".join(m.text for m in request.messages)
-        fail_at = _fail_at(prompt)
+        fail_at = _directive(prompt, "FAIL_AT", int)
+        # Reading the prompt takes PREFILL seconds; an abort then ends it before PromptRead.
+        if await _interrupted(abort, _directive(prompt, "PREFILL", float) or 0.0):
+            trace.aborted_at = time.time()
+            return
+        trace.prompt_read_at = time.time()
         yield PromptRead(input_tokens=max(1, len(prompt.split())))
         budget = self.length
         if request.max_output_tokens is not None:
@@ -99,19 +111,20 @@ class ScriptedEngine:
             if not interval and i % 64 == 63:
                 await asyncio.sleep(0)  # full speed still lets the loop breathe
         else:
-            trace.finished = True
-            if budget < self.length:
-                yield Finished("length")
-            else:
-                yield Finished("stop")
-            return
+            # LINGER seconds between the last token and the end (a window for a cancel).
+            if not await _interrupted(abort, _directive(prompt, "LINGER", float) or 0.0):
+                trace.finished = True
+                yield Finished("length" if budget < self.length else "stop")
+                return
         trace.aborted_at = time.time()
 
 
 async def _interrupted(abort: Abort, delay: float) -> bool:
-    """Sleep one token step; True when the abort came first."""
+    """Sleep `delay` seconds; True when the abort came first."""
     if abort.is_set():
         return True
+    if delay <= 0:
+        return False
     try:
         await asyncio.wait_for(abort.wait(), delay)
     except TimeoutError:
@@ -119,10 +132,13 @@ async def _interrupted(abort: Abort, delay: float) -> bool:
     return True
 
 
-def _fail_at(prompt: str) -> int | None:
-    marker = "FAIL_AT="
-    at = prompt.find(marker)
+def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
+    """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER."""
+    at = prompt.find(name + "=")
     if at < 0:
         return None
-    digits = prompt[at + len(marker) :].split()[0] if prompt[at + len(marker) :] else ""
-    return int(digits) if digits.isdigit() else None
+    value = prompt[at + len(name) + 1 :].split(maxsplit=1)
+    try:
+        return kind(value[0]) if value else None
+    except ValueError:
+        return None
