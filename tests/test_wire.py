@@ -32,9 +32,14 @@ def refused(body: dict[str, Any]) -> APIError:
     ({"model": "m", "input": "x", "metadata": {"k": 1}}, "metadata.k"),
     ({"model": "m", "input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"model": "m", "input": "x", "foo": 1}, "foo"),
-    ({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+    # Function tools and `text.format` are parsed (refused per model by the lifecycle);
+    # hosted tools and unknown formats are refused here.
+    ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
     ({"model": "m", "input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
-    ({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}, "text"),
+    ({"model": "m", "input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+    ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]},
+     "input[0].output"),
 ])
 def test_refusals_name_the_parameter(body: dict[str, Any], param: str) -> None:
     # contract §6.3

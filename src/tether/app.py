@@ -24,8 +24,9 @@ log = logging.getLogger("tether")
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
-    engine = make_engine(settings.engine, scripted_rate=settings.scripted_rate,
-                         scripted_length=settings.scripted_length)
+    engine = make_engine(settings.engine_kind(), scripted_rate=settings.scripted_rate,
+                         scripted_length=settings.scripted_length,
+                         upstreams=settings.all_upstreams())
     lifecycle = Lifecycle(make_store(settings.db), engine, settings)
 
     @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ from typing import Any
 import click
 import uvicorn
 
-from tether.config import Settings
+from tether.config import load_settings
 
 
 @click.group()
@@ -19,8 +19,14 @@ def main() -> None:
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port (default 8000).")
 @click.option("--db", help="SQLite database file (default ./tether.db).")
-@click.option("--engine", type=click.Choice(["local", "scripted"]),
-              help="local: embedded SmolLM2-135M (default); scripted: deterministic text.")
+@click.option("--engine", type=click.Choice(["local", "scripted", "none"]),
+              help="local: embedded SmolLM2-135M (default without upstreams); scripted: "
+                   "deterministic text; none: upstreams only (default with upstreams).")
+@click.option("--upstream", multiple=True,
+              help="MODEL=[chat+|responses+]URL[,option=value...]: serve MODEL through an "
+                   "OpenAI-compatible upstream (repeatable). See README, Upstream engines.")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="TOML config file (settings and [[upstreams]] tables).")
 @click.option("--scripted-rate", type=float, help="Scripted tokens per second; 0 = max.")
 @click.option("--scripted-length", type=int, help="Scripted tokens per response.")
 @click.option("--cancel-timeout", type=float, help="Seconds a cancel waits for the run.")
@@ -33,7 +39,12 @@ def main() -> None:
 @click.option("--log-level", help="Log level (default warning).")
 def serve(**options: Any) -> None:
     """Serve the Responses API. Flags override TETHER_* environment variables."""
-    settings = Settings(**{k: v for k, v in options.items() if v is not None})
+    options["upstream"] = list(options["upstream"]) or None
+    try:
+        settings = load_settings(**options)
+        settings.all_upstreams()  # a bad --upstream flag fails here, not at startup
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     from tether.app import create_app
 
     uvicorn.run(

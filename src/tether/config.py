@@ -1,10 +1,60 @@
-"""Settings: command-line flags override `TETHER_*` environment variables."""
+"""Settings: command-line flags override `TETHER_*` environment variables, which override
+a TOML config file (`--config`), which overrides the defaults."""
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class UpstreamConfig(BaseModel):
+    """One upstream server and the model id tether serves through it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # the model id tether's clients ask for
+    url: str  # base URL, e.g. http://127.0.0.1:8080/v1
+    kind: Literal["chat", "responses"] = "chat"
+    upstream_model: str | None = None  # the model's name at the upstream (default: `model`)
+    api_key_env: str | None = None  # environment variable holding the upstream's API key
+    tokenizer: str | None = None  # a GGUF file whose tokenizer counts tokens (chat kind)
+    concurrency: int = Field(default=64, ge=1)  # generations at once; more wait, queued
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=300.0, gt=0)  # longest silence between two chunks
+    retries: int = Field(default=2, ge=0)  # only before the first token
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def parse_upstream(flag: str) -> UpstreamConfig:
+    """`MODEL=[KIND+]URL[,option=value...]`, e.g.
+    `gpt=responses+https://api.openai.com/v1,api_key_env=OPENAI_API_KEY`."""
+    model, sep, rest = flag.partition("=")
+    if not sep or not model or not rest:
+        raise ValueError(f"--upstream {flag!r}: expected MODEL=URL")
+    url, *options = rest.split(",")
+    fields: dict[str, Any] = {"model": model}
+    for prefix in ("chat+", "responses+"):
+        if url.startswith(prefix):
+            fields["kind"], url = prefix[:-1], url[len(prefix):]
+    fields["url"] = url
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise ValueError(f"--upstream {flag!r}: option {option!r} is not KEY=VALUE")
+        fields[key.replace("-", "_")] = value
+    return UpstreamConfig.model_validate(fields)
 
 
 class Settings(BaseSettings):
@@ -13,9 +63,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     db: str = "tether.db"
-    engine: Literal["local", "scripted"] = "local"
+    # None: `local`, or `none` when upstreams are configured.
+    engine: Literal["local", "scripted", "none"] | None = None
     scripted_rate: float = 100.0  # tokens per second; 0 = as fast as possible
     scripted_length: int = 200
+    upstream: list[str] = []  # `--upstream MODEL=URL` flags (see parse_upstream)
+    upstreams: list[UpstreamConfig] = []  # `[[upstreams]]` tables of the config file
     cancel_timeout: float = 2.0  # CONTRACT §3.2: bound before a run is fenced out
     lease_timeout: float = 30.0  # CONTRACT §6.2
     keepalive: float = 15.0  # CONTRACT §4.2
@@ -23,3 +76,43 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 * 1024 * 1024
     debug_routes: bool = False  # expose the scripted engine's trace (tests, benchmarks)
     log_level: str = "warning"
+
+    def all_upstreams(self) -> list[UpstreamConfig]:
+        """The config file's upstreams, then the flags'; a later one for the same model
+        id replaces an earlier one (a flag overrides the file)."""
+        by_model = {u.model: u for u in self.upstreams}
+        for flag in self.upstream:
+            spec = parse_upstream(flag)
+            by_model[spec.model] = spec
+        return list(by_model.values())
+
+    def engine_kind(self) -> str:
+        if self.engine is not None:
+            return self.engine
+        return "none" if (self.upstream or self.upstreams) else "local"
+
+
+def load_settings(config: str | None = None, **flags: Any) -> Settings:
+    """Settings from flags (non-None values), `TETHER_*` env, then the TOML file named by
+    `config` or `TETHER_CONFIG`."""
+    flags = {k: v for k, v in flags.items() if v is not None}
+    path = config or os.environ.get("TETHER_CONFIG")
+    if not path:
+        return Settings(**flags)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings,
+                    TomlConfigSettingsSource(settings_cls, toml_file=path))
+
+    return FileSettings(**flags)

@@ -42,6 +42,10 @@ from tether.engines.base import (
     Generation,
     Message,
     PromptRead,
+    Report,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallSpec,
 )
 from tether.errors import APIError, bad_request, not_found
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store
@@ -77,6 +81,8 @@ class Lifecycle:
         self.owner = new_token()
         self.runs: dict[str, Run] = {}
         self.models = {m.id for m in engine.models()}
+        # Models whose engine applies function tools and `text.format` (upstreams).
+        self.tool_models = {m.id for m in engine.models() if m.extra.get("tools")}
         self._slots = asyncio.Semaphore(engine.concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
@@ -114,19 +120,23 @@ class Lifecycle:
         if req.model not in self.models:
             raise APIError(404, f"The model '{req.model}' does not exist.",
                            param="model", code="model_not_found")
-        messages: list[dict[str, str]] = []
+        if req.model not in self.tool_models:
+            for param, used in (("tools", bool(req.tools)),
+                                ("tool_choice", req.uses_tools() and not req.tools),
+                                ("text", req.text_format() is not None)):
+                if used:
+                    raise bad_request(f"Parameter '{param}' is not supported by model "
+                                      f"'{req.model}'.", param, "unsupported_parameter")
+        messages: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             prev = await self.store.get(req.previous_response_id, tenant)
             if prev is None:
                 raise APIError(404, f"Previous response with id '{req.previous_response_id}' "
                                "not found.", param="previous_response_id",
                                code="previous_response_not_found")
-            messages = prev.run["messages"] + [
-                {"role": "assistant", "text": wire.item_text(item)}
-                for item in prev.snapshot["output"] if item.get("type") == "message"
-            ]
+            messages = prev.run["messages"] + wire.history(prev.snapshot["output"])
         items = wire.input_items(req)
-        messages += [{"role": i["role"], "text": wire.item_text(i)} for i in items]
+        messages += wire.history(items)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
         rid = wire.new_id("resp")
@@ -136,6 +146,8 @@ class Lifecycle:
         if background:
             events.append(wire.lifecycle_event("queued", snap))
         run_spec = {"messages": messages, "instructions": req.instructions,
+                    "tools": echo["tools"], "tool_choice": echo["tool_choice"],
+                    "text_format": req.text_format(),
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
         record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
@@ -189,16 +201,23 @@ class Lifecycle:
     async def _generate(self, record: Record, snap: dict[str, Any], run: Run,
                         token: str) -> None:
         spec = record.run
-        messages = [Message(m["role"], m["text"]) for m in spec["messages"]]
+        messages = [Message(m["role"], m["text"],
+                            [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
+                            m.get("call_id")) for m in spec["messages"]]
         if spec["instructions"]:
             messages.insert(0, Message("system", spec["instructions"]))
         request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
-                             spec["temperature"], spec["top_p"])
+                             spec["temperature"], spec["top_p"],
+                             spec.get("tools") or [], spec.get("tool_choice"),
+                             spec.get("text_format"), bool(snap.get("background")))
         item = wire.MessageItem()
         opened = False
+        calls: dict[int, wire.FunctionCallItem] = {}  # function calls, by engine index
         input_tokens = output_tokens = 0
         reason: str | None = None
         error: str | None = None
+        error_code = "server_error"
+        notes: dict[str, Any] = {}  # how an upstream engine counted usage (Report)
         append = self.store.append
         try:
             steps = self.engine.generate(request, run.abort)
@@ -207,6 +226,7 @@ class Lifecycle:
                     if type(step) is Delta:
                         events = [item.delta(step.text)]
                         if not opened:
+                            item.output_index = len(calls)
                             events = item.opened() + events
                             opened = True
                         if not await append(record.id, token, events, step.tokens):
@@ -218,8 +238,38 @@ class Lifecycle:
                         await append(record.id, token, [], input_tokens=input_tokens)
                     elif type(step) is Finished:
                         reason = step.reason
+                    elif type(step) is ToolCall or type(step) is ToolCallDelta:
+                        # Items are numbered in the order they open (message or call).
+                        events = []
+                        call = calls.get(step.index)
+                        if call is None:
+                            name = step.name if type(step) is ToolCall else ""
+                            cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
+                            call = calls[step.index] = wire.FunctionCallItem(
+                                int(opened) + len(calls), cid, name)
+                            events = call.opened()
+                        tokens = 0
+                        if type(step) is ToolCallDelta:
+                            events.append(call.delta(step.arguments))
+                            tokens = step.tokens
+                        if not await append(record.id, token, events, tokens):
+                            run.abort.set()
+                            return
+                        output_tokens += tokens
+                    elif type(step) is Report:
+                        # Late exact counts (an upstream's usage report) replace the
+                        # running ones; the log's token sum is corrected to match.
+                        fix = 0
+                        if step.output_tokens is not None:
+                            fix, output_tokens = step.output_tokens - output_tokens, \
+                                step.output_tokens
+                        if step.input_tokens is not None:
+                            input_tokens = step.input_tokens
+                        await append(record.id, token, [], fix, input_tokens=input_tokens)
+                        notes.update(step.notes)
         except EngineError as exc:
             error = str(exc)
+            error_code = exc.code
         if error is not None:
             ending: Ending = "failed"
         elif reason == "stop":
@@ -230,10 +280,11 @@ class Lifecycle:
             ending = "cancelled"
         else:
             ending, error = "failed", "The server stopped while generating this response."
-        items = [item] if opened else []
+        items: list[wire.OpenItem] = [item] if opened else []
+        items = sorted([*items, *calls.values()], key=lambda i: i.output_index)
         await self.store.finish(record.id, token, ending,
                                 *_closing(snap, ending, items, [], input_tokens,
-                                          output_tokens, error))
+                                          output_tokens, error, error_code, notes))
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
@@ -294,7 +345,7 @@ class Lifecycle:
             return rec.snapshot
         events = [orjson.loads(e.data) for e in await self.store.read(rid, -1)]
         done, still_open = wire.replay(events)
-        output = done + [m.item("in_progress") | {"content": [m.part()]} for m in still_open]
+        output = done + [m.live() for m in still_open]
         return {**rec.snapshot, "output": output}
 
     async def check_streamable(self, rec: Record) -> None:
@@ -369,20 +420,23 @@ class Lifecycle:
                         "The server running this response stopped before it finished.")
 
 
-def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.MessageItem],
+def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem],
              done: list[dict[str, Any]], input_tokens: int, output_tokens: int,
-             error: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The terminal snapshot and the events that close a response (CONTRACT §3.4, §6.1)."""
+             error: str | None, error_code: str = "server_error",
+             notes: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The terminal snapshot and the events that close a response (CONTRACT §3.4, §6.1).
+    `notes` (how an upstream engine counted) go into `usage.tether`."""
     item_status = "completed" if ending == "completed" else "incomplete"
     events = [ev for m in still_open for ev in m.closed(item_status)]
     output = done + [m.item(item_status) for m in still_open]
     err = None
     if ending == "failed":
-        err = {"code": "server_error", "message": error or "The response failed."}
+        err = {"code": error_code, "message": error or "The response failed."}
     final = wire.snapshot(
         {k: v for k, v in snap.items() if k not in _DERIVED}, id=snap["id"],
         created_at=snap["created_at"], status=ending, output=output,
-        usage=wire.usage(input_tokens, output_tokens), error=err,
+        usage=wire.usage(input_tokens, output_tokens) | ({"tether": notes} if notes else {}),
+        error=err,
         incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
         completed_at=int(time.time()) if ending == "completed" else None)
     if err is not None:

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+    ValidationError,
+)
 
 from tether.errors import APIError, bad_request
 from tether.store.base import LogEntry
@@ -27,8 +36,11 @@ _ECHOED = {"parallel_tool_calls", "service_tier", "user", "safety_identifier",
            "prompt_cache_key", "prompt_cache_retention", "max_tool_calls", "truncation"}
 # Parameters either spec defines that tether does not support yet: refused unless null/empty.
 _UNSUPPORTED = {"conversation", "prompt", "context_management", "moderation",
-                "prompt_cache_options", "include", "tools", "tool_choice", "reasoning",
-                "presence_penalty", "frequency_penalty", "top_logprobs", "text"}
+                "prompt_cache_options", "include", "reasoning",
+                "presence_penalty", "frequency_penalty", "top_logprobs"}
+# Item types an input list may hold; anything else is validated as a message (and its
+# `type` refused there, naming `input[i].type`).
+_ITEM_TYPES = ("message", "function_call", "function_call_output")
 
 
 def new_id(prefix: str) -> str:
@@ -54,12 +66,80 @@ class InputMessage(BaseModel):
     content: StrictStr | list[ContentPart]
 
 
+class FunctionCallInput(BaseModel):
+    """A function call the model made, sent back as context."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call"]
+    call_id: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class FunctionCallOutputInput(BaseModel):
+    """The output of a function call, for the model to go on with."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call_output"]
+    call_id: StrictStr
+    output: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+def _item_type(item: Any) -> str:
+    kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
+    return kind if kind in _ITEM_TYPES else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(BaseModel):
+    """Only function tools: the hosted tools (web search, files...) have no meaning here."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    name: StrictStr
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
 class CreateRequest(BaseModel):
     """The subset of `POST /responses` that tether acts on; see `parse_create`."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     model: StrictStr
-    input: StrictStr | list[InputMessage]
+    input: StrictStr | list[InputItem]
     instructions: StrictStr | None = None
     previous_response_id: StrictStr | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -78,6 +158,19 @@ class CreateRequest(BaseModel):
     prompt_cache_retention: StrictStr | None = None
     max_tool_calls: Annotated[int, Field(ge=1)] | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | ToolChoiceFunction | None = None
+    text: TextConfig | None = None
+
+    def text_format(self) -> dict[str, Any] | None:
+        """The `text.format` an engine must apply, or None for plain text."""
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        return fmt.model_dump(by_alias=True, exclude_none=True)
+
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or self.tool_choice not in (None, "auto", "none")
 
 
 def parse_create(body: Any) -> CreateRequest:
@@ -139,19 +232,31 @@ def _validation_error(exc: ValidationError) -> APIError:
 
 
 def _is_type_tag(part: str) -> bool:
-    """Pydantic names union branches in error locations (`str`, `list[...]`, ...)."""
-    return part in {"str", "bool", "int", "float", "dict", "list", "none"} or any(
-        c in part for c in "[-")
+    """Pydantic names union branches in error locations (`str`, `list[...]`, model
+    class names, discriminator tags)."""
+    tags = {"str", "bool", "int", "float", "dict", "list", "none", *_ITEM_TYPES}
+    return part in tags or part[:1].isupper() or any(c in part for c in "[-")
 
 
 def input_items(req: CreateRequest) -> list[dict[str, Any]]:
     """The request's input as stored items (what `GET .../input_items` lists)."""
+    messages: list[InputMessage | FunctionCallInput | FunctionCallOutputInput]
     if isinstance(req.input, str):
         messages = [InputMessage(role="user", content=req.input)]
     else:
-        messages = req.input
-    items = []
+        messages = list(req.input)
+    items: list[dict[str, Any]] = []
     for msg in messages:
+        if isinstance(msg, FunctionCallInput):
+            items.append({"id": msg.id or new_id("fc"), "type": "function_call",
+                          "call_id": msg.call_id, "name": msg.name,
+                          "arguments": msg.arguments, "status": "completed"})
+            continue
+        if isinstance(msg, FunctionCallOutputInput):
+            items.append({"id": msg.id or new_id("fco"), "type": "function_call_output",
+                          "call_id": msg.call_id, "output": msg.output,
+                          "status": "completed"})
+            continue
         texts = [msg.content] if isinstance(msg.content, str) else [p.text for p in msg.content]
         # Stored as the SDK's item types: assistant turns are output messages.
         if msg.role == "assistant":
@@ -169,6 +274,26 @@ def item_text(item: dict[str, Any]) -> str:
     return "".join(part.get("text", "") for part in item.get("content", []))
 
 
+def history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items (input items, or a previous response's output) as the turns a run
+    is given: `{"role", "text"}`, plus `tool_calls` on the assistant turn that made
+    function calls, and `call_id` on a `tool` turn carrying a call's output."""
+    turns: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            turns.append({"role": item["role"], "text": item_text(item)})
+        elif kind == "function_call":
+            call = {"call_id": item["call_id"], "name": item["name"],
+                    "arguments": item["arguments"]}
+            if not turns or turns[-1]["role"] != "assistant":
+                turns.append({"role": "assistant", "text": ""})
+            turns[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            turns.append({"role": "tool", "text": item["output"], "call_id": item["call_id"]})
+    return turns
+
+
 # --- the Response object -----------------------------------------------------------------
 
 
@@ -179,12 +304,15 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         "model": req.model,
         "instructions": req.instructions,
         "previous_response_id": req.previous_response_id,
-        "tools": [],
-        "tool_choice": "none" if req.model_extra and req.model_extra.get("tool_choice") == "none"
-        else "auto",
+        "tools": [{"type": "function", "name": t.name, "description": t.description,
+                   "parameters": t.parameters, "strict": True if t.strict is None else t.strict}
+                  for t in req.tools or []],
+        "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel)
+                        else req.tool_choice or "auto"),
         "truncation": req.truncation or "disabled",
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": req.text_format() or {"type": "text"}}
+        | ({"verbosity": req.text.verbosity} if req.text and req.text.verbosity else {}),
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "presence_penalty": 0.0,
@@ -283,6 +411,10 @@ class MessageItem:
                 "output_index": self.output_index, "content_index": 0, "delta": text,
                 "logprobs": []}
 
+    def live(self) -> dict[str, Any]:
+        """The item as a retrieve of a live response shows it."""
+        return self.item("in_progress") | {"content": [self.part()]}
+
     def closed(self, status: str) -> list[dict[str, Any]]:
         part = self.part()
         return [
@@ -296,17 +428,68 @@ class MessageItem:
         ]
 
 
-def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[MessageItem]]:
+@dataclass(slots=True)
+class FunctionCallItem:
+    """A function call a run streams: its arguments arrive in pieces."""
+
+    output_index: int
+    call_id: str
+    name: str
+    id: str = field(default_factory=lambda: new_id("fc"))
+    arguments: list[str] = field(default_factory=list)
+
+    def item(self, status: str) -> dict[str, Any]:
+        return {"id": self.id, "type": "function_call", "status": status,
+                "call_id": self.call_id, "name": self.name,
+                "arguments": "".join(self.arguments)}
+
+    def live(self) -> dict[str, Any]:
+        return self.item("in_progress")
+
+    def opened(self) -> list[dict[str, Any]]:
+        item = self.item("in_progress") | {"arguments": ""}
+        return [{"type": "response.output_item.added", "output_index": self.output_index,
+                 "item": item}]
+
+    def delta(self, text: str) -> dict[str, Any]:
+        self.arguments.append(text)
+        return {"type": "response.function_call_arguments.delta", "item_id": self.id,
+                "output_index": self.output_index, "delta": text}
+
+    def closed(self, status: str) -> list[dict[str, Any]]:
+        return [
+            {"type": "response.function_call_arguments.done", "item_id": self.id,
+             "output_index": self.output_index, "name": self.name,
+             "arguments": "".join(self.arguments)},
+            {"type": "response.output_item.done", "output_index": self.output_index,
+             "item": self.item(status)},
+        ]
+
+
+OpenItem = MessageItem | FunctionCallItem
+
+
+def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[OpenItem]]:
     """Rebuild output from a log: (closed items, items still open)."""
-    open_items: dict[str, MessageItem] = {}
+    open_items: dict[str, OpenItem] = {}
     done: list[dict[str, Any]] = []
     for ev in events:
         kind = ev["type"]
         if kind == "response.output_item.added":
             item = ev["item"]
-            open_items[item["id"]] = MessageItem(ev["output_index"], item["id"])
+            if item["type"] == "function_call":
+                open_items[item["id"]] = FunctionCallItem(
+                    ev["output_index"], item["call_id"], item["name"], item["id"])
+            else:
+                open_items[item["id"]] = MessageItem(ev["output_index"], item["id"])
         elif kind == "response.output_text.delta":
-            open_items[ev["item_id"]].text.append(ev["delta"])
+            msg = open_items[ev["item_id"]]
+            assert isinstance(msg, MessageItem)
+            msg.text.append(ev["delta"])
+        elif kind == "response.function_call_arguments.delta":
+            call = open_items[ev["item_id"]]
+            assert isinstance(call, FunctionCallItem)
+            call.arguments.append(ev["delta"])
         elif kind == "response.output_item.done":
             open_items.pop(ev["item"]["id"], None)
             done.append(ev["item"])

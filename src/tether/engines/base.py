@@ -10,13 +10,27 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class ToolCallSpec:
+    """A function call the model made earlier in the conversation."""
+
+    call_id: str
+    name: str
+    arguments: str
 
 
 @dataclass(slots=True)
 class Message:
-    role: Literal["system", "developer", "user", "assistant"]
+    """One turn. `tool` turns carry a function call's output for `call_id`; assistant
+    turns may carry the function calls the model made (`tool_calls`)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     text: str
+    tool_calls: list[ToolCallSpec] = field(default_factory=list)
+    call_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -29,6 +43,13 @@ class Generation:
     max_output_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    #: Responses-API function tools (`{"type": "function", "name", "parameters", ...}`).
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: Any = None
+    #: the request's `text.format` when it is not plain text (json_schema / json_object).
+    text_format: dict[str, Any] | None = None
+    #: the client asked for a background response (an upstream may be asked the same).
+    background: bool = False
 
 
 @dataclass(slots=True)
@@ -53,7 +74,39 @@ class Finished:
     reason: Literal["stop", "length"]
 
 
-Step = PromptRead | Delta | Finished
+@dataclass(slots=True)
+class ToolCall:
+    """The model starts function call number `index`; its arguments follow as
+    `ToolCallDelta`s with the same index."""
+
+    index: int
+    call_id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a function call's JSON arguments, produced by `tokens` token steps."""
+
+    index: int
+    arguments: str
+    tokens: int = 1
+
+
+@dataclass(slots=True)
+class Report:
+    """Counts or facts the engine learns after the tokens (an upstream's usage report,
+    a recount with the model's tokenizer, whether an upstream confirmed a stop).
+
+    `input_tokens`/`output_tokens`, when set, replace the counts so far; `notes` are
+    recorded in the response's usage (see README, "Upstream engines")."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+Step = PromptRead | Delta | Finished | ToolCall | ToolCallDelta | Report
 
 
 class Abort:
@@ -89,17 +142,25 @@ class ModelInfo:
 
 
 class EngineError(Exception):
-    """A failure inside the engine; the run ends `failed` with this message."""
+    """A failure inside the engine; the run ends `failed` with this message.
+
+    `code` is the Response error code (`server_error`, `rate_limit_exceeded`,
+    `invalid_prompt`): what an upstream's HTTP status maps to."""
+
+    def __init__(self, message: str, code: str = "server_error") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @runtime_checkable
 class Engine(Protocol):
     """Generates text for the models it serves.
 
-    `generate` yields one `PromptRead` first, then `Delta`s, then a `Finished` when the
-    engine ended by itself. When `abort` is set it returns at the next token boundary
-    (without `Finished`); every token it produced has been yielded by then. It raises
-    `EngineError` on failure.
+    `generate` yields one `PromptRead` first, then `Delta`s (and, for engines that
+    call tools, `ToolCall`/`ToolCallDelta`s; `Report`s at any time after the prompt),
+    then a `Finished` when the engine ended by itself. When `abort` is set it returns at
+    the next token boundary (without `Finished`); every token it produced has been
+    yielded by then. It raises `EngineError` on failure.
     """
 
     #: generations run at once; more wait (queued) in the lifecycle.

@@ -1,0 +1,281 @@
+"""The `chat` engine: a Responses request run on any OpenAI-compatible
+`/v1/chat/completions` server (vLLM, llama.cpp, Ollama, SGLang, a provider).
+
+The request goes out with `stream: true` and `stream_options.include_usage`; each
+content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`.
+A cancel closes the upstream connection at once (see `upstream.Pump`): that is the
+only stop signal chat-completions servers understand.
+
+Usage (recorded with its source in the response's `usage.tether`, see README):
+- output: one token per streamed chunk while streaming; replaced by the upstream's
+  reported usage when it arrives (the last chunk, with `include_usage`), else — on a
+  cancel, or from a server that does not report usage — recounted from the received
+  text with the model's tokenizer when one is configured (`tokenizer=FILE.gguf`);
+- input: the upstream's report; before it (and when it never comes), the prompt
+  rendered with the GGUF's chat template and counted with its tokenizer, else an
+  estimate of 4 characters a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tether.config import UpstreamConfig
+from tether.engines.base import (
+    Abort,
+    Delta,
+    EngineError,
+    Finished,
+    Generation,
+    Message,
+    ModelInfo,
+    PromptRead,
+    Report,
+    Step,
+    ToolCall,
+    ToolCallDelta,
+)
+from tether.engines.upstream import (
+    OPENED,
+    Pump,
+    UpstreamGone,
+    backoff,
+    estimate_tokens,
+    is_retryable,
+    make_client,
+    sse_events,
+)
+
+log = logging.getLogger("tether.engines.chat")
+
+
+class Tokenizer:
+    """A GGUF model's tokenizer and chat template (llama-cpp, vocabulary only)."""
+
+    def __init__(self, path: str) -> None:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
+
+        self._llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+        template = self._llm.metadata.get("tokenizer.chat_template", CHATML_CHAT_TEMPLATE)
+        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode("utf-8", "replace")
+        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode("utf-8", "replace")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def count(self, text: str) -> int:
+        if not text:
+            return 0
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def count_prompt(self, messages: list[dict[str, Any]]) -> int:
+        """The prompt as the upstream renders it (same GGUF, same template)."""
+        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        prompt = self._formatter(messages=plain).prompt  # type: ignore[arg-type]
+        return len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+
+def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "tool":
+            out.append({"role": "tool", "tool_call_id": m.call_id, "content": m.text})
+        elif m.role == "assistant" and m.tool_calls:
+            out.append({"role": "assistant", "content": m.text or None, "tool_calls": [
+                {"id": c.call_id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls]})
+        else:
+            # `developer` is the Responses API's name for a system message; most
+            # chat-completions servers know only `system`.
+            out.append({"role": "system" if m.role == "developer" else m.role,
+                        "content": m.text})
+    return out
+
+
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
+              if tool.get(k) is not None}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def response_format(fmt: dict[str, Any]) -> dict[str, Any]:
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description")
+                  if fmt.get(k) is not None}
+        return {"type": "json_schema", "json_schema": schema}
+    return {"type": fmt.get("type", "text")}
+
+
+@dataclass(slots=True)
+class _Received:
+    """What one generation got from the upstream so far."""
+
+    text: list[str] = field(default_factory=list)
+    chunks: int = 0
+    calls: dict[int, str] = field(default_factory=dict)  # upstream index -> call id
+    finish: str | None = None
+    done: bool = False  # `data: [DONE]` seen
+    usage: dict[str, Any] | None = None
+
+    @property
+    def produced(self) -> bool:
+        return self.chunks > 0
+
+
+class ChatEngine:
+    """One model id served by one chat-completions upstream."""
+
+    def __init__(self, spec: UpstreamConfig) -> None:
+        self.spec = spec
+        self.concurrency = spec.concurrency
+        self._client = make_client(spec)
+        self._tokenizer: Tokenizer | None = None
+
+    def models(self) -> list[ModelInfo]:
+        # Upstreams apply function tools and `text.format` themselves.
+        return [ModelInfo(id=self.spec.model, owned_by="upstream", extra={"tools": True})]
+
+    async def start(self) -> None:
+        if self.spec.tokenizer:
+            self._tokenizer = await asyncio.to_thread(Tokenizer, self.spec.tokenizer)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def body(self, request: Generation) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.spec.upstream_model or self.spec.model,
+            "messages": chat_messages(request.messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
+        if request.max_output_tokens is not None:
+            body[self.spec.max_tokens_param] = request.max_output_tokens
+        if request.tools:
+            body["tools"] = chat_tools(request.tools)
+            # Sent explicitly: some servers (llama.cpp's) drop tools without it.
+            body["tool_choice"] = chat_tool_choice(request.tool_choice or "auto")
+        elif request.tool_choice == "none":
+            body["tool_choice"] = "none"
+        if request.text_format is not None:
+            body["response_format"] = response_format(request.text_format)
+        return body
+
+    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+        body = self.body(request)
+        got = _Received()
+        attempt = 0
+        while True:
+            pump = Pump(sse_events(self._client, "POST", "chat/completions", body), abort)
+            try:
+                async for step in self._relay(pump, got, body, abort):
+                    yield step
+                break
+            except EngineError as exc:
+                # Retried only before the first token: after it, a retry would produce a
+                # different text than the one already streamed.
+                if got.produced or attempt >= self.spec.retries or not is_retryable(exc):
+                    raise
+                attempt += 1
+                log.info("upstream %s failed before the first token (%s); retry %d",
+                         self.spec.url, exc, attempt)
+                if not await backoff(attempt, exc, abort):
+                    return
+            finally:
+                await pump.aclose()
+        if abort.is_set() or got.finish is not None or got.done:
+            yield self._report(got)
+        if abort.is_set():
+            return
+        if got.finish is None and not got.done:
+            raise UpstreamGone("Upstream closed the stream before it finished.",
+                               retryable=False)
+        yield Finished("length" if got.finish == "length" else "stop")
+
+    async def _relay(self, pump: Pump, got: _Received, body: dict[str, Any],
+                     abort: Abort) -> AsyncIterator[Step]:
+        prompt_read = False
+        async for event, data in pump:
+            if (event, data) == OPENED:
+                if not prompt_read:
+                    prompt_read = True
+                    yield PromptRead(self._input_tokens(body))
+                continue
+            if data == "[DONE]":
+                got.done = True
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
+                                   retryable=False) from None
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
+                err = chunk["error"]
+                message = err.get("message") if isinstance(err, dict) else str(err)
+                raise EngineError(f"Upstream error: {message}")
+            if chunk.get("usage"):
+                got.usage = chunk["usage"]
+            for step in self._steps(chunk, got):
+                yield step
+
+    def _steps(self, chunk: dict[str, Any], got: _Received) -> list[Step]:
+        steps: list[Step] = []
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue  # n > 1 is never asked for
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                got.text.append(text)
+                got.chunks += 1
+                steps.append(Delta(text, 1))
+            for call in delta.get("tool_calls") or []:
+                index = int(call.get("index", 0))
+                fn = call.get("function") or {}
+                if index not in got.calls:
+                    got.calls[index] = call.get("id") or f"call_{chunk.get('id', '')}_{index}"
+                    steps.append(ToolCall(index, got.calls[index], fn.get("name") or ""))
+                if fn.get("arguments"):
+                    got.text.append(fn["arguments"])
+                    got.chunks += 1
+                    steps.append(ToolCallDelta(index, fn["arguments"], 1))
+            if choice.get("finish_reason"):
+                got.finish = choice["finish_reason"]
+        return steps
+
+    def _input_tokens(self, body: dict[str, Any]) -> int:
+        if self._tokenizer is not None:
+            return self._tokenizer.count_prompt(body["messages"])
+        return estimate_tokens("".join(str(m.get("content") or "") for m in body["messages"]))
+
+    def _report(self, got: _Received) -> Report:
+        usage = got.usage
+        if usage and not isinstance(usage.get("completion_tokens"), int):
+            usage = None
+        if usage is not None:
+            return Report(usage.get("prompt_tokens"), usage["completion_tokens"],
+                          {"input_tokens": "upstream", "output_tokens": "upstream"})
+        notes = {"input_tokens": "tokenizer" if self._tokenizer else "estimate"}
+        if self._tokenizer is not None:
+            count = self._tokenizer.count("".join(got.text))
+            return Report(None, count, notes | {"output_tokens": "tokenizer"})
+        return Report(None, None, notes | {"output_tokens": "chunks"})

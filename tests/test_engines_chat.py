@@ -1,0 +1,367 @@
+"""The `chat` engine: tether in front of chat-completions upstreams.
+
+Two upstreams, both real HTTP servers on loopback: the fault-injecting fake of
+tests/upstreams.py (exact timing, failures, tool calls), and llama-cpp-python's own
+OpenAI-compatible server serving the packaged SmolLM2 model (a real third party).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
+
+from conftest import Server, free_port, raw_events
+
+DONE_TYPES = ["response.output_text.done", "response.content_part.done",
+              "response.output_item.done"]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with fake_upstream() as f:
+        yield f
+
+
+@pytest.fixture
+def via_fake(make_server: Any, fake: FakeUpstream) -> Server:
+    server: Server = make_server("--upstream", f"fake={fake.url},retries=2,read_timeout=3",
+                                 engine="none")
+    return server
+
+
+def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
+    rid, events = "", []
+    for event in stream:
+        events.append(event)
+        if event.type == "response.created":
+            rid = event.response.id
+        if sum(e.type == "response.output_text.delta" for e in events) == n:
+            break
+    return rid, events
+
+
+def check_cancelled_stream(events: list[Any]) -> None:
+    """contract §3.4: the open message closed `incomplete`, then `response.failed`
+    with status cancelled and no error."""
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
+    assert tail == [*DONE_TYPES, "response.failed"], tail
+    assert events[-1].response.status == "cancelled"
+    assert events[-1].response.error is None
+    assert events[-2].item.status == "incomplete"
+
+
+# --- the fake upstream ----------------------------------------------------------------
+
+
+def test_create_maps_the_request_and_reports_upstream_usage(via_fake: Server,
+                                                            fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        first = client.responses.create(model="fake", input="LENGTH=3 hello",
+                                        instructions="be brief")
+        assert first.status == "completed"
+        assert first.output_text == "alpha bravo charlie"
+        reply = client.responses.create(
+            model="fake", input="LENGTH=4 again", previous_response_id=first.id,
+            max_output_tokens=2, temperature=0.5, top_p=0.9,
+            text={"format": {"type": "json_schema", "name": "thing", "strict": True,
+                             "schema": {"type": "object", "properties": {}}}})
+    assert fake.calls[0].body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "LENGTH=3 hello"}]
+    body = fake.last().body
+    assert body["model"] == "fake" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    # The history of `previous_response_id`, without its instructions (as OpenAI).
+    assert body["messages"] == [
+        {"role": "user", "content": "LENGTH=3 hello"},
+        {"role": "assistant", "content": "alpha bravo charlie"},
+        {"role": "user", "content": "LENGTH=4 again"},
+    ]
+    assert body["max_tokens"] == 2 and body["temperature"] == 0.5 and body["top_p"] == 0.9
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "thing", "strict": True, "schema": {"type": "object", "properties": {}}}}
+    # A budget hit upstream is `incomplete` (contract §1.3); usage is the upstream's.
+    assert reply.status == "incomplete"
+    assert reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "max_output_tokens"
+    assert reply.text.format.type == "json_schema"
+    usage = reply.usage
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens) == (7, 2)
+    assert usage.model_extra is not None
+    assert usage.model_extra["tether"] == {"input_tokens": "upstream",
+                                           "output_tokens": "upstream"}
+
+
+def test_cancel_closes_the_upstream_connection_within_one_chunk(via_fake: Server,
+                                                               fake: FakeUpstream) -> None:
+    # contract §3.2-3.4; the upstream streams at 50 tokens/s (one chunk every 20 ms).
+    with via_fake.client() as client:
+        stream = client.responses.create(model="fake", input="RATE=50 LENGTH=500 go",
+                                         background=True, stream=True)
+        rid, events = read_deltas(stream, 5)
+        called = time.time()
+        reply = client.responses.cancel(rid)
+        replied = time.time()
+        events += list(stream)
+    call = fake.last()
+    assert call.gone.wait(5), "the upstream connection was not closed"
+    assert call.disconnected_at is not None
+    # tether closes the connection before it replies; the upstream (a thread of this
+    # busy test process) notices a moment later. What counts: at most one chunk was
+    # generated after the cancel call (one may be in flight when the abort lands), and
+    # none after the reply.
+    assert call.disconnected_at - replied < 0.5
+    assert call.generated_after(called) <= 1, call.generated_after(called)
+    assert call.generated_after(replied) == 0
+    assert reply.status == "cancelled"
+    check_cancelled_stream(events)
+    deltas = sum(e.type == "response.output_text.delta" for e in events)
+    assert reply.usage is not None and reply.usage.output_tokens == deltas
+    assert reply.usage.model_extra is not None
+    assert reply.usage.model_extra["tether"]["output_tokens"] == "chunks"
+
+
+def test_cancel_of_a_stalled_upstream(via_fake: Server, fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        stream = client.responses.create(model="fake", input="STALL_AFTER=3 LENGTH=50 go",
+                                         stream=True)
+        rid, events = read_deltas(stream, 3)
+        started = time.monotonic()
+        reply = client.responses.cancel(rid)
+        assert time.monotonic() - started < 1.0  # the run answered: no fencing bound
+        events += list(stream)
+    assert fake.last().gone.wait(5)
+    assert reply.status == "cancelled" and reply.usage is not None
+    assert reply.usage.output_tokens == 3
+    check_cancelled_stream(events)
+
+
+def test_upstream_ignoring_the_disconnect_still_gives_the_contract(
+        via_fake: Server, fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        stream = client.responses.create(model="fake", input="IGNORE_CANCEL RATE=100 go",
+                                         background=True, stream=True)
+        rid, events = read_deltas(stream, 4)
+        reply = client.responses.cancel(rid)
+        events += list(stream)
+        # Every later view agrees with the reply (contract §3.9).
+        again = client.responses.retrieve(rid)
+    assert reply.status == again.status == "cancelled"
+    check_cancelled_stream(events)
+    deltas = sum(e.type == "response.output_text.delta" for e in events)
+    assert reply.usage is not None and again.usage is not None
+    assert reply.usage.output_tokens == again.usage.output_tokens == deltas
+    assert fake.last().gone.wait(5)
+
+
+def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server) -> None:
+    # contract §6.1: an `error` event, then `response.failed` with the error set.
+    with via_fake.client() as client:
+        rid = client.responses.create(model="fake", input="FAIL_AT=3 go",
+                                      background=True).id
+    events = raw_events(via_fake, rid)
+    types = [e["type"] for e in events]
+    assert types[-2:] == ["error", "response.failed"]
+    assert types.count("response.output_text.delta") == 3
+    final: Any = events[-1]["response"]
+    assert final["status"] == "failed" and final["error"]["code"] == "server_error"
+    assert "broke" in final["error"]["message"] or "before it finished" in \
+        final["error"]["message"]
+    assert final["usage"]["output_tokens"] == 3
+
+
+@pytest.mark.parametrize(("status", "code", "attempts"), [
+    (400, "invalid_prompt", 1), (401, "server_error", 1), (500, "server_error", 1),
+    (429, "rate_limit_exceeded", 3), (503, "server_error", 3)])
+def test_upstream_errors_map_to_openai_errors(via_fake: Server, fake: FakeUpstream,
+                                              status: int, code: str, attempts: int) -> None:
+    with via_fake.client() as client:
+        reply = client.responses.create(model="fake", input=f"STATUS={status} go")
+    assert reply.status == "failed" and reply.error is not None
+    assert reply.error.code == code
+    assert f"HTTP {status}: injected {status}" in reply.error.message
+    # Only busy/unavailable statuses are retried (retries=2), all before any token.
+    assert len(fake.calls) == attempts
+    assert reply.usage is not None and reply.usage.output_tokens == 0
+
+
+def test_retry_before_the_first_token_succeeds(via_fake: Server, fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        reply = client.responses.create(model="fake", input="STATUS_ONCE=503 LENGTH=2 go")
+    assert reply.status == "completed" and reply.output_text == "alpha bravo"
+    assert len(fake.calls) == 2
+
+
+def test_read_timeout_and_unreachable_upstream(make_server: Any, fake: FakeUpstream) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    server: Server = make_server(
+        "--upstream", f"stall={fake.url},read_timeout=0.5,retries=0",
+        "--upstream", f"gone={closed},retries=1,connect_timeout=1", engine="none")
+    with server.client() as client:
+        stalled = client.responses.create(model="stall", input="STALL_AFTER=2 go")
+        gone = client.responses.create(model="gone", input="hi")
+    assert stalled.status == "failed" and stalled.error is not None
+    assert "timed out" in stalled.error.message
+    assert stalled.output_text == "alpha bravo"  # what arrived before the silence
+    assert gone.status == "failed" and gone.error is not None
+    assert "unreachable" in gone.error.message
+
+
+def test_function_tool_round_trip_with_the_sdk(via_fake: Server, fake: FakeUpstream) -> None:
+    tools: Any = [{"type": "function", "name": "get_weather", "description": "Weather",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                  "required": ["city"]}, "strict": True}]
+    with via_fake.client() as client:
+        with client.responses.stream(model="fake", input="CALL=get_weather weather?",
+                                     tools=tools) as stream:
+            kinds = [event.type for event in stream]
+            first = stream.get_final_response()
+        assert "response.function_call_arguments.delta" in kinds
+        assert "response.function_call_arguments.done" in kinds
+        call = first.output[-1]
+        assert call.type == "function_call" and call.name == "get_weather"
+        assert call.arguments == '{"city": "Paris"}' and call.status == "completed"
+        sent = fake.last().body
+        assert sent["tools"] == [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather", "strict": True,
+            "parameters": tools[0]["parameters"]}}]
+        assert sent["tool_choice"] == "auto"
+        follow = client.responses.create(
+            model="fake", previous_response_id=first.id, tools=tools,
+            input=[{"type": "function_call_output", "call_id": call.call_id,
+                    "output": "sunny"}])
+    assert follow.status == "completed"
+    assert follow.output_text == "The result is sunny"
+    messages = fake.last().body["messages"]
+    assert messages[-2] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.call_id, "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert messages[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
+
+
+def test_models_config_file_and_api_key_from_env(make_server: Any, fake: FakeUpstream,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "tether.toml"
+    config.write_text(f"""
+[[upstreams]]
+model = "filed"
+url = "{fake.url}"
+upstream_model = "real-name"
+api_key_env = "FAKE_UPSTREAM_KEY"
+
+[[upstreams]]
+model = "filed-responses"
+url = "{fake.url}"
+kind = "responses"
+""")
+    monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-secret")
+    server: Server = make_server("--config", str(config), "--upstream",
+                                 f"flagged={fake.url}", engine="scripted")
+    with server.client() as client:
+        ids = sorted(m.id for m in client.models.list())
+        assert ids == ["filed", "filed-responses", "flagged", "scripted"]
+        reply = client.responses.create(model="filed", input="LENGTH=1 hi")
+        assert reply.output_text == "alpha"
+        assert fake.last().body["model"] == "real-name"
+        assert fake.last().headers["authorization"] == "Bearer sk-secret"
+        assert client.responses.create(model="scripted", input="hi",
+                                       max_output_tokens=2).status == "incomplete"
+        with pytest.raises(openai.NotFoundError):
+            client.responses.create(model="nope", input="hi")
+
+
+def test_bad_upstream_flag_is_refused(tmp_path: Path) -> None:
+    server = Server(tmp_path / "t.db", ["--upstream", "no-url-here"])
+    with pytest.raises(RuntimeError, match="MODEL=URL"):
+        server.start(timeout=20)
+
+
+# --- llama-cpp-python's server (a real third-party upstream) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("llama")
+    with llama_server(tmp) as upstream:
+        server = Server(tmp / "tether.db", [
+            "--engine", "none", "--upstream",
+            f"smollm2={upstream.url},tokenizer={smollm2_gguf()},retries=0"])
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def first_token_seconds(client: openai.OpenAI, prompt: str = "Say hello.") -> float:
+    started = time.monotonic()
+    with client.responses.create(model="smollm2", input=prompt, stream=True,
+                                 max_output_tokens=4, temperature=0) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                return time.monotonic() - started
+    raise AssertionError("no token")
+
+
+def test_llama_create_and_stream(llama: Server) -> None:
+    with llama.client() as client:
+        reply = client.responses.create(model="smollm2", input="Name a colour.",
+                                        max_output_tokens=8, temperature=0)
+        assert reply.status == "incomplete" and reply.output_text
+        usage = reply.usage
+        assert usage is not None and usage.output_tokens > 0 and usage.input_tokens > 5
+        assert usage.model_extra is not None
+        # llama-cpp-python reports no usage on streams: counted with the GGUF's tokenizer.
+        assert usage.model_extra["tether"] == {"input_tokens": "tokenizer",
+                                               "output_tokens": "tokenizer"}
+        with client.responses.create(model="smollm2", input="Name a colour.",
+                                     max_output_tokens=8, temperature=0,
+                                     stream=True) as stream:
+            events = list(stream)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == reply.output_text  # greedy: the same text both ways
+    assert events[-1].type == "response.incomplete"
+
+
+def test_llama_background_resume_and_cancel_frees_the_upstream(llama: Server) -> None:
+    with llama.client() as client:
+        idle = min(first_token_seconds(client) for _ in range(2))
+        stream = client.responses.create(
+            model="smollm2", input="Write a very long story about a lighthouse keeper.",
+            background=True, stream=True, max_output_tokens=1000)
+        rid, events = read_deltas(stream, 5)
+        # Resume from the middle (contract §4.4) while it runs.
+        seq = events[3].sequence_number
+        with client.responses.retrieve(rid, stream=True, starting_after=seq) as resumed:
+            first = next(iter(resumed))
+            assert first.sequence_number == seq + 1
+        reply = client.responses.cancel(rid)
+        events += list(stream)
+        assert reply.status == "cancelled"
+        check_cancelled_stream(events)
+        # The upstream runs one generation at a time: had the cancelled one gone on
+        # (~1000 tokens at ~58 tokens/s), this first token would wait seconds for it.
+        after = first_token_seconds(client)
+        assert after < idle + 1.0, (after, idle)
+        full = raw_events(llama, rid)
+    text = "".join(str(e["delta"]) for e in full if e["type"] == "response.output_text.delta")
+    assert reply.output[0].type == "message"
+    assert text == reply.output_text
+
+
+def test_llama_upstream_direct_is_unchanged(llama: Server) -> None:
+    # The models list reaches the upstream's model through tether's id.
+    with llama.client() as client:
+        assert [m.id for m in client.models.list()] == ["smollm2"]
+    assert httpx.get(f"{llama.url}/health", timeout=5).status_code == 200

@@ -1,0 +1,218 @@
+"""The `responses` engine: tether in front of a Responses API upstream.
+
+The real upstream is another tether (scripted engine, 100 tokens/s), so both ends of a
+cancel can be checked: the outer reply, the inner response's state and the inner
+engine's own trace. The fault-injecting fake covers an upstream that ignores cancels,
+a broken stream that must be resumed, and an upstream failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tether.engines.scripted import scripted_text
+from upstreams import FakeUpstream, fake_upstream
+
+from conftest import Server, raw_events
+
+DONE_TYPES = ["response.output_text.done", "response.content_part.done",
+              "response.output_item.done"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """(outer, inner): the outer tether's model `relay` is the inner's `scripted`."""
+    tmp = tmp_path_factory.mktemp("pair")
+    inner = Server(tmp / "inner.db", ["--engine", "scripted", "--debug-routes"])
+    inner.start()
+    outer = Server(tmp / "outer.db", ["--engine", "none", "--upstream",
+                                      f"relay=responses+{inner.base_url},upstream_model=scripted"])
+    try:
+        outer.start()
+        yield outer, inner
+    finally:
+        outer.stop()
+        inner.stop()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeUpstream]:
+    with fake_upstream() as f:
+        yield f
+
+
+@pytest.fixture
+def via_fake(make_server: Any, fake: FakeUpstream) -> Server:
+    server: Server = make_server("--upstream", f"fake=responses+{fake.url},retries=2",
+                                 engine="none")
+    return server
+
+
+def tether_notes(response: Any) -> dict[str, Any]:
+    assert response.usage is not None and response.usage.model_extra is not None
+    notes: dict[str, Any] = response.usage.model_extra["tether"]
+    return notes
+
+
+def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
+    rid, events = "", []
+    for event in stream:
+        events.append(event)
+        if event.type == "response.created":
+            rid = event.response.id
+        if sum(e.type == "response.output_text.delta" for e in events) == n:
+            break
+    return rid, events
+
+
+def check_cancelled_stream(events: list[Any]) -> None:
+    # contract §3.4
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
+    assert tail == [*DONE_TYPES, "response.failed"], tail
+    assert events[-1].response.status == "cancelled" and events[-1].response.error is None
+
+
+def test_create_through_tether_of_tether(pair: tuple[Server, Server]) -> None:
+    outer, inner = pair
+    with outer.client() as client, inner.client() as upstream:
+        reply = client.responses.create(model="relay", input="hello there",
+                                        max_output_tokens=5)
+        assert reply.status == "incomplete" and reply.output_text == scripted_text(5)
+        notes = tether_notes(reply)
+        assert notes["output_tokens"] == notes["input_tokens"] == "upstream"
+        inner_reply = upstream.responses.retrieve(notes["upstream_response_id"])
+    assert inner_reply.usage is not None and reply.usage is not None
+    assert reply.usage.input_tokens == inner_reply.usage.input_tokens
+    assert reply.usage.output_tokens == inner_reply.usage.output_tokens == 5
+
+
+def test_background_stream_and_resume_across_two(pair: tuple[Server, Server]) -> None:
+    outer, inner = pair
+    with outer.client() as client:
+        stream = client.responses.create(model="relay", input="go", background=True,
+                                         stream=True, max_output_tokens=40)
+        rid, events = read_deltas(stream, 5)
+        seq = events[-1].sequence_number
+        # Resume the outer log mid-run (contract §4.4), and read both to the end.
+        with client.responses.retrieve(rid, stream=True, starting_after=seq) as resumed:
+            rest = list(resumed)
+        events += list(stream)
+        final = client.responses.retrieve(rid)
+    assert rest[0].sequence_number == seq + 1
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in rest] == [e.type for e in events[seq + 1:]]
+    assert final.status == "incomplete" and final.output_text == scripted_text(40)
+    # The upstream response was a background one too, and it ended the same way.
+    notes = tether_notes(final)
+    with inner.client() as upstream:
+        inner_final = upstream.responses.retrieve(notes["upstream_response_id"])
+    assert inner_final.background is True and inner_final.output_text == final.output_text
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+def test_cancel_across_two_stops_the_inner_engine(pair: tuple[Server, Server],
+                                                  background: bool) -> None:
+    outer, inner = pair
+    with outer.client() as client, outer.client() as other:
+        stream = client.responses.create(model="relay", input="tell me a story",
+                                         background=background, stream=True)
+        rid, events = read_deltas(stream, 5)
+        reply = other.responses.cancel(rid)  # contract §3.8: by id, from another client
+        replied = time.time()
+        events += list(stream)
+    assert reply.status == "cancelled"
+    check_cancelled_stream(events)
+    deltas = sum(e.type == "response.output_text.delta" for e in events)
+    assert reply.usage is not None and reply.usage.output_tokens == deltas
+    notes = tether_notes(reply)
+    assert notes["upstream_stop"] == "confirmed"
+    # The inner tether cancelled its response, and its engine stopped before the outer
+    # reply: no token was generated after it (contract §3.3, across the two).
+    inner_id = notes["upstream_response_id"]
+    with inner.client() as upstream:
+        inner_reply = upstream.responses.retrieve(inner_id)
+    assert inner_reply.status == "cancelled"
+    trace: Any = inner.trace(inner_id)
+    assert trace["aborted_at"] is not None and not trace["finished"]
+    assert all(t <= replied for t in trace["token_times"])
+    assert inner_reply.usage is not None
+    assert inner_reply.usage.output_tokens == trace["produced"]
+    # Tokens the inner made but never relayed (one step in flight at most) are noted.
+    assert notes["upstream_output_tokens"] == trace["produced"]
+    assert deltas <= trace["produced"] <= deltas + 1
+
+
+def test_upstream_ignoring_cancel_still_gives_the_contract(via_fake: Server,
+                                                           fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        stream = client.responses.create(model="fake", input="IGNORE_CANCEL RATE=100 "
+                                         "LENGTH=300 go", background=True, stream=True)
+        rid, events = read_deltas(stream, 4)
+        started = time.monotonic()
+        reply = client.responses.cancel(rid)
+        took = time.monotonic() - started
+        events += list(stream)
+        again = client.responses.retrieve(rid)
+    post = fake.calls[0]
+    assert fake.cancels == [post.id]  # the upstream was asked...
+    assert post.gone.wait(5)  # ...and its stream closed anyway
+    assert took < 2.0
+    assert reply.status == again.status == "cancelled"
+    check_cancelled_stream(events)
+    notes = tether_notes(reply)
+    assert notes["upstream_stop"] == "unconfirmed"
+    deltas = sum(e.type == "response.output_text.delta" for e in events)
+    assert reply.usage is not None and again.usage is not None
+    assert reply.usage.output_tokens == again.usage.output_tokens == deltas
+
+
+def test_broken_background_stream_is_resumed_upstream(via_fake: Server,
+                                                      fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        reply = client.responses.create(model="fake", input="BREAK_AT=3 LENGTH=8 go",
+                                        background=True)
+        rid = reply.id
+    events = raw_events(via_fake, rid)
+    final: Any = events[-1]["response"]
+    assert final["status"] == "completed", final
+    text = "".join(str(e["delta"]) for e in events if e["type"] == "response.output_text.delta")
+    assert text == "alpha bravo charlie delta echo foxtrot golf hotel"
+    resumes = [c for c in fake.calls if c.body == {}]  # the GET ?stream=true resumes
+    assert len(resumes) == 1, "the engine did not resume the upstream stream"
+
+
+def test_upstream_failure_and_errors(via_fake: Server, fake: FakeUpstream) -> None:
+    with via_fake.client() as client:
+        failed = client.responses.create(model="fake", input="FAIL_AT=2 go")
+        refused = client.responses.create(model="fake", input="STATUS=400 go")
+    assert failed.status == "failed" and failed.error is not None
+    assert "injected failure" in failed.error.message and failed.output_text == "alpha bravo"
+    assert refused.status == "failed" and refused.error is not None
+    assert refused.error.code == "invalid_prompt"
+
+
+def test_forwarded_request_shape(via_fake: Server, fake: FakeUpstream) -> None:
+    tools: Any = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    with via_fake.client() as client:
+        first = client.responses.create(model="fake", input="LENGTH=2 hi", instructions="terse")
+        client.responses.create(model="fake", input="LENGTH=1 more", tools=tools,
+                                previous_response_id=first.id, max_output_tokens=30,
+                                text={"format": {"type": "json_object"}})
+    body = fake.last().body
+    # The whole history goes upstream as items; never the upstream's own ids.
+    assert body["input"] == [
+        {"type": "message", "role": "user", "content": "LENGTH=2 hi"},
+        {"type": "message", "role": "assistant", "content": "alpha bravo"},
+        {"type": "message", "role": "user", "content": "LENGTH=1 more"}]
+    assert "previous_response_id" not in body
+    assert body["tools"] == [{"type": "function", "name": "f", "description": None,
+                              "parameters": {"type": "object"}, "strict": True}]
+    assert body["text"] == {"format": {"type": "json_object"}}
+    assert body["max_output_tokens"] == 30 and body["stream"] is True
+    assert fake.calls[0].body["input"][0] == {"type": "message", "role": "system",
+                                              "content": "terse"}
