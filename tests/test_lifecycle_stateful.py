@@ -1,0 +1,245 @@
+"""A stateful property test: random interleavings against a real server (CONTRACT §1-4, §6).
+
+Hypothesis drives one `tether serve` process through creates in every mode, partial reads,
+extra readers, resumes at random cursors, cancels (repeated, concurrent), disconnects,
+completions, injected engine failures and restarts (graceful or SIGKILL). After every step
+a cancel that returned 200 must still read `cancelled`; when an example ends, every
+response is checked with `invariants.check_response`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import httpx
+from hypothesis import HealthCheck, note, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import Server, raw_events
+from invariants import Cancel, Seen, check_response
+
+LENGTH = 40
+T = TypeVar("T")
+
+
+class Reader:
+    """One open stream, read a few events at a time by the rules."""
+
+    def __init__(self, method: str, url: str, seen: Seen, **kwargs: Any) -> None:
+        self.seen = seen
+        self._cm = httpx.stream(method, url, timeout=15, **kwargs)
+        self._response = self._cm.__enter__()
+        self._response.raise_for_status()
+        self._lines: Iterator[str] = self._response.iter_lines()
+
+    def pull(self, k: int) -> None:
+        """Read up to `k` events (fewer if the stream ends)."""
+        got = 0
+        while got < k and not self.seen.done:
+            line = next(self._lines, None)
+            if line is None:
+                break
+            if line == "data: [DONE]":
+                self.seen.done = True
+            elif line.startswith("data: "):
+                self.seen.events.append(json.loads(line[6:]))
+                got += 1
+
+    def close(self) -> None:
+        self.seen.connected = False
+        with contextlib.suppress(httpx.HTTPError):  # the server may already be gone
+            self._cm.__exit__(None, None, None)
+
+
+@dataclass
+class Tracked:
+    rid: str
+    generation: int  # server process generation it was created in
+    background: bool
+    readers: list[Reader] = field(default_factory=list)
+    cancels: list[Cancel] = field(default_factory=list)
+    post_stream: Reader | None = None
+
+
+def pick(data: st.DataObject, pool: list[T]) -> T:
+    """Choose from a pool whose size depends on the server's timing: draw an index, not
+    an element, so replays draw the same kind of value."""
+    return pool[data.draw(st.integers(0, 2**16)) % len(pool)]
+
+
+class Lifecycle(RuleBasedStateMachine):
+    server: ClassVar[Server]
+    steps: ClassVar[int] = 0
+    created: ClassVar[int] = 0
+
+    @initialize()
+    def setup(self) -> None:
+        self.responses: list[Tracked] = []
+        self.generation = 0
+
+    @property
+    def base(self) -> str:
+        return self.server.base_url
+
+    # --- rules --------------------------------------------------------------------------
+
+    @rule(stream=st.booleans(), background=st.booleans(),
+          fail_at=st.one_of(st.none(), st.none(), st.none(), st.integers(0, LENGTH)),
+          budget=st.one_of(st.none(), st.none(), st.integers(1, 10)))
+    def create(self, stream: bool, background: bool, fail_at: int | None,
+               budget: int | None) -> None:
+        body: dict[str, Any] = {"model": "scripted", "stream": stream, "background": background,
+                                "input": "hi" if fail_at is None else f"FAIL_AT={fail_at}"}
+        if not stream and not background:
+            budget = min(budget or 3, 3)  # this create blocks until the run ends: keep it short
+        if budget is not None:
+            body["max_output_tokens"] = budget
+        if stream:
+            seen = Seen(after=-1)
+            reader = Reader("POST", f"{self.base}/responses", seen, json=body)
+            reader.pull(1)
+            tracked = Tracked(seen.events[0]["response"]["id"], self.generation, background,
+                              [reader], post_stream=reader)
+        else:
+            r = httpx.post(f"{self.base}/responses", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            tracked = Tracked(r.json()["id"], self.generation, background)
+        self.responses.append(tracked)
+        Lifecycle.created += 1
+        self._step()
+
+    @precondition(lambda self: self._open_readers())
+    @rule(data=st.data(), k=st.integers(1, 8))
+    def read_some(self, data: st.DataObject, k: int) -> None:
+        pick(data, self._open_readers()).pull(k)
+        self._step()
+
+    @precondition(lambda self: self.responses)
+    @rule(data=st.data(), cursor=st.one_of(st.none(), st.integers(0, LENGTH + 12)))
+    def open_reader(self, data: st.DataObject, cursor: int | None) -> None:
+        tracked = pick(data, self.responses)
+        params = {"stream": "true"}
+        if cursor is not None:
+            params["starting_after"] = str(cursor)
+        seen = Seen(after=-1 if cursor is None else cursor)
+        reader = Reader("GET", f"{self.base}/responses/{tracked.rid}", seen, params=params)
+        tracked.readers.append(reader)
+        self._step()
+
+    @precondition(lambda self: self.responses)
+    @rule(data=st.data(), clients=st.integers(1, 3))
+    def cancel(self, data: st.DataObject, clients: int) -> None:
+        # Mostly cancel a response that is still running: that is where the races are.
+        live = [t for t in self.responses if httpx.get(
+            f"{self.base}/responses/{t.rid}", timeout=10).json()["status"]
+            in ("queued", "in_progress")]
+        prefer_live = data.draw(st.integers(0, 4)) > 0
+        tracked = pick(data, live if live and prefer_live else self.responses)
+
+        def one() -> None:
+            r = httpx.post(f"{self.base}/responses/{tracked.rid}/cancel", timeout=15)
+            tracked.cancels.append(Cancel(r.status_code, r.json(), time.time()))
+
+        threads = [threading.Thread(target=one) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        self._step()
+
+    @precondition(lambda self: self._open_readers())
+    @rule(data=st.data())
+    def disconnect(self, data: st.DataObject) -> None:
+        pick(data, self._open_readers()).close()
+        self._step()
+
+    @precondition(lambda self: self.responses)
+    @rule(data=st.data())
+    def let_it_finish(self, data: st.DataObject) -> None:
+        tracked = pick(data, self.responses)
+        raw_events(self.server, tracked.rid)  # follows the log to its terminal event
+        self._step()
+
+    @rule(kill=st.booleans())
+    def restart(self, kill: bool) -> None:
+        for reader in self._open_readers():
+            reader.close()
+        if kill:
+            self.server.kill()
+        else:
+            self.server.stop()
+        self.server.start()
+        self.generation += 1
+        self._step()
+
+    # --- checks -------------------------------------------------------------------------
+
+    @invariant()
+    def cancelled_stays_cancelled(self) -> None:
+        for tracked in self.responses:
+            if any(c.status == 200 for c in tracked.cancels):
+                r = httpx.get(f"{self.base}/responses/{tracked.rid}", timeout=10)
+                assert r.json()["status"] == "cancelled", tracked.rid
+
+    def teardown(self) -> None:
+        for tracked in getattr(self, "responses", []):
+            log = raw_events(self.server, tracked.rid)
+            for reader in tracked.readers:
+                if reader.seen.connected:
+                    reader.pull(10_000)
+                    reader.close()
+                    reader.seen.connected = True  # it stayed connected to the end
+            trace = None
+            if tracked.generation == self.generation:
+                trace = self.server.trace(tracked.rid)
+            note(f"checking {tracked.rid}")
+            check_response(self.base, tracked.rid, log, [r.seen for r in tracked.readers],
+                           tracked.cancels, trace)
+
+    def _open_readers(self) -> list[Reader]:
+        return [r for t in self.responses for r in t.readers
+                if r.seen.connected and not r.seen.done]
+
+    def _step(self) -> None:
+        Lifecycle.steps += 1
+
+
+def run(tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30) -> None:
+    """Run the machine against a fresh server (also used by bench/stateful.py)."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    server = Server(tmp / "stateful.db", ["--engine", "scripted", "--debug-routes",
+                                          "--scripted-rate", str(rate),
+                                          # a cancel that does not stop the run shows
+                                          # as tokens after the reply
+                                          "--cancel-timeout", "0.3",
+                                          "--scripted-length", str(LENGTH),
+                                          "--lease-timeout", "1.5"])
+    server.start()
+    Lifecycle.server = server
+    try:
+        run_state_machine_as_test(
+            seed(chosen_seed)(Lifecycle),  # type: ignore[arg-type]
+            settings=settings(max_examples=examples, stateful_step_count=steps,
+                              deadline=None, database=None,
+                              suppress_health_check=list(HealthCheck)))
+    finally:
+        server.stop()
+
+
+def test_random_interleavings(tmp_path: Path) -> None:
+    chosen = int(os.environ.get("TETHER_SEED", random.randrange(2**32)))
+    print(f"seed={chosen} (rerun with TETHER_SEED={chosen})")
+    run(tmp_path, examples=int(os.environ.get("TETHER_EXAMPLES", "8")), steps=12,
+        chosen_seed=chosen)
+    print(f"{Lifecycle.steps} steps, {Lifecycle.created} responses")
