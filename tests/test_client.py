@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -245,6 +246,55 @@ def test_error_event_raises_and_cancel_reports_the_failure(slow: Server) -> None
     assert not stream.server_ignored_cancel
 
 
+def test_cancel_from_another_thread_ends_the_readers_loop(slow: Server) -> None:
+    # A "stop" button: one thread iterates, another cancels.
+    server = slow
+    with server.client() as client:
+        stream = cancellable(client.responses.create(model="scripted", input="x", stream=True))
+        events: list[Any] = []
+        three = threading.Event()
+
+        def read() -> None:
+            for event in stream:
+                events.append(event)
+                if len(deltas(events)) == 3:
+                    three.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert three.wait(10)
+        asked = time.time()
+        final = stream.cancel()
+        reader.join(10)
+        assert not reader.is_alive()
+        check_cancelled(server, client, stream, final, events, asked)
+
+
+@pytest.mark.anyio
+async def test_cancel_from_another_task_ends_the_readers_loop(slow: Server) -> None:
+    server = slow
+    async with server.async_client() as client:
+        stream = cancellable(await client.responses.create(model="scripted", input="x",
+                                                           background=True, stream=True))
+        events: list[Any] = []
+        three = anyio.Event()
+
+        async def read() -> None:
+            async for event in stream:
+                events.append(event)
+                if len(deltas(events)) == 3:
+                    three.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            with anyio.fail_after(10):
+                await three.wait()
+            asked = time.time()
+            final = await stream.cancel()
+    with server.client() as sync_client:
+        check_cancelled(server, sync_client, stream, final, events, asked)
+
+
 # --- auto-resume through a proxy that cuts connections ---------------------------------------
 
 
@@ -404,7 +454,7 @@ def test_cancel_returns_within_grace_on_a_misbehaving_server(
         (fake,) = upstream.responses.values()
         assert fake.cancel_requested.is_set()
         assert fake.stream_closed.wait(5), "the stream was not closed"
-    assert took < GRACE + 0.1, took
+    assert took < GRACE + 0.25, took  # the bound, plus scheduling on a loaded machine
     assert stream.server_ignored_cancel is ignored
     assert final.status == status and final.id == fake.id
     flagged = [w for w in caught if issubclass(w.category, CancelIgnoredWarning)]
@@ -422,6 +472,69 @@ def test_cancel_returns_within_grace_on_a_misbehaving_server(
         assert "unknown" in str(flagged[0].message)
     else:  # the server's account of a response still running
         assert final.output[0].content[0].text.startswith(text)
+
+
+def test_cancel_beside_a_blocked_reader_on_a_silent_server() -> None:
+    # The reader thread is blocked on a stream that will never speak again (no-terminal):
+    # cancel() from another thread still returns in time and wakes the reader up.
+    with FaultyUpstream() as upstream, openai.OpenAI(
+            base_url=upstream.base_url, api_key="test", max_retries=0) as client:
+        stream = cancellable(client.responses.create(model="no-terminal", input="x",
+                                                     background=True, stream=True))
+        events: list[Any] = []
+        three = threading.Event()
+
+        def read() -> None:
+            for event in stream:
+                events.append(event)
+                if len(deltas(events)) == 3:
+                    three.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert three.wait(10)
+        started = time.monotonic()
+        with pytest.warns(CancelIgnoredWarning):
+            final = stream.cancel(grace=GRACE)
+        assert time.monotonic() - started < GRACE + 0.25
+        reader.join(5)
+        assert not reader.is_alive()
+        (fake,) = upstream.responses.values()
+        assert fake.stream_closed.wait(5)
+    assert stream.server_ignored_cancel and final.status == "in_progress"
+    assert_once_in_order(events)
+
+
+@pytest.mark.anyio
+async def test_cancel_beside_a_blocked_task_on_a_silent_server() -> None:
+    with FaultyUpstream() as upstream:
+        async with openai.AsyncOpenAI(base_url=upstream.base_url, api_key="test",
+                                      max_retries=0) as client:
+            stream = cancellable(await client.responses.create(
+                model="no-terminal", input="x", background=True, stream=True))
+            events: list[Any] = []
+            three = anyio.Event()
+
+            async def read() -> None:
+                async for event in stream:
+                    events.append(event)
+                    if len(deltas(events)) == 3:
+                        three.set()
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(read)
+                    await three.wait()
+                    started = time.monotonic()
+                    with pytest.warns(CancelIgnoredWarning):
+                        final = await stream.cancel(grace=GRACE)
+                    took = time.monotonic() - started
+                # leaving the task group: the reader's loop has ended
+            (fake,) = upstream.responses.values()
+            assert fake.stream_closed.wait(5)
+    assert took < GRACE + 0.25
+    assert stream.server_ignored_cancel and final.status == "in_progress"
+    assert_once_in_order(events)
 
 
 # --- the examples run ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tether.client._common import (
     ignored_message,
     is_connection_error,
     is_refusal,
+    shutdown,
     verdict,
     warn_ignored,
 )
@@ -51,6 +52,9 @@ class AsyncCancellableStream(Generic[E]):
         self._pending: deque[E] = deque()
         self._exhausted = False
         self._in_cancel = False
+        self._interrupted = False
+        self._busy = False  # a task is inside __anext__, reading from the server
+        self._changed: anyio.Event | None = None  # set on every event and at the end
         self._result: Response | None = None
         self._ignored = False
 
@@ -77,7 +81,11 @@ class AsyncCancellableStream(Generic[E]):
     async def __anext__(self) -> E:
         if self._pending:
             return self._pending.popleft()
-        event = await self._pull()
+        self._busy = True
+        try:
+            event = await self._pull()
+        finally:
+            self._busy = False
         if event is None:
             raise StopAsyncIteration
         return event
@@ -91,7 +99,7 @@ class AsyncCancellableStream(Generic[E]):
 
     async def close(self) -> None:
         """Close the connection without cancelling (see `CancellableStream.close`)."""
-        self._exhausted = True
+        self._finish()
         self._pending.clear()
         await self._drop_source()
 
@@ -107,18 +115,22 @@ class AsyncCancellableStream(Generic[E]):
     # --- cancel --------------------------------------------------------------------------
 
     async def cancel(self, grace: float = DEFAULT_GRACE) -> Response:
-        """Stop the response and return it as it ended (see `CancellableStream.cancel`)."""
+        """Stop the response and return it as it ended (see `CancellableStream.cancel`);
+        called from another task while one iterates, it leaves the reading to that task."""
         if self._result is not None:
             return self._result
         deadline = time.monotonic() + grace
         soft = deadline - min(1.0, grace / 4)
         self._in_cancel = True
+        inline = not self._busy
         t = self._tracker
-        with anyio.move_on_after(_left(soft)):
-            await self._read_while(lambda: t.response_id is None)
+        await self._await(lambda: t.response_id is not None, soft, inline)
         rid = t.response_id
         if rid is None:
-            await self.close()
+            self._interrupt()
+            if inline:
+                await self._drop_source()
+            self._finish()
             raise RuntimeError("The stream ended before `response.created`: nothing to cancel.")
         refused = over = False
         retrieved: Response | None = None
@@ -128,10 +140,12 @@ class AsyncCancellableStream(Generic[E]):
                 retrieved = await self._retrieve(rid, soft)
                 over = retrieved is not None and retrieved.status not in LIVE_STATUSES
             if not refused or over or t.background is not False:
-                with anyio.move_on_after(_left(soft)):
-                    await self._read_while(lambda: not t.ended)
-        await self._drop_source()
-        self._exhausted = True
+                await self._await(lambda: t.ended, soft, inline)
+        if not t.ended:
+            self._interrupt()
+        if inline:
+            await self._drop_source()
+        self._finish()
         ignored = False
         result = t.final_response
         if result is None and over:
@@ -142,9 +156,36 @@ class AsyncCancellableStream(Generic[E]):
             result, ignored = verdict(t, retrieved)
             if ignored:
                 warn_ignored(ignored_message(rid, grace, result, refused,
-                                             retrieved is not None))
+                                             retrieved is not None), stacklevel=3)
         self._result, self._ignored = result, ignored
         return result
+
+    async def _await(self, done: Callable[[], bool], until: float, inline: bool) -> None:
+        """Until `done()` or the stream ends, at most until `until`: read the stream
+        (`inline`), or let the task that iterates read it."""
+        with anyio.move_on_after(_left(until)):
+            if inline:
+                await self._read_while(lambda: not done())
+                return
+            while not (done() or self._exhausted):
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    def _finish(self) -> None:
+        self._exhausted = True
+        self._notify()
+
+    def _interrupt(self) -> None:
+        """Make a task blocked reading the stream give up: shut the socket down."""
+        self._interrupted = True
+        if self._source is not None:
+            shutdown(self._source)
 
     async def _read_while(self, more: Callable[[], bool]) -> None:
         while more() and not self._exhausted:
@@ -202,6 +243,8 @@ class AsyncCancellableStream(Generic[E]):
         """The next new event, reconnecting after network faults; None at the end."""
         failures = 0
         while not self._exhausted:
+            if self._interrupted:
+                break
             error: BaseException | None = None
             try:
                 if self._source is None:
@@ -210,30 +253,34 @@ class AsyncCancellableStream(Generic[E]):
                 event: E = await self._source.__anext__()
             except StopAsyncIteration:
                 await self._drop_source()
-                if not self._may_resume():
-                    self._exhausted = True
-                    return None
+                if self._interrupted or not self._may_resume():
+                    break
             except Exception as exc:
                 await self._drop_source()
+                if self._interrupted:
+                    break
                 if not (is_connection_error(exc) and self._may_resume()):
-                    self._exhausted = True
+                    self._finish()
                     raise
                 error = exc
             else:
                 if not self._tracker.observe(event):
                     continue
                 if self._tracker.ended:
-                    self._exhausted = True
                     await self._drop_source()
+                    self._finish()
+                else:
+                    self._notify()
                 return event
             if failures >= self._backoff.max_attempts:
-                self._exhausted = True
+                self._finish()
                 if error is not None:
                     raise error
                 raise StreamEndedEarly(f"Response {self._tracker.response_id}: the stream "
                                        "kept ending without a terminal event.")
             await anyio.sleep(self._backoff.delay(failures, self._rng))
             failures += 1
+        self._finish()
         return None
 
     async def _drop_source(self) -> None:

@@ -5,7 +5,9 @@ Nothing here talks to a server, so the sync and the async wrapper share it uncha
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +65,30 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500
 
 
-def warn_ignored(message: str) -> None:
-    warnings.warn(message, CancelIgnoredWarning, stacklevel=3)
+def warn_ignored(message: str, stacklevel: int) -> None:
+    warnings.warn(message, CancelIgnoredWarning, stacklevel=stacklevel)
+
+
+def http_response(source: Any) -> Any:
+    """The httpx response under an SDK stream (`Stream.response`, `ResponseStream._response`)."""
+    return getattr(source, "response", None) or getattr(source, "_response", None)
+
+
+def shutdown(source: Any) -> None:
+    """Wake a reader (thread or task) blocked on `source`: shut its socket down (closing it
+    from another thread would not wake a reading thread), else close the response."""
+    response = http_response(source)
+    if response is None:
+        return
+    stream = getattr(response, "extensions", {}).get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    shut = getattr(sock, "shutdown", None)  # a socket, or asyncio's TransportSocket
+    if callable(shut):
+        with contextlib.suppress(OSError):
+            shut(socket.SHUT_RDWR)
+        return
+    with contextlib.suppress(Exception):
+        response.close()
 
 
 def _dump(obj: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import socket
 import threading
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from tether.client._common import (
     ignored_message,
     is_connection_error,
     is_refusal,
+    shutdown,
     verdict,
     warn_ignored,
 )
@@ -54,6 +54,8 @@ class CancellableStream(Generic[E]):
         self._in_cancel = False
         self._interrupted = False  # the cancel deadline passed while reading
         self._wake = threading.Event()
+        self._reading = threading.Lock()  # held by whoever reads from the server
+        self._progress = threading.Condition()  # notified on every event and at the end
         self._result: Response | None = None
         self._ignored = False
 
@@ -81,9 +83,10 @@ class CancellableStream(Generic[E]):
         return self
 
     def __next__(self) -> E:
-        if self._pending:
-            return self._pending.popleft()
-        event = self._pull()
+        with self._reading:
+            if self._pending:
+                return self._pending.popleft()
+            event = self._pull()
         if event is None:
             raise StopIteration
         return event
@@ -98,7 +101,7 @@ class CancellableStream(Generic[E]):
     def close(self) -> None:
         """Close the connection without cancelling. (On tether, and on OpenAI, closing a
         non-background stream cancels its response; a background one goes on.)"""
-        self._exhausted = True
+        self._finish()
         self._pending.clear()
         self._drop_source()
 
@@ -117,24 +120,37 @@ class CancellableStream(Generic[E]):
     def cancel(self, grace: float = DEFAULT_GRACE) -> Response:
         """Stop the response and return it as it ended: status, partial output, usage.
 
-        Sends `POST /responses/{id}/cancel` and reads the stream to its terminal event; the
-        events read meanwhile are still yielded by iterating afterwards. Returns within
-        `grace` seconds: if the server has not ended the response by then (or refused the
-        cancel and went on after the connection was closed), the stream is closed, the
-        response is retrieved, `server_ignored_cancel` is set and a `CancelIgnoredWarning`
-        issued. Calling it again returns the same response.
+        Sends `POST /responses/{id}/cancel` and waits for the stream's terminal event.
+        Called where the stream is iterated (in the loop, or after leaving it), it reads the
+        stream itself; the events it reads are still yielded by iterating afterwards. Called
+        from another thread while one iterates, it leaves the reading to that thread, whose
+        loop then ends with the terminal event. Returns within `grace` seconds: if the server
+        has not ended the response by then (or refused the cancel and went on after the
+        connection was closed), the stream is closed, the response is retrieved,
+        `server_ignored_cancel` is set and a `CancelIgnoredWarning` issued. Calling it again
+        returns the same response.
         """
         if self._result is not None:
             return self._result
         deadline = time.monotonic() + grace
         soft = deadline - min(1.0, grace / 4)  # what is left after it is for the retrieve
         self._in_cancel = True
+        inline = self._reading.acquire(blocking=False)
+        try:
+            return self._cancel(grace, deadline, soft, inline)
+        finally:
+            if inline:
+                self._reading.release()
+
+    def _cancel(self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
         t = self._tracker
-        with self._watchdog(soft):
-            self._read_while(lambda: t.response_id is None)
+        self._await(lambda: t.response_id is not None, soft, inline)
         rid = t.response_id
         if rid is None:
-            self.close()
+            self._interrupt()
+            if inline:
+                self._drop_source()
+            self._finish()
             raise RuntimeError("The stream ended before `response.created`: nothing to cancel.")
         refused = over = False
         retrieved: Response | None = None
@@ -144,10 +160,12 @@ class CancellableStream(Generic[E]):
                 retrieved = self._retrieve(rid, soft)
                 over = retrieved is not None and retrieved.status not in LIVE_STATUSES
             if not refused or over or t.background is not False:
-                with self._watchdog(soft):
-                    self._read_while(lambda: not t.ended and time.monotonic() < soft)
-        self._drop_source()
-        self._exhausted = True
+                self._await(lambda: t.ended, soft, inline)
+        if not t.ended:
+            self._interrupt()  # close the connection: no more waiting for this stream
+        if inline:
+            self._drop_source()
+        self._finish()
         ignored = False
         result = t.final_response
         if result is None and over:
@@ -158,9 +176,19 @@ class CancellableStream(Generic[E]):
             result, ignored = verdict(t, retrieved)
             if ignored:
                 warn_ignored(ignored_message(rid, grace, result, refused,
-                                             retrieved is not None))
+                                             retrieved is not None), stacklevel=4)
         self._result, self._ignored = result, ignored
         return result
+
+    def _await(self, done: Callable[[], bool], until: float, inline: bool) -> None:
+        """Until `done()` or the stream ends, at most until `until`: read the stream
+        (`inline`), or let the thread that iterates read it."""
+        if not inline:
+            with self._progress:
+                self._progress.wait_for(lambda: done() or self._exhausted, _left(until))
+            return
+        with self._watchdog(until):
+            self._read_while(lambda: not done() and time.monotonic() < until)
 
     def _read_while(self, more: Callable[[], bool]) -> None:
         while more() and not self._exhausted:
@@ -219,6 +247,9 @@ class CancellableStream(Generic[E]):
         """The next new event, reconnecting after network faults; None at the end."""
         failures = 0
         while not self._exhausted:
+            if self._interrupted:
+                self._finish()
+                return None
             error: BaseException | None = None
             try:
                 if self._source is None:
@@ -228,35 +259,44 @@ class CancellableStream(Generic[E]):
             except StopIteration:  # the body ended without a terminal event
                 self._drop_source()
                 if self._interrupted or not self._may_resume():
-                    self._exhausted = True
+                    self._finish()
                     return None
             except Exception as exc:
                 self._drop_source()
                 if self._interrupted:
-                    self._exhausted = True
+                    self._finish()
                     return None
                 if not (is_connection_error(exc) and self._may_resume()):
-                    self._exhausted = True
+                    self._finish()
                     raise
                 error = exc
             else:
                 if not self._tracker.observe(event):
                     continue  # already seen before the reconnect
                 if self._tracker.ended:
-                    self._exhausted = True
                     self._drop_source()
+                    self._finish()
+                else:
+                    with self._progress:
+                        self._progress.notify_all()
                 return event
             if failures >= self._backoff.max_attempts:
-                self._exhausted = True
+                self._finish()
                 if error is not None:
                     raise error
                 raise StreamEndedEarly(f"Response {self._tracker.response_id}: the stream "
                                        "kept ending without a terminal event.")
             if self._wake.wait(self._backoff.delay(failures, self._rng)):
-                self._exhausted = True
+                self._finish()
                 return None
             failures += 1
         return None
+
+    def _finish(self) -> None:
+        """Nothing more will be read from the server; wake a `cancel()` waiting for it."""
+        with self._progress:
+            self._exhausted = True
+            self._progress.notify_all()
 
     def _drop_source(self) -> None:
         source, self._source = self._source, None
@@ -285,24 +325,3 @@ class CancellableStream(Generic[E]):
 
 def _left(until: float) -> float:
     return max(0.001, until - time.monotonic())
-
-
-def http_response(source: Any) -> Any:
-    """The httpx response under an SDK stream (`Stream.response`, `ResponseStream._response`)."""
-    return getattr(source, "response", None) or getattr(source, "_response", None)
-
-
-def shutdown(source: Any) -> None:
-    """Wake a thread blocked reading `source`: shut its socket down (closing it from another
-    thread would not wake the reader), else close the response."""
-    response = http_response(source)
-    if response is None:
-        return
-    stream = getattr(response, "extensions", {}).get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        return
-    with contextlib.suppress(Exception):
-        response.close()
