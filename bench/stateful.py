@@ -35,8 +35,10 @@ def main() -> None:
     batch = 0
     with tempfile.TemporaryDirectory() as tmp:
         while machine.Lifecycle.steps < args.steps:
+            folder = Path(tmp) / str(batch)
+            folder.mkdir()
             try:
-                machine.run(Path(tmp) / str(batch), examples=20,
+                machine.run(folder, examples=20,
                             steps=args.steps_per_example, chosen_seed=seed + batch,
                             rate=args.rate)
             except Exception as exc:  # a violation: report it and stop
