@@ -37,7 +37,7 @@ from tether.client._common import is_connection_error
 from conftest import Server, raw_events
 
 FAST = Backoff(initial=0.01, maximum=0.1, max_attempts=8)
-GRACE = 1.0
+GRACE = 0.75
 
 
 class ClientTestServer(Server):
