@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
@@ -164,7 +165,8 @@ def test_upstream_ignoring_the_disconnect_still_gives_the_contract(
     assert fake.last().gone.wait(5)
 
 
-def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server) -> None:
+def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server,
+                                                      fake: FakeUpstream) -> None:
     # contract §6.1: an `error` event, then `response.failed` with the error set.
     with via_fake.client() as client:
         rid = client.responses.create(model="fake", input="FAIL_AT=3 go",
@@ -178,6 +180,7 @@ def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server) -> None:
     assert "broke" in final["error"]["message"] or "before it finished" in \
         final["error"]["message"]
     assert final["usage"]["output_tokens"] == 3
+    assert len(fake.calls) == 1  # never retried after the first token
 
 
 @pytest.mark.parametrize(("status", "code", "attempts"), [
@@ -261,6 +264,12 @@ upstream_model = "real-name"
 api_key_env = "FAKE_UPSTREAM_KEY"
 
 [[upstreams]]
+model = "azure-style"
+url = "{fake.url}"
+api_key_env = "FAKE_UPSTREAM_KEY"
+api_key_header = "api-key"
+
+[[upstreams]]
 model = "filed-responses"
 url = "{fake.url}"
 kind = "responses"
@@ -270,13 +279,20 @@ kind = "responses"
                                  f"flagged={fake.url}", engine="scripted")
     with server.client() as client:
         ids = sorted(m.id for m in client.models.list())
-        assert ids == ["filed", "filed-responses", "flagged", "scripted"]
+        assert ids == ["azure-style", "filed", "filed-responses", "flagged", "scripted"]
         reply = client.responses.create(model="filed", input="LENGTH=1 hi")
         assert reply.output_text == "alpha"
         assert fake.last().body["model"] == "real-name"
         assert fake.last().headers["authorization"] == "Bearer sk-secret"
+        client.responses.create(model="azure-style", input="LENGTH=1 hi")
+        assert fake.last().headers["api-key"] == "sk-secret"
+        assert "authorization" not in fake.last().headers
         assert client.responses.create(model="scripted", input="hi",
                                        max_output_tokens=2).status == "incomplete"
+        # The scripted engine applies no tools: refused for it, before anything starts.
+        with pytest.raises(openai.BadRequestError, match="'input'"):
+            client.responses.create(model="scripted", input=[
+                {"type": "function_call_output", "call_id": "c", "output": "x"}])
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model="nope", input="hi")
 
@@ -365,3 +381,29 @@ def test_llama_upstream_direct_is_unchanged(llama: Server) -> None:
     with llama.client() as client:
         assert [m.id for m in client.models.list()] == ["smollm2"]
     assert httpx.get(f"{llama.url}/health", timeout=5).status_code == 200
+
+
+def test_tool_call_stream_validates_against_sdk_and_spec(via_fake: Server) -> None:
+    """Every event of a text + function call stream, and the final object, validate with
+    the SDK's types and the Open Responses schemas (tests/test_schema.py's checks), once
+    the documented `usage.tether` extension is set aside."""
+    from test_schema import check_response, check_stream
+
+    body = {"model": "fake", "input": "CALL=lookup go", "stream": True,
+            "tools": [{"type": "function", "name": "lookup",
+                       "parameters": {"type": "object", "properties": {}}}]}
+    with httpx.Client(timeout=30) as http, \
+            http.stream("POST", f"{via_fake.base_url}/responses", json=body) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [orjson.loads(line[6:]) for line in lines[:-1]]
+    for event in events:
+        if "response" in event and event["response"]["usage"]:
+            assert set(event["response"]["usage"].pop("tether")) >= {"output_tokens"}
+    check_stream(events)
+    types = [e["type"] for e in events]
+    assert types[-4:] == ["response.function_call_arguments.delta",
+                          "response.function_call_arguments.done",
+                          "response.output_item.done", "response.completed"]
+    final = check_response(events[-1]["response"])
+    assert final.output[0].type == "function_call"

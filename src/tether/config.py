@@ -25,6 +25,9 @@ class UpstreamConfig(BaseModel):
     kind: Literal["chat", "responses"] = "chat"
     upstream_model: str | None = None  # the model's name at the upstream (default: `model`)
     api_key_env: str | None = None  # environment variable holding the upstream's API key
+    # `authorization` sends `Bearer KEY`; any other name sends the key as that header's
+    # value (Azure OpenAI's `api-key`).
+    api_key_header: str = "authorization"
     tokenizer: str | None = None  # a GGUF file whose tokenizer counts tokens (chat kind)
     concurrency: int = Field(default=64, ge=1)  # generations at once; more wait, queued
     connect_timeout: float = Field(default=10.0, gt=0)

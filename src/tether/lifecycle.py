@@ -121,12 +121,16 @@ class Lifecycle:
             raise APIError(404, f"The model '{req.model}' does not exist.",
                            param="model", code="model_not_found")
         if req.model not in self.tool_models:
+            calls = not isinstance(req.input, str) and any(
+                i.type != "message" for i in req.input)
             for param, used in (("tools", bool(req.tools)),
                                 ("tool_choice", req.uses_tools() and not req.tools),
-                                ("text", req.text_format() is not None)):
+                                ("text", req.text_format() is not None), ("input", calls)):
                 if used:
-                    raise bad_request(f"Parameter '{param}' is not supported by model "
-                                      f"'{req.model}'.", param, "unsupported_parameter")
+                    what = ("Function call items in 'input' are" if param == "input"
+                            else f"Parameter '{param}' is")
+                    raise bad_request(f"{what} not supported by model '{req.model}'.", param,
+                                      "unsupported_parameter")
         messages: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             prev = await self.store.get(req.previous_response_id, tenant)

@@ -459,8 +459,7 @@ class FunctionCallItem:
     def closed(self, status: str) -> list[dict[str, Any]]:
         return [
             {"type": "response.function_call_arguments.done", "item_id": self.id,
-             "output_index": self.output_index, "name": self.name,
-             "arguments": "".join(self.arguments)},
+             "output_index": self.output_index, "arguments": "".join(self.arguments)},
             {"type": "response.output_item.done", "output_index": self.output_index,
              "item": self.item(status)},
         ]

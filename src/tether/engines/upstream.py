@@ -51,8 +51,10 @@ class UpstreamGone(EngineError):
 
 def make_client(spec: UpstreamConfig) -> httpx.AsyncClient:
     headers = {"accept": "text/event-stream"}
-    if spec.api_key:
-        headers["authorization"] = f"Bearer {spec.api_key}"
+    key = spec.api_key
+    if key:
+        header = spec.api_key_header.lower()
+        headers[header] = f"Bearer {key}" if header == "authorization" else key
     timeout = httpx.Timeout(connect=spec.connect_timeout, read=spec.read_timeout,
                             write=spec.connect_timeout, pool=spec.connect_timeout)
     # No keep-alive limit worth mentioning: each generation holds one connection.
