@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import sys
 import time
 
 import llama_cpp
@@ -86,8 +87,38 @@ def measure_engine(tokens: int = TOKENS, runs: int = RUNS) -> float:
     return statistics.median(asyncio.run(_engine_rates(tokens, runs)))
 
 
+def measure_http(tokens: int = TOKENS, runs: int = RUNS) -> float:
+    """Median tokens/s through `tether serve --engine local` over HTTP with the official SDK
+    (a streamed response, every event persisted), request sent to terminal event."""
+    import openai
+
+    from _server import HOST, Server
+
+    srv = Server([sys.executable, "-m", "tether", "serve", "--engine", "local",
+                  "--db", "bench.db", "--host", HOST, "--port", "{port}"], name="tether")
+    srv.start()
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused")
+        rates = []
+        for _ in range(runs + 1):
+            started = time.perf_counter()
+            stream = client.responses.create(model="smollm2-135m", input=PROMPT, stream=True,
+                                             max_output_tokens=tokens, temperature=0.0)
+            events = list(stream)
+            elapsed = time.perf_counter() - started
+            final = events[-1].response  # type: ignore[union-attr]
+            if final.status != "incomplete":
+                raise RuntimeError(f"model stopped after {final.usage.output_tokens} tokens")
+            rates.append(final.usage.output_tokens / elapsed)
+        return statistics.median(rates[1:])
+    finally:
+        srv.stop()
+        srv.cleanup()
+
+
 def main() -> None:
-    rows = [("llama-cpp directly", measure_direct()), ("LocalEngine.generate", measure_engine())]
+    rows = [("llama-cpp directly", measure_direct()), ("LocalEngine.generate", measure_engine()),
+            ("tether over HTTP", measure_http())]
     base = rows[0][1]
     # llama.cpp's 2 threads on a 2-core machine slow down sharply under any other load.
     load = os.getloadavg()[0]
