@@ -163,6 +163,8 @@ class ChatEngine:
             "messages": chat_messages(request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
+            # Always sent: servers' own defaults differ (llama.cpp 0.8, vLLM the model's),
+            # and the response says 1.0 when the client set nothing.
             "temperature": request.temperature,
             "top_p": request.top_p,
         }

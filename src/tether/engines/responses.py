@@ -119,9 +119,13 @@ class ResponsesEngine:
             # hosted API requires `store` for it.
             "background": request.background,
             "store": request.background,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
         }
+        # Sent only when not the API default (1.0 for both): the hosted reasoning
+        # models refuse them outright.
+        if request.temperature != 1.0:
+            body["temperature"] = request.temperature
+        if request.top_p != 1.0:
+            body["top_p"] = request.top_p
         if request.max_output_tokens is not None:
             body["max_output_tokens"] = request.max_output_tokens
         if request.tools:
