@@ -452,3 +452,27 @@ def test_upstream_flags_and_settings_precedence(tmp_path: Path,
     assert (only.model, only.kind, only.url) == ("a", "responses", "http://g/v1")
     assert settings.engine_kind() == "none"
     assert load_settings().engine_kind() == "local"
+
+
+def test_cancel_during_a_function_call_closes_it_incomplete(via_fake: Server,
+                                                            fake: FakeUpstream) -> None:
+    # contract §3.4 for a function_call item: its `.done` events, status incomplete.
+    tools: Any = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    with via_fake.client() as client:
+        rid = client.responses.create(model="fake", input="CALL=f STALL_AFTER=1 go",
+                                      tools=tools, background=True).id
+        deadline = time.monotonic() + 5
+        while not client.responses.retrieve(rid).output:
+            assert time.monotonic() < deadline, "no function call started"
+            time.sleep(0.02)  # the server has no push API for a state change
+        reply = client.responses.cancel(rid)
+    assert fake.last().gone.wait(5)
+    assert reply.status == "cancelled"
+    [item] = reply.output
+    assert item.type == "function_call" and item.status == "incomplete"
+    assert item.arguments == '{"city"'
+    events = raw_events(via_fake, rid)
+    assert [e["type"] for e in events[-3:]] == [
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.failed"]
+    assert reply.usage is not None and reply.usage.output_tokens == 1

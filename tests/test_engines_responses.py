@@ -216,3 +216,22 @@ def test_forwarded_request_shape(via_fake: Server, fake: FakeUpstream) -> None:
     assert body["max_output_tokens"] == 30 and body["stream"] is True
     assert fake.calls[0].body["input"][0] == {"type": "message", "role": "system",
                                               "content": "terse"}
+
+
+def test_function_call_round_trip_through_a_responses_upstream(via_fake: Server,
+                                                               fake: FakeUpstream) -> None:
+    tools: Any = [{"type": "function", "name": "get_weather",
+                   "parameters": {"type": "object", "properties": {}}}]
+    with via_fake.client() as client:
+        first = client.responses.create(model="fake", input="CALL=get_weather go",
+                                        tools=tools)
+        call = first.output[0]
+        assert call.type == "function_call" and call.name == "get_weather"
+        assert call.arguments == '{"city": "Paris"}' and call.call_id == "call_fake1"
+        client.responses.create(model="fake", previous_response_id=first.id, tools=tools,
+                                input=[{"type": "function_call_output",
+                                        "call_id": call.call_id, "output": "sunny"}])
+    assert fake.last().body["input"][-2:] == [
+        {"type": "function_call", "call_id": "call_fake1", "name": "get_weather",
+         "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_fake1", "output": "sunny"}]

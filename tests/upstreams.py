@@ -13,7 +13,7 @@ directly. Its behaviour is chosen by directives in the last user message:
     STATUS_ONCE=s  answer HTTP s to the first attempt only
     IGNORE_CANCEL  keep generating after the client left; the Responses cancel
                    endpoint answers without stopping anything (as openai-python#2643)
-    CALL=name      (chat) stream a call of function `name` instead of text
+    CALL=name      stream a call of function `name` instead of text
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
 
@@ -220,6 +220,8 @@ class FakeUpstream:
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
             for piece in ['{"city"', ': "Par', 'is"}']:
+                if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
+                    await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
                 call.generated.append(time.time())
                 yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
@@ -289,6 +291,17 @@ class FakeUpstream:
         emit({"type": "response.in_progress", "response": _resp(rid, "in_progress")})
         item = {"id": "msg_fake", "type": "message", "role": "assistant",
                 "status": "in_progress", "content": []}
+        if "CALL" in d:  # a function call instead of text
+            fc = {"id": "fc_fake", "type": "function_call", "status": "in_progress",
+                  "call_id": "call_fake1", "name": d["CALL"], "arguments": ""}
+            emit({"type": "response.output_item.added", "output_index": 0, "item": fc})
+            for piece in ['{"city"', ': "Paris"}']:
+                emit({"type": "response.function_call_arguments.delta", "item_id": "fc_fake",
+                      "output_index": 0, "delta": piece})
+            emit({"type": "response.completed", "response": _resp(rid, "completed", 2)})
+            state["done"] = True
+            state["grow"].set()
+            return
         emit({"type": "response.output_item.added", "output_index": 0, "item": item})
         async for i in self._tokens(call, d):
             if state["cancelled"]:
