@@ -106,7 +106,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "it
         value = predicate()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll interval of a wait with a deadline
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -26,7 +26,7 @@ def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> 
         value = predicate()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll interval of a wait with a deadline
     raise AssertionError(f"timed out waiting for {what}")
 
 

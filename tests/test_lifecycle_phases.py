@@ -22,7 +22,7 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> Any:
     while time.monotonic() < deadline:
         if value := predicate():
             return value
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval of a wait with a deadline
     raise AssertionError("timed out")
 
 

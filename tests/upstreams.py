@@ -134,7 +134,7 @@ class FakeUpstream:
         deadline = time.monotonic() + timeout
         while len(self.calls) < n:
             assert time.monotonic() < deadline, "the upstream got no request"
-            time.sleep(0.01)
+            time.sleep(0.01)  # poll interval of a wait with a deadline
         return self.calls[n - 1]
 
     # --- common ---------------------------------------------------------------------
