@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -21,6 +22,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy: server state has no push API."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)  # poll interval of a wait with a deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
+    """Iterate an SDK stream until `n` text deltas arrived: (response id, events so far)."""
+    rid, events = "", []
+    for event in stream:
+        events.append(event)
+        if event.type == "response.created":
+            rid = event.response.id
+        if sum(e.type == "response.output_text.delta" for e in events) == n:
+            break
+    return rid, events
 
 
 @dataclass

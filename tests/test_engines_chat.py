@@ -19,7 +19,7 @@ import pytest
 
 from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
 
-from conftest import Server, free_port, raw_events
+from conftest import Server, free_port, raw_events, read_deltas
 
 DONE_TYPES = ["response.output_text.done", "response.content_part.done",
               "response.output_item.done"]
@@ -36,17 +36,6 @@ def via_fake(make_server: Any, fake: FakeUpstream) -> Server:
     server: Server = make_server("--upstream", f"fake={fake.url},retries=2,read_timeout=3",
                                  engine="none")
     return server
-
-
-def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
-    rid, events = "", []
-    for event in stream:
-        events.append(event)
-        if event.type == "response.created":
-            rid = event.response.id
-        if sum(e.type == "response.output_text.delta" for e in events) == n:
-            break
-    return rid, events
 
 
 def check_cancelled_stream(events: list[Any]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from tether.engines.scripted import scripted_text
 from upstreams import FakeUpstream, fake_upstream
 
-from conftest import Server, raw_events
+from conftest import Server, raw_events, read_deltas
 
 DONE_TYPES = ["response.output_text.done", "response.content_part.done",
               "response.output_item.done"]
@@ -56,17 +56,6 @@ def tether_notes(response: Any) -> dict[str, Any]:
     assert response.usage is not None and response.usage.model_extra is not None
     notes: dict[str, Any] = response.usage.model_extra["tether"]
     return notes
-
-
-def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
-    rid, events = "", []
-    for event in stream:
-        events.append(event)
-        if event.type == "response.created":
-            rid = event.response.id
-        if sum(e.type == "response.output_text.delta" for e in events) == n:
-            break
-    return rid, events
 
 
 def check_cancelled_stream(events: list[Any]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server
+from conftest import Server, wait_for
 
 MODEL = "scripted"
 TABLES = ("responses", "events", "idempotency_keys")
@@ -97,17 +96,6 @@ def stores_nothing(server: Server) -> Iterator[None]:
     before = counts(server)
     yield
     assert counts(server) == before, "a rejected request changed the store"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "it") -> Any:
-    """Poll `predicate` until truthy: the server has no push API for state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # poll interval of a wait with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_ended(client: openai.OpenAI, rid: str) -> openai.types.responses.Response:

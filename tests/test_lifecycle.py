@@ -13,40 +13,17 @@ import httpx
 import openai
 import pytest
 
-from conftest import raw_events
+from conftest import raw_events, read_deltas, wait_for
 
 DONE_TYPES = ["response.output_text.done", "response.content_part.done",
               "response.output_item.done"]
-
-
-def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy (server state has no push API)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # poll interval of a wait with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def read_until_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
-    events = []
-    rid = ""
-    for event in stream:
-        events.append(event)
-        if event.type == "response.created":
-            rid = event.response.id
-        if sum(e.type == "response.output_text.delta" for e in events) == n:
-            break
-    return rid, events
 
 
 def test_motivating_scenario_background_stream_cancel(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §3.2, §3.3, §3.4, §3.5, §3.9 — openai-python#2643
     stream = client.responses.create(model="scripted", input="tell me a story",
                                      background=True, stream=True)
-    rid, events = read_until_deltas(stream, 5)
+    rid, events = read_deltas(stream, 5)
     reply = client.responses.cancel(rid)
     replied_at = time.time()
     assert reply.status == "cancelled"
@@ -107,7 +84,7 @@ def test_every_reader_gets_the_terminal_event(server, client) -> None:  # type: 
     # contract §2.4, §3.4: the POST stream and two resumes all end the same way
     stream = client.responses.create(model="scripted", input="x", background=True,
                                      stream=True)
-    rid, first = read_until_deltas(stream, 2)
+    rid, first = read_deltas(stream, 2)
     readers = [client.responses.retrieve(rid, stream=True, starting_after=s) for s in (0, 3)]
     client.responses.cancel(rid)
     logs = [first + list(stream)] + [list(r) for r in readers]
@@ -126,7 +103,7 @@ def test_closing_a_background_reader_does_not_stop_the_run(make_server) -> None:
     client = server.client()
     stream = client.responses.create(model="scripted", input="x", background=True,
                                      stream=True)
-    rid, _ = read_until_deltas(stream, 2)
+    rid, _ = read_deltas(stream, 2)
     stream.close()
     final = list(client.responses.retrieve(rid, stream=True))[-1]
     assert final.type == "response.completed"
@@ -137,7 +114,7 @@ def test_closing_a_background_reader_does_not_stop_the_run(make_server) -> None:
 def test_disconnected_foreground_stream_is_cancelled(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §4.7: a non-background stream whose client goes away is cancelled
     stream = client.responses.create(model="scripted", input="x", stream=True)
-    rid, events = read_until_deltas(stream, 3)
+    rid, events = read_deltas(stream, 3)
     stream.close()
     final = wait_for(lambda: (r := client.responses.retrieve(rid)).status != "in_progress"
                      and r, what="the cancel after disconnect")
@@ -151,7 +128,7 @@ def test_disconnected_foreground_stream_is_cancelled(server, client) -> None:  #
 def test_cancel_foreground_by_id_from_another_client(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §3.8: beyond OpenAI, a stored in-flight foreground response is cancellable
     stream = client.responses.create(model="scripted", input="x", stream=True)
-    rid, _ = read_until_deltas(stream, 2)
+    rid, _ = read_deltas(stream, 2)
     with server.client() as other:
         reply = other.responses.cancel(rid)
     assert reply.status == "cancelled"
@@ -208,7 +185,7 @@ def test_restart_keeps_responses_and_ends_lost_runs(make_server, how: str) -> No
     done_log = list(client.responses.retrieve(done.id, stream=True))
     stream = client.responses.create(model="scripted", input="x", background=True,
                                      stream=True)
-    rid, _ = read_until_deltas(stream, 3)
+    rid, _ = read_deltas(stream, 3)
     server.stop(signal.SIGTERM if how == "graceful" else signal.SIGKILL)
     server.start()
     client = server.client()

@@ -8,22 +8,13 @@ from typing import Any
 
 from tether.engines.scripted import scripted_text
 
-from conftest import Server, raw_events
+from conftest import Server, raw_events, wait_for
 
 
 def start(client: Any, prompt: str, **kwargs: Any) -> str:
     response = client.responses.create(model=kwargs.pop("model", "scripted"), input=prompt,
                                        background=True, **kwargs)
     return str(response.id)
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.01)  # poll interval of a wait with a deadline
-    raise AssertionError("timed out")
 
 
 def check_cancelled(server: Server, client: Any, rid: str, reply: Any, tokens: int) -> None:
@@ -48,7 +39,7 @@ def test_cancel_while_queued(make_server) -> None:  # type: ignore[no-untyped-de
     server = make_server(engine="local")
     client = server.client()
     busy = start(client, "Write a long story.", model="smollm2-135m", max_output_tokens=200)
-    wait_until(lambda: client.responses.retrieve(busy).status == "in_progress")
+    wait_for(lambda: client.responses.retrieve(busy).status == "in_progress")
     queued = start(client, "hello", model="smollm2-135m")
     assert client.responses.retrieve(queued).status == "queued"
     reply = client.responses.cancel(queued)
@@ -62,7 +53,7 @@ def test_cancel_while_queued(make_server) -> None:  # type: ignore[no-untyped-de
 
 def test_cancel_while_reading_the_prompt(server, client) -> None:  # type: ignore[no-untyped-def]
     rid = start(client, "PREFILL=5 hello")
-    wait_until(lambda: client.responses.retrieve(rid).status == "in_progress")
+    wait_for(lambda: client.responses.retrieve(rid).status == "in_progress")
     reply = client.responses.cancel(rid)
     check_cancelled(server, client, rid, reply, 0)
     trace = server.trace(rid)
@@ -74,7 +65,7 @@ def test_cancel_before_the_first_token(make_server) -> None:  # type: ignore[no-
     server = make_server("--scripted-rate", "0.2")  # five seconds to the first token
     client = server.client()
     rid = start(client, "hello there")
-    wait_until(lambda: server.trace(rid)["prompt_read_at"])
+    wait_for(lambda: server.trace(rid)["prompt_read_at"])
     reply = client.responses.cancel(rid)
     check_cancelled(server, client, rid, reply, 0)
     assert reply.usage.input_tokens == 2  # read, and counted
@@ -82,7 +73,7 @@ def test_cancel_before_the_first_token(make_server) -> None:  # type: ignore[no-
 
 def test_cancel_mid_stream(server, client) -> None:  # type: ignore[no-untyped-def]
     rid = start(client, "hello", stream=False)
-    wait_until(lambda: server.trace(rid)["produced"] >= 10)
+    wait_for(lambda: server.trace(rid)["produced"] >= 10)
     reply = client.responses.cancel(rid)
     replied = time.time()
     trace = server.trace(rid)
@@ -94,7 +85,7 @@ def test_cancel_between_the_last_token_and_completion(make_server) -> None:  # t
     server = make_server("--scripted-length", "5")
     client = server.client()
     rid = start(client, "LINGER=5 hello")
-    wait_until(lambda: server.trace(rid)["produced"] == 5)
+    wait_for(lambda: server.trace(rid)["produced"] == 5)
     reply = client.responses.cancel(rid)
     check_cancelled(server, client, rid, reply, 5)  # every token it produced is counted
     assert server.trace(rid)["finished"] is False
@@ -103,7 +94,7 @@ def test_cancel_between_the_last_token_and_completion(make_server) -> None:  # t
 def test_cancel_from_many_clients_at_once(server, client) -> None:  # type: ignore[no-untyped-def]
     # §3.5: concurrent cancels all get the same object
     rid = start(client, "hello")
-    wait_until(lambda: server.trace(rid)["produced"] >= 3)
+    wait_for(lambda: server.trace(rid)["produced"] >= 3)
     replies: list[Any] = []
 
     def cancel() -> None:

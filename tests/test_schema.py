@@ -31,7 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from conftest import Server
+from conftest import Server, wait_for
 
 MODEL = "scripted"
 FAST_LENGTH = 50
@@ -217,17 +217,6 @@ class SSEReader:
 
 def read_sse(response: httpx.Response) -> list[dict[str, Any]]:
     return SSEReader(response).rest()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "it") -> Any:
-    """Poll `predicate` until truthy: the server has no push API for state."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # poll interval of a wait with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def deltas(events: list[dict[str, Any]]) -> int:
