@@ -14,20 +14,41 @@ from starlette.routing import Match
 
 from tether import routes
 from tether.config import Settings
+from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
 from tether.errors import APIError, server_error
-from tether.lifecycle import Lifecycle
+from tether.lifecycle import Lifecycle, new_token
 from tether.store import make_store
+from tether.store.base import StoreUnavailable
 
 log = logging.getLogger("tether")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings()
+def make_lifecycle(settings: Settings, worker_only: bool = False) -> Lifecycle:
+    """The lifecycle of one process: its store, engine and dispatch from `settings`.
+    Raises ValueError for settings that cannot work (a worker without a shared store)."""
+    scaled = settings.db.startswith(("postgresql://", "postgres://"))
+    if scaled != (settings.redis is not None):
+        raise ValueError("scaling out needs both --db postgresql://... and --redis redis://...")
+    if not scaled and (worker_only or settings.workers == 0):
+        raise ValueError("separate API and worker processes need a shared store: "
+                         "--db postgresql://... --redis redis://...")
     engine = make_engine(settings.engine_kind(), scripted_rate=settings.scripted_rate,
                          scripted_length=settings.scripted_length,
                          upstreams=settings.all_upstreams())
-    lifecycle = Lifecycle(make_store(settings.db), engine, settings)
+    owner = new_token()
+    dispatch: Dispatch = LocalDispatch()
+    if settings.redis is not None:
+        dispatch = RedisDispatch(settings.redis, settings.redis_prefix, consumer=owner)
+    store = make_store(settings.db, settings.redis, settings.redis_prefix)
+    return Lifecycle(store, engine, settings, dispatch, settings.workers, owner=owner)
+
+
+def create_app(settings: Settings | None = None, worker_only: bool = False) -> Starlette:
+    """The ASGI app. `worker_only`: a `tether worker`, which serves only /health (and
+    the debug routes) next to its runs."""
+    settings = settings or Settings()
+    lifecycle = make_lifecycle(settings, worker_only)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -37,10 +58,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await lifecycle.stop()
 
+    served = routes.worker_routes if worker_only else routes.routes
     app = Starlette(
-        routes=routes.routes + (routes.debug_routes if settings.debug_routes else []),
+        routes=served + (routes.debug_routes if settings.debug_routes else []),
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                            Exception: _unexpected},
+                            StoreUnavailable: _unavailable, Exception: _unexpected},
         lifespan=lifespan,
     )
     app.state.lifecycle = lifecycle
@@ -77,6 +99,13 @@ def _allowed_methods(request: Request) -> list[str]:
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return sorted(methods)
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return _render(APIError(503, "The service is temporarily unavailable; retry shortly.",
+                            code="service_unavailable", type="server_error",
+                            headers={"retry-after": "1", "x-should-retry": "true"}))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

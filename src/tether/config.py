@@ -65,7 +65,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    db: str = "tether.db"
+    db: str = "tether.db"  # a SQLite file, or postgresql://... (scaled out, with `redis`)
+    # Scale-out: Redis for the run queue, live event streams and cancel signals.
+    redis: str | None = None
+    redis_prefix: str = "tether"  # key prefix, so deployments can share one Redis
+    # Runs this process executes at once: None = what the engine allows; 0 = API only.
+    workers: int | None = Field(default=None, ge=0)
     # None: `local`, or `none` when upstreams are configured.
     engine: Literal["local", "scripted", "none"] | None = None
     scripted_rate: float = 100.0  # tokens per second; 0 = as fast as possible

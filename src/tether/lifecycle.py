@@ -33,6 +33,7 @@ import orjson
 
 from tether import wire
 from tether.config import Settings
+from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import (
     Abort,
     Delta,
@@ -48,7 +49,7 @@ from tether.engines.base import (
     ToolCallSpec,
 )
 from tether.errors import APIError, bad_request, not_found
-from tether.store.base import IdempotencyConflict, LogEntry, Record, Store
+from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
 
 log = logging.getLogger("tether.lifecycle")
 Ending = Literal["completed", "incomplete", "failed", "cancelled"]
@@ -74,36 +75,49 @@ def new_token() -> str:
 
 
 class Lifecycle:
-    def __init__(self, store: Store, engine: Engine, settings: Settings) -> None:
+    """Responses in one process. `workers` is how many runs this process executes at
+    once (0: an API replica that only creates, reads and cancels; runs happen in
+    `tether worker` processes reached through `dispatch`)."""
+
+    def __init__(self, store: Store, engine: Engine, settings: Settings,
+                 dispatch: Dispatch | None = None, workers: int | None = None,
+                 owner: str | None = None) -> None:
         self.store = store
         self.engine = engine
         self.settings = settings
-        self.owner = new_token()
+        self.dispatch = dispatch or LocalDispatch()
+        self.owner = owner or new_token()  # this process, in leases
         self.runs: dict[str, Run] = {}
         self.models = {m.id for m in engine.models()}
         # Models whose engine applies function tools and `text.format` (upstreams).
         self.tool_models = {m.id for m in engine.models() if m.extra.get("tools")}
-        self._slots = asyncio.Semaphore(engine.concurrency)
+        self.workers = engine.concurrency if workers is None else workers
+        self._slots = asyncio.Semaphore(max(self.workers, 1))
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._keeper: asyncio.Task[None] | None = None
+        self._daemons: list[asyncio.Task[None]] = []
 
     # --- process life ------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
-        await self.engine.start()
-        self._keeper = asyncio.create_task(self._keep())
+        await self.dispatch.open(self._on_cancel)
+        if self.workers:
+            await self.engine.start()
+            self._daemons.append(asyncio.create_task(self._work()))
+        self._daemons.append(asyncio.create_task(self._keep()))
 
     async def stop(self) -> None:
         """Graceful shutdown: in-progress runs end `failed`; queued ones wait for a restart."""
-        if self._keeper is not None:
-            self._keeper.cancel()
+        for task in self._daemons:
+            task.cancel()
         for run in list(self.runs.values()):
             run.stop("shutdown")
         pending = [r.done.wait() for r in self.runs.values()]
         if pending:
             await asyncio.wait_for(asyncio.gather(*pending), self.settings.cancel_timeout + 1)
-        await self.engine.close()
+        await self.dispatch.close()
+        if self.workers:
+            await self.engine.close()
         await self.store.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -155,7 +169,7 @@ class Lifecycle:
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
         record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
-                        input_items=items, run_token=None, owner=self.owner,
+                        input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
                         input_tokens=0, finished_at=None)
         idem = None
@@ -170,30 +184,65 @@ class Lifecycle:
                            param="Idempotency-Key", code="idempotency_key_reused",
                            headers={"x-should-retry": "false"}) from None
         if created:
-            self._start_run(record)
+            try:
+                await self.dispatch.submit(record.id, tenant)
+            except StoreUnavailable:
+                # Nobody will run it: end it now rather than leave it waiting for a lease.
+                with contextlib.suppress(Exception):
+                    await self._end(record.id, tenant, "failed",
+                                    "The response could not be queued.")
+                raise
         return record
 
-    def _start_run(self, record: Record) -> None:
-        run = self.runs[record.id] = Run()
-        self.spawn(self._run(record, run))
+    def _queue_owner(self) -> str | None:
+        """Who keeps the lease of a response nobody runs yet: this process when it is
+        the only one; nobody when scaled out, so that an unclaimed response's lease runs
+        out and any process submits it again (a queue entry lost with Redis comes back)."""
+        return None if self.dispatch.remote else self.owner
 
     # --- the run (the one writer of a response's log) ------------------------------------
+
+    async def _work(self) -> None:
+        """Take responses from the dispatch, one per free run slot."""
+        while True:
+            await self._slots.acquire()
+            try:
+                rid, tenant = await self.dispatch.take()
+                record = await self.store.get(rid, tenant)
+            except asyncio.CancelledError:
+                self._slots.release()
+                raise
+            except Exception:
+                self._slots.release()
+                log.exception("taking a run failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if record is None or record.status not in wire.LIVE_STATES or rid in self.runs:
+                self._slots.release()
+                continue
+            run = self.runs[rid] = Run()
+            self.spawn(self._run(record, run))
+
+    def _on_cancel(self, rid: str) -> None:
+        """A cancel signal (from this process or another replica)."""
+        run = self.runs.get(rid)
+        if run is not None:
+            run.stop("cancel")
 
     async def _run(self, record: Record, run: Run) -> None:
         rid = record.id
         try:
-            async with self._slots:
-                if run.abort.is_set():
-                    return  # cancelled while queued: the canceller ends it
-                token = new_token()
-                snap = {**record.snapshot, "status": "in_progress"}
-                claimed = await self.store.claim(
-                    rid, token, self.owner, time.time() + self.settings.lease_timeout,
-                    snap, [wire.lifecycle_event("in_progress", snap)])
-                if not claimed:
-                    return
-                run.claimed = True
-                await self._generate(record, snap, run, token)
+            if run.abort.is_set():
+                return  # cancelled before it started: the canceller ends it
+            token = new_token()
+            snap = {**record.snapshot, "status": "in_progress"}
+            claimed = await self.store.claim(
+                rid, token, self.owner, time.time() + self.settings.lease_timeout,
+                snap, [wire.lifecycle_event("in_progress", snap)])
+            if not claimed:
+                return
+            run.claimed = True
+            await self._generate(record, snap, run, token)
         except Exception:
             log.exception("run %s crashed", rid)
             with contextlib.suppress(Exception):
@@ -201,6 +250,7 @@ class Lifecycle:
         finally:
             run.done.set()
             self.runs.pop(rid, None)
+            self._slots.release()
 
     async def _generate(self, record: Record, snap: dict[str, Any], run: Run,
                         token: str) -> None:
@@ -303,7 +353,7 @@ class Lifecycle:
             if not await self.store.fence(rid, guard):
                 return
             rec = await self.store.get(rid, tenant) or rec
-        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1)]
+        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1, rec.last_seq)]
         done, still_open = wire.replay(events)
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
@@ -315,14 +365,12 @@ class Lifecycle:
         rec = await self.store.get(rid, tenant)
         if rec is None:
             raise not_found(rid)
-        if rec.status in wire.LIVE_STATES:
-            run = self.runs.get(rid)
-            if run is not None:
-                run.stop("cancel")
-                if run.claimed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(run.done.wait()),
-                                               self.settings.cancel_timeout)
+        deadline = time.monotonic() + self.settings.cancel_timeout
+        while rec.status in wire.LIVE_STATES:
+            # Ask the run to stop and give it until the deadline to end the response
+            # itself (exact usage); then end it from the log, fencing the run out. A run
+            # that claims the response meanwhile makes `_end` miss: go round again.
+            await self._stop_run(rec, deadline)
             await self._end(rid, tenant, "cancelled", None)
             rec = await self.store.get(rid, tenant)
             if rec is None:
@@ -333,6 +381,28 @@ class Lifecycle:
         raise APIError(400, f"Cannot cancel {article} {rec.status} response.",
                        param="response_id", code="response_not_cancellable",
                        headers={"x-should-retry": "false"})
+
+    async def _stop_run(self, rec: Record, deadline: float) -> None:
+        """Signal the run of a live response to stop; wait until it ended the response
+        or `deadline` passed."""
+        rid = rec.id
+        run = self.runs.get(rid)
+        if run is not None:
+            run.stop("cancel")
+            if run.claimed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(run.done.wait()),
+                                           max(deadline - time.monotonic(), 0))
+            return
+        if not self.dispatch.remote or rec.run_token is None:
+            return  # nobody runs it: a claim after this is refused by `_end`'s finish
+        await self.dispatch.cancel(rid)
+        while time.monotonic() < deadline:
+            await self.store.wait(rid, rec.last_seq, deadline - time.monotonic())
+            fresh = await self.store.get(rid, rec.tenant)
+            if fresh is None or fresh.status not in wire.LIVE_STATES:
+                return
+            rec = fresh
 
     # --- reading -----------------------------------------------------------------------
 
@@ -347,7 +417,7 @@ class Lifecycle:
         rec = await self.get(rid, tenant)
         if rec.status not in wire.LIVE_STATES:
             return rec.snapshot
-        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1)]
+        events = [orjson.loads(e.data) for e in await self.store.read(rid, -1, rec.last_seq)]
         done, still_open = wire.replay(events)
         output = done + [m.live() for m in still_open]
         return {**rec.snapshot, "output": output}
@@ -372,12 +442,17 @@ class Lifecycle:
                 entries = await read(rid, after)
                 continue
             if check:
+                # The log is idle: the record says whether it is complete (a cache-served
+                # read may lag; `upto` makes the store fetch what the record says exists).
                 rec = await self.store.get(rid, tenant)
-                if rec is None or rec.status not in wire.LIVE_STATES:
-                    entries = await read(rid, after)
-                    if not entries:
-                        return
+                if rec is None:
+                    return
+                if rec.last_seq > after:
+                    entries = await read(rid, after, rec.last_seq)
+                    check = False
                     continue
+                if rec.status not in wire.LIVE_STATES:
+                    return
             await wait(rid, after, self.settings.keepalive)
             entries = await read(rid, after)
             check = not entries
@@ -417,8 +492,8 @@ class Lifecycle:
         started, else end it `failed` so every stream gets its terminal event."""
         if rec.run_token is None and rec.status == "queued":
             lease_until = time.time() + self.settings.lease_timeout
-            if await self.store.adopt(rec.id, rec.owner, self.owner, lease_until):
-                self._start_run(rec)
+            if await self.store.adopt(rec.id, rec.owner, self._queue_owner(), lease_until):
+                await self.dispatch.submit(rec.id, rec.tenant)
             return
         await self._end(rec.id, rec.tenant, "failed",
                         "The server running this response stopped before it finished.")

@@ -235,6 +235,7 @@ routes = [
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
 ]
+worker_routes = [Route("/health", health, methods=["GET"])]
 debug_routes = [
     Route("/debug/engine/{response_id}", engine_trace, methods=["GET"]),
     Route("/debug/process", process_stats, methods=["GET"]),

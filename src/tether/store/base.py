@@ -48,6 +48,11 @@ class IdempotencyConflict(Exception):
     """The key was used before with a different body (409)."""
 
 
+class StoreUnavailable(Exception):
+    """The store's database or cache cannot be reached now (503; the request can be
+    retried). Raised instead of hanging: every call gives up within a few seconds."""
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -107,8 +112,10 @@ class Store(Protocol):
         ends the response whoever runs it (fencing the run out)."""
         ...
 
-    async def read(self, response_id: str, after: int) -> list[LogEntry]:
-        """Committed events with `seq > after`, in order."""
+    async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
+        """Committed events with `seq > after`, in order. A store that serves live logs
+        from a cache may return fewer while the cache lags; with `upto` (a `last_seq`
+        read from the record) it returns at least the events up to `upto`."""
         ...
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
@@ -122,16 +129,18 @@ class Store(Protocol):
     async def delete(self, response_id: str, tenant: str) -> bool: ...
 
     async def renew(self, owner: str, lease_until: float) -> None:
-        """Extend the leases of every live run `owner` holds."""
+        """Extend the leases of every live response `owner` holds."""
         ...
 
     async def expired(self, now: float) -> list[Record]:
         """Live responses whose lease ran out."""
         ...
 
-    async def adopt(self, response_id: str, old_owner: str | None, owner: str,
+    async def adopt(self, response_id: str, old_owner: str | None, owner: str | None,
                     lease_until: float) -> bool:
-        """Take over an expired, never-started response (to run it again)."""
+        """Take over an expired, never-started response (to run it again): set its
+        owner and lease if it is still `queued`, unclaimed, owned by `old_owner` and
+        expired. `owner=None`: nobody renews it (scaled out, where any worker may run it)."""
         ...
 
     async def purge(self, before: float) -> int:

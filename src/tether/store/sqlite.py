@@ -308,7 +308,7 @@ class SQLiteStore:
         ).fetchone()
         return None if row is None else _record(row)
 
-    async def read(self, response_id: str, after: int) -> list[LogEntry]:
+    async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
         tail = self._tails.get(response_id)
         if tail is not None and after + 1 >= tail.first_seq:
             return tail.entries[after + 1 - tail.first_seq :]
@@ -379,7 +379,7 @@ class SQLiteStore:
         return [_record(row) for row in rows]
 
     async def adopt(
-        self, response_id: str, old_owner: str | None, owner: str, lease_until: float
+        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float
     ) -> bool:
         cur = self.db.execute(
             "UPDATE responses SET owner = ?, lease_until = ?, run_token = NULL "
