@@ -25,49 +25,22 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 import orjson
 
 from tether import wire
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
-from tether.engines.base import (
-    Abort,
-    Delta,
-    Engine,
-    EngineError,
-    Finished,
-    Generation,
-    Message,
-    PromptRead,
-    Report,
-    ToolCall,
-    ToolCallDelta,
-    ToolCallSpec,
-)
+from tether.engines.base import Engine
 from tether.errors import APIError, bad_request, not_found
+from tether.run import Outcome, Run, drive
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
 
 log = logging.getLogger("tether.lifecycle")
 Ending = Literal["completed", "incomplete", "failed", "cancelled"]
-
-
-@dataclass(slots=True)
-class Run:
-    """A run in this process: its abort signal and why it was asked to stop."""
-
-    abort: Abort = field(default_factory=Abort)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    claimed: bool = False
-    stop_reason: Literal["cancel", "shutdown"] = "cancel"
-
-    def stop(self, reason: Literal["cancel", "shutdown"]) -> None:
-        if not self.abort.is_set():
-            self.stop_reason = reason
-            self.abort.set()
+T = TypeVar("T")
 
 
 def new_token() -> str:
@@ -223,6 +196,18 @@ class Lifecycle:
             run = self.runs[rid] = Run()
             self.spawn(self._run(record, run))
 
+    async def _patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`call(*args)`, riding out a short outage of the store: retried until the
+        lease would have run out, after which another process takes over anyway."""
+        deadline = time.monotonic() + self.settings.lease_timeout
+        while True:
+            try:
+                return await call(*args)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
+
     def _on_cancel(self, rid: str) -> None:
         """A cancel signal (from this process or another replica)."""
         run = self.runs.get(rid)
@@ -236,109 +221,43 @@ class Lifecycle:
                 return  # cancelled before it started: the canceller ends it
             token = new_token()
             snap = {**record.snapshot, "status": "in_progress"}
-            claimed = await self.store.claim(
-                rid, token, self.owner, time.time() + self.settings.lease_timeout,
-                snap, [wire.lifecycle_event("in_progress", snap)])
+            claimed = await self._patiently(
+                self.store.claim, rid, token, self.owner,
+                time.time() + self.settings.lease_timeout, snap,
+                [wire.lifecycle_event("in_progress", snap)])
             if not claimed:
                 return
             run.claimed = True
-            await self._generate(record, snap, run, token)
+            outcome = await drive(self.store, self.engine, record, snap, run, token)
+            if outcome is not None:
+                await self._conclude(rid, token, snap, run, outcome)
         except Exception:
             log.exception("run %s crashed", rid)
             with contextlib.suppress(Exception):
-                await self._end(rid, record.tenant, "failed", "The run crashed.")
+                await self._patiently(self._end, rid, record.tenant, "failed",
+                                      "The run crashed.")
         finally:
             run.done.set()
             self.runs.pop(rid, None)
             self._slots.release()
 
-    async def _generate(self, record: Record, snap: dict[str, Any], run: Run,
-                        token: str) -> None:
-        spec = record.run
-        messages = [Message(m["role"], m["text"],
-                            [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                            m.get("call_id")) for m in spec["messages"]]
-        if spec["instructions"]:
-            messages.insert(0, Message("system", spec["instructions"]))
-        request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
-                             spec["temperature"], spec["top_p"],
-                             spec.get("tools") or [], spec.get("tool_choice"),
-                             spec.get("text_format"), bool(snap.get("background")))
-        item = wire.MessageItem()
-        opened = False
-        calls: dict[int, wire.FunctionCallItem] = {}  # function calls, by engine index
-        input_tokens = output_tokens = 0
-        reason: str | None = None
-        error: str | None = None
-        error_code = "server_error"
-        notes: dict[str, Any] = {}  # how an upstream engine counted usage (Report)
-        append = self.store.append
-        try:
-            steps = self.engine.generate(request, run.abort)
-            async with contextlib.aclosing(steps):  # type: ignore[type-var]
-                async for step in steps:
-                    if type(step) is Delta:
-                        events = [item.delta(step.text)]
-                        if not opened:
-                            item.output_index = len(calls)
-                            events = item.opened() + events
-                            opened = True
-                        if not await append(record.id, token, events, step.tokens):
-                            run.abort.set()
-                            return  # fenced out: someone else ended this response
-                        output_tokens += step.tokens
-                    elif type(step) is PromptRead:
-                        input_tokens = step.input_tokens
-                        await append(record.id, token, [], input_tokens=input_tokens)
-                    elif type(step) is Finished:
-                        reason = step.reason
-                    elif type(step) is ToolCall or type(step) is ToolCallDelta:
-                        # Items are numbered in the order they open (message or call).
-                        events = []
-                        call = calls.get(step.index)
-                        if call is None:
-                            name = step.name if type(step) is ToolCall else ""
-                            cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
-                            call = calls[step.index] = wire.FunctionCallItem(
-                                int(opened) + len(calls), cid, name)
-                            events = call.opened()
-                        tokens = 0
-                        if type(step) is ToolCallDelta:
-                            events.append(call.delta(step.arguments))
-                            tokens = step.tokens
-                        if not await append(record.id, token, events, tokens):
-                            run.abort.set()
-                            return
-                        output_tokens += tokens
-                    elif type(step) is Report:
-                        # Late exact counts (an upstream's usage report) replace the
-                        # running ones; the log's token sum is corrected to match.
-                        fix = 0
-                        if step.output_tokens is not None:
-                            fix, output_tokens = step.output_tokens - output_tokens, \
-                                step.output_tokens
-                        if step.input_tokens is not None:
-                            input_tokens = step.input_tokens
-                        await append(record.id, token, [], fix, input_tokens=input_tokens)
-                        notes.update(step.notes)
-        except EngineError as exc:
-            error = str(exc)
-            error_code = exc.code
+    async def _conclude(self, rid: str, token: str, snap: dict[str, Any], run: Run,
+                        outcome: Outcome) -> None:
+        """The terminal transition a run proposes; the store's CAS says if it wins."""
+        error = outcome.error
         if error is not None:
             ending: Ending = "failed"
-        elif reason == "stop":
+        elif outcome.reason == "stop":
             ending = "completed"
-        elif reason == "length":
+        elif outcome.reason == "length":
             ending = "incomplete"
         elif run.abort.is_set() and run.stop_reason == "cancel":
             ending = "cancelled"
         else:
             ending, error = "failed", "The server stopped while generating this response."
-        items: list[wire.OpenItem] = [item] if opened else []
-        items = sorted([*items, *calls.values()], key=lambda i: i.output_index)
-        await self.store.finish(record.id, token, ending,
-                                *_closing(snap, ending, items, [], input_tokens,
-                                          output_tokens, error, error_code, notes))
+        closing = _closing(snap, ending, outcome.items, [], outcome.input_tokens,
+                           outcome.output_tokens, error, outcome.error_code, outcome.notes)
+        await self._patiently(self.store.finish, rid, token, ending, *closing)
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
