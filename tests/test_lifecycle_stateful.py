@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,11 +82,17 @@ class Lifecycle(RuleBasedStateMachine):
     server: ClassVar[Server]
     steps: ClassVar[int] = 0
     created: ClassVar[int] = 0
+    rules: ClassVar[Counter[str]] = Counter()  # steps per rule (restarts: kill / term)
+    # Steps that must pass between two restarts; 0 (CI) = no limit. A restart costs
+    # ~0.8 s (a new process), the other rules ~0.08 s, and hypothesis's swarm testing
+    # makes some examples restart-heavy: bench/stateful.py's long run spaces them out.
+    restart_gap: ClassVar[int] = 0
 
     @initialize()
     def setup(self) -> None:
         self.responses: list[Tracked] = []
         self.generation = 0
+        self.since_restart = 0
 
     @property
     def base(self) -> str:
@@ -116,13 +123,13 @@ class Lifecycle(RuleBasedStateMachine):
             tracked = Tracked(r.json()["id"], self.generation, background)
         self.responses.append(tracked)
         Lifecycle.created += 1
-        self._step()
+        self._step("create")
 
     @precondition(lambda self: self._open_readers())
     @rule(data=st.data(), k=st.integers(1, 8))
     def read_some(self, data: st.DataObject, k: int) -> None:
         pick(data, self._open_readers()).pull(k)
-        self._step()
+        self._step("read_some")
 
     @precondition(lambda self: self.responses)
     @rule(data=st.data(), cursor=st.one_of(st.none(), st.integers(0, LENGTH + 12)))
@@ -134,7 +141,7 @@ class Lifecycle(RuleBasedStateMachine):
         seen = Seen(after=-1 if cursor is None else cursor)
         reader = Reader("GET", f"{self.base}/responses/{tracked.rid}", seen, params=params)
         tracked.readers.append(reader)
-        self._step()
+        self._step("open_reader")
 
     @precondition(lambda self: self.responses)
     @rule(data=st.data(), clients=st.integers(1, 3))
@@ -155,21 +162,22 @@ class Lifecycle(RuleBasedStateMachine):
             t.start()
         for t in threads:
             t.join(20)
-        self._step()
+        self._step("cancel")
 
     @precondition(lambda self: self._open_readers())
     @rule(data=st.data())
     def disconnect(self, data: st.DataObject) -> None:
         pick(data, self._open_readers()).close()
-        self._step()
+        self._step("disconnect")
 
     @precondition(lambda self: self.responses)
     @rule(data=st.data())
     def let_it_finish(self, data: st.DataObject) -> None:
         tracked = pick(data, self.responses)
         raw_events(self.server, tracked.rid)  # follows the log to its terminal event
-        self._step()
+        self._step("let_it_finish")
 
+    @precondition(lambda self: self.since_restart >= Lifecycle.restart_gap)
     @rule(kill=st.booleans())
     def restart(self, kill: bool) -> None:
         for reader in self._open_readers():
@@ -180,7 +188,8 @@ class Lifecycle(RuleBasedStateMachine):
             self.server.stop()
         self.server.start()
         self.generation += 1
-        self._step()
+        self._step("restart (SIGKILL)" if kill else "restart (SIGTERM)")
+        self.since_restart = 0
 
     # --- checks -------------------------------------------------------------------------
 
@@ -210,8 +219,10 @@ class Lifecycle(RuleBasedStateMachine):
         return [r for t in self.responses for r in t.readers
                 if r.seen.connected and not r.seen.done]
 
-    def _step(self) -> None:
+    def _step(self, rule: str) -> None:
         Lifecycle.steps += 1
+        Lifecycle.rules[rule] += 1
+        self.since_restart += 1
 
 
 def run(tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30) -> None:
