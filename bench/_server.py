@@ -5,11 +5,12 @@
         srv.url        # http://127.0.0.1:PORT
         srv.pid        # for py-spy
 
-`tether_server` runs `python -m tether serve --engine scripted --debug-routes` on a free
-port with a database in a fresh temp directory; `Server(cmd)` runs any command that takes
-`{port}` in its arguments and serves `GET /health` (bench/bare_relay.py does). Startup
-waits by polling `/health`; shutdown sends SIGTERM, then SIGKILL after a timeout. The
-server's output goes to a log file whose tail is shown if it fails to start.
+`tether_server` runs `python -m tether serve --engine scripted --debug-routes` (or
+`--engine local`) on a free port with a database in a fresh temp directory; `Server(cmd)`
+runs any command that takes `{port}` in its arguments and serves `GET /health`
+(bench/bare_relay.py does). Startup waits by polling `/health`; shutdown sends SIGTERM,
+then SIGKILL after a timeout. The server's output goes to a log file whose tail is shown
+if it fails to start.
 """
 
 from __future__ import annotations
@@ -124,17 +125,22 @@ class Server:
 
 
 def tether_cmd(*, rate: float, length: int, db: str = "bench.db",
-               extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "tether", "serve", "--engine", "scripted",
+               extra: Sequence[str] = (), engine: str = "scripted") -> list[str]:
+    """`tether serve` with debug routes; `engine="local"` serves the embedded model (the
+    scripted rate and length are then not passed)."""
+    scripted = ["--scripted-rate", str(rate), "--scripted-length", str(length)]
+    return [sys.executable, "-m", "tether", "serve", "--engine", engine,
             "--db", db, "--host", HOST, "--port", "{port}", "--debug-routes",
-            "--scripted-rate", str(rate), "--scripted-length", str(length), *extra]
+            *(scripted if engine == "scripted" else []), *extra]
 
 
 @contextlib.contextmanager
 def tether_server(*, rate: float = 100.0, length: int = 200, extra: Sequence[str] = (),
-                  keep: bool = False) -> Iterator[Server]:
-    """A scripted-engine tether on a free port, with a temp database (removed unless `keep`)."""
-    srv = Server(tether_cmd(rate=rate, length=length, extra=extra), name="tether")
+                  keep: bool = False, engine: str = "scripted") -> Iterator[Server]:
+    """A tether (scripted engine unless `engine`) on a free port, with a temp database
+    (removed unless `keep`)."""
+    srv = Server(tether_cmd(rate=rate, length=length, extra=extra, engine=engine),
+                 name="tether")
     try:
         srv.start()
         yield srv

@@ -36,10 +36,21 @@ server share a clock:
 
 Checks per response: the reply is 200 `cancelled`; every stream ends with
 `response.failed` whose `response.status` is "cancelled" and `response.error` null,
-preceded by `output_item.done` with status "incomplete", then `[DONE]`, with nothing after
-the terminal event; each stream's delta count == reply `usage.output_tokens` == engine
-trace `produced` == the terminal event's and a later retrieve's `output_tokens`.
-A cancel that arrives after the response completed (a very slow client) fails the checks.
+preceded by `output_item.done` with status "incomplete" (if an item was opened), then
+`[DONE]`, with nothing after the terminal event; each stream's delta count == reply
+`usage.output_tokens` == engine trace `produced` == the terminal event's and a later
+retrieve's `output_tokens`. A cancel that arrives after the response ended by itself (a
+very slow client; the embedded model ending its turn) is counted apart: it must get a 400
+and every stream the natural terminal event, and it is left out of the figures.
+
+`--engine local` measures the embedded model instead (SmolLM2 via llama-cpp, model
+`smollm2-135m`, `LocalEngine` traces on the same debug route). It runs one generation at a
+time, so with many responses open most are queued: `--cancel-queued F` cancels a share F
+of the responses (seeded) at a random moment in [0, `--cancel-within`] seconds after their
+id is known, whatever they are doing, and the rest after k deltas as above. Every row is
+split into responses that were running when the cancel was sent (the engine trace's
+`started_at` is earlier) and responses still queued (the engine never started them:
+no trace, 0 tokens).
 On a 2-core machine the client uses about half a core and competes with the server: the
 parameters table prints the load average, and the last line the CPU each side used.
 """
@@ -68,6 +79,9 @@ except ImportError:
     import httpx as sdk_httpx  # type: ignore[no-redef]
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+NOT_STARTED: dict[str, Any] = {"started_at": None, "produced": 0, "token_times": [],
+                               "aborted_at": None}
+MODELS = {"scripted": "scripted", "local": "smollm2-135m"}
 
 
 @dataclass
@@ -79,6 +93,7 @@ class StreamResult:
     terminal_at: float | None = None
     after_terminal: int = 0  # events seen after the terminal one (must be 0)
     deltas_after_reply: int = 0  # deltas received after the cancel reply (informational)
+    opened_item: bool = False  # output_item.added was seen
     closed_incomplete: bool = False  # output_item.done with status incomplete was seen
     done_marker: bool = False  # `data: [DONE]` came after the terminal event
     error: str | None = None
@@ -95,6 +110,7 @@ class Result:
     cancel_reply_at: float | None = None
     reply: Any = None
     cancel_error: str | None = None
+    cancel_at_s: float | None = None  # cancel this long after the id is known (not deltas)
     streams: list[StreamResult] = field(default_factory=list)
     trace: dict[str, Any] | None = None
     retrieved_output_tokens: int | None = None
@@ -139,6 +155,8 @@ async def _read(events: AsyncIterator[dict[str, Any] | None], res: Result, out: 
                 out.deltas += 1
                 if res.cancel_reply_at is not None and now > res.cancel_reply_at:
                     out.deltas_after_reply += 1
+            elif kind == "response.output_item.added":
+                out.opened_item = True
             elif kind == "response.output_item.done":
                 out.closed_incomplete = event["item"]["status"] == "incomplete"
             elif kind in TERMINAL:
@@ -159,8 +177,14 @@ async def _cancel(client: openai.AsyncOpenAI, res: Result) -> None:
     res.cancel_reply_at = time.time()
 
 
+async def _cancel_later(client: openai.AsyncOpenAI, res: Result, delay: float) -> None:
+    await asyncio.sleep(delay)
+    if res.cancel_sent is None:
+        await _cancel(client, res)
+
+
 async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
-              sdk_events: bool, by_id: dict[str, Result]) -> None:
+              sdk_events: bool, by_id: dict[str, Result], model: str) -> None:
     main = StreamResult("A (POST)")
     extra = StreamResult("B (resume)")
     res.streams = [main, extra]
@@ -185,11 +209,15 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
             res.rid = event["response"]["id"]
             by_id[res.rid] = res
             tasks.append(asyncio.create_task(resume(event["sequence_number"])))
-        if (event["type"] == "response.output_text.delta" and main.deltas == res.cancel_after
-                and res.cancel_sent is None):
+            if res.cancel_at_s is not None:
+                tasks.append(asyncio.create_task(_cancel_later(client, res, res.cancel_at_s)))
+        if (res.cancel_at_s is None and event["type"] == "response.output_text.delta"
+                and main.deltas == res.cancel_after and res.cancel_sent is None):
             tasks.append(asyncio.create_task(_cancel(client, res)))
 
-    body: dict[str, Any] = {"model": "scripted", "input": f"bench cancel {res.index}",
+    prompt = (f"bench cancel {res.index}" if model == "scripted" else
+              f"Write a very long story, number {res.index}, about a lighthouse keeper.")
+    body: dict[str, Any] = {"model": model, "input": prompt,
                             "background": True, "stream": True}
     try:
         if sdk_events:
@@ -200,7 +228,9 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
         await asyncio.gather(*tasks)
         if res.rid is not None:
             trace = await debug.get(f"/debug/engine/{res.rid}")
-            res.trace = trace.json() if trace.status_code == 200 else None
+            # 404: the engine never started it (cancelled while queued)
+            res.trace = trace.json() if trace.status_code == 200 else (
+                NOT_STARTED if trace.status_code == 404 else None)
             retrieved = await client.responses.retrieve(res.rid)
             res.retrieved_output_tokens = retrieved.usage.output_tokens \
                 if retrieved.usage else None
@@ -210,7 +240,26 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
             t.cancel()
 
 
+def ended_first(res: Result) -> bool:
+    """The cancel came after the response had ended by itself (it lost the race, §3.7)."""
+    return (res.reply is None and res.cancel_error is not None
+            and "400" in res.cancel_error and all(
+                s.terminal is not None and s.terminal["type"] != "response.failed"
+                for s in res.streams))
+
+
+def running_at_cancel(res: Result) -> bool:
+    """The engine had started the response when the cancel request was sent."""
+    if res.trace is None:
+        return False
+    started = res.trace.get("started_at") or res.trace.get("prompt_read_at")
+    sent = res.cancel_request_at or res.cancel_sent
+    return started is not None and sent is not None and started <= sent
+
+
 def checks(res: Result) -> dict[str, bool]:
+    if ended_first(res):
+        return lost_race_checks(res)
     reply_tokens = res.reply.usage.output_tokens if res.reply and res.reply.usage else None
     produced = res.trace["produced"] if res.trace else None
     streams = res.streams
@@ -223,7 +272,8 @@ def checks(res: Result) -> dict[str, bool]:
         "cancel reply 200, status cancelled": res.cancel_error is None
             and res.reply is not None and res.reply.status == "cancelled",
         "every stream: response.failed / cancelled / error null": term_ok,
-        "every stream: open item closed incomplete": all(s.closed_incomplete for s in streams),
+        "every stream: open item closed incomplete": all(
+            s.closed_incomplete or not s.opened_item for s in streams),
         "no event after the terminal one, then [DONE]": all(
             s.after_terminal == 0 and s.done_marker for s in streams),
         "reply output_tokens == trace produced": reply_tokens is not None
@@ -237,6 +287,26 @@ def checks(res: Result) -> dict[str, bool]:
         "later retrieve output_tokens == reply": res.retrieved_output_tokens == reply_tokens,
         "0 tokens after the cancel reply": _after(res, res.cancel_reply_at) == 0,
     }
+
+
+def lost_race_checks(res: Result) -> dict[str, bool]:
+    """A response that ended before its cancel: 400, natural ends, nothing else to measure."""
+    ok = {name: True for name in checks_names()}
+    ok["no client error"] = res.error is None and all(s.error is None for s in res.streams)
+    ok["no event after the terminal one, then [DONE]"] = all(
+        s.after_terminal == 0 and s.done_marker for s in res.streams)
+    return ok
+
+
+def checks_names() -> list[str]:
+    return ["no client error", "cancel reply 200, status cancelled",
+            "every stream: response.failed / cancelled / error null",
+            "every stream: open item closed incomplete",
+            "no event after the terminal one, then [DONE]",
+            "reply output_tokens == trace produced",
+            "every stream's deltas == reply output_tokens",
+            "terminal event usage == reply usage",
+            "later retrieve output_tokens == reply", "0 tokens after the cancel reply"]
 
 
 def _after(res: Result, moment: float | None) -> int | None:
@@ -268,6 +338,10 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
     rng = random.Random(args.seed)
     results = [Result(i, rng.randint(args.min_deltas, args.max_deltas))
                for i in range(args.responses)]
+    for res in results:  # drawn after the delta counts: a run without it keeps its draws
+        if args.cancel_queued and rng.random() < args.cancel_queued:
+            res.cancel_at_s = rng.uniform(0, args.cancel_within)
+    model = MODELS[args.engine]
     pool = 4 * args.concurrency + 10
     limits = sdk_httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
     by_id: dict[str, Result] = {}
@@ -291,12 +365,12 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
 
     async def limited(res: Result) -> None:
         async with slots:
-            await one(client, debug, res, args.sdk_events, by_id)
+            await one(client, debug, res, args.sdk_events, by_id, model)
 
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as debug, client:
         # Warm-up, not measured: the SDK imports modules and builds its pydantic models
         # lazily on first use, blocking the client's loop for up to ~2 s.
-        await one(client, debug, Result(-1, 1), args.sdk_events, by_id)
+        await one(client, debug, Result(-1, 1), args.sdk_events, by_id, model)
         # With the SDK's thousands of model classes loaded, a full GC pauses the client
         # 100-300 ms; keep such client pauses out of the measured latencies.
         gc.collect()
@@ -312,41 +386,23 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
         client_cpu = _server.cpu_seconds() - cpu0
         server_cpu = _server_cpu(server_pid) - server_cpu0
 
-    ok = [r for r in results if r.reply is not None]
-    reply = [x for r in ok for x in _gap(r.cancel_reply_at, r.cancel_sent)]
-    exchange = [x for r in ok for x in _gap(r.cancel_response_at, r.cancel_request_at)]
-    stopped = [x for r in ok if r.trace
-               for x in _gap(r.trace["aborted_at"], r.cancel_request_at)]
-    term_all = [x for r in results for s in r.streams
-                for x in _gap(s.terminal_at, r.cancel_sent)]
-    term_slowest = [x for r in results
-                    for x in _gap(_latest([s.terminal_at for s in r.streams]), r.cancel_sent)]
-    term_vs_reply = [x for r in results for s in r.streams
-                     for x in _gap(s.terminal_at, r.cancel_reply_at)]
-    after_reply = [n for r in results if (n := _after(r, r.cancel_reply_at)) is not None]
-    after_call = [n for r in results if (n := _after(r, r.cancel_sent)) is not None]
-    late_deltas = [s.deltas_after_reply for r in results for s in r.streams]
-
-    print(_server.table(["latency (ms)", "n", "p50", "p99", "max"], [
-        ["cancel call -> reply (SDK call, as the caller sees it)", *_ms(reply)],
-        ["  of which HTTP request sent -> reply headers read", *_ms(exchange)],
-        ["cancel request sent -> engine saw the abort (trace)", *_ms(stopped)],
-        ["cancel call -> terminal event, every stream", *_ms(term_all)],
-        ["cancel call -> terminal event, slowest stream of the response", *_ms(term_slowest)],
-        ["terminal event - reply received (every stream)", *_ms(term_vs_reply)],
-    ]))
+    measured = [r for r in results if not ended_first(r)]
+    groups = [("", measured)]
+    running = [r for r in measured if running_at_cancel(r)]
+    if len(running) < len(measured):  # some were queued: rows per kind too
+        queued = [r for r in measured if not running_at_cancel(r)]
+        groups += [("running: ", running), ("queued: ", queued)]
+    latency_rows: list[list[object]] = []
+    token_rows: list[list[object]] = []
+    for prefix, group in groups:
+        latency_rows += latency(prefix, group)
+        token_rows += tokens(prefix, group)
+    print(_server.table(["latency (ms)", "n", "p50", "p99", "max"], latency_rows))
     print()
-    print(_server.table(["per response", "max", "total", "responses > 0"], [
-        ["engine tokens after the cancel reply (goal 0)", max(after_reply, default="-"),
-         sum(after_reply), sum(1 for n in after_reply if n)],
-        ["engine tokens between the cancel call and its reply", max(after_call, default="-"),
-         sum(after_call), sum(1 for n in after_call if n)],
-        ["deltas received after the cancel reply (all in log before it)",
-         max(late_deltas, default="-"), sum(late_deltas), sum(1 for n in late_deltas if n)],
-    ]))
+    print(_server.table(["per response", "n", "max", "total", "responses > 0"], token_rows))
     print()
     verdicts = [checks(r) for r in results]
-    names = list(verdicts[0]) if verdicts else []
+    names = checks_names()
     rows = []
     failed = 0
     for name in names:
@@ -355,7 +411,13 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
         rows.append([name, len(results) - len(bad), len(bad),
                      ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")])
     print(_server.table(["check", "pass", "fail", "failing responses (index)"], rows))
+    lost = [r.index for r in results if ended_first(r)]
+    print(f"\nresponses cancelled: running at the cancel {len(running)}, queued "
+          f"{len(measured) - len(running)}; ended by themselves before the cancel (a 400, "
+          f"left out of the figures) {len(lost)}" + (f": {lost[:8]}" if lost else ""))
     for r in results:
+        if ended_first(r):
+            continue
         problems = [r.error, r.cancel_error, *(s.error for s in r.streams)]
         for p in filter(None, problems):
             print(f"  response {r.index} ({r.rid}): {p}")
@@ -363,6 +425,47 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
     print(f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
           f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core")
     return 1 if failed else 0
+
+
+def latency(prefix: str, group: list[Result]) -> list[list[object]]:
+    ok = [r for r in group if r.reply is not None]
+    reply = [x for r in ok for x in _gap(r.cancel_reply_at, r.cancel_sent)]
+    exchange = [x for r in ok for x in _gap(r.cancel_response_at, r.cancel_request_at)]
+    stopped = [x for r in ok if r.trace and r.trace["aborted_at"]
+               for x in _gap(r.trace["aborted_at"], r.cancel_request_at)]
+    term_all = [x for r in group for s in r.streams
+                for x in _gap(s.terminal_at, r.cancel_sent)]
+    term_slowest = [x for r in group
+                    for x in _gap(_latest([s.terminal_at for s in r.streams]), r.cancel_sent)]
+    term_vs_reply = [x for r in group for s in r.streams
+                     for x in _gap(s.terminal_at, r.cancel_reply_at)]
+    rows = [
+        [f"{prefix}cancel call -> reply (SDK call, as the caller sees it)", *_ms(reply)],
+        [f"{prefix}  of which HTTP request sent -> reply headers read", *_ms(exchange)],
+        [f"{prefix}cancel request sent -> engine saw the abort (trace)", *_ms(stopped)],
+        [f"{prefix}cancel call -> terminal event, every stream", *_ms(term_all)],
+        [f"{prefix}cancel call -> terminal event, slowest stream of the response",
+         *_ms(term_slowest)],
+        [f"{prefix}terminal event - reply received (every stream)", *_ms(term_vs_reply)],
+    ]
+    if prefix == "queued: ":  # the engine never ran them: no abort to see
+        del rows[2]
+    return rows
+
+
+def tokens(prefix: str, group: list[Result]) -> list[list[object]]:
+    after_reply = [n for r in group if (n := _after(r, r.cancel_reply_at)) is not None]
+    after_call = [n for r in group if (n := _after(r, r.cancel_sent)) is not None]
+    late_deltas = [s.deltas_after_reply for r in group for s in r.streams]
+
+    def row(name: str, values: list[int]) -> list[object]:
+        return [f"{prefix}{name}", len(values), max(values, default="-"), sum(values),
+                sum(1 for n in values if n)]
+
+    return [row("engine tokens after the cancel reply (goal 0)", after_reply),
+            row("engine tokens between the cancel call and its reply", after_call),
+            row("deltas received after the cancel reply (all in log before it)",
+                late_deltas)]
 
 
 def main() -> int:
@@ -374,6 +477,13 @@ def main() -> int:
     p.add_argument("--length", type=int, default=200, help="scripted tokens per response")
     p.add_argument("--min-deltas", type=int, default=1, help="cancel after >= this many deltas")
     p.add_argument("--max-deltas", type=int, default=150, help="... and <= this many (150)")
+    p.add_argument("--engine", choices=sorted(MODELS), default="scripted",
+                   help="scripted (default) or local: the embedded model, one at a time")
+    p.add_argument("--cancel-queued", type=float, default=0.0, metavar="F",
+                   help="share of responses cancelled at a random time instead of after "
+                        "k deltas (0; for --engine local, where most responses queue)")
+    p.add_argument("--cancel-within", type=float, default=20.0, metavar="S",
+                   help="... uniform in [0, S] seconds after the id is known (20)")
     p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random)")
     p.add_argument("--sdk-events", action="store_true",
                    help="parse stream events with the SDK's typed models (costs the client "
@@ -383,24 +493,30 @@ def main() -> int:
     args = p.parse_args()
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1_000_000)
-    if args.max_deltas >= args.length:
+    if args.engine == "scripted" and args.max_deltas >= args.length:
         p.error("--max-deltas must be below --length, or responses complete before the cancel")
     print("# tether cancel benchmark")
     print(_server.table(["parameter", "value"], [
         ["responses", args.responses], ["concurrency", args.concurrency],
         ["streams per response", "2 (POST + 1 resume)"],
-        ["scripted rate (tokens/s)", args.rate], ["scripted length", args.length],
+        *([["scripted rate (tokens/s)", args.rate], ["scripted length", args.length]]
+          if args.engine == "scripted" else
+          [["engine", "local: SmolLM2-135M via llama-cpp, one generation at a time"]]),
         ["cancel after deltas", f"uniform [{args.min_deltas}, {args.max_deltas}]"],
+        ["cancelled at a random time instead", f"share {args.cancel_queued:g}, uniform "
+         f"[0, {args.cancel_within:g}] s after the id" if args.cancel_queued else "none"],
         ["seed", args.seed], ["client", f"openai {openai.__version__} AsyncOpenAI"],
         ["stream parsing", "SDK typed events" if args.sdk_events
          else "raw SSE + orjson (via with_streaming_response)"],
-        ["server", args.url or "tether serve --engine scripted (temp db, started here)"],
+        ["server", args.url or f"tether serve --engine {args.engine} (temp db, started "
+                               "here)"],
         ["machine", _server.machine()],
     ]))
     print()
     if args.url:
         return _server.run(bench(args.url.rstrip("/"), args, None))
-    with _server.tether_server(rate=args.rate, length=args.length) as srv:
+    with _server.tether_server(rate=args.rate, length=args.length,
+                               engine=args.engine) as srv:
         return _server.run(bench(srv.url, args, srv.pid))
 
 

@@ -4,6 +4,10 @@ llama.cpp is blocking and not thread-safe per `Llama` object, so every call into
 on one dedicated worker thread. The worker drives generation token by token and pushes
 each step onto an asyncio queue, so every `Delta` is exactly one token and the counts
 the lifecycle reports are exact.
+
+Like the scripted engine, it keeps a small per-response trace (when the run started, when
+each token was sampled, when an abort was seen) for the debug route `/debug/engine/{id}`
+and bench/cancel.py: the last `TRACES_KEPT` responses, one float per token.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import codecs
 import importlib.util
 import random
 import threading
+import time
+from array import array
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +39,32 @@ from tether.engines.base import (
 )
 
 MODEL_ID = "smollm2-135m"
+TRACES_KEPT = 512  # traces of this many recent responses (each <= n_ctx floats)
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the engine did for one response (debug route). `token_times` are unix times
+    at which the worker sampled each output token, also one it sampled but the run never
+    delivered (at most one, after an abort); `produced` counts delivered tokens."""
+
+    started_at: float = field(default_factory=time.time)
+    prompt_read_at: float | None = None
+    produced: int = 0
+    token_times: array[float] = field(default_factory=lambda: array("d"))
+    aborted_at: float | None = None  # the worker stopped on an abort or a closed consumer
+    finished: bool = False  # the model ended the run (end of turn or budget)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "started_at": self.started_at,
+            "prompt_read_at": self.prompt_read_at,
+            "produced": self.produced,
+            "token_times": self.token_times.tolist(),
+            "aborted_at": self.aborted_at,
+            "finished": self.finished,
+        }
+
 
 # What the worker thread sends to the event loop: a step, a failure, or None (= done).
 _Item = Step | EngineError | None
@@ -44,6 +76,7 @@ class _Channel:
 
     loop: asyncio.AbstractEventLoop
     abort: Abort
+    trace: Trace
     queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
     stop: threading.Event = field(default_factory=threading.Event)  # the consumer left
     # Token credits: the worker computes the next token while the consumer handles this
@@ -65,6 +98,7 @@ class _Channel:
             if closing.is_set():
                 raise EngineError("local engine closed during generation")
             if self.abort.is_set() or self.stop.is_set():
+                self.trace.aborted_at = time.time()
                 return False
         return True
 
@@ -107,6 +141,7 @@ class LocalEngine:
         self._formatter: Jinja2ChatFormatter | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
+        self.traces: dict[str, Trace] = {}  # insertion order: the oldest is dropped first
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=MODEL_ID, owned_by="tether")]
@@ -144,7 +179,10 @@ class LocalEngine:
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         if self._executor is None:
             raise EngineError("local engine is not started")
-        chan = _Channel(asyncio.get_running_loop(), abort)
+        trace = self.traces[request.response_id] = Trace()
+        while len(self.traces) > TRACES_KEPT:
+            del self.traces[next(iter(self.traces))]
+        chan = _Channel(asyncio.get_running_loop(), abort, trace)
         worker = chan.loop.run_in_executor(self._executor, self._run, request, chan)
         try:
             while (item := await chan.queue.get()) is not None:
@@ -152,6 +190,8 @@ class LocalEngine:
                     raise item
                 if isinstance(item, Finished) and abort.is_set():
                     break  # aborted runs end without Finished, even if the model just ended
+                if isinstance(item, Delta):
+                    trace.produced += 1  # handed to the consumer at the yield
                 yield item
                 if isinstance(item, Delta):
                     chan.credits.release()
@@ -188,11 +228,13 @@ class LocalEngine:
         room = self._n_ctx - len(prompt)
         if room <= 0:
             raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
+        chan.trace.prompt_read_at = time.time()
         chan.emit(PromptRead(input_tokens=len(prompt)))
 
         limit = request.max_output_tokens
         budget = room if limit is None else min(limit, room)
         if budget <= 0:
+            chan.trace.finished = True
             chan.emit(Finished("length"))
             return
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -204,6 +246,7 @@ class LocalEngine:
         # same prompt would produce the same text.
         llm.set_seed(random.randrange(2**31))
         produced = 0
+        token_times = chan.trace.token_times
         tokens = llm.generate(
             prompt,
             temp=max(request.temperature, 0.0),  # 0 selects llama.cpp's greedy sampler
@@ -216,11 +259,14 @@ class LocalEngine:
             while chan.next_turn(self._closing):
                 token = next(tokens)  # one step: evaluate the previous token, sample one
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    chan.trace.finished = True
                     chan.emit(Finished("stop"))  # end-of-turn is not output text: not counted
                     return
+                token_times.append(time.time())
                 produced += 1
                 chan.emit(Delta(decoder.decode(llm.detokenize([token])), tokens=1))
                 if produced == budget:
+                    chan.trace.finished = True
                     chan.emit(Finished("length"))
                     return
         finally:
