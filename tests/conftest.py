@@ -49,13 +49,16 @@ def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:
 
 @dataclass
 class Server:
-    """One `tether serve` process; `restart()` keeps the database."""
+    """One `tether serve` process (or `tether worker`: `command="worker"`); `restart()`
+    keeps the database. `db` is a SQLite file, or a `postgresql://` URL with `log_dir`."""
 
-    db: Path
+    db: Path | str
     args: list[str]
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    command: str = "serve"
+    log_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -66,8 +69,10 @@ class Server:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 60.0) -> None:
-        self.log = self.db.with_suffix(f".{self.port}.{int(time.time() * 1000)}.log")
-        cmd = [sys.executable, "-m", "tether", "serve", "--port", str(self.port),
+        stamp = f"{self.command}.{self.port}.{int(time.time() * 1000)}.log"
+        self.log = (self.log_dir / stamp if self.log_dir is not None
+                    else Path(self.db).with_suffix(f".{stamp}"))
+        cmd = [sys.executable, "-m", "tether", self.command, "--port", str(self.port),
                "--db", str(self.db), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
