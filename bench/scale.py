@@ -65,6 +65,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,6 +102,10 @@ class Backing:
     def url(self) -> str:
         return f"{self.pg}/{self.name}"
 
+    async def response_ids(self) -> list[str]:
+        """Every response id in the database."""
+        return await _ids(self.url)
+
     def create(self) -> None:
         _admin(self.pg, f'CREATE DATABASE "{self.name}"')
         self.created = True
@@ -135,6 +140,16 @@ def _admin(pg: str, sql: str) -> None:
             await con.close()
 
     asyncio.run(go())
+
+
+async def _ids(url: str) -> list[str]:
+    import asyncpg
+
+    con = await asyncpg.connect(url, timeout=10)
+    try:
+        return [r[0] for r in await con.fetch("SELECT id FROM responses", timeout=30)]
+    finally:
+        await con.close()
 
 
 class Cluster:
@@ -320,6 +335,9 @@ class Reader:
     done_at: float | None = None
     after_end: int = 0  # frames after the terminal event or after [DONE] (must be 0)
     error: str | None = None
+    retried: int = 0  # creates answered 503 and retried (`create`)
+    cuts: int = 0  # streams that broke before [DONE] and were resumed (`create`)
+    cut_errors: list[str] = field(default_factory=list)
     _buf: bytes = b""
 
     def feed(self, chunk: bytes, now: float) -> None:
@@ -366,8 +384,11 @@ class Reader:
     async def read(self, client: httpx.AsyncClient, method: str, url: str,
                    body: dict[str, Any] | None = None,
                    on_event: Callable[[Reader], None] | None = None) -> None:
+        self._buf = b""  # a frame cut by a broken connection is dropped
+        self.error = None
         try:
-            self.sent_at = time.time()
+            if self.sent_at is None:
+                self.sent_at = time.time()
             async with client.stream(method, url, json=body) as response:
                 self.status = response.status_code
                 if response.status_code != 200:
@@ -382,6 +403,30 @@ class Reader:
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
+    async def create(self, client: httpx.AsyncClient, create: str, resume: str,
+                     body: dict[str, Any], attempts: int = 5) -> None:
+        """POST a streaming create, as a careful client would: a 503 before any event
+        is retried after a second (the reply says `retry-after: 1, x-should-retry:
+        true`); a stream that breaks before `[DONE]` is resumed on `resume` with
+        `starting_after` = the last event received. Both are counted."""
+        for _ in range(attempts):
+            await self.read(client, "POST", f"{create}/v1/responses", body)
+            if self.status != 503 or self.rid is not None:
+                break
+            self.retried += 1
+            await asyncio.sleep(1.0)
+        for _ in range(attempts):
+            if self.done or self.rid is None or self.status not in (200, 503):
+                break
+            if self.status == 503:
+                await asyncio.sleep(1.0)
+            else:
+                self.cuts += 1
+                self.cut_errors.append(self.error or "body ended before [DONE]")
+            after = self.events[-1][0] if self.events else -1
+            await self.read(client, "GET", f"{resume}/v1/responses/{self.rid}"
+                            f"?stream=true&starting_after={after}")
+
     def contiguous(self) -> bool:
         return [e[0] for e in self.events] == list(range(len(self.events)))
 
@@ -391,7 +436,10 @@ class Reader:
 
 
 def http_client(connections: int, timeout: float = 120.0) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # Idle connections are dropped after 2 s, before uvicorn closes them (5 s): reusing
+    # one the server is closing would fail a request that never reached the server.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                          keepalive_expiry=2.0)
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=30.0))
 
 
@@ -495,7 +543,7 @@ def part_throughput(args: argparse.Namespace) -> tuple[list[Round], bool]:
                  for r in medians]))
     ratio = medians[1].rate / medians[0].rate
     print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= 1.7x)")
-    groups = list(medians[0].cpu)
+    groups = list(dict.fromkeys(g for r in medians for g in r.cpu))
     print("\nCPU seconds over the median round (and cores: CPU s / wall s; the machine has "
           f"{os.cpu_count()}):")
     print(table(["process", *[f"{r.workers} worker(s)" for r in medians]],
@@ -516,7 +564,11 @@ class ManyResult:
     readers: int
     complete: int = 0
     equal_replay: int = 0
-    http_errors: int = 0
+    http_errors: int = 0  # still not 200 after the retries
+    retried: int = 0  # creates answered 503, retried
+    cuts: int = 0  # streams broken before [DONE], resumed
+    cut_errors: Counter[str] = field(default_factory=Counter)
+    orphans: int = 0  # responses in the database the client never got an id for
     lost: int = 0
     duplicated: int = 0
     not_contiguous: int = 0
@@ -530,7 +582,8 @@ class ManyResult:
 
 
 async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: int,
-                   timeout: float, probe: CpuProbe) -> ManyResult:
+                   timeout: float, probe: CpuProbe, ramp: float = 0.0,
+                   backing: Backing | None = None) -> ManyResult:
     res = ManyResult(name, n)
     body = {"model": "scripted", "input": "bench scale many", "background": True,
             "stream": True}
@@ -538,9 +591,12 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
     async with http_client(n + 50, timeout) as client:
         probe.start()
         t0 = time.time()
-        tasks = [asyncio.ensure_future(r.read(client, "POST",
-                                              f"{apis[i % len(apis)]}/v1/responses", body))
-                 for i, r in enumerate(readers)]
+        async def start(i: int, r: Reader) -> None:
+            if ramp:
+                await asyncio.sleep(ramp * i / n)
+            await r.create(client, apis[i % len(apis)], apis[(i + 1) % len(apis)], body)
+
+        tasks = [asyncio.ensure_future(start(i, r)) for i, r in enumerate(readers)]
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for t in pending:
             t.cancel()
@@ -565,6 +621,12 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
         ran = await traces(client, workers, [r.rid for r in readers if r.rid])
     res.spread = [sum(1 for w, _ in ran.values() if w == k) for k in range(len(workers))]
 
+    res.retried = sum(r.retried for r in readers)
+    res.cuts = sum(r.cuts for r in readers)
+    res.cut_errors = Counter(e.split(":")[0] for r in readers for e in r.cut_errors)
+    if backing is not None:
+        known = {r.rid for r in readers if r.rid}
+        res.orphans = len(set(await backing.response_ids()) - known)
     for i, r in enumerate(readers):
         if r.status is not None and r.status != 200:
             res.http_errors += 1
@@ -604,26 +666,39 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
 
 def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
     print(f"\n## 2. {args.many} concurrent background+stream responses: 2 API replicas "
-          f"(alternate), 2 workers, {args.many_rate:g} tokens/s x {args.many_length} tokens")
+          f"(alternate), 2 workers, {args.many_rate:g} tokens/s x {args.many_length} tokens, "
+          + (f"creates spread over {args.many_ramp:g} s" if args.many_ramp
+             else "all created at once"))
     results = []
     with cluster(args, apis=2, workers=2, rate=args.many_rate,
                  length=args.many_length) as c:
         results.append(_server.run(many_run(
             "cluster: 2 API + 2 workers, PostgreSQL + Redis", [a.url for a in c.apis],
             [w.url for w in c.workers], args.many, args.part_timeout,
-            CpuProbe(c.all, c.backing.name))))
+            CpuProbe(c.all, c.backing.name), args.many_ramp, c.backing)))
     if not args.no_baseline:
         with single(args.many_rate, args.many_length) as s:
             results.append(_server.run(many_run(
                 "single process, SQLite", [s.url], [s.url], args.many, args.part_timeout,
-                CpuProbe([s], None))))
+                CpuProbe([s], None), args.many_ramp)))
     print()
-    print(table(["setup", "readers", "complete + [DONE]", "equal to replay", "events lost",
-                 "duplicated", "not contiguous", "engine tokens not in log", "HTTP errors",
-                 "wall s", "runs per worker"],
-                [[r.name, r.readers, r.complete, r.equal_replay, r.lost, r.duplicated,
-                  r.not_contiguous, r.engine_missing, r.http_errors, r.wall,
-                  "/".join(map(str, r.spread))] for r in results]))
+    names = [r.name.split(",")[0] for r in results]
+    print(table(["", *names], [
+        ["readers (POST streams)", *[r.readers for r in results]],
+        ["complete: terminal event, [DONE], nothing after", *[r.complete for r in results]],
+        ["equal to the replay on the other replica", *[r.equal_replay for r in results]],
+        ["events in the replay missing from the reader", *[r.lost for r in results]],
+        ["events duplicated / readers not contiguous",
+         *[f"{r.duplicated} / {r.not_contiguous}" for r in results]],
+        ["engine tokens missing from the log", *[r.engine_missing for r in results]],
+        ["creates answered 503 (retried after 1 s)", *[r.retried for r in results]],
+        ["streams broken before [DONE] (resumed)",
+         *[f"{r.cuts} {dict(r.cut_errors) if r.cut_errors else ''}" for r in results]],
+        ["readers failed after retries (HTTP error)", *[r.http_errors for r in results]],
+        ["responses in the db the client never got", *[r.orphans for r in results]],
+        ["wall s (first POST -> last [DONE])", *[r.wall for r in results]],
+        ["runs per worker", *["/".join(map(str, r.spread)) for r in results]],
+    ]))
     print("\nLatency, ms (p50 / p99 / max): token -> reader = delta received by the reader - "
           "engine token_times[i], every delta; create -> first event = POST sent -> first "
           "event received")
@@ -637,7 +712,7 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
                  "p99", "max"], rows))
     print("\nCPU seconds during the streams (cores):")
     groups = list(dict.fromkeys(g for r in results for g in r.cpu if g != "wall"))
-    print(table(["process", *[r.name.split(",")[0] for r in results]],
+    print(table(["process", *names],
                 [[g, *[f"{r.cpu[g]:.2f} ({r.cpu[g] / r.cpu['wall']:.2f})" if g in r.cpu
                        else "" for r in results]] for g in groups]))
     ok = True
@@ -645,7 +720,8 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
         for p in r.problems[:10]:
             print(f"  problem ({r.name}): {p}")
         ok &= (r.complete == r.readers == r.equal_replay and r.lost == r.duplicated
-               == r.not_contiguous == r.engine_missing == 0)
+               == r.not_contiguous == r.engine_missing == r.retried == r.cuts
+               == r.orphans == 0)
     return results, ok
 
 
@@ -784,11 +860,14 @@ def main() -> int:
                    help="Redis (a random key prefix is used, its keys deleted)")
     p.add_argument("--apis", type=int, default=2, help="API replicas in part 1 (2)")
     p.add_argument("--tp-streams", type=int, default=20, help="part 1: concurrent streams")
-    p.add_argument("--tp-length", type=int, default=2000, help="part 1: tokens per response")
+    p.add_argument("--tp-length", type=int, default=10000, help="part 1: tokens per response")
     p.add_argument("--tp-repeats", type=int, default=3, help="part 1: rounds (median shown)")
     p.add_argument("--many", type=int, default=1000, help="part 2: concurrent responses")
     p.add_argument("--many-rate", type=float, default=5.0, help="part 2: tokens/s")
     p.add_argument("--many-length", type=int, default=30, help="part 2: tokens per response")
+    p.add_argument("--many-ramp", type=float, default=0.0,
+                   help="part 2: spread the creates evenly over this many seconds (0: all "
+                        "at once)")
     p.add_argument("--no-baseline", action="store_true",
                    help="part 2: skip the single-process SQLite baseline")
     p.add_argument("--cancels", type=int, default=200, help="part 3: cancels")
@@ -848,7 +927,10 @@ def main() -> int:
             summary += [
                 [f"{c.readers} concurrent: readers complete and equal to replay",
                  f"{c.equal_replay}/{c.readers}", "all"],
-                [f"{c.readers} concurrent: events lost", c.lost + c.engine_missing, "0"],
+                [f"{c.readers} concurrent: events lost (reader vs replay, engine vs log)",
+                 f"{c.lost} + {c.engine_missing}", "0"],
+                [f"{c.readers} concurrent: creates answered 503 / streams broken (resumed)",
+                 f"{c.retried} / {c.cuts}", "0 / 0"],
                 ["token -> reader p99 ms (cluster)", f"{ms(c.token_lat)[1]:.1f}", ""],
             ]
             if len(results) == 2:
