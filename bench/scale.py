@@ -1,6 +1,6 @@
 """Scale-out figures (issue 5): tether on PostgreSQL + Redis, API replicas and workers.
 
-Run: `python bench/scale.py` (about 4 minutes on the 2-core machine; `--quick`: about 1).
+Run: `python bench/scale.py` (about 5 minutes on the 2-core machine; `--quick`: about 1).
 Every cluster is real processes on loopback: `tether serve --workers 0` API replicas and
 `tether worker` workers (`--engine scripted --debug-routes`), all on one fresh PostgreSQL
 database (`tether_bench_<random>` on --pg, dropped afterwards) and one fresh Redis key
@@ -12,27 +12,40 @@ scripted engine's trace times (`GET /debug/engine/{id}` on the worker that ran i
 the client's times come from the same wall clock.
 
 1. Throughput, 1 vs 2 workers (`--tp-*`). `--apis` API replicas (2) and 1, then 2,
-   workers at `--scripted-rate 0` (as fast as possible). A round: `--tp-streams`
-   background+stream responses of `--tp-length` tokens created at once, alternating
-   between the replicas; the POST stream of each is its reader. Aggregate events/s =
-   events received by all readers / (first POST sent -> last `[DONE]`). Each reader must
-   get exactly length + 9 events and `[DONE]`. Median of `--tp-repeats` rounds (after an
-   untimed warm-up). The CPU seconds of every process over the median round are printed:
-   the client, each API replica and worker, this database's PostgreSQL backends, the
-   other PostgreSQL processes (WAL writer, checkpointer, other databases), all
-   redis-server processes, and the whole machine (/proc/stat), so it shows what the run
-   was bound by.
+   workers. A round: N background+stream responses created at once, alternating between
+   the replicas; the POST stream of each is its reader. Aggregate events/s = events
+   received by all readers / (first POST sent -> last `[DONE]`); each reader must get
+   exactly length + 9 events and `[DONE]`. Median of `--tp-repeats` rounds (after an
+   untimed warm-up). Two modes (`--tp-modes`):
+   - `full`: `--scripted-rate 0` (as fast as possible), `--tp-streams` x `--tp-length`:
+     the engine costs nothing, so this is bound by the CPU of the relay itself (workers,
+     PostgreSQL, Redis, API replicas, client), all on the same cores;
+   - `slots`: each worker runs at most `--tp-slots` responses at once
+     (`tether worker --workers N`) at `--tp-slot-rate` tokens/s, `--tp-slot-streams` x
+     `--tp-slot-length`: an engine that is the bottleneck (as a GPU with a fixed batch
+     would be), so a second worker can add capacity if the rest keeps up.
+   The CPU seconds of every process over the median round are printed: the client, each
+   API replica and worker, this database's PostgreSQL backends, the other PostgreSQL
+   processes (WAL writer, checkpointer, other databases), all redis-server processes, the
+   whole machine (/proc/stat) and "other" (the machine minus all of those: anything else
+   running), and server CPU per event (tether + its PostgreSQL backends + Redis).
 
 2. `--many` (1000) concurrent background+stream responses, 2 API replicas (alternate),
    2 workers, `--many-rate` tokens/s, `--many-length` tokens: all POSTs are issued at
-   once, each POST stream is one reader. Checks per reader: HTTP 200; `sequence_number`
-   0..n-1 contiguous, no duplicate; the last event is terminal, then `[DONE]` and nothing
-   after; the events equal (byte for byte, or as JSON) a `GET ?stream=true` replay made
-   afterwards on the other replica; the replay's deltas == the engine trace's `produced`.
-   Events lost = events of the replay missing from the reader (plus engine tokens
-   missing from the log). Latency: "token -> reader" = time the reader received delta i
-   minus the engine's `token_times[i]` (so it includes the store, Redis, the API replica,
-   the network and the client's event loop), pooled over all deltas; "create -> first
+   once (`--many-ramp S` spreads them over S seconds), each POST stream is one reader.
+   The client behaves as the SDK and `tether.client.resumable` would: a create answered
+   503 is retried after 1 s, a stream that breaks before `[DONE]` is resumed on the other
+   replica with `starting_after` = the last event received; both are counted, and fail
+   the checks. Checks per reader: HTTP 200; `sequence_number` 0..n-1 contiguous, no
+   duplicate; the last event is terminal, then `[DONE]` and nothing after; the events
+   equal (byte for byte, or as JSON) a `GET ?stream=true` replay made afterwards on the
+   other replica; the replay's deltas == the engine trace's `produced`. Events lost =
+   events of the replay missing from the reader, plus engine tokens missing from the log;
+   and no response may exist in the database whose create the client saw fail.
+   Latency: "token -> reader" = time the reader received delta i minus the engine's
+   `token_times[i]` (so it includes the store, Redis, the API replica, the network and
+   the client's event loop), pooled over all deltas, and again over only the tokens made
+   once every reader had its first event (without the create burst); "create -> first
    event" = POST sent -> first event received. The same load on a single-process
    `tether serve` with SQLite (`--no-baseline` skips it) gives the baseline; "added by
    scale-out" = cluster minus single process, per percentile.
@@ -59,6 +72,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -156,7 +170,7 @@ class Cluster:
     """`apis` API replicas and `workers` workers on one Backing, scripted engine."""
 
     def __init__(self, backing: Backing, workdir: Path, *, apis: int, workers: int,
-                 rate: float, length: int) -> None:
+                 rate: float, length: int, worker_args: Sequence[str] = ()) -> None:
         shared = ["--db", backing.url, "--redis", backing.redis, "--redis-prefix",
                   backing.prefix, "--engine", "scripted", "--debug-routes", "--host", HOST,
                   "--port", "{port}", "--scripted-rate", str(rate),
@@ -164,7 +178,8 @@ class Cluster:
         self.backing = backing
         self.apis = [Server([PY, "-m", "tether", "serve", "--workers", "0", *shared],
                             workdir=workdir, name=f"api{i + 1}") for i in range(apis)]
-        self.workers = [Server([PY, "-m", "tether", "worker", *shared], workdir=workdir,
+        self.workers = [Server([PY, "-m", "tether", "worker", *shared, *worker_args],
+                               workdir=workdir,
                                name=f"worker{i + 1}") for i in range(workers)]
 
     @property
@@ -183,28 +198,34 @@ class Cluster:
             s.stop()
 
 
+_EXC = re.compile(r"^([\w.]+(Error|Exception|Unavailable)\b.*|store unavailable on .*|"
+                  r"WARNING.*|ERROR.*)$")
+
+
 def log_problems(servers: Sequence[Server]) -> list[str]:
-    """Lines of the servers' logs that look like errors (shown after each part)."""
+    """The servers' log lines that name an error or a warning, counted (ids and numbers
+    blanked so that alike lines count together)."""
     out = []
     for s in servers:
         try:
             lines = s.log.read_text(errors="replace").splitlines()
         except OSError:
             continue
-        bad = [ln for ln in lines if any(w in ln for w in ("ERROR", "Traceback", "WARNING",
-                                                            "Exception"))]
-        if bad:
-            out.append(f"{s.name}: {len(bad)} error/warning lines, e.g. {bad[0][:200]}")
+        seen = Counter(re.sub(r"resp_[0-9a-f]+|\d+(\.\d+)?", "#", ln)[:160]
+                       for ln in lines if _EXC.match(ln))
+        for line, n in seen.most_common(4):
+            out.append(f"{s.name}: {n} x {line}")
     return out
 
 
 @contextlib.contextmanager
 def cluster(args: argparse.Namespace, *, apis: int, workers: int, rate: float,
-            length: int) -> Iterator[Cluster]:
+            length: int, worker_args: Sequence[str] = ()) -> Iterator[Cluster]:
     """A started cluster on a fresh database and prefix, all removed afterwards."""
     backing = Backing(args.pg, args.redis)
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-scale-"))
-    c = Cluster(backing, workdir, apis=apis, workers=workers, rate=rate, length=length)
+    c = Cluster(backing, workdir, apis=apis, workers=workers, rate=rate, length=length,
+                worker_args=worker_args)
     ok = False
     try:
         backing.create()
@@ -307,9 +328,12 @@ class CpuProbe:
         return out
 
 
-def cpu_rows(cpu: dict[str, float]) -> list[list[object]]:
-    wall = cpu["wall"]
-    return [[g, s, f"{s / wall:.2f}"] for g, s in cpu.items() if g != "wall"]
+NOT_SERVER = {"client", "postgres (other)", "other", "machine busy", "wall"}
+
+
+def server_cpu(cpu: dict[str, float]) -> float:
+    """CPU seconds of tether's processes, this database's backends and Redis."""
+    return sum(v for g, v in cpu.items() if g not in NOT_SERVER)
 
 
 # --- SSE readers -----------------------------------------------------------------------------
@@ -513,46 +537,73 @@ async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> R
     return Round(len(c.workers), events, wall, events / wall, problems, cpu, spread)
 
 
-def part_throughput(args: argparse.Namespace) -> tuple[list[Round], bool]:
+@dataclass
+class Mode:
+    name: str
+    streams: int
+    length: int
+    rate: float
+    slots: int | None  # runs a worker executes at once (`tether worker --workers N`)
+
+
+def tp_modes(args: argparse.Namespace) -> list[Mode]:
+    modes = {
+        "full": Mode("full speed (CPU-bound)", args.tp_streams, args.tp_length, 0, None),
+        "slots": Mode(f"engine-bound ({args.tp_slots} runs/worker at {args.tp_slot_rate:g} "
+                      "tokens/s)", args.tp_slot_streams, args.tp_slot_length,
+                      args.tp_slot_rate, args.tp_slots),
+    }
+    return [modes[m] for m in args.tp_modes]
+
+
+def part_throughput(args: argparse.Namespace) -> tuple[list[tuple[Mode, list[Round]]], bool]:
     print(f"\n## 1. throughput: {args.apis} API replica(s), 1 vs 2 workers, "
-          f"{args.tp_streams} streams x {args.tp_length} tokens at full speed, "
-          f"{args.tp_repeats} round(s), median")
-    medians = []
-    for workers in (1, 2):
-        with cluster(args, apis=args.apis, workers=workers, rate=0,
-                     length=args.tp_length) as c:
-            probe = CpuProbe(c.all, c.backing.name)
+          f"{args.tp_repeats} round(s) per case, median")
+    out = []
+    ok = True
+    for mode in tp_modes(args):
+        print(f"\n### {mode.name}: {mode.streams} streams x {mode.length} tokens")
+        medians = []
+        for workers in (1, 2):
+            extra = ["--workers", str(mode.slots)] if mode.slots else []
+            with cluster(args, apis=args.apis, workers=workers, rate=mode.rate,
+                         length=mode.length, worker_args=extra) as c:
+                probe = CpuProbe(c.all, c.backing.name)
 
-            async def go(c: Cluster = c, probe: CpuProbe = probe) -> list[Round]:
-                await tp_round(c, args.tp_streams, min(args.tp_length, 50), None)  # warm-up
-                return [await tp_round(c, args.tp_streams, args.tp_length, probe)
-                        for _ in range(args.tp_repeats)]
+                async def go(c: Cluster = c, probe: CpuProbe = probe,
+                             mode: Mode = mode) -> list[Round]:
+                    await tp_round(c, mode.streams, min(mode.length, 20), None)  # warm-up
+                    return [await tp_round(c, mode.streams, mode.length, probe)
+                            for _ in range(args.tp_repeats)]
 
-            rounds = _server.run(asyncio.wait_for(go(), args.part_timeout))
-        rounds.sort(key=lambda r: r.rate)
-        median = rounds[len(rounds) // 2]
-        median.problems = [p for r in rounds for p in r.problems]
-        medians.append(median)
-        print(f"  {workers} worker(s): " + ", ".join(f"{r.rate:,.0f}" for r in rounds)
-              + " events/s")
-    print()
-    print(table(["workers", "aggregate events/s", "events", "wall s", "runs per worker",
-                 "check"],
-                [[r.workers, r.rate, r.events, r.wall, "/".join(map(str, r.spread)),
-                  "ok" if not r.problems else f"{len(r.problems)} problems"]
-                 for r in medians]))
-    ratio = medians[1].rate / medians[0].rate
-    print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= 1.7x)")
-    groups = list(dict.fromkeys(g for r in medians for g in r.cpu))
-    print("\nCPU seconds over the median round (and cores: CPU s / wall s; the machine has "
-          f"{os.cpu_count()}):")
-    print(table(["process", *[f"{r.workers} worker(s)" for r in medians]],
-                [[g, *[f"{r.cpu.get(g, 0):.2f} ({r.cpu.get(g, 0) / r.cpu['wall']:.2f})"
-                       for r in medians]] for g in groups if g != "wall"]))
-    for r in medians:
-        for p in r.problems[:5]:
-            print(f"  problem ({r.workers} worker(s)): {p}")
-    return medians, all(not r.problems for r in medians)
+                rounds = _server.run(asyncio.wait_for(go(), args.part_timeout))
+            rounds.sort(key=lambda r: r.rate)
+            median = rounds[len(rounds) // 2]
+            median.problems = [p for r in rounds for p in r.problems]
+            medians.append(median)
+            print(f"  {workers} worker(s): " + ", ".join(f"{r.rate:,.0f}" for r in rounds)
+                  + " events/s")
+        print()
+        print(table(["workers", "aggregate events/s", "events", "wall s", "runs per worker",
+                     "server CPU µs/event", "check"],
+                    [[r.workers, r.rate, r.events, r.wall, "/".join(map(str, r.spread)),
+                      1e6 * server_cpu(r.cpu) / r.events,
+                      "ok" if not r.problems else f"{len(r.problems)} problems"]
+                     for r in medians]))
+        ratio = medians[1].rate / medians[0].rate
+        print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= 1.7x)")
+        groups = list(dict.fromkeys(g for r in medians for g in r.cpu))
+        print("\nCPU seconds over the median round (cores: CPU s / wall s; the machine has "
+              f"{os.cpu_count()}):")
+        print(table(["process", *[f"{r.workers} worker(s)" for r in medians]],
+                    [[g, *[f"{r.cpu.get(g, 0):.2f} ({r.cpu.get(g, 0) / r.cpu['wall']:.2f})"
+                           for r in medians]] for g in groups if g != "wall"]))
+        for r in medians:
+            for p in r.problems[:5]:
+                print(f"  problem ({r.workers} worker(s)): {p}")
+        ok &= all(not r.problems for r in medians)
+        out.append((mode, medians))
+    return out, ok
 
 
 # --- part 2: many concurrent streams -----------------------------------------------------
@@ -564,6 +615,7 @@ class ManyResult:
     readers: int
     complete: int = 0
     equal_replay: int = 0
+    events: int = 0  # received by all readers
     http_errors: int = 0  # still not 200 after the retries
     retried: int = 0  # creates answered 503, retried
     cuts: int = 0  # streams broken before [DONE], resumed
@@ -573,8 +625,18 @@ class ManyResult:
     duplicated: int = 0
     not_contiguous: int = 0
     engine_missing: int = 0  # engine tokens missing from the durable log
-    token_lat: list[float] = field(default_factory=list)
+    token_pairs: list[tuple[float, float]] = field(default_factory=list)  # (made, received)
     first_lat: list[float] = field(default_factory=list)
+    opened_at: float = float("inf")  # when the last reader got its first event
+
+    @property
+    def token_lat(self) -> list[float]:
+        return [got - made for made, got in self.token_pairs]
+
+    @property
+    def steady_lat(self) -> list[float]:
+        """Token -> reader for the tokens made once every stream was open."""
+        return [got - made for made, got in self.token_pairs if made > self.opened_at]
     wall: float = 0.0
     spread: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -607,6 +669,7 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
         res.cpu = probe.stop()
         ends = [r.done_at for r in readers if r.done_at is not None]
         res.wall = (max(ends) - t0) if ends else float("nan")
+        res.opened_at = max((r.first_at for r in readers if r.first_at), default=res.opened_at)
 
         # Replays on the other replica, then the engine traces.
         replays: dict[int, Reader] = {}
@@ -621,6 +684,7 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
         ran = await traces(client, workers, [r.rid for r in readers if r.rid])
     res.spread = [sum(1 for w, _ in ran.values() if w == k) for k in range(len(workers))]
 
+    res.events = sum(r.count for r in readers)
     res.retried = sum(r.retried for r in readers)
     res.cuts = sum(r.cuts for r in readers)
     res.cut_errors = Counter(e.split(":")[0] for r in readers for e in r.cut_errors)
@@ -658,7 +722,7 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
         produced = int(trace["produced"])
         res.engine_missing += max(0, produced - rep.deltas)
         times = trace["token_times"]
-        res.token_lat += [got - made for got, made in zip(r.delta_at, times, strict=False)]
+        res.token_pairs += list(zip(times, r.delta_at, strict=False))
         if r.first_at is not None and r.sent_at is not None:
             res.first_lat.append(r.first_at - r.sent_at)
     return res
@@ -697,19 +761,28 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
         ["readers failed after retries (HTTP error)", *[r.http_errors for r in results]],
         ["responses in the db the client never got", *[r.orphans for r in results]],
         ["wall s (first POST -> last [DONE])", *[r.wall for r in results]],
+        ["events received", *[r.events for r in results]],
+        ["server CPU µs/event (tether, its PG backends, Redis)",
+         *[1e6 * server_cpu(r.cpu) / max(1, r.events) for r in results]],
         ["runs per worker", *["/".join(map(str, r.spread)) for r in results]],
     ]))
-    print("\nLatency, ms (p50 / p99 / max): token -> reader = delta received by the reader - "
-          "engine token_times[i], every delta; create -> first event = POST sent -> first "
-          "event received")
-    rows = [[r.name, *ms(r.token_lat), *ms(r.first_lat)] for r in results]
-    if len(results) == 2:
-        a, b = results
-        rows.append(["added by scale-out (cluster - single)",
-                     *[x - y for x, y in zip(ms(a.token_lat), ms(b.token_lat), strict=True)],
-                     *[x - y for x, y in zip(ms(a.first_lat), ms(b.first_lat), strict=True)]])
-    print(table(["setup", "token->reader p50", "p99", "max", "create->first event p50",
-                 "p99", "max"], rows))
+    print("\nLatency, ms. token -> reader: the reader received delta i - the engine's "
+          "token_times[i] (every delta; 'once all open': only tokens made after the last "
+          "reader got its first event, i.e. without the create burst). create -> first "
+          "event: POST sent -> first event received (503 retries included).")
+    rows: list[list[object]] = []
+    measures: list[tuple[str, Callable[[ManyResult], list[float]]]] = [
+        ("token -> reader, all", lambda r: r.token_lat),
+        ("token -> reader, once all open", lambda r: r.steady_lat),
+        ("create -> first event", lambda r: r.first_lat)]
+    for label, get in measures:
+        for r in results:
+            rows.append([label, r.name.split(",")[0], *ms(get(r)), len(get(r))])
+        if len(results) == 2:
+            a, b = (ms(get(r)) for r in results)
+            rows.append([label, "added by scale-out (cluster - single)",
+                         *[x - y for x, y in zip(a, b, strict=True)], ""])
+    print(table(["measure", "setup", "p50", "p99", "max", "samples"], rows))
     print("\nCPU seconds during the streams (cores):")
     groups = list(dict.fromkeys(g for r in results for g in r.cpu if g != "wall"))
     print(table(["process", *names],
@@ -776,13 +849,18 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
                  length=args.cancel_length) as c:
         a, b = c.apis[0].url, c.apis[1].url
 
+        probe = CpuProbe(c.all, c.backing.name)
+
         async def go() -> dict[str, tuple[int, dict[str, Any]]]:
             async with http_client(2 * args.cancel_concurrency + 10) as client:
+                probe.start()
                 await gather_limited(args.cancel_concurrency,
                                      [cancel_one(client, a, b, j) for j in jobs])
+                cpu.update(probe.stop())
                 return await traces(client, [w.url for w in c.workers],
                                     [j.reader.rid for j in jobs if j.reader.rid])
 
+        cpu: dict[str, float] = {}
         ran = _server.run(asyncio.wait_for(go(), args.part_timeout))
     reply, stop, terminal, after_reply, between = [], [], [], [], []
     checks = {"reply 200 cancelled": 0, "usage == engine produced == stream deltas": 0,
@@ -837,8 +915,11 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
         print(f"  problem: {p}")
     ok = not problems and all(v == len(jobs) for v in checks.values()) \
         and not any(after_reply)
+    print(f"CPU (cores): tether + PG + Redis {server_cpu(cpu) / cpu['wall']:.2f}, client "
+          f"{cpu['client'] / cpu['wall']:.2f}, other processes {cpu['other'] / cpu['wall']:.2f}"
+          f", machine busy {cpu['machine busy'] / cpu['wall']:.2f} of {os.cpu_count()}")
     return {"stop": stop, "reply": reply, "after_reply": after_reply,
-            "n": len(jobs)}, ok
+            "n": len(jobs), "cpu": cpu}, ok
 
 
 # --- main -------------------------------------------------------------------------------
@@ -860,11 +941,22 @@ def main() -> int:
                    help="Redis (a random key prefix is used, its keys deleted)")
     p.add_argument("--apis", type=int, default=2, help="API replicas in part 1 (2)")
     p.add_argument("--tp-streams", type=int, default=20, help="part 1: concurrent streams")
-    p.add_argument("--tp-length", type=int, default=10000, help="part 1: tokens per response")
+    p.add_argument("--tp-length", type=int, default=20000, help="part 1: tokens per response")
     p.add_argument("--tp-repeats", type=int, default=3, help="part 1: rounds (median shown)")
+    p.add_argument("--tp-modes", nargs="+", choices=["full", "slots"], default=["full", "slots"],
+                   help="part 1: full speed (--tp-streams, --tp-length) and/or engine-bound "
+                        "workers (--tp-slots runs each at --tp-slot-rate)")
+    p.add_argument("--tp-slots", type=int, default=10,
+                   help="part 1, engine-bound: runs a worker executes at once (10)")
+    p.add_argument("--tp-slot-rate", type=float, default=100.0,
+                   help="part 1, engine-bound: tokens/s of each run (100)")
+    p.add_argument("--tp-slot-streams", type=int, default=40,
+                   help="part 1, engine-bound: concurrent streams (40)")
+    p.add_argument("--tp-slot-length", type=int, default=300,
+                   help="part 1, engine-bound: tokens per response (300)")
     p.add_argument("--many", type=int, default=1000, help="part 2: concurrent responses")
-    p.add_argument("--many-rate", type=float, default=5.0, help="part 2: tokens/s")
-    p.add_argument("--many-length", type=int, default=30, help="part 2: tokens per response")
+    p.add_argument("--many-rate", type=float, default=2.0, help="part 2: tokens/s")
+    p.add_argument("--many-length", type=int, default=20, help="part 2: tokens per response")
     p.add_argument("--many-ramp", type=float, default=0.0,
                    help="part 2: spread the creates evenly over this many seconds (0: all "
                         "at once)")
@@ -882,7 +974,8 @@ def main() -> int:
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' log files")
     args = p.parse_args()
     if args.quick:
-        args.tp_streams, args.tp_length, args.tp_repeats = 4, 500, 1
+        args.tp_streams, args.tp_length, args.tp_repeats = 4, 2000, 1
+        args.tp_slot_streams, args.tp_slot_length = 20, 100
         args.many, args.cancels, args.cancel_concurrency = 100, 20, 10
         args.max_deltas = min(args.max_deltas, 100)
         args.part_timeout = min(args.part_timeout, 120.0)
@@ -910,20 +1003,29 @@ def main() -> int:
     t0 = time.perf_counter()
     ok = True
     summary: list[list[object]] = []
+    others: list[str] = []  # CPU of processes outside the benchmark, per case
+
+    def other(name: str, cpu: dict[str, float]) -> None:
+        if cpu:
+            others.append(f"{name} {cpu['other'] / cpu['wall']:.2f}")
+
     try:
         if 1 in args.parts:
-            medians, good = part_throughput(args)
+            cases, good = part_throughput(args)
             ok &= good
-            ratio = medians[1].rate / medians[0].rate
-            summary += [
-                ["aggregate events/s, 1 worker", f"{medians[0].rate:,.0f}", ""],
-                ["aggregate events/s, 2 workers", f"{medians[1].rate:,.0f}", ""],
-                ["2 workers / 1 worker", f"{ratio:.2f}x", ">= 1.7x"],
-            ]
+            for mode, medians in cases:
+                ratio = medians[1].rate / medians[0].rate
+                summary += [[f"{mode.name}: events/s 1 -> 2 workers (ratio)",
+                             f"{medians[0].rate:,.0f} -> {medians[1].rate:,.0f} "
+                             f"({ratio:.2f}x)", ">= 1.7x"]]
+                for rnd in medians:
+                    other(f"1/{mode.name.split()[0]}/{rnd.workers}w", rnd.cpu)
         if 2 in args.parts:
             results, good = part_many(args)
             ok &= good
             c = results[0]
+            for r in results:
+                other(f"2/{r.name.split(':')[0].split(',')[0]}", r.cpu)
             summary += [
                 [f"{c.readers} concurrent: readers complete and equal to replay",
                  f"{c.equal_replay}/{c.readers}", "all"],
@@ -931,19 +1033,18 @@ def main() -> int:
                  f"{c.lost} + {c.engine_missing}", "0"],
                 [f"{c.readers} concurrent: creates answered 503 / streams broken (resumed)",
                  f"{c.retried} / {c.cuts}", "0 / 0"],
-                ["token -> reader p99 ms (cluster)", f"{ms(c.token_lat)[1]:.1f}", ""],
             ]
-            if len(results) == 2:
-                s = results[1]
-                summary += [
-                    ["token -> reader p99 ms (single process)", f"{ms(s.token_lat)[1]:.1f}",
-                     ""],
-                    ["p99 added by scale-out ms", f"{ms(c.token_lat)[1] - ms(s.token_lat)[1]:.1f}",
-                     ""],
-                ]
+            lat = [(r, ms(r.token_lat)[1], ms(r.steady_lat)[1]) for r in results]
+            summary += [[f"token -> reader p99 ms, {r.name.split(',')[0]}",
+                         f"{a:,.1f} (once all open: {b:,.1f})", ""] for r, a, b in lat]
+            if len(lat) == 2:
+                summary += [["p99 added by scale-out ms (cluster - single)",
+                             f"{lat[0][1] - lat[1][1]:,.1f} (once all open: "
+                             f"{lat[0][2] - lat[1][2]:,.1f})", ""]]
         if 3 in args.parts:
             fig, good = part_cancel(args, seed)
             ok &= good
+            other("3", fig["cpu"])
             summary += [
                 ["cancel on B -> engine stopped p50 / p99 ms",
                  f"{ms(fig['stop'])[0]:.1f} / {ms(fig['stop'])[1]:.1f}", ""],
@@ -956,6 +1057,9 @@ def main() -> int:
         print(f"\nstopped: {type(exc).__name__} {exc}")
         ok = False
     print("\n## summary")
+    if others:
+        summary.append(["CPU of processes outside this benchmark, cores (part/case)",
+                        ", ".join(others), "~0 (a quiet machine)"])
     print(table(["figure", "value", "goal"], summary))
     print(f"\nwall {time.perf_counter() - t0:.0f} s; load average now "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; checks "
