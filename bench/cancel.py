@@ -422,6 +422,18 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
         for p in filter(None, problems):
             print(f"  response {r.index} ({r.rid}): {p}")
             break
+    if args.dump:
+        with open(args.dump, "wb") as out:
+            for r in results:
+                out.write(orjson.dumps({
+                    "index": r.index, "id": r.rid, "cancel_after": r.cancel_after,
+                    "cancel_at_s": r.cancel_at_s, "cancel_sent": r.cancel_sent,
+                    "cancel_request_at": r.cancel_request_at,
+                    "cancel_reply_at": r.cancel_reply_at,
+                    "output_tokens": r.reply.usage.output_tokens
+                    if r.reply is not None and r.reply.usage else None,
+                    "terminal_at": [s.terminal_at for s in r.streams],
+                    "deltas": [s.deltas for s in r.streams], "trace": r.trace}) + b"\n")
     print(f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
           f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core")
     return 1 if failed else 0
@@ -488,6 +500,8 @@ def main() -> int:
     p.add_argument("--sdk-events", action="store_true",
                    help="parse stream events with the SDK's typed models (costs the client "
                         "~0.2 ms/event: at the default size the client, not tether, lags)")
+    p.add_argument("--dump", metavar="FILE", help="write each response's times, reply "
+                   "usage and engine trace to FILE (JSON lines), to look into outliers")
     p.add_argument("--url", help="use a running tether (started with --debug-routes and "
                                  "the scripted engine) instead of starting one")
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """The long randomized run of the lifecycle state machine (tests/test_lifecycle_stateful.py).
 
-    python bench/stateful.py --steps 10000 --jobs 2 --seed 1   # ~25-40 min on 2 busy cores
+    python bench/stateful.py --steps 10000 --jobs 2 --seed 1   # ~20 min on 2 busy cores
 
 `--jobs` independent runs of the machine, each in its own process against its own server
 and database, share the steps; each job runs batches (a fresh server, `--examples`
