@@ -76,6 +76,7 @@ import re
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -288,9 +289,33 @@ def _machine_busy() -> float:
 class CpuProbe:
     """CPU seconds per process group between `start()` and `stop()`."""
 
-    def __init__(self, servers: Sequence[Server], dbname: str | None) -> None:
+    def __init__(self, servers: Sequence[Server], dbname: str | None,
+                 backing: Backing | None = None) -> None:
         self.servers = servers
         self.dbname = dbname
+        self.backing = backing
+        self.ops: dict[str, int] = {}  # store operations between start and stop
+
+    def _ops(self) -> dict[str, int]:
+        """PostgreSQL transactions of this database and Redis commands (the whole server,
+        by command), as counters."""
+        out: dict[str, int] = {}
+        if self.backing is None:
+            return out
+        with contextlib.suppress(Exception):
+            sql = ("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                   f"WHERE datname = '{self.backing.name}'")
+            got = subprocess.run(["psql", "-Atc", sql, self.backing.url], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+            out["PostgreSQL transactions"] = int(got or 0)
+        with contextlib.suppress(Exception):
+            import redis
+
+            r = redis.Redis.from_url(self.backing.redis, socket_timeout=5)
+            for name, stat in r.info("commandstats").items():
+                out["Redis " + name.removeprefix("cmdstat_").upper()] = int(stat["calls"])
+            r.close()
+        return out
 
     def _groups(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {"client": [os.getpid()]}
@@ -312,6 +337,7 @@ class CpuProbe:
                 for g, pids in self._groups().items()}
 
     def start(self) -> None:
+        self.ops0 = self._ops()
         self.t0, self.busy0, self.s0 = time.perf_counter(), _machine_busy(), self._sample()
 
     def stop(self) -> dict[str, float]:
@@ -325,7 +351,24 @@ class CpuProbe:
         out["other"] = max(0.0, busy - sum(out.values()))
         out["machine busy"] = busy
         out["wall"] = wall
+        ops1 = self._ops()
+        self.ops = {k: v - self.ops0.get(k, 0) for k, v in ops1.items()
+                    if v - self.ops0.get(k, 0) > 0}
         return out
+
+
+def ops_line(ops: dict[str, int], events: int) -> str:
+    """Store operations per event received: PostgreSQL transactions, and the Redis
+    commands that are at least 5% of them (the Redis figures count the whole server)."""
+    if not ops or not events:
+        return ""
+    pg = ops.pop("PostgreSQL transactions", None)
+    redis_total = sum(ops.values())
+    top = [f"{k.split()[1]} {v / events:.2f}" for k, v in
+           sorted(ops.items(), key=lambda kv: -kv[1]) if v >= 0.05 * redis_total][:6]
+    return (f"per event received: PostgreSQL transactions {pg / events:.3f}" if pg is not None
+            else "per event received:") + \
+        f"; Redis commands {redis_total / events:.2f} ({', '.join(top)})"
 
 
 NOT_SERVER = {"client", "postgres (other)", "other", "machine busy", "wall"}
@@ -511,6 +554,7 @@ class Round:
     problems: list[str]
     cpu: dict[str, float]
     spread: list[int]  # responses run per worker
+    ops: dict[str, int]  # store operations (CpuProbe.ops)
 
 
 async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> Round:
@@ -525,6 +569,7 @@ async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> R
         await asyncio.gather(*(r.read(client, "POST", f"{apis[i % len(apis)]}/v1/responses",
                                       body) for i, r in enumerate(readers)))
         cpu = probe.stop() if probe else {}
+        ops = dict(probe.ops) if probe else {}
         ends = [r.done_at for r in readers if r.done_at is not None]
         wall = (max(ends) - t0) if ends else float("nan")
         rids = [r.rid for r in readers if r.rid]
@@ -534,7 +579,7 @@ async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> R
                 for i, r in enumerate(readers)
                 if r.error or r.count != length + HEADER_EVENTS or not r.done]
     events = sum(r.count for r in readers)
-    return Round(len(c.workers), events, wall, events / wall, problems, cpu, spread)
+    return Round(len(c.workers), events, wall, events / wall, problems, cpu, spread, ops)
 
 
 @dataclass
@@ -568,7 +613,7 @@ def part_throughput(args: argparse.Namespace) -> tuple[list[tuple[Mode, list[Rou
             extra = ["--workers", str(mode.slots)] if mode.slots else []
             with cluster(args, apis=args.apis, workers=workers, rate=mode.rate,
                          length=mode.length, worker_args=extra) as c:
-                probe = CpuProbe(c.all, c.backing.name)
+                probe = CpuProbe(c.all, c.backing.name, c.backing)
 
                 async def go(c: Cluster = c, probe: CpuProbe = probe,
                              mode: Mode = mode) -> list[Round]:
@@ -599,6 +644,9 @@ def part_throughput(args: argparse.Namespace) -> tuple[list[tuple[Mode, list[Rou
                     [[g, *[f"{r.cpu.get(g, 0):.2f} ({r.cpu.get(g, 0) / r.cpu['wall']:.2f})"
                            for r in medians]] for g in groups if g != "wall"]))
         for r in medians:
+            if line := ops_line(dict(r.ops), r.events):
+                print(f"{r.workers} worker(s), {line}")
+        for r in medians:
             for p in r.problems[:5]:
                 print(f"  problem ({r.workers} worker(s)): {p}")
         ok &= all(not r.problems for r in medians)
@@ -616,6 +664,7 @@ class ManyResult:
     complete: int = 0
     equal_replay: int = 0
     events: int = 0  # received by all readers
+    ops: dict[str, int] = field(default_factory=dict)  # store operations (CpuProbe.ops)
     http_errors: int = 0  # still not 200 after the retries
     retried: int = 0  # creates answered 503, retried
     cuts: int = 0  # streams broken before [DONE], resumed
@@ -667,6 +716,7 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
             if t in pending and r.error is None:
                 r.error = f"not finished after {timeout:.0f}s"
         res.cpu = probe.stop()
+        res.ops = dict(probe.ops)
         ends = [r.done_at for r in readers if r.done_at is not None]
         res.wall = (max(ends) - t0) if ends else float("nan")
         res.opened_at = max((r.first_at for r in readers if r.first_at), default=res.opened_at)
@@ -739,7 +789,7 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
         results.append(_server.run(many_run(
             "cluster: 2 API + 2 workers, PostgreSQL + Redis", [a.url for a in c.apis],
             [w.url for w in c.workers], args.many, args.part_timeout,
-            CpuProbe(c.all, c.backing.name), args.many_ramp, c.backing)))
+            CpuProbe(c.all, c.backing.name, c.backing), args.many_ramp, c.backing)))
     if not args.no_baseline:
         with single(args.many_rate, args.many_length) as s:
             results.append(_server.run(many_run(
@@ -788,6 +838,9 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
     print(table(["process", *names],
                 [[g, *[f"{r.cpu[g]:.2f} ({r.cpu[g] / r.cpu['wall']:.2f})" if g in r.cpu
                        else "" for r in results]] for g in groups]))
+    for r in results:
+        if line := ops_line(dict(r.ops), r.events):
+            print(f"{r.name.split(',')[0]}, {line}")
     ok = True
     for r in results:
         for p in r.problems[:10]:
@@ -849,7 +902,7 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
                  length=args.cancel_length) as c:
         a, b = c.apis[0].url, c.apis[1].url
 
-        probe = CpuProbe(c.all, c.backing.name)
+        probe = CpuProbe(c.all, c.backing.name, c.backing)
 
         async def go() -> dict[str, tuple[int, dict[str, Any]]]:
             async with http_client(2 * args.cancel_concurrency + 10) as client:
