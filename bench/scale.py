@@ -979,7 +979,10 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
 
 
 def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM: do what Ctrl-C does. Inside `asyncio.Runner` a SIGINT cancels the running
+    part cleanly (raising KeyboardInterrupt from this handler instead could land inside
+    a task and be kept there); outside it, it raises KeyboardInterrupt."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def main() -> int:
@@ -1034,7 +1037,8 @@ def main() -> int:
         args.part_timeout = min(args.part_timeout, 120.0)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
 
-    # SIGTERM ends the run like Ctrl-C, so every `finally` cleans up.
+    # SIGTERM and Ctrl-C end the run through every `finally`, which cleans up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.signal(signal.SIGTERM, _interrupt)
     # One socket per reader here and in the servers (children inherit the limit).
     import resource
