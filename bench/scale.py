@@ -1,6 +1,6 @@
 """Scale-out figures (issue 5): tether on PostgreSQL + Redis, API replicas and workers.
 
-Run: `python bench/scale.py` (about 5 minutes on the 2-core machine; `--quick`: about 1).
+Run: `python bench/scale.py` (about 4 minutes on the 2-core machine; `--quick`: about 1).
 Every cluster is real processes on loopback: `tether serve --workers 0` API replicas and
 `tether worker` workers (`--engine scripted --debug-routes`), all on one fresh PostgreSQL
 database (`tether_bench_<random>` on --pg, dropped afterwards) and one fresh Redis key
