@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from tether.store.base import IdempotencyConflict, LogEntry, Record, Store
+from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
 
 
 def make_store(url: str, redis: str | None = None, prefix: str = "tether") -> Store:
-    """A store for `--db`: a SQLite file path (the default) or `sqlite:///path`."""
-    from tether.store.sqlite import SQLiteStore
-
+    """A store for `--db`: a SQLite file path (the default) or `sqlite:///path`; or a
+    `postgresql://` URL, scaled out: PostgreSQL for durable records and Redis (`redis`,
+    required then) for live event streams and wake-ups, its keys under `prefix:`."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("the PostgreSQL store is not built yet")
+        if not redis:
+            raise ValueError(
+                "a PostgreSQL store needs Redis too: pass --redis redis://HOST:PORT "
+                "(or set TETHER_REDIS)")
+        from tether.store.postgres import PostgresStore
+
+        return PostgresStore(url, redis, prefix)
+    from tether.store.sqlite import SQLiteStore
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     return SQLiteStore(path)
 
 
-__all__ = ["IdempotencyConflict", "LogEntry", "Record", "Store", "make_store"]
+__all__ = ["IdempotencyConflict", "LogEntry", "Record", "Store", "StoreUnavailable",
+           "make_store"]

@@ -1,0 +1,425 @@
+"""Live event logs of the scaled-out store: Redis Streams, pub/sub wake-ups, a local cache.
+
+PostgreSQL holds every event durably; this module only makes them fast to follow from any
+process. After each Postgres commit the writer calls `committed()`: the batch goes into
+the process's cache at once (local readers wake without a round trip) and, in the
+background, to Redis — one stream entry per batch at `{prefix}:log:{id}` (entry id
+`{last_seq}-1`, fields `f` first seq, `t` "\n"-joined types, `d` "\n"-joined JSON), then
+one `PUBLISH {prefix}:wake {"id": last_seq, ...}` per flush, all in one pipeline.
+
+Nothing here is needed for correctness, only for speed: a read that Redis cannot prove
+complete (stream missing, a gap, shorter than `upto`) is served from Postgres, and while
+Redis or the subscription is down, waits turn into polls. So a Redis restart or `FLUSHALL`
+costs latency, never an event.
+
+The cache (`_Tail`, per response, contiguous) lets N local readers of one response cost
+one Redis call per batch. A caught-up reader is answered "nothing new" without a call only
+while the cache is *trusted*: the subscription has been up without a break since the tail
+was last fetched (same `_epoch`), and no wake-up announced a later seq (`_known`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from tether.store.base import LogEntry
+
+log = logging.getLogger("tether.store")
+
+LIVE_TTL = 3600  # seconds a live response's stream outlives its last append
+FINISHED_TTL = 300  # seconds a finished log stays in Redis (Postgres keeps it for retention)
+POLL = 0.25  # seconds between polls while wake-ups cannot be trusted
+DOWN_FOR = 1.0  # after a Redis error, seconds to go straight to Postgres
+PING_EVERY = 1.0  # idle subscription: ping so a silent (hung) Redis is noticed
+DEAD_AFTER = 3.0  # no reply on the subscription for this long: it is down
+EVICT_AFTER = 30.0  # seconds a finished log stays in the local cache
+MAX_TAILS = 1024  # cached logs per process (least recently read go first)
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+Durable = Callable[[str, int], Awaitable[list[LogEntry]]]
+
+
+@dataclass(slots=True)
+class _Tail:
+    """Events `first..end` of one response, contiguous, as this process knows them."""
+
+    first: int
+    entries: list[LogEntry] = field(default_factory=list)
+    epoch: int = -1  # the subscription epoch it was synced in; -1: never trusted
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.entries) - 1
+
+
+class LiveLog:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.channel = f"{prefix}:wake"
+        # Short timeouts and no retries: a Redis problem must turn into a Postgres read
+        # within a second or two, not into a stalled reader.
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+        self.stats = {"redis_reads": 0, "durable_reads": 0, "cache_reads": 0, "published": 0}
+        self._tails: OrderedDict[str, _Tail] = OrderedDict()
+        self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
+        self._fetching: dict[str, asyncio.Future[None]] = {}
+        self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._epoch = 0
+        self._healthy = False  # subscribed, and heard from Redis recently
+        self._ready = asyncio.Event()  # subscribed once
+        self._down_until = 0.0
+        self._queue: list[tuple[str, list[LogEntry], bool]] = []
+        self._queued = asyncio.Event()
+        self._drained = asyncio.Event()  # nothing queued, in flight or to resync
+        self._drained.set()
+        self._unsynced: dict[str, int] = {}  # ids whose stream missed a batch -> last seq
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    def key(self, response_id: str) -> str:
+        return f"{self.prefix}:log:{response_id}"
+
+    @property
+    def healthy(self) -> bool:
+        """Subscribed to wake-ups and hearing from Redis: caught-up readers trust the cache."""
+        return self._healthy
+
+    async def drained(self, timeout: float = 5.0) -> None:
+        """Wait until every committed batch is in Redis (TimeoutError if Redis is away)."""
+        await asyncio.wait_for(self._drained.wait(), timeout)
+
+    async def open(self) -> None:
+        """Start the subscriber and the publisher. Redis may be down: the store then
+        works from Postgres until it is back."""
+        self._tasks = [asyncio.create_task(self._listen(), name="tether-livelog-listen"),
+                       asyncio.create_task(self._publish(), name="tether-livelog-publish")]
+        # Start trusted if Redis answers at once; else start polling and catch up later.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), DOWN_FOR)
+
+    async def close(self) -> None:
+        with contextlib.suppress(TimeoutError):  # let queued batches reach Redis
+            await self.drained(DOWN_FOR)
+        # redis-py can swallow a cancellation (e.g. one landing in a connect attempt),
+        # so the loops also stop on `_closing`; and close never waits long for them.
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=2 * POLL + 1.0)
+        self._wake_all()
+        await self.redis.aclose()
+
+    # --- writes ----------------------------------------------------------------------
+
+    def committed(self, response_id: str, entries: list[LogEntry], terminal: bool = False) -> None:
+        """`entries` (contiguous) were just committed to Postgres: cache them, wake local
+        readers, and queue them for Redis."""
+        if not entries:
+            return
+        last = entries[-1].seq
+        tail = self._tails.get(response_id)
+        if tail is not None:
+            if entries[0].seq == tail.end + 1:
+                tail.entries.extend(entries)
+            self._known[response_id] = max(self._known.get(response_id, -1), last)
+        elif entries[0].seq == 0:
+            # A new response: no other process can have written to it before this commit,
+            # so the tail is as trustworthy as the subscription is now.
+            self._cache(response_id, _Tail(0, list(entries), self._epoch if self._healthy
+                                           else -1))
+        if terminal:
+            asyncio.get_running_loop().call_later(EVICT_AFTER, self._evict, response_id)
+        self._wake(response_id, last)
+        self._queue.append((response_id, entries, terminal))
+        self._queued.set()
+        self._drained.clear()
+
+    async def forget(self, response_id: str) -> None:
+        """A deleted response: drop it here and in Redis (best effort)."""
+        self._evict(response_id)
+        if not self._down():
+            try:
+                await self.redis.delete(self.key(response_id))
+            except (RedisError, OSError):
+                self._mark_down()
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def read(self, response_id: str, after: int, upto: int | None,
+                   durable: Durable) -> list[LogEntry]:
+        """Committed events with `seq > after`: from the cache, else Redis, else
+        `durable` (Postgres). At least up to `upto` when given."""
+        need = after if upto is None else max(after, upto)
+        for _ in range(3):  # wait for at most a few other readers' fetches, then fetch
+            tail = self._tails.get(response_id)
+            if tail is not None and tail.first <= after + 1 <= tail.end + 1:
+                if tail.end > after and tail.end >= need:
+                    self._tails.move_to_end(response_id)
+                    self.stats["cache_reads"] += 1
+                    return tail.entries[after + 1 - tail.first :]
+                if (tail.end == after == need and self._trusted(tail)
+                        and self._known.get(response_id, -1) <= after):
+                    self.stats["cache_reads"] += 1
+                    return []
+            pending = self._fetching.get(response_id)
+            if pending is None:
+                break
+            await asyncio.shield(pending)
+        return await self._fetch(response_id, after, need, durable)
+
+    async def _fetch(self, response_id: str, after: int, need: int,
+                     durable: Durable) -> list[LogEntry]:
+        tail = self._tails.get(response_id)
+        # A tail that starts at or before the cursor is extended from its end (even if it
+        # ends before the cursor), so the cache catches up instead of being bypassed.
+        extend = tail is not None and tail.first <= after + 1
+        start = tail.end + 1 if extend and tail is not None else after + 1
+        epoch = self._epoch
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        mine = response_id not in self._fetching
+        if mine:  # wake-ups heard while this fetch runs must count (see `_heard`)
+            self._fetching[response_id] = done
+        try:
+            entries: list[LogEntry] | None = None
+            if not self._down():
+                entries = await self._xrange(response_id, start - 1)
+                if entries is not None and (entries[-1].seq if entries else start - 1) < need:
+                    entries = None  # Redis lags behind the record: Postgres has it
+            if entries is None:
+                self.stats["durable_reads"] += 1
+                entries = await durable(response_id, start - 1)
+            else:
+                self.stats["redis_reads"] += 1
+            trusted = epoch == self._epoch and self._healthy
+            self._merge(response_id, start, entries, epoch if trusted else -1)
+        finally:
+            if mine:
+                del self._fetching[response_id]
+                done.set_result(None)
+        if start == after + 1:
+            return entries
+        tail = self._tails.get(response_id)
+        if tail is None or not tail.first <= after + 1 <= tail.end + 1:
+            return [e for e in entries if e.seq > after]
+        return tail.entries[after + 1 - tail.first :]  # (empty if the log ends before)
+
+    async def _xrange(self, response_id: str, after: int) -> list[LogEntry] | None:
+        """Events after `after` from the stream, or None if it cannot prove them
+        complete: no stream (flushed, expired, never written) or a gap."""
+        key = self.key(response_id)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(key, min=f"{after + 1}-0")
+                pipe.exists(key)
+                items, exists = await pipe.execute()
+        except (RedisError, OSError):
+            self._mark_down()
+            return None
+        if not exists:
+            return None
+        entries: list[LogEntry] = []
+        expect = after + 1
+        for _, fields in items:
+            first = int(fields[b"f"])
+            if first > expect:
+                return None  # a batch never reached Redis (outage, or a race of writers)
+            kinds = fields[b"t"].decode().split("\n")
+            for seq, kind, data in zip(range(first, first + len(kinds)), kinds,
+                                       fields[b"d"].split(b"\n"), strict=True):
+                if seq >= expect:
+                    entries.append(LogEntry(seq, kind, data))
+            expect = max(expect, first + len(kinds))
+        return entries
+
+    def _merge(self, response_id: str, start: int, entries: list[LogEntry], epoch: int) -> None:
+        """Put fetched events `start..` (complete as of the fetch) into the cache."""
+        tail = self._tails.get(response_id)
+        if tail is not None and tail.first <= start <= tail.end + 1:
+            tail.entries.extend(entries[tail.end + 1 - start :])
+            tail.epoch = epoch
+        elif tail is None or (start < tail.first and start + len(entries) >= tail.first):
+            rest = [] if tail is None else tail.entries[start + len(entries) - tail.first :]
+            self._cache(response_id, _Tail(start, entries + rest, epoch))
+        if entries and entries[-1].type in TERMINAL:
+            asyncio.get_running_loop().call_later(EVICT_AFTER, self._evict, response_id)
+
+    async def wait(self, response_id: str, after: int, timeout: float) -> None:
+        """Return when events past `after` are committed (as heard from this process's
+        writes or a wake-up), or after `timeout`. Polls every `POLL` s while wake-ups
+        cannot be trusted."""
+        tail = self._tails.get(response_id)
+        if tail is None or not self._trusted(tail):
+            timeout = min(timeout, POLL)
+        elif max(tail.end, self._known.get(response_id, -1)) > after:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (after, waiter)
+        self._waiters.setdefault(response_id, []).append(entry)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(response_id)
+            if waiters is not None and entry in waiters:
+                waiters.remove(entry)
+                if not waiters:
+                    del self._waiters[response_id]
+
+    # --- cache -----------------------------------------------------------------------
+
+    def _trusted(self, tail: _Tail) -> bool:
+        return self._healthy and tail.epoch == self._epoch
+
+    def _cache(self, response_id: str, tail: _Tail) -> None:
+        self._tails[response_id] = tail
+        self._tails.move_to_end(response_id)
+        while len(self._tails) > MAX_TAILS:
+            old, _ = self._tails.popitem(last=False)
+            self._known.pop(old, None)
+
+    def _evict(self, response_id: str) -> None:
+        self._tails.pop(response_id, None)
+        self._known.pop(response_id, None)
+
+    def _wake(self, response_id: str, last: int | None = None) -> None:
+        """Wake the waiters of `response_id` that wait for less than `last` (all: None)."""
+        waiters = self._waiters.get(response_id)
+        if not waiters:
+            return
+        for after, waiter in waiters:
+            if (last is None or after < last) and not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        for response_id in list(self._waiters):
+            self._wake(response_id)
+
+    def _heard(self, payload: bytes) -> None:
+        """A wake-up from some process's flush: `{response id: last seq}`."""
+        try:
+            batch: dict[str, int] = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        for response_id, last in batch.items():
+            if response_id in self._tails or response_id in self._fetching:
+                self._known[response_id] = max(self._known.get(response_id, -1), last)
+            self._wake(response_id, last)
+
+    # --- Redis health ----------------------------------------------------------------
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _mark_down(self) -> None:
+        self._down_until = time.monotonic() + DOWN_FOR
+
+    def _set_healthy(self, healthy: bool) -> None:
+        """Every change ends the trust in cached tails (wake-ups may have been missed),
+        and wakes every waiter, so readers look again now rather than at their timeout."""
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._epoch += 1
+            self._wake_all()
+
+    async def _listen(self) -> None:
+        """One subscriber connection per process, on one channel for every response."""
+        while not self._closing:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                heard = time.monotonic()
+                pinged = heard
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=PING_EVERY)
+                    now = time.monotonic()
+                    if message is not None:
+                        heard = now
+                        kind = message["type"]
+                        if kind == "subscribe":
+                            self._set_healthy(True)
+                            self._ready.set()
+                        elif kind == "message":
+                            self._heard(message["data"])
+                    elif now - heard > DEAD_AFTER:
+                        raise TimeoutError("Redis subscription silent")
+                    if now - pinged > PING_EVERY and now - heard > PING_EVERY:
+                        await pubsub.ping()
+                        pinged = now
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._healthy:
+                    log.warning("Redis subscription lost (%s); polling", exc)
+                self._set_healthy(False)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
+            await asyncio.sleep(POLL)  # reconnect interval
+
+    async def _publish(self) -> None:
+        """Move committed batches to Redis in order, one pipeline per round."""
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queued.wait(), DOWN_FOR)
+            self._queued.clear()
+            batch, self._queue = self._queue, []
+            try:
+                await self._send(batch)
+            finally:
+                if not self._queue and not self._unsynced:
+                    self._drained.set()
+
+    async def _send(self, batch: list[tuple[str, list[LogEntry], bool]]) -> None:
+        """One round: resync streams that missed batches, add `batch`, publish wake-ups."""
+        if not batch and not self._unsynced:
+            return
+        if self._down():
+            self._skip(batch)
+            return
+        resync = dict(self._unsynced)
+        wake = dict(resync)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                # A stream that missed a batch goes: readers then take the log from
+                # Postgres (a stream must never end before the log does).
+                for response_id in resync:
+                    pipe.delete(self.key(response_id))
+                for response_id, entries, terminal in batch:
+                    key = self.key(response_id)
+                    pipe.xadd(key, {"f": entries[0].seq,
+                                    "t": "\n".join(e.type for e in entries),
+                                    "d": b"\n".join(e.data for e in entries)},
+                              id=f"{entries[-1].seq}-1")
+                    pipe.expire(key, FINISHED_TTL if terminal else LIVE_TTL)
+                    wake[response_id] = entries[-1].seq
+                pipe.publish(self.channel, orjson.dumps(wake))
+                # A refused XADD (an older id: another process's later batch got
+                # there first) leaves a gap, which readers detect.
+                await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.warning("Redis publish failed (%s); readers use Postgres", exc)
+            self._mark_down()
+            self._skip(batch)
+            return
+        for response_id in resync:
+            if self._unsynced.get(response_id) == resync[response_id]:
+                del self._unsynced[response_id]
+        self.stats["published"] += len(batch)
+
+    def _skip(self, batch: list[tuple[str, list[LogEntry], bool]]) -> None:
+        for response_id, entries, _ in batch:
+            self._unsynced[response_id] = entries[-1].seq
+

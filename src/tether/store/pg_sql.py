@@ -1,0 +1,158 @@
+"""The PostgreSQL store's SQL: schema migration, the statements that decide races, and
+the conversions between rows and records/log entries (hot path: orjson, no models)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tether.store.base import LogEntry, Record
+
+LIVE = "status IN ('queued', 'in_progress')"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A run's appends waiting for the next flush."""
+
+    run_token: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    input_tokens: int | None = None
+
+
+SELECT = (
+    "SELECT r.id, r.tenant, r.status, b.snapshot, b.run, b.input_items, r.run_token, r.owner, "
+    "r.lease_until, r.last_seq, r.input_tokens, r.finished_at "
+    "FROM responses r JOIN response_bodies b ON b.id = r.id"
+)
+
+# One round trip for a whole flush. A response's row matches only if the batch's run
+# token is current, the response live, and its `last_seq` the one the batch follows.
+APPEND = f"""
+WITH b AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], $5::int[], $6::int[],
+                         $7::text[], $8::bytea[])
+        AS b(id, token, first_seq, last_seq, tokens, input_tokens, types, data)
+), u AS (
+    UPDATE responses r SET last_seq = b.last_seq, output_tokens = r.output_tokens + b.tokens,
+                           input_tokens = COALESCE(b.input_tokens, r.input_tokens)
+    FROM b
+    WHERE r.id = b.id AND r.run_token = b.token AND r.{LIVE} AND r.last_seq = b.first_seq - 1
+    RETURNING r.id
+), i AS (
+    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
+    SELECT b.id, b.first_seq, b.last_seq, b.types, b.tokens, b.data FROM b JOIN u ON u.id = b.id
+    WHERE b.last_seq >= b.first_seq
+)
+SELECT id FROM u
+"""
+
+# A state change with its events: $1 id, $2 last_seq it follows, $3 new last_seq,
+# $4 tokens, $5 snapshot, $6 types, $7 data, then the assignment's own values.
+TRANSITION = f"""
+WITH u AS (
+    UPDATE responses SET {{set}}, last_seq = $3, output_tokens = output_tokens + $4
+    WHERE id = $1 AND last_seq = $2 AND {LIVE} AND {{guard}}
+    RETURNING id
+), s AS (
+    UPDATE response_bodies SET snapshot = $5 FROM u WHERE response_bodies.id = u.id
+), i AS (
+    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
+    SELECT u.id, $2 + 1, $3, $6, $4, $7 FROM u WHERE $3 > $2
+)
+SELECT count(*) FROM u
+"""
+CLAIM = TRANSITION.format(
+    set="status = 'in_progress', run_token = $8, owner = $9, lease_until = $10",
+    guard="run_token IS NULL")
+FINISH = TRANSITION.format(
+    set="status = $8, finished_at = $9, lease_until = 0",
+    guard="run_token IS NOT DISTINCT FROM $10")
+
+CREATE = """
+WITH r AS (
+    INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, stored, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+), b AS (
+    INSERT INTO response_bodies VALUES ($1, $9, $10, $11)
+)
+INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
+SELECT $1, 0, $6, $12, 0, $13 WHERE $6 >= 0
+"""
+
+
+MIGRATION_LOCK = 0x7E7E_0001  # advisory lock key: only tether's migrations take it
+
+
+async def migrate(con: asyncpg.Connection) -> None:
+    """Bring the database schema to the newest revision. Alembic renders the upgrade
+    from the current revision as SQL; it runs in one transaction under an advisory lock,
+    so processes opening the same database at once migrate it once."""
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        current = None
+        if await con.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL"):
+            current = await con.fetchval("SELECT version_num FROM alembic_version")
+        script = await asyncio.to_thread(upgrade_sql, current)
+        if script.strip():
+            await con.execute(script)
+
+
+def upgrade_sql(current: str | None) -> str:
+    from alembic import command
+    from alembic.config import Config
+
+    buffer = io.StringIO()
+    config = Config(output_buffer=buffer)
+    config.attributes["buffer"] = buffer
+    config.set_main_option("script_location", str(Path(__file__).parent / "pg_migrations"))
+    command.upgrade(config, f"{current}:head" if current else "head", sql=True)
+    return buffer.getvalue()
+
+
+def entries(first: int, events: list[dict[str, Any]]) -> list[LogEntry]:
+    """Number `events` from `first` (the store assigns sequence numbers) and serialize."""
+    dumps = orjson.dumps
+    entries = []
+    for seq, event in enumerate(events, first):
+        event["sequence_number"] = seq
+        entries.append(LogEntry(seq, event["type"], dumps(event)))
+    return entries
+
+
+def columns(entries: list[LogEntry]) -> tuple[str, bytes]:
+    return "\n".join(e.type for e in entries), b"\n".join(e.data for e in entries)
+
+
+def batch_columns(
+        rows: Iterable[tuple[str, Pending, int, list[LogEntry]]]) -> list[list[Any]]:
+    """The arrays `APPEND` unnests: one element per response."""
+    ids, tokens, firsts, lasts, counts, inputs, types, datas = ([] for _ in range(8))
+    for rid, p, first, entries in rows:
+        ids.append(rid)
+        tokens.append(p.run_token)
+        firsts.append(first)
+        lasts.append(first + len(entries) - 1)
+        counts.append(p.tokens)
+        inputs.append(p.input_tokens)
+        kinds, data = columns(entries)
+        types.append(kinds)
+        datas.append(data)
+    return [ids, tokens, firsts, lasts, counts, inputs, types, datas]
+
+
+def record(row: asyncpg.Record) -> Record:
+    return Record(
+        id=row[0], tenant=row[1], status=row[2], snapshot=orjson.loads(row[3]),
+        run=orjson.loads(row[4]), input_items=orjson.loads(row[5]), run_token=row[6],
+        owner=row[7], lease_until=row[8], last_seq=row[9], input_tokens=row[10],
+        finished_at=row[11],
+    )

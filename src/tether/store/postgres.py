@@ -1,0 +1,472 @@
+"""The scaled-out store: PostgreSQL for durable records, Redis for the hot path.
+
+Several processes (API replicas, workers) open the same database, so no answer may come
+from process memory: every race is decided by one atomic Postgres statement
+(CONTRACT §1.1, §2.3):
+- `append` is a compare-and-set on the run token, the live status and `last_seq`;
+- `claim`, `fence` and `finish` are compare-and-sets on the response row, and add their
+  events in the same statement.
+A worker that was paused past its lease and then resumes is refused by the first of
+these, because the lease reaper fenced it (gave the response a new run token).
+
+Appends are group-committed: every append made during one turn of the event loop (and,
+while a flush is in flight, until it returns) goes into ONE statement for all responses
+(arrays `unnest`ed into a data-modifying CTE). The writer holds the run token, so the
+store numbers events itself from the `last_seq` it last wrote (`_seqs`); the CAS on
+`last_seq` proves the number right, and a miss makes it look again. Readers only ever
+see committed events: the live log (`livelog.py`: Redis Streams plus a local cache) is
+fed after each commit.
+
+Postgres unreachable: every call that needs it raises `StoreUnavailable` within
+`OP_TIMEOUT` seconds; the pool reconnects when it is back. A run whose batch could not be
+written is stopped (its next `append` or `finish` raises), so a log never has a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tether.store import pg_sql as sql
+from tether.store.base import IdempotencyConflict, LogEntry, Record, StoreUnavailable
+from tether.store.livelog import LiveLog
+from tether.store.pg_sql import LIVE, Pending
+
+log = logging.getLogger("tether.store")
+
+OP_TIMEOUT = 5.0  # seconds any store call may take before StoreUnavailable
+CONNECT_TIMEOUT = 3.0
+MAX_PENDING = 4096  # appended events waiting for a flush before `append` waits too
+
+# Errors that mean "the database cannot be reached now", not "the request is wrong".
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+# Of those, the ones a pooled connection shows when its server side is gone.
+STALE: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError, ConnectionResetError, BrokenPipeError,
+)
+
+class _Recent(OrderedDict[tuple[str, str], BaseException | None]):
+    """(response, run token) pairs that can write no more; the oldest are forgotten."""
+
+    def add(self, key: tuple[str, str], exc: BaseException | None = None) -> None:
+        self[key] = exc
+        while len(self) > 10_000:
+            self.popitem(last=False)
+
+
+class PostgresStore:
+    def __init__(self, url: str, redis_url: str, prefix: str = "tether",
+                 pool_size: int = 10) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.live = LiveLog(redis_url, prefix)
+        self._pool: asyncpg.Pool | None = None
+        self._pending: dict[str, Pending] = {}
+        self._pending_events = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._flushed = asyncio.Event()
+        self._seqs: dict[str, tuple[str, int]] = {}  # response -> (run token, last seq)
+        self._fenced = _Recent()
+        self._failed = _Recent()  # runs whose batch could not be written, and why
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "store is not open"
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            con = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            try:
+                await asyncio.wait_for(sql.migrate(con), 60)  # waits for another process's
+            finally:
+                con.terminate()  # no goodbye: a hung server must not hang the open
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=0, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
+                command_timeout=OP_TIMEOUT, max_inactive_connection_lifetime=60)
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unreachable: {exc!r}") from exc
+        await self.live.open()
+
+    async def close(self) -> None:
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            await asyncio.wait_for(self.flush(), OP_TIMEOUT)
+        await self.live.close()
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), 2.0)
+            except TimeoutError:
+                self._pool.terminate()
+            self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (in a transaction if asked). Any loss of the database
+        becomes `StoreUnavailable` within `OP_TIMEOUT`: a connection left in an unknown
+        state is terminated, never waited on (a rollback or reset on a hung connection
+        would wait as long as the hang)."""
+        try:
+            con = await self.pool.acquire(timeout=CONNECT_TIMEOUT)  # also bounds release
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        keep = False  # only a connection that finished cleanly goes back to the pool
+        try:
+            async with asyncio.timeout(OP_TIMEOUT):
+                if transaction:
+                    await con.execute("BEGIN")
+                yield con
+                if transaction:
+                    await con.execute("COMMIT")
+            keep = True
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
+        finally:
+            if keep:
+                await self.pool.release(con)
+            else:
+                # The server rolls back whatever the connection had begun. (A connection
+                # that was lost is back in the pool already: nothing to terminate.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    con.terminate()
+
+    async def _query(self, method: str, query: str, *args: Any) -> Any:
+        """One read-only statement (`fetch`, `fetchrow`, `fetchval`), tried again once on
+        a fresh connection if the pooled one turned out dead (the database restarted or
+        killed it): reads after an outage do not fail for a stale pool."""
+        for attempt in (0, 1):
+            try:
+                async with self._conn() as con:
+                    return await getattr(con, method)(query, *args)
+            except StoreUnavailable as exc:
+                if attempt or not isinstance(exc.__cause__, STALE):
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        record: Record,
+        events: list[dict[str, Any]],
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Record, bool]:
+        entries = sql.entries(0, events)
+        last = len(events) - 1
+        async with self._conn(transaction=True) as con:
+            if idempotency is not None:
+                key, body_hash = idempotency
+                fresh = await con.fetchval(
+                    "INSERT INTO idempotency_keys VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    record.tenant, key, body_hash, record.id, time.time())
+                if fresh is None:  # used before (the insert waited for its transaction)
+                    row = await con.fetchrow(
+                        "SELECT body_hash, response_id FROM idempotency_keys "
+                        "WHERE tenant = $1 AND key = $2", record.tenant, key)
+                    assert row is not None
+                    if row[0] != body_hash:
+                        raise IdempotencyConflict(key)
+                    existing = await self._get(con, row[1], record.tenant)
+                    if existing is not None:
+                        return existing, False
+                    await con.execute(  # its response is gone: the key is free again
+                        "UPDATE idempotency_keys SET body_hash = $3, response_id = $4, "
+                        "created_at = $5 WHERE tenant = $1 AND key = $2",
+                        record.tenant, key, body_hash, record.id, time.time())
+            await con.execute(
+                sql.CREATE, record.id, record.tenant, record.status, record.owner,
+                record.lease_until, last, bool(record.snapshot.get("store", True)),
+                time.time(), orjson.dumps(record.snapshot), orjson.dumps(record.run),
+                orjson.dumps(record.input_items), *sql.columns(entries))
+        record.last_seq = last
+        self.live.committed(record.id, entries)
+        return record, True
+
+    async def claim(
+        self,
+        response_id: str,
+        run_token: str,
+        owner: str,
+        lease_until: float,
+        snapshot: dict[str, Any],
+        events: list[dict[str, Any]],
+    ) -> bool:
+        done = await self._transition(
+            sql.CLAIM, response_id, None, snapshot, events, 0, (run_token, owner, lease_until))
+        if done is None:
+            return False
+        last, entries = done
+        self._seqs[response_id] = (run_token, last)  # this process runs it: appends follow
+        self.live.committed(response_id, entries)
+        return True
+
+    async def append(
+        self,
+        response_id: str,
+        run_token: str,
+        events: list[dict[str, Any]],
+        tokens: int = 0,
+        input_tokens: int | None = None,
+    ) -> bool:
+        key = (response_id, run_token)
+        if key in self._fenced:
+            return False
+        if key in self._failed:
+            raise _failure(self._failed[key])
+        pending = self._pending.get(response_id)
+        if pending is None or pending.run_token != run_token:
+            if pending is not None:  # a new run of the same response: the old one first
+                await self.flush()
+            pending = self._pending[response_id] = Pending(run_token)
+        pending.events.extend(events)
+        pending.tokens += tokens
+        if input_tokens is not None:
+            pending.input_tokens = input_tokens
+        self._pending_events += len(events)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        elif self._pending_events > MAX_PENDING:
+            await self._flushed.wait()  # back-pressure: the database is slower than the engine
+        return True
+
+    async def fence(self, response_id: str, run_token: str) -> bool:
+        await self.flush()  # this process's appends before the fence: usage stays exact
+        async with self._conn() as con:
+            last = await con.fetchval(
+                f"UPDATE responses SET run_token = $2 WHERE id = $1 AND {LIVE} "
+                "RETURNING last_seq", response_id, run_token)
+        if last is None:
+            return False
+        self._seqs[response_id] = (run_token, last)
+        return True
+
+    async def finish(
+        self,
+        response_id: str,
+        run_token: str | None,
+        status: str,
+        snapshot: dict[str, Any],
+        events: list[dict[str, Any]],
+        tokens: int = 0,
+    ) -> bool:
+        await self.flush()
+        if run_token is not None and (response_id, run_token) in self._failed:
+            # Some of this run's events never reached the log: it must not end as if
+            # they had. Whoever ends it next (cancel, lease reaper) ends it from the log.
+            raise _failure(self._failed[(response_id, run_token)])
+        done = await self._transition(
+            sql.FINISH, response_id, run_token, snapshot, events, tokens,
+            (status, time.time(), run_token))
+        if done is None:
+            return False
+        _, entries = done
+        self._seqs.pop(response_id, None)
+        self.live.committed(response_id, entries, terminal=True)
+        return True
+
+    async def _transition(self, statement: str, response_id: str, run_token: str | None,
+                          snapshot: dict[str, Any], events: list[dict[str, Any]],
+                          tokens: int, values: tuple[Any, ...]
+                          ) -> tuple[int, list[LogEntry]] | None:
+        """Compare-and-set on a live response (`statement`'s guard), appending `events` in the
+        same statement: the new `last_seq` and the entries, or None if the guard failed."""
+        cached = self._seqs.get(response_id)
+        last = cached[1] if cached is not None and cached[0] == run_token else None
+        snap = orjson.dumps(snapshot)
+        async with self._conn() as con:
+            for _ in range(10):
+                if last is None:
+                    row = await con.fetchrow(
+                        f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}",
+                        response_id)
+                    if row is None:
+                        return None
+                    last = int(row[0])
+                entries = sql.entries(last + 1, events)
+                won = await con.fetchval(statement, response_id, last, last + len(entries), tokens,
+                                         snap, *sql.columns(entries), *values)
+                if won:
+                    return last + len(entries), entries
+                # Lost the guard, or the log moved since `last` was read: look again.
+                row = await con.fetchrow(
+                    f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}", response_id)
+                if row is None or row[0] == last:
+                    return None  # terminal now, or the guard itself failed
+                last = int(row[0])
+        raise RuntimeError(f"{response_id}: the log kept moving under a state change")
+
+    async def flush(self) -> None:
+        """Wait until every append made so far is committed (or has failed)."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    async def _flush(self) -> None:
+        """Commit pending appends, one statement per round, until none are left."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                self._pending_events = 0
+                try:
+                    await self._commit(batch)
+                except Exception as exc:
+                    if not isinstance(exc, StoreUnavailable):
+                        log.exception("append failed")
+                    for response_id, pending in batch.items():
+                        self._failed.add((response_id, pending.run_token), exc)
+                self._flushed.set()
+                self._flushed = asyncio.Event()
+        finally:
+            self._flusher = None
+
+    async def _commit(self, batch: dict[str, Pending]) -> None:
+        todo = {rid: p for rid, p in batch.items()
+                if p.events or p.tokens or p.input_tokens is not None}
+        for _ in range(10):
+            if not todo:
+                return
+            unknown = [rid for rid, p in todo.items()
+                       if self._seqs.get(rid, ("", 0))[0] != p.run_token]
+            if unknown:
+                await self._learn_seqs(unknown, todo)
+            rows = []
+            for rid in sorted(todo):  # one lock order for every process's flushes
+                p = todo[rid]
+                first = self._seqs[rid][1] + 1
+                rows.append((rid, p, first, sql.entries(first, p.events)))
+            columns = sql.batch_columns(rows)
+            async with self._conn() as con:
+                matched = {r[0] for r in await con.fetch(sql.APPEND, *columns)}
+            for rid, p, _, entries in rows:
+                if rid in matched:
+                    if entries:
+                        self._seqs[rid] = (p.run_token, entries[-1].seq)
+                        self.live.committed(rid, entries)
+                    del todo[rid]
+                else:
+                    self._seqs.pop(rid, None)  # fenced, ended, or a stale seq: look again
+        raise RuntimeError(f"appends kept missing: {sorted(todo)}")
+
+    async def _learn_seqs(self, ids: list[str], todo: dict[str, Pending]) -> None:
+        """Where each run's log stands; runs no longer current are fenced out."""
+        rows = await self._query(
+            "fetch", f"SELECT id, run_token, last_seq FROM responses WHERE id = ANY($1) AND {LIVE}",
+            ids)
+        current = {r[0]: (r[1], r[2]) for r in rows}
+        for rid in ids:
+            token = todo[rid].run_token
+            found = current.get(rid)
+            if found is not None and found[0] == token:
+                self._seqs[rid] = (token, found[1])
+            else:
+                self._fenced.add((rid, token))
+                del todo[rid]
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get(self, response_id: str, tenant: str) -> Record | None:
+        row = await self._query("fetchrow", f"{sql.SELECT} WHERE r.id = $1 AND r.tenant = $2",
+                                response_id, tenant)
+        return None if row is None else sql.record(row)
+
+    async def _get(self, con: asyncpg.Connection, response_id: str,
+                   tenant: str) -> Record | None:
+        row = await con.fetchrow(f"{sql.SELECT} WHERE r.id = $1 AND r.tenant = $2",
+                                 response_id, tenant)
+        return None if row is None else sql.record(row)
+
+    async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
+        return await self.live.read(response_id, after, upto, self._read_durable)
+
+    async def _read_durable(self, response_id: str, after: int) -> list[LogEntry]:
+        rows = await self._query(
+            "fetch", "SELECT first_seq, types, data FROM events "
+            "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq", response_id, after)
+        return [
+            LogEntry(seq, kind, data)
+            for first, types, blob in rows
+            for seq, kind, data in zip(
+                range(first, first + blob.count(b"\n") + 1), types.split("\n"),
+                blob.split(b"\n"), strict=True)
+            if seq > after
+        ]
+
+    async def wait(self, response_id: str, after: int, timeout: float) -> None:
+        await self.live.wait(response_id, after, timeout)
+
+    async def output_tokens(self, response_id: str) -> int:
+        await self.flush()
+        value = await self._query(
+            "fetchval", "SELECT output_tokens FROM responses WHERE id = $1", response_id)
+        return int(value or 0)
+
+    # --- housekeeping ------------------------------------------------------------------
+
+    async def delete(self, response_id: str, tenant: str) -> bool:
+        async with self._conn(transaction=True) as con:
+            deleted = await con.fetchval(
+                "DELETE FROM responses WHERE id = $1 AND tenant = $2 RETURNING 1",
+                response_id, tenant)
+            if deleted:
+                await con.execute("DELETE FROM response_bodies WHERE id = $1", response_id)
+                await con.execute("DELETE FROM events WHERE response_id = $1", response_id)
+                await con.execute("DELETE FROM idempotency_keys WHERE response_id = $1",
+                                  response_id)
+        if deleted:
+            await self.live.forget(response_id)
+        return bool(deleted)
+
+    async def renew(self, owner: str, lease_until: float) -> None:
+        async with self._conn() as con:
+            await con.execute(
+                f"UPDATE responses SET lease_until = $2 WHERE owner = $1 AND {LIVE}",
+                owner, lease_until)
+
+    async def expired(self, now: float) -> list[Record]:
+        rows = await self._query(
+            "fetch", f"{sql.SELECT} WHERE r.{LIVE} AND r.lease_until < $1", now)
+        return [sql.record(row) for row in rows]
+
+    async def adopt(
+        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float
+    ) -> bool:
+        async with self._conn() as con:
+            done = await con.fetchval(
+                "UPDATE responses SET owner = $3, lease_until = $4 "
+                "WHERE id = $1 AND status = 'queued' AND run_token IS NULL "
+                "AND owner IS NOT DISTINCT FROM $2 AND lease_until < $5 RETURNING 1",
+                response_id, old_owner, owner, lease_until, time.time())
+        return bool(done)
+
+    async def purge(self, before: float) -> int:
+        async with self._conn(transaction=True) as con:
+            await con.execute(
+                "DELETE FROM events WHERE response_id IN "
+                "(SELECT id FROM responses WHERE finished_at < $1)", before)
+            gone = await con.fetch(
+                "DELETE FROM responses WHERE NOT stored AND finished_at < $1 RETURNING id",
+                before)
+            ids = [r[0] for r in gone]
+            if ids:
+                await con.execute("DELETE FROM response_bodies WHERE id = ANY($1)", ids)
+                await con.execute("DELETE FROM idempotency_keys WHERE response_id = ANY($1)",
+                                  ids)
+        return len(ids)
+
+
+def _failure(exc: BaseException | None) -> Exception:
+    if isinstance(exc, StoreUnavailable):
+        return StoreUnavailable(f"an earlier append of this run was not written: {exc}")
+    return RuntimeError(f"an earlier append of this run failed: {exc!r}")
