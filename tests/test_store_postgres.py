@@ -80,6 +80,33 @@ def seqs(entries: list[Any]) -> list[int]:
 # --- the SQLite store's behaviour ------------------------------------------------------
 
 
+async def test_processes_opening_at_once_migrate_once(make: Make) -> None:
+    stores = await asyncio.gather(*(make() for _ in range(4)))
+    await stores[0].create(record(), [ev("response.created")])
+    assert all([await s.get("resp_1", "t") for s in stores])
+
+
+async def test_flush_waits_for_earlier_appends_only(make: Make) -> None:
+    # Under load the flusher never idles: a fence or finish must not wait for it to.
+    store = await make()
+    await started(store, "resp_busy")
+    await started(store, "resp_1")
+    stop = asyncio.Event()
+
+    async def busy() -> None:
+        while not stop.is_set():
+            await store.append("resp_busy", "tok", [ev()], tokens=1)
+            await asyncio.sleep(0)
+
+    load = asyncio.ensure_future(busy())
+    await store.append("resp_1", "tok", [ev()], tokens=1)
+    await asyncio.wait_for(store.flush(), 5)
+    assert await asyncio.wait_for(store.output_tokens("resp_1"), 5) == 1
+    assert await asyncio.wait_for(store.finish("resp_1", "tok", "completed", {}, []), 5)
+    stop.set()
+    await load
+
+
 async def test_sequence_numbers_are_assigned_by_the_store(make: Make) -> None:
     # contract §2.1
     store = await make()

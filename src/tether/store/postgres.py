@@ -77,7 +77,8 @@ class PostgresStore:
         self._pending: dict[str, Pending] = {}
         self._pending_events = 0
         self._flusher: asyncio.Task[None] | None = None
-        self._flushed = asyncio.Event()
+        self._flushed = asyncio.Event()  # set (and replaced) at the end of each round
+        self._rounds_begun = self._rounds_done = 0
         self._seqs: dict[str, tuple[str, int]] = {}  # response -> (run token, last seq)
         self._fenced = _Recent()
         self._failed = _Recent()  # runs whose batch could not be written, and why
@@ -309,9 +310,11 @@ class PostgresStore:
         raise RuntimeError(f"{response_id}: the log kept moving under a state change")
 
     async def flush(self) -> None:
-        """Wait until every append made so far is committed (or has failed)."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        """Wait until every append made so far is committed (or has failed). Only the
+        rounds holding them: under steady load the flusher is never idle."""
+        target = self._rounds_begun + (1 if self._pending else 0)
+        while self._rounds_done < target:
+            await self._flushed.wait()
 
     async def _flush(self) -> None:
         """Commit pending appends, one statement per round, until none are left."""
@@ -319,6 +322,7 @@ class PostgresStore:
             while self._pending:
                 batch, self._pending = self._pending, {}
                 self._pending_events = 0
+                self._rounds_begun += 1
                 try:
                     await self._commit(batch)
                 except Exception as exc:
@@ -326,6 +330,7 @@ class PostgresStore:
                         log.exception("append failed")
                     for response_id, pending in batch.items():
                         self._failed.add((response_id, pending.run_token), exc)
+                self._rounds_done += 1
                 self._flushed.set()
                 self._flushed = asyncio.Event()
         finally:
