@@ -58,6 +58,7 @@ STALE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError, ConnectionResetError, BrokenPipeError,
 )
 
+
 class _Recent(OrderedDict[tuple[str, str], BaseException | None]):
     """(response, run token) pairs that can write no more; the oldest are forgotten."""
 
