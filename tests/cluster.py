@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -46,24 +47,42 @@ class Cluster:
                      for _ in range(apis)]
         self.workers = [Server(db, [*shared, *worker_args], command="worker", log_dir=tmp)
                         for _ in range(workers)]
+        self._next_api = itertools.cycle(self.apis)
+
+    @property
+    def processes(self) -> list[Server]:
+        return [*self.apis, *self.workers]
 
     def start(self) -> None:
-        for process in [*self.apis, *self.workers]:
-            process.start()
+        for process in self.processes:
+            process.spawn()
+        for process in self.processes:
+            process.wait_ready()
 
-    def stop(self) -> None:
-        for process in [*self.apis, *self.workers]:
-            process.stop()
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for process in self.processes:
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.send_signal(sig)
+        for process in self.processes:
+            process.stop(sig)
 
     # The parts of `Server` the end-to-end tests use, so they run unchanged on a cluster.
 
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
     @property
     def base_url(self) -> str:
-        return self.apis[0].base_url
+        """Each use names the next API replica, as a load balancer would."""
+        return next(self._next_api).base_url
 
     @property
     def url(self) -> str:
-        return self.apis[0].url
+        return next(self._next_api).url
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """A client whose requests alternate between the API replicas."""
@@ -82,8 +101,13 @@ class Cluster:
                 return worker
         raise LookupError(f"no worker ran {response_id}")
 
-    def trace(self, response_id: str) -> dict[str, object]:
-        return self.runner(response_id).trace(response_id)
+    def trace(self, response_id: str) -> dict[str, object] | None:
+        """The engine trace of `response_id`; None if no live worker ran it (it was
+        cancelled before a worker took it, or its worker restarted since)."""
+        try:
+            return self.runner(response_id).trace(response_id)
+        except LookupError:
+            return None
 
 
 class PrivateRedis:

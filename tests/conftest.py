@@ -69,12 +69,20 @@ class Server:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 60.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (several start at once)."""
         stamp = f"{self.command}.{self.port}.{int(time.time() * 1000)}.log"
         self.log = (self.log_dir / stamp if self.log_dir is not None
                     else Path(self.db).with_suffix(f".{stamp}"))
         cmd = [sys.executable, "-m", "tether", self.command, "--port", str(self.port),
                "--db", str(self.db), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None and self.log is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,10 +1,12 @@
 """A stateful property test: random interleavings against a real server (CONTRACT §1-4, §6).
 
-Hypothesis drives one `tether serve` process through creates in every mode, partial reads,
-extra readers, resumes at random cursors, cancels (repeated, concurrent), disconnects,
-completions, injected engine failures and restarts (graceful or SIGKILL). After every step
-a cancel that returned 200 must still read `cancelled`; when an example ends, every
-response is checked with `invariants.check_response`.
+Hypothesis drives one `tether serve` process (or, scaled out, two API replicas and two
+workers) through creates in every mode, partial reads, extra readers, resumes at random
+cursors, cancels (repeated, concurrent), disconnects, completions, injected engine failures
+and restarts (graceful or SIGKILL). After every step every response is checked: a finished
+one in full, once (`invariants.check_response`), then for a status or usage that changes;
+a cancel that returned 200 must read `cancelled`. When an example ends, every response is
+checked again with its readers read to the end and the engine's token trace.
 """
 
 from __future__ import annotations
@@ -22,12 +24,22 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, note, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
+from cluster import Cluster
 from conftest import Server, raw_events
-from invariants import Cancel, Seen, check_response
+from invariants import FINAL_STATES, Cancel, Seen, check_response
+from services import postgres_url, prefix, redis_url
 
 LENGTH = 40
 T = TypeVar("T")
@@ -70,6 +82,7 @@ class Tracked:
     readers: list[Reader] = field(default_factory=list)
     cancels: list[Cancel] = field(default_factory=list)
     post_stream: Reader | None = None
+    final: tuple[str, Any] | None = None  # status and usage, once checked terminal
 
 
 def pick(data: st.DataObject, pool: list[T]) -> T:
@@ -194,11 +207,23 @@ class Lifecycle(RuleBasedStateMachine):
     # --- checks -------------------------------------------------------------------------
 
     @invariant()
-    def cancelled_stays_cancelled(self) -> None:
+    def every_response_holds(self) -> None:
+        """After every step, per response: once it is terminal, its full log is checked
+        (one terminal event, last; contiguous; usage = deltas = text; cancels so far;
+        each reader's events so far are the log's from its cursor), and from then on its
+        status and usage never change; a cancel that returned 200 means `cancelled`."""
         for tracked in self.responses:
+            now = httpx.get(f"{self.base}/responses/{tracked.rid}", timeout=10).json()
             if any(c.status == 200 for c in tracked.cancels):
-                r = httpx.get(f"{self.base}/responses/{tracked.rid}", timeout=10)
-                assert r.json()["status"] == "cancelled", tracked.rid
+                assert now["status"] == "cancelled", tracked.rid
+            if tracked.final is not None:
+                assert (now["status"], now["usage"]) == tracked.final, tracked.rid
+            elif now["status"] in FINAL_STATES:
+                log = raw_events(self.server, tracked.rid)
+                so_far = [Seen(r.seen.after, list(r.seen.events), connected=False)
+                          for r in tracked.readers]
+                check_response(self.base, tracked.rid, log, so_far, tracked.cancels, None)
+                tracked.final = (now["status"], now["usage"])
 
     def teardown(self) -> None:
         for tracked in getattr(self, "responses", []):
@@ -225,32 +250,46 @@ class Lifecycle(RuleBasedStateMachine):
         self.since_restart += 1
 
 
-def run(tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30) -> None:
-    """Run the machine against a fresh server (also used by bench/stateful.py)."""
-    from hypothesis.stateful import run_state_machine_as_test
-
-    server = Server(tmp / "stateful.db", ["--engine", "scripted", "--debug-routes",
-                                          "--scripted-rate", str(rate),
-                                          # a cancel that does not stop the run shows
-                                          # as tokens after the reply
-                                          "--cancel-timeout", "0.3",
-                                          "--scripted-length", str(LENGTH),
-                                          "--lease-timeout", "1.5"])
-    server.start()
-    Lifecycle.server = server
-    try:
+def run(tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30,
+        scaled: bool = False) -> None:
+    """Run the machine against a fresh server (also used by bench/stateful.py).
+    `scaled`: two API replicas (requests alternate between them) and two workers on
+    PostgreSQL + Redis instead; a restart restarts all four processes."""
+    flags = ["--scripted-rate", str(rate), "--scripted-length", str(LENGTH),
+             "--lease-timeout", "1.5",
+             # A cancel that does not stop the run shows as tokens after the reply. Scaled
+             # out, the stop signal crosses Redis to another process: a longer bound.
+             "--cancel-timeout", "1.0" if scaled else "0.3"]
+    with contextlib.ExitStack() as stack:
+        server: Any
+        if scaled:
+            db = stack.enter_context(postgres_url())
+            server = Cluster(tmp, db, redis_url(), prefix(), args=tuple(flags))
+        else:
+            server = Server(tmp / "stateful.db", ["--engine", "scripted", "--debug-routes",
+                                                  *flags])
+        server.start()
+        stack.callback(server.stop)
+        Lifecycle.server = server
         run_state_machine_as_test(
             seed(chosen_seed)(Lifecycle),  # type: ignore[arg-type]
             settings=settings(max_examples=examples, stateful_step_count=steps,
                               deadline=None, database=None,
                               suppress_health_check=list(HealthCheck)))
-    finally:
-        server.stop()
 
 
-def test_random_interleavings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scaled", [False, True], ids=["one-process", "scaled-out"])
+def test_random_interleavings(tmp_path: Path, scaled: bool) -> None:
     chosen = int(os.environ.get("TETHER_SEED", random.randrange(2**32)))
     print(f"seed={chosen} (rerun with TETHER_SEED={chosen})")
-    run(tmp_path, examples=int(os.environ.get("TETHER_EXAMPLES", "8")), steps=12,
-        chosen_seed=chosen)
-    print(f"{Lifecycle.steps} steps, {Lifecycle.created} responses")
+    Lifecycle.steps = Lifecycle.created = 0
+    Lifecycle.rules.clear()
+    examples = int(os.environ.get("TETHER_EXAMPLES", "8"))
+    # Scaled out, a restart is four processes: fewer of them, so the steps go to the races.
+    Lifecycle.restart_gap = 6 if scaled else 0
+    try:
+        run(tmp_path, examples=examples, steps=12,
+            chosen_seed=chosen, scaled=scaled)
+    finally:
+        Lifecycle.restart_gap = 0
+    print(f"{Lifecycle.steps} steps, {Lifecycle.created} responses, {dict(Lifecycle.rules)}")

@@ -231,11 +231,17 @@ class Lifecycle:
             outcome = await drive(self.store, self.engine, record, snap, run, token)
             if outcome is not None:
                 await self._conclude(rid, token, snap, run, outcome)
-        except Exception:
-            log.exception("run %s crashed", rid)
+        except Exception as exc:
+            message = "The run crashed."
+            if isinstance(exc, StoreUnavailable):
+                # Part of its output may not have reached the database: it cannot go on
+                # as if it had. It ends from what is in the log, once the store is back.
+                log.warning("run %s lost the store: %s", rid, exc)
+                message = "The database was unreachable while generating this response."
+            else:
+                log.exception("run %s crashed", rid)
             with contextlib.suppress(Exception):
-                await self._patiently(self._end, rid, record.tenant, "failed",
-                                      "The run crashed.")
+                await self._patiently(self._end, rid, record.tenant, "failed", message)
         finally:
             run.done.set()
             self.runs.pop(rid, None)
