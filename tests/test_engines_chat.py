@@ -353,8 +353,12 @@ def test_llama_create_and_stream(llama: Server) -> None:
                                      stream=True) as stream:
             events = list(stream)
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert text == reply.output_text  # greedy: the same text both ways
+    # Not compared with the first reply's text: llama.cpp reuses its prompt cache on the
+    # second request, and even greedy decoding can then break a near-tie differently.
     assert events[-1].type == "response.incomplete"
+    assert text and text == events[-1].response.output_text
+    streamed = events[-1].response.usage
+    assert streamed is not None and 0 < streamed.output_tokens <= 8
 
 
 def test_llama_background_resume_and_cancel_frees_the_upstream(llama: Server) -> None:

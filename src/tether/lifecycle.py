@@ -323,7 +323,8 @@ class Lifecycle:
             return  # nobody runs it: a claim after this is refused by `_end`'s finish
         await self.dispatch.cancel(rid)
         while time.monotonic() < deadline:
-            await self.store.wait(rid, rec.last_seq, deadline - time.monotonic())
+            # Short waits: the run's closing wake-up may come before this wait begins.
+            await self.store.wait(rid, rec.last_seq, min(deadline - time.monotonic(), 0.02))
             fresh = await self.store.get(rid, rec.tenant)
             if fresh is None or fresh.status not in wire.LIVE_STATES:
                 return
@@ -354,8 +355,18 @@ class Lifecycle:
                               "stream_expired")
 
     async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
-        """Every stream: the log after `after`, then live events, until the terminal one."""
-        read, wait = self.store.read, self.store.wait
+        """Every stream: the log after `after`, then live events, until the terminal one.
+        A stream rides out a short outage of the store rather than end without its
+        terminal event."""
+        patiently = self._patiently
+        store = self.store
+
+        async def read(rid: str, after: int, upto: int | None = None) -> list[LogEntry]:
+            return await patiently(store.read, rid, after, upto)
+
+        async def wait(rid: str, after: int, timeout: float) -> None:
+            await patiently(store.wait, rid, after, timeout)
+
         entries = await read(rid, after)
         check = True  # look at the status when the log is idle: a replay may be past the end
         while True:
@@ -369,7 +380,7 @@ class Lifecycle:
             if check:
                 # The log is idle: the record says whether it is complete (a cache-served
                 # read may lag; `upto` makes the store fetch what the record says exists).
-                rec = await self.store.get(rid, tenant)
+                rec = await patiently(store.get, rid, tenant)
                 if rec is None:
                     return
                 if rec.last_seq > after:

@@ -44,6 +44,7 @@ log = logging.getLogger("tether.store")
 
 OP_TIMEOUT = 5.0  # seconds any store call may take before StoreUnavailable
 CONNECT_TIMEOUT = 3.0
+ACQUIRE_TIMEOUT = OP_TIMEOUT + CONNECT_TIMEOUT + 2.0
 MAX_PENDING = 4096  # appended events waiting for a flush before `append` waits too
 
 # Errors that mean "the database cannot be reached now", not "the request is wrong".
@@ -121,7 +122,10 @@ class PostgresStore:
         state is terminated, never waited on (a rollback or reset on a hung connection
         would wait as long as the hang)."""
         try:
-            con = await self.pool.acquire(timeout=CONNECT_TIMEOUT)  # also bounds release
+            # Waiting for a busy pool is load, not an outage (connections in use give
+            # up within OP_TIMEOUT when the database is gone): a longer bound than a
+            # connect's, so a burst of requests queues instead of getting 503s.
+            con = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)  # also bounds release
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
         keep = False  # only a connection that finished cleanly goes back to the pool
