@@ -503,7 +503,7 @@ async def test_postgres_unreachable_raises_store_unavailable_quickly(
         make_store("postgresql://postgres@127.0.0.1/x")
 
 
-@pytest.mark.parametrize("mode", ["cut", "hang"])
+@pytest.mark.parametrize("mode", ["cut", "hang", "deaf"])
 async def test_postgres_outage_is_store_unavailable_then_recovers(
         make: Make, pg: str, mode: str) -> None:
     gate = await Gate.start(5432)
@@ -513,28 +513,38 @@ async def test_postgres_outage_is_store_unavailable_then_recovers(
         await started(worker)
         await worker.append("resp_1", "tok", [ev(delta="a")], tokens=1)
         await worker.flush()
-        gate.hang() if mode == "hang" else gate.cut()
+        if mode == "deaf":
+            # The database gets the append and commits it; its answer is lost.
+            gate.deaf()
+            assert await worker.append("resp_1", "tok", [ev(delta="held")], tokens=1)
+            async def committed() -> None:
+                while (rec := await other.get("resp_1", "t")) is None or rec.last_seq < 3:
+                    await asyncio.sleep(0.01)  # poll interval of a bounded wait
+            await asyncio.wait_for(committed(), 10)
         t0 = time.monotonic()
+        getattr(gate, "hang" if mode == "deaf" else mode)()
         with pytest.raises(StoreUnavailable):
             await worker.get("resp_1", "t")
         assert time.monotonic() - t0 < OP_TIMEOUT + 1
-        # An append during the outage is accepted, then its batch fails: the run is
-        # stopped (no hole in its log), and nothing of it was written.
-        assert await worker.append("resp_1", "tok", [ev(delta="lost")], tokens=1)
-        await worker.flush()
-        with pytest.raises(StoreUnavailable):
-            await worker.append("resp_1", "tok", [ev(delta="b")], tokens=1)
-        with pytest.raises(StoreUnavailable):
-            await worker.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
+        if mode != "deaf":
+            # An append during the outage is held: its round is tried again.
+            assert await worker.append("resp_1", "tok", [ev(delta="held")], tokens=1)
+        with pytest.raises(StoreUnavailable):  # a flush meanwhile says so, in bounded time
+            await worker.flush()
         assert time.monotonic() - t0 < 3 * (OP_TIMEOUT + 1)
         gate.restore()
+        # Once the database is back, the held round is written once, in order (a lost
+        # answer is resolved from the log, not written twice), and the run goes on.
+        await worker.flush()
         assert await worker.get("resp_1", "t") is not None  # the pool reconnected
-        # Whoever ends the run now ends it from what reached the log.
-        assert await other.fence("resp_1", "guard")
-        assert await other.finish("resp_1", "guard", "failed", {}, [ev("response.failed")])
-        log = await other.read("resp_1", -1, 3)
-        assert [e.type for e in log][2:] == ["response.output_text.delta", "response.failed"]
-        assert await worker.output_tokens("resp_1") == 1
+        assert await worker.append("resp_1", "tok", [ev(delta="b")], tokens=1)
+        assert await worker.finish("resp_1", "tok", "completed", {},
+                                   [ev("response.completed")])
+        log = await other.read("resp_1", -1, 5)
+        assert seqs(log) == list(range(6))
+        assert [orjson.loads(e.data).get("delta") for e in log[2:5]] == ["a", "held", "b"]
+        assert log[-1].type == "response.completed"
+        assert await worker.output_tokens("resp_1") == 3
     finally:
         await gate.close()
 
@@ -595,6 +605,10 @@ class Gate:
     def hang(self) -> None:
         self.mode = "hang"
 
+    def deaf(self) -> None:
+        """Relay to the service, but drop its answers (a reply lost on the way)."""
+        self.mode = "deaf"
+
     def restore(self) -> None:
         self._drop()  # connections that hung are dead, as after a restart
         self.mode = "open"
@@ -616,7 +630,7 @@ class Gate:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         self._conns |= {writer, up_writer}
         pumps = [asyncio.ensure_future(self._pump(reader, up_writer)),
-                 asyncio.ensure_future(self._pump(up_reader, writer))]
+                 asyncio.ensure_future(self._pump(up_reader, writer, answers=True))]
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)  # one side closed
         for pump in pumps:
             pump.cancel()
@@ -624,12 +638,15 @@ class Gate:
             self._conns.discard(w)
             w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    answers: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 while self.mode == "hang":
                     await asyncio.sleep(0.05)  # a hung peer: hold the bytes
                 if self.mode == "cut" or writer.is_closing():
                     return
+                if answers and self.mode == "deaf":
+                    continue  # the answer is lost
                 writer.write(data)
                 await writer.drain()

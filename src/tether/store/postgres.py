@@ -18,8 +18,11 @@ see committed events: the live log (`livelog.py`: Redis Streams plus a local cac
 fed after each commit.
 
 Postgres unreachable: every call that needs it raises `StoreUnavailable` within
-`OP_TIMEOUT` seconds; the pool reconnects when it is back. A run whose batch could not be
-written is stopped (its next `append` or `finish` raises), so a log never has a hole.
+`OP_TIMEOUT` seconds; the pool reconnects when it is back. Appends ride out an outage of
+up to `RETRY_FOR` seconds: the round in flight is resolved against the log once the
+database answers (written, or not: never twice) and written in order with what followed.
+A run whose batch could not be resolved or written in time is stopped (its next `append`
+or `finish` raises), so a log never has a hole.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ log = logging.getLogger("tether.store")
 OP_TIMEOUT = 5.0  # seconds any store call may take before StoreUnavailable
 CONNECT_TIMEOUT = 3.0
 ACQUIRE_TIMEOUT = OP_TIMEOUT + CONNECT_TIMEOUT + 2.0
+# How long a round of appends that failed for an outage is tried again before its runs
+# are given up (their responses then end from the log). A database restart takes seconds.
+RETRY_FOR = 30.0
 MAX_PENDING = 4096  # appended events waiting for a flush before `append` waits too
 
 # Errors that mean "the database cannot be reached now", not "the request is wrong".
@@ -141,7 +147,13 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
         finally:
             if keep:
-                await self.pool.release(con)
+                # The work is done (maybe committed): a connection that dies while it is
+                # reset for the pool is the pool's loss, not this call's failure.
+                try:
+                    await self.pool.release(con)
+                except UNAVAILABLE:
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        con.terminate()
             else:
                 # The server rolls back whatever the connection had begun. (A connection
                 # that was lost is back in the pool already: nothing to terminate.)
@@ -316,10 +328,15 @@ class PostgresStore:
 
     async def flush(self) -> None:
         """Wait until every append made so far is committed (or has failed). Only the
-        rounds holding them: under steady load the flusher is never idle."""
+        rounds holding them: under steady load the flusher is never idle. A round that
+        rides out an outage keeps this waiting: `StoreUnavailable` after `OP_TIMEOUT`."""
         target = self._rounds_begun + (1 if self._pending else 0)
-        while self._rounds_done < target:
-            await self._flushed.wait()
+        try:
+            async with asyncio.timeout(OP_TIMEOUT):
+                while self._rounds_done < target:
+                    await self._flushed.wait()
+        except TimeoutError as exc:
+            raise StoreUnavailable("appends are waiting for PostgreSQL") from exc
 
     async def _flush(self) -> None:
         """Commit pending appends, one statement per round, until none are left."""
@@ -328,12 +345,17 @@ class PostgresStore:
                 batch, self._pending = self._pending, {}
                 self._pending_events = 0
                 self._rounds_begun += 1
+                todo = {rid: p for rid, p in batch.items()
+                        if p.events or p.tokens or p.input_tokens is not None}
                 try:
-                    await self._commit(batch)
+                    try:
+                        await self._commit(todo)
+                    except StoreUnavailable:
+                        await self._retry(todo)
                 except Exception as exc:
                     if not isinstance(exc, StoreUnavailable):
                         log.exception("append failed")
-                    for response_id, pending in batch.items():
+                    for response_id, pending in todo.items():
                         self._failed.add((response_id, pending.run_token), exc)
                 self._rounds_done += 1
                 self._flushed.set()
@@ -341,9 +363,8 @@ class PostgresStore:
         finally:
             self._flusher = None
 
-    async def _commit(self, batch: dict[str, Pending]) -> None:
-        todo = {rid: p for rid, p in batch.items()
-                if p.events or p.tokens or p.input_tokens is not None}
+    async def _commit(self, todo: dict[str, Pending]) -> None:
+        """Append `todo`'s batches; each one committed (or fenced out) leaves `todo`."""
         for _ in range(10):
             if not todo:
                 return
@@ -368,6 +389,47 @@ class PostgresStore:
                 else:
                     self._seqs.pop(rid, None)  # fenced, ended, or a stale seq: look again
         raise RuntimeError(f"appends kept missing: {sorted(todo)}")
+
+    async def _retry(self, todo: dict[str, Pending]) -> None:
+        """Ride out an outage for a round whose statement failed: find out which batches
+        it wrote after all (the run holds the token, so the log grew by exactly its events
+        or not at all), and append the rest when the database is back. Until then new
+        appends wait in the next round, in order."""
+        deadline = time.monotonic() + RETRY_FOR
+        while todo:
+            await asyncio.sleep(0.25)
+            try:
+                rows = await self._query(
+                    "fetch", f"SELECT id, run_token, last_seq FROM responses "
+                    f"WHERE id = ANY($1) AND {LIVE}", list(todo))
+                self._resolve(todo, {r[0]: (r[1], int(r[2])) for r in rows})
+                await self._commit(todo)
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+
+    def _resolve(self, todo: dict[str, Pending], found: dict[str, tuple[str, int]]) -> None:
+        for rid, p in list(todo.items()):
+            now = found.get(rid)
+            cached = self._seqs.get(rid)
+            if now is None or now[0] != p.run_token:
+                self._fenced.add((rid, p.run_token))  # ended or fenced meanwhile
+                del todo[rid]
+            elif cached is None or cached[0] != p.run_token:
+                continue  # not numbered yet, so not written: `_commit` appends it
+            elif now[1] == cached[1] and (p.events or not p.tokens):
+                continue  # not written: `_commit` appends it
+            elif p.events and now[1] == cached[1] + len(p.events):
+                entries = sql.entries(cached[1] + 1, p.events)  # written: as it was
+                self._seqs[rid] = (p.run_token, now[1])
+                self.live.committed(rid, entries)
+                del todo[rid]
+            else:
+                # A count without events leaves no trace to tell if it was written: this
+                # run stops, and its response ends from what the log holds.
+                self._failed.add((rid, p.run_token),
+                                 StoreUnavailable(f"{rid}: a lost write cannot be resolved"))
+                del todo[rid]
 
     async def _learn_seqs(self, ids: list[str], todo: dict[str, Pending]) -> None:
         """Where each run's log stands; runs no longer current are fenced out."""
