@@ -56,7 +56,7 @@ def job(index: int, seed: int, steps: int, args: argparse.Namespace,
             folder.mkdir()
             try:
                 machine.run(folder, examples=args.examples, steps=args.steps_per_example,
-                            chosen_seed=seed + batch, rate=args.rate)
+                            chosen_seed=seed + batch, rate=args.rate, scaled=args.scaled)
             except Exception as exc:  # a violation: report it and stop this job
                 violation = f"seed {seed + batch}: {exc!r}"
                 print(f"[job {index}] VIOLATION with seed {seed + batch}:\n"
@@ -84,6 +84,8 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=60,
                         help="start no new batch after this (60)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--scaled", action="store_true",
+                        help="two API replicas and two workers on PostgreSQL + Redis")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + 1000 * j for j in range(args.jobs)]

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from tether.store import make_store
 from tether.store.base import IdempotencyConflict, Record, StoreUnavailable
-from tether.store.postgres import OP_TIMEOUT, PostgresStore
+from tether.store.pg_pool import OP_TIMEOUT
+from tether.store.postgres import PostgresStore
 
 from services import delete_prefix, postgres_url, prefix, redis_url, run
 

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -41,29 +40,15 @@ import orjson
 from tether.store import pg_sql as sql
 from tether.store.base import IdempotencyConflict, LogEntry, Record, StoreUnavailable
 from tether.store.livelog import LiveLog
+from tether.store.pg_pool import OP_TIMEOUT, Database
 from tether.store.pg_sql import LIVE, Pending
 
 log = logging.getLogger("tether.store")
 
-OP_TIMEOUT = 5.0  # seconds any store call may take before StoreUnavailable
-CONNECT_TIMEOUT = 3.0
-ACQUIRE_TIMEOUT = OP_TIMEOUT + CONNECT_TIMEOUT + 2.0
 # How long a round of appends that failed for an outage is tried again before its runs
 # are given up (their responses then end from the log). A database restart takes seconds.
 RETRY_FOR = 30.0
 MAX_PENDING = 4096  # appended events waiting for a flush before `append` waits too
-
-# Errors that mean "the database cannot be reached now", not "the request is wrong".
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
-# Of those, the ones a pooled connection shows when its server side is gone.
-STALE: tuple[type[BaseException], ...] = (
-    asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.InternalClientError, ConnectionResetError, BrokenPipeError,
-)
 
 
 class _Recent(OrderedDict[tuple[str, str], BaseException | None]):
@@ -78,10 +63,8 @@ class _Recent(OrderedDict[tuple[str, str], BaseException | None]):
 class PostgresStore:
     def __init__(self, url: str, redis_url: str, prefix: str = "tether",
                  pool_size: int = 10) -> None:
-        self.url = url
-        self.pool_size = pool_size
+        self.db = Database(url, pool_size)
         self.live = LiveLog(redis_url, prefix)
-        self._pool: asyncpg.Pool | None = None
         self._pending: dict[str, Pending] = {}
         self._pending_events = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -91,87 +74,15 @@ class PostgresStore:
         self._fenced = _Recent()
         self._failed = _Recent()  # runs whose batch could not be written, and why
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        assert self._pool is not None, "store is not open"
-        return self._pool
-
     async def open(self) -> None:
-        try:
-            con = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
-            try:
-                await asyncio.wait_for(sql.migrate(con), 60)  # waits for another process's
-            finally:
-                con.terminate()  # no goodbye: a hung server must not hang the open
-            self._pool = await asyncpg.create_pool(
-                self.url, min_size=0, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=OP_TIMEOUT, max_inactive_connection_lifetime=60)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL unreachable: {exc!r}") from exc
+        await self.db.open(sql.migrate)
         await self.live.open()
 
     async def close(self) -> None:
         with contextlib.suppress(StoreUnavailable, TimeoutError):
             await asyncio.wait_for(self.flush(), OP_TIMEOUT)
         await self.live.close()
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), 2.0)
-            except TimeoutError:
-                self._pool.terminate()
-            self._pool = None
-
-    @contextlib.asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection (in a transaction if asked). Any loss of the database
-        becomes `StoreUnavailable` within `OP_TIMEOUT`: a connection left in an unknown
-        state is terminated, never waited on (a rollback or reset on a hung connection
-        would wait as long as the hang)."""
-        try:
-            # Waiting for a busy pool is load, not an outage (connections in use give
-            # up within OP_TIMEOUT when the database is gone): a longer bound than a
-            # connect's, so a burst of requests queues instead of getting 503s.
-            con = await self.pool.acquire(timeout=ACQUIRE_TIMEOUT)  # also bounds release
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
-        keep = False  # only a connection that finished cleanly goes back to the pool
-        try:
-            async with asyncio.timeout(OP_TIMEOUT):
-                if transaction:
-                    await con.execute("BEGIN")
-                yield con
-                if transaction:
-                    await con.execute("COMMIT")
-            keep = True
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
-        finally:
-            if keep:
-                # The work is done (maybe committed): a connection that dies while it is
-                # reset for the pool is the pool's loss, not this call's failure.
-                try:
-                    await self.pool.release(con)
-                except UNAVAILABLE:
-                    with contextlib.suppress(asyncpg.InterfaceError):
-                        con.terminate()
-            else:
-                # The server rolls back whatever the connection had begun. (A connection
-                # that was lost is back in the pool already: nothing to terminate.)
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    con.terminate()
-
-    async def _query(self, method: str, query: str, *args: Any) -> Any:
-        """One read-only statement (`fetch`, `fetchrow`, `fetchval`), tried again once on
-        a fresh connection if the pooled one turned out dead (the database restarted or
-        killed it): reads after an outage do not fail for a stale pool."""
-        for attempt in (0, 1):
-            try:
-                async with self._conn() as con:
-                    return await getattr(con, method)(query, *args)
-            except StoreUnavailable as exc:
-                if attempt or not isinstance(exc.__cause__, STALE):
-                    raise
-        raise AssertionError("unreachable")
+        await self.db.close()
 
     # --- writes ------------------------------------------------------------------------
 
@@ -183,7 +94,7 @@ class PostgresStore:
     ) -> tuple[Record, bool]:
         entries = sql.entries(0, events)
         last = len(events) - 1
-        async with self._conn(transaction=True) as con:
+        async with self.db.conn(transaction=True) as con:
             if idempotency is not None:
                 key, body_hash = idempotency
                 fresh = await con.fetchval(
@@ -262,7 +173,7 @@ class PostgresStore:
 
     async def fence(self, response_id: str, run_token: str) -> bool:
         await self.flush()  # this process's appends before the fence: usage stays exact
-        async with self._conn() as con:
+        async with self.db.conn() as con:
             last = await con.fetchval(
                 f"UPDATE responses SET run_token = $2 WHERE id = $1 AND {LIVE} "
                 "RETURNING last_seq", response_id, run_token)
@@ -304,7 +215,7 @@ class PostgresStore:
         cached = self._seqs.get(response_id)
         last = cached[1] if cached is not None and cached[0] == run_token else None
         snap = orjson.dumps(snapshot)
-        async with self._conn() as con:
+        async with self.db.conn() as con:
             for _ in range(10):
                 if last is None:
                     row = await con.fetchrow(
@@ -378,7 +289,7 @@ class PostgresStore:
                 first = self._seqs[rid][1] + 1
                 rows.append((rid, p, first, sql.entries(first, p.events)))
             columns = sql.batch_columns(rows)
-            async with self._conn() as con:
+            async with self.db.conn() as con:
                 matched = {r[0] for r in await con.fetch(sql.APPEND, *columns)}
             for rid, p, _, entries in rows:
                 if rid in matched:
@@ -399,7 +310,7 @@ class PostgresStore:
         while todo:
             await asyncio.sleep(0.25)
             try:
-                rows = await self._query(
+                rows = await self.db.query(
                     "fetch", f"SELECT id, run_token, last_seq FROM responses "
                     f"WHERE id = ANY($1) AND {LIVE}", list(todo))
                 self._resolve(todo, {r[0]: (r[1], int(r[2])) for r in rows})
@@ -433,7 +344,7 @@ class PostgresStore:
 
     async def _learn_seqs(self, ids: list[str], todo: dict[str, Pending]) -> None:
         """Where each run's log stands; runs no longer current are fenced out."""
-        rows = await self._query(
+        rows = await self.db.query(
             "fetch", f"SELECT id, run_token, last_seq FROM responses WHERE id = ANY($1) AND {LIVE}",
             ids)
         current = {r[0]: (r[1], r[2]) for r in rows}
@@ -449,7 +360,7 @@ class PostgresStore:
     # --- reads -------------------------------------------------------------------------
 
     async def get(self, response_id: str, tenant: str) -> Record | None:
-        row = await self._query("fetchrow", f"{sql.SELECT} WHERE r.id = $1 AND r.tenant = $2",
+        row = await self.db.query("fetchrow", f"{sql.SELECT} WHERE r.id = $1 AND r.tenant = $2",
                                 response_id, tenant)
         return None if row is None else sql.record(row)
 
@@ -463,7 +374,7 @@ class PostgresStore:
         return await self.live.read(response_id, after, upto, self._read_durable)
 
     async def _read_durable(self, response_id: str, after: int) -> list[LogEntry]:
-        rows = await self._query(
+        rows = await self.db.query(
             "fetch", "SELECT first_seq, types, data FROM events "
             "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq", response_id, after)
         return [
@@ -480,14 +391,14 @@ class PostgresStore:
 
     async def output_tokens(self, response_id: str) -> int:
         await self.flush()
-        value = await self._query(
+        value = await self.db.query(
             "fetchval", "SELECT output_tokens FROM responses WHERE id = $1", response_id)
         return int(value or 0)
 
     # --- housekeeping ------------------------------------------------------------------
 
     async def delete(self, response_id: str, tenant: str) -> bool:
-        async with self._conn(transaction=True) as con:
+        async with self.db.conn(transaction=True) as con:
             deleted = await con.fetchval(
                 "DELETE FROM responses WHERE id = $1 AND tenant = $2 RETURNING 1",
                 response_id, tenant)
@@ -501,20 +412,20 @@ class PostgresStore:
         return bool(deleted)
 
     async def renew(self, owner: str, lease_until: float) -> None:
-        async with self._conn() as con:
+        async with self.db.conn() as con:
             await con.execute(
                 f"UPDATE responses SET lease_until = $2 WHERE owner = $1 AND {LIVE}",
                 owner, lease_until)
 
     async def expired(self, now: float) -> list[Record]:
-        rows = await self._query(
+        rows = await self.db.query(
             "fetch", f"{sql.SELECT} WHERE r.{LIVE} AND r.lease_until < $1", now)
         return [sql.record(row) for row in rows]
 
     async def adopt(
         self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float
     ) -> bool:
-        async with self._conn() as con:
+        async with self.db.conn() as con:
             done = await con.fetchval(
                 "UPDATE responses SET owner = $3, lease_until = $4 "
                 "WHERE id = $1 AND status = 'queued' AND run_token IS NULL "
@@ -523,7 +434,7 @@ class PostgresStore:
         return bool(done)
 
     async def purge(self, before: float) -> int:
-        async with self._conn(transaction=True) as con:
+        async with self.db.conn(transaction=True) as con:
             await con.execute(
                 "DELETE FROM events WHERE response_id IN "
                 "(SELECT id FROM responses WHERE finished_at < $1)", before)
