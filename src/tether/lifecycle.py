@@ -199,14 +199,17 @@ class Lifecycle:
     async def _patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`call(*args)`, riding out a short outage of the store: retried until the
         lease would have run out, after which another process takes over anyway."""
-        deadline = time.monotonic() + self.settings.lease_timeout
+        try:
+            return await call(*args)  # the common case: no clock, no loop
+        except StoreUnavailable:
+            deadline = time.monotonic() + self.settings.lease_timeout
         while True:
+            await asyncio.sleep(0.25)
             try:
                 return await call(*args)
             except StoreUnavailable:
                 if time.monotonic() > deadline:
                     raise
-                await asyncio.sleep(0.25)
 
     def _on_cancel(self, rid: str) -> None:
         """A cancel signal (from this process or another replica)."""
@@ -358,16 +361,9 @@ class Lifecycle:
         """Every stream: the log after `after`, then live events, until the terminal one.
         A stream rides out a short outage of the store rather than end without its
         terminal event."""
-        patiently = self._patiently
-        store = self.store
-
-        async def read(rid: str, after: int, upto: int | None = None) -> list[LogEntry]:
-            return await patiently(store.read, rid, after, upto)
-
-        async def wait(rid: str, after: int, timeout: float) -> None:
-            await patiently(store.wait, rid, after, timeout)
-
-        entries = await read(rid, after)
+        patiently, store = self._patiently, self.store
+        read, wait = store.read, store.wait
+        entries = await patiently(read, rid, after)
         check = True  # look at the status when the log is idle: a replay may be past the end
         while True:
             if entries:
@@ -375,7 +371,7 @@ class Lifecycle:
                 after = entries[-1].seq
                 if entries[-1].type in wire.TERMINAL_EVENTS:
                     return
-                entries = await read(rid, after)
+                entries = await patiently(read, rid, after)
                 continue
             if check:
                 # The log is idle: the record says whether it is complete (a cache-served
@@ -384,13 +380,13 @@ class Lifecycle:
                 if rec is None:
                     return
                 if rec.last_seq > after:
-                    entries = await read(rid, after, rec.last_seq)
+                    entries = await patiently(read, rid, after, rec.last_seq)
                     check = False
                     continue
                 if rec.status not in wire.LIVE_STATES:
                     return
-            await wait(rid, after, self.settings.keepalive)
-            entries = await read(rid, after)
+            await patiently(wait, rid, after, self.settings.keepalive)
+            entries = await patiently(read, rid, after)
             check = not entries
 
     async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
