@@ -17,6 +17,10 @@ import httpx
 import openai
 import pytest
 
+import spec
+
+spec.install()  # every reply of every tether server the tests start meets the specs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -80,6 +84,7 @@ class Server:
         cmd = [sys.executable, "-m", "tether", self.command, "--port", str(self.port),
                "--db", str(self.db), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        spec.TETHER_PORTS.add(self.port)  # its every reply is checked against the specs
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.proc is not None and self.log is not None
@@ -115,10 +120,16 @@ class Server:
         self.start()
 
     def client(self, **kwargs: object) -> openai.OpenAI:
+        """The strict SDK client, whose every reply is checked against the specs as it
+        passes (`spec.ValidatingTransport`)."""
+        kwargs.setdefault("http_client", openai.DefaultHttpxClient(
+            transport=spec.ValidatingTransport()))
         return openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0,
                              _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
 
     def async_client(self, **kwargs: object) -> openai.AsyncOpenAI:
+        kwargs.setdefault("http_client", openai.DefaultAsyncHttpxClient(
+            transport=spec.AsyncValidatingTransport()))
         return openai.AsyncOpenAI(base_url=self.base_url, api_key="test", max_retries=0,
                                   _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
 
@@ -159,6 +170,17 @@ def client(server: Server) -> Iterator[openai.OpenAI]:
         yield c
 
 
+@pytest.fixture(autouse=True)
+def spec_violations() -> Iterator[None]:
+    """Fails a test whose clients received anything the specs do not allow, also when
+    the client turned it into an error the test expected (`spec.ValidatingTransport`)."""
+    spec.VIOLATIONS.clear()
+    spec.CHECKED.clear()
+    yield
+    found, spec.VIOLATIONS[:] = list(spec.VIOLATIONS), []
+    assert not found, f"replies that break the specs: {found}"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -176,8 +198,9 @@ def raw_events(server: Server, response_id: str, starting_after: int | None = No
     params = {"stream": "true"}
     if starting_after is not None:
         params["starting_after"] = str(starting_after)
-    with httpx.stream("GET", f"{server.base_url}/responses/{response_id}", params=params,
-                      timeout=timeout) as r:
+    with httpx.Client(transport=spec.HttpxValidatingTransport()) as http, http.stream(
+            "GET", f"{server.base_url}/responses/{response_id}", params=params,
+            timeout=timeout) as r:
         r.raise_for_status()
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

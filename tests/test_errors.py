@@ -353,7 +353,8 @@ def test_unknown_response_id_is_404(quiet: Server, qclient: openai.OpenAI,
     assert rid in err["message"]
 
 
-ROUTES_404 = [("GET", "/v1/nope"), ("POST", "/v1/chat/completions"), ("GET", "/"),
+ROUTES_404 = [("GET", "/v1/nope"), ("POST", "/v1/chat/completions"), ("GET", "/nope"),
+              ("GET", "/playground/nope.js"),  # `/` is the playground page
               ("POST", "/v1/responses/resp_x/cancel/now"), ("GET", "/v1/responses/a/b/c")]
 
 

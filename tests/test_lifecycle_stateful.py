@@ -6,7 +6,8 @@ cursors, cancels (repeated, concurrent), disconnects, completions, injected engi
 and restarts (graceful or SIGKILL). After every step every response is checked: a finished
 one in full, once (`invariants.check_response`), then for a status or usage that changes;
 a cancel that returned 200 must read `cancelled`. When an example ends, every response is
-checked again with its readers read to the end and the engine's token trace.
+checked again with its readers read to the end and the engine's token trace, and the usage
+ledger must have grown by exactly the example's responses and their reported usage.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.responses: list[Tracked] = []
         self.generation = 0
         self.since_restart = 0
+        self.ledger_before = self._ledger()
 
     @property
     def base(self) -> str:
@@ -239,6 +241,32 @@ class Lifecycle(RuleBasedStateMachine):
             note(f"checking {tracked.rid}")
             check_response(self.base, tracked.rid, log, [r.seen for r in tracked.readers],
                            tracked.cancels, trace)
+        if hasattr(self, "responses"):
+            self._check_ledger()
+
+    def _ledger(self) -> Counter[tuple[str, str, str]]:
+        """The usage ledger's counts, by model, status and field."""
+        body = httpx.get(f"{self.base}/usage", timeout=10).json()
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for row in body["data"]:
+            for f in ("responses", "input_tokens", "output_tokens"):
+                counts[(row["model"], row["status"], f)] += row[f]
+        return counts
+
+    def _check_ledger(self) -> None:
+        """Every response of the example, all terminal now, entered the usage ledger
+        exactly once with the usage it reports, whatever raced or crashed."""
+        expected: Counter[tuple[str, str, str]] = Counter()
+        for tracked in self.responses:
+            now = httpx.get(f"{self.base}/responses/{tracked.rid}", timeout=10).json()
+            assert now["status"] in FINAL_STATES, tracked.rid
+            usage = now["usage"] or {}
+            expected[(now["model"], now["status"], "responses")] += 1
+            for f in ("input_tokens", "output_tokens"):
+                expected[(now["model"], now["status"], f)] += usage.get(f, 0)
+        grown = self._ledger()
+        grown.subtract(self.ledger_before)
+        assert +grown == +expected, (dict(grown), dict(expected))
 
     def _open_readers(self) -> list[Reader]:
         return [r for t in self.responses for r in t.readers

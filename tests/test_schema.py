@@ -17,66 +17,37 @@ import json
 import time
 import typing
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from jsonschema import Draft202012Validator
 from openai.types import Model
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 from openai.types.responses.response_item_list import ResponseItemList
 from pydantic import BaseModel, TypeAdapter
-from referencing import Registry
-from referencing.jsonschema import DRAFT202012
+
+import spec
+from spec import (
+    EVENT_SCHEMAS,
+    RESOURCE,
+    RESOURCE_FIELDS,
+    STREAM_ONE_OF,
+    spec_errors,
+    spec_schema,
+    spec_validator,
+)
 
 from conftest import Server, wait_for
 
 MODEL = "scripted"
 FAST_LENGTH = 50
 
-# --- the Open Responses OpenAPI document ------------------------------------------------
+# --- the Open Responses OpenAPI document (validators shared with other tests: `spec`) ---
 
-# The spec lives next to the repository (CI has it at the same relative place).
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "spec" / "openapi.json"
-SPEC: dict[str, Any] = json.loads(SPEC_PATH.read_text())
-SPEC_URI = "urn:openresponses:openapi"
-REGISTRY: Registry[Any] = Registry().with_resource(SPEC_URI, DRAFT202012.create_resource(SPEC))
-RESOLVER = REGISTRY.resolver(SPEC_URI)
-
-
-def spec_validator(pointer: str) -> Draft202012Validator:
-    return Draft202012Validator({"$ref": f"{SPEC_URI}#{pointer}"}, registry=REGISTRY)
-
-
-def spec_schema(pointer: str) -> dict[str, Any]:
-    schema: dict[str, Any] = RESOLVER.lookup(f"#{pointer}").contents
-    return schema
-
-
-RESOURCE = spec_validator("/components/schemas/ResponseResource")
-RESOURCE_FIELDS = set(spec_schema("/components/schemas/ResponseResource")["properties"])
-
-# How the spec maps an event `type` to its schema: the `text/event-stream` oneOf of the
-# 200 reply of POST /responses, one schema per type, told apart by `properties.type.enum`
-# (the `discriminator` has no `mapping`).
-_STREAM_POINTER = ("/paths/~1responses/post/responses/200/content/"
-                   "text~1event-stream/schema")
-STREAM_ONE_OF = spec_validator(_STREAM_POINTER)
-EVENT_SCHEMAS: dict[str, tuple[Draft202012Validator, set[str]]] = {}
-for _branch in spec_schema(_STREAM_POINTER)["oneOf"]:
-    _pointer = _branch["$ref"].removeprefix("#")
-    _schema = spec_schema(_pointer)
-    _type = _schema["properties"]["type"]
-    for _name in _type.get("enum", [_type.get("const")]):
-        assert _name not in EVENT_SCHEMAS, f"two streaming-event schemas for {_name}"
-        EVENT_SCHEMAS[_name] = (spec_validator(_pointer), set(_schema["properties"]))
-
-
-def spec_errors(validator: Draft202012Validator, instance: Any) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"[:300]
-            for e in validator.iter_errors(instance)]
+# Re-exported: other test modules import these from here.
+__all__ = ["EVENT_SCHEMAS", "RESOURCE", "RESOURCE_FIELDS", "STREAM_ONE_OF", "check_event",
+           "check_response", "check_stream", "spec_errors", "spec_schema", "spec_validator"]
 
 
 # --- the official SDK's types -------------------------------------------------------------
@@ -244,7 +215,9 @@ def fast_client(fast: Server) -> Iterator[openai.OpenAI]:
 
 @pytest.fixture
 def http(fast: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=fast.base_url, timeout=10) as c:
+    # Raw bytes for the checks below, and the specs' checks as they pass (`spec`).
+    with httpx.Client(base_url=fast.base_url, timeout=10,
+                      transport=spec.HttpxValidatingTransport()) as c:
         yield c
 
 
@@ -343,7 +316,8 @@ def test_incomplete_validates(fast_client: openai.OpenAI, http: httpx.Client) ->
 def test_cancelled_background_stream_validates(server: Server, client: openai.OpenAI) -> None:
     # contract §3.2, §3.4 — at the default 100 tokens/s, so the cancel lands mid-run
     body = {"model": MODEL, "input": "tell me a story", "background": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=10) as http:
+    with httpx.Client(base_url=server.base_url, timeout=10,
+                      transport=spec.HttpxValidatingTransport()) as http:
         with http.stream("POST", "/responses", json=body) as r:
             reader = SSEReader(r)
             reader.until(lambda evs: deltas(evs) >= 3)

@@ -26,9 +26,12 @@ def refused(body: dict[str, Any]) -> APIError:
     ({"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"model": "m", "input": "x", "stream": "yes"}, "stream"),
     ({"model": "m", "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
-    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image",
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_audio",
                                                             "text": "x"}]}]},
      "input[0].content[0].type"),
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image",
+                                                            "text": "x"}]}]},
+     "input[0].content[0].image_url"),
     ({"model": "m", "input": "x", "metadata": {"k": 1}}, "metadata.k"),
     ({"model": "m", "input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"model": "m", "input": "x", "foo": 1}, "foo"),
@@ -67,7 +70,9 @@ def test_input_items_keep_roles_and_sdk_item_shapes() -> None:
     items = wire.input_items(req)
     assert [(i["role"], wire.item_text(i)) for i in items] == [
         ("user", "a"), ("assistant", "b"), ("developer", "c")]
-    assert items[1]["content"][0] == {"type": "output_text", "text": "b", "annotations": []}
+    # `logprobs`: OpenAI's OutputTextContent requires it in input_items pages too.
+    assert items[1]["content"][0] == {"type": "output_text", "text": "b", "annotations": [],
+                                      "logprobs": []}
     assert all(i["id"].startswith("msg_") and i["status"] == "completed" for i in items)
 
 

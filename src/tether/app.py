@@ -5,19 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 
-from tether import routes
+from tether import compact, routes
+from tether.auth import AuthMiddleware, KeyRing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
 from tether.errors import APIError, server_error
 from tether.lifecycle import Lifecycle, new_token
+from tether.logs import RequestId
 from tether.store import make_store
 from tether.store.base import StoreUnavailable
 
@@ -44,11 +48,16 @@ def make_lifecycle(settings: Settings, worker_only: bool = False) -> Lifecycle:
     return Lifecycle(store, engine, settings, dispatch, settings.workers, owner=owner)
 
 
-def create_app(settings: Settings | None = None, worker_only: bool = False) -> Starlette:
+def create_app(settings: Settings | None = None, worker_only: bool = False,
+               keyring: KeyRing | None = None) -> Starlette:
     """The ASGI app. `worker_only`: a `tether worker`, which serves only /health (and
-    the debug routes) next to its runs."""
+    the debug routes) next to its runs. `keyring`: the API keys (default: `settings`')."""
     settings = settings or Settings()
     lifecycle = make_lifecycle(settings, worker_only)
+    compact.configure(settings.db)  # the install's key for compaction tokens
+    if keyring is None:
+        keyring = KeyRing(None if settings.keys_file is None else Path(settings.keys_file),
+                          settings.api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -64,8 +73,10 @@ def create_app(settings: Settings | None = None, worker_only: bool = False) -> S
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
                             StoreUnavailable: _unavailable, Exception: _unexpected},
         lifespan=lifespan,
+        middleware=[Middleware(RequestId), Middleware(AuthMiddleware, keyring=keyring)],
     )
     app.state.lifecycle = lifecycle
+    app.state.keyring = keyring
     return app
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -51,9 +53,18 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retention", type=float,
                      help="Seconds a finished log stays streamable."),
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),
+        click.option("--websocket-limit", type=float,
+                     help="Seconds a WebSocket connection lives (default 3600)."),
+        click.option("--keys-file", type=click.Path(dir_okay=False),
+                     help="API keys file (see `tether keys`); every request then needs a "
+                          "key, and responses belong to the key's tenant."),
+        click.option("--allow-anonymous/--no-allow-anonymous", default=None,
+                     help="Serve beyond loopback without API keys."),
         click.option("--debug-routes/--no-debug-routes", default=None,
                      help="Expose /debug/engine/{id} (scripted engine traces)."),
         click.option("--log-level", help="Log level (default warning)."),
+        click.option("--log-format", type=click.Choice(["json", "text"]),
+                     help="Log lines as JSON objects (default) or plain text."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -72,9 +83,20 @@ def _settings(options: dict[str, Any]) -> Settings:
 
 def _run(settings: Settings, worker_only: bool) -> None:
     from tether.app import create_app
+    from tether.auth import KeyRing, bind_is_safe
+    from tether.logs import configure
 
     try:
-        app = create_app(settings, worker_only)
+        configure(settings.log_level, settings.log_format)
+    except ValueError as exc:  # an unknown level name
+        raise click.BadParameter(str(exc), param_hint="--log-level") from None
+    keyring = KeyRing(_path(settings.keys_file), settings.api_keys)
+    if not (worker_only or settings.allow_anonymous or bind_is_safe(settings.host, keyring)):
+        raise click.UsageError(
+            f"refusing to serve on {settings.host} without API keys (CONTRACT §7): "
+            "create keys with `tether keys create`, pass --keys-file, or --allow-anonymous")
+    try:
+        app = create_app(settings, worker_only, keyring)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     uvicorn.run(
@@ -84,7 +106,8 @@ def _run(settings: Settings, worker_only: bool) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's loggers go through ours (tether.logs), as JSON too
+        access_log=False,  # tether.logs writes one access line per request instead
         timeout_graceful_shutdown=3,
     )
 
@@ -104,6 +127,94 @@ def serve(**options: Any) -> None:
 def worker(**options: Any) -> None:
     """Run responses (no API), with others on the same --db postgresql:// and --redis."""
     _run(_settings(options), worker_only=True)
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+KEYS_FILE = click.option(
+    "--keys-file", type=click.Path(dir_okay=False), envvar="TETHER_KEYS_FILE",
+    default="tether-keys.json", show_default=True, help="The API keys file.")
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (the file stores only their hashes)."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="The tenant the key's responses belong to.")
+@click.option("--name", default="", help="A label for the key.")
+@KEYS_FILE
+def keys_create(tenant: str, name: str, keys_file: str) -> None:
+    """Create a key and print its secret (shown only this once)."""
+    from tether.auth import create_key
+
+    try:
+        key, secret = create_key(Path(keys_file), tenant, name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tenant") from None
+    click.echo(f"{key.id}  tenant={key.tenant}")
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@KEYS_FILE
+def keys_list(keys_file: str, as_json: bool) -> None:
+    """List keys (never their secrets)."""
+    from tether.auth import describe, load_keys
+
+    rows = [describe(k) for k in load_keys(Path(keys_file))]
+    _table(rows, ["id", "tenant", "name", "created_at", "revoked_at"], as_json)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@KEYS_FILE
+def keys_revoke(key_id: str, keys_file: str) -> None:
+    """Revoke a key; a running server refuses it (401) from its next request."""
+    from tether.auth import revoke_key
+
+    try:
+        key = revoke_key(Path(keys_file), key_id)
+    except KeyError:
+        raise click.BadParameter(f"no key {key_id!r} in {keys_file}",
+                                 param_hint="KEY_ID") from None
+    click.echo(f"revoked {key.id} (tenant {key.tenant})")
+
+
+@main.command()
+@click.option("--db", envvar="TETHER_DB", default="tether.db", show_default=True,
+              help="The server's database: a SQLite file or postgresql://...")
+@click.option("--tenant", help="Only this tenant's rows.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+def usage(db: str, tenant: str | None, as_json: bool) -> None:
+    """The usage ledger: tokens of terminal responses by tenant, API key, model and
+    status (read from the database; the server may be running)."""
+    import asyncio
+
+    from tether.usage import read_ledger
+
+    try:
+        rows = asyncio.run(read_ledger(db, tenant))
+    except Exception as exc:  # an unreachable or foreign database: say so, no traceback
+        raise click.ClickException(f"cannot read the usage ledger from {db}: {exc}") from None
+    _table(rows, ["tenant", "key_id", "model", "status", "responses", "input_tokens",
+                  "output_tokens"], as_json)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    cells = [[str(c) for c in columns]]
+    cells += [["-" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
 if __name__ == "__main__":

@@ -81,9 +81,16 @@ class Settings(BaseSettings):
     lease_timeout: float = 30.0  # CONTRACT §6.2
     keepalive: float = 15.0  # CONTRACT §4.2
     retention: float = 24 * 3600.0  # CONTRACT §4.5
+    websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)
     max_body_bytes: int = 4 * 1024 * 1024
+    # API keys (CONTRACT §7): a JSON file of hashed keys (`tether keys`), and/or
+    # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
+    keys_file: str | None = None
+    api_keys: str | None = None
+    allow_anonymous: bool = False  # serve beyond loopback without keys (you were warned)
     debug_routes: bool = False  # expose the scripted engine's trace (tests, benchmarks)
     log_level: str = "warning"
+    log_format: Literal["json", "text"] = "json"
 
     def all_upstreams(self) -> list[UpstreamConfig]:
         """The config file's upstreams, then the flags'; a later one for the same model

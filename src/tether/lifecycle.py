@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import wire
+from tether import metrics, wire
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -61,6 +61,7 @@ class Lifecycle:
         self.dispatch = dispatch or LocalDispatch()
         self.owner = owner or new_token()  # this process, in leases
         self.runs: dict[str, Run] = {}
+        metrics.watch_runs(self.runs)
         self.models = {m.id for m in engine.models()}
         # Models whose engine applies function tools and `text.format` (upstreams).
         self.tool_models = {m.id for m in engine.models() if m.extra.get("tools")}
@@ -102,14 +103,15 @@ class Lifecycle:
     # --- create ------------------------------------------------------------------------
 
     async def create(
-        self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None
+        self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None,
+        key_id: str | None = None,
     ) -> Record:
         if req.model not in self.models:
             raise APIError(404, f"The model '{req.model}' does not exist.",
                            param="model", code="model_not_found")
         if req.model not in self.tool_models:
             calls = not isinstance(req.input, str) and any(
-                i.type != "message" for i in req.input)
+                i.type not in ("message", "compaction") for i in req.input)
             for param, used in (("tools", bool(req.tools)),
                                 ("tool_choice", req.uses_tools() and not req.tools),
                                 ("text", req.text_format() is not None), ("input", calls)):
@@ -144,7 +146,7 @@ class Lifecycle:
         record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
                         input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
-                        input_tokens=0, finished_at=None)
+                        input_tokens=0, finished_at=None, key_id=key_id)
         idem = None
         if idempotency_key:
             body = req.model_dump(exclude_unset=True)
@@ -157,6 +159,7 @@ class Lifecycle:
                            param="Idempotency-Key", code="idempotency_key_reused",
                            headers={"x-should-retry": "false"}) from None
         if created:
+            metrics.created()
             try:
                 await self.dispatch.submit(record.id, tenant)
             except StoreUnavailable:
@@ -266,7 +269,8 @@ class Lifecycle:
             ending, error = "failed", "The server stopped while generating this response."
         closing = _closing(snap, ending, outcome.items, [], outcome.input_tokens,
                            outcome.output_tokens, error, outcome.error_code, outcome.notes)
-        await self._patiently(self.store.finish, rid, token, ending, *closing)
+        if await self._patiently(self.store.finish, rid, token, ending, *closing):
+            metrics.ended(ending, outcome.output_tokens)
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
@@ -285,15 +289,17 @@ class Lifecycle:
         done, still_open = wire.replay(events)
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
-        await self.store.finish(rid, guard, ending,
-                                *_closing(snap, ending, still_open, done, rec.input_tokens,
-                                          output_tokens, error))
+        if await self.store.finish(rid, guard, ending,
+                                   *_closing(snap, ending, still_open, done, rec.input_tokens,
+                                             output_tokens, error)):
+            metrics.ended(ending, output_tokens)
 
     async def cancel(self, rid: str, tenant: str) -> dict[str, Any]:
         rec = await self.store.get(rid, tenant)
         if rec is None:
             raise not_found(rid)
         deadline = time.monotonic() + self.settings.cancel_timeout
+        timer = metrics.CancelTimer(rec.status in wire.LIVE_STATES)
         while rec.status in wire.LIVE_STATES:
             # Ask the run to stop and give it until the deadline to end the response
             # itself (exact usage); then end it from the log, fencing the run out. A run
@@ -303,12 +309,19 @@ class Lifecycle:
             rec = await self.store.get(rid, tenant)
             if rec is None:
                 raise not_found(rid)
+        timer.stop()
         if rec.status == "cancelled":
             return rec.snapshot
         article = "an" if rec.status == "incomplete" else "a"
         raise APIError(400, f"Cannot cancel {article} {rec.status} response.",
                        param="response_id", code="response_not_cancellable",
                        headers={"x-should-retry": "false"})
+
+    async def cancel_quietly(self, rid: str, tenant: str) -> None:
+        """Cancel for a non-background response's reader that went away (an SSE or
+        synchronous client, a WebSocket; CONTRACT §4.7): one that ended first is fine."""
+        with contextlib.suppress(APIError):
+            await self.cancel(rid, tenant)
 
     async def _stop_run(self, rec: Record, deadline: float) -> None:
         """Signal the run of a live response to stop; wait until it ended the response
@@ -357,6 +370,7 @@ class Lifecycle:
             raise bad_request("This response can no longer be streamed.", "stream",
                               "stream_expired")
 
+    @metrics.reader
     async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
         """Every stream: the log after `after`, then live events, until the terminal one.
         A stream rides out a short outage of the store rather than end without its

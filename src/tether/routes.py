@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,13 +10,13 @@ import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import wire
+from tether import compact, metrics, playground, usage, wire, wire_form
+from tether.auth import principal
 from tether.errors import APIError, bad_request
 from tether.lifecycle import Lifecycle
-
-TENANT = "default"
+from tether.websocket import responses_socket
 
 
 class JSON(Response):
@@ -36,41 +35,66 @@ async def create_response(request: Request) -> Response:
     lc = lifecycle(request)
     body = await _json_body(request, lc.settings.max_body_bytes)
     req = wire.parse_create(body)
-    record = await lc.create(req, TENANT, request.headers.get("idempotency-key"))
+    who = principal(request)
+    record = await lc.create(req, who.tenant, request.headers.get("idempotency-key"),
+                             key_id=who.key_id)
     if req.stream:
-        return _event_stream(lc, record.id, -1, cancel_on_disconnect=not req.background)
+        return _event_stream(lc, who.tenant, record.id, -1,
+                             cancel_on_disconnect=not req.background)
     if req.background:
-        return JSON(await lc.retrieve(record.id, TENANT))
+        return JSON(await lc.retrieve(record.id, who.tenant))
     return JSON(await _until_done_or_disconnect(request, lc, record.id))
+
+
+async def compact_response(request: Request) -> Response:
+    """`POST /v1/responses/compact`: the conversation (a previous response's, then
+    `input`) as one compaction item a later create can take as input (`tether.compact`)."""
+    lc = lifecycle(request)
+    req = wire.parse_compact(await _json_body(request, lc.settings.max_body_bytes))
+    if req.model not in lc.models:
+        raise APIError(404, f"The model '{req.model}' does not exist.", param="model",
+                       code="model_not_found")
+    turns: list[dict[str, Any]] = []
+    if req.previous_response_id is not None:
+        prev = await lc.store.get(req.previous_response_id, principal(request).tenant)
+        if prev is None:
+            raise APIError(404, f"Previous response with id '{req.previous_response_id}' "
+                           "not found.", param="previous_response_id",
+                           code="previous_response_not_found")
+        turns = prev.run["messages"] + wire.history(prev.snapshot["output"])
+    turns += wire.history(wire.input_items(req))
+    tokens = compact.estimate_tokens(turns)
+    return JSON(compact.resource(turns, wire.usage(tokens, 0)))
 
 
 async def get_response(request: Request) -> Response:
     lc = lifecycle(request)
     rid = request.path_params["response_id"]
+    tenant = principal(request).tenant
     stream = request.query_params.get("stream", "false").lower() == "true"
     after = _starting_after(request.query_params.get("starting_after"))
     if not stream:
-        return JSON(await lc.retrieve(rid, TENANT))
-    record = await lc.get(rid, TENANT)
+        return JSON(await lc.retrieve(rid, tenant))
+    record = await lc.get(rid, tenant)
     await lc.check_streamable(record)
-    return _event_stream(lc, rid, after, cancel_on_disconnect=False)
+    return _event_stream(lc, tenant, rid, after, cancel_on_disconnect=False)
 
 
 async def cancel_response(request: Request) -> Response:
     lc = lifecycle(request)
-    return JSON(await lc.cancel(request.path_params["response_id"], TENANT))
+    return JSON(await lc.cancel(request.path_params["response_id"], principal(request).tenant))
 
 
 async def delete_response(request: Request) -> Response:
     lc = lifecycle(request)
     rid = request.path_params["response_id"]
-    await lc.delete(rid, TENANT)
+    await lc.delete(rid, principal(request).tenant)
     return JSON({"id": rid, "object": "response", "deleted": True})
 
 
 async def list_input_items(request: Request) -> Response:
     lc = lifecycle(request)
-    record = await lc.get(request.path_params["response_id"], TENANT)
+    record = await lc.get(request.path_params["response_id"], principal(request).tenant)
     params = request.query_params
     limit = _int_param(params.get("limit"), "limit", 20)
     if not 1 <= limit <= 100:
@@ -107,6 +131,20 @@ async def get_model(request: Request) -> Response:
                    code="model_not_found")
 
 
+async def get_usage(request: Request) -> Response:
+    """tether extension: the caller's usage ledger (README, Usage ledger)."""
+    lc = lifecycle(request)
+    tenant = principal(request).tenant
+    params = request.query_params
+    key_id = params.get("key_id")
+    if key_id is not None and request.app.state.keyring.tenant_of(key_id) != tenant:
+        # Another tenant's key is as unknown as a key that does not exist (CONTRACT §7).
+        raise APIError(404, f"No API key with id '{key_id}'.", param="key_id",
+                       code="not_found")
+    rows = await lc.store.usage(tenant)
+    return JSON(usage.report(tenant, rows, key_id, params.get("model"), params.get("status")))
+
+
 async def health(request: Request) -> Response:
     return JSON({"status": "ok"})
 
@@ -137,6 +175,7 @@ def _model(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
 
 
 async def _json_body(request: Request, limit: int) -> Any:
+    kind = _body_kind(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -147,10 +186,23 @@ async def _json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
+    if kind == "application/x-www-form-urlencoded":
+        return wire_form.parse_form(b"".join(chunks))
     try:
         return orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError:
         raise bad_request("The request body is not valid JSON.", None, "invalid_json") from None
+
+
+def _body_kind(request: Request) -> str:
+    """JSON (also when no type is given, as before), or a form (the Open Responses spec
+    allows `application/x-www-form-urlencoded` create bodies); anything else is 415."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("", "application/json", "application/x-www-form-urlencoded"):
+        return kind or "application/json"
+    raise APIError(415, f"Unsupported Content-Type '{kind}': send application/json or "
+                   "application/x-www-form-urlencoded.", param="Content-Type",
+                   code="unsupported_media_type")
 
 
 def _too_large(limit: int) -> APIError:
@@ -176,38 +228,34 @@ def _starting_after(raw: str | None) -> int:
     return after
 
 
-def _event_stream(lc: Lifecycle, rid: str, after: int, *,
+def _event_stream(lc: Lifecycle, tenant: str, rid: str, after: int, *,
                   cancel_on_disconnect: bool) -> EventSourceResponse:
     keepalive = lc.settings.keepalive
     return EventSourceResponse(
-        _frames(lc, rid, after, cancel_on_disconnect), ping=keepalive, sep="\n",
+        _frames(lc, tenant, rid, after, cancel_on_disconnect), ping=keepalive, sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="keepalive", sep="\n"),
     )
 
 
-async def _frames(lc: Lifecycle, rid: str, after: int,
+async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
                   cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
     """CONTRACT §2.4: a stream is a reader of the log, nothing more."""
     frames = wire.sse_frames
     ended = False
     try:
-        async for entries in lc.follow(rid, TENANT, after):
+        async for entries in lc.follow(rid, tenant, after):
             yield frames(entries)
         ended = True
         yield wire.DONE_FRAME
     finally:
         if not ended and cancel_on_disconnect:
-            lc.spawn(_cancel_quietly(lc, rid))  # CONTRACT §4.7
-
-
-async def _cancel_quietly(lc: Lifecycle, rid: str) -> None:
-    with contextlib.suppress(APIError):
-        await lc.cancel(rid, TENANT)
+            lc.spawn(lc.cancel_quietly(rid, tenant))  # CONTRACT §4.7
 
 
 async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -> Any:
     """Wait for a synchronous response; a client that hangs up cancels it (CONTRACT §4.7)."""
-    done = asyncio.ensure_future(lc.wait_done(rid, TENANT))
+    tenant = principal(request).tenant
+    done = asyncio.ensure_future(lc.wait_done(rid, tenant))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
@@ -215,7 +263,7 @@ async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -
         gone.cancel()
     if not done.done():
         done.cancel()
-        await _cancel_quietly(lc, rid)
+        await lc.cancel_quietly(rid, tenant)
         return None
     return done.result()
 
@@ -225,18 +273,25 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-routes = [
+routes: list[BaseRoute] = [
     Route("/v1/responses", create_response, methods=["POST"]),
+    WebSocketRoute("/v1/responses", responses_socket),  # WebSocket mode
+    # Before the `{response_id}` routes, so that `compact` is never taken for an id.
+    Route("/v1/responses/compact", compact_response, methods=["POST"]),
     Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
     Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/usage", get_usage, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics.endpoint, methods=["GET"]),  # this process's own
+    *playground.routes,  # the page at / (issue 7): API server only, not workers
 ]
-worker_routes = [Route("/health", health, methods=["GET"])]
-debug_routes = [
+worker_routes: list[BaseRoute] = [Route("/health", health, methods=["GET"]),
+                                   Route("/metrics", metrics.endpoint, methods=["GET"])]
+debug_routes: list[BaseRoute] = [
     Route("/debug/engine/{response_id}", engine_trace, methods=["GET"]),
     Route("/debug/process", process_stats, methods=["GET"]),
 ]

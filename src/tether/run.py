@@ -14,7 +14,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tether import wire
+from tether import metrics, wire
 from tether.engines.base import (
     Abort,
     Delta,
@@ -66,7 +66,7 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
     spec = record.run
     messages = [Message(m["role"], m["text"],
                         [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                        m.get("call_id")) for m in spec["messages"]]
+                        m.get("call_id"), m.get("parts")) for m in spec["messages"]]
     if spec["instructions"]:
         messages.insert(0, Message("system", spec["instructions"]))
     request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
@@ -86,6 +86,8 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
         steps = engine.generate(request, run.abort)
         async with contextlib.aclosing(steps):  # type: ignore[type-var]
             async for step in steps:
+                if run.abort.is_set():  # rare: the engine went on after a stop
+                    metrics.after_stop(run, step)
                 if type(step) is Delta:
                     events = [item.delta(step.text)]
                     if not opened:

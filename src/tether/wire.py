@@ -1,4 +1,4 @@
-"""The wire format: request parsing, the Response object, stream events, SSE frames.
+"""The wire format: the Response object, stream events, SSE frames (requests: `wire_input`).
 
 Responses and events are plain dicts built here (the per-token path never runs model
 validation); tests check every one of them against the official SDK's types and the
@@ -7,291 +7,36 @@ Open Responses OpenAPI schemas.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import orjson
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    StrictBool,
-    StrictStr,
-    Tag,
-    ValidationError,
+from pydantic import BaseModel
+
+from tether.store.base import LogEntry
+
+# Request parsing lives in `wire_input`; these names stay importable from here.
+from tether.wire_input import (
+    CompactRequest,
+    CreateRequest,
+    history,
+    input_items,
+    item_text,
+    new_id,
+    parse_compact,
+    parse_create,
 )
 
-from tether.errors import APIError, bad_request
-from tether.store.base import LogEntry
+__all__ = ["CompactRequest", "CreateRequest", "history", "input_items", "item_text",
+           "new_id", "parse_compact", "parse_create"]
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 TERMINAL_STATES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 LIVE_STATES = ("queued", "in_progress")
 
-# Parameters either spec defines that tether accepts and echoes without acting on them,
-# each with the values that are safe to accept (anything else is refused, never misapplied).
-_ECHOED = {"parallel_tool_calls", "service_tier", "user", "safety_identifier",
-           "prompt_cache_key", "prompt_cache_retention", "max_tool_calls", "truncation"}
-# Parameters either spec defines that tether does not support yet: refused unless null/empty.
-_UNSUPPORTED = {"conversation", "prompt", "context_management", "moderation",
-                "prompt_cache_options", "include", "reasoning",
-                "presence_penalty", "frequency_penalty", "top_logprobs"}
-# Item types an input list may hold; anything else is validated as a message (and its
-# `type` refused there, naming `input[i].type`).
-_ITEM_TYPES = ("message", "function_call", "function_call_output")
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(24)}"
-
 
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
-
-
-# --- requests ---------------------------------------------------------------------------
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["input_text", "output_text"]
-    text: StrictStr
-
-
-class InputMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"]
-    content: StrictStr | list[ContentPart]
-
-
-class FunctionCallInput(BaseModel):
-    """A function call the model made, sent back as context."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["function_call"]
-    call_id: StrictStr
-    name: StrictStr
-    arguments: StrictStr
-    id: StrictStr | None = None
-    status: StrictStr | None = None
-
-
-class FunctionCallOutputInput(BaseModel):
-    """The output of a function call, for the model to go on with."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["function_call_output"]
-    call_id: StrictStr
-    output: StrictStr
-    id: StrictStr | None = None
-    status: StrictStr | None = None
-
-
-def _item_type(item: Any) -> str:
-    kind = item.get("type") if isinstance(item, dict) else getattr(item, "type", None)
-    return kind if kind in _ITEM_TYPES else "message"
-
-
-InputItem = Annotated[
-    Annotated[InputMessage, Tag("message")]
-    | Annotated[FunctionCallInput, Tag("function_call")]
-    | Annotated[FunctionCallOutputInput, Tag("function_call_output")],
-    Discriminator(_item_type),
-]
-
-
-class FunctionTool(BaseModel):
-    """Only function tools: the hosted tools (web search, files...) have no meaning here."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["function"]
-    name: StrictStr
-    description: StrictStr | None = None
-    parameters: dict[str, Any] | None = None
-    strict: StrictBool | None = None
-
-
-class ToolChoiceFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["function"]
-    name: StrictStr
-
-
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    type: Literal["text", "json_object", "json_schema"]
-    name: StrictStr | None = None
-    description: StrictStr | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: StrictBool | None = None
-
-
-class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    format: TextFormat | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
-
-
-class CreateRequest(BaseModel):
-    """The subset of `POST /responses` that tether acts on; see `parse_create`."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    model: StrictStr
-    input: StrictStr | list[InputItem]
-    instructions: StrictStr | None = None
-    previous_response_id: StrictStr | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
-    stream: StrictBool | None = False
-    background: StrictBool | None = False
-    store: StrictBool | None = True
-    stream_options: dict[str, Any] | None = None
-    parallel_tool_calls: StrictBool | None = None
-    service_tier: StrictStr | None = None
-    user: StrictStr | None = None
-    safety_identifier: StrictStr | None = None
-    prompt_cache_key: StrictStr | None = None
-    prompt_cache_retention: StrictStr | None = None
-    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
-    truncation: Literal["auto", "disabled"] | None = None
-    tools: list[FunctionTool] | None = None
-    tool_choice: Literal["auto", "none", "required"] | ToolChoiceFunction | None = None
-    text: TextConfig | None = None
-
-    def text_format(self) -> dict[str, Any] | None:
-        """The `text.format` an engine must apply, or None for plain text."""
-        fmt = self.text.format if self.text is not None else None
-        if fmt is None or fmt.type == "text":
-            return None
-        return fmt.model_dump(by_alias=True, exclude_none=True)
-
-    def uses_tools(self) -> bool:
-        return bool(self.tools) or self.tool_choice not in (None, "auto", "none")
-
-
-def parse_create(body: Any) -> CreateRequest:
-    """Validate a create body, naming the offending parameter in every refusal."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    for name in ("model", "input"):
-        if body.get(name) is None:
-            raise bad_request(
-                f"Missing required parameter: '{name}'.", name, "missing_required_parameter"
-            )
-    for name, value in body.items():
-        if name in CreateRequest.model_fields:
-            continue
-        if name in _UNSUPPORTED:
-            if value is None or value == [] or _is_default(name, value):
-                continue
-            raise bad_request(
-                f"Parameter '{name}' is not supported by this server yet.",
-                name,
-                "unsupported_parameter",
-            )
-        raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
-    try:
-        req = CreateRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    if req.metadata is not None and len(req.metadata) > 16:
-        raise bad_request("Invalid 'metadata': at most 16 keys.", "metadata", "invalid_value")
-    if req.metadata is not None and any(len(k) > 64 for k in req.metadata):
-        raise bad_request("Invalid 'metadata': keys are at most 64 characters.", "metadata",
-                          "invalid_value")
-    return req
-
-
-def _is_default(name: str, value: Any) -> bool:
-    if name in ("presence_penalty", "frequency_penalty", "top_logprobs"):
-        return bool(value == 0)
-    if name == "tool_choice":
-        return value in ("auto", "none")
-    if name == "text":
-        fmt = value.get("format") if isinstance(value, dict) else None
-        return isinstance(value, dict) and (fmt is None or fmt == {"type": "text"})
-    if name == "reasoning":
-        return isinstance(value, dict) and all(v is None for v in value.values())
-    return False
-
-
-def _validation_error(exc: ValidationError) -> APIError:
-    # In a union the deepest location is the branch the caller meant.
-    err = max(exc.errors(), key=lambda e: len(e["loc"]))
-    param = ""
-    for part in err["loc"]:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif not _is_type_tag(str(part)):
-            param += ("." if param else "") + str(part)
-    return bad_request(f"Invalid value for '{param}': {err['msg']}.", param, "invalid_value")
-
-
-def _is_type_tag(part: str) -> bool:
-    """Pydantic names union branches in error locations (`str`, `list[...]`, model
-    class names, discriminator tags)."""
-    tags = {"str", "bool", "int", "float", "dict", "list", "none", *_ITEM_TYPES}
-    return part in tags or part[:1].isupper() or any(c in part for c in "[-")
-
-
-def input_items(req: CreateRequest) -> list[dict[str, Any]]:
-    """The request's input as stored items (what `GET .../input_items` lists)."""
-    messages: list[InputMessage | FunctionCallInput | FunctionCallOutputInput]
-    if isinstance(req.input, str):
-        messages = [InputMessage(role="user", content=req.input)]
-    else:
-        messages = list(req.input)
-    items: list[dict[str, Any]] = []
-    for msg in messages:
-        if isinstance(msg, FunctionCallInput):
-            items.append({"id": msg.id or new_id("fc"), "type": "function_call",
-                          "call_id": msg.call_id, "name": msg.name,
-                          "arguments": msg.arguments, "status": "completed"})
-            continue
-        if isinstance(msg, FunctionCallOutputInput):
-            items.append({"id": msg.id or new_id("fco"), "type": "function_call_output",
-                          "call_id": msg.call_id, "output": msg.output,
-                          "status": "completed"})
-            continue
-        texts = [msg.content] if isinstance(msg.content, str) else [p.text for p in msg.content]
-        # Stored as the SDK's item types: assistant turns are output messages.
-        if msg.role == "assistant":
-            parts = [{"type": "output_text", "text": t, "annotations": []} for t in texts]
-        else:
-            parts = [{"type": "input_text", "text": t} for t in texts]
-        items.append(
-            {"id": new_id("msg"), "type": "message", "role": msg.role,
-             "content": parts, "status": "completed"}
-        )
-    return items
-
-
-def item_text(item: dict[str, Any]) -> str:
-    return "".join(part.get("text", "") for part in item.get("content", []))
-
-
-def history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stored items (input items, or a previous response's output) as the turns a run
-    is given: `{"role", "text"}`, plus `tool_calls` on the assistant turn that made
-    function calls, and `call_id` on a `tool` turn carrying a call's output."""
-    turns: list[dict[str, Any]] = []
-    for item in items:
-        kind = item.get("type")
-        if kind == "message":
-            turns.append({"role": item["role"], "text": item_text(item)})
-        elif kind == "function_call":
-            call = {"call_id": item["call_id"], "name": item["name"],
-                    "arguments": item["arguments"]}
-            if not turns or turns[-1]["role"] != "assistant":
-                turns.append({"role": "assistant", "text": ""})
-            turns[-1].setdefault("tool_calls", []).append(call)
-        elif kind == "function_call_output":
-            turns.append({"role": "tool", "text": item["output"], "call_id": item["call_id"]})
-    return turns
 
 
 # --- the Response object -----------------------------------------------------------------
@@ -311,7 +56,7 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
                         else req.tool_choice or "auto"),
         "truncation": req.truncation or "disabled",
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
-        "text": {"format": req.text_format() or {"type": "text"}}
+        "text": {"format": _echo_format(req.text_format())}
         | ({"verbosity": req.text.verbosity} if req.text and req.text.verbosity else {}),
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -329,6 +74,17 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         "prompt_cache_key": req.prompt_cache_key,
         "user": req.user,
     }
+
+
+def _echo_format(fmt: dict[str, Any] | None) -> dict[str, Any]:
+    """`text.format` as a Response shows it: a json_schema format has every field the
+    spec requires (`description`, `strict`), filled with their defaults."""
+    if fmt is None:
+        return {"type": "text"}
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    return {"type": "json_schema", "name": fmt["name"], "description": fmt.get("description"),
+            "schema": fmt["schema"], "strict": bool(fmt.get("strict", False))}
 
 
 def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:

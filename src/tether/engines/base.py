@@ -31,6 +31,10 @@ class Message:
     text: str
     tool_calls: list[ToolCallSpec] = field(default_factory=list)
     call_id: str | None = None
+    #: a user turn with images, in order: `{"type": "text", "text"}` and
+    #: `{"type": "image", "url", "detail"}`; `text` then has a placeholder for each image,
+    #: for engines that cannot see them. None: the turn is `text` alone.
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from tether import metrics
 from tether.config import UpstreamConfig
 from tether.engines.base import (
     Abort,
@@ -75,9 +76,17 @@ class Tokenizer:
 
     def count_prompt(self, messages: list[dict[str, Any]]) -> int:
         """The prompt as the upstream renders it (same GGUF, same template)."""
-        plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        plain = [{"role": m["role"], "content": _text_of(m.get("content"))} for m in messages]
         prompt = self._formatter(messages=plain).prompt  # type: ignore[arg-type]
         return len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+
+def _text_of(content: Any) -> str:
+    """A chat message's text (its text parts when it has images: the template counts
+    text; the upstream counts the images its own way)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return content or ""
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -90,6 +99,11 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
                 {"id": c.call_id, "type": "function",
                  "function": {"name": c.name, "arguments": c.arguments}}
                 for c in m.tool_calls]})
+        elif m.parts is not None:
+            out.append({"role": m.role, "content": [
+                {"type": "image_url", "image_url": {"url": p["url"], "detail": p["detail"]}}
+                if p["type"] == "image" else {"type": "text", "text": p["text"]}
+                for p in m.parts]})
         else:
             # `developer` is the Responses API's name for a system message; most
             # chat-completions servers know only `system`.
@@ -111,6 +125,16 @@ def chat_tool_choice(choice: Any) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "function", "function": {"name": choice.get("name")}}
     return choice
+
+
+def allowed_tools(tools: list[dict[str, Any]], choice: Any) -> tuple[list[dict[str, Any]], Any]:
+    """`allowed_tools` as chat-completions servers understand it: only the allowed tools
+    are sent, with the choice's `mode` (a hard limit, which few servers' own
+    `allowed_tools` support would give)."""
+    if not (isinstance(choice, dict) and choice.get("type") == "allowed_tools"):
+        return tools, choice
+    names = {t.get("name") for t in choice.get("tools", [])}
+    return [t for t in tools if t.get("name") in names], choice.get("mode", "auto")
 
 
 def response_format(fmt: dict[str, Any]) -> dict[str, Any]:
@@ -170,10 +194,11 @@ class ChatEngine:
         }
         if request.max_output_tokens is not None:
             body[self.spec.max_tokens_param] = request.max_output_tokens
-        if request.tools:
-            body["tools"] = chat_tools(request.tools)
+        tools, choice = allowed_tools(request.tools, request.tool_choice)
+        if tools:
+            body["tools"] = chat_tools(tools)
             # Sent explicitly: some servers (llama.cpp's) drop tools without it.
-            body["tool_choice"] = chat_tool_choice(request.tool_choice or "auto")
+            body["tool_choice"] = chat_tool_choice(choice or "auto")
         elif request.tool_choice == "none":
             body["tool_choice"] = "none"
         if request.text_format is not None:
@@ -191,6 +216,7 @@ class ChatEngine:
                     yield step
                 break
             except EngineError as exc:
+                metrics.upstream_error("chat")
                 # Retried only before the first token: after it, a retry would produce a
                 # different text than the one already streamed.
                 if got.produced or attempt >= self.spec.retries or not is_retryable(exc):
@@ -207,6 +233,7 @@ class ChatEngine:
         if abort.is_set():
             return
         if got.finish is None and not got.done:
+            metrics.upstream_error("chat")
             raise UpstreamGone("Upstream closed the stream before it finished.",
                                retryable=False)
         yield Finished("length" if got.finish == "length" else "stop")

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import orjson
 
+from tether import metrics
 from tether.config import UpstreamConfig
 from tether.engines.base import (
     Abort,
@@ -73,7 +74,12 @@ def input_items(messages: list[Message]) -> list[dict[str, Any]]:
             items.append({"type": "function_call_output", "call_id": m.call_id,
                           "output": m.text})
             continue
-        if m.text or not m.tool_calls:
+        if m.parts is not None:  # images go through as they came
+            items.append({"type": "message", "role": m.role, "content": [
+                {"type": "input_image", "image_url": p["url"], "detail": p["detail"]}
+                if p["type"] == "image" else {"type": "input_text", "text": p["text"]}
+                for p in m.parts]})
+        elif m.text or not m.tool_calls:
             items.append({"type": "message", "role": m.role, "content": m.text})
         items += [{"type": "function_call", "call_id": c.call_id, "name": c.name,
                    "arguments": c.arguments} for c in m.tool_calls]
@@ -155,6 +161,7 @@ class ResponsesEngine:
             except EngineError as exc:
                 if abort.is_set():
                     break
+                metrics.upstream_error("responses")
                 # A broken stream of a background upstream response is resumed where it
                 # broke; anything else is retried only before the first token.
                 resumable = (request.background and run.upstream_id is not None

@@ -41,11 +41,13 @@ class Trace:
     token_times: list[float] = field(default_factory=list)
     aborted_at: float | None = None
     prompt_read_at: float | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)  # the prompt, as given
     finished: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
             "prompt_read_at": self.prompt_read_at,
+            "messages": self.messages,
             "produced": self.produced,
             "token_times": self.token_times,
             "aborted_at": self.aborted_at,
@@ -85,6 +87,7 @@ class ScriptedEngine:
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         trace = self.traces.setdefault(request.response_id, Trace())
+        trace.messages = [{"role": m.role, "text": m.text} for m in request.messages]
         prompt = " ".join(m.text for m in request.messages)
         fail_at = _directive(prompt, "FAIL_AT", int)
         # Reading the prompt takes PREFILL seconds; an abort then ends it before PromptRead.

@@ -42,6 +42,30 @@ class Record:
     last_seq: int
     input_tokens: int
     finished_at: float | None
+    key_id: str | None = None  # the API key that created it (the usage ledger's key)
+
+
+def ledger_values(snapshot: dict[str, Any]) -> tuple[str, int, int]:
+    """What a terminal response adds to the usage ledger: model, input and output tokens
+    (as its final snapshot reports them, which is what its client was told)."""
+    usage = snapshot.get("usage") or {}
+    return (str(snapshot.get("model", "")), int(usage.get("input_tokens", 0)),
+            int(usage.get("output_tokens", 0)))
+
+
+def ledger_row(row: Any) -> dict[str, Any]:
+    """A usage-ledger row (tenant, key_id, model, status, responses, input, output)."""
+    return {"tenant": row[0], "key_id": row[1] or None, "model": row[2], "status": row[3],
+            "responses": int(row[4]), "input_tokens": int(row[5]),
+            "output_tokens": int(row[6])}
+
+
+LEDGER_UPSERT = (
+    "ON CONFLICT (tenant, key_id, model, status) DO UPDATE SET "
+    "responses = usage_ledger.responses + 1, "
+    "input_tokens = usage_ledger.input_tokens + excluded.input_tokens, "
+    "output_tokens = usage_ledger.output_tokens + excluded.output_tokens"
+)
 
 
 class IdempotencyConflict(Exception):
@@ -127,6 +151,12 @@ class Store(Protocol):
         ...
 
     async def delete(self, response_id: str, tenant: str) -> bool: ...
+
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        """The usage ledger: one row per (tenant, key_id, model, status) of terminal
+        responses, with `responses`, `input_tokens` and `output_tokens`; `key_id` is None
+        for responses made without a key. `tenant=None`: every tenant's rows."""
+        ...
 
     async def renew(self, owner: str, lease_until: float) -> None:
         """Extend the leases of every live response `owner` holds."""

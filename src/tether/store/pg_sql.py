@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tether.store.base import LogEntry, Record
+from tether.store.base import LEDGER_UPSERT, LogEntry, Record
 
 LIVE = "status IN ('queued', 'in_progress')"
 
@@ -61,26 +61,35 @@ TRANSITION = f"""
 WITH u AS (
     UPDATE responses SET {{set}}, last_seq = $3, output_tokens = output_tokens + $4
     WHERE id = $1 AND last_seq = $2 AND {LIVE} AND {{guard}}
-    RETURNING id
+    RETURNING id, tenant, key_id
 ), s AS (
     UPDATE response_bodies SET snapshot = $5 FROM u WHERE response_bodies.id = u.id
 ), i AS (
     INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
     SELECT u.id, $2 + 1, $3, $6, $4, $7 FROM u WHERE $3 > $2
-)
+){{ledger}}
 SELECT count(*) FROM u
 """
 CLAIM = TRANSITION.format(
     set="status = 'in_progress', run_token = $8, owner = $9, lease_until = $10",
-    guard="run_token IS NULL")
+    guard="run_token IS NULL", ledger="")
+# The terminal transition also counts the response in the usage ledger ($11 model,
+# $12 input and $13 output tokens), in the same statement: exactly once.
 FINISH = TRANSITION.format(
-    set="status = $8, finished_at = $9, lease_until = 0",
-    guard="run_token IS NOT DISTINCT FROM $10")
+    set="status = $8::text, finished_at = $9, lease_until = 0",
+    guard="run_token IS NOT DISTINCT FROM $10",
+    ledger=f""", l AS (
+    INSERT INTO usage_ledger (tenant, key_id, model, status, responses, input_tokens,
+                              output_tokens)
+    SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13 FROM u
+    {LEDGER_UPSERT}
+)""")
 
 CREATE = """
 WITH r AS (
-    INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, stored, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, stored, created_at,
+                           key_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $14)
 ), b AS (
     INSERT INTO response_bodies VALUES ($1, $9, $10, $11)
 )

@@ -37,8 +37,16 @@ from typing import Any
 import asyncpg
 import orjson
 
+from tether import metrics
 from tether.store import pg_sql as sql
-from tether.store.base import IdempotencyConflict, LogEntry, Record, StoreUnavailable
+from tether.store.base import (
+    IdempotencyConflict,
+    LogEntry,
+    Record,
+    StoreUnavailable,
+    ledger_row,
+    ledger_values,
+)
 from tether.store.livelog import LiveLog
 from tether.store.pg_pool import OP_TIMEOUT, Database
 from tether.store.pg_sql import LIVE, Pending
@@ -119,7 +127,7 @@ class PostgresStore:
                 sql.CREATE, record.id, record.tenant, record.status, record.owner,
                 record.lease_until, last, bool(record.snapshot.get("store", True)),
                 time.time(), orjson.dumps(record.snapshot), orjson.dumps(record.run),
-                orjson.dumps(record.input_items), *sql.columns(entries))
+                orjson.dumps(record.input_items), *sql.columns(entries), record.key_id or "")
         record.last_seq = last
         self.live.committed(record.id, entries)
         return record, True
@@ -198,7 +206,7 @@ class PostgresStore:
             raise _failure(self._failed[(response_id, run_token)])
         done = await self._transition(
             sql.FINISH, response_id, run_token, snapshot, events, tokens,
-            (status, time.time(), run_token))
+            (status, time.time(), run_token, *ledger_values(snapshot)))
         if done is None:
             return False
         _, entries = done
@@ -289,7 +297,7 @@ class PostgresStore:
                 first = self._seqs[rid][1] + 1
                 rows.append((rid, p, first, sql.entries(first, p.events)))
             columns = sql.batch_columns(rows)
-            async with self.db.conn() as con:
+            async with metrics.append_timer(), self.db.conn() as con:
                 matched = {r[0] for r in await con.fetch(sql.APPEND, *columns)}
             for rid, p, _, entries in rows:
                 if rid in matched:
@@ -410,6 +418,14 @@ class PostgresStore:
         if deleted:
             await self.live.forget(response_id)
         return bool(deleted)
+
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        where, args = ("", ()) if tenant is None else (" WHERE tenant = $1", (tenant,))
+        async with self.db.conn() as con:
+            rows = await con.fetch(
+                "SELECT tenant, key_id, model, status, responses, input_tokens, output_tokens "
+                f"FROM usage_ledger{where} ORDER BY tenant, key_id, model, status", *args)
+        return [ledger_row(r) for r in rows]
 
     async def renew(self, owner: str, lease_until: float) -> None:
         async with self.db.conn() as con:

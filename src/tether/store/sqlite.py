@@ -19,7 +19,15 @@ from typing import Any
 
 import orjson
 
-from tether.store.base import IdempotencyConflict, LogEntry, Record
+from tether import metrics
+from tether.store.base import (
+    LEDGER_UPSERT,
+    IdempotencyConflict,
+    LogEntry,
+    Record,
+    ledger_row,
+    ledger_values,
+)
 
 LIVE = "('queued', 'in_progress')"
 _SELECT = (
@@ -127,10 +135,11 @@ class SQLiteStore:
                 )
             db.execute(
                 "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
-                "stored, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "stored, created_at, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id, record.tenant, record.status, record.owner, record.lease_until,
                     len(events) - 1, bool(record.snapshot.get("store", True)), time.time(),
+                    record.key_id or "",
                 ),
             )
             db.execute(
@@ -213,6 +222,7 @@ class SQLiteStore:
             () if run_token is None else (run_token,),
             events,
             tokens,
+            ledger=(status, *ledger_values(snapshot)),
         )
         if won:
             asyncio.get_running_loop().call_later(EVICT_AFTER, self._tails.pop, response_id, None)
@@ -228,8 +238,11 @@ class SQLiteStore:
         guard_values: tuple[Any, ...],
         events: list[dict[str, Any]],
         tokens: int = 0,
+        ledger: tuple[str, str, int, int] | None = None,
     ) -> bool:
-        """Compare-and-set on a live response, appending `events` in the same commit."""
+        """Compare-and-set on a live response, appending `events` in the same commit;
+        a terminal one (`ledger`: status, model, input and output tokens) also counts in
+        the usage ledger in that commit."""
         db = self.db
         with _transaction(db):
             row = db.execute(
@@ -241,6 +254,11 @@ class SQLiteStore:
                 return False
             db.execute("UPDATE response_bodies SET snapshot = ? WHERE id = ?",
                        (orjson.dumps(snapshot), response_id))
+            if ledger is not None:
+                status, model, inp, out = ledger
+                db.execute("INSERT INTO usage_ledger SELECT tenant, key_id, ?, ?, 1, ?, ? "
+                           f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
+                           (model, status, inp, out, response_id))
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
@@ -254,7 +272,7 @@ class SQLiteStore:
         pending, self._pending = self._pending, {}
         db = self.db
         published = []
-        with _transaction(db):
+        with metrics.append_timer(), _transaction(db):
             for response_id, p in pending.items():
                 row = db.execute(
                     "UPDATE responses SET last_seq = last_seq + ?, "
@@ -364,6 +382,13 @@ class SQLiteStore:
                 db.execute("DELETE FROM idempotency_keys WHERE response_id = ?", (response_id,))
         self._tails.pop(response_id, None)
         return cur.rowcount == 1
+
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        where, args = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
+        rows = self.db.execute("SELECT tenant, key_id, model, status, responses, input_tokens, "
+                               f"output_tokens FROM usage_ledger{where} "
+                               "ORDER BY tenant, key_id, model, status", args).fetchall()
+        return [ledger_row(r) for r in rows]
 
     async def renew(self, owner: str, lease_until: float) -> None:
         self.db.execute(
