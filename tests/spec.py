@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2  # the transport layer of the openai SDK (3.x)
+
+try:  # the openai SDK's transport layer: httpx2 from openai 3.x, httpx before that
+    import httpx2 as sdk_http
+except ImportError:  # scripts/test-openai2's venv (openai 2.x)
+    sdk_http = httpx
 import jsonschema_rs
 import yaml
 from jsonschema import Draft202012Validator
@@ -381,7 +385,7 @@ def _transports(lib: Any) -> tuple[type[Any], type[Any]]:
 
 
 #: for the SDK (`openai.DefaultHttpxClient(transport=ValidatingTransport())`) and httpx2
-ValidatingTransport, AsyncValidatingTransport = _transports(httpx2)
+ValidatingTransport, AsyncValidatingTransport = _transports(sdk_http)
 #: for tests that speak raw httpx (`httpx.Client(transport=HttpxValidatingTransport())`)
 HttpxValidatingTransport, HttpxAsyncValidatingTransport = _transports(httpx)
 
@@ -390,7 +394,7 @@ def install() -> None:
     """Check every reply of a tether server the tests started, whatever the client: the
     HTTP transports of httpx and httpx2 (the SDK's) pass them through the checks. Once
     per process; replies of other servers (fake upstreams, cutting proxies) pass as is."""
-    for lib in (httpx, httpx2):
+    for lib in {httpx, sdk_http}:
         streams = _Streams(lib)
         sync, async_ = lib.HTTPTransport, lib.AsyncHTTPTransport
         if getattr(sync.handle_request, "_spec_hook", False):
