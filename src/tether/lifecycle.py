@@ -120,14 +120,7 @@ class Lifecycle:
                             else f"Parameter '{param}' is")
                     raise bad_request(f"{what} not supported by model '{req.model}'.", param,
                                       "unsupported_parameter")
-        messages: list[dict[str, Any]] = []
-        if req.previous_response_id is not None:
-            prev = await self.store.get(req.previous_response_id, tenant)
-            if prev is None:
-                raise APIError(404, f"Previous response with id '{req.previous_response_id}' "
-                               "not found.", param="previous_response_id",
-                               code="previous_response_not_found")
-            messages = prev.run["messages"] + wire.history(prev.snapshot["output"])
+        messages = await self.conversation(req.previous_response_id, tenant)
         items = wire.input_items(req)
         messages += wire.history(items)
         background = bool(req.background)
@@ -169,6 +162,19 @@ class Lifecycle:
                                     "The response could not be queued.")
                 raise
         return record
+
+    async def conversation(self, previous_id: str | None, tenant: str) -> list[dict[str, Any]]:
+        """The messages a response continuing `previous_id` starts from: that response's
+        own context, then its output (Open Responses: prev.input + prev.output)."""
+        if previous_id is None:
+            return []
+        prev = await self.store.get(previous_id, tenant)
+        if prev is None:
+            raise APIError(404, f"Previous response with id '{previous_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
+            prev.snapshot["output"])
+        return messages
 
     def _queue_owner(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is

@@ -54,14 +54,7 @@ async def compact_response(request: Request) -> Response:
     if req.model not in lc.models:
         raise APIError(404, f"The model '{req.model}' does not exist.", param="model",
                        code="model_not_found")
-    turns: list[dict[str, Any]] = []
-    if req.previous_response_id is not None:
-        prev = await lc.store.get(req.previous_response_id, principal(request).tenant)
-        if prev is None:
-            raise APIError(404, f"Previous response with id '{req.previous_response_id}' "
-                           "not found.", param="previous_response_id",
-                           code="previous_response_not_found")
-        turns = prev.run["messages"] + wire.history(prev.snapshot["output"])
+    turns = await lc.conversation(req.previous_response_id, principal(request).tenant)
     turns += wire.history(wire.input_items(req))
     tokens = compact.estimate_tokens(turns)
     return JSON(compact.resource(turns, wire.usage(tokens, 0)))
