@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -139,6 +140,18 @@ class Server:
         r.raise_for_status()
         data: dict[str, object] = r.json()
         return data
+
+
+@contextlib.contextmanager
+def served(folder: Path, *args: str) -> Iterator[Server]:
+    """A `tether serve` on a database in `folder`, stopped afterwards: the body of a
+    module-scoped server fixture (`with served(tmp_path_factory.mktemp(...), ...)`)."""
+    server = Server(folder / "tether.db", list(args))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import spec
 from tether import compact
 from tether.engines.scripted import scripted_text
 
-from conftest import Server
+from conftest import Server, served
 from test_auth import create_key
 
 MODEL = "scripted"
@@ -29,12 +29,9 @@ LENGTH = 5
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("compact") / "tether.db",
-                    ["--engine", "scripted", "--debug-routes", "--scripted-rate", "0",
-                     "--scripted-length", str(LENGTH)])
-    server.start()
-    yield server
-    server.stop()
+    with served(tmp_path_factory.mktemp("compact"), "--engine", "scripted", "--debug-routes",
+                "--scripted-rate", "0", "--scripted-length", str(LENGTH)) as server:
+        yield server
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from tether.wire_form import parse_form
 from tether.wire_input import IMAGE_PLACEHOLDER
 from upstreams import FakeUpstream, fake_upstream
 
-from conftest import Server
+from conftest import Server, served
 
 MODEL = "scripted"
 PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8"
@@ -35,12 +35,9 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather of 
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("conformance") / "tether.db",
-                    ["--engine", "scripted", "--debug-routes", "--scripted-rate", "1000",
-                     "--scripted-length", "20"])
-    server.start()
-    yield server
-    server.stop()
+    with served(tmp_path_factory.mktemp("conformance"), "--engine", "scripted",
+                "--debug-routes", "--scripted-rate", "1000", "--scripted-length", "20") as server:
+        yield server
 
 
 @pytest.fixture
@@ -66,11 +63,9 @@ def fake() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
     """A chat-completions upstream (the fake): a model that takes tools and formats."""
-    server = Server(tmp_path_factory.mktemp("conformance-up") / "tether.db",
-                    ["--engine", "none", "--upstream", f"fake={fake.url}"])
-    server.start()
-    yield server
-    server.stop()
+    with served(tmp_path_factory.mktemp("conformance-up"), "--engine", "none",
+                "--upstream", f"fake={fake.url}") as server:
+        yield server
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server, wait_for
+from conftest import Server, served, wait_for
 
 MODEL = "scripted"
 TABLES = ("responses", "events", "idempotency_keys")
@@ -110,11 +110,9 @@ def wait_ended(client: openai.OpenAI, rid: str) -> openai.types.responses.Respon
 @pytest.fixture(scope="module")
 def quiet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that, after `finished` below, only ever sees rejected requests."""
-    server = Server(tmp_path_factory.mktemp("errors") / "tether.db",
-                    ["--engine", "scripted", "--debug-routes", "--scripted-rate", "1000"])
-    server.start()
-    yield server
-    server.stop()
+    with served(tmp_path_factory.mktemp("errors"), "--engine", "scripted", "--debug-routes",
+                "--scripted-rate", "1000") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from spec import (
     spec_validator,
 )
 
-from conftest import Server, wait_for
+from conftest import Server, served, wait_for
 
 MODEL = "scripted"
 FAST_LENGTH = 50
@@ -199,12 +199,9 @@ def deltas(events: list[dict[str, Any]]) -> int:
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One scripted server for this module: 1000 tokens/s, 50 tokens per response."""
-    server = Server(tmp_path_factory.mktemp("schema") / "tether.db",
-                    ["--engine", "scripted", "--debug-routes", "--scripted-rate", "1000",
-                     "--scripted-length", str(FAST_LENGTH)])
-    server.start()
-    yield server
-    server.stop()
+    with served(tmp_path_factory.mktemp("schema"), "--engine", "scripted", "--debug-routes",
+                "--scripted-rate", "1000", "--scripted-length", str(FAST_LENGTH)) as server:
+        yield server
 
 
 @pytest.fixture

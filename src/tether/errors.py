@@ -46,6 +46,17 @@ def not_found(response_id: str) -> APIError:
     )
 
 
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist.", param="model",
+                    code="model_not_found")
+
+
+def previous_not_found(response_id: str) -> APIError:
+    """A `previous_response_id` this caller cannot continue from (CONTRACT §5.4, §7)."""
+    return APIError(404, f"Previous response with id '{response_id}' not found.",
+                    param="previous_response_id", code="previous_response_not_found")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 

@@ -34,7 +34,13 @@ from tether import metrics, wire
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
-from tether.errors import APIError, bad_request, not_found
+from tether.errors import (
+    APIError,
+    bad_request,
+    model_not_found,
+    not_found,
+    previous_not_found,
+)
 from tether.run import Outcome, Run, drive
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
 
@@ -107,8 +113,7 @@ class Lifecycle:
         key_id: str | None = None,
     ) -> Record:
         if req.model not in self.models:
-            raise APIError(404, f"The model '{req.model}' does not exist.",
-                           param="model", code="model_not_found")
+            raise model_not_found(req.model)
         if req.model not in self.tool_models:
             calls = not isinstance(req.input, str) and any(
                 i.type not in ("message", "compaction") for i in req.input)
@@ -170,8 +175,7 @@ class Lifecycle:
             return []
         prev = await self.store.get(previous_id, tenant)
         if prev is None:
-            raise APIError(404, f"Previous response with id '{previous_id}' not found.",
-                           param="previous_response_id", code="previous_response_not_found")
+            raise previous_not_found(previous_id)
         messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
             prev.snapshot["output"])
         return messages

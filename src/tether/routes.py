@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from tether import compact, metrics, playground, usage, wire, wire_form
 from tether.auth import principal
-from tether.errors import APIError, bad_request
+from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
 from tether.websocket import responses_socket
 
@@ -52,8 +52,7 @@ async def compact_response(request: Request) -> Response:
     lc = lifecycle(request)
     req = wire.parse_compact(await _json_body(request, lc.settings.max_body_bytes))
     if req.model not in lc.models:
-        raise APIError(404, f"The model '{req.model}' does not exist.", param="model",
-                       code="model_not_found")
+        raise model_not_found(req.model)
     turns = await lc.conversation(req.previous_response_id, principal(request).tenant)
     turns += wire.history(wire.input_items(req))
     tokens = compact.estimate_tokens(turns)
@@ -120,8 +119,7 @@ async def get_model(request: Request) -> Response:
     for m in lifecycle(request).engine.models():
         if m.id == model_id:
             return JSON(_model(m.id, m.created, m.owned_by))
-    raise APIError(404, f"The model '{model_id}' does not exist.", param="model",
-                   code="model_not_found")
+    raise model_not_found(model_id)
 
 
 async def get_usage(request: Request) -> Response:

@@ -31,7 +31,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from tether import wire
 from tether.auth import principal
-from tether.errors import APIError, bad_request, server_error, unavailable
+from tether.errors import APIError, bad_request, previous_not_found, server_error, unavailable
 from tether.lifecycle import Lifecycle
 from tether.store.base import LogEntry, StoreUnavailable
 
@@ -169,8 +169,7 @@ class Connection:
             return
         rec = await self.lc.store.get(prev, self.tenant)
         if rec is not None and rec.snapshot.get("store") is False:
-            raise APIError(404, f"Previous response with id '{prev}' not found.",
-                           param="previous_response_id", code="previous_response_not_found")
+            raise previous_not_found(prev)
 
     def _evict(self, prev: Any) -> None:
         """The spec: a continuation turn that fails evicts its previous response from the
