@@ -29,9 +29,9 @@ server share a clock:
 - cancel call -> terminal event: until each stream (both streams of every response
   pooled; and the slowest stream per response) received its terminal event;
 - terminal - reply: terminal event received minus reply received (negative: the stream had
-  it first; CONTRACT §3.4 says "at about the moment the caller has the reply");
+  it first; docs/contract.md §3.4 says "at about the moment the caller has the reply");
 - engine tokens after the cancel reply: trace `token_times` strictly after the reply was
-  received (goal 0, CONTRACT §3.3); tokens between the call and its reply, and deltas that
+  received (goal 0, docs/contract.md §3.3); tokens between the call and its reply, and deltas that
   reached a stream after the reply, are informational.
 
 Checks per response: the reply is 200 `cancelled`; every stream ends with

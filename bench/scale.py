@@ -57,7 +57,7 @@ the client's times come from the same wall clock.
    [--min-deltas, --max-deltas], seeded: `--seed`, printed) `POST /cancel` goes to B.
    Cancel -> engine stopped = trace `aborted_at` - cancel request sent; cancel -> reply;
    cancel -> terminal event on A's stream; engine tokens after the reply = trace
-   `token_times` later than the reply's arrival (goal 0, CONTRACT §3.3). Checks: reply
+   `token_times` later than the reply's arrival (goal 0, docs/contract.md §3.3). Checks: reply
    200 `cancelled`; its `usage.output_tokens` == trace `produced` == deltas on the stream;
    the stream ends with `response.failed` (status `cancelled`), then `[DONE]`.
 

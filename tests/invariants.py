@@ -1,4 +1,4 @@
-"""The per-response invariants of CONTRACT §1-4, checked the same way by every proof."""
+"""The per-response invariants of docs/contract.md §1-4, checked the same way by every proof."""
 
 from __future__ import annotations
 

@@ -35,8 +35,9 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec"
-SPEC_PATH = SPEC_DIR / "openapi.json"
+# Vendored with their licences and sources (tests/data/spec/SOURCES.md): a clone stands alone.
+SPEC_DIR = Path(__file__).resolve().parent / "data" / "spec"
+SPEC_PATH = SPEC_DIR / "openresponses" / "openapi.json"
 SPEC_URI = "urn:openresponses:openapi"
 OPENAI_URI = "urn:openai:openapi"
 
@@ -102,7 +103,7 @@ for _branch in spec_schema(STREAM_POINTER)["oneOf"]:
 @functools.cache
 def _openai_doc() -> dict[str, Any]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with (SPEC_DIR / "openai-openapi" / "openapi.yaml").open() as f:
+    with (SPEC_DIR / "openai" / "openapi.yaml").open() as f:
         doc = yaml.load(f, Loader=loader)
     # As JSON: YAML dates (in examples) become strings, as the document means them.
     loaded: dict[str, Any] = json.loads(json.dumps(doc, default=str))

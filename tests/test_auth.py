@@ -1,4 +1,4 @@
-"""API keys and tenants (CONTRACT §7): another tenant's response is 404 on every lookup, a
+"""API keys and tenants (docs/contract.md §7): another tenant's response is 404 on every lookup, a
 revoked or wrong key is 401, keys are stored hashed, and without keys tether serves only on
 loopback."""
 

@@ -1,4 +1,4 @@
-"""SIGKILL at random points, restart on the same database (CONTRACT §6.2, §2.1-2.3).
+"""SIGKILL at random points, restart on the same database (docs/contract.md §6.2, §2.1-2.3).
 
 Each round starts responses in different phases — reading the prompt, mid-stream, being
 cancelled, finishing — kills the server at a random moment, restarts it and checks every

@@ -1,4 +1,4 @@
-"""Cancel at every phase of a run (CONTRACT §1, §3): each phase a named test."""
+"""Cancel at every phase of a run (docs/contract.md §1, §3): each phase a named test."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A stateful property test: random interleavings against a real server (CONTRACT §1-4, §6).
+"""A stateful property test: random interleavings against a real server (docs/contract.md §1-4, §6).
 
 Hypothesis drives one `tether serve` process (or, scaled out, two API replicas and two
 workers) through creates in every mode, partial reads, extra readers, resumes at random

@@ -14,7 +14,7 @@ MODES = [(False, False), (True, False), (False, True), (True, True)]  # (stream,
 
 
 def check_events(events: list[Any], background: bool, n_tokens: int) -> None:
-    """CONTRACT §2.1-2.2: order, contiguous sequence numbers, one terminal event, last."""
+    """docs/contract.md §2.1-2.2: order, contiguous sequence numbers, one terminal event, last."""
     types = [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     head = ["response.created", "response.queued", "response.in_progress"] if background \

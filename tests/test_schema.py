@@ -8,7 +8,7 @@
     `type` to), resolved with a Draft 2020-12 registry built from the whole document.
 
 Every field tether emits must be defined by at least one of the two specs, and every SSE
-body is checked byte by byte against CONTRACT §4.1 and §4.3.
+body is checked byte by byte against docs/contract.md §4.1 and §4.3.
 """
 
 from __future__ import annotations

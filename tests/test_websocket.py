@@ -3,7 +3,7 @@
 Open Responses 2026-04-24 "WebSocket Transport": the same events as SSE, one response in
 flight per connection, continuation (a store:false response only on its own socket),
 error envelopes that keep the socket open, the 60-minute limit; and tether's cancel
-contract (CONTRACT §3-§4) over the socket. Every message received is validated against
+contract (docs/contract.md §3-§4) over the socket. Every message received is validated against
 the spec (streaming-event schemas and the SDK's types, or WebSocketErrorEvent).
 """
 
@@ -80,7 +80,7 @@ class Socket:
 
     def turn(self) -> list[dict[str, Any]]:
         """The current response's events, to its terminal event: as over SSE, contiguous
-        from 0, `response.created` first, one terminal event, last (CONTRACT §2.1-2.2)."""
+        from 0, `response.created` first, one terminal event, last (docs/contract.md §2.1-2.2)."""
         events = self.until(lambda evs: any(e["type"] in TERMINAL for e in evs))
         end = next(i for i, e in enumerate(events) if e["type"] in TERMINAL) + 1
         events = events[:end]
@@ -321,7 +321,7 @@ def test_one_response_in_flight_per_socket(server: Server) -> None:
 
 
 def check_cancelled(server: Server, events: list[dict[str, Any]]) -> dict[str, Any]:
-    """CONTRACT §3.4, §4: the stream ends with response.failed, status cancelled, no
+    """docs/contract.md §3.4, §4: the stream ends with response.failed, status cancelled, no
     error, and usage counting exactly what the engine produced and the stream carried."""
     final: dict[str, Any] = events[-1]["response"]
     assert events[-1]["type"] == "response.failed"
@@ -364,7 +364,7 @@ def test_cancel_over_the_socket(server: Server, http: httpx.Client, by_id: bool)
 @pytest.mark.parametrize("abrupt", [False, True])
 def test_disconnect_mid_response_cancels_it(server: Server, http: httpx.Client,
                                             abrupt: bool) -> None:
-    # CONTRACT §4.7: the socket is a non-background response's reader.
+    # docs/contract.md §4.7: the socket is a non-background response's reader.
     sock = Socket(server)
     sock.create(input="x")
     events = sock.until(has_deltas(3))
@@ -408,7 +408,7 @@ def test_connection_limit(make_server: Callable[..., Server]) -> None:
 
 def test_keys_name_the_tenant_of_a_socket(make_server: Callable[..., Server],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # CONTRACT §7 over the socket: a key's tenant owns what it creates.
+    # docs/contract.md §7 over the socket: a key's tenant owns what it creates.
     monkeypatch.setenv("TETHER_API_KEYS", "acme:sk-acme,globex:sk-globex")
     server = make_server("--scripted-rate", "0", "--scripted-length", "5")
     with pytest.raises(InvalidStatus) as refused:

@@ -1,7 +1,7 @@
 """Who is asking: API keys, tenants, and the ASGI middleware that names the caller.
 
 Every route reads the caller with `principal(conn)`. Without keys configured everyone is
-the tenant "default" with no key id (and the CLI binds only to loopback, CONTRACT §7).
+the tenant "default" with no key id (and the CLI binds only to loopback, docs/contract.md §7).
 With keys, a request without a valid, unrevoked key is answered 401 before any route
 runs, and every response belongs to its key's tenant.
 
@@ -222,7 +222,7 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> N
 
 
 def bind_is_safe(host: str, keyring: KeyRing) -> bool:
-    """CONTRACT §7: without keys, serve only on loopback."""
+    """docs/contract.md §7: without keys, serve only on loopback."""
     return keyring.enabled or host in ("127.0.0.1", "::1", "localhost") or host.startswith(
         "127.")
 

@@ -93,7 +93,7 @@ def _run(settings: Settings, worker_only: bool) -> None:
     keyring = KeyRing(_path(settings.keys_file), settings.api_keys)
     if not (worker_only or settings.allow_anonymous or bind_is_safe(settings.host, keyring)):
         raise click.UsageError(
-            f"refusing to serve on {settings.host} without API keys (CONTRACT §7): "
+            f"refusing to serve on {settings.host} without API keys (docs/contract.md §7): "
             "create keys with `tether keys create`, pass --keys-file, or --allow-anonymous")
     try:
         app = create_app(settings, worker_only, keyring)

@@ -77,13 +77,13 @@ class Settings(BaseSettings):
     scripted_length: int = 200
     upstream: list[str] = []  # `--upstream MODEL=URL` flags (see parse_upstream)
     upstreams: list[UpstreamConfig] = []  # `[[upstreams]]` tables of the config file
-    cancel_timeout: float = 2.0  # CONTRACT §3.2: bound before a run is fenced out
-    lease_timeout: float = 30.0  # CONTRACT §6.2
-    keepalive: float = 15.0  # CONTRACT §4.2
-    retention: float = 24 * 3600.0  # CONTRACT §4.5
+    cancel_timeout: float = 2.0  # docs/contract.md §3.2: bound before a run is fenced out
+    lease_timeout: float = 30.0  # docs/contract.md §6.2
+    keepalive: float = 15.0  # docs/contract.md §4.2
+    retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)
     max_body_bytes: int = 4 * 1024 * 1024
-    # API keys (CONTRACT §7): a JSON file of hashed keys (`tether keys`), and/or
+    # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None
     api_keys: str | None = None

@@ -7,7 +7,7 @@ and workers (`tether worker`) through Redis: a Redis Stream with one consumer gr
 run queue, and a pub/sub channel carries cancel signals.
 
 Neither is a source of truth. The store decides who runs a response (`Store.claim` is a
-compare-and-set) and leases bring back what a queue loses (CONTRACT §6.2): a response that
+compare-and-set) and leases bring back what a queue loses (docs/contract.md §6.2): a response that
 no worker claimed before its lease ran out is submitted again by whichever process sees it.
 So a lost or duplicated queue entry, or a lost cancel signal, costs time, never
 correctness: a cancel that gets no answer fences the run out after `cancel_timeout`.

@@ -52,7 +52,7 @@ def model_not_found(model: str) -> APIError:
 
 
 def previous_not_found(response_id: str) -> APIError:
-    """A `previous_response_id` this caller cannot continue from (CONTRACT §5.4, §7)."""
+    """A `previous_response_id` this caller cannot continue from (docs/contract.md §5.4, §7)."""
     return APIError(404, f"Previous response with id '{response_id}' not found.",
                     param="previous_response_id", code="previous_response_not_found")
 

@@ -1,6 +1,6 @@
 """The life of a response: the only module that decides a state change.
 
-States (CONTRACT §1): `queued → in_progress → completed | incomplete | failed | cancelled`,
+States (docs/contract.md §1): `queued → in_progress → completed | incomplete | failed | cancelled`,
 and `queued → cancelled`. Every transition is one compare-and-set in the store; the
 store's answer, not this process's memory, says who won.
 
@@ -329,7 +329,7 @@ class Lifecycle:
 
     async def cancel_quietly(self, rid: str, tenant: str) -> None:
         """Cancel for a non-background response's reader that went away (an SSE or
-        synchronous client, a WebSocket; CONTRACT §4.7): one that ended first is fine."""
+        synchronous client, a WebSocket; docs/contract.md §4.7): one that ended first is fine."""
         with contextlib.suppress(APIError):
             await self.cancel(rid, tenant)
 
@@ -425,7 +425,7 @@ class Lifecycle:
                               "response_in_flight")
         await self.store.delete(rid, tenant)
 
-    # --- leases (CONTRACT §6.2) -----------------------------------------------------------
+    # --- leases (docs/contract.md §6.2) -----------------------------------------------------------
 
     async def _keep(self) -> None:
         lease = self.settings.lease_timeout
@@ -459,7 +459,7 @@ def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenIte
              done: list[dict[str, Any]], input_tokens: int, output_tokens: int,
              error: str | None, error_code: str = "server_error",
              notes: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The terminal snapshot and the events that close a response (CONTRACT §3.4, §6.1).
+    """The terminal snapshot and the events that close a response (docs/contract.md §3.4, §6.1).
     `notes` (how an upstream engine counted) go into `usage.tether`."""
     item_status = "completed" if ending == "completed" else "incomplete"
     events = [ev for m in still_open for ev in m.closed(item_status)]

@@ -129,7 +129,7 @@ async def get_usage(request: Request) -> Response:
     params = request.query_params
     key_id = params.get("key_id")
     if key_id is not None and request.app.state.keyring.tenant_of(key_id) != tenant:
-        # Another tenant's key is as unknown as a key that does not exist (CONTRACT §7).
+        # Another tenant's key is as unknown as a key that does not exist (docs/contract.md §7).
         raise APIError(404, f"No API key with id '{key_id}'.", param="key_id",
                        code="not_found")
     rows = await lc.store.usage(tenant)
@@ -230,7 +230,7 @@ def _event_stream(lc: Lifecycle, tenant: str, rid: str, after: int, *,
 
 async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
                   cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
-    """CONTRACT §2.4: a stream is a reader of the log, nothing more."""
+    """docs/contract.md §2.4: a stream is a reader of the log, nothing more."""
     frames = wire.sse_frames
     ended = False
     try:
@@ -240,11 +240,11 @@ async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
         yield wire.DONE_FRAME
     finally:
         if not ended and cancel_on_disconnect:
-            lc.spawn(lc.cancel_quietly(rid, tenant))  # CONTRACT §4.7
+            lc.spawn(lc.cancel_quietly(rid, tenant))  # docs/contract.md §4.7
 
 
 async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -> Any:
-    """Wait for a synchronous response; a client that hangs up cancels it (CONTRACT §4.7)."""
+    """Wait for a synchronous response; a client that hangs up cancels it (docs/contract.md §4.7)."""
     tenant = principal(request).tenant
     done = asyncio.ensure_future(lc.wait_done(rid, tenant))
     gone = asyncio.ensure_future(_disconnected(request))

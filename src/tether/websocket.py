@@ -7,7 +7,7 @@ Failures are `{"type": "error", "status", "error": {"code", "message", "param"}}
 envelopes that leave the socket open; only the connection limit closes it.
 
 Like a non-background SSE stream, the socket is its response's reader: a client that
-leaves cancels the response in flight (CONTRACT §4.7), and any cancel — by id over HTTP,
+leaves cancels the response in flight (docs/contract.md §4.7), and any cancel — by id over HTTP,
 or this module's extension message `{"type": "tether:response.cancel"}` — ends the
 socket's stream with `response.failed` (`response.status: "cancelled"`), as over SSE.
 
@@ -195,7 +195,7 @@ class Connection:
     # --- server messages ---------------------------------------------------------------
 
     async def _relay(self, rid: str, prev: str | None) -> None:
-        """The response's events, as its SSE stream gives them (CONTRACT §2.4)."""
+        """The response's events, as its SSE stream gives them (docs/contract.md §2.4)."""
         ended = False
         try:
             # Closed with the relay, even when a send fails: the reader stops at once.
@@ -223,7 +223,7 @@ class Connection:
             if self.current == rid:
                 self.current = None
             if not ended:
-                # The socket was this response's reader (CONTRACT §4.7).
+                # The socket was this response's reader (docs/contract.md §4.7).
                 self.lc.spawn(self.lc.cancel_quietly(rid, self.tenant))
 
     async def _send_entries(self, entries: list[LogEntry]) -> None:

@@ -130,7 +130,7 @@ def lifecycle_event(kind: str, response: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_event(code: str, message: str) -> dict[str, Any]:
-    """CONTRACT §6.1: flat fields (OpenAI) and the nested object (Open Responses)."""
+    """docs/contract.md §6.1: flat fields (OpenAI) and the nested object (Open Responses)."""
     err = {"type": "server_error", "code": code, "message": message, "param": None}
     return {"type": "error", "code": code, "message": message, "param": None, "error": err}
 
@@ -257,7 +257,7 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 
 def sse_frame(kind: str, data: bytes) -> bytes:
-    """CONTRACT §4.1: one event, one write, `\\n` line ends, no `id:`/`retry:`."""
+    """docs/contract.md §4.1: one event, one write, `\\n` line ends, no `id:`/`retry:`."""
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 

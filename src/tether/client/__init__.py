@@ -23,7 +23,7 @@ counterparts (then `async for` and `await stream.cancel()`).
 `cancel()` may be called where the stream is iterated (inside the loop or after it) or from
 another thread / task while one iterates: then that reader's loop ends with the terminal event.
 
-Server errors: an `error` event that carries a nested `error` object (tether, CONTRACT §6.1)
+Server errors: an `error` event that carries a nested `error` object (tether, docs/contract.md §6.1)
 makes the SDK raise `openai.APIError`; the wrappers let it propagate unchanged (it is a
 failure the server reported, not a network fault, so it is never retried). `cancel()` called
 afterwards returns the failed response (retrieved), with its usage.

@@ -1,6 +1,6 @@
 """The `Store` protocol: the few operations that must be atomic, and nothing more.
 
-Two of them decide every race (CONTRACT §1.1, §2.3):
+Two of them decide every race (docs/contract.md §1.1, §2.3):
 - `append` adds events unless the response is terminal or the caller's run token is stale;
 - `finish` sets a terminal state and appends the closing events, only if the response is
   not terminal yet (and, for a run, only if its token is current).

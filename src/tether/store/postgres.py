@@ -2,7 +2,7 @@
 
 Several processes (API replicas, workers) open the same database, so no answer may come
 from process memory: every race is decided by one atomic Postgres statement
-(CONTRACT §1.1, §2.3):
+(docs/contract.md §1.1, §2.3):
 - `append` is a compare-and-set on the run token, the live status and `last_seq`;
 - `claim`, `fence` and `finish` are compare-and-sets on the response row, and add their
   events in the same statement.
