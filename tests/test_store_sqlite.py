@@ -1,4 +1,5 @@
-"""The SQLite store's atomic operations: the two that decide every race (docs/contract.md §1.1, §2.3)."""
+"""The SQLite store's atomic operations: the two that decide every race
+(docs/contract.md §1.1, §2.3)."""
 
 from __future__ import annotations
 

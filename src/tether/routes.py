@@ -244,7 +244,8 @@ async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
 
 
 async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -> Any:
-    """Wait for a synchronous response; a client that hangs up cancels it (docs/contract.md §4.7)."""
+    """Wait for a synchronous response; a client that hangs up cancels it
+    (docs/contract.md §4.7)."""
     tenant = principal(request).tenant
     done = asyncio.ensure_future(lc.wait_done(rid, tenant))
     gone = asyncio.ensure_future(_disconnected(request))
