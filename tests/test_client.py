@@ -461,6 +461,7 @@ def test_cancel_returns_within_grace_on_a_misbehaving_server(
     assert len(flagged) == int(ignored)
     if ignored:
         assert fake.id in str(flagged[0].message)
+        assert flagged[0].filename == __file__  # it points at the caller's `cancel()`
     assert_once_in_order(events)
     text = "".join(e.delta for e in deltas(events))
     if final.status == "cancelled":  # the server's own account, with usage

@@ -1,13 +1,20 @@
-"""`CancellableStream`: the sync wrapper over `openai.Stream` and the `ResponseStream` helper."""
+# Generated from _async.py by scripts/unasync: do not edit by hand (edit _async.py,
+# then run scripts/unasync; the test command checks that this file is unchanged).
+"""`AsyncCancellableStream` (asyncio or trio, via anyio) and its twin `CancellableStream`.
+
+Written once, async: `_async.py` is the source, `scripts/unasync` generates `_sync.py` from it
+by token replacement (`async` and `await` dropped, `AsyncX` names to their sync twins, which
+`_primitives` defines with the same API), and the test command checks that `_sync.py` is
+unchanged. Edit `_async.py`, then run `scripts/unasync`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import random
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -27,13 +34,22 @@ from tether.client._common import (
     verdict,
     warn_ignored,
 )
+from tether.client._primitives import (
+    Condition,
+    Deadline,
+    Event,
+    Lock,
+    Reopen,
+    Shield,
+    sleep,
+)
 
 E = TypeVar("E")
-Reopen = Callable[[str, "int | None"], Any]
 
 
 class CancellableStream(Generic[E]):
-    """Iterates like the wrapped stream; adds `response_id`, `cancel()` and auto-resume.
+    """Iterates like the wrapped stream (`async for` over an async one); adds `response_id`,
+    `cancel()` and auto-resume.
 
     Made by `tether.client.cancellable(stream)` or `tether.client.resumable(client, id)`.
     Every event is yielded once, in `sequence_number` order, also across reconnects.
@@ -53,9 +69,9 @@ class CancellableStream(Generic[E]):
         self._exhausted = False  # nothing more will be read from the server
         self._in_cancel = False
         self._interrupted = False  # the cancel deadline passed while reading
-        self._wake = threading.Event()
-        self._reading = threading.Lock()  # held by whoever reads from the server
-        self._progress = threading.Condition()  # notified on every event and at the end
+        self._wake = Event()  # cuts a backoff pause short on interrupt
+        self._reading = Lock()  # held by whoever reads from the server
+        self._progress = Condition()  # notified on every event and at the end
         self._result: Response | None = None
         self._ignored = False
 
@@ -79,7 +95,7 @@ class CancellableStream(Generic[E]):
         terminal event (`response.completed` / `.incomplete` / `.failed`), else None."""
         return self._result or self._tracker.final_response
 
-    def __iter__(self) -> Iterator[E]:
+    def __iter__(self) -> CancellableStream[E]:
         return self
 
     def __next__(self) -> E:
@@ -94,8 +110,9 @@ class CancellableStream(Generic[E]):
     def __enter__(self) -> CancellableStream[E]:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+            self, exc_type: type[BaseException] | None, exc: BaseException | None,
+            tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -123,10 +140,10 @@ class CancellableStream(Generic[E]):
         Sends `POST /responses/{id}/cancel` and waits for the stream's terminal event.
         Called where the stream is iterated (in the loop, or after leaving it), it reads the
         stream itself; the events it reads are still yielded by iterating afterwards. Called
-        from another thread while one iterates, it leaves the reading to that thread, whose
-        loop then ends with the terminal event. Returns within `grace` seconds: if the server
-        has not ended the response by then (or refused the cancel and went on after the
-        connection was closed), the stream is closed, the response is retrieved,
+        from another thread (task) while one iterates, it leaves the reading to that thread
+        (task), whose loop then ends with the terminal event. Returns within `grace` seconds:
+        if the server has not ended the response by then (or refused the cancel and went on
+        after the connection was closed), the stream is closed, the response is retrieved,
         `server_ignored_cancel` is set and a `CancelIgnoredWarning` issued. Calling it again
         returns the same response.
         """
@@ -135,14 +152,15 @@ class CancellableStream(Generic[E]):
         deadline = time.monotonic() + grace
         soft = deadline - min(1.0, grace / 4)  # what is left after it is for the retrieve
         self._in_cancel = True
-        inline = self._reading.acquire(blocking=False)
+        inline = self._reading.try_acquire()
         try:
             return self._cancel(grace, deadline, soft, inline)
         finally:
             if inline:
                 self._reading.release()
 
-    def _cancel(self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
+    def _cancel(
+            self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
         t = self._tracker
         self._await(lambda: t.response_id is not None, soft, inline)
         rid = t.response_id
@@ -182,12 +200,11 @@ class CancellableStream(Generic[E]):
 
     def _await(self, done: Callable[[], bool], until: float, inline: bool) -> None:
         """Until `done()` or the stream ends, at most until `until`: read the stream
-        (`inline`), or let the thread that iterates read it."""
+        (`inline`), or let the thread (task) that iterates read it."""
         if not inline:
-            with self._progress:
-                self._progress.wait_for(lambda: done() or self._exhausted, _left(until))
+            self._progress.wait_for(lambda: done() or self._exhausted, _left(until))
             return
-        with self._watchdog(until):
+        with Deadline(_left(until), self._interrupt):
             self._read_while(lambda: not done() and time.monotonic() < until)
 
     def _read_while(self, more: Callable[[], bool]) -> None:
@@ -203,7 +220,8 @@ class CancellableStream(Generic[E]):
     def _send_cancel(self, rid: str, until: float) -> bool:
         """POST the cancel; True if the server refused it (4xx)."""
         try:
-            self._client.with_options(max_retries=0, timeout=_left(until)).responses.cancel(rid)
+            client = self._client.with_options(max_retries=0, timeout=_left(until))
+            client.responses.cancel(rid)
         except Exception as exc:
             if is_refusal(exc):
                 return True
@@ -232,7 +250,7 @@ class CancellableStream(Generic[E]):
             retrieved = latest
             if not poll or latest.status not in LIVE_STATUSES:
                 break
-            time.sleep(min(pause, max(0.0, _left(deadline) - 0.05)))
+            sleep(min(pause, max(0.0, _left(deadline) - 0.05)))
             pause = min(pause * 2, 0.5)
         return retrieved
 
@@ -253,9 +271,9 @@ class CancellableStream(Generic[E]):
             error: BaseException | None = None
             try:
                 if self._source is None:
-                    self._source = self._reopen(str(self._tracker.response_id),
-                                                self._tracker.last_seq)
-                event: E = next(self._source)
+                    t = self._tracker
+                    self._source = self._reopen(str(t.response_id), t.last_seq)
+                event: E = self._source.__next__()
             except StopIteration:  # the body ended without a terminal event
                 self._drop_source()
                 if self._interrupted or not self._may_resume():
@@ -277,8 +295,7 @@ class CancellableStream(Generic[E]):
                     self._drop_source()
                     self._finish()
                 else:
-                    with self._progress:
-                        self._progress.notify_all()
+                    self._progress.notify()
                 return event
             if failures >= self._backoff.max_attempts:
                 self._finish()
@@ -294,28 +311,17 @@ class CancellableStream(Generic[E]):
 
     def _finish(self) -> None:
         """Nothing more will be read from the server; wake a `cancel()` waiting for it."""
-        with self._progress:
-            self._exhausted = True
-            self._progress.notify_all()
+        self._exhausted = True
+        self._progress.notify()
 
     def _drop_source(self) -> None:
         source, self._source = self._source, None
         if source is not None:
-            with contextlib.suppress(Exception):
+            with Shield(), contextlib.suppress(Exception):
                 source.close()
 
-    @contextlib.contextmanager
-    def _watchdog(self, until: float) -> Iterator[None]:
-        """At `until`, break a blocking read by shutting the socket down."""
-        timer = threading.Timer(_left(until), self._interrupt)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-
     def _interrupt(self) -> None:
+        """Make a reader blocked on the stream give up: shut its socket down."""
         self._interrupted = True
         self._wake.set()
         source = self._source
