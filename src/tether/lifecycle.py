@@ -535,18 +535,21 @@ class Lifecycle:
 
 
 async def _settle(tasks: Collection[asyncio.Task[Any]], timeout: float) -> bool:
-    """Give `tasks` `timeout` seconds to end, then cancel the rest and await them (a
-    bounded wait: a task that will not end is logged, not waited for forever).
+    """Give `tasks` `timeout` seconds to end, then cancel the rest and await them — also
+    when this wait is itself cancelled (the cancellation then goes on up). The wait for
+    cancelled tasks is bounded: one that will not end is logged, not awaited forever.
     True if some had to be cancelled."""
     pending = set(tasks)
-    if pending and timeout > 0:
-        _, pending = await asyncio.wait(pending, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        _, stuck = await asyncio.wait(pending, timeout=5)
-        if stuck:
-            log.error("tasks that did not end when cancelled: %s", stuck)
+    try:
+        if pending and timeout > 0:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=5)
+            if stuck:
+                log.error("tasks that did not end when cancelled: %s", stuck)
     return bool(pending)
 
 
