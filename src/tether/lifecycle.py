@@ -112,7 +112,13 @@ class Lifecycle:
             await _settle(self._daemons, 0)
             for run in list(self.runs.values()):
                 run.stop("shutdown")
-            if await _settle(set(self._tasks), self.settings.cancel_timeout + 1):
+            deadline = time.monotonic() + self.settings.cancel_timeout + 1
+            seen: set[asyncio.Task[Any]] = set()
+            cut = False
+            while pending := self._tasks - seen:  # and what they spawn meanwhile
+                seen |= pending
+                cut |= await _settle(pending, deadline - time.monotonic())
+            if cut:
                 await self._end_held("The server stopped while generating this response.")
 
     async def _end_held(self, message: str) -> None:
@@ -219,8 +225,7 @@ class Lifecycle:
 
     async def _submit(self, rid: str, tenant: str) -> None:
         """Queue a response for a run; locally, this process keeps its lease meanwhile."""
-        local = not self.dispatch.remote
-        if local:
+        if not self.dispatch.remote:
             self._queued.add(rid)
         try:
             await self.dispatch.submit(rid, tenant)
