@@ -257,7 +257,7 @@ async def test_leases_renew_expire_and_adopt(make: Make) -> None:
     await a.create(record("resp_q", owner="w1"), [ev("response.created")])
     await a.create(record("resp_r", owner="w1"), [ev("response.created")])
     assert await a.claim("resp_r", "tok", "w1", time.time() + 60, {}, [])
-    await a.renew("w1", time.time() - 1)  # w1 stopped renewing long ago
+    await a.renew("w1", time.time() - 1, ["resp_q", "resp_r"])  # w1 stopped renewing
     assert {r.id for r in await b.expired(time.time())} == {"resp_q", "resp_r"}
     assert not await b.adopt("resp_r", "w1", "w2", time.time() + 60)  # it started: no re-run
     assert not await b.adopt("resp_q", "someone", "w2", time.time() + 60)

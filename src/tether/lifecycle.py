@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -43,6 +43,7 @@ from tether.errors import (
 )
 from tether.run import Outcome, Run, drive
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
+from tether.store.owners import OwnerLocks
 
 log = logging.getLogger("tether.lifecycle")
 Ending = Literal["completed", "incomplete", "failed", "cancelled"]
@@ -75,11 +76,19 @@ class Lifecycle:
         self._slots = asyncio.Semaphore(max(self.workers, 1))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._daemons: list[asyncio.Task[None]] = []
+        # Responses this process submitted to its local queue and no run took yet: it
+        # keeps their leases (scaled out, nobody does: `_queue_owner`).
+        self._queued: set[str] = set()
+        self._locks: OwnerLocks | None = None  # the embedded store's owner locks
 
     # --- process life ------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.store.open()
+        self._locks = self.store.owner_locks()
+        if self._locks is not None:
+            # Held until this process ends: how the next one knows it is gone (§8.7).
+            self._locks.hold(self.owner)
         await self.dispatch.open(self._on_cancel)
         if self.workers:
             await self.engine.start()
@@ -87,24 +96,52 @@ class Lifecycle:
         self._daemons.append(asyncio.create_task(self._keep()))
 
     async def stop(self) -> None:
-        """Graceful shutdown: in-progress runs end `failed`; queued ones wait for a restart."""
-        for task in self._daemons:
-            task.cancel()
-        for run in list(self.runs.values()):
-            run.stop("shutdown")
-        pending = [r.done.wait() for r in self.runs.values()]
-        if pending:
-            await asyncio.wait_for(asyncio.gather(*pending), self.settings.cancel_timeout + 1)
-        await self.dispatch.close()
-        if self.workers:
-            await self.engine.close()
-        await self.store.close()
+        """Graceful shutdown: runs are asked to stop and given `cancel_timeout` + 1 s to
+        end their responses `failed`; the tasks still going then are cancelled (and
+        awaited), and what they left live is ended `failed` from its log. Queued
+        responses wait for a restart (on the embedded store the next process takes them
+        at once). The dispatch, engine and store are closed whatever happened before,
+        even if a step raised or this call was cancelled."""
+        async with contextlib.AsyncExitStack() as closing:
+            if self._locks is not None:
+                closing.callback(self._locks.release)  # last: after the store closed
+            closing.push_async_callback(self.store.close)
+            if self.workers:
+                closing.push_async_callback(self.engine.close)
+            closing.push_async_callback(self.dispatch.close)
+            await _settle(self._daemons, 0)
+            for run in list(self.runs.values()):
+                run.stop("shutdown")
+            deadline = time.monotonic() + self.settings.cancel_timeout + 1
+            seen: set[asyncio.Task[Any]] = set()
+            cut = False
+            while pending := self._tasks - seen:  # and what they spawn meanwhile
+                seen |= pending
+                cut |= await _settle(pending, deadline - time.monotonic())
+            if cut:
+                await self._end_held("The server stopped while generating this response.")
+
+    async def _end_held(self, message: str) -> None:
+        """End `failed` every started response this process still holds (its run was
+        cancelled at shutdown). Best effort: what is left, a restart recovers."""
+        try:
+            for rec in await self.store.expired(0.0, [self.owner]):
+                if rec.run_token is not None or rec.status != "queued":
+                    await self._end(rec.id, rec.tenant, "failed", message)
+        except Exception:
+            log.exception("ending runs cut short by the shutdown failed")
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run `coro` in the background, keeping a reference until it ends."""
+        """Run `coro` in the background, keeping a reference until it ends (`stop`
+        awaits it). An exception it ends with is logged: no one else would see it."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=exc)
 
     # --- create ------------------------------------------------------------------------
 
@@ -159,7 +196,7 @@ class Lifecycle:
         if created:
             metrics.created()
             try:
-                await self.dispatch.submit(record.id, tenant)
+                await self._submit(record.id, tenant)
             except StoreUnavailable:
                 # Nobody will run it: end it now rather than leave it waiting for a lease.
                 with contextlib.suppress(Exception):
@@ -186,6 +223,16 @@ class Lifecycle:
         out and any process submits it again (a queue entry lost with Redis comes back)."""
         return None if self.dispatch.remote else self.owner
 
+    async def _submit(self, rid: str, tenant: str) -> None:
+        """Queue a response for a run; locally, this process keeps its lease meanwhile."""
+        if not self.dispatch.remote:
+            self._queued.add(rid)
+        try:
+            await self.dispatch.submit(rid, tenant)
+        except BaseException:
+            self._queued.discard(rid)
+            raise
+
     # --- the run (the one writer of a response's log) ------------------------------------
 
     async def _work(self) -> None:
@@ -194,6 +241,9 @@ class Lifecycle:
             await self._slots.acquire()
             try:
                 rid, tenant = await self.dispatch.take()
+                # From here the run keeps the lease; if the run is not started below,
+                # the lease runs out and `_recover` queues the response again.
+                self._queued.discard(rid)
                 record = await self.store.get(rid, tenant)
             except asyncio.CancelledError:
                 self._slots.release()
@@ -329,9 +379,26 @@ class Lifecycle:
 
     async def cancel_quietly(self, rid: str, tenant: str) -> None:
         """Cancel for a non-background response's reader that went away (an SSE or
-        synchronous client, a WebSocket; docs/contract.md §4.7): one that ended first is fine."""
-        with contextlib.suppress(APIError):
-            await self.cancel(rid, tenant)
+        synchronous client, a WebSocket; docs/contract.md §4.7): one that ended first is fine.
+
+        It runs where nobody would see an exception (a spawned task, a handler whose
+        client left), so a store outage is ridden out here: a run in this process is told
+        to stop at once (that needs no store; the run then ends the response `cancelled`
+        itself once it can write), and the cancel is retried until the lease would have
+        run out (`_patiently`). If the store stays unreachable longer, the failure is
+        logged and the response is left to its lease (docs/contract.md §6.2)."""
+        try:
+            try:
+                await self.cancel(rid, tenant)
+            except StoreUnavailable as exc:
+                log.warning("cancel of %s waits for the store: %s", rid, exc)
+                self._on_cancel(rid)
+                await self._patiently(self.cancel, rid, tenant)
+        except APIError:
+            pass  # it ended first, or is gone
+        except StoreUnavailable as exc:
+            log.error("cancel of %s given up, the store stayed unreachable (%s); "
+                      "its lease ends it", rid, exc)
 
     async def _stop_run(self, rec: Record, deadline: float) -> None:
         """Signal the run of a live response to stop; wait until it ended the response
@@ -428,14 +495,17 @@ class Lifecycle:
     # --- leases (docs/contract.md §6.2) -----------------------------------------------------------
 
     async def _keep(self) -> None:
+        """Renew the leases of the responses this process runs or keeps queued — only
+        those: a response whose run ended without its terminal transition (a store
+        failure at the wrong moment) is not renewed, so it expires and is ended like any
+        lost run —, recover the responses of others, and purge old logs."""
         lease = self.settings.lease_timeout
         last_purge = 0.0
         while True:
             try:
                 now = time.time()
-                await self.store.renew(self.owner, now + lease)
-                for rec in await self.store.expired(now):
-                    await self._recover(rec)
+                await self.store.renew(self.owner, now + lease, [*self.runs, *self._queued])
+                await self._recover_all(now)
                 if now - last_purge > 60:
                     await self.store.purge(now - self.settings.retention)
                     last_purge = now
@@ -443,16 +513,49 @@ class Lifecycle:
                 log.exception("lease keeper failed; retrying")
             await asyncio.sleep(lease / 3)
 
-    async def _recover(self, rec: Record) -> None:
-        """A response whose owner stopped renewing its lease: re-run it if it never
-        started, else end it `failed` so every stream gets its terminal event."""
+    async def _recover_all(self, now: float) -> None:
+        """Recover responses whose lease ran out, and at once those of owners proven gone
+        by their lock (the embedded store, docs/contract.md §8.7: in the first round after a
+        start, so a restart does not wait for the leases of the process it replaces)."""
+        locks = self._locks
+        gone = locks.gone() if locks is not None else []
+        for rec in await self.store.expired(now, gone):
+            await self._recover(rec, rec.owner in gone)
+        for owner in gone:
+            assert locks is not None
+            locks.forget(owner)  # all it held is recovered; an error above retries
+
+    async def _recover(self, rec: Record, owner_gone: bool = False) -> None:
+        """A response whose owner stopped renewing its lease (or is `owner_gone`): re-run
+        it if it never started, else end it `failed` so every stream gets its terminal
+        event (docs/contract.md §6.2)."""
         if rec.run_token is None and rec.status == "queued":
             lease_until = time.time() + self.settings.lease_timeout
-            if await self.store.adopt(rec.id, rec.owner, self._queue_owner(), lease_until):
-                await self.dispatch.submit(rec.id, rec.tenant)
+            if await self.store.adopt(rec.id, rec.owner, self._queue_owner(), lease_until,
+                                      owner_gone):
+                await self._submit(rec.id, rec.tenant)
             return
         await self._end(rec.id, rec.tenant, "failed",
                         "The server running this response stopped before it finished.")
+
+
+async def _settle(tasks: Collection[asyncio.Task[Any]], timeout: float) -> bool:
+    """Give `tasks` `timeout` seconds to end, then cancel the rest and await them — also
+    when this wait is itself cancelled (the cancellation then goes on up). The wait for
+    cancelled tasks is bounded: one that will not end is logged, not awaited forever.
+    True if some had to be cancelled."""
+    pending = set(tasks)
+    try:
+        if pending and timeout > 0:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=5)
+            if stuck:
+                log.error("tasks that did not end when cancelled: %s", stuck)
+    return bool(pending)
 
 
 def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem],

@@ -9,8 +9,11 @@ The store assigns `sequence_number`s, and readers only ever see committed events
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from tether.store.owners import OwnerLocks
 
 
 class LogEntry:
@@ -158,19 +161,29 @@ class Store(Protocol):
         for responses made without a key. `tenant=None`: every tenant's rows."""
         ...
 
-    async def renew(self, owner: str, lease_until: float) -> None:
-        """Extend the leases of every live response `owner` holds."""
+    async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
+        """Extend the leases of the live responses among `held` (what `owner` is running
+        or keeps queued) that `owner` holds. A response `owner` holds but no longer
+        runs (its run ended without its terminal transition) is left to expire."""
         ...
 
-    async def expired(self, now: float) -> list[Record]:
-        """Live responses whose lease ran out."""
+    async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
+        """Live responses whose lease ran out, or whose owner is among `gone` (owners
+        proven gone: `owner_locks`)."""
         ...
 
     async def adopt(self, response_id: str, old_owner: str | None, owner: str | None,
-                    lease_until: float) -> bool:
+                    lease_until: float, old_owner_gone: bool = False) -> bool:
         """Take over an expired, never-started response (to run it again): set its
         owner and lease if it is still `queued`, unclaimed, owned by `old_owner` and
-        expired. `owner=None`: nobody renews it (scaled out, where any worker may run it)."""
+        expired (or `old_owner_gone`: proven gone, its lease need not have run out).
+        `owner=None`: nobody renews it (scaled out, where any worker may run it)."""
+        ...
+
+    def owner_locks(self) -> OwnerLocks | None:
+        """Where a gone owner can be proven gone by the lock it held (the embedded
+        store: every process on one machine, `tether.store.owners`); None where only
+        the lease clock can tell (scaled out)."""
         ...
 
     async def purge(self, before: float) -> int:

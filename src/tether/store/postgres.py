@@ -32,6 +32,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -48,6 +49,7 @@ from tether.store.base import (
     ledger_values,
 )
 from tether.store.livelog import LiveLog
+from tether.store.owners import OwnerLocks
 from tether.store.pg_pool import OP_TIMEOUT, Database
 from tether.store.pg_sql import LIVE, Pending
 
@@ -427,27 +429,33 @@ class PostgresStore:
                 f"FROM usage_ledger{where} ORDER BY tenant, key_id, model, status", *args)
         return [ledger_row(r) for r in rows]
 
-    async def renew(self, owner: str, lease_until: float) -> None:
+    async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
         async with self.db.conn() as con:
             await con.execute(
-                f"UPDATE responses SET lease_until = $2 WHERE owner = $1 AND {LIVE}",
-                owner, lease_until)
+                f"UPDATE responses SET lease_until = $2 WHERE owner = $1 AND {LIVE} "
+                "AND id = ANY($3::text[])", owner, lease_until, list(held))
 
-    async def expired(self, now: float) -> list[Record]:
+    async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         rows = await self.db.query(
-            "fetch", f"{sql.SELECT} WHERE r.{LIVE} AND r.lease_until < $1", now)
+            "fetch", f"{sql.SELECT} WHERE r.{LIVE} AND (r.lease_until < $1 "
+            "OR r.owner = ANY($2::text[]))", now, list(gone))
         return [sql.record(row) for row in rows]
 
     async def adopt(
-        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float
+        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
+        old_owner_gone: bool = False,
     ) -> bool:
         async with self.db.conn() as con:
             done = await con.fetchval(
                 "UPDATE responses SET owner = $3, lease_until = $4 "
                 "WHERE id = $1 AND status = 'queued' AND run_token IS NULL "
-                "AND owner IS NOT DISTINCT FROM $2 AND lease_until < $5 RETURNING 1",
-                response_id, old_owner, owner, lease_until, time.time())
+                "AND owner IS NOT DISTINCT FROM $2 AND (lease_until < $5 OR $6::boolean) "
+                "RETURNING 1",
+                response_id, old_owner, owner, lease_until, time.time(), old_owner_gone)
         return bool(done)
+
+    def owner_locks(self) -> OwnerLocks | None:
+        return None  # processes on many machines: only the lease clock tells who is gone
 
     async def purge(self, before: float) -> int:
         async with self.db.conn(transaction=True) as con:

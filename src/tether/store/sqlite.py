@@ -13,6 +13,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tether.store.base import (
     ledger_row,
     ledger_values,
 )
+from tether.store.owners import OwnerLocks
 
 LIVE = "('queued', 'in_progress')"
 _SELECT = (
@@ -390,28 +392,36 @@ class SQLiteStore:
                                "ORDER BY tenant, key_id, model, status", args).fetchall()
         return [ledger_row(r) for r in rows]
 
-    async def renew(self, owner: str, lease_until: float) -> None:
+    async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
         self.db.execute(
-            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {LIVE}",
-            (lease_until, owner),
+            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {LIVE} "
+            "AND id IN (SELECT value FROM json_each(?))",
+            (lease_until, owner, orjson.dumps(list(held))),
         )
 
-    async def expired(self, now: float) -> list[Record]:
+    async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         rows = self.db.execute(
-            f"{_SELECT} WHERE r.status IN {LIVE} AND r.lease_until < ?",
-            (now,),
+            f"{_SELECT} WHERE r.status IN {LIVE} AND (r.lease_until < ? "
+            "OR r.owner IN (SELECT value FROM json_each(?)))",
+            (now, orjson.dumps(list(gone))),
         ).fetchall()
         return [_record(row) for row in rows]
 
     async def adopt(
-        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float
+        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
+        old_owner_gone: bool = False,
     ) -> bool:
         cur = self.db.execute(
             "UPDATE responses SET owner = ?, lease_until = ?, run_token = NULL "
-            "WHERE id = ? AND status = 'queued' AND owner IS ? AND lease_until < ?",
-            (owner, lease_until, response_id, old_owner, time.time()),
+            "WHERE id = ? AND status = 'queued' AND owner IS ? AND (lease_until < ? OR ?)",
+            (owner, lease_until, response_id, old_owner, time.time(), old_owner_gone),
         )
         return cur.rowcount == 1
+
+    def owner_locks(self) -> OwnerLocks | None:
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            return None
+        return OwnerLocks(Path(f"{self.path}.owners"))
 
     async def purge(self, before: float) -> int:
         db = self.db
