@@ -26,7 +26,8 @@ import pytest
 from conftest import Server, raw_events, wait_for
 from invariants import Seen, check_response
 
-DISK_BYTES = 48 << 20  # the tmpfs: the database, its WAL (a WAL that never restarts outgrows it), the filler
+# The tmpfs: the database, its WAL and the filler (a WAL that never restarts outgrows it).
+DISK_BYTES = 48 << 20
 RATE, LENGTH = 500, 2000  # scripted tokens per second, tokens per response
 STREAMS = 4  # streams running when the disk fills
 AFTER = 8  # responses made once space is back: all must complete

@@ -1,16 +1,20 @@
-"""The SQLite store's atomic operations: the two that decide every race (docs/contract.md §1.1, §2.3)."""
+"""The SQLite store's atomic operations: the two that decide every race (docs/contract.md
+§1.1, §2.3); and what it does when it cannot write (§8.7)."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tether.store.base import IdempotencyConflict, Record
+from tether.store.base import IdempotencyConflict, Record, StoreFull, WriteLost
 from tether.store.sqlite import SQLiteStore
+from tether.store.sqlite_io import Checkpointer
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +150,142 @@ async def test_tenants_are_separate(tmp_path: Path) -> None:
     assert await store.get("resp_1", "other") is None
     assert not await store.delete("resp_1", "other")
     await store.close()
+
+
+def fill_up(store: SQLiteStore) -> None:
+    """The database may grow no more: SQLite's own SQLITE_FULL, as on a full disk."""
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def make_room(store: SQLiteStore) -> None:
+    store.db.execute("PRAGMA max_page_count = 1073741823")
+
+
+async def test_an_append_that_was_not_written_is_never_reported_done(tmp_path: Path) -> None:
+    # contract §1.2, §8.7: the run learns of it; the log holds only what was written
+    store = await opened(tmp_path)
+    await store.create(record(), [ev("response.created")])
+    assert await store.claim("resp_1", "tok", "me", 0, {}, [])
+    assert await store.append("resp_1", "tok", [ev(delta="a")], tokens=1)
+    await asyncio.sleep(0)  # committed
+    fill_up(store)
+    big = [ev(delta="x" * 2000) for _ in range(50)]  # needs new pages
+    assert await store.append("resp_1", "tok", big, tokens=50)  # accepted into the batch...
+    await asyncio.sleep(0)  # ...whose commit fails: no exception escapes the loop callback
+    with pytest.raises(WriteLost):
+        await store.append("resp_1", "tok", [ev()], tokens=1)
+    with pytest.raises(WriteLost):
+        await store.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
+    assert [e.type for e in await store.read("resp_1", -1)] == [
+        "response.created", "response.output_text.delta"]
+    assert await store.output_tokens("resp_1") == 1
+    assert await store.fence("resp_1", "guard")  # ending it from the log (no new page)...
+    with pytest.raises(StoreFull):  # ...needs room for the closing events...
+        await store.finish("resp_1", "guard", "failed", {"pad": "y" * 100_000},
+                           [ev("response.failed")])
+    make_room(store)  # ...and works once there is room
+    assert await store.finish("resp_1", "guard", "failed", {}, [ev("response.failed")])
+    entries = await store.read("resp_1", -1)
+    assert [e.seq for e in entries] == [0, 1, 2]
+    assert entries[-1].type == "response.failed"
+    await store.close()
+
+
+async def test_a_lost_batch_wakes_no_reader(tmp_path: Path) -> None:
+    # readers never see events that are not durable
+    store = await opened(tmp_path)
+    await store.create(record(), [ev("response.created")])
+    await store.claim("resp_1", "tok", "me", 0, {}, [])
+    waiter = asyncio.ensure_future(store.wait("resp_1", 0, 0.2))
+    fill_up(store)
+    await store.append("resp_1", "tok", [ev(delta="x" * 2000) for _ in range(50)], tokens=50)
+    await waiter  # timed out: nothing was committed
+    assert await store.read("resp_1", 0) == []
+    await store.close()
+
+
+async def test_other_runs_go_on_after_a_lost_batch(tmp_path: Path) -> None:
+    store = await opened(tmp_path)
+    for rid in ("resp_a", "resp_b"):
+        await store.create(record(rid), [ev("response.created")])
+        await store.claim(rid, "tok", "me", 0, {}, [])
+    fill_up(store)
+    await store.append("resp_a", "tok", [ev(delta="x" * 2000) for _ in range(50)], tokens=50)
+    await asyncio.sleep(0)
+    make_room(store)
+    assert await store.append("resp_b", "tok", [ev()], tokens=1)  # not in the lost batch
+    await asyncio.sleep(0)
+    assert await store.output_tokens("resp_b") == 1
+    assert await store.finish("resp_b", "tok", "completed", {}, [ev("response.completed")])
+    with pytest.raises(WriteLost):
+        await store.append("resp_a", "tok", [ev()], tokens=1)
+    await store.close()
+
+
+async def test_writes_on_a_full_store_raise_store_full(tmp_path: Path) -> None:
+    # the create route turns it into 507 with Retry-After; nothing is half-written
+    store = await opened(tmp_path)
+    fill_up(store)
+    big = record()
+    big.snapshot["pad"] = "x" * 20000
+    with pytest.raises(StoreFull):
+        await store.create(big, [ev("response.created")])
+    assert await store.get("resp_1", "t") is None
+    make_room(store)
+    await store.create(record(), [ev("response.created")])
+    assert await store.get("resp_1", "t") is not None
+    await store.close()
+
+
+def test_the_checkpoint_thread_outlives_errors(tmp_path: Path) -> None:
+    path = tmp_path / "later" / "c.db"  # its folder does not exist yet: connecting fails
+    thread = Checkpointer(str(path), interval=0.01)
+    thread.start()
+    try:
+        wait_until(lambda: thread.trouble.count >= 3)
+        assert thread.is_alive()
+        path.parent.mkdir()
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE t (x)")
+        db.execute("INSERT INTO t VALUES (1)")
+        db.commit()
+        wait_until(lambda: thread.trouble.since is None)  # it checkpoints again
+        db.close()
+    finally:
+        thread.stop()
+
+
+async def test_the_wal_starts_over_under_sustained_writes(tmp_path: Path) -> None:
+    # The checkpoint thread alone never catches up with a writer that commits every loop
+    # turn, so the WAL never restarted and grew without bound (issue 14: it filled the disk
+    # again after a full disk had been freed). The writer's catch-up checkpoint fixes that.
+    store = await opened(tmp_path)
+    rids = [f"resp_{i}" for i in range(8)]
+    for rid in rids:
+        await store.create(record(rid), [ev("response.created")])
+        await store.claim(rid, "tok", "me", 0, {}, [])
+    wal = Path(store.path + "-wal")
+    first = restarts(wal)
+    deadline = time.monotonic() + 60
+    while restarts(wal) < first + 3:
+        for _ in range(100):  # writes without a pause: no idle moment to restart in
+            for rid in rids:
+                await store.append(rid, "tok", [ev(delta="w" * 20)], tokens=1)
+            await asyncio.sleep(0)
+        assert time.monotonic() < deadline, "the WAL never started over"
+    await store.close()
+
+
+def restarts(wal: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds 1 each time it restarts."""
+    with wal.open("rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)  # a thread's progress has no event to wait on

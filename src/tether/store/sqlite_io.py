@@ -97,8 +97,8 @@ class Trouble:
         self.count += 1
         if self.since is None:
             self.since = time.monotonic()
-            log.error("%s failed (%s); retrying", self.what, exc,
-                      exc_info=store_error(exc) is None)
+            expected = isinstance(exc, StoreUnavailable) or store_error(exc) is not None
+            log.error("%s failed (%s); retrying", self.what, exc, exc_info=not expected)
 
     def worked(self) -> None:
         if self.since is not None:
@@ -143,17 +143,27 @@ class Checkpointer(threading.Thread):
 
     def run(self) -> None:
         db: sqlite3.Connection | None = None
+        wait = self.interval
         try:
-            while not self._stopped.wait(self.interval):
+            while not self._stopped.wait(wait):
+                wait = self.interval
                 try:
                     if db is None:
                         db = sqlite3.connect(self.path, isolation_level=None,
                                              check_same_thread=False)
                         db.execute("PRAGMA busy_timeout=5000")
-                    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.trouble.worked()
+                    frames = _checkpoint(db)
                     if frames >= CATCH_UP_FRAMES:
+                        # Copy what was written during the last pass until that is little,
+                        # so that the writer's catch-up is short; and look again sooner.
+                        for _ in range(8):
+                            newer = _checkpoint(db)
+                            if newer - frames < CATCH_UP_FRAMES // 10:
+                                break
+                            frames = newer
                         self.catch_up_wanted = True
+                        wait = self.interval / 5
+                    self.trouble.worked()
                 except Exception as exc:  # the thread must outlive any error
                     self.trouble.failed(exc)
         finally:
@@ -163,3 +173,9 @@ class Checkpointer(threading.Thread):
     def stop(self) -> None:
         self._stopped.set()
         self.join()
+
+
+def _checkpoint(db: sqlite3.Connection) -> int:
+    """A passive checkpoint: how many frames the WAL held when it began."""
+    _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames)
