@@ -51,7 +51,8 @@ class transaction:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise (store_error(exc) or exc) from exc
+            _translated(exc)
+            raise
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if exc is None:
@@ -59,12 +60,11 @@ class transaction:
                 self.db.execute("COMMIT")
             except sqlite3.Error as failed:
                 self._rollback()
-                raise (store_error(failed) or failed) from failed
+                _translated(failed)
+                raise
             return
         self._rollback()
-        error = store_error(exc)
-        if error is not None:
-            raise error from exc
+        _translated(exc)  # else the error from the block goes on as it is
 
     def _rollback(self) -> None:
         # SQLite may have rolled the transaction back itself (a full disk can do that):
@@ -81,7 +81,15 @@ def write(db: sqlite3.Connection, sql: str, args: tuple[Any, ...] = ()) -> sqlit
     try:
         return db.execute(sql, args)
     except sqlite3.Error as exc:
-        raise (store_error(exc) or exc) from exc
+        _translated(exc)
+        raise
+
+
+def _translated(exc: BaseException) -> None:
+    """Raise the store's error for `exc` if it has one."""
+    error = store_error(exc)
+    if error is not None:
+        raise error from exc
 
 
 class Trouble:
