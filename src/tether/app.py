@@ -19,11 +19,11 @@ from tether.auth import AuthMiddleware, KeyRing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
-from tether.errors import APIError, server_error
+from tether.errors import APIError, insufficient_storage, server_error
 from tether.lifecycle import Lifecycle, new_token
 from tether.logs import RequestId
 from tether.store import make_store
-from tether.store.base import StoreUnavailable
+from tether.store.base import StoreFull, StoreUnavailable
 
 log = logging.getLogger("tether")
 
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None, worker_only: bool = False,
     app = Starlette(
         routes=served + (routes.debug_routes if settings.debug_routes else []),
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                            StoreUnavailable: _unavailable, Exception: _unexpected},
+                            StoreUnavailable: _unavailable, StoreFull: _full,
+                            Exception: _unexpected},
         lifespan=lifespan,
         middleware=[Middleware(RequestId), Middleware(AuthMiddleware, keyring=keyring)],
     )
@@ -117,6 +118,11 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     return _render(APIError(503, "The service is temporarily unavailable; retry shortly.",
                             code="service_unavailable", type="server_error",
                             headers={"retry-after": "1", "x-should-retry": "true"}))
+
+
+async def _full(request: Request, exc: Exception) -> Response:
+    log.warning("store full on %s %s: %s", request.method, request.url.path, exc)
+    return _render(insufficient_storage())
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -67,3 +67,10 @@ def server_error(message: str = "The server had an error processing your request
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="service_unavailable")
+
+
+def insufficient_storage(retry_after: int = 5) -> APIError:
+    """The store cannot write (its disk is full): nothing was created; retry later."""
+    return APIError(507, "The server is out of storage; retry later.", type="server_error",
+                    code="insufficient_storage",
+                    headers={"retry-after": str(retry_after), "x-should-retry": "true"})

@@ -42,7 +42,14 @@ from tether.errors import (
     previous_not_found,
 )
 from tether.run import Outcome, Run, drive
-from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
+from tether.store.base import (
+    IdempotencyConflict,
+    LogEntry,
+    Record,
+    Store,
+    StoreUnavailable,
+    WriteLost,
+)
 from tether.store.owners import OwnerLocks
 
 log = logging.getLogger("tether.lifecycle")
@@ -299,7 +306,12 @@ class Lifecycle:
                 await self._conclude(rid, token, snap, run, outcome)
         except Exception as exc:
             message = "The run crashed."
-            if isinstance(exc, StoreUnavailable):
+            if isinstance(exc, WriteLost):
+                # Some of its output could not be saved (a full disk): it ends with what
+                # was, once the store can write again (docs/contract.md §8.7).
+                log.warning("run %s could not save its output: %s", rid, exc)
+                message = "The server could not save this response's output."
+            elif isinstance(exc, StoreUnavailable):
                 # Part of its output may not have reached the database: it cannot go on
                 # as if it had. It ends from what is in the log, once the store is back.
                 log.warning("run %s lost the store: %s", rid, exc)

@@ -4,7 +4,9 @@
 log as they come, and returns how the generation went (`Outcome`). It decides nothing
 about the response's state: `Lifecycle` turns the outcome into the terminal transition.
 When the store refuses an append (the run was fenced out: someone else ended the
-response), `drive` stops the engine and returns None.
+response), `drive` stops the engine and returns None. When an append could not be written
+(`WriteLost`, `StoreUnavailable`), the error goes up to `Lifecycle`: the engine is closed
+and the run's own account of its output, no longer the log's, is dropped.
 """
 
 from __future__ import annotations

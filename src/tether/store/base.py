@@ -80,6 +80,17 @@ class StoreUnavailable(Exception):
     retried). Raised instead of hanging: every call gives up within a few seconds."""
 
 
+class StoreFull(StoreUnavailable):
+    """The store cannot write now: its disk is full (507 with `Retry-After`). Reads
+    still work; writes work again once space comes back."""
+
+
+class WriteLost(Exception):
+    """Events a run appended could not be made durable (docs/contract.md §8.7). The run
+    must neither go on nor end from its own memory: its response ends `failed` from what
+    the log holds. Not a `StoreUnavailable`: retrying the run's own call cannot help."""
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -119,7 +130,8 @@ class Store(Protocol):
         input_tokens: int | None = None,
     ) -> bool:
         """Append a run's events (carrying `tokens` output tokens). False: fenced out.
-        May return before the events are durable; `finish` and readers see them in order."""
+        May return before the events are durable; `finish` and readers see them in order.
+        Raises `WriteLost` once an earlier append of this run could not be written."""
         ...
 
     async def fence(self, response_id: str, run_token: str) -> bool:
@@ -136,7 +148,8 @@ class Store(Protocol):
         tokens: int = 0,
     ) -> bool:
         """The one terminal transition: True if this call won it. `run_token=None`
-        ends the response whoever runs it (fencing the run out)."""
+        ends the response whoever runs it (fencing the run out). Raises `WriteLost` for
+        a run some of whose appends were not written."""
         ...
 
     async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:

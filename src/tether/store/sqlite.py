@@ -5,13 +5,18 @@ into one transaction, scheduled right after that turn. Readers are woken only af
 commit, so nothing a client has seen can be lost by a crash. All SQLite calls run on the
 event loop thread: with WAL and `synchronous=NORMAL` a commit takes microseconds, less
 than a hop to a worker thread.
+
+A batch that cannot be committed (a full disk) is not lost silently (docs/contract.md §8.7):
+its runs are marked lost, their next `append` or `finish` raises `WriteLost`, and their
+responses end `failed` from what the log holds. Every other write raises `StoreFull` or
+`StoreUnavailable` to its caller (`sqlite_io`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -26,10 +31,15 @@ from tether.store.base import (
     IdempotencyConflict,
     LogEntry,
     Record,
+    WriteLost,
     ledger_row,
     ledger_values,
 )
 from tether.store.owners import OwnerLocks
+from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
+from tether.store.sqlite_io import transaction as _transaction
+
+log = logging.getLogger("tether.store")
 
 LIVE = "('queued', 'in_progress')"
 _SELECT = (
@@ -38,6 +48,9 @@ _SELECT = (
     "FROM responses r JOIN response_bodies b ON b.id = r.id"
 )
 EVICT_AFTER = 30.0  # seconds a finished log stays in memory for late readers
+# The WAL is cut back to this size when it restarts: what it grew to in a burst (or while
+# a full disk stopped checkpoints) goes back to the filesystem.
+WAL_KEEP_BYTES = 16 << 20
 
 
 @dataclass(slots=True)
@@ -76,6 +89,9 @@ class SQLiteStore:
         self._fenced: set[tuple[str, str]] = set()
         self._tails: dict[str, _Tail] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Runs (response -> run token) an append of which could not be written, and why.
+        self._lost: dict[str, tuple[str, BaseException]] = {}
+        self._appends = Trouble("appending to the event log")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -92,15 +108,19 @@ class SQLiteStore:
         # Checkpoints copy the WAL into the database file and fsync: seconds of work per GB
         # that must not run on the event loop, so a thread does them.
         db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self._db = db
-        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer = Checkpointer(self.path)
         self._checkpointer.start()
 
     async def close(self) -> None:
         if self._db is not None:
             self._flush()
             self._checkpointer.stop()
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # a full disk: the WAL is replayed at next open
+                log.warning("final checkpoint failed: %s", exc)
             self._db.close()
             self._db = None
 
@@ -184,6 +204,8 @@ class SQLiteStore:
     ) -> bool:
         if (response_id, run_token) in self._fenced:
             return False
+        if self._lost:
+            self._check_lost(response_id, run_token)
         pending = self._pending.get(response_id)
         if pending is None or pending.run_token != run_token:
             if pending is not None:
@@ -199,7 +221,8 @@ class SQLiteStore:
 
     async def fence(self, response_id: str, run_token: str) -> bool:
         self._flush()
-        cur = self.db.execute(
+        cur = write(
+            self.db,
             f"UPDATE responses SET run_token = ? WHERE id = ? AND status IN {LIVE}",
             (run_token, response_id),
         )
@@ -215,6 +238,8 @@ class SQLiteStore:
         tokens: int = 0,
     ) -> bool:
         self._flush()
+        if run_token is not None and self._lost:
+            self._check_lost(response_id, run_token)
         won = self._transition(
             response_id,
             "status = ?, finished_at = ?, lease_until = 0",
@@ -227,8 +252,15 @@ class SQLiteStore:
             ledger=(status, *ledger_values(snapshot)),
         )
         if won:
+            self._lost.pop(response_id, None)
             asyncio.get_running_loop().call_later(EVICT_AFTER, self._tails.pop, response_id, None)
         return won
+
+    def _check_lost(self, response_id: str, run_token: str) -> None:
+        lost = self._lost.get(response_id)
+        if lost is not None and lost[0] == run_token:
+            raise WriteLost(f"{response_id}: an append of this run was not written: "
+                            f"{lost[1]}") from lost[1]
 
     def _transition(
         self,
@@ -267,14 +299,31 @@ class SQLiteStore:
         return True
 
     def _flush(self) -> None:
-        """Commit every pending append in one transaction, then wake readers."""
+        """Commit every pending append in one transaction, then wake readers. Never
+        raises (it runs as a loop callback): a batch that cannot be committed marks its
+        runs lost, and they learn it at their next `append` or `finish`."""
         self._flush_handle = None
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
+        try:
+            with metrics.append_timer():
+                published = self._commit(pending)
+        except Exception as exc:  # every failure goes to the runs it hit
+            self._appends.failed(exc)
+            for response_id, p in pending.items():
+                self._lost[response_id] = (p.run_token, store_error(exc) or exc)
+            return
+        self._appends.worked()
+        for response_id, entries in published:
+            self._publish(response_id, entries)
+        if self._checkpointer.catch_up_wanted:
+            self._checkpointer.catch_up(self.db)
+
+    def _commit(self, pending: dict[str, _Pending]) -> list[tuple[str, list[LogEntry]]]:
         db = self.db
         published = []
-        with metrics.append_timer(), _transaction(db):
+        with _transaction(db):
             for response_id, p in pending.items():
                 row = db.execute(
                     "UPDATE responses SET last_seq = last_seq + ?, "
@@ -288,8 +337,7 @@ class SQLiteStore:
                 first = row[0] - len(p.events) + 1
                 entries = self._insert(response_id, first, p.events, p.tokens)
                 published.append((response_id, entries))
-        for response_id, entries in published:
-            self._publish(response_id, entries)
+        return published
 
     def _insert(
         self, response_id: str, first: int, events: list[dict[str, Any]], tokens: int
@@ -383,6 +431,7 @@ class SQLiteStore:
                 db.execute("DELETE FROM events WHERE response_id = ?", (response_id,))
                 db.execute("DELETE FROM idempotency_keys WHERE response_id = ?", (response_id,))
         self._tails.pop(response_id, None)
+        self._lost.pop(response_id, None)
         return cur.rowcount == 1
 
     async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
@@ -393,7 +442,8 @@ class SQLiteStore:
         return [ledger_row(r) for r in rows]
 
     async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
-        self.db.execute(
+        write(
+            self.db,
             f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {LIVE} "
             "AND id IN (SELECT value FROM json_each(?))",
             (lease_until, owner, orjson.dumps(list(held))),
@@ -411,7 +461,8 @@ class SQLiteStore:
         self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
         old_owner_gone: bool = False,
     ) -> bool:
-        cur = self.db.execute(
+        cur = write(
+            self.db,
             "UPDATE responses SET owner = ?, lease_until = ?, run_token = NULL "
             "WHERE id = ? AND status = 'queued' AND owner IS ? AND (lease_until < ? OR ?)",
             (owner, lease_until, response_id, old_owner, time.time(), old_owner_gone),
@@ -440,42 +491,6 @@ class SQLiteStore:
                 "DELETE FROM responses WHERE stored = 0 AND finished_at < ?", (before,)
             )
         return cur.rowcount
-
-
-class _Checkpointer(threading.Thread):
-    """Checkpoints the WAL every `interval` seconds from its own connection."""
-
-    def __init__(self, path: str, interval: float = 0.5) -> None:
-        super().__init__(name="tether-sqlite-checkpoint", daemon=True)
-        self.path = path
-        self.interval = interval
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout=5000")
-        try:
-            while not self._stopped.wait(self.interval):
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            db.close()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join()
-
-
-class _transaction:
-    """`BEGIN IMMEDIATE` … `COMMIT`, rolled back on any error (nothing half-written)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def _record(row: tuple[Any, ...]) -> Record:
