@@ -219,7 +219,7 @@ class FakeUpstream:
             n = 1
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
-            for piece in ['{"city"', ': "Par', 'is"}']:
+            for piece in _argument_pieces(call.body, d["CALL"]):
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
@@ -338,6 +338,18 @@ class FakeUpstream:
             if state["done"] or state["cancelled"]:
                 return
             await state["grow"].wait()
+
+
+def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
+    """A call's arguments in pieces: `{"city": "Paris"}`, or for a tool whose one
+    parameter is `input` (a custom tool, as tether gives it), a two-line input with
+    escapes split across pieces."""
+    for tool in body.get("tools") or []:
+        fn = tool.get("function", tool)
+        if fn.get("name") == name and "input" in ((fn.get("parameters") or {}).get(
+                "properties") or {}):
+            return ['{"input": "*** Begin', ' Patch\\', 'n\\u00e9\\"', 'x\\""}']
+    return ['{"city"', ': "Par', 'is"}']
 
 
 def _resp(rid: str, status: str, n: int = 0) -> dict[str, Any]:
