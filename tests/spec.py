@@ -17,10 +17,14 @@ client turned the failure into an error a test expected).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -105,11 +109,22 @@ for _branch in spec_schema(STREAM_POINTER)["oneOf"]:
 
 @functools.cache
 def _openai_doc() -> dict[str, Any]:
+    """The document as JSON (YAML dates, in examples, become strings, as the document
+    means them). Parsing the YAML takes seconds: the JSON is cached in the temporary
+    directory, by the YAML's hash, so each test process reads it in milliseconds."""
+    source = (SPEC_DIR / "openai" / "openapi.yaml").read_bytes()
+    cache = Path(tempfile.gettempdir()) / (
+        f"tether-openai-openapi-{hashlib.sha256(source).hexdigest()[:16]}.json")
+    with contextlib.suppress(OSError, ValueError):
+        cached: dict[str, Any] = json.loads(cache.read_bytes())
+        return cached
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with (SPEC_DIR / "openai" / "openapi.yaml").open() as f:
-        doc = yaml.load(f, Loader=loader)
-    # As JSON: YAML dates (in examples) become strings, as the document means them.
-    loaded: dict[str, Any] = json.loads(json.dumps(doc, default=str))
+    text = json.dumps(yaml.load(source, Loader=loader), default=str)
+    with contextlib.suppress(OSError):
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(cache)  # atomic: a concurrent reader sees all of it or none
+    loaded: dict[str, Any] = json.loads(text)
     return loaded
 
 
@@ -480,7 +495,9 @@ HttpxValidatingTransport, HttpxAsyncValidatingTransport = _transports(httpx)
 def install() -> None:
     """Check every reply of a tether server the tests started, whatever the client: the
     HTTP transports of httpx and httpx2 (the SDK's) pass them through the checks. Once
-    per process; replies of other servers (fake upstreams, cutting proxies) pass as is."""
+    per process; replies of other servers (fake upstreams, cutting proxies) pass as is.
+    OpenAI's document is loaded now, not in the middle of a timed test."""
+    _fast_openai_registry()
     for lib in {httpx, sdk_http}:
         streams = _Streams(lib)
         sync, async_ = lib.HTTPTransport, lib.AsyncHTTPTransport

@@ -84,6 +84,12 @@ def check_response(obj: dict[str, Any]) -> Response:
     return model
 
 
+def openai_event_fields(kind: str) -> set[str]:
+    """The fields OpenAI's document gives an event of type `kind`."""
+    name = spec.openai_event_pointers()[kind].rsplit("/", 1)[1]
+    return set(spec._openai_doc()["components"]["schemas"][name]["properties"])
+
+
 def check_event(event: dict[str, Any], one_of: bool = True) -> BaseModel:
     """One stream event: its SDK class and its Open Responses schema."""
     kind = event["type"]
@@ -100,7 +106,7 @@ def check_event(event: dict[str, Any], one_of: bool = True) -> BaseModel:
     if one_of:
         # The whole oneOf, as a client without the discriminator sees it: one branch.
         assert not spec_errors(STREAM_ONE_OF, view), (kind, spec_errors(STREAM_ONE_OF, view))
-    allowed = fields | {f"response.{f}" for f in RESOURCE_FIELDS}
+    allowed = fields | openai_event_fields(kind) | {f"response.{f}" for f in RESOURCE_FIELDS}
     unknown = [f for f in undefined_fields(model) if f not in allowed]
     assert not unknown, f"{kind}: fields in neither spec: {unknown}"
     if "response" in event:
