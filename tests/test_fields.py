@@ -5,6 +5,7 @@ what the fake upstreams received; every reply is checked against both specs (`sp
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,3 +302,81 @@ def test_the_openai_document_is_loaded_once() -> None:
     assert spec._openai_doc() is spec._openai_doc()
     assert "response.custom_tool_call_input.delta" in spec.openai_event_pointers()
     assert isinstance(yaml.__version__, str)
+
+
+# --- Codex's first request (issue 13), over HTTP and WebSocket ---------------------------------
+
+def codex_request(model: str, prompt: str) -> dict[str, Any]:
+    """A request shaped as Codex CLI 0.171's first one (texts cut, as captured)."""
+    params = {"type": "object", "properties": {"cmd": {"type": "string"}},
+              "required": ["cmd"], "additionalProperties": False}
+    uid = "01a24a0b-6dd8-7622-be79-e18cebd58715"
+    return {
+        "model": model, "stream": True, "store": False,
+        "input": [
+            {"type": "message", "role": "developer", "id": f"msg_{uid}0",
+             "content": [{"type": "input_text", "text": "You are Codex."}]},
+            {"type": "message", "role": "developer", "id": f"msg_{uid}1",
+             "content": [{"type": "input_text", "text": "Skills: none."}]},
+            {"type": "message", "role": "user", "id": f"msg_{uid}2",
+             "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+            {"type": "message", "role": "user", "id": f"msg_{uid}3",
+             "content": [{"type": "input_text", "text": prompt}]}],
+        "tools": [
+            {"type": "function", "name": "exec_command", "description": "Runs a command",
+             "strict": False, "parameters": params},
+            {"type": "function", "name": "write_stdin", "description": "Writes to a session",
+             "strict": False, "parameters": params},
+            {"type": "namespace", "name": "multi_agent_v1",
+             "description": "Tools for spawning and managing sub-agents.", "tools": [
+                 {"type": "function", "name": "close_agent", "description": "Close an agent",
+                  "strict": False, "parameters": params}]}],
+        "tool_choice": "auto", "parallel_tool_calls": True,
+        "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": uid,
+        "client_metadata": {"x-codex-window-id": f"{uid}:0",
+                            "x-codex-turn-metadata": '{"session_id": "x"}'},
+    }
+
+
+def test_codex_first_request_runs_over_http(server: Server, fake: FakeUpstream) -> None:
+    body = codex_request("fake", "CALL=exec_command list the files")
+    with httpx.Client(timeout=30, transport=spec.HttpxValidatingTransport()) as http, \
+            http.stream("POST", f"{server.base_url}/responses", json=body) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: {")]
+    final = httpx.Response(200, content=lines[-1][6:]).json()["response"]
+    assert final["status"] == "completed"
+    assert final["output"][0]["name"] == "exec_command"
+    assert final["reasoning"] == {"effort": None, "summary": "auto"}
+    sent = fake.last("chat").body
+    assert sent["prompt_cache_key"] == body["prompt_cache_key"]
+    assert sent["parallel_tool_calls"] is True
+    assert "multi_agent_v1__close_agent" in [t["function"]["name"] for t in sent["tools"]]
+
+
+def test_codex_over_websocket_prewarms_then_streams(server: Server) -> None:
+    from test_websocket import Socket
+
+    with Socket(server) as sock:
+        inner = sock.ws.recv
+
+        def recv(timeout: float | None = None) -> str:
+            # The documented `usage.tether` extension set aside, as test_engines_chat does.
+            message = json.loads(inner(timeout=timeout))
+            ((message.get("response") or {}).get("usage") or {}).pop("tether", None)
+            return json.dumps(message)
+
+        sock.ws.recv = recv  # type: ignore[method-assign,assignment]
+        warm = codex_request("fake", "hello") | {"type": "response.create", "generate": False}
+        sock.send(warm)
+        events = sock.turn()
+        assert [e["type"] for e in events] == ["response.created", "response.completed"]
+        turn = codex_request("fake", "LENGTH=3 go") | {
+            "type": "response.create", "previous_response_id": events[-1]["response"]["id"],
+            "input": [{"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "LENGTH=3 go"}]}]}
+        sock.send(turn)  # with `"stream": true`, as Codex sends it
+        events = sock.turn()
+        assert events[-1]["type"] == "response.completed" and sock.errors == []
+        assert events[-1]["response"]["output"][0]["content"][0]["text"] == "alpha bravo charlie"
