@@ -235,6 +235,9 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        trimmed["tool_choice"] = {**choice, "tools": [
+            {"type": "function", "name": t.get("name")} for t in choice.get("tools") or []]}
     return {**obj, "response": trimmed} if "response" in obj else trimmed
 
 
@@ -242,7 +245,8 @@ def _has_openai_only(response: dict[str, Any]) -> bool:
     choice = response.get("tool_choice")
     return (any(t.get("type") != "function" for t in response.get("tools") or [])
             or any(i.get("type") in OPENAI_ONLY_ITEMS for i in response.get("output") or [])
-            or (isinstance(choice, dict) and choice.get("type") == "custom"))
+            or (isinstance(choice, dict) and (choice.get("type") == "custom" or any(
+                t.get("type") == "custom" for t in choice.get("tools") or []))))
 
 
 # `DELETE /responses/{id}`: OpenAI's document gives the 200 no schema; this is its shape.

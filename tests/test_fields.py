@@ -253,6 +253,29 @@ def test_custom_tool_calls_round_trip(client: openai.OpenAI, fake: FakeUpstream)
     assert reply.output_text == "The result is applied"
 
 
+@pytest.mark.parametrize(("choice", "sent_names", "sent_choice"), [
+    ({"type": "function", "name": "lookup", "namespace": "crm"}, None,
+     {"type": "function", "function": {"name": "crm__lookup"}}),
+    ({"type": "function", "name": "lookup"}, None,  # unique among the members
+     {"type": "function", "function": {"name": "crm__lookup"}}),
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "custom", "name": "note", "namespace": "crm"},
+        {"type": "function", "name": "get_weather"}]},
+     ["get_weather", "crm__note"], "required"),
+])
+def test_tool_choice_names_namespaced_and_custom_tools(
+        client: openai.OpenAI, fake: FakeUpstream, choice: dict[str, Any],
+        sent_names: list[str] | None, sent_choice: Any) -> None:
+    reply = create(client, model="fake", input="LENGTH=1 hi", tools=TOOLS, tool_choice=choice)
+    assert reply.status == "completed"
+    sent = fake.last("chat").body
+    assert sent["tool_choice"] == sent_choice
+    if sent_names is not None:
+        assert [t["function"]["name"] for t in sent["tools"]] == sent_names
+    echoed = httpx.get(f"{client.base_url}responses/{reply.id}").json()["tool_choice"]
+    assert echoed == choice
+
+
 def test_hosted_tools_are_refused_by_default(server: Server) -> None:
     reply = post(server, {"model": "fake", "input": "x", "tools": [
         {"type": "function", "name": "f"}, {"type": "web_search"}]})
