@@ -276,6 +276,17 @@ def test_tool_choice_names_namespaced_and_custom_tools(
     assert echoed == choice
 
 
+def test_responses_upstream_calls_map_back_too(client: openai.OpenAI,
+                                               fake: FakeUpstream) -> None:
+    events = stream_events(client, model="fake-r", input="CALL=crm__note now", tools=TOOLS)
+    sent = fake.last("/responses").body
+    assert [t["name"] for t in sent["tools"]] == [
+        "get_weather", "crm__lookup", "crm__note", "apply_patch"]
+    item = events[-1]["response"]["output"][0]
+    assert (item["type"], item["namespace"], item["name"], item["input"]) == (
+        "custom_tool_call", "crm", "note", '*** Begin Patch\né"x"')
+
+
 def test_hosted_tools_are_refused_by_default(server: Server) -> None:
     reply = post(server, {"model": "fake", "input": "x", "tools": [
         {"type": "function", "name": "f"}, {"type": "web_search"}]})
