@@ -433,3 +433,19 @@ def test_codex_over_websocket_prewarms_then_streams(server: Server) -> None:
         events = sock.turn()
         assert events[-1]["type"] == "response.completed" and sock.errors == []
         assert events[-1]["response"]["output"][0]["content"][0]["text"] == "alpha bravo charlie"
+
+
+def test_compaction_resolves_item_references(client: openai.OpenAI, server: Server) -> None:
+    first = create(client, model="fake", input="LENGTH=2 remember this")
+    reply = httpx.post(f"{server.base_url}/responses/compact", json={
+        "model": "fake", "input": [{"type": "item_reference", "id": first.output[0].id}]},
+        timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input[0].id"
+    reply = httpx.post(f"{server.base_url}/responses/compact", json={
+        "model": "fake", "previous_response_id": first.id,
+        "input": [{"type": "item_reference", "id": first.output[0].id}]}, timeout=30)
+    assert reply.status_code == 200
+    compacted = reply.json()["output"][-1]
+    later = create(client, model="fake", input=[compacted, {"role": "user",
+                                                             "content": "LENGTH=1 go"}])
+    assert later.status == "completed"
