@@ -199,10 +199,13 @@ class FakeUpstream:
     async def _chat_frames(self, call: Call, d: dict[str, str]) -> AsyncIterator[bytes]:
         cid = f"chatcmpl-{len(self.calls)}"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None,
+                  logprobs: dict[str, Any] | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
             data = {"id": cid, "object": "chat.completion.chunk", "created": 0,
-                    "model": call.body.get("model"),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "model": call.body.get("model"), "choices": [choice]}
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -219,7 +222,7 @@ class FakeUpstream:
             n = 1
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
-            for piece in ['{"city"', ': "Par', 'is"}']:
+            for piece in _argument_pieces(call.body, d["CALL"]):
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
@@ -235,7 +238,14 @@ class FakeUpstream:
                 if limit is not None and i >= limit:
                     break
                 n += 1
-                yield chunk({"content": (" " if i else "") + WORDS[i % len(WORDS)]})
+                word = (" " if i else "") + WORDS[i % len(WORDS)]
+                if call.body.get("logprobs"):  # as OpenAI's chat completions gives them
+                    top = [{"token": word, "logprob": -0.5, "bytes": list(word.encode())}]
+                    yield chunk({"content": word}, logprobs={"content": [
+                        {"token": word, "logprob": -0.5, "bytes": list(word.encode()),
+                         "top_logprobs": top[:call.body.get("top_logprobs", 0)]}]})
+                    continue
+                yield chunk({"content": word})
             else:
                 finish = "stop"
         yield chunk({}, finish)
@@ -295,7 +305,7 @@ class FakeUpstream:
             fc = {"id": "fc_fake", "type": "function_call", "status": "in_progress",
                   "call_id": "call_fake1", "name": d["CALL"], "arguments": ""}
             emit({"type": "response.output_item.added", "output_index": 0, "item": fc})
-            for piece in ['{"city"', ': "Paris"}']:
+            for piece in _argument_pieces(call.body, d["CALL"]):
                 emit({"type": "response.function_call_arguments.delta", "item_id": "fc_fake",
                       "output_index": 0, "delta": piece})
             emit({"type": "response.completed", "response": _resp(rid, "completed", 2)})
@@ -338,6 +348,18 @@ class FakeUpstream:
             if state["done"] or state["cancelled"]:
                 return
             await state["grow"].wait()
+
+
+def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
+    """A call's arguments in pieces: `{"city": "Paris"}`, or for a tool whose one
+    parameter is `input` (a custom tool, as tether gives it), a two-line input with
+    escapes split across pieces."""
+    for tool in body.get("tools") or []:
+        fn = tool.get("function", tool)
+        if fn.get("name") == name and "input" in ((fn.get("parameters") or {}).get(
+                "properties") or {}):
+            return ['{"input": "*** Begin', ' Patch\\', 'n\\u00e9\\"', 'x\\""}']
+    return ['{"city"', ': "Par', 'is"}']
 
 
 def _resp(rid: str, status: str, n: int = 0) -> dict[str, Any]:

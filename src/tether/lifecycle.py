@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import metrics, wire
+from tether import metrics, wire, wire_items
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -154,7 +154,7 @@ class Lifecycle:
 
     async def create(
         self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None,
-        key_id: str | None = None,
+        key_id: str | None = None, generate: bool = True,
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
@@ -170,7 +170,9 @@ class Lifecycle:
                     raise bad_request(f"{what} not supported by model '{req.model}'.", param,
                                       "unsupported_parameter")
         messages = await self.conversation(req.previous_response_id, tenant)
-        items = wire.input_items(req)
+        items = await wire_items.resolve_references(
+            wire.input_items(req), req.previous_response_id,
+            lambda rid: self.store.get(rid, tenant))
         messages += wire.history(items)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
@@ -180,8 +182,10 @@ class Lifecycle:
         events = [wire.lifecycle_event("created", snap)]
         if background:
             events.append(wire.lifecycle_event("queued", snap))
+        tools = req.toolset()
         run_spec = {"messages": messages, "instructions": req.instructions,
-                    "tools": echo["tools"], "tool_choice": echo["tool_choice"],
+                    "tools": tools.engine, "tool_choice": req.engine_tool_choice(),
+                    "tool_names": tools.names, "forward": req.forward(),
                     "text_format": req.text_format(),
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
@@ -200,6 +204,11 @@ class Lifecycle:
             raise APIError(409, "This Idempotency-Key was used with a different request body.",
                            param="Idempotency-Key", code="idempotency_key_reused",
                            headers={"x-should-retry": "false"}) from None
+        if created and not (generate and not req.prewarm()):
+            # A warm-up (WebSocket `generate: false`): a response with no output, to
+            # chain from; nothing runs.
+            await self._end(record.id, tenant, "completed", None)
+            return await self.get(record.id, tenant)
         if created:
             metrics.created()
             try:

@@ -74,10 +74,11 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
     request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
                          spec["temperature"], spec["top_p"],
                          spec.get("tools") or [], spec.get("tool_choice"),
-                         spec.get("text_format"), bool(snap.get("background")))
+                         spec.get("text_format"), bool(snap.get("background")),
+                         spec.get("forward") or {})
     item = wire.MessageItem()
     opened = False
-    calls: dict[int, wire.FunctionCallItem] = {}  # function calls, by engine index
+    calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = {}  # by engine index
     input_tokens = output_tokens = 0
     reason: str | None = None
     error: str | None = None
@@ -91,7 +92,7 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
                 if run.abort.is_set():  # rare: the engine went on after a stop
                     metrics.after_stop(run, step)
                 if type(step) is Delta:
-                    events = [item.delta(step.text)]
+                    events = [item.delta(step.text, step.logprobs)]
                     if not opened:
                         item.output_index = len(calls)
                         events = item.opened() + events
@@ -112,8 +113,8 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
                     if call is None:
                         name = step.name if type(step) is ToolCall else ""
                         cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
-                        call = calls[step.index] = wire.FunctionCallItem(
-                            int(opened) + len(calls), cid, name)
+                        call = calls[step.index] = wire.call_item(
+                            int(opened) + len(calls), cid, name, spec.get("tool_names"))
                         events = call.opened()
                     tokens = 0
                     if type(step) is ToolCallDelta:

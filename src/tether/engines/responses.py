@@ -51,6 +51,7 @@ from tether.engines.upstream import (
     backoff,
     estimate_tokens,
     is_retryable,
+    logprob_objects,
     make_client,
     sse_events,
 )
@@ -84,6 +85,17 @@ def input_items(messages: list[Message]) -> list[dict[str, Any]]:
         items += [{"type": "function_call", "call_id": c.call_id, "name": c.name,
                    "arguments": c.arguments} for c in m.tool_calls]
     return items
+
+
+def forward_fields(body: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
+    """The forwarded request fields, passed through as the client gave them
+    (docs/fields.md); `verbosity` goes back into `text`."""
+    for name, value in forward.items():
+        if name == "verbosity":
+            body["text"] = {**body.get("text", {}), "verbosity": value}
+        elif name != "parallel_tool_calls" or "tools" in body:
+            body[name] = value
+    return body
 
 
 @dataclass(slots=True)
@@ -139,7 +151,7 @@ class ResponsesEngine:
             body["tool_choice"] = request.tool_choice or "auto"
         if request.text_format is not None:
             body["text"] = {"format": request.text_format}
-        return body
+        return forward_fields(body, request.forward)
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         body = self.body(request)
@@ -210,7 +222,7 @@ class ResponsesEngine:
                 steps.append(PromptRead(estimate_tokens(text)))
         elif kind == "response.output_text.delta":
             run.deltas += 1
-            steps.append(Delta(ev.get("delta", ""), 1))
+            steps.append(Delta(ev.get("delta", ""), 1, logprob_objects(ev.get("logprobs"))))
         elif kind == "response.output_item.added" and ev["item"].get("type") == "function_call":
             item = ev["item"]
             steps.append(ToolCall(ev["output_index"], item["call_id"], item["name"]))
