@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)
     max_body_bytes: int = 4 * 1024 * 1024
+    # Slow clients (tether.serving): seconds a request's headers, then its body, may take
+    # to arrive before the connection is closed (408).
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=60.0, gt=0)
     # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None

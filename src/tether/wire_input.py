@@ -32,6 +32,9 @@ _ECHOED = {"parallel_tool_calls", "service_tier", "user", "safety_identifier",
 _UNSUPPORTED = {"conversation", "prompt", "context_management", "moderation",
                 "prompt_cache_options", "include", "reasoning",
                 "presence_penalty", "frequency_penalty", "top_logprobs"}
+# Upper bound of the counts a body gives (`max_output_tokens`, `max_tool_calls`): an int32,
+# what every engine and store holds; larger numbers are refused, not overflowed.
+MAX_COUNT = 2**31 - 1
 # Item types an input list may hold; anything else is validated as a message (and its
 # `type` refused there, naming `input[i].type`).
 _ITEM_TYPES = ("message", "function_call", "function_call_output", "compaction")
@@ -194,7 +197,7 @@ class CreateRequest(BaseModel):
     input: StrictStr | list[InputItem]
     instructions: StrictStr | None = None
     previous_response_id: StrictStr | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
@@ -208,7 +211,7 @@ class CreateRequest(BaseModel):
     safety_identifier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
     prompt_cache_retention: StrictStr | None = None
-    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    max_tool_calls: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: (Literal["auto", "none", "required"] | ToolChoiceFunction | AllowedTools

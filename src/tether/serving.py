@@ -1,0 +1,108 @@
+"""uvicorn's HTTP protocol with the two timeouts it lacks: request headers and body.
+
+uvicorn times out only an idle keep-alive connection: a client that opens a connection and
+sends its headers one byte a second holds it forever, and a few thousand such clients lock
+everyone out (slowloris). Neither `timeout_keep_alive` nor `h11_max_incomplete_event_size`
+bounds the time a request takes to arrive, and no reverse proxy is assumed. So:
+
+- `header_timeout`: from a connection's opening (or a keep-alive request's first byte) to
+  the end of the request's headers. Past it the connection is closed (with a 408 in
+  OpenAI's shape when part of a request had arrived).
+- `body_timeout`: from the end of the headers to the end of the body. Past it the client
+  gets a 408 if no response has begun, and the connection is closed; the app sees a
+  disconnect (`ClientDisconnect`, answered quietly).
+
+One timer per connection, armed and cancelled on parser callbacks: nothing per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tether.errors import APIError
+
+
+def _timeout_reply(what: str) -> bytes:
+    body = orjson.dumps(APIError(408, f"The request {what} did not arrive in time.",
+                                 code="request_timeout").body())
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+            + body)
+
+
+HEADERS_LATE = _timeout_reply("headers")
+BODY_LATE = _timeout_reply("body")
+
+
+class TimedProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol with header and body timeouts (class attributes, set by
+    `protocol()`)."""
+
+    header_timeout = 10.0
+    body_timeout = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._started = False  # some of the current request's bytes have arrived
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._started = True
+        if self._deadline is None:  # a keep-alive connection's next request
+            self._arm(self.header_timeout, self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+        if not self.parser.should_upgrade():  # a WebSocket has limits of its own
+            self._arm(self.body_timeout, self._body_late)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._started = False
+        super().on_message_complete()
+
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        self._close(HEADERS_LATE if self._started else b"")
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        answered = cycle is None or cycle.response_started or cycle.response_complete
+        self._close(b"" if answered else BODY_LATE)
+
+    def _close(self, reply: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if reply:
+            self.transport.write(reply)
+        self.transport.close()
+
+
+def protocol(header_timeout: float, body_timeout: float) -> type[TimedProtocol]:
+    """The protocol class uvicorn instantiates per connection, with these timeouts."""
+    return type("TetherHTTP", (TimedProtocol,), {"header_timeout": header_timeout,
+                                                 "body_timeout": body_timeout})
