@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from test_errors import check_error
+from test_websocket import Socket
 
 from conftest import Server, served, wait_for
 
@@ -151,6 +152,31 @@ def test_form_brackets_nested_too_deep_is_400(hostile: Server) -> None:
                             "idempotency-key": "deep-form"}, timeout=10)
     err = check_error(r, 400, param="stream_options", code="nesting_too_deep")
     assert str(DEPTH_LIMIT) in err["message"]
+
+
+def test_websocket_message_nested_too_deep_is_an_error_event(hostile: Server) -> None:
+    sock = Socket(hostile)
+    try:
+        sock.send('{"type": "response.create", ' + nested_json(300)[1:].decode())
+        error = sock.error()
+    finally:
+        sock.ws.close()
+    assert (error["status"], error["error"]["code"]) == (400, "nesting_too_deep")
+    assert error["error"]["param"] == "stream_options"
+
+
+FORM_NUMBERS = [("max_output_tokens", "1_0"), ("max_output_tokens", " 10"),
+                ("max_output_tokens", "9" * 5000), ("temperature", "nan"),
+                ("top_p", "1_0.5"), ("temperature", "inf")]
+
+
+@pytest.mark.parametrize(("param", "text"), FORM_NUMBERS,
+                         ids=[f"{p}={t[:8]}" for p, t in FORM_NUMBERS])
+def test_form_numbers_are_json_numbers(hostile: Server, param: str, text: str) -> None:
+    # Python's int()/float() take `1_0`, ` 10`, `nan`: a form field's number is JSON's.
+    r = httpx.post(f"{hostile.base_url}/responses",
+                   data={"model": MODEL, "input": "x", param: text}, timeout=10)
+    check_error(r, 400, param=param)
 
 
 def test_body_at_the_depth_limit_is_served_and_idempotent(hostile: Server) -> None:
