@@ -6,6 +6,7 @@ a held connection before; now a 400/408 in OpenAI's shape, and the server keeps 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -228,6 +229,26 @@ def test_slow_body_gets_408_and_the_connection_closed(hostile: Server) -> None:
     assert BODY_TIMEOUT - 0.5 <= took <= BODY_TIMEOUT + 5, took
     wait_for(lambda: access_line(hostile, "slow-body"), what="its access line")
     assert errors_logged(hostile)[before:] == []
+
+
+def test_endless_headers_get_431(hostile: Server) -> None:
+    """Headers sent fast but without end: refused once past 64 KiB (+ one read), not
+    buffered until the header timeout."""
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        reply = b""
+        try:
+            for i in range(2000):  # up to 2 MB of headers, 1 KiB each
+                s.sendall(b"x-filler-%d: " % i + b"a" * 1024 + b"\r\n")
+        except OSError:  # closed by the server while sending: what we want
+            pass
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_header_fields_too_large"
+    assert httpx.get(f"{hostile.url}/health", timeout=5).status_code == 200
 
 
 SLOW_CLIENTS = 150

@@ -12,7 +12,12 @@ bounds the time a request takes to arrive, and no reverse proxy is assumed. So:
   gets a 408 if no response has begun, and the connection is closed; the app sees a
   disconnect (`ClientDisconnect`, answered quietly).
 
-One timer per connection, armed and cancelled on parser callbacks: nothing per chunk.
+And a bound uvicorn lacks with httptools: a request's headers larger than
+`MAX_HEADER_BYTES` get a 431 (else a fast client could grow them without limit within
+the header timeout).
+
+One timer per connection, armed and cancelled on parser callbacks; per chunk, only a
+counter while a request's headers are still arriving.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ def _timeout_reply(what: str) -> bytes:
 
 HEADERS_LATE = _timeout_reply("headers")
 BODY_LATE = _timeout_reply("body")
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers (nginx allows 4 x 8 KiB)
+_HEADERS_LARGE = orjson.dumps(APIError(
+    431, f"The request headers are larger than {MAX_HEADER_BYTES} bytes.",
+    code="request_header_fields_too_large").body())
+HEADERS_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                 b"content-type: application/json\r\ncontent-length: "
+                 + str(len(_HEADERS_LARGE)).encode() + b"\r\nconnection: close\r\n\r\n"
+                 + _HEADERS_LARGE)
 
 
 class TimedProtocol(HttpToolsProtocol):
@@ -49,6 +62,8 @@ class TimedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._started = False  # some of the current request's bytes have arrived
+        self._header_bytes: int | None = None  # counted while a request's headers arrive
+        self._begun = False  # a request began in the chunk being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,14 +73,30 @@ class TimedProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        self._begun = False
+        super().data_received(data)
+        # Counted after parsing, and only chunks wholly within one request's headers (a
+        # chunk where a request began may hold the previous one's body): the bound is
+        # then exceeded by at most one read (256 KiB), still a bound.
+        if self._header_bytes is not None and not self._begun \
+                and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._disarm()
+                self._close(HEADERS_LARGE)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._started = True
+        self._begun = True
+        self._header_bytes = 0
         if self._deadline is None:  # a keep-alive connection's next request
             self._arm(self.header_timeout, self._headers_late)
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._header_bytes = None
         super().on_headers_complete()
         if not self.parser.should_upgrade():  # a WebSocket has limits of its own
             self._arm(self.body_timeout, self._body_late)
