@@ -251,6 +251,18 @@ def test_endless_headers_get_431(hostile: Server) -> None:
     assert httpx.get(f"{hostile.url}/health", timeout=5).status_code == 200
 
 
+def test_malformed_http_is_400_in_openai_shape(hostile: Server) -> None:
+    with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as s:
+        s.sendall(b"HELLO THERE\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head.lower()
+    assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
 SLOW_CLIENTS = 150
 
 

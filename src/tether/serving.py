@@ -26,29 +26,24 @@ import asyncio
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from tether.errors import APIError
 
 
-def _timeout_reply(what: str) -> bytes:
-    body = orjson.dumps(APIError(408, f"The request {what} did not arrive in time.",
-                                 code="request_timeout").body())
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-            + body)
+def _reply(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP reply, closing the connection, with an error in OpenAI's shape."""
+    body = orjson.dumps(APIError(status, message, code=code).body())
+    return (STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
-HEADERS_LATE = _timeout_reply("headers")
-BODY_LATE = _timeout_reply("body")
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers (nginx allows 4 x 8 KiB)
-_HEADERS_LARGE = orjson.dumps(APIError(
-    431, f"The request headers are larger than {MAX_HEADER_BYTES} bytes.",
-    code="request_header_fields_too_large").body())
-HEADERS_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                 b"content-type: application/json\r\ncontent-length: "
-                 + str(len(_HEADERS_LARGE)).encode() + b"\r\nconnection: close\r\n\r\n"
-                 + _HEADERS_LARGE)
+HEADERS_LATE = _reply(408, "The request headers did not arrive in time.", "request_timeout")
+BODY_LATE = _reply(408, "The request body did not arrive in time.", "request_timeout")
+HEADERS_LARGE = _reply(431, f"The request headers are larger than {MAX_HEADER_BYTES} bytes.",
+                       "request_header_fields_too_large")
+MALFORMED = _reply(400, "The request is not valid HTTP/1.1.", "invalid_http_request")
 
 
 class TimedProtocol(HttpToolsProtocol):
@@ -85,6 +80,11 @@ class TimedProtocol(HttpToolsProtocol):
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._disarm()
                 self._close(HEADERS_LARGE)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser refuses: OpenAI's error shape, not uvicorn's plain text."""
+        self._disarm()
+        self._close(MALFORMED)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
