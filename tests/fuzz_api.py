@@ -73,8 +73,14 @@ _INCLUDE = _query("include", {"type": "array", "items": {"type": "string"}})
 _RID = _path("response_id")
 
 
+# Every route reads it (tether.logs keeps a caller's sane id, echoes it, logs it): so
+# even the routes without parameters have an input to fuzz.
+_REQUEST_ID = {"name": "x-request-id", "in": "header", "required": False,
+               "schema": {"type": "string"}}
+
+
 def _op(*parameters: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
-    op: dict[str, Any] = {"parameters": list(parameters), "responses": _ANY}
+    op: dict[str, Any] = {"parameters": [*parameters, _REQUEST_ID], "responses": _ANY}
     if body is not None:
         op["requestBody"] = body
     return op
