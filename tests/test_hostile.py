@@ -120,6 +120,16 @@ def test_huge_integer_in_a_body_is_400_naming_it(hostile: Server, param: str,
     check_error(r, 400, param=param)
 
 
+def test_long_idempotency_key_is_400(hostile: Server) -> None:
+    # Stored with the response: bounded like any stored value (255 characters).
+    r = httpx.post(f"{hostile.base_url}/responses", json={"model": MODEL, "input": "x"},
+                   headers={"idempotency-key": "k" * 256}, timeout=10)
+    check_error(r, 400, param="Idempotency-Key")
+    r = httpx.post(f"{hostile.base_url}/responses", json={"model": MODEL, "input": "x"},
+                   headers={"idempotency-key": "k" * 255}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
 # --- nesting -------------------------------------------------------------------------------
 
 def nested_json(depth: int) -> bytes:

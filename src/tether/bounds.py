@@ -20,6 +20,7 @@ from tether.errors import bad_request
 # JSON); deeper bodies exhausted recursion in the encoders (a 500 while hashing a body).
 MAX_DEPTH = 64
 INT64_MAX = 2**63 - 1  # the largest integer a store column holds
+MAX_HEADER_PARAM = 255  # characters of a stored header value (Stripe's idempotency keys)
 _DIGITS = re.compile(r"[0-9]{1,19}")  # plain decimal digits only: no sign, `_` or spaces
 _TRUE = ("true", "1")
 _FALSE = ("false", "0")
@@ -44,6 +45,14 @@ def bool_param(raw: str | None, name: str, default: bool = False) -> bool:
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise bad_request(f"Invalid '{name}': expected 'true' or 'false'.", name, "invalid_value")
+
+
+def header_param(raw: str | None, name: str, longest: int = MAX_HEADER_PARAM) -> str | None:
+    """A header the server stores (`Idempotency-Key`): at most `longest` characters."""
+    if raw is not None and len(raw) > longest:
+        raise bad_request(f"Invalid '{name}': at most {longest} characters.", name,
+                          "invalid_value")
+    return raw
 
 
 def check_depth(body: Any, limit: int = MAX_DEPTH) -> None:

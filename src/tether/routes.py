@@ -36,8 +36,8 @@ async def create_response(request: Request) -> Response:
     body = await _json_body(request, lc.settings.max_body_bytes)
     req = wire.parse_create(body)
     who = principal(request)
-    record = await lc.create(req, who.tenant, request.headers.get("idempotency-key"),
-                             key_id=who.key_id)
+    key = bounds.header_param(request.headers.get("idempotency-key"), "Idempotency-Key")
+    record = await lc.create(req, who.tenant, key, key_id=who.key_id)
     if req.stream:
         return _event_stream(lc, who.tenant, record.id, -1,
                              cancel_on_disconnect=not req.background)
