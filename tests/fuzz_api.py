@@ -97,12 +97,14 @@ DOC: dict[str, Any] = {
         "/v1/responses/compact": {"post": _op(body=_COMPACT)},
         "/v1/responses/{response_id}": {
             "get": _op(_RID, _INCLUDE, _query("stream", {"type": "boolean"}),
-                       _query("starting_after", {"type": "integer"}),
+                       _query("starting_after", {"type": "integer", "minimum": 0}),
                        _query("include_obfuscation", {"type": "boolean"})),
             "delete": _op(_RID)},
         "/v1/responses/{response_id}/cancel": {"post": _op(_RID)},
         "/v1/responses/{response_id}/input_items": {"get": _op(
-            _RID, _INCLUDE, _query("limit", {"type": "integer", "default": 20}),
+            # OpenAI's text: "Limit can range between 1 and 100" (its schema omits it).
+            _RID, _INCLUDE, _query("limit", {"type": "integer", "default": 20,
+                                             "minimum": 1, "maximum": 100}),
             _query("order", {"type": "string", "enum": ["asc", "desc"]}),
             _query("after", {"type": "string"}))},
         "/v1/models": {"get": _op()},

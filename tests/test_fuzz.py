@@ -47,10 +47,10 @@ def test_every_served_route_is_fuzzed() -> None:
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[o.label for o in OPERATIONS])
-def test_fuzzed_operation_has_no_server_errors(fuzzed: fuzz_api.Fuzzer, operation: Any,
-                                              server_seed: int = SEED) -> None:
-    print(f"seed {server_seed}: TETHER_FUZZ_SEED={server_seed} reproduces this run")
-    tally = fuzz_api.fuzz(fuzzed, operation, EXAMPLES, server_seed, stop_on_problem=True)
+def test_fuzzed_operation_has_no_server_errors(fuzzed: fuzz_api.Fuzzer,
+                                              operation: Any) -> None:
+    print(f"seed {SEED}: TETHER_FUZZ_SEED={SEED} reproduces this run")
+    tally = fuzz_api.fuzz(fuzzed, operation, EXAMPLES, SEED, stop_on_problem=True)
     assert tally.examples > 0
     assert not tally.problems, tally.problems[:5]
 
