@@ -10,7 +10,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, worker_only: bool = False,
         routes=served + (routes.debug_routes if settings.debug_routes else []),
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
                             StoreUnavailable: _unavailable, StoreFull: _full,
+                            ClientDisconnect: _client_gone,
                             Exception: _unexpected},
         lifespan=lifespan,
         middleware=[Middleware(RequestId), Middleware(AuthMiddleware, keyring=keyring)],
@@ -123,6 +124,15 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
 async def _full(request: Request, exc: Exception) -> Response:
     log.warning("store full on %s %s: %s", request.method, request.url.path, exc)
     return _render(insufficient_storage())
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while sending its body: an ordinary event, not a server error
+    (nobody reads this reply; the access line records it)."""
+    log.info("client disconnected during the request body on %s %s", request.method,
+             request.url.path)
+    return _render(APIError(400, "The client disconnected before sending the whole body.",
+                            code="client_disconnected"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -53,6 +53,10 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retention", type=float,
                      help="Seconds a finished log stays streamable."),
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),
+        click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds a request's headers may take to arrive (default 10)."),
+        click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds a request's body may take to arrive (default 60)."),
         click.option("--websocket-limit", type=float,
                      help="Seconds a WebSocket connection lives (default 3600)."),
         click.option("--hosted-tools", type=click.Choice(["refuse", "drop"]),
@@ -88,6 +92,7 @@ def _run(settings: Settings, worker_only: bool) -> None:
     from tether.app import create_app
     from tether.auth import KeyRing, bind_is_safe
     from tether.logs import configure
+    from tether.serving import protocol
 
     try:
         configure(settings.log_level, settings.log_format)
@@ -107,7 +112,8 @@ def _run(settings: Settings, worker_only: bool) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with the header and body timeouts uvicorn lacks (tether.serving).
+        http=protocol(settings.header_timeout, settings.body_timeout),
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through ours (tether.logs), as JSON too
         access_log=False,  # tether.logs writes one access line per request instead

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     # Hosted tools tether cannot run (web_search, file_search, ...): `refuse` (400 naming
     # `tools[i].type`) or `drop` (left out, noted in the response; docs/fields.md).
     hosted_tools: Literal["refuse", "drop"] = "refuse"
+    # Slow clients (tether.serving): seconds a request's headers, then its body, may take
+    # to arrive before the connection is closed (408).
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=60.0, gt=0)
     # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -30,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import metrics, wire, wire_items
+from tether import bounds, metrics, wire, wire_items
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -195,9 +194,8 @@ class Lifecycle:
                         input_tokens=0, finished_at=None, key_id=key_id)
         idem = None
         if idempotency_key:
-            body = req.model_dump(exclude_unset=True)
-            idem = (idempotency_key, hashlib.sha256(
-                orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest())
+            # Any body, however deep or whatever its numbers, hashes (bounds.digest).
+            idem = (idempotency_key, bounds.digest(req.model_dump(exclude_unset=True)))
         try:
             record, created = await self.store.create(record, events, idem)
         except IdempotencyConflict:

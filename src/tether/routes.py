@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import compact, metrics, playground, usage, wire, wire_form, wire_items
+from tether import bounds, compact, metrics, playground, usage, wire, wire_form, wire_items
 from tether.auth import principal
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
@@ -36,8 +36,8 @@ async def create_response(request: Request) -> Response:
     body = await _json_body(request, lc.settings.max_body_bytes)
     req = wire.parse_create(body, lc.settings.hosted_tools)
     who = principal(request)
-    record = await lc.create(req, who.tenant, request.headers.get("idempotency-key"),
-                             key_id=who.key_id)
+    key = bounds.header_param(request.headers.get("idempotency-key"), "Idempotency-Key")
+    record = await lc.create(req, who.tenant, key, key_id=who.key_id)
     if req.stream:
         return _event_stream(lc, who.tenant, record.id, -1,
                              cancel_on_disconnect=not req.background)
@@ -65,8 +65,10 @@ async def get_response(request: Request) -> Response:
     lc = lifecycle(request)
     rid = request.path_params["response_id"]
     tenant = principal(request).tenant
-    stream = request.query_params.get("stream", "false").lower() == "true"
-    after = _starting_after(request.query_params.get("starting_after"))
+    params = request.query_params
+    stream = bounds.bool_param(params.get("stream"), "stream")
+    bounds.bool_param(params.get("include_obfuscation"), "include_obfuscation", True)
+    after = bounds.int_param(params.get("starting_after"), "starting_after", -1)
     if not stream:
         return JSON(await lc.retrieve(rid, tenant))
     record = await lc.get(rid, tenant)
@@ -90,9 +92,7 @@ async def list_input_items(request: Request) -> Response:
     lc = lifecycle(request)
     record = await lc.get(request.path_params["response_id"], principal(request).tenant)
     params = request.query_params
-    limit = _int_param(params.get("limit"), "limit", 20)
-    if not 1 <= limit <= 100:
-        raise bad_request("Invalid 'limit': expected a value between 1 and 100.", "limit")
+    limit = bounds.int_param(params.get("limit"), "limit", 20, 1, 100)
     order = params.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_request("Invalid 'order': expected 'asc' or 'desc'.", "order")
@@ -168,23 +168,38 @@ def _model(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
 
 
 async def _json_body(request: Request, limit: int) -> Any:
+    """The body as JSON (or a form, as the JSON it stands for), at most `limit` bytes and
+    `bounds.MAX_DEPTH` levels deep, before anything else looks at it."""
     kind = _body_kind(request)
+    raw = await _read_body(request, limit)
+    if kind == "application/x-www-form-urlencoded":
+        body = wire_form.parse_form(raw)
+    else:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if "recursion" in str(exc):  # deeper than orjson's own limit (1,024)
+                bounds.too_deep(None)
+            raise bad_request("The request body is not valid JSON.", None,
+                              "invalid_json") from None
+    bounds.check_depth(body)
+    return body
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks = []
     size = 0
+    # A client that hangs up meanwhile raises starlette's ClientDisconnect: the app
+    # answers it quietly (nobody is there to read it), not as an unhandled error.
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    if kind == "application/x-www-form-urlencoded":
-        return wire_form.parse_form(b"".join(chunks))
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        raise bad_request("The request body is not valid JSON.", None, "invalid_json") from None
+    return b"".join(chunks)
 
 
 def _body_kind(request: Request) -> str:
@@ -201,24 +216,6 @@ def _body_kind(request: Request) -> str:
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than {limit} bytes.",
                     code="request_too_large")
-
-
-def _int_param(raw: str | None, name: str, default: int) -> int:
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer.", name,
-                          "invalid_value") from None
-
-
-def _starting_after(raw: str | None) -> int:
-    after = _int_param(raw, "starting_after", -1)
-    if raw is not None and after < 0:
-        raise bad_request("Invalid 'starting_after': expected an integer >= 0.",
-                          "starting_after", "invalid_value")
-    return after
 
 
 def _event_stream(lc: Lifecycle, tenant: str, rid: str, after: int, *,

@@ -29,7 +29,7 @@ import orjson
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from tether import wire
+from tether import bounds, wire
 from tether.auth import principal
 from tether.errors import APIError, bad_request, previous_not_found, server_error, unavailable
 from tether.lifecycle import Lifecycle
@@ -142,6 +142,7 @@ class Connection:
             raise bad_request("The message is not valid JSON.", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("The message must be a JSON object.", None, "invalid_json")
+        bounds.check_depth(body)
         return body
 
     async def _create(self, body: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ The result is then validated exactly like a JSON body.
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,6 +22,8 @@ from tether.errors import bad_request
 _FORM_BOOL = {"stream", "background", "store", "parallel_tool_calls"}
 _FORM_INT = {"max_output_tokens", "max_tool_calls", "top_logprobs"}
 _FORM_FLOAT = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}
+_JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _FORM_TEXT = {"model", "instructions", "previous_response_id", "service_tier", "user",
               "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "truncation"}
 
@@ -46,12 +49,13 @@ def parse_form(raw: bytes) -> dict[str, Any]:
 
 
 def _form_value(name: str, text: str) -> Any:
+    # Numbers as JSON writes them: Python's int()/float() also take `1_0`, ` 1` and `nan`.
     try:
         if name in _FORM_BOOL and text in ("true", "false"):
             return text == "true"
-        if name in _FORM_INT:
+        if name in _FORM_INT and _JSON_INT.fullmatch(text):
             return int(text)
-        if name in _FORM_FLOAT:
+        if name in _FORM_FLOAT and _JSON_NUMBER.fullmatch(text):
             return float(text)
     except ValueError:
         return text  # refused by the JSON rules, naming the parameter

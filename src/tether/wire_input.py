@@ -46,6 +46,10 @@ __all__ = ["IMAGE_PLACEHOLDER", "AllowedTools", "CompactRequest", "CreateRequest
            "ToolChoiceFunction", "history", "input_items", "item_text", "new_id",
            "parse_compact", "parse_create"]
 
+# Upper bound of the counts a body gives (`max_output_tokens`, `max_tool_calls`): an int32,
+# what every engine and store holds; larger numbers are refused, not overflowed.
+MAX_COUNT = 2**31 - 1
+
 
 class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
@@ -79,7 +83,7 @@ class CreateRequest(BaseModel):
     input: StrictStr | list[InputItem]
     instructions: StrictStr | None = None
     previous_response_id: StrictStr | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_output_tokens: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -97,7 +101,7 @@ class CreateRequest(BaseModel):
     prompt_cache_key: StrictStr | None = None
     prompt_cache_retention: StrictStr | None = None
     prompt_cache_options: dict[str, Any] | None = None
-    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    max_tool_calls: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[StrictStr] | None = None
     reasoning: Reasoning | None = None
