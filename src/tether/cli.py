@@ -53,6 +53,9 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retention", type=float,
                      help="Seconds a finished log stays streamable."),
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),
+        click.option("--log-cache-bytes", type=click.IntRange(min=0),
+                     help="Bytes of event logs kept in memory for readers (default 64 MiB); "
+                          "older finished logs are read from the database."),
         click.option("--websocket-limit", type=float,
                      help="Seconds a WebSocket connection lives (default 3600)."),
         click.option("--keys-file", type=click.Path(dir_okay=False),

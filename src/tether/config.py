@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)
     max_body_bytes: int = 4 * 1024 * 1024
+    # Event logs kept in memory for fast readers (store/logcache.py); beyond it, from the
+    # database. 64 MiB suits a small machine; 0: every read goes to the database.
+    log_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None
