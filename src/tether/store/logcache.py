@@ -152,3 +152,6 @@ class LogCache:
         self.size -= tail.size
         tail.size = 0
         tail.cached = False
+        # Emptied: its `_expire` timer still holds it (until LINGER), and must not hold
+        # its events. (Readers hold slices of `entries`, never the list itself.)
+        tail.entries = []
