@@ -43,6 +43,13 @@ def vm(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
+def gauge(page: str, name: str) -> float:
+    for line in page.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
 async def stream_one(http: httpx.AsyncClient, base_url: str) -> str:
     """POST a streamed response and read it to `[DONE]`; its id."""
     body = {"model": "scripted", "input": "hello", "stream": True}
@@ -94,6 +101,9 @@ def test_a_burst_stays_within_the_cache_budget(tmp_path: Path,
               f"RSS +{grown / MIB:.1f} MiB, peak +{peak / MIB:.1f} MiB")
         assert grown <= BUDGET + MARGIN, f"RSS grew by {grown / MIB:.1f} MiB"
         assert peak <= BUDGET + MARGIN, f"peak RSS grew by {peak / MIB:.1f} MiB"
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+        assert 0 < gauge(metrics, "tether_log_cache_bytes") <= BUDGET
+        assert gauge(metrics, "tether_tasks") < 50  # nothing left running per response
         # The first responses are long out of the cache: their logs come from the database,
         # whole, from any cursor.
         rng = random.Random(14)

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tether import metrics
 from tether.store.base import LogEntry
 
 LINGER = 30.0  # seconds a finished log stays cached for late readers
@@ -64,6 +65,7 @@ class LogCache:
         self._live: OrderedDict[str, Tail] = OrderedDict()
         self._done: OrderedDict[str, Tail] = OrderedDict()
         self._on_evict = on_evict
+        metrics.watch_log_cache(self)
 
     def __len__(self) -> int:
         return len(self._live) + len(self._done)
