@@ -54,6 +54,7 @@ MIB = 1024 * 1024
 OPS = {"stream": 30, "disconnect": 15, "background": 15, "cancel": 10, "resume": 20,
        "delete": 10}
 MAX_IN_FLIGHT = 300  # operations at once; more are skipped (counted), not queued
+CHECKS_AT_ONCE = 8
 STUCK_AFTER = 120.0  # seconds a response may stay live before it is a violation
 
 
@@ -65,6 +66,7 @@ class Tracked:
     readers: list[Seen] = field(default_factory=list)
     cancels: list[Cancel] = field(default_factory=list)
     busy: int = 0  # operations on it still running (it is checked after they end)
+    checking: bool = False
     created: float = field(default_factory=time.monotonic)
 
 
@@ -251,20 +253,38 @@ class Soak:
     # --- checking --------------------------------------------------------------------
 
     async def checker(self) -> None:
-        while True:
-            now = time.monotonic()
-            if not self.due or self.due[0][0] > now:
-                await asyncio.sleep(0.2)
-                continue
-            _, rid = self.due.popleft()
-            tracked = self.live.get(rid)
-            if tracked is None:
-                continue
-            try:
-                await self.check(tracked)
-            except httpx.HTTPError as exc:
-                self.violation(f"{rid}: check: {type(exc).__name__}: {exc}")
-                self.live.pop(rid, None)
+        """Checks due responses, `CHECKS_AT_ONCE` at a time (a serial checker falls
+        behind the creates of a busy run)."""
+        slots = asyncio.Semaphore(CHECKS_AT_ONCE)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if not self.due or self.due[0][0] > time.monotonic():
+                    await asyncio.sleep(0.2)
+                    continue
+                _, rid = self.due.popleft()
+                tracked = self.live.get(rid)
+                if tracked is None or tracked.checking:
+                    continue
+                await slots.acquire()
+                tracked.checking = True
+                task = asyncio.create_task(self.check_one(tracked))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def check_one(self, tracked: Tracked) -> None:
+        try:
+            await self.check(tracked)
+        except httpx.HTTPError as exc:
+            self.violation(f"{tracked.rid}: check: {type(exc).__name__}: {exc}")
+            self.live.pop(tracked.rid, None)
+        finally:
+            tracked.checking = False
 
     async def check(self, tracked: Tracked) -> None:
         rid = tracked.rid
