@@ -74,6 +74,7 @@ class Tracked:
 class Sample:
     t: float
     rss: float  # MiB
+    cpu: float  # % of one core the server used since the previous sample
     fds: int
     tasks: float
     cache: float  # MiB
@@ -113,6 +114,7 @@ class Soak:
         self.violations: list[str] = []
         self.samples: list[Sample] = []
         self.checked = 0
+        self.cpu_seconds = 0.0
         self.reading: collections.Counter[str] = collections.Counter()  # resumes running
         self.tasks: set[asyncio.Task[None]] = set()
         limits = httpx.Limits(max_connections=MAX_IN_FLIGHT + 20, max_keepalive_connections=0)
@@ -321,14 +323,20 @@ class Soak:
     async def sample(self, start: float) -> None:
         page = (await self.http.get(f"{self.srv.url}/metrics")).text
         db, wal = await self.db_size()
+        now, cpu = time.monotonic(), _server.cpu_seconds(self.srv.pid)
+        before = self.samples[-1] if self.samples else None
+        busy = 0.0 if before is None else (
+            100 * (cpu - self.cpu_seconds) / max(1e-9, now - start - before.t))
+        self.cpu_seconds = cpu
         self.samples.append(Sample(
-            t=time.monotonic() - start, rss=vm_rss(self.srv.pid) / MIB,
+            t=now - start, rss=vm_rss(self.srv.pid) / MIB, cpu=busy,
             fds=len(os.listdir(f"/proc/{self.srv.pid}/fd")),
             tasks=gauge(page, "tether_tasks"), cache=gauge(page, "tether_log_cache_bytes") / MIB,
             db=db / MIB, wal=wal / MIB, ops=sum(self.ops.values()), checked=self.checked,
             violations=len(self.violations)))
         s = self.samples[-1]
-        print(f"  {s.t:7.0f}s  RSS {s.rss:7.1f} MiB  fds {s.fds:4d}  tasks {s.tasks:5.0f}  "
+        print(f"  {s.t:7.0f}s  CPU {s.cpu:3.0f}%  RSS {s.rss:7.1f} MiB  fds {s.fds:4d}  "
+              f"tasks {s.tasks:5.0f}  "
               f"cache {s.cache:5.1f} MiB  db {s.db:7.1f} + wal {s.wal:6.1f} MiB  "
               f"ops {s.ops:6d}  "
               f"checked {s.checked:6d}  violations {s.violations}", flush=True)
@@ -387,14 +395,14 @@ def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
     step = max(1, len(samples) // 30)
     shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
     print()
-    print(_server.table(["t (s)", "RSS MiB", "open fds", "tasks", "log cache MiB", "DB MiB",
-                         "WAL MiB", "ops", "checked", "violations"],
-                        [[s.t, s.rss, s.fds, s.tasks, s.cache, s.db, s.wal, s.ops, s.checked,
+    print(_server.table(["t (s)", "server CPU %", "RSS MiB", "open fds", "tasks",
+                         "log cache MiB", "DB MiB", "WAL MiB", "ops", "checked", "violations"],
+                        [[s.t, s.cpu, s.rss, s.fds, s.tasks, s.cache, s.db, s.wal, s.ops, s.checked,
                           s.violations] for s in shown]))
     with (out.with_suffix(".csv")).open("w") as f:
-        f.write("t,rss_mib,fds,tasks,cache_mib,db_mib,wal_mib,ops,checked,violations\n")
+        f.write("t,cpu_pct,rss_mib,fds,tasks,cache_mib,db_mib,wal_mib,ops,checked,violations\n")
         for s in samples:
-            f.write(f"{s.t:.1f},{s.rss:.2f},{s.fds},{s.tasks},{s.cache:.2f},{s.db:.2f},"
+            f.write(f"{s.t:.1f},{s.cpu:.0f},{s.rss:.2f},{s.fds},{s.tasks},{s.cache:.2f},{s.db:.2f},"
                     f"{s.wal:.2f},"
                     f"{s.ops},{s.checked},{s.violations}\n")
     plot(samples, args, mode, out.with_suffix(".png"))
