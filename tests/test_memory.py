@@ -9,9 +9,12 @@ read from the database. The full-size burst (2,000 x 500 tokens) is `bench/soak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import tracemalloc
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,13 @@ import httpx
 import orjson
 import pytest
 
+from tether.store import logcache
 from tether.store.base import LogEntry, Record
-from tether.store.logcache import ENTRY_BYTES
+from tether.store.logcache import ENTRY_BYTES, LogCache, Tail
 from tether.store.sqlite import SQLiteStore
 
 from conftest import Server, raw_events
+from services import postgres_url, redis_url
 
 MIB = 1024 * 1024
 BUDGET = 2 * MIB
@@ -82,41 +87,53 @@ async def burst(base_url: str, n: int) -> list[str]:
     return ids
 
 
-def test_a_burst_stays_within_the_cache_budget(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=["sqlite", "postgres+redis"])
+def burst_server(request: pytest.FixtureRequest, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A scripted tether at full speed, on SQLite or on PostgreSQL + Redis (its per-process
+    cache of live logs, `livelog.py`, has the same budget)."""
     # Set by environment, not flag, so the same test runs against a tether without the flag.
     monkeypatch.setenv("TETHER_LOG_CACHE_BYTES", str(BUDGET))
-    server = Server(tmp_path / "tether.db", ["--engine", "scripted", "--scripted-rate", "0",
-                                             "--scripted-length", str(TOKENS)])
-    server.start()
-    try:
-        assert server.proc is not None
-        pid = server.proc.pid
-        asyncio.run(burst(server.base_url, 40))  # warm-up: imports, pools, arenas
-        before = vm(pid, "VmRSS")
-        started = time.monotonic()
-        ids = asyncio.run(burst(server.base_url, RESPONSES))
-        grown, peak = vm(pid, "VmRSS") - before, vm(pid, "VmHWM") - before
-        print(f"{RESPONSES} x {TOKENS} tokens in {time.monotonic() - started:.1f}s: "
-              f"RSS +{grown / MIB:.1f} MiB, peak +{peak / MIB:.1f} MiB")
-        assert grown <= BUDGET + MARGIN, f"RSS grew by {grown / MIB:.1f} MiB"
-        assert peak <= BUDGET + MARGIN, f"peak RSS grew by {peak / MIB:.1f} MiB"
-        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
-        assert 0 < gauge(metrics, "tether_log_cache_bytes") <= BUDGET
-        assert gauge(metrics, "tether_tasks") < 50  # nothing left running per response
-        # The first responses are long out of the cache: their logs come from the database,
-        # whole, from any cursor.
-        rng = random.Random(14)
-        for rid in ids[:5]:
-            log = raw_events(server, rid)
-            assert [e["sequence_number"] for e in log] == list(range(len(log)))
-            assert log[-1]["type"] == "response.completed"
-            deltas = [e["delta"] for e in log if e["type"] == "response.output_text.delta"]
-            assert len(deltas) == TOKENS
-            after = rng.randrange(len(log))
-            assert raw_events(server, rid, starting_after=after) == log[after + 1:], after
-    finally:
-        server.stop()
+    args = ["--engine", "scripted", "--scripted-rate", "0", "--scripted-length", str(TOKENS)]
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            server = Server(tmp_path / "tether.db", args)
+        else:
+            db = stack.enter_context(postgres_url())
+            server = Server(db, [*args, "--redis", redis_url(), "--redis-prefix",
+                                 f"tether-test-{uuid.uuid4().hex[:8]}"], log_dir=tmp_path)
+        stack.callback(server.stop)
+        server.start()
+        yield server
+
+
+def test_a_burst_stays_within_the_cache_budget(burst_server: Server) -> None:
+    server = burst_server
+    assert server.proc is not None
+    pid = server.proc.pid
+    asyncio.run(burst(server.base_url, 40))  # warm-up: imports, pools, arenas
+    before = vm(pid, "VmRSS")
+    started = time.monotonic()
+    ids = asyncio.run(burst(server.base_url, RESPONSES))
+    grown, peak = vm(pid, "VmRSS") - before, vm(pid, "VmHWM") - before
+    print(f"{RESPONSES} x {TOKENS} tokens in {time.monotonic() - started:.1f}s: "
+          f"RSS +{grown / MIB:.1f} MiB, peak +{peak / MIB:.1f} MiB")
+    assert grown <= BUDGET + MARGIN, f"RSS grew by {grown / MIB:.1f} MiB"
+    assert peak <= BUDGET + MARGIN, f"peak RSS grew by {peak / MIB:.1f} MiB"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 0 < gauge(metrics, "tether_log_cache_bytes") <= BUDGET
+    assert gauge(metrics, "tether_tasks") < 50  # nothing left running per response
+    # The first responses are long out of the cache: their logs come from the database,
+    # whole, from any cursor.
+    rng = random.Random(14)
+    for rid in ids[:5]:
+        log = raw_events(server, rid)
+        assert [e["sequence_number"] for e in log] == list(range(len(log)))
+        assert log[-1]["type"] == "response.completed"
+        deltas = [e["delta"] for e in log if e["type"] == "response.output_text.delta"]
+        assert len(deltas) == TOKENS
+        after = rng.randrange(len(log))
+        assert raw_events(server, rid, starting_after=after) == log[after + 1:], after
 
 
 # --- the store itself ----------------------------------------------------------------------
@@ -180,3 +197,28 @@ async def test_finished_logs_leave_the_cache_first_and_read_from_the_database(
             assert [e.frame for e in await store.read(f"done{n}", 99)] == frames[100:]
     finally:
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_the_cache_drops_finished_logs_first_then_the_least_read_live_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logcache, "LINGER", 0.05)
+    entries = [LogEntry(i, "response.output_text.delta", b'{"delta":"x"}') for i in range(10)]
+    one = logcache.TAIL_BYTES + logcache.size_of(entries)
+    cache = LogCache(budget=3 * one)
+    for rid in ("a", "b", "c"):
+        cache.put(rid, Tail(0, list(entries)))
+    cache.finished("c")
+    assert cache.get("a") is not None  # read: "b" is now the least recently read live log
+    cache.put("d", Tail(0, list(entries)))  # over budget: the finished one goes first
+    assert "c" not in cache and {"a", "b", "d"} <= {r for r in "abcd" if r in cache}
+    cache.put("e", Tail(0, list(entries)))  # then the least recently read live one
+    assert "b" not in cache and cache.size == 3 * one and cache.evicted == 2
+    gone = cache.peek("a")
+    assert gone is not None
+    cache.pop("a")
+    cache.grow(gone, entries)  # a writer still holding an evicted tail: nothing counted
+    assert gone.entries == [] and cache.size == 2 * one
+    cache.finished("d")
+    await asyncio.sleep(0.2)  # LINGER: a finished log also goes with time
+    assert "d" not in cache and "e" in cache and cache.size == one
