@@ -57,6 +57,9 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seconds a request's headers may take to arrive (default 10)."),
         click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True),
                      help="Seconds a request's body may take to arrive (default 60)."),
+        click.option("--log-cache-bytes", type=click.IntRange(min=0),
+                     help="Bytes of event logs kept in memory for readers (default 64 MiB); "
+                          "older finished logs are read from the database."),
         click.option("--websocket-limit", type=float,
                      help="Seconds a WebSocket connection lives (default 3600)."),
         click.option("--hosted-tools", type=click.Choice(["refuse", "drop"]),

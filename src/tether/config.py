@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # to arrive before the connection is closed (408).
     header_timeout: float = Field(default=10.0, gt=0)
     body_timeout: float = Field(default=60.0, gt=0)
+    # Event logs kept in memory for fast readers (store/logcache.py); beyond it, from the
+    # database. 64 MiB suits a small machine; 0: every read goes to the database.
+    log_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None

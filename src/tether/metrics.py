@@ -13,12 +13,13 @@ flight) is computed at scrape time instead of being tracked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sized
 from types import TracebackType
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -82,6 +83,13 @@ APPEND_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
              1.0, 5.0),
     registry=REGISTRY)
+TASKS = Gauge(
+    "tether_tasks", "asyncio tasks alive in this process (a leak shows as steady growth).",
+    registry=REGISTRY)
+LOG_CACHE_BYTES = Gauge(
+    "tether_log_cache_bytes",
+    "Bytes of event logs cached in memory for readers (bounded by --log-cache-bytes).",
+    registry=REGISTRY)
 UPSTREAM_ERRORS = Counter(
     "tether_upstream_errors",
     "Failed upstream attempts (HTTP error, unreachable, timeout, broken or failed stream), "
@@ -130,6 +138,25 @@ def upstream_error(kind: str) -> None:
 def watch_runs(runs: Sized) -> None:
     """Active runs are the size of the lifecycle's run table, read at scrape time."""
     ACTIVE_RUNS.set_function(lambda: len(runs))
+
+
+class _Sized(Protocol):
+    size: int
+
+
+def watch_log_cache(cache: _Sized) -> None:
+    """The log cache's bytes, read at scrape time."""
+    LOG_CACHE_BYTES.set_function(lambda: cache.size)
+
+
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the server's loop (a test): none of ours
+        return 0
+
+
+TASKS.set_function(_tasks)
 
 
 class CancelTimer:

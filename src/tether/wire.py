@@ -419,11 +419,5 @@ def sse_frame(kind: str, data: bytes) -> bytes:
 
 
 def sse_frames(entries: list[LogEntry]) -> bytes:
-    """The frames of logged events, each built once however many readers share it."""
-    frames = []
-    for entry in entries:
-        frame = entry.frame
-        if frame is None:
-            frame = entry.frame = sse_frame(entry.type, entry.data)
-        frames.append(frame)
-    return b"".join(frames)
+    """The frames of logged events (built once, when logged, for every reader)."""
+    return b"".join([entry.frame for entry in entries])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -25,6 +26,7 @@ from tether.engines.base import (
 )
 
 T = TypeVar("T", int, float)
+TRACES_KEPT = 2048  # traces of this many recent responses: a long run stays flat in memory
 
 WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tether",
@@ -38,7 +40,7 @@ class Trace:
     """What the engine did for one response (exposed on the debug route)."""
 
     produced: int = 0
-    token_times: list[float] = field(default_factory=list)
+    token_times: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes each
     aborted_at: float | None = None
     prompt_read_at: float | None = None
     messages: list[dict[str, str]] = field(default_factory=list)  # the prompt, as given
@@ -49,7 +51,7 @@ class Trace:
             "prompt_read_at": self.prompt_read_at,
             "messages": self.messages,
             "produced": self.produced,
-            "token_times": self.token_times,
+            "token_times": self.token_times.tolist(),
             "aborted_at": self.aborted_at,
             "finished": self.finished,
         }
@@ -86,7 +88,11 @@ class ScriptedEngine:
         return None
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
-        trace = self.traces.setdefault(request.response_id, Trace())
+        trace = self.traces.get(request.response_id)
+        if trace is None:
+            trace = self.traces[request.response_id] = Trace()
+            while len(self.traces) > TRACES_KEPT:  # insertion order: the oldest goes first
+                del self.traces[next(iter(self.traces))]
         trace.messages = [{"role": m.role, "text": m.text} for m in request.messages]
         prompt = " ".join(m.text for m in request.messages)
         fail_at = _directive(prompt, "FAIL_AT", int)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
+from tether.store.logcache import DEFAULT_BUDGET
 
 
-def make_store(url: str, redis: str | None = None, prefix: str = "tether") -> Store:
+def make_store(url: str, redis: str | None = None, prefix: str = "tether",
+               cache_bytes: int = DEFAULT_BUDGET) -> Store:
     """A store for `--db`: a SQLite file path (the default) or `sqlite:///path`; or a
     `postgresql://` URL, scaled out: PostgreSQL for durable records and Redis (`redis`,
-    required then) for live event streams and wake-ups, its keys under `prefix:`."""
+    required then) for live event streams and wake-ups, its keys under `prefix:`. Either
+    keeps at most about `cache_bytes` of event logs in memory (`logcache.py`)."""
     if url.startswith(("postgresql://", "postgres://")):
         if not redis:
             raise ValueError(
@@ -16,11 +19,11 @@ def make_store(url: str, redis: str | None = None, prefix: str = "tether") -> St
                 "(or set TETHER_REDIS)")
         from tether.store.postgres import PostgresStore
 
-        return PostgresStore(url, redis, prefix)
+        return PostgresStore(url, redis, prefix, cache_bytes=cache_bytes)
     from tether.store.sqlite import SQLiteStore
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
-    return SQLiteStore(path)
+    return SQLiteStore(path, cache_bytes)
 
 
 __all__ = ["IdempotencyConflict", "LogEntry", "Record", "Store", "StoreUnavailable",

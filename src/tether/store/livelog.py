@@ -12,10 +12,11 @@ complete (stream missing, a gap, shorter than `upto`) is served from Postgres, a
 Redis or the subscription is down, waits turn into polls. So a Redis restart or `FLUSHALL`
 costs latency, never an event.
 
-The cache (`_Tail`, per response, contiguous) lets N local readers of one response cost
-one Redis call per batch. A caught-up reader is answered "nothing new" without a call only
-while the cache is *trusted*: the subscription has been up without a break since the tail
-was last fetched (same `_epoch`), and no wake-up announced a later seq (`_known`).
+The cache (`logcache.py`: per response, contiguous, bounded in bytes) lets N local
+readers of one response cost one Redis call per batch. A caught-up reader is answered
+"nothing new" without a call only while the cache is *trusted*: the subscription has been
+up without a break since the tail was last fetched (same `_epoch`), and no wake-up
+announced a later seq (`_known`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import orjson
 import redis.asyncio as aioredis
@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tether.store.base import LogEntry
+from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 
 log = logging.getLogger("tether.store")
 
@@ -44,28 +45,13 @@ POLL = 0.25  # seconds between polls while wake-ups cannot be trusted
 DOWN_FOR = 1.0  # after a Redis error, seconds to go straight to Postgres
 PING_EVERY = 1.0  # idle subscription: ping so a silent (hung) Redis is noticed
 DEAD_AFTER = 3.0  # no reply on the subscription for this long: it is down
-EVICT_AFTER = 30.0  # seconds a finished log stays in the local cache
-MAX_TAILS = 1024  # cached logs per process (least recently read go first)
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 Durable = Callable[[str, int], Awaitable[list[LogEntry]]]
 
 
-@dataclass(slots=True)
-class _Tail:
-    """Events `first..end` of one response, contiguous, as this process knows them."""
-
-    first: int
-    entries: list[LogEntry] = field(default_factory=list)
-    epoch: int = -1  # the subscription epoch it was synced in; -1: never trusted
-
-    @property
-    def end(self) -> int:
-        return self.first + len(self.entries) - 1
-
-
 class LiveLog:
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self, url: str, prefix: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:wake"
@@ -74,8 +60,8 @@ class LiveLog:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
         self.stats = {"redis_reads": 0, "durable_reads": 0, "cache_reads": 0, "published": 0}
-        self._tails: OrderedDict[str, _Tail] = OrderedDict()
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
+        self.cache = LogCache(cache_bytes, on_evict=self._unknown)
         self._fetching: dict[str, asyncio.Future[None]] = {}
         self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
         self._epoch = 0
@@ -131,18 +117,18 @@ class LiveLog:
         if not entries:
             return
         last = entries[-1].seq
-        tail = self._tails.get(response_id)
+        cache = self.cache
+        tail = cache.peek(response_id)
         if tail is not None:
             if entries[0].seq == tail.end + 1:
-                tail.entries.extend(entries)
+                cache.grow(tail, entries)
             self._known[response_id] = max(self._known.get(response_id, -1), last)
         elif entries[0].seq == 0:
             # A new response: no other process can have written to it before this commit,
             # so the tail is as trustworthy as the subscription is now.
-            self._cache(response_id, _Tail(0, list(entries), self._epoch if self._healthy
-                                           else -1))
+            cache.put(response_id, Tail(0, list(entries), self._epoch if self._healthy else -1))
         if terminal:
-            asyncio.get_running_loop().call_later(EVICT_AFTER, self._evict, response_id)
+            cache.finished(response_id)
         self._wake(response_id, last)
         self._queue.append((response_id, entries, terminal))
         self._queued.set()
@@ -150,7 +136,8 @@ class LiveLog:
 
     async def forget(self, response_id: str) -> None:
         """A deleted response: drop it here and in Redis (best effort)."""
-        self._evict(response_id)
+        self.cache.pop(response_id)
+        self._unknown(response_id)
         if not self._down():
             try:
                 await self.redis.delete(self.key(response_id))
@@ -165,10 +152,9 @@ class LiveLog:
         `durable` (Postgres). At least up to `upto` when given."""
         need = after if upto is None else max(after, upto)
         for _ in range(3):  # wait for at most a few other readers' fetches, then fetch
-            tail = self._tails.get(response_id)
+            tail = self.cache.get(response_id)
             if tail is not None and tail.first <= after + 1 <= tail.end + 1:
                 if tail.end > after and tail.end >= need:
-                    self._tails.move_to_end(response_id)
                     self.stats["cache_reads"] += 1
                     return tail.entries[after + 1 - tail.first :]
                 if (tail.end == after == need and self._trusted(tail)
@@ -183,7 +169,7 @@ class LiveLog:
 
     async def _fetch(self, response_id: str, after: int, need: int,
                      durable: Durable) -> list[LogEntry]:
-        tail = self._tails.get(response_id)
+        tail = self.cache.peek(response_id)
         # A tail that starts at or before the cursor is extended from its end (even if it
         # ends before the cursor), so the cache catches up instead of being bypassed.
         extend = tail is not None and tail.first <= after + 1
@@ -212,7 +198,7 @@ class LiveLog:
                 done.set_result(None)
         if start == after + 1:
             return entries
-        tail = self._tails.get(response_id)
+        tail = self.cache.peek(response_id)
         if tail is None or not tail.first <= after + 1 <= tail.end + 1:
             return [e for e in entries if e.seq > after]
         return tail.entries[after + 1 - tail.first :]  # (empty if the log ends before)
@@ -237,7 +223,8 @@ class LiveLog:
             first = int(fields[b"f"])
             if first > expect:
                 return None  # a batch never reached Redis (outage, or a race of writers)
-            kinds = fields[b"t"].decode().split("\n")
+            # Interned: a cached entry then shares its type's one string.
+            kinds = [sys.intern(k) for k in fields[b"t"].decode().split("\n")]
             for seq, kind, data in zip(range(first, first + len(kinds)), kinds,
                                        fields[b"d"].split(b"\n"), strict=True):
                 if seq >= expect:
@@ -247,21 +234,22 @@ class LiveLog:
 
     def _merge(self, response_id: str, start: int, entries: list[LogEntry], epoch: int) -> None:
         """Put fetched events `start..` (complete as of the fetch) into the cache."""
-        tail = self._tails.get(response_id)
+        cache = self.cache
+        tail = cache.peek(response_id)
         if tail is not None and tail.first <= start <= tail.end + 1:
-            tail.entries.extend(entries[tail.end + 1 - start :])
+            cache.grow(tail, entries[tail.end + 1 - start :])
             tail.epoch = epoch
         elif tail is None or (start < tail.first and start + len(entries) >= tail.first):
             rest = [] if tail is None else tail.entries[start + len(entries) - tail.first :]
-            self._cache(response_id, _Tail(start, entries + rest, epoch))
+            cache.put(response_id, Tail(start, entries + rest, epoch))
         if entries and entries[-1].type in TERMINAL:
-            asyncio.get_running_loop().call_later(EVICT_AFTER, self._evict, response_id)
+            cache.finished(response_id)
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         """Return when events past `after` are committed (as heard from this process's
         writes or a wake-up), or after `timeout`. Polls every `POLL` s while wake-ups
         cannot be trusted."""
-        tail = self._tails.get(response_id)
+        tail = self.cache.peek(response_id)
         if tail is None or not self._trusted(tail):
             timeout = min(timeout, POLL)
         elif max(tail.end, self._known.get(response_id, -1)) > after:
@@ -282,18 +270,11 @@ class LiveLog:
 
     # --- cache -----------------------------------------------------------------------
 
-    def _trusted(self, tail: _Tail) -> bool:
+    def _trusted(self, tail: Tail) -> bool:
         return self._healthy and tail.epoch == self._epoch
 
-    def _cache(self, response_id: str, tail: _Tail) -> None:
-        self._tails[response_id] = tail
-        self._tails.move_to_end(response_id)
-        while len(self._tails) > MAX_TAILS:
-            old, _ = self._tails.popitem(last=False)
-            self._known.pop(old, None)
-
-    def _evict(self, response_id: str) -> None:
-        self._tails.pop(response_id, None)
+    def _unknown(self, response_id: str) -> None:
+        """`response_id` left the cache: wake-ups about it need not be remembered."""
         self._known.pop(response_id, None)
 
     def _wake(self, response_id: str, last: int | None = None) -> None:
@@ -316,7 +297,7 @@ class LiveLog:
         except orjson.JSONDecodeError:
             return
         for response_id, last in batch.items():
-            if response_id in self._tails or response_id in self._fetching:
+            if response_id in self.cache or response_id in self._fetching:
                 self._known[response_id] = max(self._known.get(response_id, -1), last)
             self._wake(response_id, last)
 

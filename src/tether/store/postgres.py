@@ -33,6 +33,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Collection
+from sys import intern
 from typing import Any
 
 import asyncpg
@@ -49,6 +50,7 @@ from tether.store.base import (
     ledger_values,
 )
 from tether.store.livelog import LiveLog
+from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_pool import OP_TIMEOUT, Database
 from tether.store.pg_sql import LIVE, Pending
@@ -72,9 +74,9 @@ class _Recent(OrderedDict[tuple[str, str], BaseException | None]):
 
 class PostgresStore:
     def __init__(self, url: str, redis_url: str, prefix: str = "tether",
-                 pool_size: int = 10) -> None:
+                 pool_size: int = 10, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.db = Database(url, pool_size)
-        self.live = LiveLog(redis_url, prefix)
+        self.live = LiveLog(redis_url, prefix, cache_bytes)
         self._pending: dict[str, Pending] = {}
         self._pending_events = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -388,7 +390,7 @@ class PostgresStore:
             "fetch", "SELECT first_seq, types, data FROM events "
             "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq", response_id, after)
         return [
-            LogEntry(seq, kind, data)
+            LogEntry(seq, intern(kind), data)  # interned: cached entries share it
             for first, types, blob in rows
             for seq, kind, data in zip(
                 range(first, first + blob.count(b"\n") + 1), types.split("\n"),

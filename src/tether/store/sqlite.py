@@ -35,6 +35,7 @@ from tether.store.base import (
     ledger_row,
     ledger_values,
 )
+from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
@@ -47,7 +48,6 @@ _SELECT = (
     "r.lease_until, r.last_seq, r.input_tokens, r.finished_at "
     "FROM responses r JOIN response_bodies b ON b.id = r.id"
 )
-EVICT_AFTER = 30.0  # seconds a finished log stays in memory for late readers
 # The WAL is cut back to this size when it restarts: what it grew to in a burst (or while
 # a full disk stopped checkpoints) goes back to the filesystem.
 WAL_KEEP_BYTES = 16 << 20
@@ -59,14 +59,6 @@ class _Pending:
     events: list[dict[str, Any]] = field(default_factory=list)
     tokens: int = 0
     input_tokens: int | None = None
-
-
-@dataclass(slots=True)
-class _Tail:
-    """The committed log of a live response, kept in memory for its readers."""
-
-    first_seq: int
-    entries: list[LogEntry] = field(default_factory=list)
 
 
 def migrate(path: str) -> None:
@@ -81,13 +73,13 @@ def migrate(path: str) -> None:
 
 
 class SQLiteStore:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, _Pending] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._fenced: set[tuple[str, str]] = set()
-        self._tails: dict[str, _Tail] = {}
+        self.cache = LogCache(cache_bytes)  # logs for readers (logcache.py)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         # Runs (response -> run token) an append of which could not be written, and why.
         self._lost: dict[str, tuple[str, BaseException]] = {}
@@ -171,7 +163,7 @@ class SQLiteStore:
             )
             entries = self._insert(record.id, 0, events, 0)
         record.last_seq = len(events) - 1
-        self._tails[record.id] = _Tail(0)
+        self.cache.put(record.id, Tail(0))
         self._publish(record.id, entries)
         return record, True
 
@@ -253,7 +245,7 @@ class SQLiteStore:
         )
         if won:
             self._lost.pop(response_id, None)
-            asyncio.get_running_loop().call_later(EVICT_AFTER, self._tails.pop, response_id, None)
+            self.cache.finished(response_id)
         return won
 
     def _check_lost(self, response_id: str, run_token: str) -> None:
@@ -346,20 +338,23 @@ class SQLiteStore:
             return []
         dumps = orjson.dumps
         entries = []
+        datas = []
         for seq, event in enumerate(events, first):
             event["sequence_number"] = seq
-            entries.append(LogEntry(seq, event["type"], dumps(event)))
+            data = dumps(event)
+            datas.append(data)
+            entries.append(LogEntry(seq, event["type"], data))
         self.db.execute(
             "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
             (response_id, first, entries[-1].seq, "\n".join(e.type for e in entries), tokens,
-             b"\n".join(e.data for e in entries)),
+             b"\n".join(datas)),
         )
         return entries
 
     def _publish(self, response_id: str, entries: list[LogEntry]) -> None:
-        tail = self._tails.get(response_id)
+        tail = self.cache.peek(response_id)
         if tail is not None:
-            tail.entries.extend(entries)
+            self.cache.grow(tail, entries)
         for waiter in self._waiters.pop(response_id, ()):
             if not waiter.done():
                 waiter.set_result(None)
@@ -377,9 +372,9 @@ class SQLiteStore:
         return None if row is None else _record(row)
 
     async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
-        tail = self._tails.get(response_id)
-        if tail is not None and after + 1 >= tail.first_seq:
-            return tail.entries[after + 1 - tail.first_seq :]
+        tail = self.cache.get(response_id)
+        if tail is not None and after + 1 >= tail.first:
+            return tail.entries[after + 1 - tail.first :]
         rows = self.db.execute(
             "SELECT first_seq, types, data FROM events "
             "WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
@@ -395,8 +390,8 @@ class SQLiteStore:
         ]
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
-        tail = self._tails.get(response_id)
-        if tail is not None and tail.first_seq + len(tail.entries) - 1 > after:
+        tail = self.cache.peek(response_id)
+        if tail is not None and tail.end > after:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(response_id, []).append(waiter)
@@ -430,7 +425,7 @@ class SQLiteStore:
                 db.execute("DELETE FROM response_bodies WHERE id = ?", (response_id,))
                 db.execute("DELETE FROM events WHERE response_id = ?", (response_id,))
                 db.execute("DELETE FROM idempotency_keys WHERE response_id = ?", (response_id,))
-        self._tails.pop(response_id, None)
+        self.cache.pop(response_id)
         self._lost.pop(response_id, None)
         return cur.rowcount == 1
 
