@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import importlib.util
+import os
 import random
 import secrets
 import threading
@@ -147,14 +148,15 @@ class LocalEngine:
         self,
         model_path: Path | None = None,
         *,
-        n_ctx: int = CONTEXT,
+        n_ctx: int | None = None,
         n_threads: int = 2,
         min_p: float = 0.05,
         repeat_penalty: float = 1.15,
         wrap_up: int = 320,
     ) -> None:
         self._model_path = model_path
-        self._n_ctx = n_ctx
+        # TETHER_LOCAL_CONTEXT: a smaller context for a small machine (or a test).
+        self._n_ctx = n_ctx or int(os.environ.get("TETHER_LOCAL_CONTEXT", CONTEXT))
         self._n_threads = n_threads
         # Default sampling, not OpenAI parameters (the request's temperature and top_p
         # still apply): a light probability floor that keeps a 135M model from wandering
