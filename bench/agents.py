@@ -205,9 +205,10 @@ async def main(parts: list[str], n: int) -> None:
                          ("endings", endings)):
             if part in parts:
                 started = time.monotonic()
-                rows += await fn(client, n)
-                rows[-1] += f" ({time.monotonic() - started:.0f} s)"
-                print(*rows[-2:], sep="\n", flush=True)
+                new = await fn(client, n)
+                new[-1] += f" ({time.monotonic() - started:.0f} s)"
+                rows += new
+                print(*new, sep="\n", flush=True)
         print("\n" + "\n".join(f"| {r} |" for r in rows))
 
 
