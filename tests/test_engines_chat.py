@@ -296,10 +296,9 @@ kind = "responses"
         assert "authorization" not in fake.last().headers
         assert client.responses.create(model="scripted", input="hi",
                                        max_output_tokens=2).status == "incomplete"
-        # The scripted engine applies no tools: refused for it, before anything starts.
-        with pytest.raises(openai.BadRequestError, match="'input'"):
-            client.responses.create(model="scripted", input=[
-                {"type": "function_call_output", "call_id": "c", "output": "x"}])
+        # Routed to the scripted engine, which takes function outputs too (issue 13).
+        assert client.responses.create(model="scripted", max_output_tokens=1, input=[
+            {"type": "function_call_output", "call_id": "c", "output": "x"}]).output_text
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model="nope", input="hi")
 
@@ -469,3 +468,23 @@ def test_cancel_during_a_function_call_closes_it_incomplete(via_fake: Server,
         "response.function_call_arguments.done", "response.output_item.done",
         "response.failed"]
     assert reply.usage is not None and reply.usage.output_tokens == 1
+
+
+def test_upstream_context_option_refuses_before_sending(make_server: Any,
+                                                        fake: FakeUpstream) -> None:
+    """`context=N`: a prompt over it is refused (or truncated) before the upstream sees it;
+    counted with the estimate when no tokenizer is configured (input_tokens agrees)."""
+    server: Server = make_server("--upstream", f"fake={fake.url},context=200", engine="none")
+    turns: list[Any] = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 60}
+                        for i in range(10)] + [{"role": "user", "content": "LENGTH=2 go"}]
+    with server.client() as client:
+        counted = client.responses.input_tokens.count(model="fake", input=turns)
+        assert counted.input_tokens > 200
+        sent = len(fake.calls)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="fake", input=turns)
+        assert refused.value.code == "context_length_exceeded" and len(fake.calls) == sent
+        done = client.responses.create(model="fake", input=turns, truncation="auto")
+    assert done.status == "completed"
+    assert len(fake.last().body["messages"]) < len(turns)
+    assert fake.last().body["messages"][-1]["content"] == "LENGTH=2 go"

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import bounds, metrics, wire, wire_items
+from tether import bounds, context, metrics, wire, wire_items
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -76,8 +76,7 @@ class Lifecycle:
         self.runs: dict[str, Run] = {}
         metrics.watch_runs(self.runs)
         self.models = {m.id for m in engine.models()}
-        # Models whose engine applies function tools and `text.format` (upstreams).
-        self.tool_models = {m.id for m in engine.models() if m.extra.get("tools")}
+        self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
         self._slots = asyncio.Semaphore(max(self.workers, 1))
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -157,17 +156,6 @@ class Lifecycle:
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
-        if req.model not in self.tool_models:
-            calls = not isinstance(req.input, str) and any(
-                i.type not in ("message", "compaction") for i in req.input)
-            for param, used in (("tools", bool(req.tools)),
-                                ("tool_choice", req.uses_tools() and not req.tools),
-                                ("text", req.text_format() is not None), ("input", calls)):
-                if used:
-                    what = ("Function call items in 'input' are" if param == "input"
-                            else f"Parameter '{param}' is")
-                    raise bad_request(f"{what} not supported by model '{req.model}'.", param,
-                                      "unsupported_parameter")
         messages = await self.conversation(req.previous_response_id, tenant)
         items = await wire_items.resolve_references(
             wire.input_items(req), req.previous_response_id,
@@ -188,6 +176,10 @@ class Lifecycle:
                     "text_format": req.text_format(),
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
+        # Before anything is stored: a prompt that does not fit is refused (or truncated).
+        run_spec["messages"] = await context.fit(
+            self.engine, self.contexts.get(req.model), req.model, messages, run_spec,
+            req.truncation)
         record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
                         input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,

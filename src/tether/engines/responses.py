@@ -120,7 +120,7 @@ class ResponsesEngine:
 
     def models(self) -> list[ModelInfo]:
         # Upstreams apply function tools and `text.format` themselves.
-        return [ModelInfo(id=self.spec.model, owned_by="upstream", extra={"tools": True})]
+        return [ModelInfo(id=self.spec.model, owned_by="upstream")]
 
     async def start(self) -> None:
         return None
