@@ -108,7 +108,7 @@ def test_is_an_engine() -> None:
     assert isinstance(eng, Engine)
     assert eng.concurrency == 1
     assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether",
-                                      extra={"tools": True}, context=8192)]
+                                      context=8192)]
 
 
 def test_short_generation_matches_llama_cpp(
