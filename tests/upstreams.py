@@ -14,6 +14,8 @@ directly. Its behaviour is chosen by directives in the last user message:
     IGNORE_CANCEL  keep generating after the client left; the Responses cancel
                    endpoint answers without stopping anything (as openai-python#2643)
     CALL=name      stream a call of function `name` instead of text
+                   (its arguments: the chunks of `FakeUpstream.call_arguments`;
+                   a request whose last message is a tool output gets text)
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
 
@@ -94,6 +96,8 @@ class FakeUpstream:
         self.calls: list[Call] = []
         self.cancels: list[str] = []
         self.attempts: dict[str, int] = {}
+        # The chunks of the arguments a chat CALL streams (an agent test sets its own).
+        self.call_arguments = ['{"city"', ': "Par', 'is"}']
         self._responses: dict[str, dict[str, Any]] = {}  # id -> {"events": [...], "done"}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -219,7 +223,7 @@ class FakeUpstream:
             n = 1
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
-            for piece in ['{"city"', ': "Par', 'is"}']:
+            for piece in self.call_arguments:
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
