@@ -36,10 +36,22 @@ def refused(body: dict[str, Any]) -> APIError:
     ({"model": "m", "input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
     ({"model": "m", "input": "x", "foo": 1}, "foo"),
     # Function tools and `text.format` are parsed (refused per model by the lifecycle);
-    # hosted tools and unknown formats are refused here.
+    # hosted tools (by default) and unknown formats are refused here.
     ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
-    ({"model": "m", "input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    # docs/fields.md: refused where accepting would give a silently wrong result.
+    ({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
+    ({"model": "m", "input": "x", "moderation": {"model": "omni"}}, "moderation"),
+    ({"model": "m", "input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"model": "m", "input": "x", "tool_choice": {"type": "custom", "name": "nope"}},
+     "tool_choice.name"),
+    ({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_file", "file_id": "file_1"}]}]}, "input[0].content[0].file_id"),
+    ({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0="}]}]},
+     "input[0].content[0]"),
+    ({"model": "m", "input": [{"type": "reasoning"}]}, "input[0].summary"),
     ({"model": "m", "input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]},
      "input[0].output"),
@@ -55,6 +67,9 @@ def test_refusals_name_the_parameter(body: dict[str, Any], param: str) -> None:
     {"tools": []}, {"tool_choice": "auto"}, {"include": []}, {"reasoning": {"effort": None}},
     {"text": {"format": {"type": "text"}}}, {"presence_penalty": 0}, {"truncation": "auto"},
     {"user": "u"}, {"parallel_tool_calls": False}, {"store": False},
+    {"prompt": None}, {"conversation": None}, {"moderation": None},
+    {"reasoning": {"effort": "high", "summary": "auto"}}, {"client_metadata": {"a": "b"}},
+    {"include": ["reasoning.encrypted_content", "message.output_text.logprobs"]},
 ])
 def test_defaults_of_unsupported_parameters_are_accepted(extra: dict[str, Any]) -> None:
     req = wire.parse_create({"model": "m", "input": "x", **extra})
@@ -102,3 +117,80 @@ def test_error_event_has_flat_and_nested_fields() -> None:
     event = wire.error_event("server_error", "boom")
     assert event["code"] == event["error"]["code"] == "server_error"
     assert event["message"] == event["error"]["message"] == "boom"
+
+
+def test_hosted_tools_can_be_dropped_with_a_note() -> None:
+    req = wire.parse_create({"model": "m", "input": "x", "tools": [
+        {"type": "web_search"}, {"type": "function", "name": "f"}]}, "drop")
+    assert [t["name"] for t in req.toolset().echo] == ["f"]
+    assert wire.echo_fields(req)["tether"] == {"dropped_tools": ["web_search"]}
+
+
+def test_namespace_and_custom_tools_are_flattened_for_engines() -> None:
+    req = wire.parse_create({"model": "m", "input": "x", "tools": [
+        {"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+            {"type": "function", "name": "lookup", "parameters": {"type": "object"}},
+            {"type": "custom", "name": "note"}]},
+        {"type": "custom", "name": "apply_patch", "format": {
+            "type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}],
+        "tool_choice": {"type": "custom", "name": "apply_patch"}})
+    tools = req.toolset()
+    assert [t["name"] for t in tools.engine] == ["crm__lookup", "crm__note", "apply_patch"]
+    assert tools.names["crm__lookup"] == {"name": "lookup", "namespace": "crm"}
+    assert tools.names["crm__note"] == {"name": "note", "namespace": "crm", "custom": True}
+    assert tools.engine[2]["parameters"]["required"] == ["input"]
+    assert "start: /.+/" in tools.engine[2]["description"]
+    assert req.engine_tool_choice() == {"type": "function", "name": "apply_patch"}
+    assert [t["type"] for t in wire.echo_fields(req)["tools"]] == ["namespace", "custom"]
+
+
+def test_custom_tool_call_input_is_decoded_as_it_streams() -> None:
+    item = wire.call_item(0, "call_1", "ns__edit", {"ns__edit": {
+        "name": "edit", "namespace": "ns", "custom": True}})
+    assert isinstance(item, wire.CustomToolCallItem)
+    pieces = ['{"in', 'put": "a\\', 'nb \\u00', 'e9 \\"q\\"', ' \\ud83d\\ude00"}']
+    deltas = [item.delta(p)["delta"] for p in pieces]
+    assert "".join(deltas) == 'a\nb \u00e9 "q" \U0001f600'
+    closing = item.closed("completed")
+    assert closing[0] == {"type": "response.custom_tool_call_input.done", "item_id": item.id,
+                          "output_index": 0, "input": "".join(deltas)}
+    assert closing[-1]["item"]["namespace"] == "ns" and closing[-1]["item"]["name"] == "edit"
+    done, still_open = wire.replay([*item.opened(), *[{"type": "response.custom_tool_call_input"
+                                                        ".delta", "item_id": item.id,
+                                                        "delta": d} for d in deltas]])
+    assert done == [] and "".join(still_open[0].input) == "".join(deltas)  # type: ignore[union-attr]
+
+
+def test_function_call_done_event_names_the_function() -> None:
+    item = wire.call_item(1, "call_1", "crm__lookup", {"crm__lookup": {
+        "name": "lookup", "namespace": "crm"}})
+    item.delta("{}")
+    done = item.closed("completed")[0]
+    assert done["type"] == "response.function_call_arguments.done" and done["name"] == "lookup"
+
+
+def test_every_input_item_type_round_trips() -> None:
+    txt = "data:text/plain;base64,aGVsbG8gZmlsZQ=="
+    req = wire.parse_create({"model": "m", "input": [
+        {"role": "user", "content": [{"type": "input_file", "filename": "a.txt",
+                                      "file_data": txt}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xyz"},
+        {"type": "custom_tool_call", "call_id": "c1", "name": "edit", "namespace": "ns",
+         "input": "diff"},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "ok"},
+        {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c2", "output": [
+            {"type": "input_text", "text": "part"}]},
+        {"type": "item_reference", "id": "msg_1"}, {"id": "msg_2"}]})
+    items = wire.input_items(req)
+    assert [i["type"] for i in items] == [
+        "message", "message", "reasoning", "custom_tool_call", "custom_tool_call_output",
+        "function_call", "function_call_output", "item_reference", "item_reference"]
+    assert items[2]["encrypted_content"] == "xyz"
+    turns = wire.history(items[:7])
+    assert turns[0]["text"] == "[a.txt]\nhello file"
+    assert turns[1] == {"role": "assistant", "text": "no", "tool_calls": [
+        {"call_id": "c1", "arguments": '{"input":"diff"}', "name": "ns__edit"}]}
+    assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant", "tool"]
+    assert turns[-1]["text"] == "part"

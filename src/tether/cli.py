@@ -55,6 +55,9 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),
         click.option("--websocket-limit", type=float,
                      help="Seconds a WebSocket connection lives (default 3600)."),
+        click.option("--hosted-tools", type=click.Choice(["refuse", "drop"]),
+                     help="Hosted tools tether cannot run (web_search, ...): refuse the "
+                          "request (default) or drop them with a note."),
         click.option("--keys-file", type=click.Path(dir_okay=False),
                      help="API keys file (see `tether keys`); every request then needs a "
                           "key, and responses belong to the key's tenant."),

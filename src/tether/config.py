@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)
     max_body_bytes: int = 4 * 1024 * 1024
+    # Hosted tools tether cannot run (web_search, file_search, ...): `refuse` (400 naming
+    # `tools[i].type`) or `drop` (left out, noted in the response; docs/fields.md).
+    hosted_tools: Literal["refuse", "drop"] = "refuse"
     # API keys (docs/contract.md §7): a JSON file of hashed keys (`tether keys`), and/or
     # `TETHER_API_KEYS="tenant:secret,..."`. Neither: one tenant, loopback only.
     keys_file: str | None = None

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import metrics, wire
+from tether import metrics, wire, wire_items
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -110,7 +110,7 @@ class Lifecycle:
 
     async def create(
         self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None,
-        key_id: str | None = None,
+        key_id: str | None = None, generate: bool = True,
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
@@ -126,7 +126,7 @@ class Lifecycle:
                     raise bad_request(f"{what} not supported by model '{req.model}'.", param,
                                       "unsupported_parameter")
         messages = await self.conversation(req.previous_response_id, tenant)
-        items = wire.input_items(req)
+        items = await self._resolved(wire.input_items(req), req.previous_response_id, tenant)
         messages += wire.history(items)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
@@ -136,8 +136,10 @@ class Lifecycle:
         events = [wire.lifecycle_event("created", snap)]
         if background:
             events.append(wire.lifecycle_event("queued", snap))
+        tools = req.toolset()
         run_spec = {"messages": messages, "instructions": req.instructions,
-                    "tools": echo["tools"], "tool_choice": echo["tool_choice"],
+                    "tools": tools.engine, "tool_choice": req.engine_tool_choice(),
+                    "tool_names": tools.names, "forward": req.forward(),
                     "text_format": req.text_format(),
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
@@ -156,6 +158,11 @@ class Lifecycle:
             raise APIError(409, "This Idempotency-Key was used with a different request body.",
                            param="Idempotency-Key", code="idempotency_key_reused",
                            headers={"x-should-retry": "false"}) from None
+        if created and not generate:
+            # A warm-up (WebSocket `generate: false`): a response with no output, to
+            # chain from; nothing runs.
+            await self._end(record.id, tenant, "completed", None)
+            return await self.get(record.id, tenant)
         if created:
             metrics.created()
             try:
@@ -179,6 +186,23 @@ class Lifecycle:
         messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
             prev.snapshot["output"])
         return messages
+
+    async def _resolved(self, items: list[dict[str, Any]], previous_id: str | None,
+                        tenant: str) -> list[dict[str, Any]]:
+        """Item references resolved: from this request's own items, then the items of
+        the previous responses (input and output), newest first (docs/fields.md)."""
+        wanted = set(wire_items.references(items))
+        found = {i["id"]: i for i in items if "id" in i and i["id"] in wanted}
+        hops = 0
+        while previous_id is not None and wanted - found.keys() and hops < 1000:
+            prev = await self.store.get(previous_id, tenant)
+            if prev is None:
+                break
+            for item in prev.input_items + prev.snapshot["output"]:
+                if item.get("id") in wanted:
+                    found.setdefault(item["id"], item)
+            previous_id, hops = prev.snapshot.get("previous_response_id"), hops + 1
+        return wire_items.resolve(items, found) if wanted else items
 
     def _queue_owner(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is

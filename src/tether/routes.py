@@ -34,7 +34,7 @@ def lifecycle(request: Request) -> Lifecycle:
 async def create_response(request: Request) -> Response:
     lc = lifecycle(request)
     body = await _json_body(request, lc.settings.max_body_bytes)
-    req = wire.parse_create(body)
+    req = wire.parse_create(body, lc.settings.hosted_tools)
     who = principal(request)
     record = await lc.create(req, who.tenant, request.headers.get("idempotency-key"),
                              key_id=who.key_id)

@@ -72,10 +72,11 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
     request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
                          spec["temperature"], spec["top_p"],
                          spec.get("tools") or [], spec.get("tool_choice"),
-                         spec.get("text_format"), bool(snap.get("background")))
+                         spec.get("text_format"), bool(snap.get("background")),
+                         spec.get("forward") or {})
     item = wire.MessageItem()
     opened = False
-    calls: dict[int, wire.FunctionCallItem] = {}  # function calls, by engine index
+    calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = {}  # by engine index
     input_tokens = output_tokens = 0
     reason: str | None = None
     error: str | None = None
@@ -110,8 +111,8 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
                     if call is None:
                         name = step.name if type(step) is ToolCall else ""
                         cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
-                        call = calls[step.index] = wire.FunctionCallItem(
-                            int(opened) + len(calls), cid, name)
+                        call = calls[step.index] = wire.call_item(
+                            int(opened) + len(calls), cid, name, spec.get("tool_names"))
                         events = call.opened()
                     tokens = 0
                     if type(step) is ToolCallDelta:

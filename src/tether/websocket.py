@@ -45,8 +45,11 @@ CREATE = "response.create"
 # carry the implementor's slug (Open Responses, "Extending streaming events").
 CANCEL = "tether:response.cancel"
 # HTTP/SSE transport fields a WebSocket `response.create` must not carry (the spec's
-# `x-openresponses-disallowed` properties of WebSocketResponseCreateEvent).
-DISALLOWED = ("stream", "stream_options", "background")
+# `x-openresponses-disallowed` properties of WebSocketResponseCreateEvent). `stream` is
+# not among them: every response streams over the socket, and clients (Codex) send
+# `"stream": true` anyway, so it is accepted and ignored.
+DISALLOWED = ("background",)
+IGNORED = ("stream", "stream_options")
 # store:false responses a connection remembers for continuation (most recent last); the
 # spec asks for at least the most recent one.
 CACHE_SIZE = 64
@@ -146,15 +149,24 @@ class Connection:
             raise APIError(409, f"Response '{self.current}' is still in flight on this "
                            "connection: wait for its terminal event, or cancel it.",
                            param="type", code="response_already_in_flight")
-        fields = {k: v for k, v in body.items() if k != "type"}
+        fields = {k: v for k, v in body.items() if k not in ("type", *IGNORED)}
         for name in DISALLOWED:
-            if name in fields:
+            if fields.get(name):
                 raise bad_request(f"Parameter '{name}' is not allowed on a WebSocket "
                                   "connection (every response streams over it).", name,
                                   "unsupported_parameter")
-        req = wire.parse_create(fields)  # the same validation, and errors, as over HTTP
+        fields.pop("background", None)
+        generate = fields.pop("generate", True)
+        if not isinstance(generate, bool):
+            raise bad_request("Invalid value for 'generate': expected a boolean.", "generate",
+                              "invalid_value")
+        # the same validation, and errors, as over HTTP
+        req = wire.parse_create(fields, self.lc.settings.hosted_tools)
         await self._check_previous(req.previous_response_id)
-        record = await self.lc.create(req, self.tenant, key_id=self.key_id)
+        # `generate: false` warms up (OpenAI's WebSocket mode): the response is created,
+        # with its input and tools, and completes at once with no output; its id can be
+        # chained from. Its stream is `response.created` then `response.completed`.
+        record = await self.lc.create(req, self.tenant, key_id=self.key_id, generate=generate)
         if req.store is False:
             self.unstored[record.id] = None
             if len(self.unstored) > CACHE_SIZE:

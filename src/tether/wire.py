@@ -7,6 +7,7 @@ Open Responses OpenAPI schemas.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,16 +44,17 @@ def dumps(obj: Any) -> bytes:
 
 
 def echo_fields(req: CreateRequest) -> dict[str, Any]:
-    """The parts of a Response that repeat the request, fixed at creation."""
+    """The parts of a Response that repeat the request, fixed at creation (what each
+    field does: docs/fields.md)."""
+    reasoning = req.reasoning
     return {
         "object": "response",
         "model": req.model,
         "instructions": req.instructions,
         "previous_response_id": req.previous_response_id,
-        "tools": [{"type": "function", "name": t.name, "description": t.description,
-                   "parameters": t.parameters, "strict": True if t.strict is None else t.strict}
-                  for t in req.tools or []],
-        "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel)
+        "tools": req.toolset().echo,
+        "tool_choice": (req.tool_choice.model_dump(exclude_none=True)
+                        if isinstance(req.tool_choice, BaseModel)
                         else req.tool_choice or "auto"),
         "truncation": req.truncation or "disabled",
         "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
@@ -60,20 +62,33 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         | ({"verbosity": req.text.verbosity} if req.text and req.text.verbosity else {}),
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "temperature": 1.0 if req.temperature is None else req.temperature,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "top_logprobs": 0,
-        "reasoning": None,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "top_logprobs": req.top_logprobs or 0,
+        "reasoning": None if reasoning is None else {
+            "effort": reasoning.effort, "summary": reasoning.summary or reasoning.generate_summary},
         "max_output_tokens": req.max_output_tokens,
         "max_tool_calls": req.max_tool_calls,
         "store": True if req.store is None else req.store,
         "background": bool(req.background),
-        "service_tier": req.service_tier or "default",
+        # What was used: tether has one tier (OpenAI answers `auto` with `default` too).
+        "service_tier": "default",
         "metadata": req.metadata or {},
         "safety_identifier": req.safety_identifier,
         "prompt_cache_key": req.prompt_cache_key,
         "user": req.user,
-    }
+    } | {name: getattr(req, name) for name in _ECHOED_IF_SET if getattr(req, name) is not None
+         } | _notes(req)
+
+
+def _notes(req: CreateRequest) -> dict[str, Any]:
+    """tether's note on what it left out (hosted tools, with `hosted_tools = "drop"`)."""
+    dropped = req.toolset().dropped
+    return {"tether": {"dropped_tools": dropped}} if dropped else {}
+
+
+# Echoed only when given (OpenAI's Response has them; Open Responses' does not).
+_ECHOED_IF_SET = ("prompt_cache_retention", "prompt_cache_options")
 
 
 def _echo_format(fmt: dict[str, Any] | None) -> dict[str, Any]:
@@ -193,11 +208,15 @@ class FunctionCallItem:
     name: str
     id: str = field(default_factory=lambda: new_id("fc"))
     arguments: list[str] = field(default_factory=list)
+    namespace: str | None = None
 
     def item(self, status: str) -> dict[str, Any]:
-        return {"id": self.id, "type": "function_call", "status": status,
+        item = {"id": self.id, "type": "function_call", "status": status,
                 "call_id": self.call_id, "name": self.name,
                 "arguments": "".join(self.arguments)}
+        if self.namespace is not None:
+            item["namespace"] = self.namespace
+        return item
 
     def live(self) -> dict[str, Any]:
         return self.item("in_progress")
@@ -215,13 +234,128 @@ class FunctionCallItem:
     def closed(self, status: str) -> list[dict[str, Any]]:
         return [
             {"type": "response.function_call_arguments.done", "item_id": self.id,
-             "output_index": self.output_index, "arguments": "".join(self.arguments)},
+             "output_index": self.output_index, "name": self.name,
+             "arguments": "".join(self.arguments)},
             {"type": "response.output_item.done", "output_index": self.output_index,
              "item": self.item(status)},
         ]
 
 
-OpenItem = MessageItem | FunctionCallItem
+@dataclass(slots=True)
+class CustomToolCallItem:
+    """A custom (freeform) tool call. Engines call it as a function whose arguments are
+    `{"input": "..."}`; the item streams the string itself, decoded as it arrives."""
+
+    output_index: int
+    call_id: str
+    name: str
+    id: str = field(default_factory=lambda: new_id("ctc"))
+    input: list[str] = field(default_factory=list)
+    namespace: str | None = None
+    decoder: InputDecoder = field(default_factory=lambda: InputDecoder())
+
+    def item(self, status: str) -> dict[str, Any]:
+        item = {"id": self.id, "type": "custom_tool_call", "status": status,
+                "call_id": self.call_id, "name": self.name, "input": "".join(self.input)}
+        if self.namespace is not None:
+            item["namespace"] = self.namespace
+        return item
+
+    def live(self) -> dict[str, Any]:
+        return self.item("in_progress")
+
+    def opened(self) -> list[dict[str, Any]]:
+        return [{"type": "response.output_item.added", "output_index": self.output_index,
+                 "item": self.item("in_progress") | {"input": ""}}]
+
+    def delta(self, arguments: str) -> dict[str, Any]:
+        text = self.decoder.feed(arguments)
+        self.input.append(text)
+        return {"type": "response.custom_tool_call_input.delta", "item_id": self.id,
+                "output_index": self.output_index, "delta": text}
+
+    def closed(self, status: str) -> list[dict[str, Any]]:
+        events = []
+        rest = self.decoder.rest("".join(self.input))
+        if rest:  # arguments that were not `{"input": "..."}`: given as they came
+            events.append(self.delta_of(rest))
+        return [*events,
+                {"type": "response.custom_tool_call_input.done", "item_id": self.id,
+                 "output_index": self.output_index, "input": "".join(self.input)},
+                {"type": "response.output_item.done", "output_index": self.output_index,
+                 "item": self.item(status)}]
+
+    def delta_of(self, text: str) -> dict[str, Any]:
+        self.input.append(text)
+        return {"type": "response.custom_tool_call_input.delta", "item_id": self.id,
+                "output_index": self.output_index, "delta": text}
+
+
+class InputDecoder:
+    """Decodes the string value of `{"input": "..."}` as its JSON text arrives in pieces
+    (escapes split across pieces wait for their end)."""
+
+    __slots__ = ("ended", "pos", "raw", "started")
+
+    _START = re.compile(r'\s*\{\s*"input"\s*:\s*"')
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.pos = 0
+        self.started = False
+        self.ended = False
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        if not self.started:
+            match = self._START.match(self.raw)
+            if match is None:
+                return ""
+            self.started, self.pos = True, match.end()
+        out = []
+        raw, pos = self.raw, self.pos
+        while pos < len(raw) and not self.ended:
+            char = raw[pos]
+            if char == '"':
+                self.ended = True
+                break
+            if char != "\\":
+                out.append(char)
+                pos += 1
+                continue
+            size = 6 if raw[pos + 1:pos + 2] == "u" else 2
+            if raw[pos + 1:pos + 2] == "u" and raw[pos + 2:pos + 3] in "dD" and \
+                    raw[pos + 3:pos + 4].lower() in "89ab":
+                size = 12  # a surrogate pair: decoded together
+            if pos + size > len(raw):
+                break  # the rest of the escape comes with the next piece
+            try:
+                out.append(orjson.loads('"' + raw[pos:pos + size] + '"'))
+            except orjson.JSONDecodeError:
+                out.append(raw[pos:pos + size])
+            pos += size
+        self.pos = pos
+        return "".join(out)
+
+    def rest(self, decoded: str) -> str:
+        """At the end: the raw arguments, when nothing could be decoded from them."""
+        return self.raw if not decoded and not self.started else ""
+
+
+OpenItem = MessageItem | FunctionCallItem | CustomToolCallItem
+
+
+def call_item(output_index: int, call_id: str, flat: str,
+              names: dict[str, dict[str, Any]] | None) -> FunctionCallItem | CustomToolCallItem:
+    """The output item of a call an engine made of tool `flat` (docs/fields.md, "Tools")."""
+    shown = (names or {}).get(flat)
+    if shown is None:
+        return FunctionCallItem(output_index, call_id, flat)
+    if shown.get("custom"):
+        return CustomToolCallItem(output_index, call_id, shown["name"],
+                                  namespace=shown.get("namespace"))
+    return FunctionCallItem(output_index, call_id, shown["name"],
+                            namespace=shown.get("namespace"))
 
 
 def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[OpenItem]]:
@@ -232,11 +366,17 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
         kind = ev["type"]
         if kind == "response.output_item.added":
             item = ev["item"]
+            index = ev["output_index"]
             if item["type"] == "function_call":
                 open_items[item["id"]] = FunctionCallItem(
-                    ev["output_index"], item["call_id"], item["name"], item["id"])
+                    index, item["call_id"], item["name"], item["id"],
+                    namespace=item.get("namespace"))
+            elif item["type"] == "custom_tool_call":
+                open_items[item["id"]] = CustomToolCallItem(
+                    index, item["call_id"], item["name"], item["id"],
+                    namespace=item.get("namespace"))
             else:
-                open_items[item["id"]] = MessageItem(ev["output_index"], item["id"])
+                open_items[item["id"]] = MessageItem(index, item["id"])
         elif kind == "response.output_text.delta":
             msg = open_items[ev["item_id"]]
             assert isinstance(msg, MessageItem)
@@ -245,6 +385,11 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
             call = open_items[ev["item_id"]]
             assert isinstance(call, FunctionCallItem)
             call.arguments.append(ev["delta"])
+        elif kind == "response.custom_tool_call_input.delta":
+            custom = open_items[ev["item_id"]]
+            assert isinstance(custom, CustomToolCallItem)
+            custom.input.append(ev["delta"])
+            custom.decoder.started = True  # its text is decoded already
         elif kind == "response.output_item.done":
             open_items.pop(ev["item"]["id"], None)
             done.append(ev["item"])

@@ -54,6 +54,10 @@ class Generation:
     text_format: dict[str, Any] | None = None
     #: the client asked for a background response (an upstream may be asked the same).
     background: bool = False
+    #: request fields an upstream may forward, by their Responses name (docs/fields.md):
+    #: `prompt_cache_key`, `safety_identifier`, `user`, `parallel_tool_calls`,
+    #: `reasoning`, `verbosity` (`text.verbosity`), penalties, `include`, ...
+    forward: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

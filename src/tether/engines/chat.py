@@ -145,6 +145,24 @@ def response_format(fmt: dict[str, Any]) -> dict[str, Any]:
     return {"type": fmt.get("type", "text")}
 
 
+# Request fields a chat-completions body carries under the same name (docs/fields.md).
+CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user", "presence_penalty",
+               "frequency_penalty", "verbosity")
+
+
+def chat_fields(forward: dict[str, Any], tools: bool) -> dict[str, Any]:
+    """The forwarded request fields, as a chat-completions body names them:
+    `reasoning.effort` is `reasoning_effort`; `parallel_tool_calls` only goes with tools
+    (servers refuse it alone)."""
+    out = {name: forward[name] for name in CHAT_FIELDS if name in forward}
+    effort = (forward.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        out["reasoning_effort"] = effort
+    if tools and "parallel_tool_calls" in forward:
+        out["parallel_tool_calls"] = forward["parallel_tool_calls"]
+    return out
+
+
 @dataclass(slots=True)
 class _Received:
     """What one generation got from the upstream so far."""
@@ -203,6 +221,7 @@ class ChatEngine:
             body["tool_choice"] = "none"
         if request.text_format is not None:
             body["response_format"] = response_format(request.text_format)
+        body.update(chat_fields(request.forward, bool(tools)))
         return body
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:

@@ -86,6 +86,17 @@ def input_items(messages: list[Message]) -> list[dict[str, Any]]:
     return items
 
 
+def forward_fields(body: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
+    """The forwarded request fields, passed through as the client gave them
+    (docs/fields.md); `verbosity` goes back into `text`."""
+    for name, value in forward.items():
+        if name == "verbosity":
+            body["text"] = {**body.get("text", {}), "verbosity": value}
+        elif name != "parallel_tool_calls" or "tools" in body:
+            body[name] = value
+    return body
+
+
 @dataclass(slots=True)
 class _Run:
     """One generation's state across stream (re)connections."""
@@ -139,7 +150,7 @@ class ResponsesEngine:
             body["tool_choice"] = request.tool_choice or "auto"
         if request.text_format is not None:
             body["text"] = {"format": request.text_format}
-        return body
+        return forward_fields(body, request.forward)
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         body = self.body(request)

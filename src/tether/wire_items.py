@@ -1,0 +1,391 @@
+"""Input items: their models, the items tether stores, and the turns engines are given.
+
+Every item type of the spec round-trips (docs/fields.md, "Input items"): messages (text,
+images, text files, refusals), function and custom tool calls and their outputs (a string
+or content parts), reasoning items (kept, never shown to engines: none of them can use
+another model's reasoning), item references (resolved by the lifecycle from stored
+items), compaction items.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    StrictStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from tether import compact
+from tether.errors import bad_request
+from tether.wire_tools import flat_name
+
+# Item types an input list may hold; anything else is validated as a message (and its
+# `type` refused there, naming `input[i].type`).
+ITEM_TYPES = ("message", "function_call", "function_call_output", "compaction",
+              "custom_tool_call", "custom_tool_call_output", "reasoning", "item_reference")
+# What engines that cannot see images read where an image was.
+IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
+# Files whose bytes are text (given to the model as text); by MIME type, else by name.
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/yaml",
+               "application/x-yaml", "application/javascript", "application/x-sh",
+               "application/toml", "application/sql")
+_TEXT_SUFFIXES = (".txt", ".md", ".json", ".csv", ".tsv", ".xml", ".yaml", ".yml", ".toml",
+                  ".py", ".js", ".ts", ".rs", ".go", ".java", ".c", ".h", ".cpp", ".sh",
+                  ".html", ".css", ".sql", ".log", ".ini", ".cfg", ".rst", ".jsonl")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+# --- content parts ----------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["input_text", "output_text"]
+    text: StrictStr
+
+
+class RefusalPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["refusal"]
+    refusal: StrictStr
+
+
+class ImagePart(BaseModel):
+    """An image by URL or data URL; tether never fetches a URL (no network at run time)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["input_image"]
+    image_url: StrictStr
+    detail: Literal["low", "high", "auto", "original"] | None = None
+
+    @field_validator("image_url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if not url.startswith(("data:image/", "https://", "http://")):
+            raise ValueError("expected an http(s) URL or a data:image/... URL")
+        return url
+
+
+class FilePart(BaseModel):
+    """A file given inline whose bytes are text (its text goes to the model). A file by
+    id or URL, or a binary one, is refused: tether has no files API, fetches nothing,
+    and would otherwise drop the file silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["input_file"]
+    file_data: StrictStr | None = None
+    filename: StrictStr | None = None
+    file_id: None = None
+    file_url: None = None
+    detail: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> FilePart:
+        if self.file_data is None:
+            raise ValueError("only files given inline as text in 'file_data' are supported")
+        file_text(self.file_data, self.filename)  # raises ValueError when not text
+        return self
+
+
+def file_text(data: str, filename: str | None) -> str:
+    """The text of inline file data: a data URL of a text type, or base64 of a file whose
+    name says it is text."""
+    if data.startswith("data:"):
+        head, sep, payload = data.partition(",")
+        mime = head[5:].split(";")[0].lower()
+        if not sep or not mime.startswith(_TEXT_TYPES):
+            raise ValueError(f"file type {mime or 'unknown'!r} is not text; only text files "
+                             "are supported")
+        raw = _b64(payload) if head.endswith(";base64") else payload.encode()
+    elif filename and filename.lower().endswith(_TEXT_SUFFIXES):
+        raw = _b64(data)
+    else:
+        raise ValueError("expected a data URL of a text type (data:text/plain;base64,...) or "
+                         "base64 with a text filename")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the file is not UTF-8 text") from None
+
+
+def _b64(payload: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("file_data is not valid base64") from None
+
+
+def _part_type(part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    # Tags with a `-`: `_is_type_tag` drops them from error locations.
+    return {"input_image": "image-part", "input_file": "file-part",
+            "refusal": "refusal-part"}.get(kind or "", "text-part")
+
+
+Part = Annotated[
+    Annotated[ContentPart, Tag("text-part")] | Annotated[ImagePart, Tag("image-part")]
+    | Annotated[FilePart, Tag("file-part")] | Annotated[RefusalPart, Tag("refusal-part")],
+    Discriminator(_part_type),
+]
+
+
+# --- items ------------------------------------------------------------------------------------
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: StrictStr | list[Part]
+    phase: Literal["commentary", "final_answer"] | None = None
+
+
+class FunctionCallInput(BaseModel):
+    """A function call the model made, sent back as context."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call"]
+    call_id: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    namespace: StrictStr | None = None
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class FunctionCallOutputInput(BaseModel):
+    """The output of a function call (a string, or text/image/file parts)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call_output"]
+    call_id: StrictStr
+    output: StrictStr | list[Part]
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class CustomToolCallInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["custom_tool_call"]
+    call_id: StrictStr
+    name: StrictStr
+    input: StrictStr
+    namespace: StrictStr | None = None
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class CustomToolCallOutputInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["custom_tool_call_output"]
+    call_id: StrictStr
+    output: StrictStr | list[Part]
+    id: StrictStr | None = None
+
+
+class ReasoningInput(BaseModel):
+    """A reasoning item from an earlier turn (kept as given, encrypted content included)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["reasoning"]
+    summary: list[dict[str, Any]]
+    id: StrictStr | None = None
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class ItemReference(BaseModel):
+    """An earlier item by id (`type` may be omitted, as Open Responses allows)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["item_reference"] | None = "item_reference"
+    id: StrictStr
+
+
+class CompactionInput(BaseModel):
+    """A compaction item (`POST /responses/compact`): the conversation it carries is
+    checked here, so a request with an altered token is refused before anything runs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["compaction"]
+    encrypted_content: StrictStr
+    id: StrictStr | None = None
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _sealed(cls, token: str) -> str:
+        compact.unseal(token)
+        return token
+
+
+def _item_type(item: Any) -> str:
+    if isinstance(item, dict):
+        kind = item.get("type")
+        if kind is None and "role" not in item and "id" in item:
+            return "item_reference"
+    else:
+        kind = getattr(item, "type", None)
+    return kind if kind in ITEM_TYPES else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallInput, Tag("function_call")]
+    | Annotated[FunctionCallOutputInput, Tag("function_call_output")]
+    | Annotated[CustomToolCallInput, Tag("custom_tool_call")]
+    | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
+    | Annotated[ReasoningInput, Tag("reasoning")]
+    | Annotated[ItemReference, Tag("item_reference")]
+    | Annotated[CompactionInput, Tag("compaction")],
+    Discriminator(_item_type),
+]
+
+
+# --- stored items -----------------------------------------------------------------------------
+
+def stored_items(items: str | list[Any] | None) -> list[dict[str, Any]]:
+    """The request's input as stored items (what `GET .../input_items` lists). An item
+    reference stays `{"type": "item_reference", "id"}` until the lifecycle resolves it."""
+    if items is None:
+        return []
+    if isinstance(items, str):
+        return [_message_item(InputMessage(role="user", content=items))]
+    return [_stored(item) for item in items]
+
+
+def _stored(item: Any) -> dict[str, Any]:
+    if isinstance(item, InputMessage):
+        return _message_item(item)
+    if isinstance(item, ItemReference):
+        return {"type": "item_reference", "id": item.id}
+    prefix = {"function_call": "fc", "function_call_output": "fco", "compaction": "cmp",
+              "custom_tool_call": "ctc", "custom_tool_call_output": "ctco",
+              "reasoning": "rs"}[item.type]
+    stored: dict[str, Any] = item.model_dump(exclude_none=True)
+    stored["id"] = item.id or new_id(prefix)
+    if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput) and not \
+            isinstance(item.output, str):
+        stored["output"] = [_part(p, "user") for p in item.output]
+    if item.type in ("function_call", "function_call_output", "custom_tool_call"):
+        stored["status"] = "completed"
+    return stored
+
+
+def _message_item(msg: InputMessage) -> dict[str, Any]:
+    parts = [ContentPart(type="input_text", text=msg.content)] if isinstance(
+        msg.content, str) else msg.content
+    item = {"id": new_id("msg"), "type": "message", "role": msg.role,
+            "content": [_part(p, msg.role) for p in parts], "status": "completed"}
+    if msg.phase is not None:
+        item["phase"] = msg.phase
+    return item
+
+
+def _part(part: Any, role: str) -> dict[str, Any]:
+    if isinstance(part, ImagePart):
+        return {"type": "input_image", "image_url": part.image_url,
+                "detail": part.detail or "auto"}
+    if isinstance(part, FilePart | RefusalPart):
+        return part.model_dump(exclude_none=True)
+    if role == "assistant":
+        # Stored as the SDK's item types: assistant turns are output messages.
+        return {"type": "output_text", "text": part.text, "annotations": [], "logprobs": []}
+    return {"type": "input_text", "text": part.text}
+
+
+# --- the turns a run is given -----------------------------------------------------------------
+
+def parts_text(parts: list[dict[str, Any]]) -> str:
+    """Parts as text: an image is a placeholder (engines that see images get the image
+    itself through the turn's `parts`), a text file its name and text."""
+    texts = []
+    for part in parts:
+        kind = part.get("type")
+        if kind == "input_image":
+            texts.append(f"\n{IMAGE_PLACEHOLDER}\n")
+        elif kind == "input_file":
+            name = part.get("filename") or "file"
+            texts.append(f"\n[{name}]\n{file_text(part['file_data'], part.get('filename'))}\n")
+        elif kind == "refusal":
+            texts.append(part.get("refusal", ""))
+        else:
+            texts.append(part.get("text", ""))
+    text = "".join(texts)
+    return text.strip("\n") if any(p.get("type") in ("input_image", "input_file")
+                                   for p in parts) else text
+
+
+def item_text(item: dict[str, Any]) -> str:
+    return parts_text(item.get("content", []))
+
+
+def _parts(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "image", "url": p["image_url"], "detail": p.get("detail", "auto")}
+            if p.get("type") == "input_image" else {"type": "text", "text": parts_text([p])}
+            for p in item.get("content", [])]
+
+
+def _output_text(output: str | list[dict[str, Any]]) -> str:
+    return output if isinstance(output, str) else parts_text(output)
+
+
+def history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items (input items, or a previous response's output) as the turns a run
+    is given: `{"role", "text"}`, plus `tool_calls` on the assistant turn that made
+    tool calls, `call_id` on a `tool` turn carrying a call's output, and `parts` on a
+    turn with images. A compaction item is the conversation it carries; reasoning items
+    are not shown."""
+    turns: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            turn = {"role": item["role"], "text": item_text(item)}
+            if any(p.get("type") == "input_image" for p in item.get("content", [])):
+                turn["parts"] = _parts(item)
+            turns.append(turn)
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = item["arguments"] if kind == "function_call" else orjson.dumps(
+                {"input": item["input"]}).decode()
+            call = {"call_id": item["call_id"], "arguments": arguments,
+                    "name": flat_name(item.get("namespace"), item["name"])}
+            if not turns or turns[-1]["role"] != "assistant":
+                turns.append({"role": "assistant", "text": ""})
+            turns[-1].setdefault("tool_calls", []).append(call)
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            turns.append({"role": "tool", "text": _output_text(item["output"]),
+                          "call_id": item["call_id"]})
+        elif kind == "compaction":
+            turns += compact.unseal(item["encrypted_content"])
+    return turns
+
+
+def references(items: list[dict[str, Any]]) -> list[str]:
+    """The ids of the item references among stored items."""
+    return [i["id"] for i in items if i.get("type") == "item_reference"]
+
+
+def resolve(items: list[dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Item references replaced by the items they name (`found`: by id); one that names
+    no item of this tenant is refused, naming it."""
+    out = []
+    for i, item in enumerate(items):
+        if item.get("type") == "item_reference":
+            target = found.get(item["id"])
+            if target is None or target.get("type") == "item_reference":
+                raise bad_request(f"Item with id '{item['id']}' not found.", f"input[{i}].id",
+                                  "item_not_found")
+            item = target
+        out.append(item)
+    return out
