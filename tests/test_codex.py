@@ -177,6 +177,18 @@ def response_ids(server: Server) -> list[str]:
         return [r[0] for r in con.execute("SELECT id FROM responses ORDER BY created_at")]
 
 
+def turns(server: Server, websocket: bool) -> list[Any]:
+    """The responses of Codex's turn, oldest first. Over WebSocket the first is Codex's
+    warm-up (`generate: false`): completed at once, no output; it is checked and left out."""
+    with server.client() as client:
+        responses = [client.responses.retrieve(r) for r in response_ids(server)]
+    if websocket:
+        warmup = responses.pop(0)
+        assert warmup.status == "completed" and warmup.output == [], warmup
+        assert warmup.usage is None or warmup.usage.output_tokens == 0
+    return responses
+
+
 def explain(turn: Turn) -> str:
     return f"codex exit {turn.returncode}\nevents: {turn.events}\nstderr: {turn.stderr[-3000:]}"
 
@@ -192,14 +204,14 @@ def check_tool_turn(turn: Turn) -> None:
     assert turn.items("agent_message"), explain(turn)
 
 
-def check_stored_tool_loop(server: Server, name: str = "exec_command") -> list[Any]:
+def check_stored_tool_loop(server: Server, websocket: bool) -> list[Any]:
     """Two responses: a completed function call, then a completed message answering
     its output (the `function_call_output` Codex sent is among the second's input)."""
+    first, second = turns(server, websocket)
     with server.client() as client:
-        first, second = (client.responses.retrieve(r) for r in response_ids(server))
         assert first.status == "completed" and second.status == "completed"
         [call] = [i for i in first.output if i.type == "function_call"]
-        assert call.name == name and json.loads(call.arguments)["cmd"] == COMMAND
+        assert call.name == "exec_command" and json.loads(call.arguments)["cmd"] == COMMAND
         inputs = list(client.responses.input_items.list(second.id, order="asc"))
         [output] = [i for i in inputs if i.type == "function_call_output"]
         assert output.call_id == call.call_id and MARKER in str(output.output)
@@ -225,7 +237,7 @@ def test_scripted_tool_loop(make_server: Any, codex_at: Any, transport: str) -> 
     codex: Codex = codex_at(server.base_url, "scripted", transport == "websocket")
     turn = codex.run(f"{call_directive('exec_command', {'cmd': COMMAND})} run it")
     check_tool_turn(turn)
-    first, second = check_stored_tool_loop(server)
+    first, second = check_stored_tool_loop(server, codex.websocket)
     for response in (first, second):
         assert response.usage.output_tokens == server.trace(response.id)["produced"]
 
@@ -244,7 +256,7 @@ def test_chat_upstream_tool_loop(make_server: Any, fake: FakeUpstream, codex_at:
     check_tool_turn(turn)
     [message] = turn.items("agent_message")
     assert message["text"].startswith("The result is") and MARKER in message["text"]
-    check_stored_tool_loop(server)
+    check_stored_tool_loop(server, codex.websocket)
     first, second = (c.body for c in fake.calls)
     assert "exec_command" in {t["function"]["name"] for t in first["tools"]}
     assert second["messages"][-1]["role"] == "tool"
@@ -264,8 +276,7 @@ def test_embedded_model_takes_codex_first_request(make_server: Any, codex_at: An
     turn = codex.run("Say hello in one short sentence.", timeout=280)
     assert turn.returncode == 0, explain(turn)
     assert turn.types[-1] == "turn.completed", explain(turn)
-    with server.client() as client:
-        first = client.responses.retrieve(response_ids(server)[0])
+    first = turns(server, codex.websocket)[0]
     assert first.status == "completed", first
     assert first.usage.input_tokens > 2_000  # Codex's whole prompt was read
 
@@ -316,11 +327,11 @@ def test_sigint_cancels_the_scripted_run(make_server: Any, codex_at: Any,
     proc = codex.start("Tell me a long story.")
 
     def producing() -> bool:
-        ids = response_ids(server)
+        ids = response_ids(server)[codex.websocket:]  # after the warm-up
         return bool(ids) and int(server.trace(ids[0])["produced"]) >= 5  # type: ignore[call-overload]
 
     exited, out = interrupt(proc, producing, "tokens of Codex's turn")
-    [rid] = response_ids(server)
+    [rid] = response_ids(server)[codex.websocket:]
     response = final(server, rid)
     trace = server.trace(rid)
     assert check_cancelled(server, response, out) == trace["produced"]
@@ -341,6 +352,6 @@ def test_sigint_closes_the_chat_upstream(make_server: Any, fake: FakeUpstream, c
     assert call.gone.wait(10), "the upstream connection stayed open"
     assert call.disconnected_at is not None
     assert call.generated_after(exited) <= 1, (call.generated, exited)
-    [rid] = response_ids(server)
+    [rid] = response_ids(server)[codex.websocket:]
     response = final(server, rid)
     check_cancelled(server, response, out)
