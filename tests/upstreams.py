@@ -15,7 +15,7 @@ directly. Its behaviour is chosen by directives in the last user message:
                    endpoint answers without stopping anything (as openai-python#2643)
     CALL=name      stream a call of function `name` instead of text
                    (its arguments: the chunks of `FakeUpstream.call_arguments`;
-                   a request whose last message is a tool output gets text)
+                   a request whose last message is a tool output gets text, at RATE)
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
 
@@ -213,8 +213,10 @@ class FakeUpstream:
         n = 0
         messages = call.body.get("messages") or []
         if messages and messages[-1].get("role") == "tool":
-            # Answer a function call's output: say it back.
+            # Answer a function call's output: say it back (at RATE words per second).
             for word in f"The result is {messages[-1]['content']}".split(" "):
+                if "RATE" in d:
+                    await asyncio.sleep(1 / float(d["RATE"]))
                 n += 1
                 call.generated.append(time.time())
                 yield chunk({"content": (" " if n > 1 else "") + word})
