@@ -61,7 +61,8 @@ model = "{model}"
 model_provider = "local"
 check_for_update_on_startup = false
 approval_policy = "never"
-sandbox_mode = "danger-full-access"
+# Commands run sandboxed, read-only: the embedded model chooses its own.
+sandbox_mode = "read-only"
 web_search = "disabled"
 [analytics]
 enabled = false
@@ -359,3 +360,4 @@ def test_sigint_closes_the_chat_upstream(make_server: Any, fake: FakeUpstream, c
     [rid] = response_ids(server)[codex.websocket:]
     response = final(server, rid)
     check_cancelled(server, response, out)
+
