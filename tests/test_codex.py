@@ -360,4 +360,3 @@ def test_sigint_closes_the_chat_upstream(make_server: Any, fake: FakeUpstream, c
     [rid] = response_ids(server)[codex.websocket:]
     response = final(server, rid)
     check_cancelled(server, response, out)
-
