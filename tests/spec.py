@@ -4,7 +4,10 @@
   event `type` the streaming-event schema that the `text/event-stream` oneOf of
   `POST /responses` maps it to), resolved with a Draft 2020-12 registry.
 - OpenAI's OpenAPI document for what Open Responses does not define: the error body
-  (`ErrorResponse`), `input_items` pages (`ResponseItemList`), models.
+  (`ErrorResponse`), `input_items` pages (`ResponseItemList`), models; and, for every
+  event and Response, OpenAI's schema as well (`ResponseStreamEvent`'s member of the
+  event's type, `Response`). OpenAI-only vocabulary (custom and namespace tools, custom
+  tool calls and their events) is checked against OpenAI's document only.
 
 `ValidatingTransport` / `AsyncValidatingTransport` (the `Server.client()` fixtures use
 them) check every JSON body and every SSE event that tether sends to a test, as it
@@ -14,10 +17,14 @@ client turned the failure into an error a test expected).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 import json
+import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -102,11 +109,22 @@ for _branch in spec_schema(STREAM_POINTER)["oneOf"]:
 
 @functools.cache
 def _openai_doc() -> dict[str, Any]:
+    """The document as JSON (YAML dates, in examples, become strings, as the document
+    means them). Parsing the YAML takes seconds: the JSON is cached in the temporary
+    directory, by the YAML's hash, so each test process reads it in milliseconds."""
+    source = (SPEC_DIR / "openai" / "openapi.yaml").read_bytes()
+    cache = Path(tempfile.gettempdir()) / (
+        f"tether-openai-openapi-{hashlib.sha256(source).hexdigest()[:16]}.json")
+    with contextlib.suppress(OSError, ValueError):
+        cached: dict[str, Any] = json.loads(cache.read_bytes())
+        return cached
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with (SPEC_DIR / "openai" / "openapi.yaml").open() as f:
-        doc = yaml.load(f, Loader=loader)
-    # As JSON: YAML dates (in examples) become strings, as the document means them.
-    loaded: dict[str, Any] = json.loads(json.dumps(doc, default=str))
+    text = json.dumps(yaml.load(source, Loader=loader), default=str)
+    with contextlib.suppress(OSError):
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(cache)  # atomic: a concurrent reader sees all of it or none
+    loaded: dict[str, Any] = json.loads(text)
     return loaded
 
 
@@ -144,6 +162,70 @@ def fast_validator(uri: str) -> Any:
 def fast_errors(validator: Any, instance: Any) -> list[str]:
     return [f"{'/'.join(map(str, e.instance_path))}: {e.message}"[:300]
             for e in validator.iter_errors(instance)]
+
+
+# --- OpenAI's streaming events, and what Open Responses does not define ---------------------
+
+@functools.cache
+def openai_event_pointers() -> dict[str, str]:
+    """Event `type` -> the pointer of its schema among the members of OpenAI's
+    `ResponseStreamEvent` (each member's `properties.type.enum`)."""
+    schemas = _openai_doc()["components"]["schemas"]
+    found: dict[str, str] = {}
+    for branch in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = branch["$ref"].rsplit("/", 1)[1]
+        for kind in schemas[name]["properties"]["type"]["enum"]:
+            found[kind] = f"{OPENAI_URI}#/components/schemas/{name}"
+    return found
+
+
+def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
+    """An event or a Response as OpenAI's document can check it: its errata, where the
+    document contradicts OpenAI's own API and examples, corrected.
+
+    - `Response.usage` is typed as an object, but a live response has none yet:
+      OpenAI sends `"usage": null` (its own `response.created` examples do), as Open
+      Responses requires. A null `usage` is left out of the check."""
+    response = obj.get("response") if "response" in obj else obj
+    if isinstance(response, dict) and "usage" in response and response["usage"] is None:
+        trimmed = {k: v for k, v in response.items() if k != "usage"}
+        return {**obj, "response": trimmed} if "response" in obj else trimmed
+    return obj
+
+
+# OpenAI-only vocabulary (custom tools, namespaces): Open Responses defines neither tool
+# type nor the `custom_tool_call` item and its events. They are checked against OpenAI's
+# document only; the rest of the same object against both.
+OPENAI_ONLY_EVENTS = frozenset({"response.custom_tool_call_input.delta",
+                                "response.custom_tool_call_input.done"})
+OPENAI_ONLY_ITEMS = frozenset({"custom_tool_call", "custom_tool_call_output"})
+
+
+def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """`obj` (an event or a Response) without the OpenAI-only vocabulary, for the Open
+    Responses check; None when nothing of it is Open Responses' to check."""
+    item = obj.get("item")
+    if isinstance(item, dict) and item.get("type") in OPENAI_ONLY_ITEMS:
+        return None
+    response = obj.get("response") if "response" in obj else (
+        obj if obj.get("object") == "response" else None)
+    if not isinstance(response, dict) or not _has_openai_only(response):
+        return obj
+    trimmed = {**response,
+               "tools": [t for t in response["tools"] if t.get("type") == "function"],
+               "output": [i for i in response["output"] if i.get("type") not in
+                          OPENAI_ONLY_ITEMS]}
+    choice = response.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "custom":
+        trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    return {**obj, "response": trimmed} if "response" in obj else trimmed
+
+
+def _has_openai_only(response: dict[str, Any]) -> bool:
+    choice = response.get("tool_choice")
+    return (any(t.get("type") != "function" for t in response.get("tools") or [])
+            or any(i.get("type") in OPENAI_ONLY_ITEMS for i in response.get("output") or [])
+            or (isinstance(choice, dict) and choice.get("type") == "custom"))
 
 
 # `DELETE /responses/{id}`: OpenAI's document gives the 200 no schema; this is its shape.
@@ -223,7 +305,11 @@ class BodyCheck:
             body = json.loads(b"".join(self.chunks))
         except ValueError:
             raise violation(f"{self.where}: the body is not JSON") from None
-        errors = fast_errors(body_validator(self.schema), body)
+        view = open_responses_view(body) if self.schema == "ResponseResource" else body
+        errors = fast_errors(body_validator(self.schema), view)
+        if self.schema == "ResponseResource":  # and OpenAI's Response
+            errors += fast_errors(fast_validator(f"{OPENAI_URI}#/components/schemas/Response"),
+                                  openai_view(body))
         if errors:
             raise violation(f"{self.where}: not a {self.schema}: {errors[:5]}")
         CHECKED[self.schema] += 1
@@ -269,11 +355,7 @@ class SSECheck:
         kind = event.get("type") if isinstance(event, dict) else None
         if name != kind:
             raise violation(f"{self.where}: event name {name!r} is not the type {kind!r}")
-        if kind not in EVENT_SCHEMAS:
-            raise violation(f"{self.where}: {kind!r} is not an Open Responses event")
-        errors = fast_errors(fast_validator(f"{SPEC_URI}#{EVENT_POINTERS[kind]}"), event)
-        if errors:
-            raise violation(f"{self.where}: {kind}: {errors[:5]}")
+        check_event_schemas(self.where, kind, event)
         seq = event["sequence_number"]
         if self.last_seq is not None and seq != self.last_seq + 1:
             raise violation(f"{self.where}: sequence {seq} after {self.last_seq}")
@@ -284,6 +366,25 @@ class SSECheck:
         if self.buf.strip() or not self.done:
             raise violation(f"{self.where}: the body ended without data: [DONE] "
                             f"({self.buf[:200]!r} left)")
+
+
+def check_event_schemas(where: str, kind: Any, event: dict[str, Any]) -> None:
+    """An event against Open Responses' schema of its type (OpenAI-only vocabulary left
+    out) and OpenAI's (`ResponseStreamEvent`'s member of its type)."""
+    if kind not in EVENT_SCHEMAS and kind not in OPENAI_ONLY_EVENTS:
+        raise violation(f"{where}: {kind!r} is not an Open Responses event")
+    view = None if kind in OPENAI_ONLY_EVENTS else open_responses_view(event)
+    if view is not None:
+        errors = fast_errors(fast_validator(f"{SPEC_URI}#{EVENT_POINTERS[kind]}"), view)
+        if errors:
+            raise violation(f"{where}: {kind}: {errors[:5]}")
+    pointer = openai_event_pointers().get(kind)
+    if pointer is None:
+        raise violation(f"{where}: {kind!r} is not an OpenAI event")
+    errors = fast_errors(fast_validator(pointer), openai_view(event))
+    if errors:
+        raise violation(f"{where}: {kind} (OpenAI): {errors[:5]}")
+    CHECKED[f"openai:{kind}"] += 1
 
 
 Check = BodyCheck | SSECheck
@@ -394,7 +495,9 @@ HttpxValidatingTransport, HttpxAsyncValidatingTransport = _transports(httpx)
 def install() -> None:
     """Check every reply of a tether server the tests started, whatever the client: the
     HTTP transports of httpx and httpx2 (the SDK's) pass them through the checks. Once
-    per process; replies of other servers (fake upstreams, cutting proxies) pass as is."""
+    per process; replies of other servers (fake upstreams, cutting proxies) pass as is.
+    OpenAI's document is loaded now, not in the middle of a timed test."""
+    _fast_openai_registry()
     for lib in {httpx, sdk_http}:
         streams = _Streams(lib)
         sync, async_ = lib.HTTPTransport, lib.AsyncHTTPTransport

@@ -205,16 +205,17 @@ BAD_CREATES: list[tuple[str, dict[str, Any], int, str, object]] = [
      "tools", str),
     ("tool_choice-required", {"model": MODEL, "input": "x", "tool_choice": "required"}, 400,
      "tool_choice", str),
-    ("reasoning-high", {"model": MODEL, "input": "x", "reasoning": {"effort": "high"}}, 400,
-     "reasoning", str),
+    ("prompt", {"model": MODEL, "input": "x", "extra_body": {"prompt": {"id": "pmpt_1"}}},
+     400, "prompt", str),
     ("conversation", {"model": MODEL, "input": "x", "conversation": "conv_123"}, 400,
      "conversation", str),
     ("text-json", {"model": MODEL, "input": "x", "text": {"format": {"type": "json_object"}}},
      400, "text", str),
-    ("include", {"model": MODEL, "input": "x",
-                 "include": ["reasoning.encrypted_content"]}, 400, "include", str),
-    ("top_logprobs", {"model": MODEL, "input": "x", "top_logprobs": 5}, 400,
-     "top_logprobs", str),
+    ("moderation", {"model": MODEL, "input": "x",
+                    "extra_body": {"moderation": {"model": "omni-moderation-latest"}}},
+     400, "moderation", str),
+    ("hosted-tool", {"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, 400,
+     "tools[0].type", str),
 ]
 
 

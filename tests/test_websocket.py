@@ -265,19 +265,51 @@ def test_bad_bodies_get_the_errors_http_gives(fast: Server, sock: Socket) -> Non
     assert sock.turn()[-1]["type"] == "response.completed"
 
 
-def test_transport_fields_are_refused(sock: Socket) -> None:
-    # The spec: `stream`, `stream_options` and `background` must not be sent, whatever
-    # their value (the schema allows none).
-    for name in ("stream", "stream_options", "background"):
-        for value in (True, False, None, {}):
-            message = {"type": "response.create", "model": MODEL, "input": "x", name: value}
-            assert spec_errors(CREATE_EVENT, message)
-            sock.send(message)
-            error = sock.error()
-            assert error["status"] == 400
-            assert (error["error"]["code"], error["error"]["param"]) == \
-                ("unsupported_parameter", name)
+def test_background_is_refused_and_stream_ignored(sock: Socket) -> None:
+    # The spec: `background` must not be sent, whatever its value (the schema allows none).
+    for value in (True, False, None, {}):
+        message = {"type": "response.create", "model": MODEL, "input": "x", "background": value}
+        assert spec_errors(CREATE_EVENT, message)
+        sock.send(message)
+        error = sock.error()
+        assert error["status"] == 400
+        assert (error["error"]["code"], error["error"]["param"]) == \
+            ("unsupported_parameter", "background")
     assert sock.events == []
+    # `stream` (and `stream_options`) are transport fields the socket ignores: Codex sends
+    # `"stream": true` on every turn (issue 13), so they are accepted and change nothing.
+    for name, value in (("stream", True), ("stream", False), ("stream_options", {})):
+        sock.send({"type": "response.create", "model": MODEL, "input": "x", name: value})
+        events = sock.turn()
+        assert events[-1]["type"] == "response.completed"
+        assert len(deltas(events)) == LENGTH
+    assert sock.errors == [{"type": "error", "status": 400, "error": sock.errors[0]["error"]}
+                           ] * 4
+
+
+def test_generate_false_warms_up_and_can_be_chained_from(
+        make_server: Callable[..., Server]) -> None:
+    # OpenAI's WebSocket mode: `generate: false` returns a response id without generating
+    # output; the next turn chains from it with previous_response_id.
+    server = make_server("--scripted-rate", "0", "--scripted-length", "5", "--debug-routes")
+    with Socket(server) as sock:
+        _warm_up_and_chain(sock, server)
+
+
+def _warm_up_and_chain(sock: Socket, server: Server) -> None:
+    sock.send({"type": "response.create", "model": MODEL, "generate": False, "store": False,
+               "instructions": "be brief", "input": "remember: the code is 42"})
+    warm = sock.turn()
+    assert [e["type"] for e in warm] == ["response.created", "response.completed"]
+    done = warm[-1]["response"]
+    assert done["output"] == [] and done["usage"]["output_tokens"] == 0
+    sock.create(input="and now?", previous_response_id=done["id"])
+    events = sock.turn()
+    assert events[-1]["type"] == "response.completed"
+    trace = server.trace(events[0]["response"]["id"])
+    assert "remember: the code is 42" in str(trace["messages"])
+    sock.send({"type": "response.create", "model": MODEL, "input": "x", "generate": "no"})
+    assert sock.error()["error"]["param"] == "generate"
 
 
 def test_bad_messages_get_error_envelopes(sock: Socket) -> None:

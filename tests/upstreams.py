@@ -96,8 +96,8 @@ class FakeUpstream:
         self.calls: list[Call] = []
         self.cancels: list[str] = []
         self.attempts: dict[str, int] = {}
-        # The chunks of the arguments a chat CALL streams (an agent test sets its own).
-        self.call_arguments = ['{"city"', ': "Par', 'is"}']
+        # The chunks of the arguments a chat CALL streams, when a test sets its own.
+        self.call_arguments: list[str] | None = None
         self._responses: dict[str, dict[str, Any]] = {}  # id -> {"events": [...], "done"}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -225,7 +225,7 @@ class FakeUpstream:
             n = 1
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
-            for piece in self.call_arguments:
+            for piece in self.call_arguments or _argument_pieces(call.body, d["CALL"]):
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
@@ -344,6 +344,18 @@ class FakeUpstream:
             if state["done"] or state["cancelled"]:
                 return
             await state["grow"].wait()
+
+
+def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
+    """A call's arguments in pieces: `{"city": "Paris"}`, or for a tool whose one
+    parameter is `input` (a custom tool, as tether gives it), a two-line input with
+    escapes split across pieces."""
+    for tool in body.get("tools") or []:
+        fn = tool.get("function", tool)
+        if fn.get("name") == name and "input" in ((fn.get("parameters") or {}).get(
+                "properties") or {}):
+            return ['{"input": "*** Begin', ' Patch\\', 'n\\u00e9\\"', 'x\\""}']
+    return ['{"city"', ': "Par', 'is"}']
 
 
 def _resp(rid: str, status: str, n: int = 0) -> dict[str, Any]:

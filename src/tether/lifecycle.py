@@ -158,7 +158,7 @@ class Lifecycle:
             raise APIError(409, "This Idempotency-Key was used with a different request body.",
                            param="Idempotency-Key", code="idempotency_key_reused",
                            headers={"x-should-retry": "false"}) from None
-        if created and not generate:
+        if created and not (generate and not req.prewarm()):
             # A warm-up (WebSocket `generate: false`): a response with no output, to
             # chain from; nothing runs.
             await self._end(record.id, tenant, "completed", None)
@@ -192,7 +192,8 @@ class Lifecycle:
         """Item references resolved: from this request's own items, then the items of
         the previous responses (input and output), newest first (docs/fields.md)."""
         wanted = set(wire_items.references(items))
-        found = {i["id"]: i for i in items if "id" in i and i["id"] in wanted}
+        found = {i["id"]: i for i in items
+                 if i.get("id") in wanted and i["type"] != "item_reference"}
         hops = 0
         while previous_id is not None and wanted - found.keys() and hops < 1000:
             prev = await self.store.get(previous_id, tenant)

@@ -151,11 +151,10 @@ class Connection:
                            param="type", code="response_already_in_flight")
         fields = {k: v for k, v in body.items() if k not in ("type", *IGNORED)}
         for name in DISALLOWED:
-            if fields.get(name):
+            if name in fields:
                 raise bad_request(f"Parameter '{name}' is not allowed on a WebSocket "
                                   "connection (every response streams over it).", name,
                                   "unsupported_parameter")
-        fields.pop("background", None)
         generate = fields.pop("generate", True)
         if not isinstance(generate, bool):
             raise bad_request("Invalid value for 'generate': expected a boolean.", "generate",

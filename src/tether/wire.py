@@ -76,19 +76,26 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         "metadata": req.metadata or {},
         "safety_identifier": req.safety_identifier,
         "prompt_cache_key": req.prompt_cache_key,
-        "user": req.user,
-    } | {name: getattr(req, name) for name in _ECHOED_IF_SET if getattr(req, name) is not None
-         } | _notes(req)
+    } | ({"user": req.user} if req.user is not None else {}) | _cache_echo(req) | _notes(req)
+
+
+def _cache_echo(req: CreateRequest) -> dict[str, Any]:
+    """The prompt-cache fields, echoed only when given (OpenAI's Response has them, Open
+    Responses' does not); the options as applied: their defaults filled in."""
+    echo: dict[str, Any] = {}
+    if req.prompt_cache_retention is not None:
+        echo["prompt_cache_retention"] = req.prompt_cache_retention
+    options = req.prompt_cache_options
+    if options is not None:
+        echo["prompt_cache_options"] = {"ttl": options.get("ttl", "30m"),
+                                        "mode": options.get("mode", "implicit")}
+    return echo
 
 
 def _notes(req: CreateRequest) -> dict[str, Any]:
     """tether's note on what it left out (hosted tools, with `hosted_tools = "drop"`)."""
     dropped = req.toolset().dropped
     return {"tether": {"dropped_tools": dropped}} if dropped else {}
-
-
-# Echoed only when given (OpenAI's Response has them; Open Responses' does not).
-_ECHOED_IF_SET = ("prompt_cache_retention", "prompt_cache_options")
 
 
 def _echo_format(fmt: dict[str, Any] | None) -> dict[str, Any]:

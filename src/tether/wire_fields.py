@@ -47,7 +47,8 @@ FIELDS: dict[str, Field] = {
     "safety_identifier": Field("forwarded", chat="safety_identifier", responses=True),
     "prompt_cache_key": Field("forwarded", chat="prompt_cache_key", responses=True),
     "prompt_cache_retention": Field("forwarded", responses=True),
-    "prompt_cache_options": Field("forwarded", responses=True),
+    "prompt_cache_options": Field("forwarded", responses=True,
+                                  why="`prewarm: true` warms up: no output is generated"),
     "reasoning": Field("forwarded", responses=True,
                        why="chat: `effort` as `reasoning_effort`; echoed"),
     "presence_penalty": Field("forwarded", chat="presence_penalty", responses=True),
@@ -59,6 +60,12 @@ FIELDS: dict[str, Field] = {
     "context_management": Field("forwarded", responses=True,
                                 why="server-side compaction; without it the context "
                                     "is used whole"),
+    "access_programs": Field("forwarded", responses=True,
+                             why="OpenAI's access programs; no effect elsewhere"),
+    "background_options": Field("forwarded", responses=True,
+                                why="tether runs a background response as soon as it can "
+                                    "(`soonest`)"),
+    "image": Field("forwarded", responses=True, why="image context options"),
     "service_tier": Field("echoed", why="echoes the tier used: always `default`"),
     "client_metadata": Field("accepted", why="Codex's client telemetry ids"),
     "prompt": Field("refused", why="a stored prompt template tether cannot resolve: its "

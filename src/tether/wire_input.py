@@ -102,6 +102,9 @@ class CreateRequest(BaseModel):
     include: list[StrictStr] | None = None
     reasoning: Reasoning | None = None
     context_management: list[dict[str, Any]] | None = None
+    access_programs: dict[str, Any] | None = None
+    background_options: dict[str, Any] | None = None
+    image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
     tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
     tool_choice: (Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom
@@ -136,6 +139,11 @@ class CreateRequest(BaseModel):
         choice = self.tool_choice
         return wire_tools.resolve_choice(choice, self.toolset().names) if isinstance(
             choice, BaseModel) else choice
+
+    def prewarm(self) -> bool:
+        """`prompt_cache_options.prewarm`: prepare without generating (OpenAI: it sets
+        `generate` to false)."""
+        return bool((self.prompt_cache_options or {}).get("prewarm"))
 
     def forward(self) -> dict[str, Any]:
         return self._forward or {}
