@@ -185,12 +185,29 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
 
     - `Response.usage` is typed as an object, but a live response has none yet:
       OpenAI sends `"usage": null` (its own `response.created` examples do), as Open
-      Responses requires. A null `usage` is left out of the check."""
-    response = obj.get("response") if "response" in obj else obj
-    if isinstance(response, dict) and "usage" in response and response["usage"] is None:
+      Responses requires. A null `usage` is left out of the check.
+    - `text.format.description` of a `json_schema` format: a string, where OpenAI echoes
+      null when none was given (and Open Responses requires the field, nullable).
+
+    And Open Responses-only vocabulary, checked against Open Responses only: the
+    `allowed_tools` mode `none` (OpenAI's has `auto` and `required`)."""
+    response = obj.get("response") if "response" in obj else (
+        obj if obj.get("object") == "response" else None)
+    if not isinstance(response, dict):
+        return obj
+    trimmed = response
+    if "usage" in response and response["usage"] is None:
         trimmed = {k: v for k, v in response.items() if k != "usage"}
-        return {**obj, "response": trimmed} if "response" in obj else trimmed
-    return obj
+    fmt = (response.get("text") or {}).get("format") or {}
+    if "description" in fmt and fmt["description"] is None:
+        trimmed = {**trimmed, "text": {**response["text"], "format": {
+            k: v for k, v in fmt.items() if k != "description"}}}
+    choice = response.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("mode") == "none":
+        trimmed = {**trimmed, "tool_choice": {**choice, "mode": "auto"}}
+    if trimmed is response:
+        return obj
+    return {**obj, "response": trimmed} if "response" in obj else trimmed
 
 
 # OpenAI-only vocabulary (custom tools, namespaces): Open Responses defines neither tool
@@ -218,6 +235,9 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        trimmed["tool_choice"] = {**choice, "tools": [
+            {"type": "function", "name": t.get("name")} for t in choice.get("tools") or []]}
     return {**obj, "response": trimmed} if "response" in obj else trimmed
 
 
@@ -225,7 +245,8 @@ def _has_openai_only(response: dict[str, Any]) -> bool:
     choice = response.get("tool_choice")
     return (any(t.get("type") != "function" for t in response.get("tools") or [])
             or any(i.get("type") in OPENAI_ONLY_ITEMS for i in response.get("output") or [])
-            or (isinstance(choice, dict) and choice.get("type") == "custom"))
+            or (isinstance(choice, dict) and (choice.get("type") == "custom" or any(
+                t.get("type") == "custom" for t in choice.get("tools") or []))))
 
 
 # `DELETE /responses/{id}`: OpenAI's document gives the 200 no schema; this is its shape.

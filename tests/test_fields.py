@@ -123,9 +123,11 @@ def test_chat_upstream_gets_the_fields_it_understands(client: openai.OpenAI,
     sent = fake.last("chat").body
     assert {k: sent.get(k) for k in CHAT_SENT} == CHAT_SENT
     # Fields chat-completions servers do not share are not sent to them.
-    for name in ("top_logprobs", "max_tool_calls", "truncation", "include", "reasoning",
+    for name in ("max_tool_calls", "truncation", "include", "reasoning",
                  "client_metadata", "prompt_cache_retention", "context_management"):
         assert name not in sent
+    # `include` asks for logprobs: the chat way, with `top_logprobs`.
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 3)
     echoed = reply.model_dump()
     assert echoed["reasoning"] == {"effort": "low", "summary": "auto"} | {
         k: None for k in echoed["reasoning"] if k not in ("effort", "summary")}
@@ -138,9 +140,26 @@ def test_chat_upstream_gets_the_fields_it_understands(client: openai.OpenAI,
     assert reply.model_extra is None or "include" not in reply.model_extra  # not echoed
     raw = httpx.get(f"{client.base_url}responses/{reply.id}").json()
     assert (raw["presence_penalty"], raw["frequency_penalty"]) == (0.5, 0.25)
-    # include message.output_text.logprobs: the arrays are there (empty: no engine
-    # reports log probabilities yet).
-    assert raw["output"][0]["content"][0]["logprobs"] == []
+    # include message.output_text.logprobs: the upstream's, with top_logprobs.
+    assert [lp["token"] for lp in raw["output"][0]["content"][0]["logprobs"]] == [
+        "alpha", " bravo", " charlie"]
+
+
+def test_logprobs_come_through_where_the_engine_has_them(client: openai.OpenAI,
+                                                        fake: FakeUpstream) -> None:
+    events = stream_events(client, model="fake", input="LENGTH=3 hi", top_logprobs=1,
+                           include=["message.output_text.logprobs"])
+    sent = fake.last("chat").body
+    assert (sent["logprobs"], sent["top_logprobs"]) == (True, 1)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [d["logprobs"][0]["token"] for d in deltas] == ["alpha", " bravo", " charlie"]
+    assert deltas[1]["logprobs"][0]["top_logprobs"] == [
+        {"token": " bravo", "logprob": -0.5, "bytes": list(b" bravo")}]
+    part = events[-1]["response"]["output"][0]["content"][0]
+    assert [lp["token"] for lp in part["logprobs"]] == ["alpha", " bravo", " charlie"]
+    # Without the include value nothing is asked for: the arrays stay empty.
+    create(client, model="fake", input="LENGTH=1 hi")
+    assert "logprobs" not in fake.last("chat").body
 
 
 def test_parallel_tool_calls_goes_to_chat_only_with_tools(client: openai.OpenAI,
@@ -232,6 +251,29 @@ def test_custom_tool_calls_round_trip(client: openai.OpenAI, fake: FakeUpstream)
     assert messages[-1] == {"role": "tool", "tool_call_id": item["call_id"],
                             "content": "applied"}
     assert reply.output_text == "The result is applied"
+
+
+@pytest.mark.parametrize(("choice", "sent_names", "sent_choice"), [
+    ({"type": "function", "name": "lookup", "namespace": "crm"}, None,
+     {"type": "function", "function": {"name": "crm__lookup"}}),
+    ({"type": "function", "name": "lookup"}, None,  # unique among the members
+     {"type": "function", "function": {"name": "crm__lookup"}}),
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "custom", "name": "note", "namespace": "crm"},
+        {"type": "function", "name": "get_weather"}]},
+     ["get_weather", "crm__note"], "required"),
+])
+def test_tool_choice_names_namespaced_and_custom_tools(
+        client: openai.OpenAI, fake: FakeUpstream, choice: dict[str, Any],
+        sent_names: list[str] | None, sent_choice: Any) -> None:
+    reply = create(client, model="fake", input="LENGTH=1 hi", tools=TOOLS, tool_choice=choice)
+    assert reply.status == "completed"
+    sent = fake.last("chat").body
+    assert sent["tool_choice"] == sent_choice
+    if sent_names is not None:
+        assert [t["function"]["name"] for t in sent["tools"]] == sent_names
+    echoed = httpx.get(f"{client.base_url}responses/{reply.id}").json()["tool_choice"]
+    assert echoed == choice
 
 
 def test_hosted_tools_are_refused_by_default(server: Server) -> None:

@@ -203,10 +203,13 @@ class FakeUpstream:
     async def _chat_frames(self, call: Call, d: dict[str, str]) -> AsyncIterator[bytes]:
         cid = f"chatcmpl-{len(self.calls)}"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None,
+                  logprobs: dict[str, Any] | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
             data = {"id": cid, "object": "chat.completion.chunk", "created": 0,
-                    "model": call.body.get("model"),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "model": call.body.get("model"), "choices": [choice]}
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -241,7 +244,14 @@ class FakeUpstream:
                 if limit is not None and i >= limit:
                     break
                 n += 1
-                yield chunk({"content": (" " if i else "") + WORDS[i % len(WORDS)]})
+                word = (" " if i else "") + WORDS[i % len(WORDS)]
+                if call.body.get("logprobs"):  # as OpenAI's chat completions gives them
+                    top = [{"token": word, "logprob": -0.5, "bytes": list(word.encode())}]
+                    yield chunk({"content": word}, logprobs={"content": [
+                        {"token": word, "logprob": -0.5, "bytes": list(word.encode()),
+                         "top_logprobs": top[:call.body.get("top_logprobs", 0)]}]})
+                    continue
+                yield chunk({"content": word})
             else:
                 finish = "stop"
         yield chunk({}, finish)

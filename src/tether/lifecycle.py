@@ -126,7 +126,9 @@ class Lifecycle:
                     raise bad_request(f"{what} not supported by model '{req.model}'.", param,
                                       "unsupported_parameter")
         messages = await self.conversation(req.previous_response_id, tenant)
-        items = await self._resolved(wire.input_items(req), req.previous_response_id, tenant)
+        items = await wire_items.resolve_references(
+            wire.input_items(req), req.previous_response_id,
+            lambda rid: self.store.get(rid, tenant))
         messages += wire.history(items)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
@@ -186,24 +188,6 @@ class Lifecycle:
         messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
             prev.snapshot["output"])
         return messages
-
-    async def _resolved(self, items: list[dict[str, Any]], previous_id: str | None,
-                        tenant: str) -> list[dict[str, Any]]:
-        """Item references resolved: from this request's own items, then the items of
-        the previous responses (input and output), newest first (docs/fields.md)."""
-        wanted = set(wire_items.references(items))
-        found = {i["id"]: i for i in items
-                 if i.get("id") in wanted and i["type"] != "item_reference"}
-        hops = 0
-        while previous_id is not None and wanted - found.keys() and hops < 1000:
-            prev = await self.store.get(previous_id, tenant)
-            if prev is None:
-                break
-            for item in prev.input_items + prev.snapshot["output"]:
-                if item.get("id") in wanted:
-                    found.setdefault(item["id"], item)
-            previous_id, hops = prev.snapshot.get("previous_response_id"), hops + 1
-        return wire_items.resolve(items, found) if wanted else items
 
     def _queue_owner(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is

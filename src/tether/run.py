@@ -90,7 +90,7 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
                 if run.abort.is_set():  # rare: the engine went on after a stop
                     metrics.after_stop(run, step)
                 if type(step) is Delta:
-                    events = [item.delta(step.text)]
+                    events = [item.delta(step.text, step.logprobs)]
                     if not opened:
                         item.output_index = len(calls)
                         events = item.opened() + events

@@ -164,6 +164,8 @@ class MessageItem:
     output_index: int = 0
     id: str = field(default_factory=lambda: new_id("msg"))
     text: list[str] = field(default_factory=list)
+    #: the text's log probabilities, when the engine gave them (docs/fields.md, include)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def item(self, status: str) -> dict[str, Any]:
         content = [] if status == "in_progress" else [self.part()]
@@ -172,7 +174,7 @@ class MessageItem:
 
     def part(self) -> dict[str, Any]:
         return {"type": "output_text", "text": "".join(self.text), "annotations": [],
-                "logprobs": []}
+                "logprobs": list(self.logprobs)}
 
     def opened(self) -> list[dict[str, Any]]:
         empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
@@ -183,11 +185,13 @@ class MessageItem:
              "output_index": self.output_index, "content_index": 0, "part": empty},
         ]
 
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         self.text.append(text)
+        if logprobs:
+            self.logprobs += logprobs
         return {"type": "response.output_text.delta", "item_id": self.id,
                 "output_index": self.output_index, "content_index": 0, "delta": text,
-                "logprobs": []}
+                "logprobs": logprobs or []}
 
     def live(self) -> dict[str, Any]:
         """The item as a retrieve of a live response shows it."""
@@ -198,7 +202,7 @@ class MessageItem:
         return [
             {"type": "response.output_text.done", "item_id": self.id,
              "output_index": self.output_index, "content_index": 0, "text": part["text"],
-             "logprobs": []},
+             "logprobs": part["logprobs"]},
             {"type": "response.content_part.done", "item_id": self.id,
              "output_index": self.output_index, "content_index": 0, "part": part},
             {"type": "response.output_item.done", "output_index": self.output_index,
@@ -388,6 +392,7 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
             msg = open_items[ev["item_id"]]
             assert isinstance(msg, MessageItem)
             msg.text.append(ev["delta"])
+            msg.logprobs += ev.get("logprobs") or ()
         elif kind == "response.function_call_arguments.delta":
             call = open_items[ev["item_id"]]
             assert isinstance(call, FunctionCallItem)

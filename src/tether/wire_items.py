@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -371,19 +372,34 @@ def history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return turns
 
 
-def references(items: list[dict[str, Any]]) -> list[str]:
-    """The ids of the item references among stored items."""
-    return [i["id"] for i in items if i.get("type") == "item_reference"]
+async def resolve_references(items: list[dict[str, Any]], previous_id: str | None,
+                             get: Callable[[str], Awaitable[Any]]) -> list[dict[str, Any]]:
+    """Item references replaced by the items they name: this request's own items, then
+    the items of the previous responses (input and output; `get(id)` reads a stored
+    response of the tenant), newest first. One that names nothing is refused."""
+    wanted = {i["id"] for i in items if i.get("type") == "item_reference"}
+    if not wanted:
+        return items
+    found = {i["id"]: i for i in items
+             if i.get("id") in wanted and i["type"] != "item_reference"}
+    hops = 0
+    while previous_id is not None and wanted - found.keys() and hops < 1000:
+        prev = await get(previous_id)
+        if prev is None:
+            break
+        for item in prev.input_items + prev.snapshot["output"]:
+            if item.get("id") in wanted:
+                found.setdefault(item["id"], item)
+        previous_id, hops = prev.snapshot.get("previous_response_id"), hops + 1
+    return _resolve(items, found)
 
 
-def resolve(items: list[dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Item references replaced by the items they name (`found`: by id); one that names
-    no item of this tenant is refused, naming it."""
+def _resolve(items: list[dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, item in enumerate(items):
         if item.get("type") == "item_reference":
             target = found.get(item["id"])
-            if target is None or target.get("type") == "item_reference":
+            if target is None:
                 raise bad_request(f"Item with id '{item['id']}' not found.", f"input[{i}].id",
                                   "item_not_found")
             item = target

@@ -73,6 +73,10 @@ class Delta:
 
     text: str
     tokens: int = 1
+    #: the tokens' log probabilities, when asked for (`include` has
+    #: `message.output_text.logprobs`) and the engine knows them: OpenAI's `LogProb`
+    #: objects (`token`, `logprob`, `bytes`, `top_logprobs`)
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)

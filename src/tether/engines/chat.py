@@ -49,6 +49,7 @@ from tether.engines.upstream import (
     backoff,
     estimate_tokens,
     is_retryable,
+    logprob_objects,
     make_client,
     sse_events,
 )
@@ -145,6 +146,7 @@ def response_format(fmt: dict[str, Any]) -> dict[str, Any]:
     return {"type": fmt.get("type", "text")}
 
 
+LOGPROBS = "message.output_text.logprobs"
 # Request fields a chat-completions body carries under the same name (docs/fields.md).
 CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user", "presence_penalty",
                "frequency_penalty", "verbosity")
@@ -222,6 +224,9 @@ class ChatEngine:
         if request.text_format is not None:
             body["response_format"] = response_format(request.text_format)
         body.update(chat_fields(request.forward, bool(tools)))
+        if LOGPROBS in (request.forward.get("include") or ()):
+            body["logprobs"] = True
+            body["top_logprobs"] = request.forward.get("top_logprobs", 0)
         return body
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
@@ -295,7 +300,8 @@ class ChatEngine:
             if text:
                 got.text.append(text)
                 got.chunks += 1
-                steps.append(Delta(text, 1))
+                steps.append(Delta(text, 1, logprob_objects(
+                    (choice.get("logprobs") or {}).get("content"))))
             for call in delta.get("tool_calls") or []:
                 index = int(call.get("index", 0))
                 fn = call.get("function") or {}

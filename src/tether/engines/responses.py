@@ -51,6 +51,7 @@ from tether.engines.upstream import (
     backoff,
     estimate_tokens,
     is_retryable,
+    logprob_objects,
     make_client,
     sse_events,
 )
@@ -221,7 +222,7 @@ class ResponsesEngine:
                 steps.append(PromptRead(estimate_tokens(text)))
         elif kind == "response.output_text.delta":
             run.deltas += 1
-            steps.append(Delta(ev.get("delta", ""), 1))
+            steps.append(Delta(ev.get("delta", ""), 1, logprob_objects(ev.get("logprobs"))))
         elif kind == "response.output_item.added" and ev["item"].get("type") == "function_call":
             item = ev["item"]
             steps.append(ToolCall(ev["output_index"], item["call_id"], item["name"]))

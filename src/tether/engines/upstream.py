@@ -184,3 +184,21 @@ def estimate_tokens(text: str) -> int:
     """A rough count (4 characters a token) for when neither the upstream nor a tokenizer
     says; the response's usage notes say it is an estimate."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def logprob_objects(found: Any) -> list[dict[str, Any]] | None:
+    """An upstream's token log probabilities as OpenAI's `LogProb` objects (`bytes`
+    filled in where the upstream left them out), or None when it sent none."""
+    if not isinstance(found, list) or not found:
+        return None
+    out = []
+    for lp in found:
+        if not isinstance(lp, dict) or not isinstance(lp.get("token"), str):
+            return None
+        top = [{"token": t["token"], "logprob": t.get("logprob", 0.0),
+                "bytes": t.get("bytes") or list(t["token"].encode())}
+               for t in lp.get("top_logprobs") or () if isinstance(t, dict) and "token" in t]
+        out.append({"token": lp["token"], "logprob": lp.get("logprob", 0.0),
+                    "bytes": lp.get("bytes") or list(lp["token"].encode()),
+                    "top_logprobs": top})
+    return out
