@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator, Iterator
-from typing import cast
+from typing import Any, cast
 
+import httpx
+import jsonschema
 import llama_cpp  # imported on purpose: a missing runtime must fail, never skip
+import openai
 import pytest
 
 from tether.engines.base import (
@@ -21,8 +25,12 @@ from tether.engines.base import (
     ModelInfo,
     PromptRead,
     Step,
+    ToolCall,
+    ToolCallDelta,
 )
 from tether.engines.local import LocalEngine, find_model_file
+
+from conftest import Server, served, wait_for
 
 STORY = [Message("user", "Write a long story about a robot who learns to paint.")]
 # Bounds every generation in these tests; SmolLM2 runs at ~50 tokens/s on 2 cores.
@@ -43,6 +51,15 @@ def request(
 def engine() -> Iterator[LocalEngine]:
     # The engine is not tied to an event loop, so one loaded model serves every test.
     eng = LocalEngine()
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())
+
+
+@pytest.fixture(scope="module")
+def plain() -> Iterator[LocalEngine]:
+    """The engine without its default repetition penalty: sampling as llama-cpp's own."""
+    eng = LocalEngine(repeat_penalty=1.0)
     asyncio.run(eng.start())
     yield eng
     asyncio.run(eng.close())
@@ -90,16 +107,17 @@ def test_is_an_engine() -> None:
     eng = LocalEngine()
     assert isinstance(eng, Engine)
     assert eng.concurrency == 1
-    assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether")]
+    assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether",
+                                      extra={"tools": True}, context=8192)]
 
 
 def test_short_generation_matches_llama_cpp(
-    engine: LocalEngine, reference: llama_cpp.Llama
+    plain: LocalEngine, reference: llama_cpp.Llama
 ) -> None:
     """Greedy output, prompt and token counts agree with llama-cpp's own chat completion."""
     prompt = "What is the capital of France? Answer in one sentence."
     gen = request([Message("user", prompt)], temperature=0.0, max_output_tokens=60)
-    steps = asyncio.run(collect(engine, gen))
+    steps = asyncio.run(collect(plain, gen))
     deltas, end = check_shape(steps)
     assert end == Finished("stop")
     text = "".join(d.text for d in deltas)
@@ -107,11 +125,11 @@ def test_short_generation_matches_llama_cpp(
     assert (text, steps[0], len(deltas)) == _as_steps(chat(reference, prompt, 60))
 
 
-def test_characters_split_across_tokens(engine: LocalEngine, reference: llama_cpp.Llama) -> None:
+def test_characters_split_across_tokens(plain: LocalEngine, reference: llama_cpp.Llama) -> None:
     """An emoji spans several tokens: its bytes wait for the last one, each token still counts."""
     prompt = "Reply with three emojis."  # greedy SmolLM2 answers with a run of 🌟
     steps = asyncio.run(
-        collect(engine, request([Message("user", prompt)], temperature=0.0, max_output_tokens=20))
+        collect(plain, request([Message("user", prompt)], temperature=0.0, max_output_tokens=20))
     )
     deltas, end = check_shape(steps)
     assert end == Finished("length") and len(deltas) == 20
@@ -282,3 +300,222 @@ def test_smoke_through_the_server(make_server) -> None:  # type: ignore[no-untyp
         total = deltas + sum(e.type == "response.output_text.delta" for e in events)
         assert reply.usage.output_tokens == total == events[-1].response.usage.output_tokens
         assert client.responses.retrieve(rid).usage == reply.usage
+
+
+# --- tools, structured output, context, prefill (issue 13, issue 14 item 5) -----------------
+
+def _fn(name: str, description: str, props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "name": name, "description": description, "strict": True,
+            "parameters": {"type": "object", "properties": props, "required": list(props),
+                           "additionalProperties": False}}
+
+
+WEATHER = _fn("get_weather", "Get the current weather in a city.", {"city": {"type": "string"}})
+TIMER = _fn("set_timer", "Set a timer for some minutes.", {"minutes": {"type": "integer"}})
+STORY_TOOL = _fn("save_story", "Save a long story.", {"title": {"type": "string"},
+                                                      "text": {"type": "string"}})
+PERSON = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def tool_request(text: str, tools: list[dict[str, Any]], choice: Any = "auto",
+                 **kwargs: Any) -> Generation:
+    return Generation("resp_test", "smollm2-135m", [Message("user", text)], 80,
+                      tools=tools, tool_choice=choice, **kwargs)
+
+
+def split(steps: list[Step]) -> tuple[list[ToolCall], str, str]:
+    calls = [s for s in steps if isinstance(s, ToolCall)]
+    args = "".join(s.arguments for s in steps if isinstance(s, ToolCallDelta))
+    text = "".join(s.text for s in steps if isinstance(s, Delta))
+    return calls, args, text
+
+
+@pytest.mark.parametrize("prompt", ["What's the weather in Rome?", "Hello there!",
+                                    "Set a timer for 5 minutes."])
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_calls_are_valid_json_of_the_schema(engine: LocalEngine, prompt: str,
+                                                   choice: str) -> None:
+    tools = [WEATHER, TIMER]
+    chosen: Any = "required" if choice == "required" else {"type": "function",
+                                                           "name": "set_timer"}
+    steps = asyncio.run(collect(engine, tool_request(prompt, tools, chosen)))
+    calls, args, text = split(steps)
+    assert len(calls) == 1 and text == "" and steps[-1] == Finished("stop")
+    tool = {t["name"]: t for t in tools}[calls[0].name]
+    if choice == "named":
+        assert calls[0].name == "set_timer"
+    jsonschema.validate(json.loads(args), tool["parameters"])
+    # One output token a step, all of them in the arguments.
+    assert all(s.tokens == 1 for s in steps if isinstance(s, ToolCallDelta))
+
+
+def test_auto_calls_the_tool_asked_for_and_answers_chat_with_text(engine: LocalEngine) -> None:
+    steps = asyncio.run(collect(engine, tool_request("What's the weather in Oslo?",
+                                                     [TIMER, WEATHER])))
+    calls, args, _ = split(steps)
+    assert [c.name for c in calls] == ["get_weather"]
+    jsonschema.validate(json.loads(args), WEATHER["parameters"])
+    calls, _, text = split(asyncio.run(collect(engine, tool_request("Tell me a joke.",
+                                                                    [WEATHER]))))
+    assert calls == [] and text
+    calls, _, text = split(asyncio.run(collect(engine, tool_request(
+        "What's the weather in Oslo?", [WEATHER], "none"))))
+    assert calls == [] and text
+
+
+@pytest.mark.parametrize("fmt", [{"type": "json_schema", "name": "person", "schema": PERSON},
+                                 {"type": "json_object"}])
+def test_structured_output_validates(engine: LocalEngine, fmt: dict[str, Any]) -> None:
+    gen = Generation("resp_test", "smollm2-135m", [Message("user", "Describe a person.")],
+                     300, text_format=fmt)
+    steps = asyncio.run(collect(engine, gen))
+    deltas, end = check_shape(steps)
+    assert end == Finished("stop")
+    value = json.loads("".join(d.text for d in deltas))
+    jsonschema.validate(value, fmt.get("schema", {"type": "object"}))
+
+
+def test_count_tokens_is_the_prompt_read(engine: LocalEngine) -> None:
+    gen = tool_request("What's the weather in Rome?", [WEATHER, TIMER], "required",
+                       text_format={"type": "json_object"})
+    counted = asyncio.run(engine.count_tokens(gen))
+    steps = asyncio.run(collect(engine, gen))
+    assert steps[0] == PromptRead(input_tokens=counted) and counted is not None
+    assert counted > asyncio.run(engine.count_tokens(request(STORY)))  # tools are in it
+
+
+LONG = " ".join(f"Fact {i}: the river in town number {i} is called R{i}." for i in range(110))
+
+
+def test_abort_during_prefill_stops_within_a_chunk(engine: LocalEngine) -> None:
+    """Reading a ~1,500-token prompt takes seconds here; an abort is seen between chunks."""
+
+    async def scenario() -> float:
+        abort = Abort()
+        steps = engine.generate(request([Message("user", LONG)], max_output_tokens=5), abort)
+        first = await anext(steps)
+        assert isinstance(first, PromptRead) and first.input_tokens > 1400
+        abort.set()
+        started = time.monotonic()
+        rest = [s async for s in steps]
+        assert rest == []
+        return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    trace = engine.traces["resp_test"]
+    assert trace.aborted_in_prefill and trace.produced == 0 and not trace.token_times
+    assert took < 1.0, took  # a whole prompt takes several seconds; one chunk ~0.05 s
+    again = asyncio.run(collect(engine, request(STORY, max_output_tokens=3)))
+    assert len(check_shape(again)[0]) == 3
+
+
+# --- through the server ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # A cancel fence far above a prompt chunk, so "replied within a chunk" is unmistakable.
+    with served(tmp_path_factory.mktemp("local"), "--engine", "local", "--debug-routes",
+                "--cancel-timeout", "5") as server:
+        yield server
+
+
+def test_cancel_while_generating_arguments(local_server: Server) -> None:
+    with local_server.client() as client:
+        stream = client.responses.create(
+            model="smollm2-135m", input="Write a very long story about a dragon and save it.",
+            tools=[STORY_TOOL], tool_choice={"type": "function", "name": "save_story"},
+            stream=True, background=True)
+        events: list[Any] = []
+        for event in stream:
+            events.append(event)
+            if sum(e.type == "response.function_call_arguments.delta" for e in events) == 3:
+                break
+        rid = events[0].response.id
+        reply = client.responses.cancel(rid)
+        rest = list(stream)
+    assert reply.status == "cancelled"
+    assert rest[-1].type == "response.failed" and rest[-1].response.status == "cancelled"
+    deltas = [e for e in events + rest if e.type == "response.function_call_arguments.delta"]
+    assert reply.usage is not None and reply.usage.output_tokens == len(deltas) >= 3
+    [item] = reply.output
+    assert item.type == "function_call" and item.name == "save_story"
+    assert item.status == "incomplete" and item.arguments == "".join(d.delta for d in deltas)
+    trace = local_server.trace(rid)
+    assert trace["produced"] == len(deltas) and trace["aborted_at"] is not None
+    # Nothing sampled after the reply: at most the one step in flight, never delivered.
+    token_times = cast(list[float], trace["token_times"])
+    assert len(token_times) <= len(deltas) + 1
+
+
+def test_cancel_during_prefill_replies_within_a_chunk(local_server: Server) -> None:
+    with local_server.client() as client:
+        stream = client.responses.create(model="smollm2-135m", input=LONG, stream=True,
+                                         background=True, max_output_tokens=5)
+        rid = next(iter(stream)).response.id
+        # The engine has started on it (the trace exists) and is reading the prompt.
+        wait_for(lambda: _trace_or_none(local_server, rid), 30, "the run to start")
+        started = time.monotonic()
+        reply = client.responses.cancel(rid)
+        took = time.monotonic() - started
+        nxt = client.responses.create(model="smollm2-135m", input="Say hi.",
+                                      max_output_tokens=3)
+    assert reply.status == "cancelled" and reply.usage is not None
+    assert reply.usage.output_tokens == 0
+    assert list(stream)[-1].type == "response.failed"
+    trace = local_server.trace(rid)
+    assert trace["aborted_in_prefill"] is True and trace["token_times"] == []
+    # The run itself answered, not the 5 s fence; and the engine was free at once: the
+    # next response started after the abort and finished without waiting for a prompt.
+    assert took < 2.5, took
+    following = local_server.trace(nxt.id)
+    assert cast(float, following["started_at"]) >= cast(float, trace["aborted_at"])
+    assert nxt.status in ("completed", "incomplete")
+
+
+def _trace_or_none(server: Server, rid: str) -> dict[str, object] | None:
+    try:
+        return server.trace(rid)
+    except httpx.HTTPStatusError:
+        return None
+
+
+def test_input_tokens_counts_what_a_response_reads(local_server: Server) -> None:
+    with local_server.client() as client:
+        kwargs: dict[str, Any] = {"instructions": "Be brief.", "tools": [WEATHER],
+                                  "tool_choice": "required",
+                                  "input": [{"role": "user", "content": "Weather in Rome?"}]}
+        counted = client.responses.input_tokens.count(model="smollm2-135m", **kwargs)
+        made = client.responses.create(model="smollm2-135m", max_output_tokens=30, **kwargs)
+        assert counted.object == "response.input_tokens"
+        assert made.usage is not None and counted.input_tokens == made.usage.input_tokens
+        bare = client.responses.input_tokens.count(model="smollm2-135m", input="Hi")
+        assert 0 < bare.input_tokens < counted.input_tokens
+        with pytest.raises(openai.NotFoundError):
+            client.responses.input_tokens.count(model="nope", input="Hi")
+
+
+def test_prompt_over_the_context(make_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A prompt over the context: 400 before anything is stored unless `truncation` is
+    `auto`, which drops the oldest turns. (A 2,048-token context keeps this quick; the
+    default is 8,192.)"""
+    monkeypatch.setenv("TETHER_LOCAL_CONTEXT", "2048")
+    server = make_server(engine="local")
+    turns: list[Any] = []
+    for i in range(24):  # ~5,000 tokens of conversation
+        turns.append({"role": "user", "content": f"Question {i}: " + LONG[:450]})
+        turns.append({"role": "assistant", "content": f"Answer {i}: " + LONG[450:900]})
+    turns.append({"role": "user", "content": "Reply with one word: yes."})
+    with server.client() as client:
+        size = client.responses.input_tokens.count(model="smollm2-135m", input=turns)
+        assert size.input_tokens > 4500
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="smollm2-135m", input=turns, stream=True)
+        assert refused.value.code == "context_length_exceeded"
+        assert refused.value.param == "input"
+        done = client.responses.create(model="smollm2-135m", input=turns, truncation="auto",
+                                       temperature=0)
+    assert done.status == "completed" and done.truncation == "auto"
+    assert done.usage is not None and done.usage.input_tokens <= 2048 - 512

@@ -29,6 +29,9 @@ class UpstreamConfig(BaseModel):
     # value (Azure OpenAI's `api-key`).
     api_key_header: str = "authorization"
     tokenizer: str | None = None  # a GGUF file whose tokenizer counts tokens (chat kind)
+    # The model's context in tokens (chat kind): prompts that do not fit are refused
+    # (or truncated, `truncation: "auto"`) before they are sent. Unset: not checked.
+    context: int | None = Field(default=None, ge=1)
     concurrency: int = Field(default=64, ge=1)  # generations at once; more wait, queued
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=300.0, gt=0)  # longest silence between two chunks

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from tether import metrics, wire, wire_items
+from tether import context, metrics, wire, wire_items
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
@@ -69,8 +69,10 @@ class Lifecycle:
         self.runs: dict[str, Run] = {}
         metrics.watch_runs(self.runs)
         self.models = {m.id for m in engine.models()}
-        # Models whose engine applies function tools and `text.format` (upstreams).
+        # Models whose engine applies function tools and `text.format` (every built-in
+        # engine and upstream; an engine may still declare it does not).
         self.tool_models = {m.id for m in engine.models() if m.extra.get("tools")}
+        self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
         self._slots = asyncio.Semaphore(max(self.workers, 1))
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -145,6 +147,10 @@ class Lifecycle:
                     "text_format": req.text_format(),
                     "max_output_tokens": req.max_output_tokens,
                     "temperature": echo["temperature"], "top_p": echo["top_p"]}
+        # Before anything is stored: a prompt that does not fit is refused (or truncated).
+        run_spec["messages"] = await context.fit(
+            self.engine, self.contexts.get(req.model), req.model, messages, run_spec,
+            req.truncation)
         record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
                         input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import compact, metrics, playground, usage, wire, wire_form
+from tether import compact, context, metrics, playground, usage, wire, wire_form
 from tether.auth import principal
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
@@ -57,6 +57,30 @@ async def compact_response(request: Request) -> Response:
     turns += wire.history(wire.input_items(req))
     tokens = compact.estimate_tokens(turns)
     return JSON(compact.resource(turns, wire.usage(tokens, 0)))
+
+
+async def count_input_tokens(request: Request) -> Response:
+    """`POST /v1/responses/input_tokens`: the prompt a create with this body would give
+    the engine, counted with the engine's own tokenizer (`tether.context`); an engine
+    that cannot count gets tether's estimate (`compact.estimate_tokens`)."""
+    lc = lifecycle(request)
+    body = await _json_body(request, lc.settings.max_body_bytes)
+    if isinstance(body, dict):
+        body = {"input": [], **body}
+    req = wire.parse_create(body)
+    if req.model not in lc.models:
+        raise model_not_found(req.model)
+    turns = await lc.conversation(req.previous_response_id, principal(request).tenant)
+    turns += wire.history(wire.input_items(req))
+    echo = wire.echo_fields(req)
+    gen = context.generation(req.model, turns, req.instructions, echo["tools"],
+                             echo["tool_choice"], req.text_format())
+    tokens = await context.count(lc.engine, gen)
+    if tokens is None:
+        tokens = compact.estimate_tokens(
+            ([{"role": "system", "text": req.instructions}] if req.instructions else [])
+            + turns)
+    return JSON({"object": "response.input_tokens", "input_tokens": tokens})
 
 
 async def get_response(request: Request) -> Response:
@@ -269,6 +293,7 @@ routes: list[BaseRoute] = [
     WebSocketRoute("/v1/responses", responses_socket),  # WebSocket mode
     # Before the `{response_id}` routes, so that `compact` is never taken for an id.
     Route("/v1/responses/compact", compact_response, methods=["POST"]),
+    Route("/v1/responses/input_tokens", count_input_tokens, methods=["POST"]),
     Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
     Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),

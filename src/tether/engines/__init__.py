@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# llama.cpp's OpenMP threads spin while they wait for work by default: on a machine
+# shared with other processes that burns the CPU the model needs (measured: prompt
+# reading 4x slower under load). Set before llama.cpp is first loaded (by the local
+# engine or a chat upstream's tokenizer); an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from tether.config import UpstreamConfig
 from tether.engines.base import Engine
 

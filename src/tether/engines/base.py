@@ -147,10 +147,16 @@ class Abort:
 
 @dataclass(slots=True)
 class ModelInfo:
+    """A model an engine serves. `extra["tools"]`: the engine applies function tools,
+    `tool_choice` and `text.format`. `context`: how many tokens its context holds (prompt
+    and output together), when known; creates whose prompt does not fit are refused or
+    truncated before anything is stored (`tether.context`)."""
+
     id: str
     owned_by: str = "tether"
     created: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    context: int | None = None
 
 
 class EngineError(Exception):
@@ -185,3 +191,13 @@ class Engine(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An optional engine capability: the prompt's exact size in tokens, as `generate`
+    would read it (the same template, tools and tokenizer), or None when this engine
+    cannot count for that model. Used before a response is created (context checks) and
+    by `POST /v1/responses/input_tokens`."""
+
+    async def count_tokens(self, request: Generation) -> int | None: ...

@@ -192,7 +192,8 @@ class ChatEngine:
 
     def models(self) -> list[ModelInfo]:
         # Upstreams apply function tools and `text.format` themselves.
-        return [ModelInfo(id=self.spec.model, owned_by="upstream", extra={"tools": True})]
+        return [ModelInfo(id=self.spec.model, owned_by="upstream", extra={"tools": True},
+                          context=self.spec.context)]
 
     async def start(self) -> None:
         if self.spec.tokenizer:
@@ -315,6 +316,12 @@ class ChatEngine:
             if choice.get("finish_reason"):
                 got.finish = choice["finish_reason"]
         return steps
+
+    async def count_tokens(self, request: Generation) -> int:
+        """The prompt as `generate` sends it, counted like its input before the
+        upstream reports usage: the GGUF tokenizer when configured, else the estimate.
+        (chat-completions servers have no standard tokenize endpoint.)"""
+        return await asyncio.to_thread(self._input_tokens, self.body(request))
 
     def _input_tokens(self, body: dict[str, Any]) -> int:
         if self._tokenizer is not None:

@@ -5,6 +5,10 @@ on one dedicated worker thread. The worker drives generation token by token and 
 each step onto an asyncio queue, so every `Delta` is exactly one token and the counts
 the lifecycle reports are exact.
 
+The prompt is read in chunks with an abort check between them, so a cancel during a long
+prompt is seen within one chunk (`PREFILL_CHUNK_SECONDS`). Function tools and
+`text.format` are applied with constrained decoding (`local_tools`).
+
 Like the scripted engine, it keeps a small per-response trace (when the run started, when
 each token was sampled, when an abort was seen) for the debug route `/debug/engine/{id}`
 and bench/cancel.py: the last `TRACES_KEPT` responses, one float per token.
@@ -15,18 +19,24 @@ from __future__ import annotations
 import asyncio
 import codecs
 import importlib.util
+import os
 import random
+import secrets
 import threading
 import time
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
+from tether.engines import local_tools
 from tether.engines.base import (
     Abort,
     Delta,
@@ -36,10 +46,17 @@ from tether.engines.base import (
     ModelInfo,
     PromptRead,
     Step,
+    ToolCall,
+    ToolCallDelta,
 )
 
+Ending = Literal["stop", "length"]
 MODEL_ID = "smollm2-135m"
 TRACES_KEPT = 512  # traces of this many recent responses (each <= n_ctx floats)
+#: SmolLM2's trained context; the KV cache for all of it is ~190 MB.
+CONTEXT = 8192
+#: target time of one prompt chunk: a cancel during prefill waits at most about this.
+PREFILL_CHUNK_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -53,6 +70,8 @@ class Trace:
     produced: int = 0
     token_times: array[float] = field(default_factory=lambda: array("d"))
     aborted_at: float | None = None  # the worker stopped on an abort or a closed consumer
+    aborted_in_prefill: bool = False  # ... while it was still reading the prompt
+    prefill_tokens: int = 0  # prompt tokens evaluated (the rest came from the KV cache)
     finished: bool = False  # the model ended the run (end of turn or budget)
 
     def as_dict(self) -> dict[str, object]:
@@ -62,6 +81,8 @@ class Trace:
             "produced": self.produced,
             "token_times": self.token_times.tolist(),
             "aborted_at": self.aborted_at,
+            "aborted_in_prefill": self.aborted_in_prefill,
+            "prefill_tokens": self.prefill_tokens,
             "finished": self.finished,
         }
 
@@ -127,16 +148,31 @@ class LocalEngine:
         self,
         model_path: Path | None = None,
         *,
-        n_ctx: int = 2048,
+        n_ctx: int | None = None,
         n_threads: int = 2,
         min_p: float = 0.05,
+        repeat_penalty: float = 1.15,
+        wrap_up: int = 320,
     ) -> None:
         self._model_path = model_path
-        self._n_ctx = n_ctx
+        # TETHER_LOCAL_CONTEXT: a smaller context for a small machine (or a test).
+        self._n_ctx = n_ctx or int(os.environ.get("TETHER_LOCAL_CONTEXT", CONTEXT))
         self._n_threads = n_threads
-        # Not an OpenAI parameter: a light probability floor that keeps a 135M model from
-        # wandering into junk tokens at temperature 1. It never changes greedy output.
+        # Default sampling, not OpenAI parameters (the request's temperature and top_p
+        # still apply): a light probability floor that keeps a 135M model from wandering
+        # into junk tokens at temperature 1; a repetition penalty over the last 64
+        # tokens, against the loops it falls into; and after `wrap_up` tokens of free
+        # text, a growing push towards ending. Measured in bench/agents.py: without them
+        # many plain prompts ran until the context was full.
         self._min_p = min_p
+        self._repeat_penalty = repeat_penalty
+        self._wrap_up = wrap_up
+        self._chunk = 32  # prompt tokens per decode; adapted to PREFILL_CHUNK_SECONDS
+        self._seed = 0
+        self._n_vocab = 0
+        self._eos = 0
+        self._marker_token = 0
+        self._stops: frozenset[int] = frozenset()
         self._llm: llama_cpp.Llama | None = None
         self._formatter: Jinja2ChatFormatter | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -144,7 +180,8 @@ class LocalEngine:
         self.traces: dict[str, Trace] = {}  # insertion order: the oldest is dropped first
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id=MODEL_ID, owned_by="tether")]
+        return [ModelInfo(id=MODEL_ID, owned_by="tether", extra={"tools": True},
+                          context=self._n_ctx)]
 
     async def start(self) -> None:
         path = self._model_path or find_model_file()
@@ -161,6 +198,12 @@ class LocalEngine:
         eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode("utf-8", "replace")
         bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode("utf-8", "replace")
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._n_vocab = self._llm.n_vocab()
+        self._eos = self._llm.token_eos()
+        self._marker_token = self._tokens(local_tools.MARKER)[0]
+        # A new turn's opening is an ending too (the model starting to play the user).
+        self._stops = frozenset(self._llm.tokenize(b"<|im_start|>", add_bos=False,
+                                                   special=True)[:1])
         # One thread owns the model: this is what serialises access to llama.cpp.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-local")
         self._closing.clear()
@@ -190,10 +233,11 @@ class LocalEngine:
                     raise item
                 if isinstance(item, Finished) and abort.is_set():
                     break  # aborted runs end without Finished, even if the model just ended
-                if isinstance(item, Delta):
+                token = type(item) is Delta or type(item) is ToolCallDelta
+                if token:
                     trace.produced += 1  # handed to the consumer at the yield
                 yield item
-                if isinstance(item, Delta):
+                if token:
                     chan.credits.release()
         finally:
             # Closed early or cancelled: the worker sees `stop` within one token step.
@@ -216,58 +260,205 @@ class LocalEngine:
         llm, formatter = self._llm, self._formatter
         if llm is None or formatter is None or self._closing.is_set():
             raise EngineError("local engine is closed")
-        # The model was trained on system/user/assistant only; a developer message is the
-        # Responses API's name for a system message.
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
-            for m in request.messages
-        ]
-        prompt_text = formatter(messages=messages).prompt  # type: ignore[arg-type]
-        # The template writes its own special tokens: parse them, add no extra BOS.
-        prompt = llm.tokenize(prompt_text.encode("utf-8"), add_bos=False, special=True)
+        plan = local_tools.plan(request)
+        prompt = self._prompt(llm, formatter, request, plan)
         room = self._n_ctx - len(prompt)
         if room <= 0:
             raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
-        chan.trace.prompt_read_at = time.time()
         chan.emit(PromptRead(input_tokens=len(prompt)))
-
+        if not self._prefill(llm, prompt, chan):
+            return
+        chan.trace.prompt_read_at = time.time()
         limit = request.max_output_tokens
         budget = room if limit is None else min(limit, room)
         if budget <= 0:
             chan.trace.finished = True
             chan.emit(Finished("length"))
             return
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        # A token can end in the middle of a UTF-8 character: hold bytes back until they
-        # decode, so a Delta may carry "" while still counting its one token. Bytes of a
-        # character still unfinished when the run ends are dropped, never guessed at.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # llama-cpp keeps one seed per Llama; without a fresh one every sampled run of the
         # same prompt would produce the same text.
-        llm.set_seed(random.randrange(2**31))
-        produced = 0
+        self._seed = random.randrange(2**31)
+        kind = plan.kind
+        if kind == "auto":
+            wanted = plan.relevant or self._call_probability(llm) >= local_tools.CALL_THRESHOLD
+            kind = "call" if wanted else "text"
+        if kind == "call":
+            reason = self._call(llm, request, plan, chan, budget)
+        else:
+            grammar = None if plan.text_schema is None else local_tools.schema_grammar(
+                plan.text_schema)
+            reason = self._sample(llm, request, chan, budget, grammar, _text_step)
+        if reason is not None:
+            chan.trace.finished = True
+            chan.emit(Finished(reason))
+
+    def _prompt(self, llm: llama_cpp.Llama, formatter: Jinja2ChatFormatter,
+                request: Generation, plan: local_tools.Plan) -> list[int]:
+        messages = local_tools.chat_messages(request, plan)
+        prompt_text = formatter(messages=messages).prompt  # type: ignore[arg-type]
+        # The template writes its own special tokens: parse them, add no extra BOS.
+        return llm.tokenize(prompt_text.encode("utf-8"), add_bos=False, special=True)
+
+    def _prefill(self, llm: llama_cpp.Llama, prompt: list[int], chan: _Channel) -> bool:
+        """Evaluate the prompt in chunks of about `PREFILL_CHUNK_SECONDS` each, checking
+        for an abort between them: llama.cpp cannot stop inside one `decode`, so the
+        chunk is what bounds how long a cancel waits while a long prompt is read.
+        The part of the prompt already in the KV cache (the previous run's) is kept."""
+        cached = 0
+        limit = min(llm.n_tokens, len(prompt) - 1)  # at least one token for fresh logits
+        while cached < limit and llm.input_ids[cached] == prompt[cached]:
+            cached += 1
+        llm.n_tokens = cached  # `eval` drops the cache after this position
+        at = cached
+        while at < len(prompt):
+            if self._stopping(chan):
+                chan.trace.aborted_at = time.time()
+                chan.trace.aborted_in_prefill = True
+                return False
+            started = time.monotonic()
+            llm.eval(prompt[at : at + self._chunk])
+            at += self._chunk
+            took = time.monotonic() - started
+            # Adapt to this machine and its load: halve a chunk that took too long,
+            # double one that was quick (bounded both ways).
+            if took > PREFILL_CHUNK_SECONDS and self._chunk > 4:
+                self._chunk //= 2
+            elif took < PREFILL_CHUNK_SECONDS / 3 and self._chunk < 256:
+                self._chunk *= 2
+        chan.trace.prefill_tokens = len(prompt) - cached
+        return True
+
+    def _stopping(self, chan: _Channel) -> bool:
+        if self._closing.is_set():
+            raise EngineError("local engine closed during generation")
+        return chan.abort.is_set() or chan.stop.is_set()
+
+    def _call_probability(self, llm: llama_cpp.Llama) -> float:
+        """How likely the model is to open a tool call now (after the prompt)."""
+        logits = self._logits(llm).astype(np.float64)
+        top = float(logits.max())
+        probs = np.exp(logits - top)
+        return float(probs[self._marker_token] / probs.sum())
+
+    def _logits(self, llm: llama_cpp.Llama) -> npt.NDArray[np.float32]:
+        """The last evaluated position's logits (a view: writes change sampling)."""
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _call(self, llm: llama_cpp.Llama, request: Generation, plan: local_tools.Plan,
+              chan: _Channel, budget: int) -> Ending | None:
+        """A function call: the opening and the name are written into the context by
+        the engine (the name chosen by the model's ranking of the allowed ones); the
+        arguments are sampled under the function's schema grammar, one token a step."""
+        llm.eval(self._tokens(local_tools.CALL_OPEN))
+        tool = self._pick_tool(llm, plan.relevant or plan.tools, chan)
+        if tool is None:
+            return None  # aborted while choosing
+        name = tool["name"]
+        chan.emit(ToolCall(0, "call_" + secrets.token_hex(12), name))
+        grammar = local_tools.schema_grammar(tool.get("parameters"))
+        return self._sample(llm, request, chan, budget, grammar, _args_step)
+
+    def _pick_tool(self, llm: llama_cpp.Llama, tools: list[dict[str, Any]],
+                   chan: _Channel) -> dict[str, Any] | None:
+        names = {t["name"]: self._tokens(t["name"] + '"') for t in tools}
+        alive, at = list(names), 0
+        while len(alive) > 1:
+            if self._stopping(chan):
+                chan.trace.aborted_at = time.time()
+                return None
+            logits = self._logits(llm)
+            best = max({names[n][at] for n in alive}, key=lambda t: float(logits[t]))
+            alive = [n for n in alive if names[n][at] == best]
+            llm.eval([best])
+            at += 1
+        name = alive[0]
+        llm.eval(names[name][at:] + self._tokens(local_tools.ARGS_OPEN))
+        return next(t for t in tools if t["name"] == name)
+
+    def _tokens(self, text: str) -> list[int]:
+        assert self._llm is not None
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _sample(self, llm: llama_cpp.Llama, request: Generation, chan: _Channel,
+                budget: int, grammar: str | None,
+                step: Callable[[str], Step]) -> Ending | None:
+        """Sample up to `budget` tokens, one per credit; each becomes `step(text)`. The
+        finish reason, or None when stopped by an abort."""
+        chain = self._sampler(llm, request, grammar)
+        # A token can end in the middle of a UTF-8 character: hold bytes back until they
+        # decode, so a step may carry "" while still counting its one token. Bytes of a
+        # character still unfinished when the run ends are dropped, never guessed at.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
         token_times = chan.trace.token_times
-        tokens = llm.generate(
-            prompt,
-            temp=max(request.temperature, 0.0),  # 0 selects llama.cpp's greedy sampler
-            top_p=request.top_p,
-            top_k=0,  # disabled: the API exposes only temperature and top_p
-            min_p=self._min_p,
-            repeat_penalty=1.0,
-        )
+        produced = 0
+        pending: int | None = None
         try:
             while chan.next_turn(self._closing):
-                token = next(tokens)  # one step: evaluate the previous token, sample one
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    chan.trace.finished = True
-                    chan.emit(Finished("stop"))  # end-of-turn is not output text: not counted
-                    return
+                if pending is not None:
+                    llm.eval([pending])  # one step: evaluate the previous token, sample one
+                if grammar is None and produced >= self._wrap_up:
+                    # Past the usual length of an answer: make ending ever more likely, so
+                    # a 135M model that lost its thread still stops by itself.
+                    self._logits(llm)[self._eos] += (produced - self._wrap_up + 1) * 0.1
+                token = llama_cpp.llama_sampler_sample(chain, llm.ctx, -1)
+                if llama_cpp.llama_vocab_is_eog(vocab, token) or token in self._stops:
+                    return "stop"  # end-of-turn is not output text: not counted
                 token_times.append(time.time())
                 produced += 1
-                chan.emit(Delta(decoder.decode(llm.detokenize([token])), tokens=1))
+                chan.emit(step(decoder.decode(llm.detokenize([token]))))
                 if produced == budget:
-                    chan.trace.finished = True
-                    chan.emit(Finished("length"))
-                    return
+                    return "length"
+                pending = token
+            return None
         finally:
-            tokens.close()
+            llama_cpp.llama_sampler_free(chain)
+
+    def _sampler(self, llm: llama_cpp.Llama, request: Generation,
+                 grammar: str | None) -> Any:
+        """The sampler chain: repetition penalty (free text only: it would fight a
+        grammar's required punctuation), the grammar, then the request's temperature
+        and top_p (0 selects greedy) with a light min-p floor."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if grammar is None and self._repeat_penalty != 1.0:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, 64, self._repeat_penalty, 0.0, 0.0))
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(
+                llama_cpp.llama_model_get_vocab(llm.model), grammar.encode("utf-8"), b"root")
+            if not constraint:  # llama.cpp could not parse it: fall back to any object
+                constraint = llama_cpp.llama_sampler_init_grammar(
+                    llama_cpp.llama_model_get_vocab(llm.model),
+                    local_tools.any_object_grammar().encode("utf-8"), b"root")
+            if not constraint:
+                llama_cpp.llama_sampler_free(chain)
+                raise EngineError("local engine could not build a grammar for the schema")
+            add(chain, constraint)
+        if request.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            add(chain, llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(self._min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(request.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(self._seed))
+        return chain
+
+    # --- counting (create-time checks, /v1/responses/input_tokens) -----------------------
+
+    async def count_tokens(self, request: Generation) -> int | None:
+        llm, formatter = self._llm, self._formatter
+        if llm is None or formatter is None:
+            return None
+        plan = local_tools.plan(request)
+        # Tokenizing reads only the vocabulary: safe beside a generation on the worker.
+        return len(await asyncio.to_thread(self._prompt, llm, formatter, request, plan))
+
+
+def _text_step(text: str) -> Step:
+    return Delta(text, tokens=1)
+
+
+def _args_step(text: str) -> Step:
+    return ToolCallDelta(0, text, tokens=1)

@@ -11,7 +11,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from tether.engines.base import Abort, Engine, EngineError, Generation, ModelInfo, Step
+from tether.engines.base import (
+    Abort,
+    Engine,
+    EngineError,
+    Generation,
+    ModelInfo,
+    Step,
+    TokenCounter,
+)
 
 
 class Router:
@@ -48,6 +56,13 @@ class Router:
         for engine in self.engines:
             with contextlib.suppress(Exception):
                 await engine.close()
+
+    async def count_tokens(self, request: Generation) -> int | None:
+        """The routed engine's count, if it can count."""
+        engine = self._routes.get(request.model)
+        if isinstance(engine, TokenCounter):
+            return await engine.count_tokens(request)
+        return None
 
     async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
         engine = self._routes.get(request.model)

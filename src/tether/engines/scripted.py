@@ -1,17 +1,24 @@
 """A deterministic engine for timing tests and benchmarks.
 
 It emits one word per token step at `rate` tokens per second (0 = as fast as possible)
-and ends naturally after `length` tokens. It records, per response, when each token was
-produced and when the abort was seen, so tests can check that a cancel really stopped it.
+and ends naturally after `length` tokens. With tools offered, the prompt directive
+`CALL=name:{"json":"arguments"}` (no spaces) makes it call that function instead (the
+arguments streamed a few characters a token step), unless the last turn is a tool's
+output: then it answers with text, so tool loops end. With `text.format` json_schema or
+json_object it answers with a fixed JSON value of the schema.
+
+It records, per response, when each token was produced and when the abort was seen,
+so tests can check that a cancel really stopped it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tether.engines.base import (
     Abort,
@@ -22,9 +29,11 @@ from tether.engines.base import (
     ModelInfo,
     PromptRead,
     Step,
+    ToolCall,
+    ToolCallDelta,
 )
 
-T = TypeVar("T", int, float)
+T = TypeVar("T", int, float, str)
 
 WORDS = (
     "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tether",
@@ -77,7 +86,7 @@ class ScriptedEngine:
         self.traces: dict[str, Trace] = {}
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id="scripted")]
+        return [ModelInfo(id="scripted", extra={"tools": True})]
 
     async def start(self) -> None:
         return None
@@ -100,7 +109,11 @@ class ScriptedEngine:
         if request.max_output_tokens is not None:
             budget = min(budget, request.max_output_tokens)
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
-        for i in range(budget):
+        call = _planned_call(request, prompt)
+        pieces = _pieces(request.text_format) if call is None else _chunks(call[1])
+        if call is not None:
+            yield ToolCall(0, f"call_{request.response_id[-20:]}", call[0])
+        for i in range(min(budget, len(pieces)) if pieces is not None else budget):
             if interval:
                 if await _interrupted(abort, interval):
                     break
@@ -110,14 +123,20 @@ class ScriptedEngine:
                 raise EngineError(f"scripted failure after {i} tokens")
             trace.produced += 1
             trace.token_times.append(time.time())
-            yield Delta(_word(i))
+            if pieces is None:
+                yield Delta(_word(i))
+            elif call is not None:
+                yield ToolCallDelta(0, pieces[i])
+            else:
+                yield Delta(pieces[i])
             if not interval and i % 64 == 63:
                 await asyncio.sleep(0)  # full speed still lets the loop breathe
         else:
             # LINGER seconds between the last token and the end (a window for a cancel).
             if not await _interrupted(abort, _directive(prompt, "LINGER", float) or 0.0):
                 trace.finished = True
-                yield Finished("length" if budget < self.length else "stop")
+                full = self.length if pieces is None else len(pieces)
+                yield Finished("length" if budget < full else "stop")
                 return
         trace.aborted_at = time.time()
 
@@ -136,7 +155,8 @@ async def _interrupted(abort: Abort, delay: float) -> bool:
 
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
-    """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER."""
+    """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER,
+    CALL."""
     at = prompt.find(name + "=")
     if at < 0:
         return None
@@ -145,3 +165,63 @@ def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
         return kind(value[0]) if value else None
     except ValueError:
         return None
+
+
+def _planned_call(request: Generation, prompt: str) -> tuple[str, str] | None:
+    """The function call the prompt asks for (`CALL=name:{args}`), or the one a forced
+    `tool_choice` needs (arguments `{}`); None: answer with text."""
+    names: list[str] = [t["name"] for t in request.tools if isinstance(t.get("name"), str)]
+    choice = request.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = {t.get("name") for t in choice.get("tools") or []}
+        names = [n for n in names if n in allowed]
+        choice = choice.get("mode") or "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        names = [n for n in names if n == choice.get("name")]
+        choice = "required"
+    last = request.messages[-1].role if request.messages else None
+    if not names or choice == "none" or (last == "tool" and choice != "required"):
+        return None
+    directive = _directive(prompt, "CALL", str)
+    if directive is not None:
+        name, _, args = directive.partition(":")
+        if name in names:
+            try:
+                json.loads(args)
+            except ValueError:
+                args = "{}"
+            return name, args
+    return (names[0], "{}") if choice == "required" else None
+
+
+def _chunks(text: str, size: int = 4) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def _pieces(fmt: dict[str, Any] | None) -> list[str] | None:
+    """A JSON answer for `text.format` as token pieces; None for plain text."""
+    if fmt is None or fmt.get("type") not in ("json_schema", "json_object"):
+        return None
+    return _chunks(json.dumps(_example(fmt.get("schema") or {"type": "object"})))
+
+
+def _example(schema: Any) -> Any:
+    """A fixed value of a (simple) JSON schema: every property filled, enums' first."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return _example(schema[key][0])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {k: _example(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_example(schema["items"])] * schema.get("minItems", 0) if schema.get(
+            "items") else []
+    return {"string": "the", "integer": 0, "number": 0, "boolean": False}.get(str(kind))
