@@ -52,8 +52,10 @@ def codex_binary() -> Path:
 
 
 def call_directive(name: str, arguments: dict[str, Any]) -> str:
-    """The scripted engine's prompt directive that makes it call a function tool."""
-    return f"TOOL_CALL={name} TOOL_ARGS={json.dumps(arguments, separators=(',', ':'))}"
+    """The scripted engine's prompt directive that makes it call a function tool:
+    `CALL=name:{json}`, one word (a space inside a string is written `\\u0020`)."""
+    text = json.dumps(arguments, separators=(",", ":")).replace(" ", "\\u0020")
+    return f"CALL={name}:{text}"
 
 
 CONFIG = """\
