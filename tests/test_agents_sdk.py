@@ -142,15 +142,18 @@ async def test_tool_loop_on_the_scripted_engine(make_server: Any, openai_client:
     assert done.name == "get_weather"
 
 
-async def test_tool_loop_on_the_embedded_model(make_server: Any, openai_client: Any) -> None:
+@pytest.mark.parametrize("choice", [None, "get_weather"])
+async def test_tool_loop_on_the_embedded_model(make_server: Any, openai_client: Any,
+                                               choice: str | None) -> None:
     server: Server = make_server(engine="local")
     client = openai_client(server)
     model = (await client.models.list()).data[0].id
     calls = Calls()
-    # The first step must call the tool (a grammar makes it a valid call); the SDK then
-    # resets `tool_choice`, so the second step may answer in text.
+    # The SDK's default (`auto`: the model chooses to call), or the tool named; either
+    # way the call is valid JSON of the schema (a grammar). After the call the SDK resets
+    # `tool_choice`, so the second step answers in text.
     runner = agent(client, model, tools=[calls.tool],
-                   model_settings=ModelSettings(tool_choice="get_weather"))
+                   model_settings=ModelSettings(tool_choice=choice))
     result, _ = await run_streamed(runner, "What is the weather in Paris?")
     for response in await check_tool_loop(server, result, calls):
         check_exact_usage(server, response)
