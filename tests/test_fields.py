@@ -106,6 +106,14 @@ def test_every_field_of_both_specs_and_the_sdk_is_in_the_table() -> None:
     assert not missing, f"fields with no decision: {sorted(missing)}"
 
 
+def test_every_field_is_exercised_here() -> None:
+    # Each field of the table appears in a test of this module (forwarded, echoed,
+    # accepted or refused as the table says); the applied ones in their own modules too.
+    source = Path(__file__).read_text()
+    assert [name for name in wire_fields.FIELDS if f'"{name}"' not in source and
+            f"{name}=" not in source] == []
+
+
 def test_the_docs_table_is_the_code_table() -> None:
     table = DOCS.read_text().split("## Tools")[0]  # the fields table, before the tools'
     rows = re.findall(r"^\| `(\w+)` \| (\w+) \|", table, re.M)
@@ -148,11 +156,13 @@ def test_chat_upstream_gets_the_fields_it_understands(client: openai.OpenAI,
 def test_logprobs_come_through_where_the_engine_has_them(client: openai.OpenAI,
                                                         fake: FakeUpstream) -> None:
     events = stream_events(client, model="fake", input="LENGTH=3 hi", top_logprobs=1,
-                           include=["message.output_text.logprobs"])
+                           include=["message.output_text.logprobs"],
+                           stream_options={"include_obfuscation": True})
     sent = fake.last("chat").body
     assert (sent["logprobs"], sent["top_logprobs"]) == (True, 1)
     deltas = [e for e in events if e["type"] == "response.output_text.delta"]
     assert [d["logprobs"][0]["token"] for d in deltas] == ["alpha", " bravo", " charlie"]
+    assert not any("obfuscation" in d for d in deltas)  # stream_options: accepted, no effect
     assert deltas[1]["logprobs"][0]["top_logprobs"] == [
         {"token": " bravo", "logprob": -0.5, "bytes": list(b" bravo")}]
     part = events[-1]["response"]["output"][0]["content"][0]
@@ -160,6 +170,22 @@ def test_logprobs_come_through_where_the_engine_has_them(client: openai.OpenAI,
     # Without the include value nothing is asked for: the arrays stay empty.
     create(client, model="fake", input="LENGTH=1 hi")
     assert "logprobs" not in fake.last("chat").body
+
+
+def test_applied_fields_reach_the_engine(client: openai.OpenAI, fake: FakeUpstream) -> None:
+    first = create(client, model="fake", input="LENGTH=1 hi", store=True)
+    calls = len(fake.calls)
+    reply = create(client, model="fake", input="LENGTH=5 hi", instructions="Be brief.",
+                   previous_response_id=first.id, max_output_tokens=2, temperature=0.5,
+                   top_p=0.9, metadata={"k": "v"}, background=True, stream=False,
+                   text={"format": {"type": "json_object"}},
+                   tools=TOOLS[:1], tool_choice="none")
+    assert (reply.status, reply.background, reply.metadata) == ("queued", True, {"k": "v"})
+    sent = fake.wait_call(calls + 1).body  # the background run's request
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["messages"][1]["content"] == "LENGTH=1 hi"  # the previous response's turn
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (2, 0.5, 0.9)
+    assert (sent["tool_choice"], sent["response_format"]) == ("none", {"type": "json_object"})
 
 
 def test_parallel_tool_calls_goes_to_chat_only_with_tools(client: openai.OpenAI,
@@ -274,6 +300,17 @@ def test_tool_choice_names_namespaced_and_custom_tools(
         assert [t["function"]["name"] for t in sent["tools"]] == sent_names
     echoed = httpx.get(f"{client.base_url}responses/{reply.id}").json()["tool_choice"]
     assert echoed == choice
+
+
+def test_responses_upstream_calls_map_back_too(client: openai.OpenAI,
+                                               fake: FakeUpstream) -> None:
+    events = stream_events(client, model="fake-r", input="CALL=crm__note now", tools=TOOLS)
+    sent = fake.last("/responses").body
+    assert [t["name"] for t in sent["tools"]] == [
+        "get_weather", "crm__lookup", "crm__note", "apply_patch"]
+    item = events[-1]["response"]["output"][0]
+    assert (item["type"], item["namespace"], item["name"], item["input"]) == (
+        "custom_tool_call", "crm", "note", '*** Begin Patch\né"x"')
 
 
 def test_hosted_tools_are_refused_by_default(server: Server) -> None:
@@ -422,3 +459,19 @@ def test_codex_over_websocket_prewarms_then_streams(server: Server) -> None:
         events = sock.turn()
         assert events[-1]["type"] == "response.completed" and sock.errors == []
         assert events[-1]["response"]["output"][0]["content"][0]["text"] == "alpha bravo charlie"
+
+
+def test_compaction_resolves_item_references(client: openai.OpenAI, server: Server) -> None:
+    first = create(client, model="fake", input="LENGTH=2 remember this")
+    reply = httpx.post(f"{server.base_url}/responses/compact", json={
+        "model": "fake", "input": [{"type": "item_reference", "id": first.output[0].id}]},
+        timeout=30)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "input[0].id"
+    reply = httpx.post(f"{server.base_url}/responses/compact", json={
+        "model": "fake", "previous_response_id": first.id,
+        "input": [{"type": "item_reference", "id": first.output[0].id}]}, timeout=30)
+    assert reply.status_code == 200
+    compacted = reply.json()["output"][-1]
+    later = create(client, model="fake", input=[compacted, {"role": "user",
+                                                             "content": "LENGTH=1 go"}])
+    assert later.status == "completed"

@@ -311,7 +311,7 @@ class FakeUpstream:
             fc = {"id": "fc_fake", "type": "function_call", "status": "in_progress",
                   "call_id": "call_fake1", "name": d["CALL"], "arguments": ""}
             emit({"type": "response.output_item.added", "output_index": 0, "item": fc})
-            for piece in ['{"city"', ': "Paris"}']:
+            for piece in _argument_pieces(call.body, d["CALL"]):
                 emit({"type": "response.function_call_arguments.delta", "item_id": "fc_fake",
                       "output_index": 0, "delta": piece})
             emit({"type": "response.completed", "response": _resp(rid, "completed", 2)})

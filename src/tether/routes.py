@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import compact, context, metrics, playground, usage, wire, wire_form
+from tether import compact, context, metrics, playground, usage, wire, wire_form, wire_items
 from tether.auth import principal
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
@@ -53,8 +53,10 @@ async def compact_response(request: Request) -> Response:
     req = wire.parse_compact(await _json_body(request, lc.settings.max_body_bytes))
     if req.model not in lc.models:
         raise model_not_found(req.model)
-    turns = await lc.conversation(req.previous_response_id, principal(request).tenant)
-    turns += wire.history(wire.input_items(req))
+    tenant = principal(request).tenant
+    turns = await lc.conversation(req.previous_response_id, tenant)
+    turns += wire.history(await wire_items.resolve_references(
+        wire.input_items(req), req.previous_response_id, lambda rid: lc.store.get(rid, tenant)))
     tokens = compact.estimate_tokens(turns)
     return JSON(compact.resource(turns, wire.usage(tokens, 0)))
 
