@@ -345,11 +345,10 @@ def test_allowed_tools_mode_none_and_tool_choice_refusals(upstream: Server,
     assert err["param"] == "tool_choice.tools[0].name"
 
 
-def test_models_without_tools_refuse_them_by_name(sdk: openai.OpenAI) -> None:
-    for kwargs, param in (({"tools": TOOLS}, "tools"), ({"tool_choice": "required"},
-                                                        "tool_choice")):
-        err = refusal(lambda kw=kwargs: sdk.responses.create(model=MODEL, input="x", **kw))
-        assert (err["param"], err["code"]) == (param, "unsupported_parameter")
+def test_built_in_engines_take_tools(sdk: openai.OpenAI) -> None:
+    # Issue 13: the scripted (and embedded) engines apply tools; a forced choice calls.
+    reply = sdk.responses.create(model=MODEL, input="x", tools=TOOLS, tool_choice="required")
+    assert [item.type for item in reply.output] == ["function_call"]
     reply = sdk.responses.create(model=MODEL, input="x", tool_choice="none", tools=[])
     assert reply.tool_choice == "none"
 
@@ -379,9 +378,8 @@ def test_text_format_refusals(sdk: openai.OpenAI, up: openai.OpenAI) -> None:
     err = refusal(lambda: up.responses.create(model="fake", input="x", text={
         "format": {"type": "json_schema", "schema": {"type": "object"}}}))  # type: ignore[typeddict-item]
     assert (err["param"], err["code"]) == ("text.format.name", "missing_required_parameter")
-    err = refusal(lambda: sdk.responses.create(model=MODEL, input="x", text={
-        "format": {"type": "json_object"}}))
-    assert (err["param"], err["code"]) == ("text", "unsupported_parameter")
+    reply = sdk.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
+    assert reply.output_text == "{}"  # the built-in engines apply it (issue 13)
 
 
 # --- item 2: assistant phase ----------------------------------------------------------------

@@ -462,9 +462,10 @@ def test_cancel_during_prefill_replies_within_a_chunk(local_server: Server) -> N
         took = time.monotonic() - started
         nxt = client.responses.create(model="smollm2-135m", input="Say hi.",
                                       max_output_tokens=3)
+        rest = list(stream)
     assert reply.status == "cancelled" and reply.usage is not None
     assert reply.usage.output_tokens == 0
-    assert list(stream)[-1].type == "response.failed"
+    assert rest[-1].type == "response.failed" and rest[-1].response.status == "cancelled"
     trace = local_server.trace(rid)
     assert trace["aborted_in_prefill"] is True and trace["token_times"] == []
     # The run itself answered, not the 5 s fence; and the engine was free at once: the

@@ -177,3 +177,14 @@ def test_multi_step_tool_loop_through_the_sdk(make_server) -> None:  # type: ign
             input=[{"type": "function_call_output", "call_id": call2.call_id,
                     "output": "hi"}])
         assert last.output_text == scripted_text(6)
+
+
+def test_input_tokens_without_an_engine_tokenizer(make_server) -> None:  # type: ignore[no-untyped-def]
+    """An engine that cannot count gets tether's estimate (about 4 characters a token)."""
+    server = make_server()
+    with server.client() as client:
+        short = client.responses.input_tokens.count(model="scripted", input="x" * 40)
+        long = client.responses.input_tokens.count(model="scripted", input="x" * 400,
+                                                   instructions="y" * 40)
+    assert short.object == "response.input_tokens" and short.input_tokens == 11
+    assert long.input_tokens == 112

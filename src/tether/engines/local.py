@@ -173,6 +173,7 @@ class LocalEngine:
         self._eos = 0
         self._marker_token = 0
         self._stops: frozenset[int] = frozenset()
+        self._closers: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._llm: llama_cpp.Llama | None = None
         self._formatter: Jinja2ChatFormatter | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -201,6 +202,8 @@ class LocalEngine:
         self._n_vocab = self._llm.n_vocab()
         self._eos = self._llm.token_eos()
         self._marker_token = self._tokens(local_tools.MARKER)[0]
+        self._closers = np.array([t for t in range(self._n_vocab) if _closes(
+            self._llm.detokenize([t]))], dtype=np.int64)
         # A new turn's opening is an ending too (the model starting to play the user).
         self._stops = frozenset(self._llm.tokenize(b"<|im_start|>", add_bos=False,
                                                    special=True)[:1])
@@ -398,10 +401,12 @@ class LocalEngine:
             while chan.next_turn(self._closing):
                 if pending is not None:
                     llm.eval([pending])  # one step: evaluate the previous token, sample one
-                if grammar is None and produced >= self._wrap_up:
+                if produced >= self._wrap_up:
                     # Past the usual length of an answer: make ending ever more likely, so
-                    # a 135M model that lost its thread still stops by itself.
-                    self._logits(llm)[self._eos] += (produced - self._wrap_up + 1) * 0.1
+                    # a 135M model that lost its thread still stops by itself (in JSON:
+                    # closing its strings, arrays and objects, where the grammar allows).
+                    ends = self._eos if grammar is None else self._closers
+                    self._logits(llm)[ends] += (produced - self._wrap_up + 1) * 0.1
                 token = llama_cpp.llama_sampler_sample(chain, llm.ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(vocab, token) or token in self._stops:
                     return "stop"  # end-of-turn is not output text: not counted
@@ -454,6 +459,11 @@ class LocalEngine:
         plan = local_tools.plan(request)
         # Tokenizing reads only the vocabulary: safe beside a generation on the worker.
         return len(await asyncio.to_thread(self._prompt, llm, formatter, request, plan))
+
+
+def _closes(piece: bytes) -> bool:
+    """A token that only closes JSON (strings, arrays, objects)."""
+    return bool(piece) and set(piece) <= set(b'"]} ')
 
 
 def _text_step(text: str) -> Step:
