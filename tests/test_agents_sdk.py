@@ -120,7 +120,7 @@ async def check_tool_loop(server: Server, result: Any, calls: Calls) -> list[Any
 
 
 def check_exact_usage(server: Server, response: Any) -> None:
-    """The usage counts every token the engine produced, and the log's deltas."""
+    """The usage counts exactly the tokens the engine produced (its trace)."""
     trace = server.trace(response.id)
     assert response.usage.output_tokens == trace["produced"]
 
@@ -194,7 +194,8 @@ async def test_output_type_on_the_embedded_model(make_server: Any, openai_client
         stored = await check.responses.retrieve(raw.response_id)
     assert stored.status == "completed"
     assert stored.text.format.type == "json_schema"
-    City.model_validate_json(stored.output_text)
+    assert City.model_validate_json(stored.output_text) == result.final_output
+    check_exact_usage(server, stored)
 
 
 # --- result.cancel() mid-stream ---------------------------------------------------------------
