@@ -355,8 +355,9 @@ class LocalEngine:
         arguments are sampled under the function's schema grammar, one token a step."""
         llm.eval(self._tokens(local_tools.CALL_OPEN))
         tool = self._pick_tool(llm, plan.relevant or plan.tools, chan)
-        if tool is None:
-            return None  # aborted while choosing
+        if tool is None or self._stopping(chan):
+            chan.trace.aborted_at = time.time()
+            return None  # aborted while choosing: no call opened after a stop
         name = tool["name"]
         chan.emit(ToolCall(0, "call_" + secrets.token_hex(12), name))
         grammar = local_tools.schema_grammar(tool.get("parameters"))
@@ -368,7 +369,6 @@ class LocalEngine:
         alive, at = list(names), 0
         while len(alive) > 1:
             if self._stopping(chan):
-                chan.trace.aborted_at = time.time()
                 return None
             logits = self._logits(llm)
             best = max({names[n][at] for n in alive}, key=lambda t: float(logits[t]))

@@ -39,6 +39,7 @@ ARGS_OPEN = ', "arguments": '
 CALL_THRESHOLD = 0.5
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+DESCRIBED = 300  # characters of a tool's description shown to the model
 
 
 @dataclass(slots=True)
@@ -139,7 +140,10 @@ def _turn(m: Message) -> dict[str, str]:
 def _instructions(plan: Plan) -> str:
     parts = []
     if plan.tools:
-        listed = "\n".join(_compact({"name": t["name"], "description": t.get("description"),
+        # Descriptions are cut short: an agent's (Codex's run to pages) would fill the
+        # small model's context and say nothing more to a 135M model than their start.
+        listed = "\n".join(_compact({"name": t["name"],
+                                     "description": (t.get("description") or "")[:DESCRIBED],
                                      "parameters": t.get("parameters") or _ANY_OBJECT})
                            for t in plan.tools)
         parts.append("You can call these tools:\n<tools>\n" + listed + "\n</tools>\n"
