@@ -14,6 +14,8 @@ directly. Its behaviour is chosen by directives in the last user message:
     IGNORE_CANCEL  keep generating after the client left; the Responses cancel
                    endpoint answers without stopping anything (as openai-python#2643)
     CALL=name      stream a call of function `name` instead of text
+                   (its arguments: the chunks of `FakeUpstream.call_arguments`;
+                   a request whose last message is a tool output gets text, at RATE)
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
 
@@ -94,6 +96,8 @@ class FakeUpstream:
         self.calls: list[Call] = []
         self.cancels: list[str] = []
         self.attempts: dict[str, int] = {}
+        # The chunks of the arguments a chat CALL streams, when a test sets its own.
+        self.call_arguments: list[str] | None = None
         self._responses: dict[str, dict[str, Any]] = {}  # id -> {"events": [...], "done"}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -212,8 +216,10 @@ class FakeUpstream:
         n = 0
         messages = call.body.get("messages") or []
         if messages and messages[-1].get("role") == "tool":
-            # Answer a function call's output: say it back.
+            # Answer a function call's output: say it back (at RATE words per second).
             for word in f"The result is {messages[-1]['content']}".split(" "):
+                if "RATE" in d:
+                    await asyncio.sleep(1 / float(d["RATE"]))
                 n += 1
                 call.generated.append(time.time())
                 yield chunk({"content": (" " if n > 1 else "") + word})
@@ -222,7 +228,7 @@ class FakeUpstream:
             n = 1
             yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
                                          "function": {"name": d["CALL"], "arguments": ""}}]})
-            for piece in _argument_pieces(call.body, d["CALL"]):
+            for piece in self.call_arguments or _argument_pieces(call.body, d["CALL"]):
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
                 n += 1
