@@ -353,8 +353,16 @@ class LocalEngine:
         """A function call: the opening and the name are written into the context by
         the engine (the name chosen by the model's ranking of the allowed ones); the
         arguments are sampled under the function's schema grammar, one token a step."""
+        tools = plan.relevant or plan.tools
+        # The opening, the name and `, "arguments": ` are written into the context too:
+        # leave them room, or the context overflows (the call then ends at its length).
+        written = len(self._tokens(local_tools.CALL_OPEN + local_tools.ARGS_OPEN)) + max(
+            len(self._tokens(t["name"] + '"')) for t in tools)
+        if written >= budget:
+            return "length"
+        budget -= written
         llm.eval(self._tokens(local_tools.CALL_OPEN))
-        tool = self._pick_tool(llm, plan.relevant or plan.tools, chan)
+        tool = self._pick_tool(llm, tools, chan)
         if tool is None or self._stopping(chan):
             chan.trace.aborted_at = time.time()
             return None  # aborted while choosing: no call opened after a stop

@@ -8,9 +8,11 @@ teaches one in the system prompt (`<tool_call>{"name": ..., "arguments": ...}`) 
   request needs a tool (measured: its probability of opening `<tool_call>`, and its
   answer to a yes/no question, are no better than chance on plain requests). So `auto`
   calls when the last user turn shares a content word with a tool's name or description
-  (`relevant`), or when the model itself gives `<tool_call>` a high probability; after
-  a tool's output only in the latter case, so agent loops end. A forced choice
-  (`required`, a named function) skips the decision;
+  (`relevant`), or when the model itself gives `<tool_call>` a high probability. After a
+  tool's output `auto` answers in text: the model's own wish to call again is no better
+  than chance either, and an agent (Codex) would loop on it until its context is full;
+  so one call a turn, then the answer. A forced choice (`required`, a named function)
+  skips the decision;
 - the function's name is picked among the most relevant allowed tools by the model's
   own ranking of their tokens (a greedy walk, never a name outside `tools`);
 - the arguments, and a `text.format` answer, are sampled under a llama.cpp grammar
@@ -76,6 +78,8 @@ def plan(request: Generation) -> Plan:
     if not tools or mode == "none":
         return Plan("text", [], schema)
     last = request.messages[-1] if request.messages else None
+    if mode == "auto" and last is not None and last.role == "tool":
+        return Plan("text", [], schema)  # one call, then the answer (see above)
     relevant = _relevant(tools, last.text) if last is not None and last.role == "user" else []
     return Plan("call" if mode == "required" else "auto", tools, schema, relevant)
 
