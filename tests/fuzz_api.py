@@ -95,6 +95,8 @@ DOC: dict[str, Any] = {
             {"name": "Idempotency-Key", "in": "header", "required": False,
              "schema": {"type": "string"}}, body=_REQUEST)},
         "/v1/responses/compact": {"post": _op(body=_COMPACT)},
+        # Counted as a create with this body would be: the same schema.
+        "/v1/responses/input_tokens": {"post": _op(body=_REQUEST)},
         "/v1/responses/{response_id}": {
             "get": _op(_RID, _INCLUDE, _query("stream", {"type": "boolean"}),
                        _query("starting_after", {"type": "integer", "minimum": 0}),

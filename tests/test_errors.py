@@ -199,18 +199,11 @@ BAD_CREATES: list[tuple[str, dict[str, Any], int, str, object]] = [
     # A parameter in neither spec.
     ("unknown-parameter", {"model": MODEL, "input": "x", "extra_body": {"foo": 1}}, 400,
      "foo", str),
-    # Spec parameters tether does not support, with a non-default value.
-    ("tools", {"model": MODEL, "input": "x", "tools": [
-        {"type": "function", "name": "f", "parameters": {"type": "object"}}]}, 400,
-     "tools", str),
-    ("tool_choice-required", {"model": MODEL, "input": "x", "tool_choice": "required"}, 400,
-     "tool_choice", str),
+    # Spec parameters tether refuses (docs/fields.md), with a non-default value.
     ("prompt", {"model": MODEL, "input": "x", "extra_body": {"prompt": {"id": "pmpt_1"}}},
      400, "prompt", str),
     ("conversation", {"model": MODEL, "input": "x", "conversation": "conv_123"}, 400,
      "conversation", str),
-    ("text-json", {"model": MODEL, "input": "x", "text": {"format": {"type": "json_object"}}},
-     400, "text", str),
     ("moderation", {"model": MODEL, "input": "x",
                     "extra_body": {"moderation": {"model": "omni-moderation-latest"}}},
      400, "moderation", str),

@@ -156,11 +156,7 @@ class Lifecycle:
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
-        messages = await self.conversation(req.previous_response_id, tenant)
-        items = await wire_items.resolve_references(
-            wire.input_items(req), req.previous_response_id,
-            lambda rid: self.store.get(rid, tenant))
-        messages += wire.history(items)
+        messages, items = await self.turns(req, tenant)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
         rid = wire.new_id("resp")
@@ -210,6 +206,17 @@ class Lifecycle:
                                     "The response could not be queued.")
                 raise
         return record
+
+    async def turns(self, req: wire.CreateRequest, tenant: str,
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The conversation a create with `req` gives the engine (the previous response's
+        context, then this request's items with their references resolved), and the
+        request's own input items."""
+        messages = await self.conversation(req.previous_response_id, tenant)
+        items = await wire_items.resolve_references(
+            wire.input_items(req), req.previous_response_id,
+            lambda rid: self.store.get(rid, tenant))
+        return messages + wire.history(items), items
 
     async def conversation(self, previous_id: str | None, tenant: str) -> list[dict[str, Any]]:
         """The messages a response continuing `previous_id` starts from: that response's

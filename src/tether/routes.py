@@ -82,11 +82,10 @@ async def count_input_tokens(request: Request) -> Response:
     req = wire.parse_create(body)
     if req.model not in lc.models:
         raise model_not_found(req.model)
-    turns = await lc.conversation(req.previous_response_id, principal(request).tenant)
-    turns += wire.history(wire.input_items(req))
-    echo = wire.echo_fields(req)
-    gen = context.generation(req.model, turns, req.instructions, echo["tools"],
-                             echo["tool_choice"], req.text_format())
+    turns, _ = await lc.turns(req, principal(request).tenant)
+    # The tools as the engine sees them (namespaces flattened, custom tools as functions).
+    gen = context.generation(req.model, turns, req.instructions, req.toolset().engine,
+                             req.engine_tool_choice(), req.text_format())
     tokens = await context.count(lc.engine, gen)
     if tokens is None:
         tokens = compact.estimate_tokens(

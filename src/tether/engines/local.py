@@ -405,16 +405,19 @@ class LocalEngine:
         token_times = chan.trace.token_times
         produced = 0
         pending: int | None = None
+        # Under a grammar an answer cut at its budget is not JSON at all: start closing it
+        # early enough that a small `max_output_tokens` still gets a whole value.
+        wrap_up = self._wrap_up if grammar is None else min(self._wrap_up, budget * 2 // 3)
         try:
             while chan.next_turn(self._closing):
                 if pending is not None:
                     llm.eval([pending])  # one step: evaluate the previous token, sample one
-                if produced >= self._wrap_up:
+                if produced >= wrap_up:
                     # Past the usual length of an answer: make ending ever more likely, so
                     # a 135M model that lost its thread still stops by itself (in JSON:
                     # closing its strings, arrays and objects, where the grammar allows).
                     ends = self._eos if grammar is None else self._closers
-                    self._logits(llm)[ends] += (produced - self._wrap_up + 1) * 0.1
+                    self._logits(llm)[ends] += (produced - wrap_up + 1) * 0.1
                 token = llama_cpp.llama_sampler_sample(chain, llm.ctx, -1)
                 if llama_cpp.llama_vocab_is_eog(vocab, token) or token in self._stops:
                     return "stop"  # end-of-turn is not output text: not counted
