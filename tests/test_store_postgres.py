@@ -108,6 +108,34 @@ async def test_flush_waits_for_earlier_appends_only(make: Make) -> None:
     await load
 
 
+async def test_a_statement_rolled_back_for_a_deadlock_is_run_again(make: Make) -> None:
+    # PostgreSQL breaks a lock cycle by rolling back one statement (seen under load in
+    # bench/soak.py --scaled: a run then failed). A trigger raises that error (40P01) for
+    # the first event written by an append and by a finish.
+    store = await make()
+    await started(store)
+    async with store.db.conn() as con:
+        await con.execute("""
+            CREATE SEQUENCE deadlocks;  -- not rolled back with the statement
+            CREATE FUNCTION deadlock_once() RETURNS trigger AS $$
+            BEGIN
+                IF nextval('deadlocks') IN (1, 3) THEN
+                    RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01';
+                END IF;
+                RETURN NEW;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER deadlock_once BEFORE INSERT ON events
+                FOR EACH ROW EXECUTE FUNCTION deadlock_once();""")
+    assert await store.append("resp_1", "tok", [ev(delta="a")], tokens=1)
+    await asyncio.wait_for(store.flush(), 5)
+    assert await store.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
+    async with store.db.conn() as con:  # each refused once, then written
+        assert await con.fetchval("SELECT last_value FROM deadlocks") == 4
+    assert [orjson.loads(e.data)["type"] for e in await store.read("resp_1", 1)] == [
+        "response.output_text.delta", "response.completed"]
+    assert await store.output_tokens("resp_1") == 1
+
+
 async def test_sequence_numbers_are_assigned_by_the_store(make: Make) -> None:
     # contract §2.1
     store = await make()

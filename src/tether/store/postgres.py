@@ -56,6 +56,11 @@ from tether.store.pg_pool import OP_TIMEOUT, Database
 from tether.store.pg_sql import LIVE, Pending
 
 log = logging.getLogger("tether.store")
+# A statement PostgreSQL rolled back to break a lock cycle with another transaction (seen
+# under load: an append round and a purge or delete); being one statement, it left nothing
+# behind and is simply run again.
+RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError,
+             asyncpg.exceptions.SerializationError)
 
 # How long a round of appends that failed for an outage is tried again before its runs
 # are given up (their responses then end from the log). A database restart takes seconds.
@@ -237,8 +242,12 @@ class PostgresStore:
                         return None
                     last = int(row[0])
                 entries = sql.entries(last + 1, events)
-                won = await con.fetchval(statement, response_id, last, last + len(entries), tokens,
-                                         snap, *sql.columns(entries), *values)
+                try:
+                    won = await con.fetchval(statement, response_id, last,
+                                             last + len(entries), tokens, snap,
+                                             *sql.columns(entries), *values)
+                except RETRYABLE:
+                    continue  # rolled back whole (one statement): try it again
                 if won:
                     return last + len(entries), entries
                 # Lost the guard, or the log moved since `last` was read: look again.
@@ -301,8 +310,11 @@ class PostgresStore:
                 first = self._seqs[rid][1] + 1
                 rows.append((rid, p, first, sql.entries(first, p.events)))
             columns = sql.batch_columns(rows)
-            async with metrics.append_timer(), self.db.conn() as con:
-                matched = {r[0] for r in await con.fetch(sql.APPEND, *columns)}
+            try:
+                async with metrics.append_timer(), self.db.conn() as con:
+                    matched = {r[0] for r in await con.fetch(sql.APPEND, *columns)}
+            except RETRYABLE:
+                continue  # the statement was rolled back whole: the same round again
             for rid, p, _, entries in rows:
                 if rid in matched:
                     if entries:
