@@ -209,6 +209,12 @@ BAD_CREATES: list[tuple[str, dict[str, Any], int, str, object]] = [
      400, "moderation", str),
     ("hosted-tool", {"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, 400,
      "tools[0].type", str),
+    # Found by bench/fuzz.py (500s before): a tool's own fields, a part's type not a string.
+    ("tool-field", {"model": MODEL, "input": "x", "tools": [
+        {"type": "function", "name": "f", "bogus": 1}]}, 400, "tools[0].bogus", str),
+    ("part-type-list", {"model": MODEL, "input": [
+        {"role": "user", "content": [{"type": ["x"], "text": "a"}]}]}, 400,
+     "input[0].content[0].type", str),
 ]
 
 

@@ -171,12 +171,12 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
             raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     fields = {k: v for k, v in body.items() if k not in wire_fields.REFUSED}
     dropped: list[str] = []
-    if fields.get("tools") is not None:
-        wire_tools.parse_tools(fields["tools"], hosted_tools)  # hosted: refused here
-        dropped = wire_tools.dropped_types(fields["tools"])
-        fields["tools"] = [t for t in fields["tools"] if not (
-            isinstance(t, dict) and t.get("type") in dropped)]
     try:
+        if fields.get("tools") is not None:
+            wire_tools.parse_tools(fields["tools"], hosted_tools)  # hosted: refused here
+            dropped = wire_tools.dropped_types(fields["tools"])
+            fields["tools"] = [t for t in fields["tools"] if not (
+                isinstance(t, dict) and t.get("type") in dropped)]
         req = CreateRequest.model_validate(fields)
     except ValidationError as exc:
         raise _validation_error(exc) from None

@@ -132,7 +132,7 @@ def _part_type(part: Any) -> str:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
     # Tags with a `-`: `_is_type_tag` drops them from error locations.
     return {"input_image": "image-part", "input_file": "file-part",
-            "refusal": "refusal-part"}.get(kind or "", "text-part")
+            "refusal": "refusal-part"}.get(kind if isinstance(kind, str) else "", "text-part")
 
 
 Part = Annotated[

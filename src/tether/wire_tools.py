@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from tether.errors import bad_request
 
@@ -127,7 +127,15 @@ def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool 
                 f"Invalid value for 'tools[{i}].type': tool type '{kind}' cannot run on "
                 "this server (only function, custom and namespace tools do; see the "
                 "hosted_tools setting).", f"tools[{i}].type", "unsupported_tool")
-        tools.append(model.model_validate(tool))  # errors are named by the caller
+        try:
+            tools.append(model.model_validate(tool))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            # (Union branches appear in the location as class names: not a field.)
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]
+                            if isinstance(p, int) or not p[:1].isupper())
+            raise bad_request(f"Invalid value for 'tools[{i}]{where}': {err['msg']}.",
+                              f"tools[{i}]{where}", "invalid_value") from None
     return tools
 
 
