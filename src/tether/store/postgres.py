@@ -445,9 +445,13 @@ class PostgresStore:
 
     async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
         async with self.db.conn() as con:
+            # Rows an append holds are skipped, never waited for: a renewal waiting on one
+            # append while holding rows another append wants was a deadlock (soak, under
+            # load). A skipped row is renewed on the next round, well within the lease.
             await con.execute(
-                f"UPDATE responses SET lease_until = $2 WHERE owner = $1 AND {LIVE} "
-                "AND id = ANY($3::text[])", owner, lease_until, list(held))
+                f"UPDATE responses SET lease_until = $2 WHERE id IN (SELECT id FROM responses "
+                f"WHERE owner = $1 AND {LIVE} AND id = ANY($3::text[]) "
+                "FOR UPDATE SKIP LOCKED)", owner, lease_until, list(held))
 
     async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         rows = await self.db.query(
