@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tether.config import Settings
-from tether.engines.base import Abort, Delta, Generation, PromptRead, Step
+from tether.engines.base import Delta, Emit, Generation, PromptRead
 from tether.engines.scripted import ScriptedEngine
 from tether.lifecycle import Lifecycle
 from tether.store.base import Record, StoreUnavailable
@@ -45,15 +46,25 @@ class Unreachable(SQLiteStore):
 
 
 class Stubborn(ScriptedEngine):
-    """Generates until the end of time, whatever its abort signal says."""
+    """Generates until the end of time, deaf to cancels (a bug: a shielded loop), until
+    `release` is set."""
 
     closed = False
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
-        yield PromptRead(input_tokens=1)
-        while True:
-            await asyncio.sleep(0.01)
-            yield Delta(" on")
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+        self.ended = anyio.Event()
+
+    async def generate(self, request: Generation, emit: Emit) -> None:
+        await emit(PromptRead(input_tokens=1))
+        try:
+            with anyio.CancelScope(shield=True):
+                while not self.release.is_set():
+                    await anyio.sleep(0.01)
+                    await emit(Delta(" on"))
+        finally:
+            self.ended.set()
 
     async def close(self) -> None:
         self.closed = True
@@ -72,9 +83,9 @@ async def started(store: SQLiteStore, rid: str, deltas: int = 3) -> bool:
 
 
 def quiet(lc: Lifecycle) -> Callable[[], Awaitable[bool]]:
-    """The condition: no spawned task of `lc` is still going."""
+    """The condition: no run or spawned task of `lc` is still going."""
     async def check() -> bool:
-        return not lc._tasks
+        return not lc.runner.busy
     return check
 
 
@@ -86,18 +97,23 @@ async def make(tmp_path: Path, engine: ScriptedEngine,
     return lc, store
 
 
-async def test_stop_closes_everything_when_a_run_will_not_stop(tmp_path: Path) -> None:
+async def test_stop_closes_everything_when_a_run_will_not_stop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Before: `stop()`'s bounded wait raised TimeoutError and the store, engine and
-    # dispatch were never closed. Now the run's task is cancelled and awaited, its
-    # response ended from its log, and everything closed.
+    # dispatch were never closed. Now a run deaf to its cancel is cut after the grace,
+    # left after a bounded wait (logged), its response ended from its log (the run is
+    # fenced out), and everything closed.
     engine = Stubborn()
     lc, store = await make(tmp_path, engine, cancel_timeout=0.2)
     rec = await lc.create(CreateRequest(model="scripted", input="x", background=True), "t")
     await until(lambda: started(store, rec.id))
-    await asyncio.wait_for(lc.stop(), 15)
+    with caplog.at_level(logging.ERROR, "tether.runner"):
+        await asyncio.wait_for(lc.stop(), 15)
     assert store.closed and engine.closed
-    assert not lc._tasks and all(t.done() for t in lc._daemons)
-    assert not lc.runs
+    assert any("did not end when cancelled" in r.getMessage() for r in caplog.records)
+    engine.release.set()
+    with anyio.fail_after(5):
+        await engine.ended.wait()
     reopened = SQLiteStore(store.path)
     await reopened.open()
     try:
@@ -121,14 +137,16 @@ async def test_a_cancelled_stop_still_closes_everything(tmp_path: Path) -> None:
     stopping = asyncio.create_task(lc.stop())
 
     async def stop_signalled() -> bool:
-        return run.abort.is_set()
+        return run.reason is not None
 
     await until(stop_signalled)
     stopping.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopping
     assert store.closed and engine.closed
-    assert not lc._tasks and all(t.done() for t in lc._daemons)
+    engine.release.set()
+    with anyio.fail_after(5):
+        await engine.ended.wait()
 
 
 async def test_a_disconnect_cancel_rides_out_a_store_outage(
@@ -143,7 +161,7 @@ async def test_a_disconnect_cancel_rides_out_a_store_outage(
         await until(lambda: started(store, rec.id))
         store.down_until = time.monotonic() + 0.5
         with caplog.at_level(logging.WARNING, "tether.lifecycle"):
-            lc.spawn(lc.cancel_quietly(rec.id, "t"))
+            lc.spawn(lc.cancel_quietly, rec.id, "t")
 
             async def ended() -> bool:
                 r = await SQLiteStore.get(store, rec.id, "t")
@@ -171,7 +189,7 @@ async def test_a_cancel_given_up_is_logged_and_the_run_still_stops(
         await until(lambda: started(store, rec.id))
         store.down_until = time.monotonic() + 60
         with caplog.at_level(logging.WARNING, "tether"):
-            lc.spawn(lc.cancel_quietly(rec.id, "t"))
+            lc.spawn(lc.cancel_quietly, rec.id, "t")
             await until(quiet(lc))
         assert any("given up" in r.getMessage() for r in caplog.records)
         assert not any("background task" in r.getMessage() for r in caplog.records)

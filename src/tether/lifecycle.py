@@ -19,20 +19,22 @@ Cancellation, the one concept to know:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
 
+import anyio
 import orjson
 
 from tether import bounds, context, metrics, wire, wire_items
+from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
-from tether.engines.base import Engine
+from tether.engines.base import Engine, Generation, Message, ToolCallSpec
 from tether.errors import (
     APIError,
     bad_request,
@@ -40,7 +42,9 @@ from tether.errors import (
     not_found,
     previous_not_found,
 )
-from tether.run import Outcome, Run, drive
+from tether.leases import LeaseKeeper
+from tether.run import Progress, drive
+from tether.runner import Run, Runner
 from tether.store.base import (
     IdempotencyConflict,
     LogEntry,
@@ -52,7 +56,6 @@ from tether.store.base import (
 from tether.store.owners import OwnerLocks
 
 log = logging.getLogger("tether.lifecycle")
-Ending = Literal["completed", "incomplete", "failed", "cancelled"]
 T = TypeVar("T")
 
 
@@ -63,7 +66,8 @@ def new_token() -> str:
 class Lifecycle:
     """Responses in one process. `workers` is how many runs this process executes at
     once (0: an API replica that only creates, reads and cancels; runs happen in
-    `tether worker` processes reached through `dispatch`)."""
+    `tether worker` processes reached through `dispatch`). Its runs and daemons live in
+    `runner`'s task group."""
 
     def __init__(self, store: Store, engine: Engine, settings: Settings,
                  dispatch: Dispatch | None = None, workers: int | None = None,
@@ -73,18 +77,21 @@ class Lifecycle:
         self.settings = settings
         self.dispatch = dispatch or LocalDispatch()
         self.owner = owner or new_token()  # this process, in leases
-        self.runs: dict[str, Run] = {}
-        metrics.watch_runs(self.runs)
+        self.runner = Runner()
+        metrics.watch_runs(self.runner.runs)
         self.models = {m.id for m in engine.models()}
         self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
-        self._slots = asyncio.Semaphore(max(self.workers, 1))
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._daemons: list[asyncio.Task[None]] = []
+        self._slots = anyio.Semaphore(max(self.workers, 1))
         # Responses this process submitted to its local queue and no run took yet: it
         # keeps their leases (scaled out, nobody does: `_queue_owner`).
         self._queued: set[str] = set()
         self._locks: OwnerLocks | None = None  # the embedded store's owner locks
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        """The runs going on in this process, by response id."""
+        return self.runner.runs
 
     # --- process life ------------------------------------------------------------------
 
@@ -94,36 +101,32 @@ class Lifecycle:
         if self._locks is not None:
             # Held until this process ends: how the next one knows it is gone (§8.7).
             self._locks.hold(self.owner)
+        await self.runner.open()
         await self.dispatch.open(self._on_cancel)
         if self.workers:
             await self.engine.start()
-            self._daemons.append(asyncio.create_task(self._work()))
-        self._daemons.append(asyncio.create_task(self._keep()))
+            self.runner.daemon(self._work)
+        keeper = LeaseKeeper(self.store, self.settings, self.owner,
+                             lambda: [*self.runner.runs, *self._queued], self._recover,
+                             self._locks)
+        self.runner.daemon(keeper.keep)
 
     async def stop(self) -> None:
-        """Graceful shutdown: runs are asked to stop and given `cancel_timeout` + 1 s to
-        end their responses `failed`; the tasks still going then are cancelled (and
+        """Graceful shutdown: runs are stopped (`shutdown`) and given `cancel_timeout` +
+        1 s to end their responses `failed`; the tasks still going then are cancelled (and
         awaited), and what they left live is ended `failed` from its log. Queued
         responses wait for a restart (on the embedded store the next process takes them
         at once). The dispatch, engine and store are closed whatever happened before,
         even if a step raised or this call was cancelled."""
-        async with contextlib.AsyncExitStack() as closing:
+        async with contextlib.AsyncExitStack() as stack:
             if self._locks is not None:
-                closing.callback(self._locks.release)  # last: after the store closed
-            closing.push_async_callback(self.store.close)
+                stack.callback(self._locks.release)  # last: after the store closed
+            stack.push_async_callback(self.store.close)
             if self.workers:
-                closing.push_async_callback(self.engine.close)
-            closing.push_async_callback(self.dispatch.close)
-            await _settle(self._daemons, 0)
-            for run in list(self.runs.values()):
-                run.stop("shutdown")
-            deadline = time.monotonic() + self.settings.cancel_timeout + 1
-            seen: set[asyncio.Task[Any]] = set()
-            cut = False
-            while pending := self._tasks - seen:  # and what they spawn meanwhile
-                seen |= pending
-                cut |= await _settle(pending, deadline - time.monotonic())
-            if cut:
+                stack.push_async_callback(self.engine.close)
+            stack.push_async_callback(self.dispatch.close)
+            await self.runner.close(grace=self.settings.cancel_timeout + 1)
+            if self.runner.cut:
                 await self._end_held("The server stopped while generating this response.")
 
     async def _end_held(self, message: str) -> None:
@@ -136,17 +139,10 @@ class Lifecycle:
         except Exception:
             log.exception("ending runs cut short by the shutdown failed")
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run `coro` in the background, keeping a reference until it ends (`stop`
-        awaits it). An exception it ends with is logged: no one else would see it."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("background task %s failed", task.get_coro(), exc_info=exc)
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run `fn(*args)` in the background, in the runner's group (`stop` awaits it).
+        An exception it ends with is logged: no one else would see it."""
+        self.runner.spawn(fn, *args)
 
     # --- create ------------------------------------------------------------------------
 
@@ -252,25 +248,21 @@ class Lifecycle:
         """Take responses from the dispatch, one per free run slot."""
         while True:
             await self._slots.acquire()
+            started = False
             try:
                 rid, tenant = await self.dispatch.take()
                 # From here the run keeps the lease; if the run is not started below,
                 # the lease runs out and `_recover` queues the response again.
                 self._queued.discard(rid)
                 record = await self.store.get(rid, tenant)
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
+                if record is not None and record.status in wire.LIVE_STATES:
+                    started = self.runner.start(rid, partial(self._run, record)) is not None
             except Exception:
-                self._slots.release()
                 log.exception("taking a run failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
-            if record is None or record.status not in wire.LIVE_STATES or rid in self.runs:
-                self._slots.release()
-                continue
-            run = self.runs[rid] = Run()
-            self.spawn(self._run(record, run))
+                await anyio.sleep(0.5)
+            finally:
+                if not started:
+                    self._slots.release()
 
     async def _patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`call(*args)`, riding out a short outage of the store: retried until the
@@ -280,7 +272,7 @@ class Lifecycle:
         except StoreUnavailable:
             deadline = time.monotonic() + self.settings.lease_timeout
         while True:
-            await asyncio.sleep(0.25)
+            await anyio.sleep(0.25)
             try:
                 return await call(*args)
             except StoreUnavailable:
@@ -289,66 +281,86 @@ class Lifecycle:
 
     def _on_cancel(self, rid: str) -> None:
         """A cancel signal (from this process or another replica)."""
-        run = self.runs.get(rid)
-        if run is not None:
-            run.stop("cancel")
+        self.runner.stop(rid, "cancel")
 
     async def _run(self, record: Record, run: Run) -> None:
-        rid = record.id
+        """The body of one run, in the runner's group: claim, drive, end. The ending runs
+        in `run.ending`, shielded: a cancel stops the engine, never the commit."""
         try:
-            if run.abort.is_set():
+            if run.reason is not None:
                 return  # cancelled before it started: the canceller ends it
             token = new_token()
             snap = {**record.snapshot, "status": "in_progress"}
-            claimed = await self._patiently(
-                self.store.claim, rid, token, self.owner,
-                time.time() + self.settings.lease_timeout, snap,
-                [wire.lifecycle_event("in_progress", snap)])
-            if not claimed:
+            try:
+                claimed = await self._patiently(
+                    self.store.claim, record.id, token, self.owner,
+                    time.time() + self.settings.lease_timeout, snap,
+                    [wire.lifecycle_event("in_progress", snap)])
+            except Exception as exc:
+                with run.ending:
+                    await self._crashed(record, exc)
                 return
-            run.claimed = True
-            outcome = await drive(self.store, self.engine, record, snap, run, token)
-            if outcome is not None:
-                await self._conclude(rid, token, snap, run, outcome)
-        except Exception as exc:
-            message = "The run crashed."
-            if isinstance(exc, WriteLost):
-                # Some of its output could not be saved (a full disk): it ends with what
-                # was, once the store can write again (docs/contract.md §8.7).
-                log.warning("run %s could not save its output: %s", rid, exc)
-                message = "The server could not save this response's output."
-            elif isinstance(exc, StoreUnavailable):
-                # Part of its output may not have reached the database: it cannot go on
-                # as if it had. It ends from what is in the log, once the store is back.
-                log.warning("run %s lost the store: %s", rid, exc)
-                message = "The database was unreachable while generating this response."
-            else:
-                log.exception("run %s crashed", rid)
-            with contextlib.suppress(Exception):
-                await self._patiently(self._end, rid, record.tenant, "failed", message)
+            if claimed:
+                run.claimed = True
+                await self._drive(record, run, token, snap)
         finally:
-            run.done.set()
-            self.runs.pop(rid, None)
             self._slots.release()
 
+    async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
+        request, tool_names = _generation(record, snap)
+        progress = Progress(self.store, record.id, token, run, tool_names)
+        crash: Exception | None = None
+        try:
+            await drive(self.engine, request, progress)
+        except Exception as exc:
+            crash = exc
+        finally:
+            with run.ending:
+                if crash is not None:
+                    await self._crashed(record, crash)
+                elif not progress.fenced:  # fenced: someone else ended the response
+                    await self._conclude(record.id, token, snap, run, progress)
+
+    async def _crashed(self, record: Record, exc: Exception) -> None:
+        """A run that failed outside its engine ends `failed` from its log (its own
+        account may not be the log's)."""
+        rid = record.id
+        message = "The run crashed."
+        if isinstance(exc, WriteLost):
+            # Some of its output could not be saved (a full disk): it ends with what
+            # was, once the store can write again (docs/contract.md §8.7).
+            log.warning("run %s could not save its output: %s", rid, exc)
+            message = "The server could not save this response's output."
+        elif isinstance(exc, StoreUnavailable):
+            # Part of its output may not have reached the database: it cannot go on
+            # as if it had. It ends from what is in the log, once the store is back.
+            log.warning("run %s lost the store: %s", rid, exc)
+            message = "The database was unreachable while generating this response."
+        else:
+            log.error("run %s crashed", rid, exc_info=exc)
+        try:
+            await self._patiently(self._end, rid, record.tenant, "failed", message)
+        except Exception:
+            log.exception("ending the crashed run %s failed; its lease ends it", rid)
+
     async def _conclude(self, rid: str, token: str, snap: dict[str, Any], run: Run,
-                        outcome: Outcome) -> None:
+                        progress: Progress) -> None:
         """The terminal transition a run proposes; the store's CAS says if it wins."""
-        error = outcome.error
+        error = progress.error
         if error is not None:
             ending: Ending = "failed"
-        elif outcome.reason == "stop":
+        elif progress.reason == "stop":
             ending = "completed"
-        elif outcome.reason == "length":
+        elif progress.reason == "length":
             ending = "incomplete"
-        elif run.abort.is_set() and run.stop_reason == "cancel":
+        elif run.reason == "cancel":
             ending = "cancelled"
         else:
             ending, error = "failed", "The server stopped while generating this response."
-        closing = _closing(snap, ending, outcome.items, [], outcome.input_tokens,
-                           outcome.output_tokens, error, outcome.error_code, outcome.notes)
-        if await self._patiently(self.store.finish, rid, token, ending, *closing):
-            metrics.ended(ending, outcome.output_tokens)
+        final = closing(snap, ending, progress.items(), [], progress.input_tokens,
+                        progress.output_tokens, error, progress.error_code, progress.notes)
+        if await self._patiently(self.store.finish, rid, token, ending, *final):
+            metrics.ended(ending, progress.output_tokens)
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
@@ -368,7 +380,7 @@ class Lifecycle:
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
         if await self.store.finish(rid, guard, ending,
-                                   *_closing(snap, ending, still_open, done, rec.input_tokens,
+                                   *closing(snap, ending, still_open, done, rec.input_tokens,
                                              output_tokens, error)):
             metrics.ended(ending, output_tokens)
 
@@ -422,13 +434,11 @@ class Lifecycle:
         """Signal the run of a live response to stop; wait until it ended the response
         or `deadline` passed."""
         rid = rec.id
-        run = self.runs.get(rid)
+        run = self.runner.stop(rid, "cancel")
         if run is not None:
-            run.stop("cancel")
             if run.claimed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(run.done.wait()),
-                                           max(deadline - time.monotonic(), 0))
+                with anyio.move_on_after(max(deadline - time.monotonic(), 0)):
+                    await run.done.wait()
             return
         if not self.dispatch.remote or rec.run_token is None:
             return  # nobody runs it: a claim after this is refused by `_end`'s finish
@@ -510,38 +520,7 @@ class Lifecycle:
                               "response_in_flight")
         await self.store.delete(rid, tenant)
 
-    # --- leases (docs/contract.md §6.2) -----------------------------------------------------------
-
-    async def _keep(self) -> None:
-        """Renew the leases of the responses this process runs or keeps queued — only
-        those: a response whose run ended without its terminal transition (a store
-        failure at the wrong moment) is not renewed, so it expires and is ended like any
-        lost run —, recover the responses of others, and purge old logs."""
-        lease = self.settings.lease_timeout
-        last_purge = 0.0
-        while True:
-            try:
-                now = time.time()
-                await self.store.renew(self.owner, now + lease, [*self.runs, *self._queued])
-                await self._recover_all(now)
-                if now - last_purge > 60:
-                    await self.store.purge(now - self.settings.retention)
-                    last_purge = now
-            except Exception:
-                log.exception("lease keeper failed; retrying")
-            await asyncio.sleep(lease / 3)
-
-    async def _recover_all(self, now: float) -> None:
-        """Recover responses whose lease ran out, and at once those of owners proven gone
-        by their lock (the embedded store, docs/contract.md §8.7: in the first round after a
-        start, so a restart does not wait for the leases of the process it replaces)."""
-        locks = self._locks
-        gone = locks.gone() if locks is not None else []
-        for rec in await self.store.expired(now, gone):
-            await self._recover(rec, rec.owner in gone)
-        for owner in gone:
-            assert locks is not None
-            locks.forget(owner)  # all it held is recovered; an error above retries
+    # --- leases (docs/contract.md §6.2, `tether.leases`) ------------------------------------
 
     async def _recover(self, rec: Record, owner_gone: bool = False) -> None:
         """A response whose owner stopped renewing its lease (or is `owner_gone`): re-run
@@ -557,50 +536,18 @@ class Lifecycle:
                         "The server running this response stopped before it finished.")
 
 
-async def _settle(tasks: Collection[asyncio.Task[Any]], timeout: float) -> bool:
-    """Give `tasks` `timeout` seconds to end, then cancel the rest and await them — also
-    when this wait is itself cancelled (the cancellation then goes on up). The wait for
-    cancelled tasks is bounded: one that will not end is logged, not awaited forever.
-    True if some had to be cancelled."""
-    pending = set(tasks)
-    try:
-        if pending and timeout > 0:
-            _, pending = await asyncio.wait(pending, timeout=timeout)
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            _, stuck = await asyncio.wait(pending, timeout=5)
-            if stuck:
-                log.error("tasks that did not end when cancelled: %s", stuck)
-    return bool(pending)
-
-
-def _closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem],
-             done: list[dict[str, Any]], input_tokens: int, output_tokens: int,
-             error: str | None, error_code: str = "server_error",
-             notes: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The terminal snapshot and the events that close a response (docs/contract.md §3.4, §6.1).
-    `notes` (how an upstream engine counted) go into `usage.tether`."""
-    item_status = "completed" if ending == "completed" else "incomplete"
-    events = [ev for m in still_open for ev in m.closed(item_status)]
-    output = done + [m.item(item_status) for m in still_open]
-    err = None
-    if ending == "failed":
-        err = {"code": error_code, "message": error or "The response failed."}
-    final = wire.snapshot(
-        {k: v for k, v in snap.items() if k not in _DERIVED}, id=snap["id"],
-        created_at=snap["created_at"], status=ending, output=output,
-        usage=wire.usage(input_tokens, output_tokens) | ({"tether": notes} if notes else {}),
-        error=err,
-        incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
-        completed_at=int(time.time()) if ending == "completed" else None)
-    if err is not None:
-        events.append(wire.error_event(err["code"], err["message"]))
-    kind = {"completed": "completed", "incomplete": "incomplete"}.get(ending, "failed")
-    events.append(wire.lifecycle_event(kind, final))
-    return final, events
-
-
-_DERIVED = {"id", "created_at", "status", "completed_at", "output", "usage", "error",
-            "incomplete_details"}
+def _generation(record: Record, snap: dict[str, Any],
+                ) -> tuple[Generation, dict[str, dict[str, Any]] | None]:
+    """What the engine is asked for `record`, and its tools by flattened name."""
+    spec = record.run
+    messages = [Message(m["role"], m["text"],
+                        [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
+                        m.get("call_id"), m.get("parts")) for m in spec["messages"]]
+    if spec["instructions"]:
+        messages.insert(0, Message("system", spec["instructions"]))
+    request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
+                         spec["temperature"], spec["top_p"],
+                         spec.get("tools") or [], spec.get("tool_choice"),
+                         spec.get("text_format"), bool(snap.get("background")),
+                         spec.get("forward") or {})
+    return request, spec.get("tool_names")

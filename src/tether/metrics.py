@@ -19,7 +19,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sized
 from types import TracebackType
-from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,9 +34,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tether.engines.base import Delta, Step, ToolCallDelta
-
-if TYPE_CHECKING:
-    from tether.run import Run
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -63,7 +60,7 @@ OUTPUT_TOKENS = Counter(
     registry=REGISTRY)
 TOKENS_AFTER_CANCEL = Counter(
     "tether_tokens_after_cancel",
-    "Output tokens an engine yielded after a cancel had asked its run to stop.",
+    "Output tokens an engine emitted after its run was cancelled (the step in flight).",
     registry=REGISTRY)
 CANCEL_SECONDS = Histogram(
     "tether_cancel_seconds",
@@ -123,10 +120,10 @@ def ended(status: str, output_tokens: int) -> None:
         _tokens_inc(output_tokens)
 
 
-def after_stop(run: Run, step: Step) -> None:
-    """The engine yielded `step` although `run` had been asked to stop. Called only in
-    that case (the caller checks the abort), so the token loop pays one flag check."""
-    if run.stop_reason == "cancel" and (type(step) is Delta or type(step) is ToolCallDelta):
+def after_stop(step: Step) -> None:
+    """The engine emitted `step` although its run had been cancelled. Called only in that
+    case (the caller checks the run's stop reason), so the token loop pays one check."""
+    if type(step) is Delta or type(step) is ToolCallDelta:
         TOKENS_AFTER_CANCEL.inc(step.tokens)
 
 

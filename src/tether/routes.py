@@ -272,7 +272,7 @@ async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
         yield wire.DONE_FRAME
     finally:
         if not ended and cancel_on_disconnect:
-            lc.spawn(lc.cancel_quietly(rid, tenant))  # docs/contract.md §4.7
+            lc.spawn(lc.cancel_quietly, rid, tenant)  # docs/contract.md §4.7
 
 
 async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -> Any:

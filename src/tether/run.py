@@ -1,143 +1,140 @@
-"""A run: one engine generation, turned into events appended to a response's log.
+"""Driving one generation: the engine's steps turned into events appended to a log.
 
-`drive()` feeds the engine's steps (text deltas, function calls, token counts) into the
-log as they come, and returns how the generation went (`Outcome`). It decides nothing
-about the response's state: `Lifecycle` turns the outcome into the terminal transition.
+`drive()` runs the engine inside the run's cancel scope, with `Progress.take` as the
+engine's `emit`: each step (text delta, function call, token counts) is appended to the
+response's log as it comes — the hot path, engine → log. `Progress` is the run's own account
+of what reached the log (items, tokens, usage notes); it survives a cancel, so the run's
+ending closes exactly what was appended. This module decides nothing about the response's
+state: `Lifecycle` turns the progress into the terminal transition.
+
 When the store refuses an append (the run was fenced out: someone else ended the
-response), `drive` stops the engine and returns None. When an append could not be written
-(`WriteLost`, `StoreUnavailable`), the error goes up to `Lifecycle`: the engine is closed
-and the run's own account of its output, no longer the log's, is dropped.
+response), the run's scope is cancelled (`fenced`) and the progress says so. When an append
+could not be written (`WriteLost`, `StoreUnavailable`), the error goes up to `Lifecycle`:
+the run's account is no longer the log's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from tether import metrics, wire
 from tether.engines.base import (
-    Abort,
     Delta,
     Engine,
     EngineError,
     Finished,
     Generation,
-    Message,
     PromptRead,
     Report,
+    Step,
     ToolCall,
     ToolCallDelta,
-    ToolCallSpec,
 )
-from tether.store.base import Record, Store
+from tether.runner import Run
+from tether.store.base import Store
 
 
 @dataclass(slots=True)
-class Run:
-    """A run in this process: its abort signal and why it was asked to stop."""
+class Progress:
+    """What a run appended so far, with everything its closing events need."""
 
-    abort: Abort = field(default_factory=Abort)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    claimed: bool = False
-    stop_reason: Literal["cancel", "shutdown"] = "cancel"
+    store: Store
+    response_id: str
+    token: str  # the run token its appends are made under
+    run: Run
+    #: the request's tools by their flattened name (`wire.call_item`); None: no renames
+    tool_names: dict[str, dict[str, Any]] | None = None
+    message: wire.MessageItem = field(default_factory=wire.MessageItem)
+    opened: bool = False  # the message item is open
+    calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = field(
+        default_factory=dict)  # by engine index
+    input_tokens: int = 0
+    output_tokens: int = 0  # every one of them is in the log
+    reason: str | None = None  # the engine's finish reason ("stop", "length"); None: stopped
+    error: str | None = None  # an engine or upstream error
+    error_code: str = "server_error"
+    notes: dict[str, Any] = field(default_factory=dict)  # how an upstream counted (`Report`)
+    fenced: bool = False  # an append was refused: someone else ended the response
 
-    def stop(self, reason: Literal["cancel", "shutdown"]) -> None:
-        if not self.abort.is_set():
-            self.stop_reason = reason
-            self.abort.set()
+    async def take(self, step: Step) -> None:
+        """The engine's `emit`: append `step`'s events (and tokens) to the log.
+
+        Cancel-safe: `Store.append` either appends or, cancelled while it waits, appends
+        nothing; the counts here change only after it returned."""
+        if self.run.reason is not None:  # rare: the engine went on after a stop
+            if self.fenced:
+                return
+            if self.run.reason == "cancel":
+                metrics.after_stop(step)
+        if type(step) is Delta:
+            events = [self.message.delta(step.text, step.logprobs)]
+            if not self.opened:
+                self.message.output_index = len(self.calls)
+                events = self.message.opened() + events
+                self.opened = True
+            if await self._append(events, step.tokens):
+                self.output_tokens += step.tokens
+        elif type(step) is PromptRead:
+            self.input_tokens = step.input_tokens
+            await self._append([], input_tokens=step.input_tokens)
+        elif type(step) is Finished:
+            self.reason = step.reason
+        elif type(step) is ToolCall or type(step) is ToolCallDelta:
+            await self._call(step)
+        elif type(step) is Report:
+            await self._report(step)
+
+    async def _call(self, step: ToolCall | ToolCallDelta) -> None:
+        # Items are numbered in the order they open (message or call).
+        events = []
+        call = self.calls.get(step.index)
+        if call is None:
+            name = step.name if type(step) is ToolCall else ""
+            cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
+            call = self.calls[step.index] = wire.call_item(
+                int(self.opened) + len(self.calls), cid, name, self.tool_names)
+            events = call.opened()
+        tokens = 0
+        if type(step) is ToolCallDelta:
+            events.append(call.delta(step.arguments))
+            tokens = step.tokens
+        if await self._append(events, tokens):
+            self.output_tokens += tokens
+
+    async def _report(self, step: Report) -> None:
+        # Late exact counts (an upstream's usage report) replace the running ones; the
+        # log's token sum is corrected to match.
+        fix = 0
+        if step.output_tokens is not None:
+            fix = step.output_tokens - self.output_tokens
+        if step.input_tokens is not None:
+            self.input_tokens = step.input_tokens
+        if await self._append([], fix, input_tokens=self.input_tokens):
+            self.output_tokens += fix
+            self.notes.update(step.notes)
+
+    async def _append(self, events: list[dict[str, Any]], tokens: int = 0,
+                      input_tokens: int | None = None) -> bool:
+        if await self.store.append(self.response_id, self.token, events, tokens, input_tokens):
+            return True
+        self.fenced = True
+        self.run.stop("fenced")
+        return False
+
+    def items(self) -> list[wire.OpenItem]:
+        """The output items the run opened, in output order."""
+        items: list[wire.OpenItem] = [self.message] if self.opened else []
+        return sorted([*items, *self.calls.values()], key=lambda i: i.output_index)
 
 
-@dataclass(slots=True)
-class Outcome:
-    """How a generation went, with everything its closing events need."""
-
-    reason: str | None  # the engine's finish reason ("stop", "length"); None: stopped early
-    error: str | None  # an engine or upstream error
-    error_code: str
-    items: list[wire.OpenItem]  # the output items it opened, in output order
-    input_tokens: int
-    output_tokens: int  # every one of them is in the log
-    notes: dict[str, Any]  # how an upstream engine counted usage (`Report`)
-
-
-async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, Any],
-                run: Run, token: str) -> Outcome | None:
-    """Generate `record`'s response, appending its events under run token `token`."""
-    spec = record.run
-    messages = [Message(m["role"], m["text"],
-                        [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                        m.get("call_id"), m.get("parts")) for m in spec["messages"]]
-    if spec["instructions"]:
-        messages.insert(0, Message("system", spec["instructions"]))
-    request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
-                         spec["temperature"], spec["top_p"],
-                         spec.get("tools") or [], spec.get("tool_choice"),
-                         spec.get("text_format"), bool(snap.get("background")),
-                         spec.get("forward") or {})
-    item = wire.MessageItem()
-    opened = False
-    calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = {}  # by engine index
-    input_tokens = output_tokens = 0
-    reason: str | None = None
-    error: str | None = None
-    error_code = "server_error"
-    notes: dict[str, Any] = {}  # how an upstream engine counted usage (Report)
-    append = store.append
-    try:
-        steps = engine.generate(request, run.abort)
-        async with contextlib.aclosing(steps):  # type: ignore[type-var]
-            async for step in steps:
-                if run.abort.is_set():  # rare: the engine went on after a stop
-                    metrics.after_stop(run, step)
-                if type(step) is Delta:
-                    events = [item.delta(step.text, step.logprobs)]
-                    if not opened:
-                        item.output_index = len(calls)
-                        events = item.opened() + events
-                        opened = True
-                    if not await append(record.id, token, events, step.tokens):
-                        run.abort.set()
-                        return None  # fenced out: someone else ended this response
-                    output_tokens += step.tokens
-                elif type(step) is PromptRead:
-                    input_tokens = step.input_tokens
-                    await append(record.id, token, [], input_tokens=input_tokens)
-                elif type(step) is Finished:
-                    reason = step.reason
-                elif type(step) is ToolCall or type(step) is ToolCallDelta:
-                    # Items are numbered in the order they open (message or call).
-                    events = []
-                    call = calls.get(step.index)
-                    if call is None:
-                        name = step.name if type(step) is ToolCall else ""
-                        cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
-                        call = calls[step.index] = wire.call_item(
-                            int(opened) + len(calls), cid, name, spec.get("tool_names"))
-                        events = call.opened()
-                    tokens = 0
-                    if type(step) is ToolCallDelta:
-                        events.append(call.delta(step.arguments))
-                        tokens = step.tokens
-                    if not await append(record.id, token, events, tokens):
-                        run.abort.set()
-                        return None
-                    output_tokens += tokens
-                elif type(step) is Report:
-                    # Late exact counts (an upstream's usage report) replace the
-                    # running ones; the log's token sum is corrected to match.
-                    fix = 0
-                    if step.output_tokens is not None:
-                        fix, output_tokens = step.output_tokens - output_tokens, \
-                            step.output_tokens
-                    if step.input_tokens is not None:
-                        input_tokens = step.input_tokens
-                    await append(record.id, token, [], fix, input_tokens=input_tokens)
-                    notes.update(step.notes)
-    except EngineError as exc:
-        error = str(exc)
-        error_code = exc.code
-    items: list[wire.OpenItem] = [item] if opened else []
-    items = sorted([*items, *calls.values()], key=lambda i: i.output_index)
-    return Outcome(reason, error, error_code, items, input_tokens, output_tokens, notes)
+async def drive(engine: Engine, request: Generation, progress: Progress) -> None:
+    """Generate `request` into `progress`, inside the run's cancel scope: a cancel ends
+    this call at the engine's next token boundary, with `progress` holding what the log
+    holds. An engine failure is recorded in `progress`; a store failure goes up."""
+    with progress.run.scope:
+        try:
+            await engine.generate(request, progress.take)
+        except EngineError as exc:
+            progress.error = str(exc)
+            progress.error_code = exc.code

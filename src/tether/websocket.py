@@ -236,7 +236,7 @@ class Connection:
                 self.current = None
             if not ended:
                 # The socket was this response's reader (docs/contract.md §4.7).
-                self.lc.spawn(self.lc.cancel_quietly(rid, self.tenant))
+                self.lc.spawn(self.lc.cancel_quietly, rid, self.tenant)
 
     async def _send_entries(self, entries: list[LogEntry]) -> None:
         async with self.sending:
