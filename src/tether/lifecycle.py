@@ -41,6 +41,7 @@ from tether.errors import (
     previous_not_found,
 )
 from tether.run import Outcome, Run, drive
+from tether.runspec import RunSpec
 from tether.store.base import (
     IdempotencyConflict,
     LogEntry,
@@ -50,6 +51,7 @@ from tether.store.base import (
     WriteLost,
 )
 from tether.store.owners import OwnerLocks
+from tether.turns import Message
 
 log = logging.getLogger("tether.lifecycle")
 Ending = Literal["completed", "incomplete", "failed", "cancelled"]
@@ -165,18 +167,11 @@ class Lifecycle:
         events = [wire.lifecycle_event("created", snap)]
         if background:
             events.append(wire.lifecycle_event("queued", snap))
-        tools = req.toolset()
-        run_spec = {"messages": messages, "instructions": req.instructions,
-                    "tools": tools.engine, "tool_choice": req.engine_tool_choice(),
-                    "tool_names": tools.names, "forward": req.forward(),
-                    "text_format": req.text_format(),
-                    "max_output_tokens": req.max_output_tokens,
-                    "temperature": echo["temperature"], "top_p": echo["top_p"]}
+        spec = RunSpec.of(req, messages, echo)
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
-        run_spec["messages"] = await context.fit(
-            self.engine, self.contexts.get(req.model), req.model, messages, run_spec,
-            req.truncation)
-        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
+        spec = await context.fit(self.engine, self.contexts.get(req.model), req.model, spec,
+                                 req.truncation)
+        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=spec.encode(),
                         input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
                         input_tokens=0, finished_at=None, key_id=key_id)
@@ -208,7 +203,7 @@ class Lifecycle:
         return record
 
     async def turns(self, req: wire.CreateRequest, tenant: str,
-                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                    ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The conversation a create with `req` gives the engine (the previous response's
         context, then this request's items with their references resolved), and the
         request's own input items."""
@@ -218,7 +213,7 @@ class Lifecycle:
             lambda rid: self.store.get(rid, tenant))
         return messages + wire.history(items), items
 
-    async def conversation(self, previous_id: str | None, tenant: str) -> list[dict[str, Any]]:
+    async def conversation(self, previous_id: str | None, tenant: str) -> list[Message]:
         """The messages a response continuing `previous_id` starts from: that response's
         own context, then its output (Open Responses: prev.input + prev.output)."""
         if previous_id is None:
@@ -226,9 +221,7 @@ class Lifecycle:
         prev = await self.store.get(previous_id, tenant)
         if prev is None:
             raise previous_not_found(previous_id)
-        messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
-            prev.snapshot["output"])
-        return messages
+        return RunSpec.decode(prev.run).messages + wire.history(prev.snapshot["output"])
 
     def _queue_owner(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is

@@ -23,14 +23,12 @@ from tether.engines.base import (
     Engine,
     EngineError,
     Finished,
-    Generation,
-    Message,
     PromptRead,
     Report,
     ToolCall,
     ToolCallDelta,
-    ToolCallSpec,
 )
+from tether.runspec import RunSpec
 from tether.store.base import Record, Store
 
 
@@ -65,17 +63,8 @@ class Outcome:
 async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, Any],
                 run: Run, token: str) -> Outcome | None:
     """Generate `record`'s response, appending its events under run token `token`."""
-    spec = record.run
-    messages = [Message(m["role"], m["text"],
-                        [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                        m.get("call_id"), m.get("parts")) for m in spec["messages"]]
-    if spec["instructions"]:
-        messages.insert(0, Message("system", spec["instructions"]))
-    request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
-                         spec["temperature"], spec["top_p"],
-                         spec.get("tools") or [], spec.get("tool_choice"),
-                         spec.get("text_format"), bool(snap.get("background")),
-                         spec.get("forward") or {})
+    spec = RunSpec.decode(record.run)
+    request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
     item = wire.MessageItem()
     opened = False
     calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = {}  # by engine index
@@ -114,7 +103,7 @@ async def drive(store: Store, engine: Engine, record: Record, snap: dict[str, An
                         name = step.name if type(step) is ToolCall else ""
                         cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
                         call = calls[step.index] = wire.call_item(
-                            int(opened) + len(calls), cid, name, spec.get("tool_names"))
+                            int(opened) + len(calls), cid, name, spec.tool_names)
                         events = call.opened()
                     tokens = 0
                     if type(step) is ToolCallDelta:
