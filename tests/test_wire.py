@@ -8,6 +8,7 @@ import pytest
 
 from tether import wire
 from tether.errors import APIError
+from tether.turns import Message, ToolCallSpec
 
 
 def refused(body: dict[str, Any]) -> APIError:
@@ -189,8 +190,8 @@ def test_every_input_item_type_round_trips() -> None:
         "function_call", "function_call_output", "item_reference", "item_reference"]
     assert items[2]["encrypted_content"] == "xyz"
     turns = wire.history(items[:7])
-    assert turns[0]["text"] == "[a.txt]\nhello file"
-    assert turns[1] == {"role": "assistant", "text": "no", "tool_calls": [
-        {"call_id": "c1", "arguments": '{"input":"diff"}', "name": "ns__edit"}]}
-    assert [t["role"] for t in turns] == ["user", "assistant", "tool", "assistant", "tool"]
-    assert turns[-1]["text"] == "part"
+    assert turns[0].text == "[a.txt]\nhello file"
+    assert turns[1] == Message("assistant", "no", [
+        ToolCallSpec("c1", "ns__edit", '{"input":"diff"}')])
+    assert [t.role for t in turns] == ["user", "assistant", "tool", "assistant", "tool"]
+    assert turns[-1] == Message("tool", "part", call_id="c2")

@@ -28,6 +28,9 @@ from typing import Any
 
 import orjson
 
+from tether import turns as codec
+from tether.turns import Message
+
 VERSION = "tc1"
 _key = secrets.token_bytes(32)  # replaced by `configure` in a server (tests of parsing only)
 
@@ -68,12 +71,14 @@ def _sign(payload: str) -> str:
 
 
 def seal(turns: list[dict[str, Any]]) -> str:
+    """A token carrying `turns` (encoded: `tether.turns.encode`)."""
     payload = _b64(orjson.dumps(turns))
     return f"{VERSION}.{payload}.{_sign(payload)}"
 
 
 def unseal(token: str) -> list[dict[str, Any]]:
-    """The turns a token carries; ValueError if it is not one this install sealed."""
+    """The turns a token carries, encoded (`tether.turns.decode` reads them); ValueError
+    if it is not one this install sealed."""
     version, _, rest = token.partition(".")
     payload, _, signature = rest.partition(".")
     if version != VERSION or not payload or not signature:
@@ -89,18 +94,18 @@ def unseal(token: str) -> list[dict[str, Any]]:
     return turns
 
 
-def estimate_tokens(turns: list[dict[str, Any]]) -> int:
+def estimate_tokens(turns: list[Message]) -> int:
     """About 4 characters a token: compaction runs no tokenizer (no engine is involved)."""
-    return sum(len(t.get("text", "")) for t in turns) // 4 + len(turns)
+    return sum(len(t.text) for t in turns) // 4 + len(turns)
 
 
-def resource(turns: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+def resource(turns: list[Message], usage: dict[str, Any]) -> dict[str, Any]:
     """The `CompactResource`: one compaction item holding the whole conversation.
 
     Only the compaction item, not the user messages beside it as OpenAI's window has:
     the SDK types `output` as output items (assistant messages only), and one item
     replays the conversation without duplicating any of it."""
     item = {"id": f"cmp_{secrets.token_hex(24)}", "type": "compaction",
-            "encrypted_content": seal(turns)}
+            "encrypted_content": seal(codec.encode(turns))}
     return {"id": f"resp_{secrets.token_hex(24)}", "object": "response.compaction",
             "created_at": int(time.time()), "output": [item], "usage": usage}

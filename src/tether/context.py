@@ -13,27 +13,16 @@ An engine that can count (`TokenCounter.count_tokens`) and knows its model's con
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
-from tether.engines.base import Engine, Generation, Message, TokenCounter, ToolCallSpec
+from tether.engines.base import Engine, Generation, TokenCounter
 from tether.errors import APIError
+from tether.runspec import RunSpec
+from tether.turns import Message
 
 #: room kept for the output when `truncation: "auto"` drops turns (unless
 #: `max_output_tokens` asks for less), at most a quarter of the context.
 OUTPUT_ROOM = 512
-
-
-def generation(model: str, messages: list[dict[str, Any]], instructions: str | None,
-               tools: list[dict[str, Any]], tool_choice: Any,
-               text_format: dict[str, Any] | None,
-               max_output_tokens: int | None = None) -> Generation:
-    """The request an engine would be given for these turns (as `run.drive` builds it)."""
-    turns = [Message(m["role"], m["text"], [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                     m.get("call_id"), m.get("parts")) for m in messages]
-    if instructions:
-        turns.insert(0, Message("system", instructions))
-    return Generation("resp_count", model, turns, max_output_tokens, tools=tools,
-                      tool_choice=tool_choice, text_format=text_format)
 
 
 async def count(engine: Engine, request: Generation) -> int | None:
@@ -43,30 +32,29 @@ async def count(engine: Engine, request: Generation) -> int | None:
     return await engine.count_tokens(request)
 
 
-async def fit(engine: Engine, context: int | None, model: str,
-              messages: list[dict[str, Any]], run: dict[str, Any],
-              truncation: str | None) -> list[dict[str, Any]]:
-    """`messages` as they fit the context (the same, or fewer under `auto`); raises
-    400 `context_length_exceeded` when they cannot. `run` holds the other parts of the
-    prompt: instructions, tools, tool_choice, text_format, max_output_tokens."""
+async def fit(engine: Engine, context: int | None, model: str, spec: RunSpec,
+              truncation: str | None) -> RunSpec:
+    """`spec` with its messages as they fit the context (the same, or fewer under
+    `auto`); raises 400 `context_length_exceeded` when they cannot. The prompt counted
+    is the one the run will give the engine (instructions, tools, text format too)."""
     if context is None:
-        return messages
+        return spec
+    messages = spec.messages
 
-    async def size(turns: list[dict[str, Any]]) -> int | None:
-        return await count(engine, generation(
-            model, turns, run["instructions"], run["tools"], run["tool_choice"],
-            run["text_format"], run["max_output_tokens"]))
+    async def size(turns: list[Message]) -> int | None:
+        return await count(engine, replace(spec, messages=turns).generation(
+            "resp_count", model, False))
 
     full = await size(messages)
     if full is None or full < context:
-        return messages
+        return spec
     if truncation != "auto":
         raise _exceeded(full, context)
-    room = min(run["max_output_tokens"] or OUTPUT_ROOM, OUTPUT_ROOM, context // 4)
+    room = min(spec.max_output_tokens or OUTPUT_ROOM, OUTPUT_ROOM, context // 4)
     keep = _kept(messages)
     droppable = [i for i in range(len(messages)) if i not in keep]
 
-    def without(k: int) -> list[dict[str, Any]]:
+    def without(k: int) -> list[Message]:
         gone = set(droppable[:k])
         return _without_orphans([m for i, m in enumerate(messages) if i not in gone])
 
@@ -83,20 +71,20 @@ async def fit(engine: Engine, context: int | None, model: str,
             best, high = left, mid
         else:
             low = mid + 1
-    return best
+    return replace(spec, messages=best)
 
 
-def _kept(messages: list[dict[str, Any]]) -> set[int]:
+def _kept(messages: list[Message]) -> set[int]:
     """System/developer turns and the last user turn with everything after it."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=0)
     return {i for i, m in enumerate(messages)
-            if m["role"] in ("system", "developer") or i >= last_user}
+            if m.role in ("system", "developer") or i >= last_user}
 
 
-def _without_orphans(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _without_orphans(messages: list[Message]) -> list[Message]:
     """Tool outputs whose call was dropped go too (a result without its question)."""
-    calls = {c["call_id"] for m in messages for c in m.get("tool_calls", ())}
-    return [m for m in messages if m["role"] != "tool" or m.get("call_id") in calls]
+    calls = {c.call_id for m in messages for c in m.tool_calls}
+    return [m for m in messages if m.role != "tool" or m.call_id in calls]
 
 
 def _exceeded(size: int, context: int) -> APIError:

@@ -34,7 +34,7 @@ from tether import bounds, context, metrics, wire, wire_items
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
-from tether.engines.base import Engine, Generation, Message, ToolCallSpec
+from tether.engines.base import Engine
 from tether.errors import (
     APIError,
     bad_request,
@@ -45,6 +45,7 @@ from tether.errors import (
 from tether.leases import LeaseKeeper
 from tether.run import Progress, drive
 from tether.runner import Run, Runner
+from tether.runspec import RunSpec
 from tether.store.base import (
     IdempotencyConflict,
     LogEntry,
@@ -54,6 +55,7 @@ from tether.store.base import (
     WriteLost,
 )
 from tether.store.owners import OwnerLocks
+from tether.turns import Message
 
 log = logging.getLogger("tether.lifecycle")
 T = TypeVar("T")
@@ -161,18 +163,11 @@ class Lifecycle:
         events = [wire.lifecycle_event("created", snap)]
         if background:
             events.append(wire.lifecycle_event("queued", snap))
-        tools = req.toolset()
-        run_spec = {"messages": messages, "instructions": req.instructions,
-                    "tools": tools.engine, "tool_choice": req.engine_tool_choice(),
-                    "tool_names": tools.names, "forward": req.forward(),
-                    "text_format": req.text_format(),
-                    "max_output_tokens": req.max_output_tokens,
-                    "temperature": echo["temperature"], "top_p": echo["top_p"]}
+        spec = RunSpec.of(req, messages, echo)
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
-        run_spec["messages"] = await context.fit(
-            self.engine, self.contexts.get(req.model), req.model, messages, run_spec,
-            req.truncation)
-        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=run_spec,
+        spec = await context.fit(self.engine, self.contexts.get(req.model), req.model, spec,
+                                 req.truncation)
+        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=spec.encode(),
                         input_items=items, run_token=None, owner=self._queue_owner(),
                         lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
                         input_tokens=0, finished_at=None, key_id=key_id)
@@ -204,7 +199,7 @@ class Lifecycle:
         return record
 
     async def turns(self, req: wire.CreateRequest, tenant: str,
-                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                    ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The conversation a create with `req` gives the engine (the previous response's
         context, then this request's items with their references resolved), and the
         request's own input items."""
@@ -214,7 +209,7 @@ class Lifecycle:
             lambda rid: self.store.get(rid, tenant))
         return messages + wire.history(items), items
 
-    async def conversation(self, previous_id: str | None, tenant: str) -> list[dict[str, Any]]:
+    async def conversation(self, previous_id: str | None, tenant: str) -> list[Message]:
         """The messages a response continuing `previous_id` starts from: that response's
         own context, then its output (Open Responses: prev.input + prev.output)."""
         if previous_id is None:
@@ -222,9 +217,7 @@ class Lifecycle:
         prev = await self.store.get(previous_id, tenant)
         if prev is None:
             raise previous_not_found(previous_id)
-        messages: list[dict[str, Any]] = prev.run["messages"] + wire.history(
-            prev.snapshot["output"])
-        return messages
+        return RunSpec.decode(prev.run).messages + wire.history(prev.snapshot["output"])
 
     def _queue_owner(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is
@@ -307,8 +300,9 @@ class Lifecycle:
             self._slots.release()
 
     async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
-        request, tool_names = _generation(record, snap)
-        progress = Progress(self.store, record.id, token, run, tool_names)
+        spec = RunSpec.decode(record.run)
+        request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
+        progress = Progress(self.store, record.id, token, run, spec.tool_names)
         crash: Exception | None = None
         try:
             await drive(self.engine, request, progress)
@@ -534,20 +528,3 @@ class Lifecycle:
             return
         await self._end(rec.id, rec.tenant, "failed",
                         "The server running this response stopped before it finished.")
-
-
-def _generation(record: Record, snap: dict[str, Any],
-                ) -> tuple[Generation, dict[str, dict[str, Any]] | None]:
-    """What the engine is asked for `record`, and its tools by flattened name."""
-    spec = record.run
-    messages = [Message(m["role"], m["text"],
-                        [ToolCallSpec(**c) for c in m.get("tool_calls", ())],
-                        m.get("call_id"), m.get("parts")) for m in spec["messages"]]
-    if spec["instructions"]:
-        messages.insert(0, Message("system", spec["instructions"]))
-    request = Generation(record.id, snap["model"], messages, spec["max_output_tokens"],
-                         spec["temperature"], spec["top_p"],
-                         spec.get("tools") or [], spec.get("tool_choice"),
-                         spec.get("text_format"), bool(snap.get("background")),
-                         spec.get("forward") or {})
-    return request, spec.get("tool_names")

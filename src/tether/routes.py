@@ -26,6 +26,7 @@ from tether import (
 from tether.auth import principal
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
+from tether.runspec import RunSpec
 from tether.websocket import responses_socket
 
 
@@ -83,14 +84,12 @@ async def count_input_tokens(request: Request) -> Response:
     if req.model not in lc.models:
         raise model_not_found(req.model)
     turns, _ = await lc.turns(req, principal(request).tenant)
-    # The tools as the engine sees them (namespaces flattened, custom tools as functions).
-    gen = context.generation(req.model, turns, req.instructions, req.toolset().engine,
-                             req.engine_tool_choice(), req.text_format())
+    # The prompt as a run would give it (tools flattened, the instructions leading).
+    spec = RunSpec.of(req, turns, wire.echo_fields(req))
+    gen = spec.generation("resp_count", req.model, False)
     tokens = await context.count(lc.engine, gen)
     if tokens is None:
-        tokens = compact.estimate_tokens(
-            ([{"role": "system", "text": req.instructions}] if req.instructions else [])
-            + turns)
+        tokens = compact.estimate_tokens(gen.messages)
     return JSON({"object": "response.input_tokens", "input_tokens": tokens})
 
 

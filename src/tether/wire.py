@@ -32,12 +32,7 @@ __all__ = ["CompactRequest", "CreateRequest", "history", "input_items", "item_te
            "new_id", "parse_compact", "parse_create"]
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-TERMINAL_STATES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 LIVE_STATES = ("queued", "in_progress")
-
-
-def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj)
 
 
 # --- the Response object -----------------------------------------------------------------

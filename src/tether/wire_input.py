@@ -32,19 +32,16 @@ from tether.wire_items import (
     stored_items,
 )
 from tether.wire_tools import (
-    AllowedTools,
     CustomTool,
     FunctionTool,
     HostedRule,
     NamespaceTool,
-    ToolChoiceCustom,
-    ToolChoiceFunction,
+    ToolChoice,
     Toolset,
 )
 
-__all__ = ["IMAGE_PLACEHOLDER", "AllowedTools", "CompactRequest", "CreateRequest",
-           "ToolChoiceFunction", "history", "input_items", "item_text", "new_id",
-           "parse_compact", "parse_create"]
+__all__ = ["IMAGE_PLACEHOLDER", "CompactRequest", "CreateRequest", "history", "input_items",
+           "item_text", "new_id", "parse_compact", "parse_create"]
 
 # Upper bound of the counts a body gives (`max_output_tokens`, `max_tool_calls`): an int32,
 # what every engine and store holds; larger numbers are refused, not overflowed.
@@ -111,8 +108,7 @@ class CreateRequest(BaseModel):
     image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
     tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
-    tool_choice: (Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom
-                  | AllowedTools | None) = None
+    tool_choice: ToolChoice | None = None
     text: TextConfig | None = None
     # Refused unless null (wire_fields.REFUSED); typed loosely so a null passes.
     prompt: None = None

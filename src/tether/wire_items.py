@@ -26,8 +26,9 @@ from pydantic import (
     model_validator,
 )
 
-from tether import compact
+from tether import compact, turns
 from tether.errors import bad_request
+from tether.turns import Message, ToolCallSpec
 from tether.wire_tools import flat_name
 
 # Item types an input list may hold; anything else is validated as a message (and its
@@ -342,34 +343,31 @@ def _output_text(output: str | list[dict[str, Any]]) -> str:
     return output if isinstance(output, str) else parts_text(output)
 
 
-def history(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def history(items: list[dict[str, Any]]) -> list[Message]:
     """Stored items (input items, or a previous response's output) as the turns a run
-    is given: `{"role", "text"}`, plus `tool_calls` on the assistant turn that made
-    tool calls, `call_id` on a `tool` turn carrying a call's output, and `parts` on a
-    turn with images. A compaction item is the conversation it carries; reasoning items
-    are not shown."""
-    turns: list[dict[str, Any]] = []
+    is given: an assistant turn carries the tool calls it made (`tool_calls`), a `tool`
+    turn a call's output (`call_id`), a turn with images its `parts`. A compaction item
+    is the conversation it carries; reasoning items are not shown."""
+    out: list[Message] = []
     for item in items:
         kind = item.get("type")
         if kind == "message":
-            turn = {"role": item["role"], "text": item_text(item)}
-            if any(p.get("type") == "input_image" for p in item.get("content", [])):
-                turn["parts"] = _parts(item)
-            turns.append(turn)
+            images = any(p.get("type") == "input_image" for p in item.get("content", []))
+            out.append(Message(item["role"], item_text(item),
+                               parts=_parts(item) if images else None))
         elif kind in ("function_call", "custom_tool_call"):
             arguments = item["arguments"] if kind == "function_call" else orjson.dumps(
                 {"input": item["input"]}).decode()
-            call = {"call_id": item["call_id"], "arguments": arguments,
-                    "name": flat_name(item.get("namespace"), item["name"])}
-            if not turns or turns[-1]["role"] != "assistant":
-                turns.append({"role": "assistant", "text": ""})
-            turns[-1].setdefault("tool_calls", []).append(call)
+            call = ToolCallSpec(item["call_id"], flat_name(item.get("namespace"), item["name"]),
+                                arguments)
+            if not out or out[-1].role != "assistant":
+                out.append(Message("assistant", ""))
+            out[-1].tool_calls.append(call)
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            turns.append({"role": "tool", "text": _output_text(item["output"]),
-                          "call_id": item["call_id"]})
+            out.append(Message("tool", _output_text(item["output"]), call_id=item["call_id"]))
         elif kind == "compaction":
-            turns += compact.unseal(item["encrypted_content"])
-    return turns
+            out += turns.decode(compact.unseal(item["encrypted_content"]))
+    return out
 
 
 async def resolve_references(items: list[dict[str, Any]], previous_id: str | None,

@@ -12,29 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-
-@dataclass(slots=True)
-class ToolCallSpec:
-    """A function call the model made earlier in the conversation."""
-
-    call_id: str
-    name: str
-    arguments: str
-
-
-@dataclass(slots=True)
-class Message:
-    """One turn. `tool` turns carry a function call's output for `call_id`; assistant
-    turns may carry the function calls the model made (`tool_calls`)."""
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    text: str
-    tool_calls: list[ToolCallSpec] = field(default_factory=list)
-    call_id: str | None = None
-    #: a user turn with images, in order: `{"type": "text", "text"}` and
-    #: `{"type": "image", "url", "detail"}`; `text` then has a placeholder for each image,
-    #: for engines that cannot see them. None: the turn is `text` alone.
-    parts: list[dict[str, Any]] | None = None
+# A turn's shape is the whole server's, not the engines' alone; engines import it from here.
+from tether.turns import Message as Message
+from tether.turns import ToolCallSpec as ToolCallSpec
 
 
 @dataclass(slots=True)
