@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, wire, wire_items
+from tether import bounds, context, metrics, reader, wire, wire_items
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -258,19 +258,8 @@ class Lifecycle:
                     self._slots.release()
 
     async def _patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """`call(*args)`, riding out a short outage of the store: retried until the
-        lease would have run out, after which another process takes over anyway."""
-        try:
-            return await call(*args)  # the common case: no clock, no loop
-        except StoreUnavailable:
-            deadline = time.monotonic() + self.settings.lease_timeout
-        while True:
-            await anyio.sleep(0.25)
-            try:
-                return await call(*args)
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
+        """`call(*args)`, riding out a store outage as long as a lease (`reader.patiently`)."""
+        return await reader.patiently(call, *args, within=self.settings.lease_timeout)
 
     def _on_cancel(self, rid: str) -> None:
         """A cancel signal (from this process or another replica)."""
@@ -469,38 +458,11 @@ class Lifecycle:
             raise bad_request("This response can no longer be streamed.", "stream",
                               "stream_expired")
 
-    @metrics.reader
-    async def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
-        """Every stream: the log after `after`, then live events, until the terminal one.
-        A stream rides out a short outage of the store rather than end without its
-        terminal event."""
-        patiently, store = self._patiently, self.store
-        read, wait = store.read, store.wait
-        entries = await patiently(read, rid, after)
-        check = True  # look at the status when the log is idle: a replay may be past the end
-        while True:
-            if entries:
-                yield entries
-                after = entries[-1].seq
-                if entries[-1].type in wire.TERMINAL_EVENTS:
-                    return
-                entries = await patiently(read, rid, after)
-                continue
-            if check:
-                # The log is idle: the record says whether it is complete (a cache-served
-                # read may lag; `upto` makes the store fetch what the record says exists).
-                rec = await patiently(store.get, rid, tenant)
-                if rec is None:
-                    return
-                if rec.last_seq > after:
-                    entries = await patiently(read, rid, after, rec.last_seq)
-                    check = False
-                    continue
-                if rec.status not in wire.LIVE_STATES:
-                    return
-            await patiently(wait, rid, after, self.settings.keepalive)
-            entries = await patiently(read, rid, after)
-            check = not entries
+    def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
+        """Every stream: the log after `after`, then live events, until the terminal one
+        (`tether.reader.follow`)."""
+        return reader.follow(self.store, rid, tenant, after, self.settings.keepalive,
+                             self.settings.lease_timeout)
 
     async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
         async for _ in self.follow(rid, tenant, -1):
