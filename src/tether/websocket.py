@@ -81,16 +81,23 @@ class Connection:
     async def serve(self) -> None:
         """Read client messages until the client leaves or the limit; the relay of the
         response in flight runs beside, in a task group that ends with the connection."""
+        failure: Exception | None = None
         async with anyio.create_task_group() as relays:
             self._relays = relays
             try:
                 await self._receive()
             except GONE:
                 pass
+            except Exception as exc:
+                # Raised after the group, as before: raised inside, it would reach
+                # Starlette wrapped in an ExceptionGroup (the relay itself raises nothing).
+                failure = exc
             finally:
                 # The client left (or the connection ended): stop relaying, which cancels
                 # a response still in flight (the relay's own `finally`).
                 relays.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _receive(self) -> None:
         deadline = anyio.current_time() + self.lc.settings.websocket_limit
