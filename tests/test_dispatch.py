@@ -105,3 +105,29 @@ async def test_local_dispatch_is_a_queue_and_a_call() -> None:
     assert await d.take() == ("resp_1", "t")
     await d.cancel("resp_1")
     assert seen == ["resp_1"]
+
+
+async def test_a_failing_listener_is_logged_when_it_fails_and_close_still_closes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # open() and close() from different tasks, as the lifecycle may call them.
+    d = RedisDispatch(redis_url(), f"test-{uuid.uuid4().hex[:8]}", "c")
+    failed = asyncio.Event()
+
+    def on_cancel(rid: str) -> None:
+        failed.set()
+        raise RuntimeError(f"bug handling {rid}")
+
+    await asyncio.create_task(d.open(on_cancel))
+
+    async def signalled() -> None:
+        while not failed.is_set():
+            await d.cancel("resp_x")  # pub/sub: the subscriber may still be connecting
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(signalled(), 10)
+    listener = d._listener
+    assert listener is not None
+    await asyncio.wait_for(asyncio.wait([listener]), 10)  # it ended, logging why
+    assert "the cancel channel listener failed" in caplog.text
+    assert "bug handling resp_x" in caplog.text
+    await asyncio.wait_for(asyncio.create_task(d.close()), 10)  # raises nothing of it
+    assert d._listener is None

@@ -194,3 +194,30 @@ def test_keepalive_comments_while_idle(make_server) -> None:  # type: ignore[no-
     with httpx.stream("POST", f"{server.base_url}/responses", json=body, timeout=10) as r:
         raw = b"".join(r.iter_raw())
     assert b": keepalive\n\n" in raw
+
+
+def test_a_synchronous_client_that_hangs_up_cancels_its_response(server) -> None:  # type: ignore[no-untyped-def]
+    # contract §4.7: a non-background JSON create whose client leaves mid-run is cancelled
+    import json
+    import socket
+
+    from conftest import wait_for
+
+    def live_runs() -> int:
+        stats: dict[str, int] = httpx.get(f"{server.url}/debug/process", timeout=5).json()
+        return stats["runs"]
+
+    body = json.dumps({"model": "scripted", "input": "x"}).encode()  # 200 tokens, 2 s
+    head = (f"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: hang-up\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        wait_for(lambda: live_runs() == 1, what="the run to start")
+    wait_for(lambda: live_runs() == 0, what="the run to stop after the hang-up")
+    # The same key gives the same response (its id), now terminal.
+    replay = httpx.post(f"{server.base_url}/responses", content=body, timeout=10,
+                        headers={"Idempotency-Key": "hang-up",
+                                 "Content-Type": "application/json"}).json()
+    assert replay["status"] == "cancelled"
+    produced = server.trace(replay["id"])["produced"]
+    assert replay["usage"]["output_tokens"] == produced < 200

@@ -100,13 +100,19 @@ class RedisDispatch:
         self._group_ready = False
 
     async def open(self, on_cancel: OnCancel) -> None:
-        self._listener = asyncio.create_task(self._listen(on_cancel))
+        # A task owned by this object, not a task group: open() and close() may run in
+        # different tasks, and a task group must be left by the task that entered it.
+        # close() cancels it and awaits it.
+        self._listener = asyncio.create_task(self._listen(on_cancel),
+                                             name="tether-dispatch-cancels")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            # asyncio.wait raises nothing of the listener's own: the only cancellation
+            # caught is the one just caused. A cancel of close()'s caller propagates.
+            await asyncio.wait([listener])
         await self._redis.aclose()
 
     async def submit(self, response_id: str, tenant: str) -> None:
@@ -161,6 +167,17 @@ class RedisDispatch:
             log.warning("cancel signal for %s not sent: %s", response_id, exc)
 
     async def _listen(self, on_cancel: OnCancel) -> None:
+        """Deliver cancel signals until close(). A failure ends the task and is logged
+        here, when it happens: the task is awaited only at close, which raises nothing of
+        it. A cancellation (close's) is not caught."""
+        try:
+            await self._subscribed(on_cancel)
+        except Exception:
+            log.exception("the cancel channel listener failed: cancel signals from other "
+                          "processes are lost (a cancel fences its run out after "
+                          "cancel_timeout instead)")
+
+    async def _subscribed(self, on_cancel: OnCancel) -> None:
         from redis.exceptions import RedisError
 
         while True:

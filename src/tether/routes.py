@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
@@ -276,24 +277,31 @@ async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
 
 async def _until_done_or_disconnect(request: Request, lc: Lifecycle, rid: str) -> Any:
     """Wait for a synchronous response; a client that hangs up cancels it
-    (docs/contract.md §4.7)."""
+    (docs/contract.md §4.7). The wait and a watch for the hang-up race in one task group:
+    whichever ends first cancels the group's scope, so the other stops."""
     tenant = principal(request).tenant
-    done = asyncio.ensure_future(lc.wait_done(rid, tenant))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not done.done():
-        done.cancel()
+    snapshot: dict[str, Any] | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as race:
+        race.start_soon(_cancel_on_disconnect, request, race.cancel_scope)
+        try:
+            snapshot = await lc.wait_done(rid, tenant)
+        except Exception as exc:
+            # Raised after the group: raised inside, it would reach the route's error
+            # handlers wrapped in an ExceptionGroup.
+            failure = exc
+        race.cancel_scope.cancel()  # done (or failed): stop watching
+    if failure is not None:
+        raise failure
+    if snapshot is None:  # the client hung up first: the wait was cancelled
         await lc.cancel_quietly(rid, tenant)
-        return None
-    return done.result()
+    return snapshot
 
 
-async def _disconnected(request: Request) -> None:
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    scope.cancel()
 
 
 routes: list[BaseRoute] = [

@@ -19,13 +19,13 @@ created it, as the spec requires ("no persisted fallback").
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
+import anyio
 import orjson
+from anyio.abc import TaskGroup
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
@@ -72,27 +72,44 @@ class Connection:
         self.tenant = who.tenant
         self.key_id = who.key_id
         self.current: str | None = None  # the response in flight
-        self.relay: asyncio.Task[None] | None = None
+        # Set when the relay of the response in flight has ended (the limit waits for it).
+        self.relayed: anyio.Event | None = None
         self.unstored: dict[str, None] = {}  # store:false ids created here (ordered)
-        self.sending = asyncio.Lock()  # the relay and error replies share one socket
+        self.sending = anyio.Lock()  # the relay and error replies share one socket
+        self._relays: TaskGroup | None = None  # the relay lives here, while serve() runs
 
     async def serve(self) -> None:
-        deadline = time.monotonic() + self.lc.settings.websocket_limit
-        try:
-            while True:
-                try:
-                    message = await asyncio.wait_for(self.ws.receive(),
-                                                     deadline - time.monotonic())
-                except TimeoutError:
-                    await self._limit_reached()
-                    return
-                if message["type"] == "websocket.disconnect":
-                    return
-                await self._handle(message)
-        except GONE:
-            return
-        finally:
-            await self._leave()
+        """Read client messages until the client leaves or the limit; the relay of the
+        response in flight runs beside, in a task group that ends with the connection."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as relays:
+            self._relays = relays
+            try:
+                await self._receive()
+            except GONE:
+                pass
+            except Exception as exc:
+                # Raised after the group, as before: raised inside, it would reach
+                # Starlette wrapped in an ExceptionGroup (the relay itself raises nothing).
+                failure = exc
+            finally:
+                # The client left (or the connection ended): stop relaying, which cancels
+                # a response still in flight (the relay's own `finally`).
+                relays.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _receive(self) -> None:
+        deadline = anyio.current_time() + self.lc.settings.websocket_limit
+        while True:
+            with anyio.CancelScope(deadline=deadline) as limit:
+                message = await self.ws.receive()
+            if limit.cancelled_caught:
+                await self._limit_reached()
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            await self._handle(message)
 
     # --- client messages ---------------------------------------------------------------
 
@@ -172,7 +189,10 @@ class Connection:
             if len(self.unstored) > CACHE_SIZE:
                 del self.unstored[next(iter(self.unstored))]
         self.current = record.id
-        self.relay = asyncio.create_task(self._relay(record.id, req.previous_response_id))
+        self.relayed = anyio.Event()
+        assert self._relays is not None  # set by serve(), which calls this
+        self._relays.start_soon(self._relay, record.id, req.previous_response_id,
+                                self.relayed)
 
     async def _check_previous(self, prev: str | None) -> None:
         """A store:false response continues only on the connection that created it: the
@@ -206,8 +226,10 @@ class Connection:
 
     # --- server messages ---------------------------------------------------------------
 
-    async def _relay(self, rid: str, prev: str | None) -> None:
-        """The response's events, as its SSE stream gives them (docs/contract.md §2.4)."""
+    async def _relay(self, rid: str, prev: str | None, relayed: anyio.Event) -> None:
+        """The response's events, as its SSE stream gives them (docs/contract.md §2.4).
+        A cancel of the connection's task group (the client left) stops it, and is not
+        swallowed: only the `finally` runs, which cancels the response."""
         ended = False
         try:
             # Closed with the relay, even when a send fails: the reader stops at once.
@@ -223,8 +245,8 @@ class Connection:
                             self._evict(prev)
                     await self._send_entries(entries)
             ended = True  # the log ended without a terminal event to send (never expected)
-        except (*GONE, asyncio.CancelledError):
-            pass
+        except GONE:
+            pass  # the client left: the reader is gone, as when the relay is cancelled
         except Exception as exc:
             log.exception("WebSocket relay of %s failed", rid)
             error = (unavailable("The service is temporarily unavailable.")
@@ -234,6 +256,7 @@ class Connection:
         finally:
             if self.current == rid:
                 self.current = None
+            relayed.set()
             if not ended:
                 # The socket was this response's reader (docs/contract.md §4.7).
                 self.lc.spawn(self.lc.cancel_quietly, rid, self.tenant)
@@ -256,26 +279,19 @@ class Connection:
     async def _limit_reached(self) -> None:
         """The spec limits a connection's life; a response still in flight then is
         cancelled (its stream ends first), as if its reader had left."""
-        rid, relay = self.current, self.relay
-        if rid is not None and relay is not None:
+        rid, relayed = self.current, self.relayed
+        if rid is not None and relayed is not None:
             with contextlib.suppress(APIError):
                 await self.lc.cancel(rid, self.tenant)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(relay), self.lc.settings.cancel_timeout)
+            # The relay sends the terminal event, then ends; not waited for longer than a
+            # cancel may take (the task group's cancel then stops it).
+            with anyio.move_on_after(self.lc.settings.cancel_timeout):
+                await relayed.wait()
         limit = self.lc.settings.websocket_limit
         await self._error(APIError(400, f"This WebSocket connection reached its time limit "
                                    f"({limit:g} s): open a new connection.",
                                    code="websocket_connection_limit_reached"))
         await self.ws.close(1000, "websocket_connection_limit_reached")
-
-    async def _leave(self) -> None:
-        """The client left (or the connection ended): stop relaying, which cancels a
-        response still in flight."""
-        relay = self.relay
-        if relay is not None and not relay.done():
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
 
 
 def _failed(entry: LogEntry) -> bool:
