@@ -29,6 +29,10 @@ TASK_ALLOWED: dict[tuple[str, str], str] = {
     # failure when it happens.
     ("dispatch.py", "RedisDispatch.open"):
         "owned task spanning open()..close(), which may run in different tasks",
+    # The host of the Runner's task group (every run and daemon lives in that group): the
+    # one task outside it, for the same reason (Lifecycle.start and .stop may be called
+    # from different tasks); Runner.close() awaits it.
+    ("runner.py", "Runner.open"): "the task group's host, awaited by Runner.close()",
 }
 
 CANCELLATIONS = {"BaseException", "CancelledError", "get_cancelled_exc_class"}
