@@ -200,9 +200,9 @@ class Transitions(Protocol):
         :raises WriteLost: (embedded store) an earlier append of this run could not be
             written; the run must stop, its response ends from the log.
         :raises StoreUnavailable: (PostgreSQL) an earlier append of this run could not
-            be written within the outage it rode out, likewise; or an earlier run's
-            pending appends to this response could not be flushed within `OP_TIMEOUT`.
-            Never `StoreFull`: the write itself comes later."""
+            be written within the outage it rode out, likewise; an earlier run's pending
+            appends to this response could not be flushed within `OP_TIMEOUT`; or the
+            store is closed. Never `StoreFull`: the write itself comes later."""
         ...
 
     async def fence(self, response_id: str, run_token: str) -> bool:

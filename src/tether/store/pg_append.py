@@ -93,11 +93,12 @@ class Appends:
             if key in self.fenced:
                 return False
             self.check(response_id, run_token)
+            if self._flusher is None:  # closed (or never opened): nothing would write it
+                raise StoreUnavailable("the store is closed")
             pending = self._pending.get(response_id)
             if pending is not None and pending.run_token != run_token:
                 await self.flush()  # a new run of the same response: the old one's first
-            elif (self._pending_events and self._pending_events + len(events) > MAX_PENDING
-                  and self._flusher is not None):
+            elif self._pending_events and self._pending_events + len(events) > MAX_PENDING:
                 await self._flushed.wait()  # back-pressure: the database is slower
             else:
                 break
