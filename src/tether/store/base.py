@@ -114,12 +114,15 @@ class WriteLost(Exception):
 
 # --- the protocols ---------------------------------------------------------------------
 # Grouped by what their callers need: the run and the request handlers change states
-# (`Transitions`), readers follow logs (`EventLog`), the lease reaper takes over the
-# responses of processes gone (`Leases`), and operators and the reaper keep the database
-# (`Maintenance`). `Store` is all of them, and what a server opens.
+# (`Transitions`; a run needs only `append`), readers follow logs (`EventLog`), the lease
+# reaper takes over the responses of processes gone (`Leases`), operators and the reaper
+# keep the database (`Maintenance`), and the server opens and closes it (`Lifespan`).
+# `Store` is all of them (`make_store` checks both implementations against it).
 
 
 class Lifespan(Protocol):
+    """Opening and closing a store."""
+
     async def open(self) -> None:
         """Migrate the schema and connect; start the store's background work.
 
@@ -225,8 +228,9 @@ class Transitions(Protocol):
         """The one terminal transition: set `status` and `snapshot`, append the closing
         `events` and count the response in the usage ledger, in one commit, after the
         run's pending appends. True if this call won it; False if the response was
-        already terminal, or `run_token` is not current. `run_token=None` ends the
-        response whoever runs it (fencing the run out).
+        already terminal, or `run_token` is not its current token. `run_token=None`: a
+        response no run has claimed (to end one a run holds, `fence` it first and pass
+        the new token: its run can then write no more).
 
         :raises WriteLost: (embedded store) some of this run's appends were not written:
             it must not end as if they had been; whoever ends it next (cancel, lease
