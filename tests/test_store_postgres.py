@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tether.store import make_store
+from tether.store import make_store, pg_append
 from tether.store.base import IdempotencyConflict, Record, StoreUnavailable
 from tether.store.pg_pool import OP_TIMEOUT
 from tether.store.postgres import PostgresStore
@@ -106,6 +106,53 @@ async def test_flush_waits_for_earlier_appends_only(make: Make) -> None:
     assert await asyncio.wait_for(store.finish("resp_1", "tok", "completed", {}, []), 5)
     stop.set()
     await load
+
+
+async def test_an_append_cancelled_while_it_waits_appended_nothing(
+        make: Make, pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `append` is cancel-atomic: a run cancelled while its append waits for the database
+    # (back-pressure) counts no tokens for it, so the log must not hold its events either.
+    monkeypatch.setattr(pg_append, "MAX_PENDING", 2)
+    store = await make()
+    await started(store)
+    con = await asyncpg.connect(pg)
+    try:
+        async with con.transaction():  # holds the response's row: the round waits for it
+            await con.execute("SELECT 1 FROM responses WHERE id = 'resp_1' FOR UPDATE")
+            assert await store.append("resp_1", "tok", [ev(delta="a")], tokens=1)
+            await wait_until(lambda: store.appends._rounds_begun == 1)  # in flight, waiting
+            assert await store.append("resp_1", "tok", [ev(delta="b")], tokens=1)
+            assert await store.append("resp_1", "tok", [ev(delta="c")], tokens=1)
+            late = asyncio.ensure_future(
+                store.append("resp_1", "tok", [ev(delta="d")], tokens=1))
+            await asyncio.sleep(0)  # its first step: it waits for the round (2 pending)
+            assert not late.done()
+            late.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await late
+    finally:
+        await con.close()
+    await asyncio.wait_for(store.flush(), 5)
+    deltas = [orjson.loads(e.data).get("delta") for e in await store.read("resp_1", 1)]
+    assert deltas == ["a", "b", "c"]
+    assert await store.output_tokens("resp_1") == 3
+
+
+async def test_close_from_another_task_stops_every_task_the_store_started(
+        pg: str, redis: tuple[str, str]) -> None:
+    store = PostgresStore(pg, *redis)
+    await asyncio.ensure_future(store.open())  # opened in one task...
+    await started(store)
+    assert await store.append("resp_1", "tok", [ev()], tokens=1)
+    ours = {t for t in asyncio.all_tasks() if t.get_name().startswith("tether-")}
+    assert len(ours) == 3  # the flusher, the Redis subscriber and publisher
+    await asyncio.ensure_future(store.close())  # ...closed in another
+    assert all(t.done() for t in ours)
+    assert not {t for t in asyncio.all_tasks() if t.get_name().startswith("tether-")}
+    reopened = PostgresStore(pg, *redis)
+    await reopened.open()
+    assert await reopened.output_tokens("resp_1") == 1  # the pending append was committed
+    await reopened.close()
 
 
 async def test_a_statement_rolled_back_for_a_deadlock_is_run_again(make: Make) -> None:

@@ -85,6 +85,22 @@ async def test_nothing_is_appended_after_the_terminal_event(tmp_path: Path) -> N
     await store.close()
 
 
+async def test_an_append_never_suspends_so_a_cancel_cannot_split_it(tmp_path: Path) -> None:
+    # `append` is cancel-atomic: here because it never waits (a cancel can only land
+    # before it starts or after it returned).
+    store = SQLiteStore(str(tmp_path / "t.db"))
+    await store.open()
+    await store.create(record(), [ev("response.created")])
+    await store.claim("resp_1", "tok", "me", 0, {}, [])
+    for _ in range(3):
+        step = store.append("resp_1", "tok", [ev()], tokens=1).__await__()
+        with pytest.raises(StopIteration) as done:
+            next(step)  # runs to its end at the first step
+        assert done.value.value is True
+    assert await store.output_tokens("resp_1") == 3
+    await store.close()
+
+
 async def test_a_stale_run_token_is_fenced_out(tmp_path: Path) -> None:
     store = await opened(tmp_path)
     await store.create(record(), [ev("response.created")])

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from tether.store.base import IdempotencyConflict, LogEntry, Record, Store, StoreUnavailable
+from tether.store.base import (
+    EventLog,
+    IdempotencyConflict,
+    Leases,
+    LogEntry,
+    Maintenance,
+    Record,
+    Store,
+    StoreUnavailable,
+    Transitions,
+)
 from tether.store.logcache import DEFAULT_BUDGET
 
 
@@ -26,5 +36,5 @@ def make_store(url: str, redis: str | None = None, prefix: str = "tether",
     return SQLiteStore(path, cache_bytes)
 
 
-__all__ = ["IdempotencyConflict", "LogEntry", "Record", "Store", "StoreUnavailable",
-           "make_store"]
+__all__ = ["EventLog", "IdempotencyConflict", "Leases", "LogEntry", "Maintenance", "Record",
+           "Store", "StoreUnavailable", "Transitions", "make_store"]

@@ -1,10 +1,16 @@
-"""The `Store` protocol: the few operations that must be atomic, and nothing more.
+"""The store's interface: what it keeps (`Record`, `LogEntry`), what it raises, and its
+protocols, split by what their callers need (`Transitions`, `EventLog`, `Leases`,
+`Maintenance`; `Store` is all of them). Implementations: `sqlite.py`, `postgres.py`; what
+they share: `common.py`.
 
-Two of them decide every race (docs/contract.md §1.1, §2.3):
+Two operations decide every race (docs/contract.md §1.1, §2.3):
 - `append` adds events unless the response is terminal or the caller's run token is stale;
 - `finish` sets a terminal state and appends the closing events, only if the response is
   not terminal yet (and, for a run, only if its token is current).
 The store assigns `sequence_number`s, and readers only ever see committed events.
+
+Errors: each method says what its caller sees while the database is out or full
+(`StoreUnavailable`, `StoreFull`, `WriteLost`, ...). Anything else is a bug, raised as is.
 """
 
 from __future__ import annotations
@@ -106,10 +112,36 @@ class WriteLost(Exception):
     the log holds. Not a `StoreUnavailable`: retrying the run's own call cannot help."""
 
 
-class Store(Protocol):
-    async def open(self) -> None: ...
+# --- the protocols ---------------------------------------------------------------------
+# Grouped by what their callers need: the run and the request handlers change states
+# (`Transitions`; a run needs only `append`), readers follow logs (`EventLog`), the lease
+# reaper takes over the responses of processes gone (`Leases`), operators and the reaper
+# keep the database (`Maintenance`), and the server opens and closes it (`Lifespan`).
+# `Store` is all of them (`make_store` checks both implementations against it).
 
-    async def close(self) -> None: ...
+
+class Lifespan(Protocol):
+    """Opening and closing a store."""
+
+    async def open(self) -> None:
+        """Migrate the schema and connect; start the store's background work.
+
+        :raises StoreUnavailable: PostgreSQL cannot be reached (a Redis that cannot is
+            no error: readers use PostgreSQL until it is back). The embedded store
+            raises SQLite's own error for a file it cannot open or migrate."""
+        ...
+
+    async def close(self) -> None:
+        """Commit the appends still pending, stop the background work and disconnect. A
+        batch that cannot be written by then is given up: its responses, still live, end
+        from the log later (lease reaper, next start). May be called from another task
+        than `open`. Raises nothing for an outage."""
+        ...
+
+
+class Transitions(Protocol):
+    """A response's state changes and its run's appends; each change is one atomic
+    compare-and-set, and the store numbers the events it adds."""
 
     async def create(
         self,
@@ -117,12 +149,21 @@ class Store(Protocol):
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
     ) -> tuple[Record, bool]:
-        """Insert a response with its first events. With `(key, body_hash)`, a second
-        create with the same key returns the first record and False, or raises
-        `IdempotencyConflict` when the body differs."""
+        """Insert a response with its first events; True with it. With `(key,
+        body_hash)`, a second create with the same key returns the first record and
+        False instead.
+
+        :raises IdempotencyConflict: the key was used before with a different body.
+        :raises StoreFull: the embedded store's disk is full (nothing was written).
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
 
-    async def get(self, response_id: str, tenant: str) -> Record | None: ...
+    async def get(self, response_id: str, tenant: str) -> Record | None:
+        """The response as last committed; None if unknown (or another tenant's).
+
+        :raises StoreUnavailable: PostgreSQL cannot be reached. (The embedded store's
+            reads still work on a full disk.)"""
+        ...
 
     async def claim(
         self,
@@ -133,7 +174,11 @@ class Store(Protocol):
         snapshot: dict[str, Any],
         events: list[dict[str, Any]],
     ) -> bool:
-        """Start a run: set `in_progress` and the run token, if live and unclaimed."""
+        """Start a run: set `in_progress`, the run token, `owner` and its lease, and
+        append `events`, if the response is live and unclaimed. False: it was not.
+
+        :raises StoreFull: the embedded store's disk is full (nothing was written).
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
 
     async def append(
@@ -144,13 +189,31 @@ class Store(Protocol):
         tokens: int = 0,
         input_tokens: int | None = None,
     ) -> bool:
-        """Append a run's events (carrying `tokens` output tokens). False: fenced out.
-        May return before the events are durable; `finish` and readers see them in order.
-        Raises `WriteLost` once an earlier append of this run could not be written."""
+        """Append a run's events (carrying `tokens` output tokens; `input_tokens`, when
+        given, replaces the prompt's count). False: fenced out (the response ended, or
+        another run holds it); the events then never reach the log.
+
+        Group-committed: may return before the events are durable; `finish`, `fence`
+        and readers see them in order, and readers only once committed. A write that
+        then fails is not lost silently: the run's next `append` or `finish` raises.
+
+        Cancel-atomic: a cancellation while it waits (back-pressure, an earlier run's
+        batch) means the events were not appended; once it returns True they were.
+
+        :raises WriteLost: (embedded store) an earlier append of this run could not be
+            written; the run must stop, its response ends from the log.
+        :raises StoreUnavailable: (PostgreSQL) an earlier append of this run could not
+            be written within the outage it rode out, likewise; an earlier run's pending
+            appends to this response could not be flushed within `OP_TIMEOUT`; or the
+            store is closed. Never `StoreFull`: the write itself comes later."""
         ...
 
     async def fence(self, response_id: str, run_token: str) -> bool:
-        """Give a live response a new run token, so its current run can write no more."""
+        """Give a live response a new run token, so its current run can write no more
+        (this process's pending appends are committed first). False: not live.
+
+        :raises StoreFull: the embedded store's disk is full.
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
 
     async def finish(
@@ -162,42 +225,74 @@ class Store(Protocol):
         events: list[dict[str, Any]],
         tokens: int = 0,
     ) -> bool:
-        """The one terminal transition: True if this call won it. `run_token=None`
-        ends the response whoever runs it (fencing the run out). Raises `WriteLost` for
-        a run some of whose appends were not written."""
+        """The one terminal transition: set `status` and `snapshot`, append the closing
+        `events` and count the response in the usage ledger, in one commit, after the
+        run's pending appends. True if this call won it; False if the response was
+        already terminal, or `run_token` is not its current token. `run_token=None`: a
+        response no run has claimed (to end one a run holds, `fence` it first and pass
+        the new token: its run can then write no more).
+
+        :raises WriteLost: (embedded store) some of this run's appends were not written:
+            it must not end as if they had been; whoever ends it next (cancel, lease
+            reaper) ends it from the log.
+        :raises StoreFull: the embedded store's disk is full (nothing was written).
+        :raises StoreUnavailable: the database cannot be written now; for PostgreSQL
+            also: some of this run's appends were not written (as `WriteLost`)."""
         ...
+
+    async def delete(self, response_id: str, tenant: str) -> bool:
+        """Delete a response, its log and its idempotency keys (its usage stays in the
+        ledger). False: unknown, or another tenant's.
+
+        :raises StoreFull: the embedded store's disk is full.
+        :raises StoreUnavailable: the database cannot be written now."""
+        ...
+
+
+class EventLog(Protocol):
+    """The committed event logs, as readers follow them (SSE, WebSocket, cancel)."""
 
     async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
         """Committed events with `seq > after`, in order. A store that serves live logs
         from a cache may return fewer while the cache lags; with `upto` (a `last_seq`
-        read from the record) it returns at least the events up to `upto`."""
+        read from the record) it returns at least the events up to `upto`.
+
+        :raises StoreUnavailable: PostgreSQL cannot be reached and neither the cache nor
+            Redis holds the events."""
         ...
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
-        """Return when events past `after` are committed, or after `timeout`."""
+        """Return when events past `after` are committed, or after `timeout` (sooner
+        while the scaled-out store cannot trust its wake-ups: then it polls). Raises
+        nothing for an outage: a reader then finds nothing new, and waits again."""
         ...
 
     async def output_tokens(self, response_id: str) -> int:
-        """Output tokens that reached the log."""
+        """Output tokens that reached the log (this process's pending appends are
+        committed first).
+
+        :raises StoreUnavailable: (PostgreSQL) it cannot be reached, or the pending
+            appends are not committed within `OP_TIMEOUT`."""
         ...
 
-    async def delete(self, response_id: str, tenant: str) -> bool: ...
 
-    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
-        """The usage ledger: one row per (tenant, key_id, model, status) of terminal
-        responses, with `responses`, `input_tokens` and `output_tokens`; `key_id` is None
-        for responses made without a key. `tenant=None`: every tenant's rows."""
-        ...
+class Leases(Protocol):
+    """Who runs what: leases renewed by their owner, and taken over once it is gone."""
 
     async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
         """Extend the leases of the live responses among `held` (what `owner` is running
         or keeps queued) that `owner` holds. A response `owner` holds but no longer
-        runs (its run ended without its terminal transition) is left to expire."""
+        runs (its run ended without its terminal transition) is left to expire.
+
+        :raises StoreFull: the embedded store's disk is full.
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
 
     async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         """Live responses whose lease ran out, or whose owner is among `gone` (owners
-        proven gone: `owner_locks`)."""
+        proven gone: `owner_locks`).
+
+        :raises StoreUnavailable: PostgreSQL cannot be reached."""
         ...
 
     async def adopt(self, response_id: str, old_owner: str | None, owner: str | None,
@@ -205,15 +300,39 @@ class Store(Protocol):
         """Take over an expired, never-started response (to run it again): set its
         owner and lease if it is still `queued`, unclaimed, owned by `old_owner` and
         expired (or `old_owner_gone`: proven gone, its lease need not have run out).
-        `owner=None`: nobody renews it (scaled out, where any worker may run it)."""
+        `owner=None`: nobody renews it (scaled out, where any worker may run it).
+        False: another process adopted or claimed it first.
+
+        :raises StoreFull: the embedded store's disk is full.
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
 
     def owner_locks(self) -> OwnerLocks | None:
         """Where a gone owner can be proven gone by the lock it held (the embedded
         store: every process on one machine, `tether.store.owners`); None where only
-        the lease clock can tell (scaled out)."""
+        the lease clock can tell (scaled out). Does no I/O."""
+        ...
+
+
+class Maintenance(Protocol):
+    """What outlives responses: the usage ledger (kept for good) and the logs (purged)."""
+
+    async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
+        """The usage ledger: one row per (tenant, key_id, model, status) of terminal
+        responses, with `responses`, `input_tokens` and `output_tokens`; `key_id` is None
+        for responses made without a key. `tenant=None`: every tenant's rows.
+
+        :raises StoreUnavailable: PostgreSQL cannot be reached."""
         ...
 
     async def purge(self, before: float) -> int:
-        """Drop logs of responses finished before `before`, and unstored responses."""
+        """Drop the logs of responses finished before `before`, and those responses
+        entirely if they were not stored (`store: false`): how many of those went.
+
+        :raises StoreFull: the embedded store's disk is full.
+        :raises StoreUnavailable: the database cannot be written now."""
         ...
+
+
+class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Protocol):
+    """A store: what a server opens, and what its lifecycle uses (every part above)."""

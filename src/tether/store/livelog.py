@@ -35,7 +35,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from tether.store.base import LogEntry
+from tether.store.common import Waiters, start, stop
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
+from tether.wire import TERMINAL_EVENTS
 
 log = logging.getLogger("tether.store")
 
@@ -45,7 +47,7 @@ POLL = 0.25  # seconds between polls while wake-ups cannot be trusted
 DOWN_FOR = 1.0  # after a Redis error, seconds to go straight to Postgres
 PING_EVERY = 1.0  # idle subscription: ping so a silent (hung) Redis is noticed
 DEAD_AFTER = 3.0  # no reply on the subscription for this long: it is down
-TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+CLOSE_WITHIN = 5.0  # seconds `close` waits for its tasks (a round of theirs: see `close`)
 
 Durable = Callable[[str, int], Awaitable[list[LogEntry]]]
 
@@ -63,7 +65,7 @@ class LiveLog:
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
         self.cache = LogCache(cache_bytes, on_evict=self._unknown)
         self._fetching: dict[str, asyncio.Future[None]] = {}
-        self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._waiters = Waiters()
         self._epoch = 0
         self._healthy = False  # subscribed, and heard from Redis recently
         self._ready = asyncio.Event()  # subscribed once
@@ -89,10 +91,10 @@ class LiveLog:
         await asyncio.wait_for(self._drained.wait(), timeout)
 
     async def open(self) -> None:
-        """Start the subscriber and the publisher. Redis may be down: the store then
-        works from Postgres until it is back."""
-        self._tasks = [asyncio.create_task(self._listen(), name="tether-livelog-listen"),
-                       asyncio.create_task(self._publish(), name="tether-livelog-publish")]
+        """Start the subscriber and the publisher (stopped by `close`). Redis may be
+        down: the store then works from Postgres until it is back."""
+        self._tasks = [start(self._listen(), "tether-livelog-listen"),
+                       start(self._publish(), "tether-livelog-publish")]
         # Start trusted if Redis answers at once; else start polling and catch up later.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), DOWN_FOR)
@@ -101,12 +103,12 @@ class LiveLog:
         with contextlib.suppress(TimeoutError):  # let queued batches reach Redis
             await self.drained(DOWN_FOR)
         # redis-py can swallow a cancellation (e.g. one landing in a connect attempt),
-        # so the loops also stop on `_closing`; and close never waits long for them.
+        # so the loops also stop on `_closing`: within one round of theirs, a few seconds
+        # at most (Redis's socket timeouts).
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.wait(self._tasks, timeout=2 * POLL + 1.0)
-        self._wake_all()
+        await stop(self._tasks, CLOSE_WITHIN)
+        self._tasks = []
+        self._waiters.wake_all()
         await self.redis.aclose()
 
     # --- writes ----------------------------------------------------------------------
@@ -129,7 +131,7 @@ class LiveLog:
             cache.put(response_id, Tail(0, list(entries), self._epoch if self._healthy else -1))
         if terminal:
             cache.finished(response_id)
-        self._wake(response_id, last)
+        self._waiters.wake(response_id, last)
         self._queue.append((response_id, entries, terminal))
         self._queued.set()
         self._drained.clear()
@@ -242,7 +244,7 @@ class LiveLog:
         elif tail is None or (start < tail.first and start + len(entries) >= tail.first):
             rest = [] if tail is None else tail.entries[start + len(entries) - tail.first :]
             cache.put(response_id, Tail(start, entries + rest, epoch))
-        if entries and entries[-1].type in TERMINAL:
+        if entries and entries[-1].type in TERMINAL_EVENTS:
             cache.finished(response_id)
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
@@ -254,19 +256,7 @@ class LiveLog:
             timeout = min(timeout, POLL)
         elif max(tail.end, self._known.get(response_id, -1)) > after:
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (after, waiter)
-        self._waiters.setdefault(response_id, []).append(entry)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(response_id)
-            if waiters is not None and entry in waiters:
-                waiters.remove(entry)
-                if not waiters:
-                    del self._waiters[response_id]
+        await self._waiters.wait(response_id, after, timeout)
 
     # --- cache -----------------------------------------------------------------------
 
@@ -277,19 +267,6 @@ class LiveLog:
         """`response_id` left the cache: wake-ups about it need not be remembered."""
         self._known.pop(response_id, None)
 
-    def _wake(self, response_id: str, last: int | None = None) -> None:
-        """Wake the waiters of `response_id` that wait for less than `last` (all: None)."""
-        waiters = self._waiters.get(response_id)
-        if not waiters:
-            return
-        for after, waiter in waiters:
-            if (last is None or after < last) and not waiter.done():
-                waiter.set_result(None)
-
-    def _wake_all(self) -> None:
-        for response_id in list(self._waiters):
-            self._wake(response_id)
-
     def _heard(self, payload: bytes) -> None:
         """A wake-up from some process's flush: `{response id: last seq}`."""
         try:
@@ -299,7 +276,7 @@ class LiveLog:
         for response_id, last in batch.items():
             if response_id in self.cache or response_id in self._fetching:
                 self._known[response_id] = max(self._known.get(response_id, -1), last)
-            self._wake(response_id, last)
+            self._waiters.wake(response_id, last)
 
     # --- Redis health ----------------------------------------------------------------
 
@@ -315,7 +292,7 @@ class LiveLog:
         if healthy != self._healthy:
             self._healthy = healthy
             self._epoch += 1
-            self._wake_all()
+            self._waiters.wake_all()
 
     async def _listen(self) -> None:
         """One subscriber connection per process, on one channel for every response."""
@@ -346,8 +323,10 @@ class LiveLog:
                     log.warning("Redis subscription lost (%s); polling", exc)
                 self._set_healthy(False)
             finally:
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
+                except (RedisError, OSError, TimeoutError) as exc:  # it is gone either way
+                    log.debug("closing the Redis subscription failed: %s", exc)
             await asyncio.sleep(POLL)  # reconnect interval
 
     async def _publish(self) -> None:

@@ -1,38 +1,19 @@
 """The PostgreSQL store's SQL: schema migration, the statements that decide races, and
-the conversions between rows and records/log entries (hot path: orjson, no models)."""
+the arrays a batch of appends is sent as (the row conversions both stores share are in
+`common.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 
-from tether.store.base import LEDGER_UPSERT, LogEntry, Record
-
-LIVE = "status IN ('queued', 'in_progress')"
-
-
-@dataclass(slots=True)
-class Pending:
-    """A run's appends waiting for the next flush."""
-
-    run_token: str
-    events: list[dict[str, Any]] = field(default_factory=list)
-    tokens: int = 0
-    input_tokens: int | None = None
-
-
-SELECT = (
-    "SELECT r.id, r.tenant, r.status, b.snapshot, b.run, b.input_items, r.run_token, r.owner, "
-    "r.lease_until, r.last_seq, r.input_tokens, r.finished_at "
-    "FROM responses r JOIN response_bodies b ON b.id = r.id"
-)
+from tether.store.base import LEDGER_UPSERT, LogEntry
+from tether.store.common import LIVE, Pending, pack
 
 # One round trip for a whole flush. A response's row matches only if the batch's run
 # token is current, the response live, and its `last_seq` the one the batch follows.
@@ -127,20 +108,6 @@ def upgrade_sql(current: str | None) -> str:
     return buffer.getvalue()
 
 
-def entries(first: int, events: list[dict[str, Any]]) -> list[LogEntry]:
-    """Number `events` from `first` (the store assigns sequence numbers) and serialize."""
-    dumps = orjson.dumps
-    entries = []
-    for seq, event in enumerate(events, first):
-        event["sequence_number"] = seq
-        entries.append(LogEntry(seq, event["type"], dumps(event)))
-    return entries
-
-
-def columns(entries: list[LogEntry]) -> tuple[str, bytes]:
-    return "\n".join(e.type for e in entries), b"\n".join(e.data for e in entries)
-
-
 def batch_columns(
         rows: Iterable[tuple[str, Pending, int, list[LogEntry]]]) -> list[list[Any]]:
     """The arrays `APPEND` unnests: one element per response."""
@@ -152,16 +119,7 @@ def batch_columns(
         lasts.append(first + len(entries) - 1)
         counts.append(p.tokens)
         inputs.append(p.input_tokens)
-        kinds, data = columns(entries)
+        kinds, data = pack(entries)
         types.append(kinds)
         datas.append(data)
     return [ids, tokens, firsts, lasts, counts, inputs, types, datas]
-
-
-def record(row: asyncpg.Record) -> Record:
-    return Record(
-        id=row[0], tenant=row[1], status=row[2], snapshot=orjson.loads(row[3]),
-        run=orjson.loads(row[4]), input_items=orjson.loads(row[5]), run_token=row[6],
-        owner=row[7], lease_until=row[8], last_seq=row[9], input_tokens=row[10],
-        finished_at=row[11],
-    )

@@ -19,7 +19,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,19 @@ from tether.store.base import (
     ledger_row,
     ledger_values,
 )
+from tether.store.common import (
+    LIVE,
+    SELECT,
+    USAGE,
+    USAGE_ORDER,
+    Pending,
+    Recent,
+    Waiters,
+    numbered,
+    pack,
+    to_record,
+    unpack,
+)
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
@@ -42,23 +54,9 @@ from tether.store.sqlite_io import transaction as _transaction
 
 log = logging.getLogger("tether.store")
 
-LIVE = "('queued', 'in_progress')"
-_SELECT = (
-    "SELECT r.id, r.tenant, r.status, b.snapshot, b.run, b.input_items, r.run_token, r.owner, "
-    "r.lease_until, r.last_seq, r.input_tokens, r.finished_at "
-    "FROM responses r JOIN response_bodies b ON b.id = r.id"
-)
 # The WAL is cut back to this size when it restarts: what it grew to in a burst (or while
 # a full disk stopped checkpoints) goes back to the filesystem.
 WAL_KEEP_BYTES = 16 << 20
-
-
-@dataclass(slots=True)
-class _Pending:
-    run_token: str
-    events: list[dict[str, Any]] = field(default_factory=list)
-    tokens: int = 0
-    input_tokens: int | None = None
 
 
 def migrate(path: str) -> None:
@@ -76,11 +74,11 @@ class SQLiteStore:
     def __init__(self, path: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._flush_handle: asyncio.Handle | None = None
-        self._fenced: set[tuple[str, str]] = set()
+        self._fenced = Recent()  # runs a commit found fenced out
         self.cache = LogCache(cache_bytes)  # logs for readers (logcache.py)
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters = Waiters()
         # Runs (response -> run token) an append of which could not be written, and why.
         self._lost: dict[str, tuple[str, BaseException]] = {}
         self._appends = Trouble("appending to the event log")
@@ -194,6 +192,7 @@ class SQLiteStore:
         tokens: int = 0,
         input_tokens: int | None = None,
     ) -> bool:
+        # Never suspends (no await): cancel-atomic trivially.
         if (response_id, run_token) in self._fenced:
             return False
         if self._lost:
@@ -202,11 +201,8 @@ class SQLiteStore:
         if pending is None or pending.run_token != run_token:
             if pending is not None:
                 self._flush()
-            pending = self._pending[response_id] = _Pending(run_token)
-        pending.events.extend(events)
-        pending.tokens += tokens
-        if input_tokens is not None:
-            pending.input_tokens = input_tokens
+            pending = self._pending[response_id] = Pending(run_token)
+        pending.add(events, tokens, input_tokens)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return True
@@ -215,7 +211,7 @@ class SQLiteStore:
         self._flush()
         cur = write(
             self.db,
-            f"UPDATE responses SET run_token = ? WHERE id = ? AND status IN {LIVE}",
+            f"UPDATE responses SET run_token = ? WHERE id = ? AND {LIVE}",
             (run_token, response_id),
         )
         return cur.rowcount == 1
@@ -273,7 +269,7 @@ class SQLiteStore:
         with _transaction(db):
             row = db.execute(
                 f"UPDATE responses SET {assignments}, last_seq = last_seq + ? "
-                f"WHERE id = ? AND status IN {LIVE} AND {guard} RETURNING last_seq",
+                f"WHERE id = ? AND {LIVE} AND {guard} RETURNING last_seq",
                 (*values, len(events), response_id, *guard_values),
             ).fetchone()
             if row is None:
@@ -312,7 +308,7 @@ class SQLiteStore:
         if self._checkpointer.catch_up_wanted:
             self._checkpointer.catch_up(self.db)
 
-    def _commit(self, pending: dict[str, _Pending]) -> list[tuple[str, list[LogEntry]]]:
+    def _commit(self, pending: dict[str, Pending]) -> list[tuple[str, list[LogEntry]]]:
         db = self.db
         published = []
         with _transaction(db):
@@ -320,7 +316,7 @@ class SQLiteStore:
                 row = db.execute(
                     "UPDATE responses SET last_seq = last_seq + ?, "
                     "input_tokens = COALESCE(?, input_tokens) "
-                    f"WHERE id = ? AND run_token = ? AND status IN {LIVE} RETURNING last_seq",
+                    f"WHERE id = ? AND run_token = ? AND {LIVE} RETURNING last_seq",
                     (len(p.events), p.input_tokens, response_id, p.run_token),
                 ).fetchone()
                 if row is None:
@@ -336,28 +332,17 @@ class SQLiteStore:
     ) -> list[LogEntry]:
         if not events:
             return []
-        dumps = orjson.dumps
-        entries = []
-        datas = []
-        for seq, event in enumerate(events, first):
-            event["sequence_number"] = seq
-            data = dumps(event)
-            datas.append(data)
-            entries.append(LogEntry(seq, event["type"], data))
-        self.db.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-            (response_id, first, entries[-1].seq, "\n".join(e.type for e in entries), tokens,
-             b"\n".join(datas)),
-        )
+        entries = numbered(first, events)
+        types, data = pack(entries)
+        self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                        (response_id, first, entries[-1].seq, types, tokens, data))
         return entries
 
     def _publish(self, response_id: str, entries: list[LogEntry]) -> None:
         tail = self.cache.peek(response_id)
         if tail is not None:
             self.cache.grow(tail, entries)
-        for waiter in self._waiters.pop(response_id, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+        self._waiters.wake(response_id)  # every change: a waiter re-reads the record too
 
     # --- reads -------------------------------------------------------------------------
 
@@ -366,45 +351,26 @@ class SQLiteStore:
 
     def _get(self, response_id: str, tenant: str) -> Record | None:
         row = self.db.execute(
-            f"{_SELECT} WHERE r.id = ? AND r.tenant = ?",
+            f"{SELECT} WHERE r.id = ? AND r.tenant = ?",
             (response_id, tenant),
         ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else to_record(row)
 
     async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
         tail = self.cache.get(response_id)
         if tail is not None and after + 1 >= tail.first:
             return tail.entries[after + 1 - tail.first :]
-        rows = self.db.execute(
+        return unpack(self.db.execute(
             "SELECT first_seq, types, data FROM events "
             "WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
             (response_id, after),
-        ).fetchall()
-        return [
-            LogEntry(seq, kind, data)
-            for first, types, blob in rows
-            for seq, kind, data in zip(
-                range(first, first + blob.count(b"\n") + 1), types.split("\n"),
-                blob.split(b"\n"), strict=True)
-            if seq > after
-        ]
+        ).fetchall(), after)
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         tail = self.cache.peek(response_id)
         if tail is not None and tail.end > after:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(response_id, []).append(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._waiters.get(response_id)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._waiters[response_id]
+        await self._waiters.wait(response_id, after, timeout)
 
     async def output_tokens(self, response_id: str) -> int:
         self._flush()
@@ -431,26 +397,24 @@ class SQLiteStore:
 
     async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
         where, args = ("", ()) if tenant is None else (" WHERE tenant = ?", (tenant,))
-        rows = self.db.execute("SELECT tenant, key_id, model, status, responses, input_tokens, "
-                               f"output_tokens FROM usage_ledger{where} "
-                               "ORDER BY tenant, key_id, model, status", args).fetchall()
+        rows = self.db.execute(f"{USAGE}{where}{USAGE_ORDER}", args).fetchall()
         return [ledger_row(r) for r in rows]
 
     async def renew(self, owner: str, lease_until: float, held: Collection[str]) -> None:
         write(
             self.db,
-            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND status IN {LIVE} "
+            f"UPDATE responses SET lease_until = ? WHERE owner = ? AND {LIVE} "
             "AND id IN (SELECT value FROM json_each(?))",
             (lease_until, owner, orjson.dumps(list(held))),
         )
 
     async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         rows = self.db.execute(
-            f"{_SELECT} WHERE r.status IN {LIVE} AND (r.lease_until < ? "
+            f"{SELECT} WHERE r.{LIVE} AND (r.lease_until < ? "
             "OR r.owner IN (SELECT value FROM json_each(?)))",
             (now, orjson.dumps(list(gone))),
         ).fetchall()
-        return [_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     async def adopt(
         self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
@@ -486,14 +450,3 @@ class SQLiteStore:
                 "DELETE FROM responses WHERE stored = 0 AND finished_at < ?", (before,)
             )
         return cur.rowcount
-
-
-def _record(row: tuple[Any, ...]) -> Record:
-    return Record(
-        id=row[0], tenant=row[1], status=row[2], snapshot=orjson.loads(row[3]),
-        run=orjson.loads(row[4]), input_items=orjson.loads(row[5]), run_token=row[6],
-        owner=row[7], lease_until=row[8], last_seq=row[9], input_tokens=row[10],
-        finished_at=row[11],
-    )
-
-
