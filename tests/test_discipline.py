@@ -33,6 +33,10 @@ TASK_ALLOWED: dict[tuple[str, str], str] = {
     # one task outside it, for the same reason (Lifecycle.start and .stop may be called
     # from different tasks); Runner.close() awaits it.
     ("runner.py", "Runner.open"): "the task group's host, awaited by Runner.close()",
+    # The stores' background tasks (PostgreSQL's flusher, the Redis live log's listener and
+    # publisher) span Store.open()..close(), again possibly different tasks: each is kept
+    # by its store, its failure logged when it happens, and awaited by `common.stop`.
+    ("store/common.py", "start"): "store tasks spanning open()..close(), awaited by stop()",
 }
 
 CANCELLATIONS = {"BaseException", "CancelledError", "get_cancelled_exc_class"}
