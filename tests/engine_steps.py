@@ -87,12 +87,12 @@ async def collect(engine: Engine, request: Generation,
                 tg.start_soon(canceller, scope)
 
                 async def emit(step: Step) -> None:
-                    due = cancel_when is not None and got.cancelled_at is None
-                    if due and mode == "inside" and cancel_when([*got.steps, step]):
+                    when = cancel_when if got.cancelled_at is None else None
+                    if when is not None and mode == "inside" and when([*got.steps, step]):
                         cancel(scope)
                         await checkpoint()  # raises: the step is not taken
                     got.steps.append(step)
-                    if due and mode != "inside" and cancel_when(got.steps):
+                    if when is not None and mode != "inside" and when(got.steps):
                         if mode == "emit":
                             cancel(scope)
                         else:
