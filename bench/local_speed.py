@@ -17,7 +17,7 @@ import time
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from tether.engines.base import Abort, Delta, Finished, Generation, Message
+from tether.engines.base import Delta, Finished, Generation, Message, Step
 from tether.engines.local import LocalEngine, find_model_file
 
 TOKENS = 128
@@ -68,11 +68,15 @@ async def _engine_rates(tokens: int, runs: int) -> list[float]:
         for _ in range(runs + 1):
             started = time.perf_counter()
             produced, end = 0, None
-            async for step in engine.generate(request, Abort()):
+
+            async def emit(step: Step) -> None:
+                nonlocal produced, end
                 if isinstance(step, Delta):
                     produced += step.tokens
                 elif isinstance(step, Finished):
                     end = step
+
+            await engine.generate(request, emit)
             elapsed = time.perf_counter() - started
             if end != Finished("length"):
                 raise RuntimeError(f"model stopped after {produced} tokens; change PROMPT")

@@ -3,20 +3,37 @@
 Two upstreams, both real HTTP servers on loopback: the fault-injecting fake of
 tests/upstreams.py (exact timing, failures, tool calls), and llama-cpp-python's own
 OpenAI-compatible server serving the packaged SmolLM2 model (a real third party).
+The engine is tested by itself first (its steps through `emit`, cancelled by a scope),
+then through a whole tether server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import openai
 import orjson
 import pytest
 
+from engine_steps import after_tokens, collect, tokens
+from tether.config import UpstreamConfig
+from tether.engines.base import (
+    Delta,
+    EngineError,
+    Finished,
+    Generation,
+    Message,
+    PromptRead,
+    Report,
+)
+from tether.engines.chat import ChatEngine
+from tether.engines.upstream import UpstreamGone, backoff
 from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
 
 from conftest import Server, free_port, raw_events, read_deltas
@@ -47,6 +64,107 @@ def check_cancelled_stream(events: list[Any]) -> None:
     assert events[-1].response.status == "cancelled"
     assert events[-1].response.error is None
     assert events[-2].item.status == "incomplete"
+
+
+# --- the engine by itself, against the fake upstream --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def chat_engine(fake: FakeUpstream, **options: Any) -> AsyncIterator[ChatEngine]:
+    engine = ChatEngine(UpstreamConfig(model="fake", url=fake.url, **options))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def ask(text: str) -> Generation:
+    return Generation("resp_1", "fake", [Message("user", text)])
+
+
+async def gone(fake: FakeUpstream) -> bool:
+    """The upstream saw its client leave (within 5 s)."""
+    return await anyio.to_thread.run_sync(fake.last().gone.wait, 5)
+
+
+@pytest.mark.anyio
+async def test_engine_steps_end_with_the_upstream_usage(fake: FakeUpstream) -> None:
+    async with chat_engine(fake) as engine:
+        got = await collect(engine, ask("LENGTH=3 go"))
+    assert isinstance(got.steps[0], PromptRead)
+    assert got.steps[1:] == [Delta("alpha"), Delta(" bravo"), Delta(" charlie"), Report(
+        7, 3, {"input_tokens": "upstream", "output_tokens": "upstream"}), Finished("stop")]
+
+
+@pytest.mark.anyio
+async def test_engine_cancel_closes_the_upstream_connection_at_once(fake: FakeUpstream) -> None:
+    # 50 tokens/s: one chunk every 20 ms; the cancel comes from another task.
+    async with chat_engine(fake) as engine:
+        got = await collect(engine, ask("RATE=50 LENGTH=500 go"), after_tokens(5), "task")
+        assert await gone(fake), "the upstream connection was not closed"
+    call = fake.last()
+    assert got.cancel_caught and got.finished is None and got.stop_seconds < 0.5
+    assert call.disconnected_at is not None and got.cancelled_wall is not None
+    assert call.disconnected_at - got.cancelled_wall < 0.5
+    # At most the chunk in flight when the cancel came, then the usage report.
+    assert call.generated_after(got.cancelled_wall) <= 1
+    assert tokens(got.after_cancel) <= 1
+    report = got.steps[-1]
+    assert isinstance(report, Report) and report.output_tokens is None
+    assert report.notes == {"input_tokens": "estimate", "output_tokens": "chunks"}
+
+
+@pytest.mark.anyio
+async def test_engine_cancel_of_a_stalled_upstream(fake: FakeUpstream) -> None:
+    async with chat_engine(fake) as engine:
+        got = await collect(engine, ask("STALL_AFTER=3 LENGTH=50 go"), after_tokens(3), "task")
+        assert await gone(fake)
+    assert got.stop_seconds < 0.5 and tokens(got.steps) == 3
+    assert isinstance(got.steps[-1], Report)
+
+
+@pytest.mark.anyio
+async def test_engine_cancel_landing_in_emit(fake: FakeUpstream) -> None:
+    """The chunk whose `emit` the cancel interrupted is still emitted, then the usage."""
+    async with chat_engine(fake) as engine:
+        got = await collect(engine, ask("RATE=50 LENGTH=500 go"), after_tokens(3), "inside")
+        assert await gone(fake)
+    assert got.text == "alpha bravo charlie"
+    assert [type(s) for s in got.after_cancel] == [Delta, Report]
+
+
+@pytest.mark.anyio
+async def test_engine_cancel_recounts_with_the_tokenizer(fake: FakeUpstream) -> None:
+    async with chat_engine(fake, tokenizer=str(smollm2_gguf())) as engine:
+        got = await collect(engine, ask("RATE=50 LENGTH=500 go"), after_tokens(4), "task")
+        assert engine._tokenizer is not None
+        expected = engine._tokenizer.count(got.text)
+    report = got.steps[-1]
+    assert isinstance(report, Report) and report.output_tokens == expected > 0
+    assert report.notes == {"input_tokens": "tokenizer", "output_tokens": "tokenizer"}
+
+
+@pytest.mark.anyio
+async def test_engine_retries_before_the_first_token_only(fake: FakeUpstream) -> None:
+    async with chat_engine(fake, retries=2) as engine:
+        got = await collect(engine, ask("STATUS_ONCE=503 LENGTH=2 go"))
+        assert got.text == "alpha bravo" and got.finished == Finished("stop")
+        assert len(fake.calls) == 2
+        with pytest.raises(EngineError) as refused:
+            await collect(engine, ask("STATUS=429 go"))
+        assert refused.value.code == "rate_limit_exceeded" and len(fake.calls) == 5
+        with pytest.raises(UpstreamGone):
+            await collect(engine, ask("FAIL_AT=3 go"))
+        assert len(fake.calls) == 6  # never retried after the first token
+
+
+@pytest.mark.anyio
+async def test_backoff_is_a_sleep_a_cancel_ends() -> None:
+    begun = time.monotonic()
+    with anyio.move_on_after(0.05) as scope:
+        await backoff(4, UpstreamGone("x", retryable=True))  # 4 s
+    assert scope.cancelled_caught and time.monotonic() - begun < 1.0
 
 
 # --- the fake upstream ----------------------------------------------------------------

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
+import anyio
 import httpx
 import jsonschema
 import llama_cpp  # imported on purpose: a missing runtime must fail, never skip
 import openai
 import pytest
 
+from engine_steps import Collected, Mode, after_tokens, tokens
+from engine_steps import collect as drive
 from tether.engines.base import (
-    Abort,
     Delta,
     Engine,
     EngineError,
@@ -87,11 +89,13 @@ def chat(llm: llama_cpp.Llama, text: str, max_tokens: int) -> tuple[str, int, in
     )
 
 
-async def collect(engine: LocalEngine, gen: Generation, abort: Abort | None = None) -> list[Step]:
-    async def run() -> list[Step]:
-        return [step async for step in engine.generate(gen, abort or Abort())]
+async def collect(engine: LocalEngine, gen: Generation) -> list[Step]:
+    return (await drive(engine, gen, timeout=TIMEOUT)).steps
 
-    return await asyncio.wait_for(run(), TIMEOUT)
+
+def cancelled(engine: LocalEngine, gen: Generation, after: int, mode: Mode) -> Collected:
+    """A generation cancelled once `after` tokens were taken."""
+    return asyncio.run(drive(engine, gen, after_tokens(after), mode, TIMEOUT))
 
 
 def check_shape(steps: list[Step]) -> tuple[list[Delta], Finished | None]:
@@ -160,70 +164,38 @@ def test_zero_budget_reads_the_prompt_only(engine: LocalEngine) -> None:
     assert steps[1:] == [Finished("length")]
 
 
-def test_abort_stops_at_the_next_token_and_engine_recovers(engine: LocalEngine) -> None:
-    async def scenario() -> tuple[list[Step], float]:
-        abort = Abort()
-        steps: list[Step] = []
-        started = 0.0
-
-        async def consume() -> None:
-            nonlocal started
-            async for step in engine.generate(request(STORY, max_output_tokens=500), abort):
-                steps.append(step)
-                if sum(isinstance(s, Delta) for s in steps) == 3:
-                    abort.set()
-                    started = time.monotonic()
-
-        await asyncio.wait_for(consume(), TIMEOUT)
-        return steps, time.monotonic() - started
-
-    steps, stop_seconds = asyncio.run(scenario())
-    deltas, end = check_shape(steps)
-    assert end is None, "an aborted generation must not report Finished"
-    # Abort came after the 3rd token: at most the one token step in flight follows it.
-    assert 3 <= len(deltas) <= 4
-    assert stop_seconds < 2.0
-
+@pytest.mark.parametrize("mode", ["emit", "task", "inside"])
+def test_cancel_stops_at_the_next_token_and_engine_recovers(engine: LocalEngine,
+                                                            mode: Mode) -> None:
+    got = cancelled(engine, request(STORY, max_output_tokens=500), 3, mode)
+    deltas, end = check_shape(got.steps)
+    assert end is None, "a cancelled generation must not report Finished"
+    assert got.cancel_caught
+    # The cancel came at the 3rd token: at most the one token step in flight follows it
+    # (with "inside", that is the 3rd itself, which `emit` did not take).
+    assert 3 <= len(deltas) <= 4 and tokens(got.after_cancel) <= 1
+    assert got.stop_seconds < 2.0
+    trace = engine.traces["resp_test"]
+    assert trace.produced == len(deltas) and trace.aborted_at is not None
+    assert len(trace.token_times) <= len(deltas) + 1  # sampled, never delivered: one
     # The same engine (and model) serves the next generation normally.
     again = asyncio.run(collect(engine, request(STORY, max_output_tokens=8)))
     deltas, end = check_shape(again)
     assert len(deltas) == 8 and end == Finished("length")
 
 
-def test_closing_the_generator_stops_the_worker(engine: LocalEngine) -> None:
-    """A consumer that walks away frees the engine: the next generation is not stuck."""
+def test_cancel_from_outside_frees_the_worker_at_once(engine: LocalEngine) -> None:
+    """A cancel from outside the generation (a timer here) stops the worker: the next
+    generation is not stuck behind it, and starts after the worker has stopped."""
 
     async def scenario() -> None:
-        gen = cast(
-            AsyncGenerator[Step, None],
-            engine.generate(request(STORY, max_output_tokens=500), Abort()),
-        )
-        async for step in gen:
-            if isinstance(step, Delta):
-                break
-        await asyncio.wait_for(gen.aclose(), 2.0)
+        with anyio.move_on_after(0.5):
+            await collect(engine, request(STORY, max_output_tokens=500))
+        first = engine.traces["resp_test"]
+        assert first.aborted_at is not None and not first.finished
         steps = await collect(engine, request(STORY, max_output_tokens=3))
         assert len(check_shape(steps)[0]) == 3
-
-    asyncio.run(scenario())
-
-
-def test_cancelled_task_stops_the_worker(engine: LocalEngine) -> None:
-    async def scenario() -> None:
-        first = asyncio.Event()
-
-        async def consume() -> None:
-            async for step in engine.generate(request(STORY, max_output_tokens=500), Abort()):
-                if isinstance(step, Delta):
-                    first.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(first.wait(), TIMEOUT)
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=2.0)
-        assert done, "cancelled generation did not end within 2 s"
-        steps = await collect(engine, request(STORY, max_output_tokens=3))
-        assert len(check_shape(steps)[0]) == 3
+        assert engine.traces["resp_test"].started_at >= first.aborted_at
 
     asyncio.run(scenario())
 
@@ -256,14 +228,13 @@ def test_close_during_generation_fails_the_run_and_frees_the_model() -> None:
         await eng.start()
         steps: list[Step] = []
 
-        async def consume() -> None:
-            async for step in eng.generate(request(STORY, max_output_tokens=500), Abort()):
-                steps.append(step)
-                if isinstance(step, Delta):
-                    await eng.close()
+        async def emit(step: Step) -> None:
+            steps.append(step)
+            if isinstance(step, Delta):
+                await eng.close()
 
-        with pytest.raises(EngineError, match="closed"):
-            await asyncio.wait_for(consume(), TIMEOUT)
+        with pytest.raises(EngineError, match="closed"), anyio.fail_after(TIMEOUT):
+            await eng.generate(request(STORY, max_output_tokens=500), emit)
         assert not any(isinstance(s, Finished) for s in steps)
         with pytest.raises(EngineError, match="not started"):
             await collect(eng, request(STORY))
@@ -390,24 +361,16 @@ def test_count_tokens_is_the_prompt_read(engine: LocalEngine) -> None:
 LONG = " ".join(f"Fact {i}: the river in town number {i} is called R{i}." for i in range(110))
 
 
-def test_abort_during_prefill_stops_within_a_chunk(engine: LocalEngine) -> None:
-    """Reading a ~1,500-token prompt takes seconds here; an abort is seen between chunks."""
-
-    async def scenario() -> float:
-        abort = Abort()
-        steps = engine.generate(request([Message("user", LONG)], max_output_tokens=5), abort)
-        first = await anext(steps)
-        assert isinstance(first, PromptRead) and first.input_tokens > 1400
-        abort.set()
-        started = time.monotonic()
-        rest = [s async for s in steps]
-        assert rest == []
-        return time.monotonic() - started
-
-    took = asyncio.run(scenario())
+def test_cancel_during_prefill_stops_within_a_chunk(engine: LocalEngine) -> None:
+    """Reading a ~1,500-token prompt takes seconds here; a cancel is seen between chunks."""
+    got = asyncio.run(drive(engine, request([Message("user", LONG)], max_output_tokens=5),
+                            lambda steps: True, "task", TIMEOUT))
+    [first] = got.steps
+    assert isinstance(first, PromptRead) and first.input_tokens > 1400
     trace = engine.traces["resp_test"]
     assert trace.aborted_in_prefill and trace.produced == 0 and not trace.token_times
-    assert took < 1.0, took  # a whole prompt takes several seconds; one chunk ~0.05 s
+    # a whole prompt takes several seconds; one chunk ~0.05 s
+    assert got.stop_seconds < 1.0, got.stop_seconds
     again = asyncio.run(collect(engine, request(STORY, max_output_tokens=3)))
     assert len(check_shape(again)[0]) == 3
 

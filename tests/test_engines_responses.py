@@ -3,17 +3,32 @@
 The real upstream is another tether (scripted engine, 100 tokens/s), so both ends of a
 cancel can be checked: the outer reply, the inner response's state and the inner
 engine's own trace. The fault-injecting fake covers an upstream that ignores cancels,
-a broken stream that must be resumed, and an upstream failure.
+a broken stream that must be resumed, and an upstream failure. The engine is tested by
+itself too (its steps through `emit`, cancelled by a scope) against the fake.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
 
+from engine_steps import after_tokens, collect, tokens
+from tether.config import UpstreamConfig
+from tether.engines.base import (
+    Delta,
+    EngineError,
+    Finished,
+    Generation,
+    Message,
+    PromptRead,
+    Report,
+)
+from tether.engines.responses import ResponsesEngine
 from tether.engines.scripted import scripted_text
 from upstreams import FakeUpstream, fake_upstream
 
@@ -64,6 +79,91 @@ def check_cancelled_stream(events: list[Any]) -> None:
     tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
     assert tail == [*DONE_TYPES, "response.failed"], tail
     assert events[-1].response.status == "cancelled" and events[-1].response.error is None
+
+
+# --- the engine by itself, against the fake upstream --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def responses_engine(fake: FakeUpstream) -> AsyncIterator[ResponsesEngine]:
+    engine = ResponsesEngine(UpstreamConfig(model="fake", url=fake.url, kind="responses"))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def ask(text: str, background: bool = True) -> Generation:
+    return Generation("resp_1", "fake", [Message("user", text)], background=background)
+
+
+async def post_gone(fake: FakeUpstream) -> bool:
+    return await anyio.to_thread.run_sync(fake.calls[0].gone.wait, 5)
+
+
+@pytest.mark.anyio
+async def test_engine_steps_end_with_the_upstream_usage(fake: FakeUpstream) -> None:
+    async with responses_engine(fake) as engine:
+        got = await collect(engine, ask("LENGTH=3 go"))
+    assert isinstance(got.steps[0], PromptRead)
+    assert got.steps[1:] == [Delta("alpha"), Delta(" bravo"), Delta(" charlie"), Report(
+        7, 3, {"upstream_response_id": fake.calls[0].id, "input_tokens": "upstream",
+               "output_tokens": "upstream"}), Finished("stop")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
+async def test_engine_cancel_closes_the_stream_and_cancels_upstream(
+        fake: FakeUpstream, background: bool) -> None:
+    async with responses_engine(fake) as engine:
+        got = await collect(engine, ask("RATE=50 LENGTH=300 go", background),
+                            after_tokens(4), "task")
+        assert await post_gone(fake)
+    post = fake.calls[0]
+    assert fake.cancels == [post.id]
+    assert got.cancel_caught and got.finished is None and got.stop_seconds < 1.0
+    assert tokens(got.after_cancel) <= 1
+    report = got.steps[-1]
+    assert isinstance(report, Report) and report.input_tokens == 7
+    assert report.output_tokens is None  # the usage stays what was relayed
+    assert report.notes["upstream_stop"] == "confirmed"
+    assert report.notes["upstream_output_tokens"] >= tokens(got.steps)
+
+
+@pytest.mark.anyio
+async def test_engine_cancel_of_an_upstream_ignoring_it(fake: FakeUpstream) -> None:
+    async with responses_engine(fake) as engine:
+        got = await collect(engine, ask("IGNORE_CANCEL RATE=100 LENGTH=300 go"),
+                            after_tokens(4), "inside")
+        assert await post_gone(fake)
+    assert fake.cancels == [fake.calls[0].id] and got.stop_seconds < 2.0
+    assert got.text == "alpha bravo charlie delta"  # the step `emit` did not take, too
+    report = got.steps[-1]
+    assert isinstance(report, Report) and report.notes["upstream_stop"] == "unconfirmed"
+    assert [type(s) for s in got.after_cancel] == [Delta, Report]
+
+
+@pytest.mark.anyio
+async def test_engine_resumes_a_broken_background_stream(fake: FakeUpstream) -> None:
+    async with responses_engine(fake) as engine:
+        got = await collect(engine, ask("BREAK_AT=3 LENGTH=8 go"))
+    assert got.text == "alpha bravo charlie delta echo foxtrot golf hotel"
+    assert got.finished == Finished("stop")
+    assert len([c for c in fake.calls if c.body == {}]) == 1  # one GET ?stream=true
+
+
+@pytest.mark.anyio
+async def test_engine_upstream_failure(fake: FakeUpstream) -> None:
+    async with responses_engine(fake) as engine:
+        with pytest.raises(EngineError, match="injected failure"):
+            await collect(engine, ask("FAIL_AT=2 go"))
+        with pytest.raises(EngineError) as refused:
+            await collect(engine, ask("STATUS=400 go"))
+    assert refused.value.code == "invalid_prompt" and fake.cancels == []
+
+
+# --- through a whole server -----------------------------------------------------------
 
 
 def test_create_through_tether_of_tether(pair: tuple[Server, Server]) -> None:

@@ -2,38 +2,45 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
 
+import anyio
 import jsonschema
 import pytest
 
+from engine_steps import after_tokens, collect, tokens
 from tether.engines.base import (
-    Abort,
     Delta,
     EngineError,
     Finished,
     Generation,
     Message,
     PromptRead,
+    Step,
     ToolCall,
     ToolCallDelta,
     ToolCallSpec,
+    Traced,
 )
+from tether.engines.router import Router
 from tether.engines.scripted import ScriptedEngine, scripted_text
 
 pytestmark = pytest.mark.anyio
 
 
-def gen(text: str = "hello there", budget: int | None = None) -> Generation:
-    return Generation("resp_1", "scripted", [Message("user", text)], budget)
+def gen(text: str = "hello there", budget: int | None = None, rid: str = "resp_1") -> Generation:
+    return Generation(rid, "scripted", [Message("user", text)], budget)
+
+
+async def steps_of(engine: ScriptedEngine, request: Generation) -> list[Step]:
+    return (await collect(engine, request)).steps
 
 
 async def test_natural_end_and_exact_counts() -> None:
     engine = ScriptedEngine(rate=0, length=30)
-    steps = [s async for s in engine.generate(gen(), Abort())]
+    steps = await steps_of(engine, gen())
     assert steps[0] == PromptRead(2)
     deltas = [s for s in steps if isinstance(s, Delta)]
     assert len(deltas) == 30 and all(d.tokens == 1 for d in deltas)
@@ -44,42 +51,94 @@ async def test_natural_end_and_exact_counts() -> None:
 
 async def test_budget_ends_with_length() -> None:
     engine = ScriptedEngine(rate=0, length=30)
-    steps = [s async for s in engine.generate(gen(budget=4), Abort())]
+    steps = await steps_of(engine, gen(budget=4))
     assert steps[-1] == Finished("length") and len(steps) == 6
 
 
-async def test_abort_stops_within_one_step() -> None:
-    engine = ScriptedEngine(rate=50, length=1000)
-    abort = Abort()
-    seen = 0
-    async for step in engine.generate(gen(), abort):
-        if isinstance(step, Delta):
-            seen += 1
-            if seen == 3:
-                abort.set()
-                aborted = time.time()
-        assert not isinstance(step, Finished)
+@pytest.mark.parametrize("rate", [50.0, 0.0], ids=["paced", "full-speed"])
+async def test_cancel_stops_at_the_next_token_boundary(rate: float) -> None:
+    engine = ScriptedEngine(rate=rate, length=1000)
+    got = await collect(engine, gen(), after_tokens(3))
+    assert got.cancel_caught and got.after_cancel == [] and got.finished is None
     trace = engine.traces["resp_1"]
-    assert trace.produced == seen == 3
-    assert trace.aborted_at is not None and trace.aborted_at - aborted < 0.02 + 0.5
+    assert trace.produced == tokens(got.steps) == 3 and not trace.finished
+    assert trace.aborted_at is not None and got.stop_seconds < 0.5
 
 
-async def test_abort_interrupts_the_wait_for_the_next_token() -> None:
+async def test_cancel_from_another_task_stops_within_one_step() -> None:
+    engine = ScriptedEngine(rate=50, length=1000)
+    got = await collect(engine, gen(), after_tokens(3), mode="task")
+    assert got.cancel_caught and got.finished is None
+    assert tokens(got.after_cancel) <= 1  # the one step in flight when the cancel came
+    assert engine.traces["resp_1"].produced == tokens(got.steps)
+
+
+async def test_cancel_interrupts_the_wait_for_the_next_token() -> None:
     engine = ScriptedEngine(rate=0.5, length=10)  # two seconds per token
-    abort = Abort()
-    steps = engine.generate(gen(), abort)
-    assert isinstance(await anext(steps), PromptRead)
-    asyncio.get_running_loop().call_later(0.05, abort.set)
-    started = time.monotonic()
-    rest = [s async for s in steps]
-    assert rest == [] and time.monotonic() - started < 1.0
+    got = await collect(engine, gen(), lambda s: isinstance(s[-1], PromptRead), mode="task")
+    assert got.steps == [PromptRead(2)] and got.stop_seconds < 1.0
+
+
+async def test_cancel_landing_in_emit_still_delivers_that_token() -> None:
+    """The cancel lands in `emit`, which did not take the step: the engine emits it in its
+    shielded cleanup, once; never a Finished after it."""
+    engine = ScriptedEngine(rate=0, length=10)
+    got = await collect(engine, gen(), after_tokens(3), mode="inside")
+    assert got.cancel_caught and got.text == scripted_text(3)
+    assert tokens(got.after_cancel) == 1 and got.finished is None
+    assert engine.traces["resp_1"].produced == 3
+
+
+async def test_cancel_while_reading_the_prompt() -> None:
+    engine = ScriptedEngine(rate=0, length=3)
+    begun = time.monotonic()
+    with anyio.move_on_after(0.1) as scope:  # nothing is emitted before the prompt is read
+        await collect(engine, gen("PREFILL=5"))
+    assert scope.cancelled_caught and time.monotonic() - begun < 1.0
+    trace = engine.traces["resp_1"]
+    assert trace.prompt_read_at is None and trace.aborted_at is not None
+
+
+async def test_cancel_after_the_last_token_ends_without_finished() -> None:
+    engine = ScriptedEngine(rate=0, length=3)
+    got = await collect(engine, gen("LINGER=5"), after_tokens(3), mode="task")
+    assert got.finished is None and tokens(got.steps) == 3 and got.stop_seconds < 1.0
+    trace = engine.traces["resp_1"]
+    assert trace.aborted_at is not None and not trace.finished
 
 
 async def test_failure_marker_raises() -> None:
     engine = ScriptedEngine(rate=0, length=10)
     with pytest.raises(EngineError):
-        _ = [s async for s in engine.generate(gen("FAIL_AT=2"), Abort())]
+        await collect(engine, gen("FAIL_AT=2"))
     assert engine.traces["resp_1"].produced == 2
+
+
+async def test_router_waits_for_a_slot_under_the_scope() -> None:
+    """A run waiting for its engine's slot is cancelled at once, having produced nothing;
+    the router shows its engines' traces."""
+    engine = ScriptedEngine(rate=0, length=2)
+    engine.concurrency = 1
+    router = Router([engine])
+    assert isinstance(router, Traced) and isinstance(engine, Traced)
+    started = anyio.Event()
+    first: list[Step] = []
+
+    async def hold() -> None:
+        async def emit(step: Step) -> None:
+            first.append(step)
+            started.set()
+        await router.generate(gen("LINGER=0.5", rid="resp_first"), emit)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await started.wait()
+        begun = time.monotonic()
+        with anyio.move_on_after(0.05) as waiting:
+            await collect(router, gen(rid="resp_second"))
+        assert waiting.cancelled_caught and time.monotonic() - begun < 0.4
+    assert first[-1] == Finished("stop")
+    assert "resp_second" not in router.traces and "resp_first" in router.traces
 
 
 SHELL = {"type": "function", "name": "exec_command", "description": "Run a command.",
@@ -93,7 +152,7 @@ def tool_gen(messages: list[Message], choice: object = "auto") -> Generation:
 
 async def test_call_directive_streams_the_call() -> None:
     engine = ScriptedEngine(rate=0, length=30)
-    steps = [s async for s in engine.generate(tool_gen([Message("user", DIRECTIVE)]), Abort())]
+    steps = await steps_of(engine, tool_gen([Message("user", DIRECTIVE)]))
     assert isinstance(steps[0], PromptRead)
     assert steps[1] == ToolCall(0, steps[1].call_id, "exec_command")  # type: ignore[union-attr]
     pieces = [s for s in steps if isinstance(s, ToolCallDelta)]
@@ -108,7 +167,7 @@ async def test_after_a_tool_output_it_answers_with_text() -> None:
     turns = [Message("user", DIRECTIVE),
              Message("assistant", "", [ToolCallSpec("call_1", "exec_command", "{}")]),
              Message("tool", "hi", call_id="call_1")]
-    steps = [s async for s in engine.generate(tool_gen(turns), Abort())]
+    steps = await steps_of(engine, tool_gen(turns))
     assert [type(s) for s in steps] == [PromptRead] + [Delta] * 5 + [Finished]
 
 
@@ -116,8 +175,7 @@ async def test_after_a_tool_output_it_answers_with_text() -> None:
                                              "tools": [{"type": "function", "name": "x"}]}])
 async def test_no_call_when_the_tool_is_not_allowed(choice: object) -> None:
     engine = ScriptedEngine(rate=0, length=3)
-    steps = [s async for s in engine.generate(tool_gen([Message("user", DIRECTIVE)], choice),
-                                              Abort())]
+    steps = await steps_of(engine, tool_gen([Message("user", DIRECTIVE)], choice))
     assert not any(isinstance(s, ToolCall) for s in steps)
 
 
@@ -125,8 +183,7 @@ async def test_forced_choice_calls_without_a_directive() -> None:
     engine = ScriptedEngine(rate=0, length=3)
     named = {"type": "function", "name": "exec_command"}
     for choice in ("required", named):
-        steps = [s async for s in engine.generate(tool_gen([Message("user", "hi")], choice),
-                                                  Abort())]
+        steps = await steps_of(engine, tool_gen([Message("user", "hi")], choice))
         calls = [s for s in steps if isinstance(s, ToolCall)]
         args = "".join(s.arguments for s in steps if isinstance(s, ToolCallDelta))
         assert [c.name for c in calls] == ["exec_command"] and args == "{}"
@@ -141,7 +198,7 @@ async def test_json_formats_give_valid_json() -> None:
     for fmt in ({"type": "json_schema", "name": "x", "schema": schema},
                 {"type": "json_object"}):
         req = Generation("resp_1", "scripted", [Message("user", "hi")], None, text_format=fmt)
-        steps = [s async for s in engine.generate(req, Abort())]
+        steps = await steps_of(engine, req)
         value = json.loads("".join(s.text for s in steps if isinstance(s, Delta)))
         jsonschema.validate(value, fmt.get("schema", {"type": "object"}))
         assert steps[-1] == Finished("stop")

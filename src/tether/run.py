@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from tether import metrics, wire
 from tether.engines.base import (
     Delta,
@@ -60,26 +62,44 @@ class Progress:
     async def take(self, step: Step) -> None:
         """The engine's `emit`: append `step`'s events (and tokens) to the log.
 
-        Cancel-safe: `Store.append` either appends or, cancelled while it waits, appends
-        nothing; the counts here change only after it returned."""
+        A step is taken exactly when this returns: if it raises (a cancel landing while
+        `Store.append` waits for room, which then appends nothing), the run's account is
+        as before the call, so the engine may emit the step again in its cleanup."""
         if self.run.reason is not None:  # rare: the engine went on after a stop
             if self.fenced:
                 return
             if self.run.reason == "cancel":
                 metrics.after_stop(step)
-        if type(step) is Delta:
-            events = [self.message.delta(step.text, step.logprobs)]
-            if not self.opened:
-                self.message.output_index = len(self.calls)
-                events = self.message.opened() + events
-                self.opened = True
-            if await self._append(events, step.tokens):
-                self.output_tokens += step.tokens
-        elif type(step) is PromptRead:
+        if type(step) is Delta:  # the hot path: no scope, an undo on the rare cancel
+            await self._delta(step)
+        elif type(step) is not Finished:
+            # Rare steps (prompt, calls, reports): shielded, so never half taken.
+            with anyio.CancelScope(shield=True):
+                await self._rare(step)
+        else:
+            self.reason = step.reason
+
+    async def _delta(self, step: Delta) -> None:
+        message, opened = self.message, self.opened
+        if not opened:
+            message.output_index = len(self.calls)
+        events = [message.delta(step.text, step.logprobs)]
+        if not opened:
+            events = message.opened() + events
+            self.opened = True
+        try:
+            taken = await self._append(events, step.tokens)
+        except BaseException:
+            message.undo(step.logprobs)  # not appended: the item must not hold it
+            self.opened = opened
+            raise
+        if taken:
+            self.output_tokens += step.tokens
+
+    async def _rare(self, step: Step) -> None:
+        if type(step) is PromptRead:
             self.input_tokens = step.input_tokens
             await self._append([], input_tokens=step.input_tokens)
-        elif type(step) is Finished:
-            self.reason = step.reason
         elif type(step) is ToolCall or type(step) is ToolCallDelta:
             await self._call(step)
         elif type(step) is Report:

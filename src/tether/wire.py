@@ -188,6 +188,12 @@ class MessageItem:
                 "output_index": self.output_index, "content_index": 0, "delta": text,
                 "logprobs": logprobs or []}
 
+    def undo(self, logprobs: list[dict[str, Any]] | None) -> None:
+        """Take back the last `delta` (it never reached the log)."""
+        self.text.pop()
+        if logprobs:
+            del self.logprobs[-len(logprobs):]
+
     def live(self) -> dict[str, Any]:
         """The item as a retrieve of a live response shows it."""
         return self.item("in_progress") | {"content": [self.part()]}

@@ -1,16 +1,18 @@
 """The `Engine` protocol: what tether needs from anything that generates text.
 
-An engine knows nothing about responses, events or storage. It turns a prompt into a
-stream of token steps and stops at the next token boundary once its `Abort` is set.
+An engine knows nothing about responses, events or storage. It turns a prompt into token
+steps, handing each to the caller's `emit`, and is stopped by a cancel of the caller's
+cancel scope, which lands at its next token boundary.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
+
+import anyio
 
 # A turn's shape is the whole server's, not the engines' alone; engines import it from here.
 from tether.turns import Message as Message
@@ -101,36 +103,13 @@ class Report:
 Step = PromptRead | Delta | Finished | ToolCall | ToolCallDelta | Report
 
 
-class Abort:
-    """A one-way stop signal, readable from the event loop and from engine threads.
-
-    `set()` is called on the event loop thread. After it, an engine yields at most the
-    token step that was already in flight, then returns without a `Finished`.
-    """
-
-    __slots__ = ("_event", "_flag")
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._flag.set()
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._flag.is_set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
 @dataclass(slots=True)
 class ModelInfo:
-    """A model an engine serves. `extra["tools"]`: the engine applies function tools,
-    `tool_choice` and `text.format`. `context`: how many tokens its context holds (prompt
+    """A model an engine serves. `context`: how many tokens its context holds (prompt
     and output together), when known; creates whose prompt does not fit are refused or
-    truncated before anything is stored (`tether.context`)."""
+    truncated before anything is stored (`tether.context`). `extra`: free-form facts an
+    engine may attach; tether itself reads none of them (every engine applies function
+    tools, `tool_choice` and `text.format` itself)."""
 
     id: str
     owned_by: str = "tether"
@@ -150,15 +129,31 @@ class EngineError(Exception):
         self.code = code
 
 
+#: what `Engine.generate` hands each step to; a step is taken when the await returns.
+Emit = Callable[[Step], Awaitable[None]]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Generates text for the models it serves.
 
-    `generate` yields one `PromptRead` first, then `Delta`s (and, for engines that
-    call tools, `ToolCall`/`ToolCallDelta`s; `Report`s at any time after the prompt),
-    then a `Finished` when the engine ended by itself. When `abort` is set it returns at
-    the next token boundary (without `Finished`); every token it produced has been
-    yielded by then. It raises `EngineError` on failure.
+    `generate(request, emit)` runs one generation, awaiting `emit(step)` for each step in
+    order: one `PromptRead` first, then `Delta`s (and, for engines that call tools,
+    `ToolCall`/`ToolCallDelta`s), `Report`s at any time after the `PromptRead`, and a
+    `Finished` when the engine ended by itself (end of turn, or its token budget); then it
+    returns. It raises `EngineError` on failure (the steps emitted before stand).
+
+    Cancellation: the caller runs `generate` inside a cancel scope, and a cancel is that
+    scope's `cancel()`. The cancellation exception is then raised at the engine's next
+    await, which is a token boundary: reading the upstream, sleeping, waiting for the
+    model thread, waiting for a slot, a retry backoff. The engine never swallows it. In a
+    shielded cleanup (`with anyio.CancelScope(shield=True):`) before re-raising it, the
+    engine may still `await emit(...)` what it had already produced but not yet emitted
+    (at most the one token step that was in flight) and a `Report` (an upstream's count
+    after cancelling it, a recount with the model's tokenizer); never a `Finished`.
+    `emit` may itself be the await where the cancel lands (the caller makes that safe);
+    the engine must not assume a step was taken if `emit` raised: such a step counts as
+    produced but not emitted (`Outbox` keeps that account).
     """
 
     #: generations run at once; more wait (queued) in the lifecycle.
@@ -166,11 +161,54 @@ class Engine(Protocol):
 
     def models(self) -> list[ModelInfo]: ...
 
-    def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]: ...
+    async def generate(self, request: Generation, emit: Emit) -> None: ...
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class Outbox:
+    """An engine's steps on their way to `emit`, in order: a step leaves `pending` only
+    once `emit` returned, so after a cancel `pending` holds what was produced but not
+    emitted (the step whose `emit` raised, and any produced with it)."""
+
+    __slots__ = ("_emit", "pending")
+
+    def __init__(self, emit: Emit) -> None:
+        self._emit = emit
+        self.pending: deque[Step] = deque()
+
+    async def send(self, *steps: Step) -> None:
+        self.pending.extend(steps)
+        while self.pending:
+            await self._emit(self.pending[0])
+            self.pending.popleft()
+
+    async def flush(self, *then: Step) -> list[Step]:
+        """The cancel path (shielded): emit what is pending, never a `Finished`, then
+        `then` (a `Report`). What it emitted, in order."""
+        steps = [s for s in (*self.pending, *then) if type(s) is not Finished]
+        self.pending.clear()
+        with anyio.CancelScope(shield=True):
+            for step in steps:
+                await self._emit(step)
+        return steps
+
+
+class EngineTrace(Protocol):
+    """A per-response record of what an engine did (the debug route shows `as_dict()`)."""
+
+    def as_dict(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class Traced(Protocol):
+    """An optional engine capability: traces of recent responses by response id, for
+    the debug route `/debug/engine/{id}` and the benchmarks."""
+
+    @property
+    def traces(self) -> Mapping[str, EngineTrace]: ...
 
 
 @runtime_checkable

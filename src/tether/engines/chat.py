@@ -3,14 +3,15 @@
 
 The request goes out with `stream: true` and `stream_options.include_usage`; each
 content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`.
-A cancel closes the upstream connection at once (see `upstream.Pump`): that is the
-only stop signal chat-completions servers understand.
+A cancel closes the upstream connection at once (see `upstream`): that is the only
+stop signal chat-completions servers understand.
 
 Usage (recorded with its source in the response's `usage.tether`, see README):
 - output: one token per streamed chunk while streaming; replaced by the upstream's
   reported usage when it arrives (the last chunk, with `include_usage`), else — on a
-  cancel, or from a server that does not report usage — recounted from the received
-  text with the model's tokenizer when one is configured (`tokenizer=FILE.gguf`);
+  cancel (a `Report` emitted in the cancel's shielded cleanup), or from a server that
+  does not report usage — recounted from the received text with the model's tokenizer
+  when one is configured (`tokenizer=FILE.gguf`);
 - input: the upstream's report; before it (and when it never comes), the prompt
   rendered with the GGUF's chat template and counted with its tokenizer, else an
   estimate of 4 characters a token.
@@ -19,23 +20,25 @@ Usage (recorded with its source in the response's `usage.tether`, see README):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 
 from tether import metrics
 from tether.config import UpstreamConfig
 from tether.engines.base import (
-    Abort,
     Delta,
+    Emit,
     EngineError,
     Finished,
     Generation,
     Message,
     ModelInfo,
+    Outbox,
     PromptRead,
     Report,
     Step,
@@ -44,7 +47,6 @@ from tether.engines.base import (
 )
 from tether.engines.upstream import (
     OPENED,
-    Pump,
     UpstreamGone,
     backoff,
     estimate_tokens,
@@ -174,6 +176,7 @@ class _Received:
     calls: dict[int, str] = field(default_factory=dict)  # upstream index -> call id
     finish: str | None = None
     done: bool = False  # `data: [DONE]` seen
+    prompt_read: bool = False
     usage: dict[str, Any] | None = None
 
     @property
@@ -230,16 +233,32 @@ class ChatEngine:
             body["top_logprobs"] = request.forward.get("top_logprobs", 0)
         return body
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+    async def generate(self, request: Generation, emit: Emit) -> None:
         body = self.body(request)
         got = _Received()
+        out = Outbox(emit)
+        try:
+            await self._stream(body, got, out)
+        except anyio.get_cancelled_exc_class():
+            # The connection is closed. Usage stays exact: what was received but not yet
+            # emitted still is, then the count (the upstream's, a recount, or chunks).
+            if got.prompt_read:
+                await out.flush(self._report(got))
+            raise
+        if got.finish is None and not got.done:
+            metrics.upstream_error("chat")
+            raise UpstreamGone("Upstream closed the stream before it finished.",
+                               retryable=False)
+        await out.send(self._report(got), Finished("length" if got.finish == "length"
+                                                   else "stop"))
+
+    async def _stream(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
+        """Relay the upstream's reply, retrying a failure before the first token."""
         attempt = 0
         while True:
-            pump = Pump(sse_events(self._client, "POST", "chat/completions", body), abort)
             try:
-                async for step in self._relay(pump, got, body, abort):
-                    yield step
-                break
+                await self._relay(body, got, out)
+                return
             except EngineError as exc:
                 metrics.upstream_error("chat")
                 # Retried only before the first token: after it, a retry would produce a
@@ -249,47 +268,34 @@ class ChatEngine:
                 attempt += 1
                 log.info("upstream %s failed before the first token (%s); retry %d",
                          self.spec.url, exc, attempt)
-                if not await backoff(attempt, exc, abort):
-                    return
-            finally:
-                await pump.aclose()
-        if abort.is_set() or got.finish is not None or got.done:
-            yield self._report(got)
-        if abort.is_set():
-            return
-        if got.finish is None and not got.done:
-            metrics.upstream_error("chat")
-            raise UpstreamGone("Upstream closed the stream before it finished.",
-                               retryable=False)
-        yield Finished("length" if got.finish == "length" else "stop")
+                await backoff(attempt, exc)
 
-    async def _relay(self, pump: Pump, got: _Received, body: dict[str, Any],
-                     abort: Abort) -> AsyncIterator[Step]:
-        prompt_read = False
-        async for event, data in pump:
-            if (event, data) == OPENED:
-                if not prompt_read:
-                    prompt_read = True
-                    yield PromptRead(self._input_tokens(body))
-                continue
-            if data == "[DONE]":
-                got.done = True
-                continue
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
-                                   retryable=False) from None
-            if not isinstance(chunk, dict):
-                continue
-            if chunk.get("error"):
-                err = chunk["error"]
-                message = err.get("message") if isinstance(err, dict) else str(err)
-                raise EngineError(f"Upstream error: {message}")
-            if chunk.get("usage"):
-                got.usage = chunk["usage"]
-            for step in self._steps(chunk, got):
-                yield step
+    async def _relay(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
+        events = sse_events(self._client, "POST", "chat/completions", body)
+        async with contextlib.aclosing(events):  # closed (the connection too) on any exit
+            async for event, data in events:
+                if (event, data) == OPENED:
+                    if not got.prompt_read:
+                        got.prompt_read = True
+                        await out.send(PromptRead(self._input_tokens(body)))
+                    continue
+                if data == "[DONE]":
+                    got.done = True
+                    continue
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
+                                       retryable=False) from None
+                if not isinstance(chunk, dict):
+                    continue
+                if chunk.get("error"):
+                    err = chunk["error"]
+                    message = err.get("message") if isinstance(err, dict) else str(err)
+                    raise EngineError(f"Upstream error: {message}")
+                if chunk.get("usage"):
+                    got.usage = chunk["usage"]
+                await out.send(*self._steps(chunk, got))
 
     def _steps(self, chunk: dict[str, Any], got: _Received) -> list[Step]:
         steps: list[Step] = []

@@ -2,15 +2,17 @@
 
 llama.cpp is blocking and not thread-safe per `Llama` object, so every call into it runs
 on one dedicated worker thread. The worker drives generation token by token and pushes
-each step onto an asyncio queue, so every `Delta` is exactly one token and the counts
-the lifecycle reports are exact.
+each step onto an asyncio queue (`call_soon_threadsafe` wakes the loop), so every `Delta`
+is exactly one token and the counts the lifecycle reports are exact. `generate` awaits
+that queue: a cancel of the caller's scope lands there, sets the worker's stop flag
+(`_Channel.stop`, which wakes it at once), and the worker stops at its next token.
 
-The prompt is read in chunks with an abort check between them, so a cancel during a long
+The prompt is read in chunks with a stop check between them, so a cancel during a long
 prompt is seen within one chunk (`PREFILL_CHUNK_SECONDS`). Function tools and
 `text.format` are applied with constrained decoding (`local_tools`).
 
 Like the scripted engine, it keeps a small per-response trace (when the run started, when
-each token was sampled, when an abort was seen) for the debug route `/debug/engine/{id}`
+each token was sampled, when a stop was seen) for the debug route `/debug/engine/{id}`
 and bench/cancel.py: the last `TRACES_KEPT` responses, one float per token.
 """
 
@@ -25,25 +27,28 @@ import secrets
 import threading
 import time
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
+from anyio.lowlevel import checkpoint_if_cancelled
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 
 from tether.engines import local_tools
 from tether.engines.base import (
-    Abort,
     Delta,
+    Emit,
     EngineError,
     Finished,
     Generation,
     ModelInfo,
+    Outbox,
     PromptRead,
     Step,
     ToolCall,
@@ -63,13 +68,13 @@ PREFILL_CHUNK_SECONDS = 0.05
 class Trace:
     """What the engine did for one response (debug route). `token_times` are unix times
     at which the worker sampled each output token, also one it sampled but the run never
-    delivered (at most one, after an abort); `produced` counts delivered tokens."""
+    delivered (at most one, after a cancel); `produced` counts delivered tokens."""
 
     started_at: float = field(default_factory=time.time)
     prompt_read_at: float | None = None
     produced: int = 0
     token_times: array[float] = field(default_factory=lambda: array("d"))
-    aborted_at: float | None = None  # the worker stopped on an abort or a closed consumer
+    aborted_at: float | None = None  # the worker stopped: a cancel, or the consumer left
     aborted_in_prefill: bool = False  # ... while it was still reading the prompt
     prefill_tokens: int = 0  # prompt tokens evaluated (the rest came from the KV cache)
     finished: bool = False  # the model ended the run (end of turn or budget)
@@ -91,37 +96,75 @@ class Trace:
 _Item = Step | EngineError | None
 
 
-@dataclass(slots=True)
 class _Channel:
-    """Links one generation's worker thread to the async generator consuming it."""
+    """Links one generation's worker thread to the coroutine consuming it.
 
-    loop: asyncio.AbstractEventLoop
-    abort: Abort
-    trace: Trace
-    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
-    stop: threading.Event = field(default_factory=threading.Event)  # the consumer left
-    # Token credits: the worker computes the next token while the consumer handles this
-    # one, but never more, so an abort finds at most one token step in flight.
-    credits: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(2))
+    The worker's token credits and its stop flag share one condition, so the worker
+    waiting for a credit is woken at once by a credit or by a stop (no polling). Two
+    credits: the worker computes the next token while the consumer emits this one, but
+    never more, so a cancel finds at most one token step in flight.
+    """
 
-    def emit(self, item: _Item) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, trace: Trace) -> None:
+        self.loop = loop
+        self.trace = trace
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._cond = threading.Condition()
+        self._credits = 2
+        self._stopped = False
+
+    def put(self, item: _Item) -> None:
+        """(worker) Hand `item` to the consumer."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening
-            self.stop.set()
+            self.stop()
+
+    def give(self) -> None:
+        """(consumer) A token was taken: the worker may compute one more."""
+        with self._cond:
+            self._credits += 1
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop the worker at its next token (or prompt chunk); any thread, idempotent."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def next_turn(self, closing: threading.Event) -> bool:
-        """Wait until the consumer has room for a token; False when the run must end."""
-        acquired = False
-        while not acquired:
-            # Short waits so an abort or close is noticed even while the consumer is slow.
-            acquired = self.credits.acquire(timeout=0.05)
-            if closing.is_set():
-                raise EngineError("local engine closed during generation")
-            if self.abort.is_set() or self.stop.is_set():
-                self.trace.aborted_at = time.time()
-                return False
-        return True
+        """(worker) Wait for a credit; False when the run must end."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped or self._credits > 0)
+            go = not self._stopped
+            if go:
+                self._credits -= 1
+        if closing.is_set():
+            raise EngineError("local engine closed during generation")
+        if not go:
+            self.trace.aborted_at = time.time()
+        return go
+
+    def undelivered(self, out: Outbox) -> list[Step]:
+        """(consumer, once the worker is done) The steps the worker made that the
+        consumer never took, up to one token step counting `out.pending`'s: the one in
+        flight. A `Finished`, a failure or the end mark after a cancel are dropped."""
+        tokens = sum(_is_token(s) for s in out.pending)
+        steps: list[Step] = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is None or isinstance(item, (EngineError, Finished)):
+                continue
+            if _is_token(item):
+                if tokens:
+                    break  # generated, never delivered (the trace has its time)
+                tokens += 1
+            steps.append(item)
+        return steps
 
 
 def find_model_file() -> Path:
@@ -178,6 +221,7 @@ class LocalEngine:
         self._formatter: Jinja2ChatFormatter | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
+        self._live: set[_Channel] = set()  # generations running or queued for the worker
         self.traces: dict[str, Trace] = {}  # insertion order: the oldest is dropped first
 
     def models(self) -> list[ModelInfo]:
@@ -215,6 +259,8 @@ class LocalEngine:
         # A generation still running stops at its next token (and fails with EngineError);
         # the model is freed only after the worker thread has let go of it.
         self._closing.set()
+        for chan in self._live:
+            chan.stop()  # wakes a worker waiting for a credit: it sees `_closing`
         executor, llm = self._executor, self._llm
         self._executor, self._llm, self._formatter = None, None, None
         if executor is not None:
@@ -222,42 +268,62 @@ class LocalEngine:
         if llm is not None:
             llm.close()
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+    async def generate(self, request: Generation, emit: Emit) -> None:
         if self._executor is None:
             raise EngineError("local engine is not started")
         trace = self.traces[request.response_id] = Trace()
         while len(self.traces) > TRACES_KEPT:
             del self.traces[next(iter(self.traces))]
-        chan = _Channel(asyncio.get_running_loop(), abort, trace)
+        chan = _Channel(asyncio.get_running_loop(), trace)
+        self._live.add(chan)
         worker = chan.loop.run_in_executor(self._executor, self._run, request, chan)
+        out = Outbox(emit)
         try:
-            while (item := await chan.queue.get()) is not None:
-                if isinstance(item, EngineError):
-                    raise item
-                if isinstance(item, Finished) and abort.is_set():
-                    break  # aborted runs end without Finished, even if the model just ended
-                token = type(item) is Delta or type(item) is ToolCallDelta
-                if token:
-                    trace.produced += 1  # handed to the consumer at the yield
-                yield item
-                if token:
-                    chan.credits.release()
+            await self._relay(chan, out)
+        except anyio.get_cancelled_exc_class():
+            chan.stop()
+            with anyio.CancelScope(shield=True):
+                # The worker stops within one token step (or prompt chunk); then all it
+                # made is in the queue (its `put`s run before its future completes).
+                await asyncio.wait({worker})
+                taken = await out.flush(*chan.undelivered(out))
+                trace.produced += sum(_is_token(s) for s in taken)
+            raise
         finally:
-            # Closed early or cancelled: the worker sees `stop` within one token step.
-            # Waiting for it keeps "no generation thread outlives its generator" true.
-            chan.stop.set()
-            await asyncio.wait({worker})
+            # Ended, failed or cancelled: the worker is done or stops at its next token.
+            # Waiting for it keeps "no generation thread outlives its generate()" true, so
+            # the next generation never overlaps it.
+            chan.stop()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({worker})
+            self._live.discard(chan)
+
+    async def _relay(self, chan: _Channel, out: Outbox) -> None:
+        """Emit the worker's steps until its end mark; raise its failure."""
+        while True:
+            # A token boundary even when the next step is already queued (`get` then
+            # returns without awaiting): a cancel lands here, before a late `Finished`.
+            await checkpoint_if_cancelled()
+            item = await chan.queue.get()
+            if item is None:
+                return
+            if isinstance(item, EngineError):
+                raise item
+            await out.send(item)
+            if _is_token(item):
+                chan.trace.produced += 1
+                chan.give()
 
     def _run(self, request: Generation, chan: _Channel) -> None:
         """The blocking generation (worker thread). Never raises; always ends with None."""
         try:
             self._generate_blocking(request, chan)
         except EngineError as exc:
-            chan.emit(exc)
+            chan.put(exc)
         except Exception as exc:  # any llama.cpp failure fails the run, never the server
-            chan.emit(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
+            chan.put(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
         finally:
-            chan.emit(None)
+            chan.put(None)
 
     def _generate_blocking(self, request: Generation, chan: _Channel) -> None:
         llm, formatter = self._llm, self._formatter
@@ -268,7 +334,7 @@ class LocalEngine:
         room = self._n_ctx - len(prompt)
         if room <= 0:
             raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
-        chan.emit(PromptRead(input_tokens=len(prompt)))
+        chan.put(PromptRead(input_tokens=len(prompt)))
         if not self._prefill(llm, prompt, chan):
             return
         chan.trace.prompt_read_at = time.time()
@@ -276,7 +342,7 @@ class LocalEngine:
         budget = room if limit is None else min(limit, room)
         if budget <= 0:
             chan.trace.finished = True
-            chan.emit(Finished("length"))
+            chan.put(Finished("length"))
             return
         # llama-cpp keeps one seed per Llama; without a fresh one every sampled run of the
         # same prompt would produce the same text.
@@ -293,7 +359,7 @@ class LocalEngine:
             reason = self._sample(llm, request, chan, budget, grammar, _text_step)
         if reason is not None:
             chan.trace.finished = True
-            chan.emit(Finished(reason))
+            chan.put(Finished(reason))
 
     def _prompt(self, llm: llama_cpp.Llama, formatter: Jinja2ChatFormatter,
                 request: Generation, plan: local_tools.Plan) -> list[int]:
@@ -304,7 +370,7 @@ class LocalEngine:
 
     def _prefill(self, llm: llama_cpp.Llama, prompt: list[int], chan: _Channel) -> bool:
         """Evaluate the prompt in chunks of about `PREFILL_CHUNK_SECONDS` each, checking
-        for an abort between them: llama.cpp cannot stop inside one `decode`, so the
+        for a stop between them: llama.cpp cannot stop inside one `decode`, so the
         chunk is what bounds how long a cancel waits while a long prompt is read.
         The part of the prompt already in the KV cache (the previous run's) is kept."""
         cached = 0
@@ -334,7 +400,7 @@ class LocalEngine:
     def _stopping(self, chan: _Channel) -> bool:
         if self._closing.is_set():
             raise EngineError("local engine closed during generation")
-        return chan.abort.is_set() or chan.stop.is_set()
+        return chan.stopped
 
     def _call_probability(self, llm: llama_cpp.Llama) -> float:
         """How likely the model is to open a tool call now (after the prompt)."""
@@ -365,9 +431,9 @@ class LocalEngine:
         tool = self._pick_tool(llm, tools, chan)
         if tool is None or self._stopping(chan):
             chan.trace.aborted_at = time.time()
-            return None  # aborted while choosing: no call opened after a stop
+            return None  # stopped while choosing: no call opened after a stop
         name = tool["name"]
-        chan.emit(ToolCall(0, "call_" + secrets.token_hex(12), name))
+        chan.put(ToolCall(0, "call_" + secrets.token_hex(12), name))
         grammar = local_tools.schema_grammar(tool.get("parameters"))
         return self._sample(llm, request, chan, budget, grammar, _args_step)
 
@@ -395,7 +461,7 @@ class LocalEngine:
                 budget: int, grammar: str | None,
                 step: Callable[[str], Step]) -> Ending | None:
         """Sample up to `budget` tokens, one per credit; each becomes `step(text)`. The
-        finish reason, or None when stopped by an abort."""
+        finish reason, or None when stopped."""
         chain = self._sampler(llm, request, grammar)
         # A token can end in the middle of a UTF-8 character: hold bytes back until they
         # decode, so a step may carry "" while still counting its one token. Bytes of a
@@ -423,7 +489,7 @@ class LocalEngine:
                     return "stop"  # end-of-turn is not output text: not counted
                 token_times.append(time.time())
                 produced += 1
-                chan.emit(step(decoder.decode(llm.detokenize([token]))))
+                chan.put(step(decoder.decode(llm.detokenize([token]))))
                 if produced == budget:
                     return "length"
                 pending = token
@@ -483,3 +549,7 @@ def _text_step(text: str) -> Step:
 
 def _args_step(text: str) -> Step:
     return ToolCallDelta(0, text, tokens=1)
+
+
+def _is_token(step: Step) -> bool:
+    return type(step) is Delta or type(step) is ToolCallDelta

@@ -8,36 +8,38 @@ is streamed, and is a background one when tether's is, so it has an id to cancel
 to resume from: if a background upstream's stream breaks mid-run, the engine resumes it
 (`GET /responses/{id}?stream=true&starting_after=N`) instead of failing.
 
-A cancel does three things, none waiting on the others: it closes the upstream stream
-(the pump's task is cancelled), calls `POST /responses/{upstream id}/cancel`, and — by
-returning — lets the lifecycle end and fence tether's log. So tether's clients get the
-whole contract even from an upstream that ignores cancels (the hosted API does for
-background streams, openai-python#2643). Whether the upstream confirmed the stop goes
-into the response's `usage.tether.upstream_stop` (`confirmed` / `unconfirmed`).
+A cancel lands in the read of the upstream stream, which closes it; then, in the
+cancel's shielded cleanup, the engine calls `POST /responses/{upstream id}/cancel`
+(bounded by `CANCEL_CALL_TIMEOUT`), emits what it learnt as a `Report`, and re-raises,
+which lets the lifecycle end and fence tether's log. So tether's clients get the whole
+contract even from an upstream that ignores cancels (the hosted API does for background
+streams, openai-python#2643). Whether the upstream confirmed the stop goes into the
+response's `usage.tether.upstream_stop` (`confirmed` / `unconfirmed`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 
 from tether import metrics
 from tether.config import UpstreamConfig
 from tether.engines.base import (
-    Abort,
     Delta,
+    Emit,
     EngineError,
     Finished,
     Generation,
     Message,
     ModelInfo,
+    Outbox,
     PromptRead,
     Report,
     Step,
@@ -46,7 +48,6 @@ from tether.engines.base import (
 )
 from tether.engines.upstream import (
     OPENED,
-    Pump,
     UpstreamGone,
     backoff,
     estimate_tokens,
@@ -107,7 +108,6 @@ class _Run:
     deltas: int = 0
     prompt_read: bool = False
     ended: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class ResponsesEngine:
@@ -153,9 +153,25 @@ class ResponsesEngine:
             body["text"] = {"format": request.text_format}
         return forward_fields(body, request.forward)
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+    async def generate(self, request: Generation, emit: Emit) -> None:
         body = self.body(request)
         run = _Run()
+        out = Outbox(emit)
+        try:
+            await self._stream(request, body, run, out)
+        except anyio.get_cancelled_exc_class():
+            # The stream is closed; what was relayed but not emitted still is, then the
+            # upstream is asked to stop too (unless it had ended already).
+            with anyio.CancelScope(shield=True):
+                await out.flush()
+                if run.prompt_read and not run.ended:
+                    await out.flush(await self._cancel_upstream(run))
+            raise
+
+    async def _stream(self, request: Generation, body: dict[str, Any], run: _Run,
+                      out: Outbox) -> None:
+        """Relay the upstream response to its end: a failure before the first token is
+        retried, and a broken stream of a background upstream response is resumed."""
         attempt = 0
         while not run.ended:
             if run.upstream_id is None:
@@ -163,16 +179,12 @@ class ResponsesEngine:
             else:  # resume the background upstream response where its stream broke
                 source = sse_events(self._client, "GET", f"responses/{run.upstream_id}"
                                     f"?stream=true&starting_after={run.last_seq}", None)
-            pump = Pump(source, abort)
             try:
-                async for step in self._relay(pump, run, body):
-                    yield step
-                if not run.ended and not abort.is_set():
+                await self._relay(source, run, body, out)
+                if not run.ended:
                     raise UpstreamGone("Upstream closed the stream before it finished.",
                                        retryable=True)
             except EngineError as exc:
-                if abort.is_set():
-                    break
                 metrics.upstream_error("responses")
                 # A broken stream of a background upstream response is resumed where it
                 # broke; anything else is retried only before the first token.
@@ -183,33 +195,25 @@ class ResponsesEngine:
                     raise
                 attempt += 1
                 log.info("upstream %s: %s; retry %d", self.spec.url, exc, attempt)
-                if not await backoff(attempt, exc, abort):
-                    break
-            finally:
-                await pump.aclose()
-            if abort.is_set():
-                break
-        if abort.is_set() and not run.ended:
-            yield await self._cancel_upstream(run)
+                await backoff(attempt, exc)
 
-    async def _relay(self, pump: Pump, run: _Run, body: dict[str, Any]) -> AsyncIterator[Step]:
-        async for event, data in pump:
-            if (event, data) == OPENED:
-                continue
-            if data == "[DONE]":
-                continue
-            try:
-                ev = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
-                                   retryable=False) from None
-            seq = ev.get("sequence_number")
-            if isinstance(seq, int):
-                if seq <= run.last_seq:
-                    continue  # already relayed before a resume
-                run.last_seq = seq
-            for step in self._steps(ev, run, body):
-                yield step
+    async def _relay(self, source: AsyncGenerator[tuple[str, str], None], run: _Run,
+                     body: dict[str, Any], out: Outbox) -> None:
+        async with contextlib.aclosing(source):  # closed (the connection too) on any exit
+            async for event, data in source:
+                if (event, data) == OPENED or data == "[DONE]":
+                    continue
+                try:
+                    ev = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
+                                       retryable=False) from None
+                seq = ev.get("sequence_number")
+                if isinstance(seq, int):
+                    if seq <= run.last_seq:
+                        continue  # already relayed before a resume
+                    run.last_seq = seq
+                await out.send(*self._steps(ev, run, body))
 
     def _steps(self, ev: dict[str, Any], run: _Run, body: dict[str, Any]) -> list[Step]:
         kind = ev.get("type")
@@ -250,7 +254,7 @@ class ResponsesEngine:
 
     def _usage_report(self, response: dict[str, Any], run: _Run) -> Report:
         usage = response.get("usage") or {}
-        notes = {**run.notes, "upstream_response_id": run.upstream_id}
+        notes = {"upstream_response_id": run.upstream_id}
         if isinstance(usage.get("output_tokens"), int):
             return Report(usage.get("input_tokens"), usage["output_tokens"],
                           notes | {"input_tokens": "upstream", "output_tokens": "upstream"})
@@ -266,12 +270,16 @@ class ResponsesEngine:
                                  "input_tokens": "estimate", "output_tokens": "chunks"}
         if run.upstream_id is None:
             return Report(notes=notes)  # cancelled before the upstream named it
+        resp: httpx.Response | None = None
         try:
-            resp = await asyncio.wait_for(
-                self._client.post(f"responses/{run.upstream_id}/cancel"),
-                CANCEL_CALL_TIMEOUT)
-        except (TimeoutError, httpx.HTTPError) as exc:
+            with anyio.move_on_after(CANCEL_CALL_TIMEOUT):
+                resp = await self._client.post(f"responses/{run.upstream_id}/cancel")
+        except httpx.HTTPError as exc:
             log.warning("upstream cancel of %s failed: %s", run.upstream_id, exc)
+            return Report(notes=notes)
+        if resp is None:
+            log.warning("upstream cancel of %s timed out after %.1f s", run.upstream_id,
+                        CANCEL_CALL_TIMEOUT)
             return Report(notes=notes)
         reply: dict[str, Any] = {}
         with contextlib.suppress(ValueError):

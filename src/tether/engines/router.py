@@ -1,24 +1,26 @@
 """Several engines behind one: each model id is routed to the engine that serves it.
 
 The lifecycle sees one `Engine`. Each routed engine keeps its own concurrency: a run
-waits here for a slot of its model's engine (abort-aware: a cancel while waiting ends
-the run at once), so a busy upstream never holds back the models of another.
+waits here for a slot of its model's engine (under the run's cancel scope: a cancel while
+waiting ends the run at once, having produced nothing), so a busy upstream never holds
+back the models of another.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+
+import anyio
 
 from tether.engines.base import (
-    Abort,
+    Emit,
     Engine,
     EngineError,
+    EngineTrace,
     Generation,
     ModelInfo,
-    Step,
     TokenCounter,
+    Traced,
 )
 
 
@@ -29,20 +31,21 @@ class Router:
     def __init__(self, engines: list[Engine]) -> None:
         self.engines = engines
         self._routes: dict[str, Engine] = {}
-        self._slots: dict[int, asyncio.Semaphore] = {}
+        self._slots: dict[int, anyio.Semaphore] = {}
         for engine in engines:
             for model in engine.models():
                 if model.id in self._routes:
                     raise ValueError(f"model {model.id!r} is served by two engines")
                 self._routes[model.id] = engine
-            self._slots[id(engine)] = asyncio.Semaphore(engine.concurrency)
+            self._slots[id(engine)] = anyio.Semaphore(engine.concurrency)
 
     @property
-    def traces(self) -> dict[str, object]:
-        """The scripted engine's traces, if one is routed (debug route)."""
-        merged: dict[str, object] = {}
+    def traces(self) -> dict[str, EngineTrace]:
+        """The traces of the routed engines that keep them (debug route)."""
+        merged: dict[str, EngineTrace] = {}
         for engine in self.engines:
-            merged.update(getattr(engine, "traces", {}))
+            if isinstance(engine, Traced):
+                merged.update(engine.traces)
         return merged
 
     def models(self) -> list[ModelInfo]:
@@ -64,41 +67,9 @@ class Router:
             return await engine.count_tokens(request)
         return None
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+    async def generate(self, request: Generation, emit: Emit) -> None:
         engine = self._routes.get(request.model)
         if engine is None:
             raise EngineError(f"no engine serves model {request.model!r}")
-        slots = self._slots[id(engine)]
-        if not await _acquire(slots, abort):
-            return  # cancelled while waiting for a slot: nothing was produced
-        try:
-            steps = engine.generate(request, abort)
-            async with contextlib.aclosing(steps):  # type: ignore[type-var]
-                async for step in steps:
-                    yield step
-        finally:
-            slots.release()
-
-
-async def _acquire(slots: asyncio.Semaphore, abort: Abort) -> bool:
-    """Take a slot, unless the abort comes first."""
-    if not slots.locked():
-        await slots.acquire()
-        return True
-    taking = asyncio.ensure_future(slots.acquire())
-    stopping = asyncio.ensure_future(abort.wait())
-    try:
-        await asyncio.wait({taking, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    if taking.done() and not taking.cancelled():
-        if abort.is_set():
-            slots.release()
-            return False
-        return True
-    taking.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await taking
-    if taking.done() and not taking.cancelled():
-        slots.release()  # acquired while being cancelled
-    return False
+        async with self._slots[id(engine)]:
+            await engine.generate(request, emit)

@@ -7,29 +7,30 @@ arguments streamed a few characters a token step), unless the last turn is a too
 output: then it answers with text, so tool loops end. With `text.format` json_schema or
 json_object it answers with a fixed JSON value of the schema.
 
-It records, per response, when each token was produced and when the abort was seen,
+It records, per response, when each token was produced and when the cancel was seen,
 so tests can check that a cancel really stopped it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from array import array
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
+from anyio.lowlevel import checkpoint_if_cancelled
+
 from tether.engines.base import (
-    Abort,
     Delta,
+    Emit,
     EngineError,
     Finished,
     Generation,
     ModelInfo,
+    Outbox,
     PromptRead,
-    Step,
     ToolCall,
     ToolCallDelta,
 )
@@ -96,21 +97,29 @@ class ScriptedEngine:
     async def close(self) -> None:
         return None
 
-    async def generate(self, request: Generation, abort: Abort) -> AsyncIterator[Step]:
+    async def generate(self, request: Generation, emit: Emit) -> None:
         trace = self.traces.get(request.response_id)
         if trace is None:
             trace = self.traces[request.response_id] = Trace()
             while len(self.traces) > TRACES_KEPT:  # insertion order: the oldest goes first
                 del self.traces[next(iter(self.traces))]
+        out = Outbox(emit)
+        try:
+            await self._generate(request, out, trace)
+        except anyio.get_cancelled_exc_class():
+            trace.aborted_at = time.time()
+            # The token whose `emit` the cancel interrupted was produced: it still counts.
+            await out.flush()
+            raise
+
+    async def _generate(self, request: Generation, out: Outbox, trace: Trace) -> None:
         trace.messages = [{"role": m.role, "text": m.text} for m in request.messages]
         prompt = " ".join(m.text for m in request.messages)
         fail_at = _directive(prompt, "FAIL_AT", int)
-        # Reading the prompt takes PREFILL seconds; an abort then ends it before PromptRead.
-        if await _interrupted(abort, _directive(prompt, "PREFILL", float) or 0.0):
-            trace.aborted_at = time.time()
-            return
+        # Reading the prompt takes PREFILL seconds; a cancel then ends it before PromptRead.
+        await anyio.sleep(_directive(prompt, "PREFILL", float) or 0.0)
         trace.prompt_read_at = time.time()
-        yield PromptRead(input_tokens=max(1, len(prompt.split())))
+        await out.send(PromptRead(input_tokens=max(1, len(prompt.split()))))
         budget = self.length
         if request.max_output_tokens is not None:
             budget = min(budget, request.max_output_tokens)
@@ -118,48 +127,29 @@ class ScriptedEngine:
         call = _planned_call(request, prompt)
         pieces = _pieces(request.text_format) if call is None else _chunks(call[1])
         if call is not None:
-            yield ToolCall(0, f"call_{request.response_id[-20:]}", call[0])
+            await out.send(ToolCall(0, f"call_{request.response_id[-20:]}", call[0]))
         for i in range(min(budget, len(pieces)) if pieces is not None else budget):
             if interval:
-                if await _interrupted(abort, interval):
-                    break
-            elif abort.is_set():
-                break
+                await anyio.sleep(interval)
+            elif i % 64 == 63:
+                await anyio.sleep(0)  # full speed still lets the loop breathe
+            else:
+                await checkpoint_if_cancelled()  # a token boundary, even at full speed
             if fail_at is not None and i == fail_at:
                 raise EngineError(f"scripted failure after {i} tokens")
             trace.produced += 1
             trace.token_times.append(time.time())
             if pieces is None:
-                yield Delta(_word(i))
+                await out.send(Delta(_word(i)))
             elif call is not None:
-                yield ToolCallDelta(0, pieces[i])
+                await out.send(ToolCallDelta(0, pieces[i]))
             else:
-                yield Delta(pieces[i])
-            if not interval and i % 64 == 63:
-                await asyncio.sleep(0)  # full speed still lets the loop breathe
-        else:
-            # LINGER seconds between the last token and the end (a window for a cancel).
-            if not await _interrupted(abort, _directive(prompt, "LINGER", float) or 0.0):
-                trace.finished = True
-                full = self.length if pieces is None else len(pieces)
-                yield Finished("length" if budget < full else "stop")
-                return
-        trace.aborted_at = time.time()
-
-
-async def _interrupted(abort: Abort, delay: float) -> bool:
-    """Sleep `delay` seconds; True when the abort came first."""
-    if abort.is_set():
-        return True
-    if delay <= 0:
-        return False
-    try:
-        await asyncio.wait_for(abort.wait(), delay)
-    except TimeoutError:
-        # The delay and the abort can end together (a loaded loop runs both callbacks in
-        # one turn): the abort wins, or a token would follow the stop.
-        return abort.is_set()
-    return True
+                await out.send(Delta(pieces[i]))
+        # LINGER seconds between the last token and the end (a window for a cancel).
+        await anyio.sleep(_directive(prompt, "LINGER", float) or 0.0)
+        full = self.length if pieces is None else len(pieces)
+        await out.send(Finished("length" if budget < full else "stop"))
+        trace.finished = True
 
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:

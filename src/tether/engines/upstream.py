@@ -1,35 +1,35 @@
 """What the two upstream engines share: the HTTP client, error mapping, retries before
-the first token, and the pump that makes a cancel close the upstream connection at once.
+the first token, and reading an upstream's SSE reply so that a cancel closes the
+connection at once.
 
-Why a pump: the upstream's SSE body is read by a task of its own, and the run's abort
-cancels that task the moment it is set, even while the read is waiting on a stalled
-upstream. Cancelling it exits the `httpx` stream context, which closes the connection
-(an unfinished body is never returned to the pool), and that is what makes a
-chat-completions server (vLLM, llama.cpp, ...) stop generating.
+A cancel of the run's scope lands in the read of the upstream's body (even one waiting on
+a stalled upstream). It leaves `sse_events`' `httpx` stream context, which closes the
+connection (httpx never returns an unfinished body to the pool, and closes it shielded
+from the cancel), and that is what makes a chat-completions server (vLLM, llama.cpp, ...)
+stop generating. Callers close the generator with `contextlib.aclosing`, so this holds
+also when the cancel lands in their own code between two reads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 from httpx_sse import EventSource
 
 from tether.config import UpstreamConfig
-from tether.engines.base import Abort, EngineError
+from tether.engines.base import EngineError
 
 log = logging.getLogger("tether.upstream")
 
 #: statuses worth another try (before the first token only): the upstream is busy or
 #: restarting. A 500 is not retried: it is usually the request itself.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
-_END = object()
 
 
 class UpstreamHTTPError(EngineError):
@@ -88,14 +88,12 @@ def is_retryable(exc: EngineError) -> bool:
     return isinstance(exc, UpstreamGone) and exc.retryable
 
 
-async def backoff(attempt: int, exc: EngineError, abort: Abort) -> bool:
-    """Wait before retry number `attempt`; False when the abort came first."""
+async def backoff(attempt: int, exc: EngineError) -> None:
+    """Wait before retry number `attempt` (a cancel ends the wait)."""
     delay = min(0.25 * 2**attempt, 4.0)
     if isinstance(exc, UpstreamHTTPError) and exc.retry_after is not None:
         delay = min(max(exc.retry_after, 0.0), 10.0)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(abort.wait(), delay)
-    return not abort.is_set()
+    await anyio.sleep(delay)
 
 
 #: the first pair `sse_events` yields: the upstream accepted the request (2xx headers).
@@ -103,9 +101,10 @@ OPENED = ("tether.opened", "")
 
 
 async def sse_events(client: httpx.AsyncClient, method: str, path: str,
-                     body: dict[str, Any] | None) -> AsyncIterator[tuple[str, str]]:
-    """`OPENED`, then the (event, data) pairs of an upstream SSE reply. HTTP errors and
-    transport failures become EngineErrors."""
+                     body: dict[str, Any] | None) -> AsyncGenerator[tuple[str, str], None]:
+    """`OPENED`, then the (event, data) pairs of an upstream SSE reply. HTTP errors,
+    transport failures and any other failure of the reader become EngineErrors (a
+    parsing bug must fail the run, never hang it); a cancel goes through as it is."""
     content = orjson.dumps(body) if body is not None else None
     headers = {"content-type": "application/json"} if body is not None else None
     try:
@@ -124,60 +123,10 @@ async def sse_events(client: httpx.AsyncClient, method: str, path: str,
     except httpx.HTTPError as exc:  # the connection broke mid-body, a protocol error...
         raise UpstreamGone(f"Upstream stream broke: {type(exc).__name__}: {exc}",
                            retryable=False) from None
-
-
-class Pump:
-    """Reads `source` in its own task into a queue; an abort cancels that task at once.
-
-    Iterating yields what arrived, in order; after an abort it yields what had already
-    arrived (those tokens were generated) and then stops. `closed_at` is when the
-    upstream read was cancelled (monotonic), for the record.
-    """
-
-    def __init__(self, source: AsyncIterator[Any], abort: Abort) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._run(source))
-        self._watch = asyncio.ensure_future(abort.wait())
-        self._watch.add_done_callback(self._on_abort)
-        self.closed_at: float | None = None
-
-    async def _run(self, source: AsyncIterator[Any]) -> None:
-        put = self._queue.put_nowait
-        try:
-            async for item in source:
-                put(item)
-            put(_END)
-        except asyncio.CancelledError:
-            put(_END)
-            raise
-        except EngineError as exc:
-            put(exc)
-        except Exception as exc:  # never let a parsing bug hang the run
-            put(EngineError(f"Upstream reader failed: {type(exc).__name__}: {exc}"))
-
-    def _on_abort(self, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and not self._task.done():
-            self.closed_at = time.monotonic()
-            self._task.cancel()
-
-    def __aiter__(self) -> Pump:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is _END:
-            raise StopAsyncIteration
-        if isinstance(item, EngineError):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        """Stop reading and wait until the upstream connection is closed."""
-        self._watch.cancel()
-        if not self._task.done():
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"Upstream reader failed: {type(exc).__name__}: {exc}") from None
 
 
 def estimate_tokens(text: str) -> int:
