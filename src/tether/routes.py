@@ -25,6 +25,7 @@ from tether import (
     wire_items,
 )
 from tether.auth import principal
+from tether.engines.base import Traced
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
 from tether.runspec import RunSpec
@@ -177,7 +178,8 @@ async def health(request: Request) -> Response:
 
 async def engine_trace(request: Request) -> Response:
     """Debug only: what the scripted engine did for a response (tests, benchmarks)."""
-    traces = getattr(lifecycle(request).engine, "traces", {})
+    engine = lifecycle(request).engine
+    traces = engine.traces if isinstance(engine, Traced) else {}
     trace = traces.get(request.path_params["response_id"])
     if trace is None:
         raise APIError(404, "No engine trace for that response.", code="not_found")
