@@ -4,17 +4,18 @@ States (docs/contract.md §1): `queued → in_progress → completed | incomplet
 and `queued → cancelled`. Every transition is one compare-and-set in the store; the
 store's answer, not this process's memory, says who won.
 
-Cancellation, the one concept to know:
-    `Lifecycle.cancel(id)` asks the run that owns the response to stop. The run's engine
-    stops at its next token boundary; the run appends every token it produced, closes
-    its open items (status `incomplete`) and commits `cancelled` together with a terminal
-    `response.failed` event whose response has `status: "cancelled"` and exact usage. If
-    the run has not answered within `cancel_timeout`, or no run has started, the cancel
-    fences the run out (new run token: its later writes are refused) and commits the same
-    ending itself from what reached the log. Only then does `cancel` return, so the reply,
-    every later retrieve and every stream agree on status and usage. Whichever terminal
-    transition commits first wins (completion racing a cancel included); the loser sees
-    the winner's state. A cancel of a cancelled response returns the same object.
+Cancellation, the one concept to know (docs/cancellation.md):
+    `Lifecycle.cancel(id)` cancels the cancel scope of the run that owns the response
+    (`tether.runner`). The engine stops at its next token boundary; the run's ending,
+    shielded from cancels, closes its open items (status `incomplete`) and commits
+    `cancelled` together with a terminal `response.failed` event whose response has
+    `status: "cancelled"` and exact usage. If the run has not answered within
+    `cancel_timeout`, or no run has started, the cancel fences the run out (new run token:
+    its later writes are refused) and commits the same ending itself from what reached the
+    log. Only then does `cancel` return, so the reply, every later retrieve and every stream
+    agree on status and usage. Whichever terminal transition commits first wins
+    (completion racing a cancel included); the loser sees the winner's state. A cancel of a
+    cancelled response returns the same object.
 """
 
 from __future__ import annotations
