@@ -107,14 +107,11 @@ Step = PromptRead | Delta | Finished | ToolCall | ToolCallDelta | Report
 class ModelInfo:
     """A model an engine serves. `context`: how many tokens its context holds (prompt
     and output together), when known; creates whose prompt does not fit are refused or
-    truncated before anything is stored (`tether.context`). `extra`: free-form facts an
-    engine may attach; tether itself reads none of them (every engine applies function
-    tools, `tool_choice` and `text.format` itself)."""
+    truncated before anything is stored (`tether.context`)."""
 
     id: str
     owned_by: str = "tether"
     created: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
     context: int | None = None
 
 
