@@ -53,8 +53,9 @@ def _env() -> dict[str, str]:
 class Server:
     """One server subprocess. `cmd` may contain `{port}`, replaced by a free port."""
 
-    def __init__(self, cmd: Sequence[str], *, workdir: Path | None = None,
-                 name: str = "server") -> None:
+    def __init__(
+        self, cmd: Sequence[str], *, workdir: Path | None = None, name: str = "server"
+    ) -> None:
         self.port = free_port()
         self.cmd = [part.replace("{port}", str(self.port)) for part in cmd]
         self.name = name
@@ -78,14 +79,16 @@ class Server:
 
     def start(self, timeout: float = 60.0) -> Server:
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env=_env(), cwd=self.workdir)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=self.workdir
+            )
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n"
-                                       f"{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}"
+                    )
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:
                         return self
@@ -93,8 +96,7 @@ class Server:
                     pass
                 time.sleep(0.05)  # a starting process has nothing to wait on but a poll
         self.stop()
-        raise TimeoutError(f"{self.name} did not answer /health in {timeout}s:\n"
-                           f"{self.log_tail()}")
+        raise TimeoutError(f"{self.name} did not answer /health in {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
@@ -124,23 +126,48 @@ class Server:
         self.cleanup()
 
 
-def tether_cmd(*, rate: float, length: int, db: str = "bench.db",
-               extra: Sequence[str] = (), engine: str = "scripted") -> list[str]:
+def tether_cmd(
+    *,
+    rate: float,
+    length: int,
+    db: str = "bench.db",
+    extra: Sequence[str] = (),
+    engine: str = "scripted",
+) -> list[str]:
     """`tether serve` with debug routes; `engine="local"` serves the embedded model (the
     scripted rate and length are then not passed)."""
     scripted = ["--scripted-rate", str(rate), "--scripted-length", str(length)]
-    return [sys.executable, "-m", "tether", "serve", "--engine", engine,
-            "--db", db, "--host", HOST, "--port", "{port}", "--debug-routes",
-            *(scripted if engine == "scripted" else []), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "tether",
+        "serve",
+        "--engine",
+        engine,
+        "--db",
+        db,
+        "--host",
+        HOST,
+        "--port",
+        "{port}",
+        "--debug-routes",
+        *(scripted if engine == "scripted" else []),
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
-def tether_server(*, rate: float = 100.0, length: int = 200, extra: Sequence[str] = (),
-                  keep: bool = False, engine: str = "scripted") -> Iterator[Server]:
+def tether_server(
+    *,
+    rate: float = 100.0,
+    length: int = 200,
+    extra: Sequence[str] = (),
+    keep: bool = False,
+    engine: str = "scripted",
+) -> Iterator[Server]:
     """A tether (scripted engine unless `engine`) on a free port, with a temp database
     (removed unless `keep`)."""
-    srv = Server(tether_cmd(rate=rate, length=length, extra=extra, engine=engine),
-                 name="tether")
+    srv = Server(tether_cmd(rate=rate, length=length, extra=extra, engine=engine), name="tether")
     try:
         srv.start()
         yield srv
@@ -183,8 +210,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table, columns padded."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
     def line(r: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+
     out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)

@@ -30,24 +30,38 @@ MODEL = "smollm2-135m"
 
 
 def _tool(name: str, description: str, props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "function", "name": name, "description": description, "strict": True,
-            "parameters": {"type": "object", "properties": props,
-                           "required": list(props), "additionalProperties": False}}
+    return {
+        "type": "function",
+        "name": name,
+        "description": description,
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": props,
+            "required": list(props),
+            "additionalProperties": False,
+        },
+    }
 
 
 S = {"type": "string"}
 TOOLS = {
     "weather": _tool("get_weather", "Get the current weather in a city.", {"city": S}),
-    "shell": _tool("exec_command", "Run a shell command and return its output.",
-                   {"cmd": {"type": "array", "items": S}}),
-    "email": _tool("send_email", "Send an email to someone.",
-                   {"to": S, "subject": S, "body": S}),
-    "convert": _tool("convert_currency", "Convert an amount of money between currencies.",
-                     {"amount": {"type": "number"}, "from": S, "to": S}),
-    "timer": _tool("set_timer", "Set a timer for a number of minutes.",
-                   {"minutes": {"type": "integer"}}),
-    "search": _tool("search_files", "Search the files of a project for a text.",
-                    {"query": S}),
+    "shell": _tool(
+        "exec_command",
+        "Run a shell command and return its output.",
+        {"cmd": {"type": "array", "items": S}},
+    ),
+    "email": _tool("send_email", "Send an email to someone.", {"to": S, "subject": S, "body": S}),
+    "convert": _tool(
+        "convert_currency",
+        "Convert an amount of money between currencies.",
+        {"amount": {"type": "number"}, "from": S, "to": S},
+    ),
+    "timer": _tool(
+        "set_timer", "Set a timer for a number of minutes.", {"minutes": {"type": "integer"}}
+    ),
+    "search": _tool("search_files", "Search the files of a project for a text.", {"query": S}),
 }
 TOOL_PROMPTS = [
     ("weather", "What's the weather in Paris?"),
@@ -82,28 +96,54 @@ TOOL_PROMPTS = [
     ("search", "Search files for the word 'deprecated'."),
 ]
 ORDINARY = [
-    "Say hello.", "What is the capital of France?", "Tell me a joke.",
-    "Write a haiku about the sea.", "What is 2 + 2?", "Give me three tips for sleeping well.",
-    "Who wrote Romeo and Juliet?", "What is photosynthesis?", "Describe a cat in two sentences.",
-    "Name three colours.", "How do I boil an egg?", "What is the speed of light?",
-    "Translate 'good morning' into French.", "Why is the sky blue?",
-    "Write a short poem about autumn.", "What is Python?", "Recommend a good book.",
-    "How many days are in a week?", "What is the largest planet?", "Explain gravity simply.",
-    "What should I cook for dinner?", "Summarise the plot of Cinderella.",
-    "What is a noun?", "Give me a motivational quote.", "How do plants grow?",
-    "What is the boiling point of water?", "List the days of the week.",
-    "What does a doctor do?", "Tell me a fun fact about dogs.", "How are you today?",
-    "What is rain?", "Describe the moon.",
+    "Say hello.",
+    "What is the capital of France?",
+    "Tell me a joke.",
+    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Give me three tips for sleeping well.",
+    "Who wrote Romeo and Juliet?",
+    "What is photosynthesis?",
+    "Describe a cat in two sentences.",
+    "Name three colours.",
+    "How do I boil an egg?",
+    "What is the speed of light?",
+    "Translate 'good morning' into French.",
+    "Why is the sky blue?",
+    "Write a short poem about autumn.",
+    "What is Python?",
+    "Recommend a good book.",
+    "How many days are in a week?",
+    "What is the largest planet?",
+    "Explain gravity simply.",
+    "What should I cook for dinner?",
+    "Summarise the plot of Cinderella.",
+    "What is a noun?",
+    "Give me a motivational quote.",
+    "How do plants grow?",
+    "What is the boiling point of water?",
+    "List the days of the week.",
+    "What does a doctor do?",
+    "Tell me a fun fact about dogs.",
+    "How are you today?",
+    "What is rain?",
+    "Describe the moon.",
 ]
 SCHEMAS = [
     ("person", {"name": S, "age": {"type": "integer"}}, "Describe a fictional person."),
-    ("city", {"city": S, "country": S, "population": {"type": "integer"}},
-     "Tell me about a big city."),
+    (
+        "city",
+        {"city": S, "country": S, "population": {"type": "integer"}},
+        "Tell me about a big city.",
+    ),
     ("answer", {"answer": S, "confident": {"type": "boolean"}}, "What is 2 + 2?"),
     ("book", {"title": S, "author": S, "year": {"type": "integer"}}, "Recommend a book."),
     ("colors", {"colors": {"type": "array", "items": S}}, "Name some colours."),
-    ("mood", {"mood": {"type": "string", "enum": ["happy", "sad", "neutral"]}},
-     "How does a sunny day feel?"),
+    (
+        "mood",
+        {"mood": {"type": "string", "enum": ["happy", "sad", "neutral"]}},
+        "How does a sunny day feel?",
+    ),
 ]
 
 
@@ -135,8 +175,10 @@ async def auto(client: openai.AsyncOpenAI, n: int) -> list[str]:
         right += bool(calls) and calls[0].name == TOOLS[key]["name"]
         valid += bool(calls) and _valid_call(calls[0], {t["name"]: t for t in offered})
     total = min(n, len(TOOL_PROMPTS))
-    return [f"auto: called the right tool | {right}/{total} ({right / total:.0%}) | >= 90%",
-            f"auto: valid calls among them | {valid}/{total} | 100% of calls"]
+    return [
+        f"auto: called the right tool | {right}/{total} ({right / total:.0%}) | >= 90%",
+        f"auto: valid calls among them | {valid}/{total} | 100% of calls",
+    ]
 
 
 def _offer(i: int, key: str) -> list[dict[str, Any]]:
@@ -144,7 +186,7 @@ def _offer(i: int, key: str) -> list[dict[str, Any]]:
     keys = list(TOOLS)
     others = [k for k in keys if k != key]
     chosen = [key, others[i % len(others)], others[(i + 2) % len(others)]]
-    return [TOOLS[k] for k in chosen[i % 3:] + chosen[: i % 3]]
+    return [TOOLS[k] for k in chosen[i % 3 :] + chosen[: i % 3]]
 
 
 async def forced(client: openai.AsyncOpenAI, n: int) -> list[str]:
@@ -153,13 +195,19 @@ async def forced(client: openai.AsyncOpenAI, n: int) -> list[str]:
         ok = 0
         for i, (key, prompt) in enumerate(TOOL_PROMPTS[:n]):
             offered = _offer(i, key)
-            choice: Any = ("required" if label == "required"
-                           else {"type": "function", "name": TOOLS[key]["name"]})
+            choice: Any = (
+                "required"
+                if label == "required"
+                else {"type": "function", "name": TOOLS[key]["name"]}
+            )
             resp = await _call(client, input=prompt, tools=offered, tool_choice=choice)
             calls = _calls(resp)
-            ok += (resp.status == "completed" and len(calls) == 1
-                   and _valid_call(calls[0], {t["name"]: t for t in offered})
-                   and (label == "required" or calls[0].name == TOOLS[key]["name"]))
+            ok += (
+                resp.status == "completed"
+                and len(calls) == 1
+                and _valid_call(calls[0], {t["name"]: t for t in offered})
+                and (label == "required" or calls[0].name == TOOLS[key]["name"])
+            )
         total = min(n, len(TOOL_PROMPTS))
         rows.append(f"{label}: valid calls | {ok}/{total} ({ok / total:.0%}) | 100%")
     return rows
@@ -169,11 +217,20 @@ async def structured(client: openai.AsyncOpenAI, n: int) -> list[str]:
     ok = 0
     for i in range(n):
         name, props, prompt = SCHEMAS[i % len(SCHEMAS)]
-        schema = {"type": "object", "properties": props, "required": list(props),
-                  "additionalProperties": False}
-        resp = await _call(client, input=prompt, text={"format": {
-            "type": "json_schema", "name": name, "schema": schema, "strict": True}},
-            temperature=1.0)
+        schema = {
+            "type": "object",
+            "properties": props,
+            "required": list(props),
+            "additionalProperties": False,
+        }
+        resp = await _call(
+            client,
+            input=prompt,
+            text={
+                "format": {"type": "json_schema", "name": name, "schema": schema, "strict": True}
+            },
+            temperature=1.0,
+        )
         try:
             jsonschema.validate(json.loads(resp.output_text), schema)
             ok += resp.status == "completed"
@@ -190,19 +247,25 @@ async def endings(client: openai.AsyncOpenAI, n: int) -> list[str]:
         lengths.append(tokens)
         ended += resp.status == "completed" and tokens <= 512
     total = min(n, len(ORDINARY))
-    return [f"ordinary: completed within 512 tokens | {ended}/{total} ({ended / total:.0%})"
-            " | >= 90%",
-            f"ordinary: output tokens median / max | {statistics.median(lengths):.0f} / "
-            f"{max(lengths)} |"]
+    return [
+        f"ordinary: completed within 512 tokens | {ended}/{total} ({ended / total:.0%}) | >= 90%",
+        f"ordinary: output tokens median / max | {statistics.median(lengths):.0f} / "
+        f"{max(lengths)} |",
+    ]
 
 
 async def main(parts: list[str], n: int) -> None:
     with tether_server(engine="local") as srv:
-        client = openai.AsyncOpenAI(base_url=srv.base_url, api_key="bench", max_retries=0,
-                                    timeout=600)
+        client = openai.AsyncOpenAI(
+            base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600
+        )
         rows = ["measure | result | goal", "--- | --- | ---"]
-        for part, fn in (("auto", auto), ("forced", forced), ("json", structured),
-                         ("endings", endings)):
+        for part, fn in (
+            ("auto", auto),
+            ("forced", forced),
+            ("json", structured),
+            ("endings", endings),
+        ):
             if part in parts:
                 started = time.monotonic()
                 new = await fn(client, n)

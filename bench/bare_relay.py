@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tether import wire
+from tether import wire, wire_output
 from tether.engines.scripted import WORDS
 
 
@@ -79,13 +79,14 @@ class Relay:
         self.logs: dict[str, Log] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def produce(self, log: Log, echo: dict[str, Any], created_at: int,
-                      background: bool) -> None:
+    async def produce(
+        self, log: Log, echo: dict[str, Any], created_at: int, background: bool
+    ) -> None:
         rid = log.snapshot["id"]
         snap = {**log.snapshot, "status": "in_progress"}
         log.snapshot = snap
         log.append(wire.lifecycle_event("in_progress", snap))
-        item = wire.MessageItem()
+        item = wire_output.MessageItem()
         for event in item.opened():
             log.append(event)
         for i in range(self.length):
@@ -95,10 +96,15 @@ class Relay:
                 await asyncio.sleep(0)  # as the scripted engine does at full speed
         for event in item.closed("completed"):
             log.append(event)
-        final = wire.snapshot(echo, id=rid, created_at=created_at, status="completed",
-                              output=[item.item("completed")],
-                              usage=wire.usage(1, self.length),
-                              completed_at=int(time.time()))
+        final = wire.snapshot(
+            echo,
+            id=rid,
+            created_at=created_at,
+            status="completed",
+            output=[item.item("completed")],
+            usage=wire.usage(1, self.length),
+            completed_at=int(time.time()),
+        )
         log.snapshot = final
         log.append(wire.lifecycle_event("completed", final))
         log.close()
@@ -109,8 +115,9 @@ class Relay:
         rid = wire.new_id("resp")
         echo = wire.echo_fields(req)
         created_at = int(time.time())
-        snap = wire.snapshot(echo, id=rid, created_at=created_at,
-                             status="queued" if background else "in_progress")
+        snap = wire.snapshot(
+            echo, id=rid, created_at=created_at, status="queued" if background else "in_progress"
+        )
         log = self.logs[rid] = Log(snap)
         log.append(wire.lifecycle_event("created", snap))
         if background:
@@ -122,8 +129,9 @@ class Relay:
 
 
 def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"cache-control": "no-cache"}
+    )
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -143,8 +151,17 @@ def create_app(length: int) -> Starlette:
     async def get(request: Request) -> Response:
         log = relay.logs.get(request.path_params["response_id"])
         if log is None:
-            return _json({"error": {"message": "not found", "type": "invalid_request_error",
-                                    "param": None, "code": None}}, 404)
+            return _json(
+                {
+                    "error": {
+                        "message": "not found",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                404,
+            )
         if request.query_params.get("stream", "false").lower() != "true":
             return _json(log.snapshot)
         after = int(request.query_params.get("starting_after", "-1"))
@@ -153,11 +170,13 @@ def create_app(length: int) -> Starlette:
     async def health(request: Request) -> Response:
         return _json({"status": "ok"})
 
-    return Starlette(routes=[
-        Route("/v1/responses", create, methods=["POST"]),
-        Route("/v1/responses/{response_id}", get, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/responses", create, methods=["POST"]),
+            Route("/v1/responses/{response_id}", get, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
 
 
 def main() -> None:
@@ -166,9 +185,16 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--length", type=int, default=2000, help="scripted tokens per response")
     args = p.parse_args()
-    uvicorn.run(create_app(args.length), host=args.host, port=args.port, loop="uvloop",
-                http="httptools", log_level="warning", access_log=False,
-                timeout_graceful_shutdown=3)
+    uvicorn.run(
+        create_app(args.length),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tether import wire
+from tether import wire, wire_output
 
 
 class Relay:
     def __init__(self, upstreams: dict[str, str]) -> None:
         self.upstreams = upstreams
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=300.0),
-                                        limits=httpx.Limits(max_connections=None))
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0, read=300.0), limits=httpx.Limits(max_connections=None)
+        )
 
     async def create(self, request: Request) -> Response:
         req = wire.parse_create(orjson.loads(await request.body()))
@@ -53,15 +54,24 @@ class Relay:
             seq += 1
             return wire.sse_frame(str(event["type"]), orjson.dumps(event))
 
-        snap = wire.snapshot(wire.echo_fields(req), id=wire.new_id("resp"),
-                             created_at=int(time.time()), status="in_progress")
-        yield frame(wire.lifecycle_event("created", snap)) + \
-            frame(wire.lifecycle_event("in_progress", snap))
-        item = wire.MessageItem()
+        snap = wire.snapshot(
+            wire.echo_fields(req),
+            id=wire.new_id("resp"),
+            created_at=int(time.time()),
+            status="in_progress",
+        )
+        yield frame(wire.lifecycle_event("created", snap)) + frame(
+            wire.lifecycle_event("in_progress", snap)
+        )
+        item = wire_output.MessageItem()
         opened = False
         text = req.input if isinstance(req.input, str) else ""
-        body = {"model": req.model, "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": text}]}
+        body = {
+            "model": req.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": text}],
+        }
         url = self.upstreams[req.model] + "/chat/completions"
         buffer = b""
         async with self.client.stream("POST", url, json=body) as resp:
@@ -80,11 +90,20 @@ class Relay:
                             out.append(frame(item.delta(content)))
                 if out:
                     yield b"".join(out)
-        final = wire.snapshot(wire.echo_fields(req), id=snap["id"], created_at=snap["created_at"],
-                              status="completed", output=[item.item("completed")],
-                              usage=wire.usage(5, len(item.text)), completed_at=int(time.time()))
-        yield b"".join(frame(e) for e in item.closed("completed")) + \
-            frame(wire.lifecycle_event("completed", final)) + wire.DONE_FRAME
+        final = wire.snapshot(
+            wire.echo_fields(req),
+            id=snap["id"],
+            created_at=snap["created_at"],
+            status="completed",
+            output=[item.item("completed")],
+            usage=wire.usage(5, len(item.text)),
+            completed_at=int(time.time()),
+        )
+        yield (
+            b"".join(frame(e) for e in item.closed("completed"))
+            + frame(wire.lifecycle_event("completed", final))
+            + wire.DONE_FRAME
+        )
 
 
 async def health(request: Request) -> Response:
@@ -97,10 +116,21 @@ def main() -> None:
     parser.add_argument("--upstream", action="append", default=[], help="MODEL=BASE_URL")
     args = parser.parse_args()
     relay = Relay(dict(u.split("=", 1) for u in args.upstream))
-    app = Starlette(routes=[Route("/v1/responses", relay.create, methods=["POST"]),
-                            Route("/health", health, methods=["GET"])])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    app = Starlette(
+        routes=[
+            Route("/v1/responses", relay.create, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

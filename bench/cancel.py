@@ -79,8 +79,12 @@ except ImportError:
     import httpx as sdk_httpx  # type: ignore[no-redef]
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
-NOT_STARTED: dict[str, Any] = {"started_at": None, "produced": 0, "token_times": [],
-                               "aborted_at": None}
+NOT_STARTED: dict[str, Any] = {
+    "started_at": None,
+    "produced": 0,
+    "token_times": [],
+    "aborted_at": None,
+}
 MODELS = {"scripted": "scripted", "local": "smollm2-135m"}
 
 
@@ -138,8 +142,12 @@ async def _sdk(stream: Any) -> AsyncIterator[dict[str, Any] | None]:
     yield None
 
 
-async def _read(events: AsyncIterator[dict[str, Any] | None], res: Result, out: StreamResult,
-                on_event: Any = None) -> None:
+async def _read(
+    events: AsyncIterator[dict[str, Any] | None],
+    res: Result,
+    out: StreamResult,
+    on_event: Any = None,
+) -> None:
     try:
         async for event in events:
             now = time.time()
@@ -183,8 +191,14 @@ async def _cancel_later(client: openai.AsyncOpenAI, res: Result, delay: float) -
         await _cancel(client, res)
 
 
-async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
-              sdk_events: bool, by_id: dict[str, Result], model: str) -> None:
+async def one(
+    client: openai.AsyncOpenAI,
+    debug: httpx.AsyncClient,
+    res: Result,
+    sdk_events: bool,
+    by_id: dict[str, Result],
+    model: str,
+) -> None:
     main = StreamResult("A (POST)")
     extra = StreamResult("B (resume)")
     res.streams = [main, extra]
@@ -195,8 +209,7 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
         assert res.rid is not None
         try:
             if sdk_events:
-                stream = await client.responses.retrieve(
-                    res.rid, stream=True, starting_after=after)
+                stream = await client.responses.retrieve(res.rid, stream=True, starting_after=after)
                 await _read(_sdk(stream), res, extra)
             else:
                 async with raw.retrieve(res.rid, stream=True, starting_after=after) as resp:
@@ -211,14 +224,20 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
             tasks.append(asyncio.create_task(resume(event["sequence_number"])))
             if res.cancel_at_s is not None:
                 tasks.append(asyncio.create_task(_cancel_later(client, res, res.cancel_at_s)))
-        if (res.cancel_at_s is None and event["type"] == "response.output_text.delta"
-                and main.deltas == res.cancel_after and res.cancel_sent is None):
+        if (
+            res.cancel_at_s is None
+            and event["type"] == "response.output_text.delta"
+            and main.deltas == res.cancel_after
+            and res.cancel_sent is None
+        ):
             tasks.append(asyncio.create_task(_cancel(client, res)))
 
-    prompt = (f"bench cancel {res.index}" if model == "scripted" else
-              f"Write a very long story, number {res.index}, about a lighthouse keeper.")
-    body: dict[str, Any] = {"model": model, "input": prompt,
-                            "background": True, "stream": True}
+    prompt = (
+        f"bench cancel {res.index}"
+        if model == "scripted"
+        else f"Write a very long story, number {res.index}, about a lighthouse keeper."
+    )
+    body: dict[str, Any] = {"model": model, "input": prompt, "background": True, "stream": True}
     try:
         if sdk_events:
             await _read(_sdk(await client.responses.create(**body)), res, main, on_event)
@@ -229,11 +248,13 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
         if res.rid is not None:
             trace = await debug.get(f"/debug/engine/{res.rid}")
             # 404: the engine never started it (cancelled while queued)
-            res.trace = trace.json() if trace.status_code == 200 else (
-                NOT_STARTED if trace.status_code == 404 else None)
+            res.trace = (
+                trace.json()
+                if trace.status_code == 200
+                else (NOT_STARTED if trace.status_code == 404 else None)
+            )
             retrieved = await client.responses.retrieve(res.rid)
-            res.retrieved_output_tokens = retrieved.usage.output_tokens \
-                if retrieved.usage else None
+            res.retrieved_output_tokens = retrieved.usage.output_tokens if retrieved.usage else None
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
         for t in tasks:
@@ -242,10 +263,14 @@ async def one(client: openai.AsyncOpenAI, debug: httpx.AsyncClient, res: Result,
 
 def ended_first(res: Result) -> bool:
     """The cancel came after the response had ended by itself (it lost the race, §3.7)."""
-    return (res.reply is None and res.cancel_error is not None
-            and "400" in res.cancel_error and all(
-                s.terminal is not None and s.terminal["type"] != "response.failed"
-                for s in res.streams))
+    return (
+        res.reply is None
+        and res.cancel_error is not None
+        and "400" in res.cancel_error
+        and all(
+            s.terminal is not None and s.terminal["type"] != "response.failed" for s in res.streams
+        )
+    )
 
 
 def running_at_cancel(res: Result) -> bool:
@@ -264,26 +289,35 @@ def checks(res: Result) -> dict[str, bool]:
     produced = res.trace["produced"] if res.trace else None
     streams = res.streams
     term_ok = all(
-        s.terminal is not None and s.terminal["type"] == "response.failed"
+        s.terminal is not None
+        and s.terminal["type"] == "response.failed"
         and s.terminal["response"]["status"] == "cancelled"
-        and s.terminal["response"]["error"] is None for s in streams)
+        and s.terminal["response"]["error"] is None
+        for s in streams
+    )
     return {
         "no client error": res.error is None and all(s.error is None for s in streams),
         "cancel reply 200, status cancelled": res.cancel_error is None
-            and res.reply is not None and res.reply.status == "cancelled",
+        and res.reply is not None
+        and res.reply.status == "cancelled",
         "every stream: response.failed / cancelled / error null": term_ok,
         "every stream: open item closed incomplete": all(
-            s.closed_incomplete or not s.opened_item for s in streams),
+            s.closed_incomplete or not s.opened_item for s in streams
+        ),
         "no event after the terminal one, then [DONE]": all(
-            s.after_terminal == 0 and s.done_marker for s in streams),
+            s.after_terminal == 0 and s.done_marker for s in streams
+        ),
         "reply output_tokens == trace produced": reply_tokens is not None
-            and reply_tokens == produced,
+        and reply_tokens == produced,
         "every stream's deltas == reply output_tokens": all(
-            s.deltas == reply_tokens for s in streams),
+            s.deltas == reply_tokens for s in streams
+        ),
         "terminal event usage == reply usage": all(
-            s.terminal is not None and s.terminal["response"]["usage"] is not None
+            s.terminal is not None
+            and s.terminal["response"]["usage"] is not None
             and s.terminal["response"]["usage"]["output_tokens"] == reply_tokens
-            for s in streams),
+            for s in streams
+        ),
         "later retrieve output_tokens == reply": res.retrieved_output_tokens == reply_tokens,
         "0 tokens after the cancel reply": _after(res, res.cancel_reply_at) == 0,
     }
@@ -294,19 +328,24 @@ def lost_race_checks(res: Result) -> dict[str, bool]:
     ok = {name: True for name in checks_names()}
     ok["no client error"] = res.error is None and all(s.error is None for s in res.streams)
     ok["no event after the terminal one, then [DONE]"] = all(
-        s.after_terminal == 0 and s.done_marker for s in res.streams)
+        s.after_terminal == 0 and s.done_marker for s in res.streams
+    )
     return ok
 
 
 def checks_names() -> list[str]:
-    return ["no client error", "cancel reply 200, status cancelled",
-            "every stream: response.failed / cancelled / error null",
-            "every stream: open item closed incomplete",
-            "no event after the terminal one, then [DONE]",
-            "reply output_tokens == trace produced",
-            "every stream's deltas == reply output_tokens",
-            "terminal event usage == reply usage",
-            "later retrieve output_tokens == reply", "0 tokens after the cancel reply"]
+    return [
+        "no client error",
+        "cancel reply 200, status cancelled",
+        "every stream: response.failed / cancelled / error null",
+        "every stream: open item closed incomplete",
+        "no event after the terminal one, then [DONE]",
+        "reply output_tokens == trace produced",
+        "every stream's deltas == reply output_tokens",
+        "terminal event usage == reply usage",
+        "later retrieve output_tokens == reply",
+        "0 tokens after the cancel reply",
+    ]
 
 
 def _after(res: Result, moment: float | None) -> int | None:
@@ -330,14 +369,19 @@ def _server_cpu(pid: int | None) -> float:
 
 def _ms(values: list[float]) -> list[object]:
     ms = [v * 1000 for v in values]
-    return [len(ms), _server.percentile(ms, 50), _server.percentile(ms, 99),
-            max(ms) if ms else float("nan")]
+    return [
+        len(ms),
+        _server.percentile(ms, 50),
+        _server.percentile(ms, 99),
+        max(ms) if ms else float("nan"),
+    ]
 
 
 async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> int:
     rng = random.Random(args.seed)
-    results = [Result(i, rng.randint(args.min_deltas, args.max_deltas))
-               for i in range(args.responses)]
+    results = [
+        Result(i, rng.randint(args.min_deltas, args.max_deltas)) for i in range(args.responses)
+    ]
     for res in results:  # drawn after the delta counts: a run without it keeps its draws
         if args.cancel_queued and rng.random() < args.cancel_queued:
             res.cancel_at_s = rng.uniform(0, args.cancel_within)
@@ -357,10 +401,16 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
             by_id[parts[-2]].cancel_response_at = time.time()
 
     client = openai.AsyncOpenAI(
-        base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60.0,
+        base_url=f"{url}/v1",
+        api_key="x",
+        max_retries=0,
+        timeout=60.0,
         http_client=openai.DefaultAsyncHttpxClient(
-            limits=limits, timeout=60.0,
-            event_hooks={"request": [on_request], "response": [on_response]}))
+            limits=limits,
+            timeout=60.0,
+            event_hooks={"request": [on_request], "response": [on_response]},
+        ),
+    )
     slots = asyncio.Semaphore(args.concurrency)
 
     async def limited(res: Result) -> None:
@@ -408,13 +458,21 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
     for name in names:
         bad = [r.index for r, v in zip(results, verdicts, strict=True) if not v[name]]
         failed += len(bad)
-        rows.append([name, len(results) - len(bad), len(bad),
-                     ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")])
+        rows.append(
+            [
+                name,
+                len(results) - len(bad),
+                len(bad),
+                ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else ""),
+            ]
+        )
     print(_server.table(["check", "pass", "fail", "failing responses (index)"], rows))
     lost = [r.index for r in results if ended_first(r)]
-    print(f"\nresponses cancelled: running at the cancel {len(running)}, queued "
-          f"{len(measured) - len(running)}; ended by themselves before the cancel (a 400, "
-          f"left out of the figures) {len(lost)}" + (f": {lost[:8]}" if lost else ""))
+    print(
+        f"\nresponses cancelled: running at the cancel {len(running)}, queued "
+        f"{len(measured) - len(running)}; ended by themselves before the cancel (a 400, "
+        f"left out of the figures) {len(lost)}" + (f": {lost[:8]}" if lost else "")
+    )
     for r in results:
         if ended_first(r):
             continue
@@ -425,17 +483,30 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
     if args.dump:
         with open(args.dump, "wb") as out:
             for r in results:
-                out.write(orjson.dumps({
-                    "index": r.index, "id": r.rid, "cancel_after": r.cancel_after,
-                    "cancel_at_s": r.cancel_at_s, "cancel_sent": r.cancel_sent,
-                    "cancel_request_at": r.cancel_request_at,
-                    "cancel_reply_at": r.cancel_reply_at,
-                    "output_tokens": r.reply.usage.output_tokens
-                    if r.reply is not None and r.reply.usage else None,
-                    "terminal_at": [s.terminal_at for s in r.streams],
-                    "deltas": [s.deltas for s in r.streams], "trace": r.trace}) + b"\n")
-    print(f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
-          f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core")
+                out.write(
+                    orjson.dumps(
+                        {
+                            "index": r.index,
+                            "id": r.rid,
+                            "cancel_after": r.cancel_after,
+                            "cancel_at_s": r.cancel_at_s,
+                            "cancel_sent": r.cancel_sent,
+                            "cancel_request_at": r.cancel_request_at,
+                            "cancel_reply_at": r.cancel_reply_at,
+                            "output_tokens": r.reply.usage.output_tokens
+                            if r.reply is not None and r.reply.usage
+                            else None,
+                            "terminal_at": [s.terminal_at for s in r.streams],
+                            "deltas": [s.deltas for s in r.streams],
+                            "trace": r.trace,
+                        }
+                    )
+                    + b"\n"
+                )
+    print(
+        f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
+        f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core"
+    )
     return 1 if failed else 0
 
 
@@ -443,21 +514,28 @@ def latency(prefix: str, group: list[Result]) -> list[list[object]]:
     ok = [r for r in group if r.reply is not None]
     reply = [x for r in ok for x in _gap(r.cancel_reply_at, r.cancel_sent)]
     exchange = [x for r in ok for x in _gap(r.cancel_response_at, r.cancel_request_at)]
-    stopped = [x for r in ok if r.trace and r.trace["aborted_at"]
-               for x in _gap(r.trace["aborted_at"], r.cancel_request_at)]
-    term_all = [x for r in group for s in r.streams
-                for x in _gap(s.terminal_at, r.cancel_sent)]
-    term_slowest = [x for r in group
-                    for x in _gap(_latest([s.terminal_at for s in r.streams]), r.cancel_sent)]
-    term_vs_reply = [x for r in group for s in r.streams
-                     for x in _gap(s.terminal_at, r.cancel_reply_at)]
+    stopped = [
+        x
+        for r in ok
+        if r.trace and r.trace["aborted_at"]
+        for x in _gap(r.trace["aborted_at"], r.cancel_request_at)
+    ]
+    term_all = [x for r in group for s in r.streams for x in _gap(s.terminal_at, r.cancel_sent)]
+    term_slowest = [
+        x for r in group for x in _gap(_latest([s.terminal_at for s in r.streams]), r.cancel_sent)
+    ]
+    term_vs_reply = [
+        x for r in group for s in r.streams for x in _gap(s.terminal_at, r.cancel_reply_at)
+    ]
     rows = [
         [f"{prefix}cancel call -> reply (SDK call, as the caller sees it)", *_ms(reply)],
         [f"{prefix}  of which HTTP request sent -> reply headers read", *_ms(exchange)],
         [f"{prefix}cancel request sent -> engine saw the abort (trace)", *_ms(stopped)],
         [f"{prefix}cancel call -> terminal event, every stream", *_ms(term_all)],
-        [f"{prefix}cancel call -> terminal event, slowest stream of the response",
-         *_ms(term_slowest)],
+        [
+            f"{prefix}cancel call -> terminal event, slowest stream of the response",
+            *_ms(term_slowest),
+        ],
         [f"{prefix}terminal event - reply received (every stream)", *_ms(term_vs_reply)],
     ]
     if prefix == "queued: ":  # the engine never ran them: no abort to see
@@ -471,66 +549,116 @@ def tokens(prefix: str, group: list[Result]) -> list[list[object]]:
     late_deltas = [s.deltas_after_reply for r in group for s in r.streams]
 
     def row(name: str, values: list[int]) -> list[object]:
-        return [f"{prefix}{name}", len(values), max(values, default="-"), sum(values),
-                sum(1 for n in values if n)]
+        return [
+            f"{prefix}{name}",
+            len(values),
+            max(values, default="-"),
+            sum(values),
+            sum(1 for n in values if n),
+        ]
 
-    return [row("engine tokens after the cancel reply (goal 0)", after_reply),
-            row("engine tokens between the cancel call and its reply", after_call),
-            row("deltas received after the cancel reply (all in log before it)",
-                late_deltas)]
+    return [
+        row("engine tokens after the cancel reply (goal 0)", after_reply),
+        row("engine tokens between the cancel call and its reply", after_call),
+        row("deltas received after the cancel reply (all in log before it)", late_deltas),
+    ]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--responses", type=int, default=200, help="responses in all (200)")
     p.add_argument("--concurrency", type=int, default=20, help="responses at a time (20)")
     p.add_argument("--rate", type=float, default=100.0, help="scripted tokens/s (100)")
     p.add_argument("--length", type=int, default=200, help="scripted tokens per response")
     p.add_argument("--min-deltas", type=int, default=1, help="cancel after >= this many deltas")
     p.add_argument("--max-deltas", type=int, default=150, help="... and <= this many (150)")
-    p.add_argument("--engine", choices=sorted(MODELS), default="scripted",
-                   help="scripted (default) or local: the embedded model, one at a time")
-    p.add_argument("--cancel-queued", type=float, default=0.0, metavar="F",
-                   help="share of responses cancelled at a random time instead of after "
-                        "k deltas (0; for --engine local, where most responses queue)")
-    p.add_argument("--cancel-within", type=float, default=20.0, metavar="S",
-                   help="... uniform in [0, S] seconds after the id is known (20)")
+    p.add_argument(
+        "--engine",
+        choices=sorted(MODELS),
+        default="scripted",
+        help="scripted (default) or local: the embedded model, one at a time",
+    )
+    p.add_argument(
+        "--cancel-queued",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of responses cancelled at a random time instead of after "
+        "k deltas (0; for --engine local, where most responses queue)",
+    )
+    p.add_argument(
+        "--cancel-within",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="... uniform in [0, S] seconds after the id is known (20)",
+    )
     p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random)")
-    p.add_argument("--sdk-events", action="store_true",
-                   help="parse stream events with the SDK's typed models (costs the client "
-                        "~0.2 ms/event: at the default size the client, not tether, lags)")
-    p.add_argument("--dump", metavar="FILE", help="write each response's times, reply "
-                   "usage and engine trace to FILE (JSON lines), to look into outliers")
-    p.add_argument("--url", help="use a running tether (started with --debug-routes and "
-                                 "the scripted engine) instead of starting one")
+    p.add_argument(
+        "--sdk-events",
+        action="store_true",
+        help="parse stream events with the SDK's typed models (costs the client "
+        "~0.2 ms/event: at the default size the client, not tether, lags)",
+    )
+    p.add_argument(
+        "--dump",
+        metavar="FILE",
+        help="write each response's times, reply "
+        "usage and engine trace to FILE (JSON lines), to look into outliers",
+    )
+    p.add_argument(
+        "--url",
+        help="use a running tether (started with --debug-routes and "
+        "the scripted engine) instead of starting one",
+    )
     args = p.parse_args()
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1_000_000)
     if args.engine == "scripted" and args.max_deltas >= args.length:
         p.error("--max-deltas must be below --length, or responses complete before the cancel")
     print("# tether cancel benchmark")
-    print(_server.table(["parameter", "value"], [
-        ["responses", args.responses], ["concurrency", args.concurrency],
-        ["streams per response", "2 (POST + 1 resume)"],
-        *([["scripted rate (tokens/s)", args.rate], ["scripted length", args.length]]
-          if args.engine == "scripted" else
-          [["engine", "local: SmolLM2-135M via llama-cpp, one generation at a time"]]),
-        ["cancel after deltas", f"uniform [{args.min_deltas}, {args.max_deltas}]"],
-        ["cancelled at a random time instead", f"share {args.cancel_queued:g}, uniform "
-         f"[0, {args.cancel_within:g}] s after the id" if args.cancel_queued else "none"],
-        ["seed", args.seed], ["client", f"openai {openai.__version__} AsyncOpenAI"],
-        ["stream parsing", "SDK typed events" if args.sdk_events
-         else "raw SSE + orjson (via with_streaming_response)"],
-        ["server", args.url or f"tether serve --engine {args.engine} (temp db, started "
-                               "here)"],
-        ["machine", _server.machine()],
-    ]))
+    print(
+        _server.table(
+            ["parameter", "value"],
+            [
+                ["responses", args.responses],
+                ["concurrency", args.concurrency],
+                ["streams per response", "2 (POST + 1 resume)"],
+                *(
+                    [["scripted rate (tokens/s)", args.rate], ["scripted length", args.length]]
+                    if args.engine == "scripted"
+                    else [["engine", "local: SmolLM2-135M via llama-cpp, one generation at a time"]]
+                ),
+                ["cancel after deltas", f"uniform [{args.min_deltas}, {args.max_deltas}]"],
+                [
+                    "cancelled at a random time instead",
+                    f"share {args.cancel_queued:g}, uniform "
+                    f"[0, {args.cancel_within:g}] s after the id"
+                    if args.cancel_queued
+                    else "none",
+                ],
+                ["seed", args.seed],
+                ["client", f"openai {openai.__version__} AsyncOpenAI"],
+                [
+                    "stream parsing",
+                    "SDK typed events"
+                    if args.sdk_events
+                    else "raw SSE + orjson (via with_streaming_response)",
+                ],
+                [
+                    "server",
+                    args.url or f"tether serve --engine {args.engine} (temp db, started here)",
+                ],
+                ["machine", _server.machine()],
+            ],
+        )
+    )
     print()
     if args.url:
         return _server.run(bench(args.url.rstrip("/"), args, None))
-    with _server.tether_server(rate=args.rate, length=args.length,
-                               engine=args.engine) as srv:
+    with _server.tether_server(rate=args.rate, length=args.length, engine=args.engine) as srv:
         return _server.run(bench(srv.url, args, srv.pid))
 
 

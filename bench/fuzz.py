@@ -42,23 +42,36 @@ def main() -> None:
         try:
             for operation in fuzz_api.operations():
                 t0 = time.monotonic()
-                tally = fuzz_api.fuzz(fuzzer, operation, args.examples, args.seed,
-                                      stop_on_problem=False)
+                tally = fuzz_api.fuzz(
+                    fuzzer, operation, args.examples, args.seed, stop_on_problem=False
+                )
                 statuses = " ".join(f"{s}:{n}" for s, n in sorted(tally.statuses.items()))
                 server_errors = sum(n for s, n in tally.statuses.items() if s >= 500)
-                rows.append([operation.label, tally.examples, server_errors,
-                             len(tally.problems), statuses,
-                             f"{time.monotonic() - t0:.0f}"])
+                rows.append(
+                    [
+                        operation.label,
+                        tally.examples,
+                        server_errors,
+                        len(tally.problems),
+                        statuses,
+                        f"{time.monotonic() - t0:.0f}",
+                    ]
+                )
                 problems += tally.problems
-                print(f"  {operation.label}: {tally.examples} examples, "
-                      f"{len(tally.problems)} problems", flush=True)
+                print(
+                    f"  {operation.label}: {tally.examples} examples, "
+                    f"{len(tally.problems)} problems",
+                    flush=True,
+                )
         finally:
             fuzzer.close()
     print()
     print(table(["operation", "examples", "5xx", "problems", "statuses", "seconds"], rows))
     total = sum(r[1] for r in rows)  # type: ignore[misc]
-    print(f"\n{total} requests in {time.monotonic() - started:.0f} s; "
-          f"{len(problems)} problems; spec violations: {len(spec.VIOLATIONS)}")
+    print(
+        f"\n{total} requests in {time.monotonic() - started:.0f} s; "
+        f"{len(problems)} problems; spec violations: {len(spec.VIOLATIONS)}"
+    )
     for problem in problems[:10]:
         print(" -", problem)
 

@@ -98,16 +98,36 @@ def measure_http(tokens: int = TOKENS, runs: int = RUNS) -> float:
 
     from _server import HOST, Server
 
-    srv = Server([sys.executable, "-m", "tether", "serve", "--engine", "local",
-                  "--db", "bench.db", "--host", HOST, "--port", "{port}"], name="tether")
+    srv = Server(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "serve",
+            "--engine",
+            "local",
+            "--db",
+            "bench.db",
+            "--host",
+            HOST,
+            "--port",
+            "{port}",
+        ],
+        name="tether",
+    )
     srv.start()
     try:
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused")
         rates = []
         for _ in range(runs + 1):
             started = time.perf_counter()
-            stream = client.responses.create(model="smollm2-135m", input=PROMPT, stream=True,
-                                             max_output_tokens=tokens, temperature=0.0)
+            stream = client.responses.create(
+                model="smollm2-135m",
+                input=PROMPT,
+                stream=True,
+                max_output_tokens=tokens,
+                temperature=0.0,
+            )
             events = list(stream)
             elapsed = time.perf_counter() - started
             final = events[-1].response  # type: ignore[union-attr]
@@ -121,8 +141,11 @@ def measure_http(tokens: int = TOKENS, runs: int = RUNS) -> float:
 
 
 def main() -> None:
-    rows = [("llama-cpp directly", measure_direct()), ("LocalEngine.generate", measure_engine()),
-            ("tether over HTTP", measure_http())]
+    rows = [
+        ("llama-cpp directly", measure_direct()),
+        ("LocalEngine.generate", measure_engine()),
+        ("tether over HTTP", measure_http()),
+    ]
     base = rows[0][1]
     # llama.cpp's 2 threads on a 2-core machine slow down sharply under any other load.
     load = os.getloadavg()[0]

@@ -90,25 +90,47 @@ def main() -> None:
         def sample(stage: str, n: int, seconds: float) -> None:
             page = httpx.get(f"{srv.url}/metrics", timeout=10).text
             rss = vm(srv.pid, "VmRSS")
-            rows.append([stage, n, seconds, rss / MIB, vm(srv.pid, "VmHWM") / MIB,
-                         gauge(page, "tether_log_cache_bytes") / MIB,
-                         gauge(page, "tether_tasks")])
+            rows.append(
+                [
+                    stage,
+                    n,
+                    seconds,
+                    rss / MIB,
+                    vm(srv.pid, "VmHWM") / MIB,
+                    gauge(page, "tether_log_cache_bytes") / MIB,
+                    gauge(page, "tether_tasks"),
+                ]
+            )
 
         sample("start", 0, 0.0)
-        sample("warm-up", args.warmup,
-               _server.run(burst(srv.base_url, args.warmup, args.at_once)))
+        sample("warm-up", args.warmup, _server.run(burst(srv.base_url, args.warmup, args.at_once)))
         base = vm(srv.pid, "VmRSS")
-        sample("burst", args.responses,
-               _server.run(burst(srv.base_url, args.responses, args.at_once)))
+        sample(
+            "burst", args.responses, _server.run(burst(srv.base_url, args.responses, args.at_once))
+        )
         after_burst = vm(srv.pid, "VmRSS")
         sample("more", args.more, _server.run(burst(srv.base_url, args.more, args.at_once)))
-        print(_server.table(["stage", "responses", "seconds", "RSS MiB", "peak RSS MiB",
-                             "log cache MiB", "tasks"], rows))
+        print(
+            _server.table(
+                [
+                    "stage",
+                    "responses",
+                    "seconds",
+                    "RSS MiB",
+                    "peak RSS MiB",
+                    "log cache MiB",
+                    "tasks",
+                ],
+                rows,
+            )
+        )
         peak = vm(srv.pid, "VmHWM")
-        print(f"\n{args.responses} x {args.tokens} tokens, {args.at_once} at a time: RSS "
-              f"+{(after_burst - base) / MIB:.0f} MiB over the warm-up "
-              f"(peak +{(peak - base) / MIB:.0f} MiB); {args.more} more: "
-              f"+{(vm(srv.pid, 'VmRSS') - after_burst) / MIB:.0f} MiB")
+        print(
+            f"\n{args.responses} x {args.tokens} tokens, {args.at_once} at a time: RSS "
+            f"+{(after_burst - base) / MIB:.0f} MiB over the warm-up "
+            f"(peak +{(peak - base) / MIB:.0f} MiB); {args.more} more: "
+            f"+{(vm(srv.pid, 'VmRSS') - after_burst) / MIB:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

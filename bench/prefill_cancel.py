@@ -22,11 +22,13 @@ import openai
 from _server import machine, run, table, tether_server
 
 
-async def round_trip(client: openai.AsyncOpenAI, http: httpx.AsyncClient, words: int,
-                     after: float, i: int) -> tuple[float, float, bool]:
+async def round_trip(
+    client: openai.AsyncOpenAI, http: httpx.AsyncClient, words: int, after: float, i: int
+) -> tuple[float, float, bool]:
     prompt = " ".join(f"word{(i * 7919 + k) % 5000}" for k in range(words))
-    created = await client.responses.create(model="smollm2-135m", background=True,
-                                            input=f"Summarise: {prompt}")
+    created = await client.responses.create(
+        model="smollm2-135m", background=True, input=f"Summarise: {prompt}"
+    )
     await asyncio.sleep(after)
     start = time.perf_counter()
     reply = await client.responses.cancel(created.id)
@@ -34,8 +36,9 @@ async def round_trip(client: openai.AsyncOpenAI, http: httpx.AsyncClient, words:
     assert reply.status == "cancelled", reply.status
     trace = (await http.get(f"/debug/engine/{created.id}")).json()
     start = time.perf_counter()
-    stream = await client.responses.create(model="smollm2-135m", input="Say hi.",
-                                           stream=True, max_output_tokens=4)
+    stream = await client.responses.create(
+        model="smollm2-135m", input="Say hi.", stream=True, max_output_tokens=4
+    )
     async for event in stream:
         if event.type == "response.output_text.delta":
             break
@@ -52,10 +55,15 @@ async def main(rounds: int, words: int, after: float) -> None:
     cancels = [r[0] for r in results]
     nexts = [r[1] for r in results]
     print(machine())
-    print(table(["", "p50 ms", "max ms"],
-                [["cancel reply", round(statistics.median(cancels)), round(max(cancels))],
-                 ["next response's first delta", round(statistics.median(nexts)),
-                  round(max(nexts))]]))
+    print(
+        table(
+            ["", "p50 ms", "max ms"],
+            [
+                ["cancel reply", round(statistics.median(cancels)), round(max(cancels))],
+                ["next response's first delta", round(statistics.median(nexts)), round(max(nexts))],
+            ],
+        )
+    )
     print(f"aborted during prefill: {sum(r[2] for r in results)} of {rounds}")
 
 

@@ -70,8 +70,9 @@ class Reader:
         return self.events / (self.done_at - self.first_byte)
 
 
-async def _consume(response: httpx.Response, out: Reader,
-                   first_frame: asyncio.Future[bytes] | None = None) -> None:
+async def _consume(
+    response: httpx.Response, out: Reader, first_frame: asyncio.Future[bytes] | None = None
+) -> None:
     """Count `data:` lines in a raw SSE body; hand the first frame to `first_frame`."""
     if response.status_code != 200:
         out.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
@@ -91,16 +92,21 @@ async def _consume(response: httpx.Response, out: Reader,
                 first_frame.set_result(head[:end])
         data = carry + chunk
         count += data.count(MARK)
-        carry = data[-(len(MARK) - 1):]
-        tail = data[-len(DONE):]
+        carry = data[-(len(MARK) - 1) :]
+        tail = data[-len(DONE) :]
     out.done_at = time.perf_counter()
     out.done = tail == DONE
     out.events = count - 1 if out.done else count  # the [DONE] line is not an event
 
 
-async def _read(client: httpx.AsyncClient, method: str, url: str, out: Reader,
-                body: dict[str, Any] | None = None,
-                first_frame: asyncio.Future[bytes] | None = None) -> None:
+async def _read(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    out: Reader,
+    body: dict[str, Any] | None = None,
+    first_frame: asyncio.Future[bytes] | None = None,
+) -> None:
     try:
         async with client.stream(method, url, json=body) as response:
             await _consume(response, out, first_frame)
@@ -111,13 +117,14 @@ async def _read(client: httpx.AsyncClient, method: str, url: str, out: Reader,
 
 
 def _id_of(frame: bytes) -> str:
-    data = frame[frame.index(b"data: ") + 6:]
+    data = frame[frame.index(b"data: ") + 6 :]
     return str(orjson.loads(data)["response"]["id"])
 
 
 async def _gets(client: httpx.AsyncClient, url: str, rid: str, out: list[Reader]) -> None:
-    await asyncio.gather(*(_read(client, "GET", f"{url}/v1/responses/{rid}?stream=true", r)
-                           for r in out))
+    await asyncio.gather(
+        *(_read(client, "GET", f"{url}/v1/responses/{rid}?stream=true", r) for r in out)
+    )
 
 
 def _client(readers: int) -> httpx.AsyncClient:
@@ -181,8 +188,9 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-async def one_round(url: str, readers: int, mode: str,
-                    helpers: Helpers | None = None) -> tuple[list[Reader], float]:
+async def one_round(
+    url: str, readers: int, mode: str, helpers: Helpers | None = None
+) -> tuple[list[Reader], float]:
     body = {"model": "scripted", "input": "bench relay", "background": True}
     gets = readers - 1 if mode == "post+get" else readers
     shares = _split(gets, 1 + (len(helpers.conns) if helpers else 0))
@@ -190,8 +198,11 @@ async def one_round(url: str, readers: int, mode: str,
     async with _client(readers) as client:
         if mode == "post+get":
             first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            post = asyncio.create_task(_read(client, "POST", f"{url}/v1/responses", mine[0],
-                                             {**body, "stream": True}, first))
+            post = asyncio.create_task(
+                _read(
+                    client, "POST", f"{url}/v1/responses", mine[0], {**body, "stream": True}, first
+                )
+            )
             rid = _id_of(await first)
             tasks = [post, _gets(client, url, rid, mine[1:])]
         else:
@@ -225,12 +236,20 @@ class Case:
 
 
 def _client_cpu(helpers: Helpers | None) -> float:
-    return _server.cpu_seconds() + sum(_server.cpu_seconds(p) for p in
-                                       (helpers.pids if helpers else []))
+    return _server.cpu_seconds() + sum(
+        _server.cpu_seconds(p) for p in (helpers.pids if helpers else [])
+    )
 
 
-async def run_case(name: str, url: str, pid: int, readers: int, args: argparse.Namespace,
-                   expected: int, helpers: Helpers | None) -> Case:
+async def run_case(
+    name: str,
+    url: str,
+    pid: int,
+    readers: int,
+    args: argparse.Namespace,
+    expected: int,
+    helpers: Helpers | None,
+) -> Case:
     rounds = []
     for _ in range(args.repeats):
         cpu0, scpu0, t0 = _client_cpu(helpers), _server.cpu_seconds(pid), time.perf_counter()
@@ -239,13 +258,26 @@ async def run_case(name: str, url: str, pid: int, readers: int, args: argparse.N
         ccpu = (_client_cpu(helpers) - cpu0) / elapsed
         scpu = (_server.cpu_seconds(pid) - scpu0) / elapsed
         problems = [f"reader {i}: {r.error}" for i, r in enumerate(out) if r.error]
-        problems += [f"reader {i}: {r.events} events, [DONE] {'seen' if r.done else 'missing'}"
-                     for i, r in enumerate(out)
-                     if not r.error and (r.events != expected or not r.done)]
+        problems += [
+            f"reader {i}: {r.events} events, [DONE] {'seen' if r.done else 'missing'}"
+            for i, r in enumerate(out)
+            if not r.error and (r.events != expected or not r.done)
+        ]
         total = sum(r.events for r in out)
         rates = [r.rate for r in out]
-        rounds.append(Case(name, readers, total / wall, statistics.median(rates), min(rates),
-                           wall, scpu, ccpu, problems))
+        rounds.append(
+            Case(
+                name,
+                readers,
+                total / wall,
+                statistics.median(rates),
+                min(rates),
+                wall,
+                scpu,
+                ccpu,
+                problems,
+            )
+        )
         await asyncio.sleep(0.2)  # let the server settle (group commits, evictions)
     rounds.sort(key=lambda c: c.aggregate)
     median = rounds[len(rounds) // 2]
@@ -259,9 +291,15 @@ class Profiler:
     def __init__(self, pid: int, path: Path) -> None:
         self.path = path
         exe = shutil.which("py-spy")
-        self.proc = None if exe is None else subprocess.Popen(
-            [exe, "record", "-p", str(pid), "-f", "raw", "-r", "250", "-o", str(path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = (
+            None
+            if exe is None
+            else subprocess.Popen(
+                [exe, "record", "-p", str(pid), "-f", "raw", "-r", "250", "-o", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         if self.proc is None:
             print("(py-spy not installed: `pip install py-spy` to profile)")
         else:
@@ -290,28 +328,46 @@ class Profiler:
         if not total:
             return
         print(f"\n## py-spy: tether server during its rounds ({total} samples, {self.path})")
-        print(_server.table(["self %", "function (file:line)"],
-                            [[f"{100 * n / total:.1f}", f] for f, n in own.most_common(top)]))
+        print(
+            _server.table(
+                ["self %", "function (file:line)"],
+                [[f"{100 * n / total:.1f}", f] for f, n in own.most_common(top)],
+            )
+        )
         print()
-        mine = [(f, n) for f, n in inclusive.most_common()
-                if ("tether/" in f or "sse_starlette" in f or "starlette" in f)][:top]
-        print(_server.table(["incl %", "tether / starlette function (file:line)"],
-                            [[f"{100 * n / total:.1f}", f] for f, n in mine]))
+        mine = [
+            (f, n)
+            for f, n in inclusive.most_common()
+            if ("tether/" in f or "sse_starlette" in f or "starlette" in f)
+        ][:top]
+        print(
+            _server.table(
+                ["incl %", "tether / starlette function (file:line)"],
+                [[f"{100 * n / total:.1f}", f] for f, n in mine],
+            )
+        )
 
 
-async def bench(servers: list[tuple[str, _server.Server]], args: argparse.Namespace,
-                profile: Path | None, helpers: Helpers | None) -> list[Case]:
+async def bench(
+    servers: list[tuple[str, _server.Server]],
+    args: argparse.Namespace,
+    profile: Path | None,
+    helpers: Helpers | None,
+) -> list[Case]:
     expected = args.length + HEADER_EVENTS
     cases = []
     for name, srv in servers:
         for readers in args.readers:
             await one_round(srv.url, readers, args.mode, helpers)  # warm-up, not measured
-            prof = Profiler(srv.pid, profile / f"{name}-{readers}.txt") \
-                if profile is not None and name == "tether" and readers == max(args.readers) \
+            prof = (
+                Profiler(srv.pid, profile / f"{name}-{readers}.txt")
+                if profile is not None and name == "tether" and readers == max(args.readers)
                 else None
+            )
             try:
-                cases.append(await run_case(name, srv.url, srv.pid, readers, args, expected,
-                                            helpers))
+                cases.append(
+                    await run_case(name, srv.url, srv.pid, readers, args, expected, helpers)
+                )
             finally:
                 if prof is not None:
                     prof.stop()
@@ -320,35 +376,64 @@ async def bench(servers: list[tuple[str, _server.Server]], args: argparse.Namesp
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=10000,
-                   help="scripted tokens per response (10000)")
-    p.add_argument("--readers", type=int, nargs="+", default=[1, 50],
-                   help="reader counts to measure (1 50)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--length", type=int, default=10000, help="scripted tokens per response (10000)")
+    p.add_argument(
+        "--readers", type=int, nargs="+", default=[1, 50], help="reader counts to measure (1 50)"
+    )
     p.add_argument("--repeats", type=int, default=5, help="rounds per case; median shown")
     p.add_argument("--mode", choices=["post+get", "get"], default="post+get")
-    p.add_argument("--client-procs", type=int, default=1,
-                   help="processes the readers are spread over (1); the POST is in the first")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="processes the readers are spread over (1); the POST is in the first",
+    )
     p.add_argument("--only", choices=["tether", "bare"], help="measure one server only")
-    p.add_argument("--profile", nargs="?", const="", metavar="DIR",
-                   help="py-spy the tether server during its largest-reader rounds")
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="py-spy the tether server during its largest-reader rounds",
+    )
     args = p.parse_args()
 
     print("# relay throughput: tether vs bare in-memory relay")
-    print(_server.table(["parameter", "value"], [
-        ["scripted length (tokens)", args.length],
-        ["events per response", f"{args.length + HEADER_EVENTS} (length + 9)"],
-        ["scripted rate", "0 (full speed)"], ["readers", " and ".join(map(str, args.readers))],
-        ["mode", args.mode + (" (1 POST stream + N-1 GET resumes)" if args.mode == "post+get"
-                              else " (N GET readers)")],
-        ["rounds per case", f"{args.repeats} (median shown)"],
-        ["client", f"httpx {httpx.__version__}, raw bytes, count `data:` lines, "
-                   f"{args.client_procs} process(es)"],
-        ["tether", "--engine scripted --scripted-rate 0, SQLite temp db (events persisted)"],
-        ["bare", "bench/bare_relay.py: Starlette + uvicorn, in-memory fan-out, no storage"],
-        ["machine", _server.machine()],
-    ]))
+    print(
+        _server.table(
+            ["parameter", "value"],
+            [
+                ["scripted length (tokens)", args.length],
+                ["events per response", f"{args.length + HEADER_EVENTS} (length + 9)"],
+                ["scripted rate", "0 (full speed)"],
+                ["readers", " and ".join(map(str, args.readers))],
+                [
+                    "mode",
+                    args.mode
+                    + (
+                        " (1 POST stream + N-1 GET resumes)"
+                        if args.mode == "post+get"
+                        else " (N GET readers)"
+                    ),
+                ],
+                ["rounds per case", f"{args.repeats} (median shown)"],
+                [
+                    "client",
+                    f"httpx {httpx.__version__}, raw bytes, count `data:` lines, "
+                    f"{args.client_procs} process(es)",
+                ],
+                [
+                    "tether",
+                    "--engine scripted --scripted-rate 0, SQLite temp db (events persisted)",
+                ],
+                ["bare", "bench/bare_relay.py: Starlette + uvicorn, in-memory fan-out, no storage"],
+                ["machine", _server.machine()],
+            ],
+        )
+    )
 
     profile = None
     if args.profile is not None:
@@ -359,12 +444,31 @@ def main() -> int:
     helpers = Helpers(args.client_procs - 1) if args.client_procs > 1 else None
     try:
         if args.only != "bare":
-            servers.append(("tether", _server.Server(
-                _server.tether_cmd(rate=0, length=args.length), name="tether").start()))
+            servers.append(
+                (
+                    "tether",
+                    _server.Server(
+                        _server.tether_cmd(rate=0, length=args.length), name="tether"
+                    ).start(),
+                )
+            )
         if args.only != "tether":
-            servers.append(("bare", _server.Server(
-                [sys.executable, str(BENCH / "bare_relay.py"), "--port", "{port}",
-                 "--length", str(args.length)], name="bare").start()))
+            servers.append(
+                (
+                    "bare",
+                    _server.Server(
+                        [
+                            sys.executable,
+                            str(BENCH / "bare_relay.py"),
+                            "--port",
+                            "{port}",
+                            "--length",
+                            str(args.length),
+                        ],
+                        name="bare",
+                    ).start(),
+                )
+            )
         cases = _server.run(bench(servers, args, profile, helpers))
     finally:
         if helpers is not None:
@@ -375,28 +479,68 @@ def main() -> int:
 
     rows = []
     for c in cases:
-        rows.append([c.server, c.readers, c.aggregate, c.per_reader, c.slowest,
-                     c.wall * 1000, f"{c.server_cpu:.0%}", f"{c.client_cpu:.0%}",
-                     "ok" if not c.problems else f"{len(c.problems)} problems"])
+        rows.append(
+            [
+                c.server,
+                c.readers,
+                c.aggregate,
+                c.per_reader,
+                c.slowest,
+                c.wall * 1000,
+                f"{c.server_cpu:.0%}",
+                f"{c.client_cpu:.0%}",
+                "ok" if not c.problems else f"{len(c.problems)} problems",
+            ]
+        )
     print()
-    print(_server.table(["server", "readers", "aggregate events/s", "per-reader events/s "
-                         "(median)", "slowest reader events/s", "wall ms", "server CPU",
-                         "client CPU", "check"], rows))
+    print(
+        _server.table(
+            [
+                "server",
+                "readers",
+                "aggregate events/s",
+                "per-reader events/s (median)",
+                "slowest reader events/s",
+                "wall ms",
+                "server CPU",
+                "client CPU",
+                "check",
+            ],
+            rows,
+        )
+    )
     by = {(c.server, c.readers): c for c in cases}
     ratios = []
     for readers in args.readers:
         t, b = by.get(("tether", readers)), by.get(("bare", readers))
         if t and b:
-            ratios.append([readers, b.aggregate / t.aggregate, b.per_reader / t.per_reader,
-                           "yes" if b.aggregate / t.aggregate <= 2 else "NO"])
+            ratios.append(
+                [
+                    readers,
+                    b.aggregate / t.aggregate,
+                    b.per_reader / t.per_reader,
+                    "yes" if b.aggregate / t.aggregate <= 2 else "NO",
+                ]
+            )
     if ratios:
         print()
-        print(_server.table(["readers", "bare / tether (aggregate)", "bare / tether "
-                             "(per reader)", "tether within 2x of bare"], ratios))
+        print(
+            _server.table(
+                [
+                    "readers",
+                    "bare / tether (aggregate)",
+                    "bare / tether (per reader)",
+                    "tether within 2x of bare",
+                ],
+                ratios,
+            )
+        )
     bound = [f"{c.server} x{c.readers}" for c in cases if c.client_cpu >= 0.95]
     if bound:
-        print(f"\nnote: the client used >= 95% of a core in {', '.join(bound)}: there the "
-              "client is (near) the bottleneck and events/s is a floor for that server.")
+        print(
+            f"\nnote: the client used >= 95% of a core in {', '.join(bound)}: there the "
+            "client is (near) the bottleneck and events/s is a floor for that server."
+        )
     failed = False
     for c in cases:
         for problem in c.problems[:5]:

@@ -28,8 +28,10 @@ LIVE = ("queued", "in_progress")
 
 
 def create(http: httpx.Client, srv: Server, prompt: str, **body: object) -> str:
-    r = http.post(f"{srv.base_url}/responses",
-                  json={"model": "scripted", "input": prompt, "background": True, **body})
+    r = http.post(
+        f"{srv.base_url}/responses",
+        json={"model": "scripted", "input": prompt, "background": True, **body},
+    )
     r.raise_for_status()
     return str(r.json()["id"])
 
@@ -79,8 +81,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--queued", type=int, default=20)
     args = parser.parse_args()
-    print(f"{args.rounds} rounds, 1 running + {args.queued} queued responses, "
-          f"lease 30 s; {machine()}\n")
+    print(
+        f"{args.rounds} rounds, 1 running + {args.queued} queued responses, "
+        f"lease 30 s; {machine()}\n"
+    )
     rows = []
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="tether-bench-restart-") as tmp:
@@ -88,11 +92,24 @@ def main() -> None:
     columns = list(zip(*[r[1:] for r in rows], strict=True))
     rows.append(["max", *(max(c) for c in columns)])
     rows.append(["p50", *(percentile(list(c), 50) for c in columns)])
-    print(table(["round", "/health", "store open, lock held", "orphan ended",
-                 "first queued ended", f"all {args.queued} queued ended",
-                 "all ended − lock held"], rows))
-    print("\nSeconds from the new process's spawn (python start-up and migrations "
-          "included), except the last column.")
+    print(
+        table(
+            [
+                "round",
+                "/health",
+                "store open, lock held",
+                "orphan ended",
+                "first queued ended",
+                f"all {args.queued} queued ended",
+                "all ended − lock held",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nSeconds from the new process's spawn (python start-up and migrations "
+        "included), except the last column."
+    )
 
 
 if __name__ == "__main__":

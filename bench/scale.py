@@ -138,7 +138,7 @@ class Backing:
             r = redis.Redis.from_url(self.redis, socket_timeout=5)
             keys = list(r.scan_iter(match=f"{self.prefix}:*", count=1000))
             for i in range(0, len(keys), 500):
-                r.delete(*keys[i:i + 500])
+                r.delete(*keys[i : i + 500])
             r.close()
         except Exception as exc:
             print(f"warning: could not delete Redis keys {self.prefix}:*: {exc}")
@@ -170,18 +170,53 @@ async def _ids(url: str) -> list[str]:
 class Cluster:
     """`apis` API replicas and `workers` workers on one Backing, scripted engine."""
 
-    def __init__(self, backing: Backing, workdir: Path, *, apis: int, workers: int,
-                 rate: float, length: int, worker_args: Sequence[str] = ()) -> None:
-        shared = ["--db", backing.url, "--redis", backing.redis, "--redis-prefix",
-                  backing.prefix, "--engine", "scripted", "--debug-routes", "--host", HOST,
-                  "--port", "{port}", "--scripted-rate", str(rate),
-                  "--scripted-length", str(length)]
+    def __init__(
+        self,
+        backing: Backing,
+        workdir: Path,
+        *,
+        apis: int,
+        workers: int,
+        rate: float,
+        length: int,
+        worker_args: Sequence[str] = (),
+    ) -> None:
+        shared = [
+            "--db",
+            backing.url,
+            "--redis",
+            backing.redis,
+            "--redis-prefix",
+            backing.prefix,
+            "--engine",
+            "scripted",
+            "--debug-routes",
+            "--host",
+            HOST,
+            "--port",
+            "{port}",
+            "--scripted-rate",
+            str(rate),
+            "--scripted-length",
+            str(length),
+        ]
         self.backing = backing
-        self.apis = [Server([PY, "-m", "tether", "serve", "--workers", "0", *shared],
-                            workdir=workdir, name=f"api{i + 1}") for i in range(apis)]
-        self.workers = [Server([PY, "-m", "tether", "worker", *shared, *worker_args],
-                               workdir=workdir,
-                               name=f"worker{i + 1}") for i in range(workers)]
+        self.apis = [
+            Server(
+                [PY, "-m", "tether", "serve", "--workers", "0", *shared],
+                workdir=workdir,
+                name=f"api{i + 1}",
+            )
+            for i in range(apis)
+        ]
+        self.workers = [
+            Server(
+                [PY, "-m", "tether", "worker", *shared, *worker_args],
+                workdir=workdir,
+                name=f"worker{i + 1}",
+            )
+            for i in range(workers)
+        ]
 
     @property
     def all(self) -> list[Server]:
@@ -199,8 +234,10 @@ class Cluster:
             s.stop()
 
 
-_EXC = re.compile(r"^([\w.]+(Error|Exception|Unavailable)\b.*|store unavailable on .*|"
-                  r"WARNING.*|ERROR.*)$")
+_EXC = re.compile(
+    r"^([\w.]+(Error|Exception|Unavailable)\b.*|store unavailable on .*|"
+    r"WARNING.*|ERROR.*)$"
+)
 
 
 def log_problems(servers: Sequence[Server]) -> list[str]:
@@ -212,21 +249,36 @@ def log_problems(servers: Sequence[Server]) -> list[str]:
             lines = s.log.read_text(errors="replace").splitlines()
         except OSError:
             continue
-        seen = Counter(re.sub(r"resp_[0-9a-f]+|\d+(\.\d+)?", "#", ln)[:160]
-                       for ln in lines if _EXC.match(ln))
+        seen = Counter(
+            re.sub(r"resp_[0-9a-f]+|\d+(\.\d+)?", "#", ln)[:160] for ln in lines if _EXC.match(ln)
+        )
         for line, n in seen.most_common(4):
             out.append(f"{s.name}: {n} x {line}")
     return out
 
 
 @contextlib.contextmanager
-def cluster(args: argparse.Namespace, *, apis: int, workers: int, rate: float,
-            length: int, worker_args: Sequence[str] = ()) -> Iterator[Cluster]:
+def cluster(
+    args: argparse.Namespace,
+    *,
+    apis: int,
+    workers: int,
+    rate: float,
+    length: int,
+    worker_args: Sequence[str] = (),
+) -> Iterator[Cluster]:
     """A started cluster on a fresh database and prefix, all removed afterwards."""
     backing = Backing(args.pg, args.redis)
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-scale-"))
-    c = Cluster(backing, workdir, apis=apis, workers=workers, rate=rate, length=length,
-                worker_args=worker_args)
+    c = Cluster(
+        backing,
+        workdir,
+        apis=apis,
+        workers=workers,
+        rate=rate,
+        length=length,
+        worker_args=worker_args,
+    )
     ok = False
     try:
         backing.create()
@@ -273,8 +325,9 @@ def _procs(comm: str) -> list[int]:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return ""
 
@@ -289,8 +342,9 @@ def _machine_busy() -> float:
 class CpuProbe:
     """CPU seconds per process group between `start()` and `stop()`."""
 
-    def __init__(self, servers: Sequence[Server], dbname: str | None,
-                 backing: Backing | None = None) -> None:
+    def __init__(
+        self, servers: Sequence[Server], dbname: str | None, backing: Backing | None = None
+    ) -> None:
         self.servers = servers
         self.dbname = dbname
         self.backing = backing
@@ -303,10 +357,13 @@ class CpuProbe:
         if self.backing is None:
             return out
         with contextlib.suppress(Exception):
-            sql = ("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                   f"WHERE datname = '{self.backing.name}'")
-            got = subprocess.run(["psql", "-Atc", sql, self.backing.url], capture_output=True,
-                                 text=True, timeout=10).stdout.strip()
+            sql = (
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                f"WHERE datname = '{self.backing.name}'"
+            )
+            got = subprocess.run(
+                ["psql", "-Atc", sql, self.backing.url], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
             out["PostgreSQL transactions"] = int(got or 0)
         with contextlib.suppress(Exception):
             import redis
@@ -333,27 +390,27 @@ class CpuProbe:
         return groups
 
     def _sample(self) -> dict[str, dict[int, float]]:
-        return {g: {p: _server.cpu_seconds(p) for p in pids}
-                for g, pids in self._groups().items()}
+        return {g: {p: _server.cpu_seconds(p) for p in pids} for g, pids in self._groups().items()}
 
     def start(self) -> None:
         self.ops0 = self._ops()
         self.t0, self.busy0, self.s0 = time.perf_counter(), _machine_busy(), self._sample()
 
     def stop(self) -> dict[str, float]:
-        wall, busy, s1 = time.perf_counter() - self.t0, _machine_busy() - self.busy0, \
-            self._sample()
+        wall, busy, s1 = time.perf_counter() - self.t0, _machine_busy() - self.busy0, self._sample()
         out: dict[str, float] = {}
         for g, pids in s1.items():
             before = self.s0.get(g, {})
-            out[g] = sum(max(0.0, c - before.get(p, 0.0)) for p, c in pids.items()
-                         if c == c)  # NaN: the process is gone
+            out[g] = sum(
+                max(0.0, c - before.get(p, 0.0)) for p, c in pids.items() if c == c
+            )  # NaN: the process is gone
         out["other"] = max(0.0, busy - sum(out.values()))
         out["machine busy"] = busy
         out["wall"] = wall
         ops1 = self._ops()
-        self.ops = {k: v - self.ops0.get(k, 0) for k, v in ops1.items()
-                    if v - self.ops0.get(k, 0) > 0}
+        self.ops = {
+            k: v - self.ops0.get(k, 0) for k, v in ops1.items() if v - self.ops0.get(k, 0) > 0
+        }
         return out
 
 
@@ -364,11 +421,16 @@ def ops_line(ops: dict[str, int], events: int) -> str:
         return ""
     pg = ops.pop("PostgreSQL transactions", None)
     redis_total = sum(ops.values())
-    top = [f"{k.split()[1]} {v / events:.2f}" for k, v in
-           sorted(ops.items(), key=lambda kv: -kv[1]) if v >= 0.05 * redis_total][:6]
-    return (f"per event received: PostgreSQL transactions {pg / events:.3f}" if pg is not None
-            else "per event received:") + \
-        f"; Redis commands {redis_total / events:.2f} ({', '.join(top)})"
+    top = [
+        f"{k.split()[1]} {v / events:.2f}"
+        for k, v in sorted(ops.items(), key=lambda kv: -kv[1])
+        if v >= 0.05 * redis_total
+    ][:6]
+    return (
+        f"per event received: PostgreSQL transactions {pg / events:.3f}"
+        if pg is not None
+        else "per event received:"
+    ) + f"; Redis commands {redis_total / events:.2f} ({', '.join(top)})"
 
 
 NOT_SERVER = {"client", "postgres (other)", "other", "machine busy", "wall"}
@@ -448,9 +510,14 @@ class Reader:
             self.terminal = orjson.loads(data)
             self.terminal_at = now
 
-    async def read(self, client: httpx.AsyncClient, method: str, url: str,
-                   body: dict[str, Any] | None = None,
-                   on_event: Callable[[Reader], None] | None = None) -> None:
+    async def read(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None = None,
+        on_event: Callable[[Reader], None] | None = None,
+    ) -> None:
         self._buf = b""  # a frame cut by a broken connection is dropped
         self.error = None
         try:
@@ -459,8 +526,7 @@ class Reader:
             async with client.stream(method, url, json=body) as response:
                 self.status = response.status_code
                 if response.status_code != 200:
-                    self.error = f"HTTP {response.status_code}: " \
-                                 f"{(await response.aread())[:200]!r}"
+                    self.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                     return
                 async for chunk in response.aiter_raw():
                     before = self.count
@@ -470,8 +536,14 @@ class Reader:
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
 
-    async def create(self, client: httpx.AsyncClient, create: str, resume: str,
-                     body: dict[str, Any], attempts: int = 5) -> None:
+    async def create(
+        self,
+        client: httpx.AsyncClient,
+        create: str,
+        resume: str,
+        body: dict[str, Any],
+        attempts: int = 5,
+    ) -> None:
         """POST a streaming create, as a careful client would: a 503 before any event
         is retried after a second (the reply says `retry-after: 1, x-should-retry:
         true`); a stream that breaks before `[DONE]` is resumed on `resume` with
@@ -491,22 +563,27 @@ class Reader:
                 self.cuts += 1
                 self.cut_errors.append(self.error or "body ended before [DONE]")
             after = self.events[-1][0] if self.events else -1
-            await self.read(client, "GET", f"{resume}/v1/responses/{self.rid}"
-                            f"?stream=true&starting_after={after}")
+            await self.read(
+                client,
+                "GET",
+                f"{resume}/v1/responses/{self.rid}?stream=true&starting_after={after}",
+            )
 
     def contiguous(self) -> bool:
         return [e[0] for e in self.events] == list(range(len(self.events)))
 
     def complete(self) -> bool:
-        return (self.error is None and self.terminal is not None and self.done
-                and self.after_end == 0)
+        return (
+            self.error is None and self.terminal is not None and self.done and self.after_end == 0
+        )
 
 
 def http_client(connections: int, timeout: float = 120.0) -> httpx.AsyncClient:
     # Idle connections are dropped after 2 s, before uvicorn closes them (5 s): reusing
     # one the server is closing would fail a request that never reached the server.
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
-                          keepalive_expiry=2.0)
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0
+    )
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=30.0))
 
 
@@ -521,8 +598,9 @@ async def gather_limited(n: int, jobs: Sequence[Coroutine[Any, Any, T]]) -> list
     return await asyncio.gather(*(one(j) for j in jobs))
 
 
-async def traces(client: httpx.AsyncClient, workers: Sequence[str],
-                 rids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+async def traces(
+    client: httpx.AsyncClient, workers: Sequence[str], rids: Sequence[str]
+) -> dict[str, tuple[int, dict[str, Any]]]:
     """The engine trace of each response: (index of the worker that ran it, trace)."""
     out: dict[str, tuple[int, dict[str, Any]]] = {}
 
@@ -538,8 +616,11 @@ async def traces(client: httpx.AsyncClient, workers: Sequence[str],
 
 
 def ms(values: Sequence[float]) -> list[float]:
-    return [percentile(values, 50) * 1000, percentile(values, 99) * 1000,
-            (max(values) if values else float("nan")) * 1000]
+    return [
+        percentile(values, 50) * 1000,
+        percentile(values, 99) * 1000,
+        (max(values) if values else float("nan")) * 1000,
+    ]
 
 
 # --- part 1: throughput, 1 vs 2 workers ---------------------------------------------------
@@ -559,15 +640,24 @@ class Round:
 
 async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> Round:
     apis = [a.url for a in c.apis]
-    body = {"model": "scripted", "input": "bench scale", "background": True, "stream": True,
-            "max_output_tokens": length}
+    body = {
+        "model": "scripted",
+        "input": "bench scale",
+        "background": True,
+        "stream": True,
+        "max_output_tokens": length,
+    }
     readers = [Reader(keep=False) for _ in range(n)]
     async with http_client(n + 10) as client:
         if probe:
             probe.start()
         t0 = time.time()
-        await asyncio.gather(*(r.read(client, "POST", f"{apis[i % len(apis)]}/v1/responses",
-                                      body) for i, r in enumerate(readers)))
+        await asyncio.gather(
+            *(
+                r.read(client, "POST", f"{apis[i % len(apis)]}/v1/responses", body)
+                for i, r in enumerate(readers)
+            )
+        )
         cpu = probe.stop() if probe else {}
         ops = dict(probe.ops) if probe else {}
         ends = [r.done_at for r in readers if r.done_at is not None]
@@ -575,9 +665,11 @@ async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> R
         rids = [r.rid for r in readers if r.rid]
         ran = await traces(client, [w.url for w in c.workers], rids)
     spread = [sum(1 for i, _ in ran.values() if i == w) for w in range(len(c.workers))]
-    problems = [f"reader {i}: {r.error or f'{r.count} events, [DONE] {r.done}'}"
-                for i, r in enumerate(readers)
-                if r.error or r.count != length + HEADER_EVENTS or not r.done]
+    problems = [
+        f"reader {i}: {r.error or f'{r.count} events, [DONE] {r.done}'}"
+        for i, r in enumerate(readers)
+        if r.error or r.count != length + HEADER_EVENTS or not r.done
+    ]
     events = sum(r.count for r in readers)
     return Round(len(c.workers), events, wall, events / wall, problems, cpu, spread, ops)
 
@@ -594,16 +686,22 @@ class Mode:
 def tp_modes(args: argparse.Namespace) -> list[Mode]:
     modes = {
         "full": Mode("full speed (CPU-bound)", args.tp_streams, args.tp_length, 0, None),
-        "slots": Mode(f"engine-bound ({args.tp_slots} runs/worker at {args.tp_slot_rate:g} "
-                      "tokens/s)", args.tp_slot_streams, args.tp_slot_length,
-                      args.tp_slot_rate, args.tp_slots),
+        "slots": Mode(
+            f"engine-bound ({args.tp_slots} runs/worker at {args.tp_slot_rate:g} tokens/s)",
+            args.tp_slot_streams,
+            args.tp_slot_length,
+            args.tp_slot_rate,
+            args.tp_slots,
+        ),
     }
     return [modes[m] for m in args.tp_modes]
 
 
 def part_throughput(args: argparse.Namespace) -> tuple[list[tuple[Mode, list[Round]]], bool]:
-    print(f"\n## 1. throughput: {args.apis} API replica(s), 1 vs 2 workers, "
-          f"{args.tp_repeats} round(s) per case, median")
+    print(
+        f"\n## 1. throughput: {args.apis} API replica(s), 1 vs 2 workers, "
+        f"{args.tp_repeats} round(s) per case, median"
+    )
     out = []
     ok = True
     for mode in tp_modes(args):
@@ -611,38 +709,84 @@ def part_throughput(args: argparse.Namespace) -> tuple[list[tuple[Mode, list[Rou
         medians = []
         for workers in (1, 2):
             extra = ["--workers", str(mode.slots)] if mode.slots else []
-            with cluster(args, apis=args.apis, workers=workers, rate=mode.rate,
-                         length=mode.length, worker_args=extra) as c:
+            with cluster(
+                args,
+                apis=args.apis,
+                workers=workers,
+                rate=mode.rate,
+                length=mode.length,
+                worker_args=extra,
+            ) as c:
                 probe = CpuProbe(c.all, c.backing.name, c.backing)
 
-                async def go(c: Cluster = c, probe: CpuProbe = probe,
-                             mode: Mode = mode) -> list[Round]:
+                async def go(
+                    c: Cluster = c, probe: CpuProbe = probe, mode: Mode = mode
+                ) -> list[Round]:
                     await tp_round(c, mode.streams, min(mode.length, 20), None)  # warm-up
-                    return [await tp_round(c, mode.streams, mode.length, probe)
-                            for _ in range(args.tp_repeats)]
+                    return [
+                        await tp_round(c, mode.streams, mode.length, probe)
+                        for _ in range(args.tp_repeats)
+                    ]
 
                 rounds = _server.run(asyncio.wait_for(go(), args.part_timeout))
             rounds.sort(key=lambda r: r.rate)
             median = rounds[len(rounds) // 2]
             median.problems = [p for r in rounds for p in r.problems]
             medians.append(median)
-            print(f"  {workers} worker(s): " + ", ".join(f"{r.rate:,.0f}" for r in rounds)
-                  + " events/s")
+            print(
+                f"  {workers} worker(s): "
+                + ", ".join(f"{r.rate:,.0f}" for r in rounds)
+                + " events/s"
+            )
         print()
-        print(table(["workers", "aggregate events/s", "events", "wall s", "runs per worker",
-                     "server CPU µs/event", "check"],
-                    [[r.workers, r.rate, r.events, r.wall, "/".join(map(str, r.spread)),
-                      1e6 * server_cpu(r.cpu) / r.events,
-                      "ok" if not r.problems else f"{len(r.problems)} problems"]
-                     for r in medians]))
+        print(
+            table(
+                [
+                    "workers",
+                    "aggregate events/s",
+                    "events",
+                    "wall s",
+                    "runs per worker",
+                    "server CPU µs/event",
+                    "check",
+                ],
+                [
+                    [
+                        r.workers,
+                        r.rate,
+                        r.events,
+                        r.wall,
+                        "/".join(map(str, r.spread)),
+                        1e6 * server_cpu(r.cpu) / r.events,
+                        "ok" if not r.problems else f"{len(r.problems)} problems",
+                    ]
+                    for r in medians
+                ],
+            )
+        )
         ratio = medians[1].rate / medians[0].rate
         print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= 1.7x)")
         groups = list(dict.fromkeys(g for r in medians for g in r.cpu))
-        print("\nCPU seconds over the median round (cores: CPU s / wall s; the machine has "
-              f"{os.cpu_count()}):")
-        print(table(["process", *[f"{r.workers} worker(s)" for r in medians]],
-                    [[g, *[f"{r.cpu.get(g, 0):.2f} ({r.cpu.get(g, 0) / r.cpu['wall']:.2f})"
-                           for r in medians]] for g in groups if g != "wall"]))
+        print(
+            "\nCPU seconds over the median round (cores: CPU s / wall s; the machine has "
+            f"{os.cpu_count()}):"
+        )
+        print(
+            table(
+                ["process", *[f"{r.workers} worker(s)" for r in medians]],
+                [
+                    [
+                        g,
+                        *[
+                            f"{r.cpu.get(g, 0):.2f} ({r.cpu.get(g, 0) / r.cpu['wall']:.2f})"
+                            for r in medians
+                        ],
+                    ]
+                    for g in groups
+                    if g != "wall"
+                ],
+            )
+        )
         for r in medians:
             if line := ops_line(dict(r.ops), r.events):
                 print(f"{r.workers} worker(s), {line}")
@@ -686,22 +830,30 @@ class ManyResult:
     def steady_lat(self) -> list[float]:
         """Token -> reader for the tokens made once every stream was open."""
         return [got - made for made, got in self.token_pairs if made > self.opened_at]
+
     wall: float = 0.0
     spread: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: int,
-                   timeout: float, probe: CpuProbe, ramp: float = 0.0,
-                   backing: Backing | None = None) -> ManyResult:
+async def many_run(
+    name: str,
+    apis: Sequence[str],
+    workers: Sequence[str],
+    n: int,
+    timeout: float,
+    probe: CpuProbe,
+    ramp: float = 0.0,
+    backing: Backing | None = None,
+) -> ManyResult:
     res = ManyResult(name, n)
-    body = {"model": "scripted", "input": "bench scale many", "background": True,
-            "stream": True}
+    body = {"model": "scripted", "input": "bench scale many", "background": True, "stream": True}
     readers = [Reader() for _ in range(n)]
     async with http_client(n + 50, timeout) as client:
         probe.start()
         t0 = time.time()
+
         async def start(i: int, r: Reader) -> None:
             if ramp:
                 await asyncio.sleep(ramp * i / n)
@@ -726,8 +878,9 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
 
         async def replay(i: int, rid: str) -> None:
             rep = Reader()
-            await rep.read(client, "GET",
-                           f"{apis[(i + 1) % len(apis)]}/v1/responses/{rid}?stream=true")
+            await rep.read(
+                client, "GET", f"{apis[(i + 1) % len(apis)]}/v1/responses/{rid}?stream=true"
+            )
             replays[i] = rep
 
         await gather_limited(32, [replay(i, r.rid) for i, r in enumerate(readers) if r.rid])
@@ -749,22 +902,26 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
         if r.complete():
             res.complete += 1
         elif len(res.problems) < 5:
-            res.problems.append(f"reader {i} ({r.rid}): incomplete: error={r.error} "
-                                f"terminal={r.terminal is not None} done={r.done} "
-                                f"after_end={r.after_end} events={r.count}")
+            res.problems.append(
+                f"reader {i} ({r.rid}): incomplete: error={r.error} "
+                f"terminal={r.terminal is not None} done={r.done} "
+                f"after_end={r.after_end} events={r.count}"
+            )
         if not r.contiguous():
             res.not_contiguous += 1
         seqs = [e[0] for e in r.events]
         res.duplicated += len(seqs) - len(set(seqs))
         if rep is None or not rep.complete():
             if len(res.problems) < 10:
-                res.problems.append(f"reader {i} ({r.rid}): no complete replay "
-                                    f"({rep.error if rep else 'no id'})")
+                res.problems.append(
+                    f"reader {i} ({r.rid}): no complete replay ({rep.error if rep else 'no id'})"
+                )
             continue
         res.lost += len({e[0] for e in rep.events} - set(seqs))
         same = [e[0] for e in r.events] == [e[0] for e in rep.events] and all(
             a[2] == b[2] or orjson.loads(a[2]) == orjson.loads(b[2])
-            for a, b in zip(r.events, rep.events, strict=True))
+            for a, b in zip(r.events, rep.events, strict=True)
+        )
         res.equal_replay += same and r.complete()
         if trace is None:
             res.problems.append(f"reader {i} ({r.rid}): no engine trace on any worker")
@@ -779,65 +936,117 @@ async def many_run(name: str, apis: Sequence[str], workers: Sequence[str], n: in
 
 
 def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
-    print(f"\n## 2. {args.many} concurrent background+stream responses: 2 API replicas "
-          f"(alternate), 2 workers, {args.many_rate:g} tokens/s x {args.many_length} tokens, "
-          + (f"creates spread over {args.many_ramp:g} s" if args.many_ramp
-             else "all created at once"))
+    print(
+        f"\n## 2. {args.many} concurrent background+stream responses: 2 API replicas "
+        f"(alternate), 2 workers, {args.many_rate:g} tokens/s x {args.many_length} tokens, "
+        + (f"creates spread over {args.many_ramp:g} s" if args.many_ramp else "all created at once")
+    )
     results = []
-    with cluster(args, apis=2, workers=2, rate=args.many_rate,
-                 length=args.many_length) as c:
-        results.append(_server.run(many_run(
-            "cluster: 2 API + 2 workers, PostgreSQL + Redis", [a.url for a in c.apis],
-            [w.url for w in c.workers], args.many, args.part_timeout,
-            CpuProbe(c.all, c.backing.name, c.backing), args.many_ramp, c.backing)))
+    with cluster(args, apis=2, workers=2, rate=args.many_rate, length=args.many_length) as c:
+        results.append(
+            _server.run(
+                many_run(
+                    "cluster: 2 API + 2 workers, PostgreSQL + Redis",
+                    [a.url for a in c.apis],
+                    [w.url for w in c.workers],
+                    args.many,
+                    args.part_timeout,
+                    CpuProbe(c.all, c.backing.name, c.backing),
+                    args.many_ramp,
+                    c.backing,
+                )
+            )
+        )
     if not args.no_baseline:
         with single(args.many_rate, args.many_length) as s:
-            results.append(_server.run(many_run(
-                "single process, SQLite", [s.url], [s.url], args.many, args.part_timeout,
-                CpuProbe([s], None), args.many_ramp)))
+            results.append(
+                _server.run(
+                    many_run(
+                        "single process, SQLite",
+                        [s.url],
+                        [s.url],
+                        args.many,
+                        args.part_timeout,
+                        CpuProbe([s], None),
+                        args.many_ramp,
+                    )
+                )
+            )
     print()
     names = [r.name.split(",")[0] for r in results]
-    print(table(["", *names], [
-        ["readers (POST streams)", *[r.readers for r in results]],
-        ["complete: terminal event, [DONE], nothing after", *[r.complete for r in results]],
-        ["equal to the replay on the other replica", *[r.equal_replay for r in results]],
-        ["events in the replay missing from the reader", *[r.lost for r in results]],
-        ["events duplicated / readers not contiguous",
-         *[f"{r.duplicated} / {r.not_contiguous}" for r in results]],
-        ["engine tokens missing from the log", *[r.engine_missing for r in results]],
-        ["creates answered 503 (retried after 1 s)", *[r.retried for r in results]],
-        ["streams broken before [DONE] (resumed)",
-         *[f"{r.cuts} {dict(r.cut_errors) if r.cut_errors else ''}" for r in results]],
-        ["readers failed after retries (HTTP error)", *[r.http_errors for r in results]],
-        ["responses in the db the client never got", *[r.orphans for r in results]],
-        ["wall s (first POST -> last [DONE])", *[r.wall for r in results]],
-        ["events received", *[r.events for r in results]],
-        ["server CPU µs/event (tether, its PG backends, Redis)",
-         *[1e6 * server_cpu(r.cpu) / max(1, r.events) for r in results]],
-        ["runs per worker", *["/".join(map(str, r.spread)) for r in results]],
-    ]))
-    print("\nLatency, ms. token -> reader: the reader received delta i - the engine's "
-          "token_times[i] (every delta; 'once all open': only tokens made after the last "
-          "reader got its first event, i.e. without the create burst). create -> first "
-          "event: POST sent -> first event received (503 retries included).")
+    print(
+        table(
+            ["", *names],
+            [
+                ["readers (POST streams)", *[r.readers for r in results]],
+                ["complete: terminal event, [DONE], nothing after", *[r.complete for r in results]],
+                ["equal to the replay on the other replica", *[r.equal_replay for r in results]],
+                ["events in the replay missing from the reader", *[r.lost for r in results]],
+                [
+                    "events duplicated / readers not contiguous",
+                    *[f"{r.duplicated} / {r.not_contiguous}" for r in results],
+                ],
+                ["engine tokens missing from the log", *[r.engine_missing for r in results]],
+                ["creates answered 503 (retried after 1 s)", *[r.retried for r in results]],
+                [
+                    "streams broken before [DONE] (resumed)",
+                    *[f"{r.cuts} {dict(r.cut_errors) if r.cut_errors else ''}" for r in results],
+                ],
+                ["readers failed after retries (HTTP error)", *[r.http_errors for r in results]],
+                ["responses in the db the client never got", *[r.orphans for r in results]],
+                ["wall s (first POST -> last [DONE])", *[r.wall for r in results]],
+                ["events received", *[r.events for r in results]],
+                [
+                    "server CPU µs/event (tether, its PG backends, Redis)",
+                    *[1e6 * server_cpu(r.cpu) / max(1, r.events) for r in results],
+                ],
+                ["runs per worker", *["/".join(map(str, r.spread)) for r in results]],
+            ],
+        )
+    )
+    print(
+        "\nLatency, ms. token -> reader: the reader received delta i - the engine's "
+        "token_times[i] (every delta; 'once all open': only tokens made after the last "
+        "reader got its first event, i.e. without the create burst). create -> first "
+        "event: POST sent -> first event received (503 retries included)."
+    )
     rows: list[list[object]] = []
     measures: list[tuple[str, Callable[[ManyResult], list[float]]]] = [
         ("token -> reader, all", lambda r: r.token_lat),
         ("token -> reader, once all open", lambda r: r.steady_lat),
-        ("create -> first event", lambda r: r.first_lat)]
+        ("create -> first event", lambda r: r.first_lat),
+    ]
     for label, get in measures:
         for r in results:
             rows.append([label, r.name.split(",")[0], *ms(get(r)), len(get(r))])
         if len(results) == 2:
             a, b = (ms(get(r)) for r in results)
-            rows.append([label, "added by scale-out (cluster - single)",
-                         *[x - y for x, y in zip(a, b, strict=True)], ""])
+            rows.append(
+                [
+                    label,
+                    "added by scale-out (cluster - single)",
+                    *[x - y for x, y in zip(a, b, strict=True)],
+                    "",
+                ]
+            )
     print(table(["measure", "setup", "p50", "p99", "max", "samples"], rows))
     print("\nCPU seconds during the streams (cores):")
     groups = list(dict.fromkeys(g for r in results for g in r.cpu if g != "wall"))
-    print(table(["process", *names],
-                [[g, *[f"{r.cpu[g]:.2f} ({r.cpu[g] / r.cpu['wall']:.2f})" if g in r.cpu
-                       else "" for r in results]] for g in groups]))
+    print(
+        table(
+            ["process", *names],
+            [
+                [
+                    g,
+                    *[
+                        f"{r.cpu[g]:.2f} ({r.cpu[g] / r.cpu['wall']:.2f})" if g in r.cpu else ""
+                        for r in results
+                    ],
+                ]
+                for g in groups
+            ],
+        )
+    )
     for r in results:
         if line := ops_line(dict(r.ops), r.events):
             print(f"{r.name.split(',')[0]}, {line}")
@@ -845,9 +1054,17 @@ def part_many(args: argparse.Namespace) -> tuple[list[ManyResult], bool]:
     for r in results:
         for p in r.problems[:10]:
             print(f"  problem ({r.name}): {p}")
-        ok &= (r.complete == r.readers == r.equal_replay and r.lost == r.duplicated
-               == r.not_contiguous == r.engine_missing == r.retried == r.cuts
-               == r.orphans == 0)
+        ok &= (
+            r.complete == r.readers == r.equal_replay
+            and r.lost
+            == r.duplicated
+            == r.not_contiguous
+            == r.engine_missing
+            == r.retried
+            == r.cuts
+            == r.orphans
+            == 0
+        )
     return results, ok
 
 
@@ -866,8 +1083,7 @@ class Cancel:
 
 
 async def cancel_one(client: httpx.AsyncClient, a: str, b: str, job: Cancel) -> None:
-    body = {"model": "scripted", "input": "bench scale cancel", "background": True,
-            "stream": True}
+    body = {"model": "scripted", "input": "bench scale cancel", "background": True, "stream": True}
     fired: list[asyncio.Task[None]] = []
 
     async def cancel(rid: str) -> None:
@@ -892,14 +1108,15 @@ async def cancel_one(client: httpx.AsyncClient, a: str, b: str, job: Cancel) -> 
 
 
 def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bool]:
-    print(f"\n## 3. cancel on API B of responses created and streamed on API A: 2 workers, "
-          f"{args.cancels} cancels, {args.cancel_concurrency} at a time, "
-          f"{args.cancel_rate:g} tokens/s x {args.cancel_length} tokens, cancel after "
-          f"{args.min_deltas}..{args.max_deltas} deltas (seed {seed})")
+    print(
+        f"\n## 3. cancel on API B of responses created and streamed on API A: 2 workers, "
+        f"{args.cancels} cancels, {args.cancel_concurrency} at a time, "
+        f"{args.cancel_rate:g} tokens/s x {args.cancel_length} tokens, cancel after "
+        f"{args.min_deltas}..{args.max_deltas} deltas (seed {seed})"
+    )
     rng = random.Random(seed)
     jobs = [Cancel(rng.randint(args.min_deltas, args.max_deltas)) for _ in range(args.cancels)]
-    with cluster(args, apis=2, workers=2, rate=args.cancel_rate,
-                 length=args.cancel_length) as c:
+    with cluster(args, apis=2, workers=2, rate=args.cancel_rate, length=args.cancel_length) as c:
         a, b = c.apis[0].url, c.apis[1].url
 
         probe = CpuProbe(c.all, c.backing.name, c.backing)
@@ -907,17 +1124,22 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
         async def go() -> dict[str, tuple[int, dict[str, Any]]]:
             async with http_client(2 * args.cancel_concurrency + 10) as client:
                 probe.start()
-                await gather_limited(args.cancel_concurrency,
-                                     [cancel_one(client, a, b, j) for j in jobs])
+                await gather_limited(
+                    args.cancel_concurrency, [cancel_one(client, a, b, j) for j in jobs]
+                )
                 cpu.update(probe.stop())
-                return await traces(client, [w.url for w in c.workers],
-                                    [j.reader.rid for j in jobs if j.reader.rid])
+                return await traces(
+                    client, [w.url for w in c.workers], [j.reader.rid for j in jobs if j.reader.rid]
+                )
 
         cpu: dict[str, float] = {}
         ran = _server.run(asyncio.wait_for(go(), args.part_timeout))
     reply, stop, terminal, after_reply, between = [], [], [], [], []
-    checks = {"reply 200 cancelled": 0, "usage == engine produced == stream deltas": 0,
-              "stream ends response.failed (cancelled) + [DONE]": 0}
+    checks = {
+        "reply 200 cancelled": 0,
+        "usage == engine produced == stream deltas": 0,
+        "stream ends response.failed (cancelled) + [DONE]": 0,
+    }
     problems = []
     for i, j in enumerate(jobs):
         r = j.reader
@@ -936,43 +1158,70 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
         status_ok = j.reply_status == 200 and (j.reply or {}).get("status") == "cancelled"
         checks["reply 200 cancelled"] += status_ok
         usage = ((j.reply or {}).get("usage") or {}).get("output_tokens")
-        checks["usage == engine produced == stream deltas"] += \
+        checks["usage == engine produced == stream deltas"] += (
             usage == trace["produced"] == r.deltas
-        t = (r.terminal or {})
+        )
+        t = r.terminal or {}
         checks["stream ends response.failed (cancelled) + [DONE]"] += (
-            r.complete() and t.get("type") == "response.failed"
-            and t.get("response", {}).get("status") == "cancelled")
+            r.complete()
+            and t.get("type") == "response.failed"
+            and t.get("response", {}).get("status") == "cancelled"
+        )
         if not status_ok and len(problems) < 10:
-            problems.append(f"cancel {i} ({r.rid}): reply {j.reply_status} "
-                            f"{str(j.reply)[:200]}")
+            problems.append(f"cancel {i} ({r.rid}): reply {j.reply_status} {str(j.reply)[:200]}")
     spread = [sum(1 for w, _ in ran.values() if w == k) for k in range(2)]
     print()
-    print(table(["ms", "p50", "p99", "max"], [
-        ["cancel request (B) -> engine stopped (trace aborted_at)", *ms(stop)],
-        ["cancel request (B) -> reply", *ms(reply)],
-        ["cancel request (B) -> terminal event on A's stream", *ms(terminal)],
-    ]))
+    print(
+        table(
+            ["ms", "p50", "p99", "max"],
+            [
+                ["cancel request (B) -> engine stopped (trace aborted_at)", *ms(stop)],
+                ["cancel request (B) -> reply", *ms(reply)],
+                ["cancel request (B) -> terminal event on A's stream", *ms(terminal)],
+            ],
+        )
+    )
     print()
-    print(table(["tokens", "max", "total", "responses > 0"], [
-        ["engine tokens after the cancel reply (goal 0)", max(after_reply, default=0),
-         sum(after_reply), sum(1 for x in after_reply if x)],
-        ["engine tokens between cancel request and reply", max(between, default=0),
-         sum(between), sum(1 for x in between if x)],
-    ]))
+    print(
+        table(
+            ["tokens", "max", "total", "responses > 0"],
+            [
+                [
+                    "engine tokens after the cancel reply (goal 0)",
+                    max(after_reply, default=0),
+                    sum(after_reply),
+                    sum(1 for x in after_reply if x),
+                ],
+                [
+                    "engine tokens between cancel request and reply",
+                    max(between, default=0),
+                    sum(between),
+                    sum(1 for x in between if x),
+                ],
+            ],
+        )
+    )
     print()
-    print(table(["check", "pass", "fail"],
-                [[k, v, len(jobs) - v] for k, v in checks.items()]))
-    print(f"runs per worker: {'/'.join(map(str, spread))}; engine stopped seen for "
-          f"{len(stop)}/{len(jobs)}")
+    print(table(["check", "pass", "fail"], [[k, v, len(jobs) - v] for k, v in checks.items()]))
+    print(
+        f"runs per worker: {'/'.join(map(str, spread))}; engine stopped seen for "
+        f"{len(stop)}/{len(jobs)}"
+    )
     for p in problems[:10]:
         print(f"  problem: {p}")
-    ok = not problems and all(v == len(jobs) for v in checks.values()) \
-        and not any(after_reply)
-    print(f"CPU (cores): tether + PG + Redis {server_cpu(cpu) / cpu['wall']:.2f}, client "
-          f"{cpu['client'] / cpu['wall']:.2f}, other processes {cpu['other'] / cpu['wall']:.2f}"
-          f", machine busy {cpu['machine busy'] / cpu['wall']:.2f} of {os.cpu_count()}")
-    return {"stop": stop, "reply": reply, "after_reply": after_reply,
-            "n": len(jobs), "cpu": cpu}, ok
+    ok = not problems and all(v == len(jobs) for v in checks.values()) and not any(after_reply)
+    print(
+        f"CPU (cores): tether + PG + Redis {server_cpu(cpu) / cpu['wall']:.2f}, client "
+        f"{cpu['client'] / cpu['wall']:.2f}, other processes {cpu['other'] / cpu['wall']:.2f}"
+        f", machine busy {cpu['machine busy'] / cpu['wall']:.2f} of {os.cpu_count()}"
+    )
+    return {
+        "stop": stop,
+        "reply": reply,
+        "after_reply": after_reply,
+        "n": len(jobs),
+        "cpu": cpu,
+    }, ok
 
 
 # --- main -------------------------------------------------------------------------------
@@ -986,38 +1235,73 @@ def _interrupt(*_: object) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
-    p.add_argument("--quick", action="store_true",
-                   help="a small, fast smoke run of every part (about 1 minute)")
-    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432",
-                   help="PostgreSQL server (a database is created and dropped on it)")
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0",
-                   help="Redis (a random key prefix is used, its keys deleted)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small, fast smoke run of every part (about 1 minute)",
+    )
+    p.add_argument(
+        "--pg",
+        default="postgresql://postgres@127.0.0.1:5432",
+        help="PostgreSQL server (a database is created and dropped on it)",
+    )
+    p.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379/0",
+        help="Redis (a random key prefix is used, its keys deleted)",
+    )
     p.add_argument("--apis", type=int, default=2, help="API replicas in part 1 (2)")
     p.add_argument("--tp-streams", type=int, default=20, help="part 1: concurrent streams")
     p.add_argument("--tp-length", type=int, default=20000, help="part 1: tokens per response")
     p.add_argument("--tp-repeats", type=int, default=3, help="part 1: rounds (median shown)")
-    p.add_argument("--tp-modes", nargs="+", choices=["full", "slots"], default=["full", "slots"],
-                   help="part 1: full speed (--tp-streams, --tp-length) and/or engine-bound "
-                        "workers (--tp-slots runs each at --tp-slot-rate)")
-    p.add_argument("--tp-slots", type=int, default=10,
-                   help="part 1, engine-bound: runs a worker executes at once (10)")
-    p.add_argument("--tp-slot-rate", type=float, default=100.0,
-                   help="part 1, engine-bound: tokens/s of each run (100)")
-    p.add_argument("--tp-slot-streams", type=int, default=40,
-                   help="part 1, engine-bound: concurrent streams (40)")
-    p.add_argument("--tp-slot-length", type=int, default=300,
-                   help="part 1, engine-bound: tokens per response (300)")
+    p.add_argument(
+        "--tp-modes",
+        nargs="+",
+        choices=["full", "slots"],
+        default=["full", "slots"],
+        help="part 1: full speed (--tp-streams, --tp-length) and/or engine-bound "
+        "workers (--tp-slots runs each at --tp-slot-rate)",
+    )
+    p.add_argument(
+        "--tp-slots",
+        type=int,
+        default=10,
+        help="part 1, engine-bound: runs a worker executes at once (10)",
+    )
+    p.add_argument(
+        "--tp-slot-rate",
+        type=float,
+        default=100.0,
+        help="part 1, engine-bound: tokens/s of each run (100)",
+    )
+    p.add_argument(
+        "--tp-slot-streams",
+        type=int,
+        default=40,
+        help="part 1, engine-bound: concurrent streams (40)",
+    )
+    p.add_argument(
+        "--tp-slot-length",
+        type=int,
+        default=300,
+        help="part 1, engine-bound: tokens per response (300)",
+    )
     p.add_argument("--many", type=int, default=1000, help="part 2: concurrent responses")
     p.add_argument("--many-rate", type=float, default=2.0, help="part 2: tokens/s")
     p.add_argument("--many-length", type=int, default=20, help="part 2: tokens per response")
-    p.add_argument("--many-ramp", type=float, default=0.0,
-                   help="part 2: spread the creates evenly over this many seconds (0: all "
-                        "at once)")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="part 2: skip the single-process SQLite baseline")
+    p.add_argument(
+        "--many-ramp",
+        type=float,
+        default=0.0,
+        help="part 2: spread the creates evenly over this many seconds (0: all at once)",
+    )
+    p.add_argument(
+        "--no-baseline", action="store_true", help="part 2: skip the single-process SQLite baseline"
+    )
     p.add_argument("--cancels", type=int, default=200, help="part 3: cancels")
     p.add_argument("--cancel-concurrency", type=int, default=20)
     p.add_argument("--cancel-rate", type=float, default=100.0)
@@ -1025,8 +1309,12 @@ def main() -> int:
     p.add_argument("--min-deltas", type=int, default=1)
     p.add_argument("--max-deltas", type=int, default=150)
     p.add_argument("--seed", type=int, help="part 3's RNG seed (default: random, printed)")
-    p.add_argument("--part-timeout", type=float, default=300.0,
-                   help="seconds any part may take before it is stopped (300)")
+    p.add_argument(
+        "--part-timeout",
+        type=float,
+        default=300.0,
+        help="seconds any part may take before it is stopped (300)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' log files")
     args = p.parse_args()
     if args.quick:
@@ -1048,14 +1336,19 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
     print("# scale-out: API replicas + workers on PostgreSQL + Redis (scripted engine)")
-    print(table(["parameter", "value"], [
-        ["parts", " ".join(map(str, args.parts)) + (" (--quick)" if args.quick else "")],
-        ["PostgreSQL", f"{args.pg} (fresh database per part, dropped)"],
-        ["Redis", f"{args.redis} (fresh key prefix per part, deleted)"],
-        ["client", f"httpx {httpx.__version__} (async, raw SSE), one process"],
-        ["seed (part 3)", seed],
-        ["machine", _server.machine()],
-    ]))
+    print(
+        table(
+            ["parameter", "value"],
+            [
+                ["parts", " ".join(map(str, args.parts)) + (" (--quick)" if args.quick else "")],
+                ["PostgreSQL", f"{args.pg} (fresh database per part, dropped)"],
+                ["Redis", f"{args.redis} (fresh key prefix per part, deleted)"],
+                ["client", f"httpx {httpx.__version__} (async, raw SSE), one process"],
+                ["seed (part 3)", seed],
+                ["machine", _server.machine()],
+            ],
+        )
+    )
 
     t0 = time.perf_counter()
     ok = True
@@ -1072,9 +1365,13 @@ def main() -> int:
             ok &= good
             for mode, medians in cases:
                 ratio = medians[1].rate / medians[0].rate
-                summary += [[f"{mode.name}: events/s 1 -> 2 workers (ratio)",
-                             f"{medians[0].rate:,.0f} -> {medians[1].rate:,.0f} "
-                             f"({ratio:.2f}x)", ">= 1.7x"]]
+                summary += [
+                    [
+                        f"{mode.name}: events/s 1 -> 2 workers (ratio)",
+                        f"{medians[0].rate:,.0f} -> {medians[1].rate:,.0f} ({ratio:.2f}x)",
+                        ">= 1.7x",
+                    ]
+                ]
                 for rnd in medians:
                     other(f"1/{mode.name.split()[0]}/{rnd.workers}w", rnd.cpu)
         if 2 in args.parts:
@@ -1084,43 +1381,79 @@ def main() -> int:
             for r in results:
                 other(f"2/{r.name.split(':')[0].split(',')[0]}", r.cpu)
             summary += [
-                [f"{c.readers} concurrent: readers complete and equal to replay",
-                 f"{c.equal_replay}/{c.readers}", "all"],
-                [f"{c.readers} concurrent: events lost (reader vs replay, engine vs log)",
-                 f"{c.lost} + {c.engine_missing}", "0"],
-                [f"{c.readers} concurrent: creates answered 503 / streams broken (resumed)",
-                 f"{c.retried} / {c.cuts}", "0 / 0"],
+                [
+                    f"{c.readers} concurrent: readers complete and equal to replay",
+                    f"{c.equal_replay}/{c.readers}",
+                    "all",
+                ],
+                [
+                    f"{c.readers} concurrent: events lost (reader vs replay, engine vs log)",
+                    f"{c.lost} + {c.engine_missing}",
+                    "0",
+                ],
+                [
+                    f"{c.readers} concurrent: creates answered 503 / streams broken (resumed)",
+                    f"{c.retried} / {c.cuts}",
+                    "0 / 0",
+                ],
             ]
             lat = [(r, ms(r.token_lat)[1], ms(r.steady_lat)[1]) for r in results]
-            summary += [[f"token -> reader p99 ms, {r.name.split(',')[0]}",
-                         f"{a:,.1f} (once all open: {b:,.1f})", ""] for r, a, b in lat]
+            summary += [
+                [
+                    f"token -> reader p99 ms, {r.name.split(',')[0]}",
+                    f"{a:,.1f} (once all open: {b:,.1f})",
+                    "",
+                ]
+                for r, a, b in lat
+            ]
             if len(lat) == 2:
-                summary += [["p99 added by scale-out ms (cluster - single)",
-                             f"{lat[0][1] - lat[1][1]:,.1f} (once all open: "
-                             f"{lat[0][2] - lat[1][2]:,.1f})", ""]]
+                summary += [
+                    [
+                        "p99 added by scale-out ms (cluster - single)",
+                        f"{lat[0][1] - lat[1][1]:,.1f} (once all open: "
+                        f"{lat[0][2] - lat[1][2]:,.1f})",
+                        "",
+                    ]
+                ]
         if 3 in args.parts:
             fig, good = part_cancel(args, seed)
             ok &= good
             other("3", fig["cpu"])
             summary += [
-                ["cancel on B -> engine stopped p50 / p99 ms",
-                 f"{ms(fig['stop'])[0]:.1f} / {ms(fig['stop'])[1]:.1f}", ""],
-                ["cancel on B -> reply p50 / p99 ms",
-                 f"{ms(fig['reply'])[0]:.1f} / {ms(fig['reply'])[1]:.1f}", ""],
-                [f"max engine tokens after the cancel reply ({fig['n']} cancels)",
-                 max(fig["after_reply"], default=0), "0"],
+                [
+                    "cancel on B -> engine stopped p50 / p99 ms",
+                    f"{ms(fig['stop'])[0]:.1f} / {ms(fig['stop'])[1]:.1f}",
+                    "",
+                ],
+                [
+                    "cancel on B -> reply p50 / p99 ms",
+                    f"{ms(fig['reply'])[0]:.1f} / {ms(fig['reply'])[1]:.1f}",
+                    "",
+                ],
+                [
+                    f"max engine tokens after the cancel reply ({fig['n']} cancels)",
+                    max(fig["after_reply"], default=0),
+                    "0",
+                ],
             ]
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"\nstopped: {type(exc).__name__} {exc}")
         ok = False
     print("\n## summary")
     if others:
-        summary.append(["CPU of processes outside this benchmark, cores (part/case)",
-                        ", ".join(others), "~0 (a quiet machine)"])
+        summary.append(
+            [
+                "CPU of processes outside this benchmark, cores (part/case)",
+                ", ".join(others),
+                "~0 (a quiet machine)",
+            ]
+        )
     print(table(["figure", "value", "goal"], summary))
-    print(f"\nwall {time.perf_counter() - t0:.0f} s; load average now "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; checks "
-          f"{'passed' if ok else 'FAILED'}")
+    print(
+        f"\nwall {time.perf_counter() - t0:.0f} s; load average now "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; checks "
+        f"{'passed' if ok else 'FAILED'}"
+    )
     return 0 if ok else 1
 
 

@@ -43,17 +43,24 @@ class Upstream:
         text = str(body["messages"][-1].get("content", ""))
         length = int(m.group(1)) if (m := re.search(r"LENGTH=(\d+)", text)) else 200
         run = m.group(1) if (m := re.search(r"RUN=(\w+)", text)) else None
-        record: dict[str, Any] = {"started": time.time(), "tokens": [], "disconnected": None,
-                                  "finished": False}
+        record: dict[str, Any] = {
+            "started": time.time(),
+            "tokens": [],
+            "disconnected": None,
+            "finished": False,
+        }
         if run is not None:
             self.records[run] = record
-        return StreamingResponse(self.stream(body.get("model", ""), length, record),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            self.stream(body.get("model", ""), length, record), media_type="text/event-stream"
+        )
 
-    async def stream(self, model: str, length: int,
-                     record: dict[str, Any]) -> AsyncIterator[bytes]:
-        head = b'data: {"id":"chatcmpl-b","object":"chat.completion.chunk","model":' + \
-            orjson.dumps(model) + b',"choices":[{"index":0,"delta":{"content":'
+    async def stream(self, model: str, length: int, record: dict[str, Any]) -> AsyncIterator[bytes]:
+        head = (
+            b'data: {"id":"chatcmpl-b","object":"chat.completion.chunk","model":'
+            + orjson.dumps(model)
+            + b',"choices":[{"index":0,"delta":{"content":'
+        )
         tail = b'},"finish_reason":null}]}\n\n'
         tokens = record["tokens"]
         try:
@@ -67,13 +74,21 @@ class Upstream:
                 if self.rate or len(batch) == BATCH:
                     yield b"".join(batch)
                     batch = []
-            usage = {"prompt_tokens": 5, "completion_tokens": length,
-                     "total_tokens": 5 + length}
-            yield b"".join(batch) + b"data: " + orjson.dumps(
-                {"id": "chatcmpl-b", "object": "chat.completion.chunk",
-                 "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + \
-                b"\n\ndata: " + orjson.dumps({"id": "chatcmpl-b", "choices": [],
-                                              "usage": usage}) + b"\n\ndata: [DONE]\n\n"
+            usage = {"prompt_tokens": 5, "completion_tokens": length, "total_tokens": 5 + length}
+            yield (
+                b"".join(batch)
+                + b"data: "
+                + orjson.dumps(
+                    {
+                        "id": "chatcmpl-b",
+                        "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    }
+                )
+                + b"\n\ndata: "
+                + orjson.dumps({"id": "chatcmpl-b", "choices": [], "usage": usage})
+                + b"\n\ndata: [DONE]\n\n"
+            )
             record["finished"] = True
         finally:
             if not record["finished"]:
@@ -93,13 +108,22 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0)
     args = parser.parse_args()
     upstream = Upstream(args.rate)
-    app = Starlette(routes=[
-        Route("/v1/chat/completions", upstream.chat, methods=["POST"]),
-        Route("/records/{run}", upstream.get_record, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", upstream.chat, methods=["POST"]),
+            Route("/records/{run}", upstream.get_record, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,7 @@ sys.path.insert(0, str(_server.REPO / "tests"))
 from invariants import Cancel, Seen, check_response  # tests/invariants.py
 
 MIB = 1024 * 1024
-OPS = {"stream": 30, "disconnect": 15, "background": 15, "cancel": 10, "resume": 20,
-       "delete": 10}
+OPS = {"stream": 30, "disconnect": 15, "background": 15, "cancel": 10, "resume": 20, "delete": 10}
 MAX_IN_FLIGHT = 300  # operations at once; more are skipped (counted), not queued
 CHECKS_AT_ONCE = 8
 STUCK_AFTER = 120.0  # seconds a response may stay live before it is a violation
@@ -100,16 +99,16 @@ def parse_sse(raw: bytes) -> tuple[list[dict[str, Any]], bool]:
 
 
 class Soak:
-    def __init__(self, srv: _server.Server, args: argparse.Namespace,
-                 db_size: Any) -> None:
+    def __init__(self, srv: _server.Server, args: argparse.Namespace, db_size: Any) -> None:
         self.srv = srv
         self.args = args
         self.db_size = db_size
         self.rng = random.Random(args.seed)
         self.live: dict[str, Tracked] = {}
         self.due: collections.deque[tuple[float, str]] = collections.deque()
-        self.recent: collections.deque[tuple[str, list[dict[str, Any]], float]] = (
-            collections.deque(maxlen=300))
+        self.recent: collections.deque[tuple[str, list[dict[str, Any]], float]] = collections.deque(
+            maxlen=300
+        )
         self.ops: collections.Counter[str] = collections.Counter()
         self.violations: list[str] = []
         self.samples: list[Sample] = []
@@ -140,7 +139,7 @@ class Soak:
                     raw += chunk
                     if tracked is None and b'"id":"resp_' in raw:
                         start = raw.index(b'"id":"resp_') + 6
-                        rid = raw[start:raw.index(b'"', start)].decode()
+                        rid = raw[start : raw.index(b'"', start)].decode()
                         tracked = self.live[rid] = Tracked(rid, [seen])
                         tracked.busy += 1
                     if cut is not None and raw.count(b"\n\n") >= cut:
@@ -199,7 +198,7 @@ class Soak:
                 del self.reading[rid]
         if events is None:
             return  # deleted meanwhile
-        if not done or events != log[after + 1:]:
+        if not done or events != log[after + 1 :]:
             self.violation(f"{rid}: resume after {after} differs from its log")
 
     async def read(self, rid: str, after: int) -> tuple[Any, bool]:
@@ -237,10 +236,13 @@ class Soak:
         self.ops[kind] += 1
         coro = {
             "stream": lambda: self.op_stream(),
-            "disconnect": lambda: self.op_stream(self.rng.random() < 0.5,
-                                                 cut=self.rng.randrange(1, 40)),
-            "background": self.op_background, "cancel": self.op_cancel,
-            "resume": self.op_resume, "delete": self.op_delete,
+            "disconnect": lambda: self.op_stream(
+                self.rng.random() < 0.5, cut=self.rng.randrange(1, 40)
+            ),
+            "background": self.op_background,
+            "cancel": self.op_cancel,
+            "resume": self.op_resume,
+            "delete": self.op_delete,
         }[kind]()
         task = asyncio.create_task(self.guarded(kind, coro))
         self.tasks.add(task)
@@ -310,8 +312,9 @@ class Soak:
         trace_reply = await self.http.get(f"{self.srv.url}/debug/engine/{rid}")
         trace = trace_reply.json() if trace_reply.status_code == 200 else None
         try:
-            await asyncio.to_thread(check_response, self.srv.base_url, rid, log,
-                                    tracked.readers, tracked.cancels, trace)
+            await asyncio.to_thread(
+                check_response, self.srv.base_url, rid, log, tracked.readers, tracked.cancels, trace
+            )
         except AssertionError as exc:
             self.violation(f"{rid}: invariant: {str(exc)[:300]}")
             return
@@ -325,21 +328,36 @@ class Soak:
         db, wal = await self.db_size()
         now, cpu = time.monotonic(), _server.cpu_seconds(self.srv.pid)
         before = self.samples[-1] if self.samples else None
-        busy = 0.0 if before is None else (
-            100 * (cpu - self.cpu_seconds) / max(1e-9, now - start - before.t))
+        busy = (
+            0.0
+            if before is None
+            else (100 * (cpu - self.cpu_seconds) / max(1e-9, now - start - before.t))
+        )
         self.cpu_seconds = cpu
-        self.samples.append(Sample(
-            t=now - start, rss=vm_rss(self.srv.pid) / MIB, cpu=busy,
-            fds=len(os.listdir(f"/proc/{self.srv.pid}/fd")),
-            tasks=gauge(page, "tether_tasks"), cache=gauge(page, "tether_log_cache_bytes") / MIB,
-            db=db / MIB, wal=wal / MIB, ops=sum(self.ops.values()), checked=self.checked,
-            violations=len(self.violations)))
+        self.samples.append(
+            Sample(
+                t=now - start,
+                rss=vm_rss(self.srv.pid) / MIB,
+                cpu=busy,
+                fds=len(os.listdir(f"/proc/{self.srv.pid}/fd")),
+                tasks=gauge(page, "tether_tasks"),
+                cache=gauge(page, "tether_log_cache_bytes") / MIB,
+                db=db / MIB,
+                wal=wal / MIB,
+                ops=sum(self.ops.values()),
+                checked=self.checked,
+                violations=len(self.violations),
+            )
+        )
         s = self.samples[-1]
-        print(f"  {s.t:7.0f}s  CPU {s.cpu:3.0f}%  RSS {s.rss:7.1f} MiB  fds {s.fds:4d}  "
-              f"tasks {s.tasks:5.0f}  "
-              f"cache {s.cache:5.1f} MiB  db {s.db:7.1f} + wal {s.wal:6.1f} MiB  "
-              f"ops {s.ops:6d}  "
-              f"checked {s.checked:6d}  violations {s.violations}", flush=True)
+        print(
+            f"  {s.t:7.0f}s  CPU {s.cpu:3.0f}%  RSS {s.rss:7.1f} MiB  fds {s.fds:4d}  "
+            f"tasks {s.tasks:5.0f}  "
+            f"cache {s.cache:5.1f} MiB  db {s.db:7.1f} + wal {s.wal:6.1f} MiB  "
+            f"ops {s.ops:6d}  "
+            f"checked {s.checked:6d}  violations {s.violations}",
+            flush=True,
+        )
 
     async def sampler(self, start: float) -> None:
         while True:
@@ -395,28 +413,62 @@ def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
     step = max(1, len(samples) // 30)
     shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
     print()
-    print(_server.table(["t (s)", "server CPU %", "RSS MiB", "open fds", "tasks",
-                         "log cache MiB", "DB MiB", "WAL MiB", "ops", "checked", "violations"],
-                        [[s.t, s.cpu, s.rss, s.fds, s.tasks, s.cache, s.db, s.wal, s.ops, s.checked,
-                          s.violations] for s in shown]))
+    print(
+        _server.table(
+            [
+                "t (s)",
+                "server CPU %",
+                "RSS MiB",
+                "open fds",
+                "tasks",
+                "log cache MiB",
+                "DB MiB",
+                "WAL MiB",
+                "ops",
+                "checked",
+                "violations",
+            ],
+            [
+                [
+                    s.t,
+                    s.cpu,
+                    s.rss,
+                    s.fds,
+                    s.tasks,
+                    s.cache,
+                    s.db,
+                    s.wal,
+                    s.ops,
+                    s.checked,
+                    s.violations,
+                ]
+                for s in shown
+            ],
+        )
+    )
     with (out.with_suffix(".csv")).open("w") as f:
         f.write("t,cpu_pct,rss_mib,fds,tasks,cache_mib,db_mib,wal_mib,ops,checked,violations\n")
         for s in samples:
-            f.write(f"{s.t:.1f},{s.cpu:.0f},{s.rss:.2f},{s.fds},{s.tasks},{s.cache:.2f},{s.db:.2f},"
-                    f"{s.wal:.2f},"
-                    f"{s.ops},{s.checked},{s.violations}\n")
+            f.write(
+                f"{s.t:.1f},{s.cpu:.0f},{s.rss:.2f},{s.fds},{s.tasks},{s.cache:.2f},{s.db:.2f},"
+                f"{s.wal:.2f},"
+                f"{s.ops},{s.checked},{s.violations}\n"
+            )
     plot(samples, args, mode, out.with_suffix(".png"))
     warm = [s for s in samples if s.t >= args.warmup * args.minutes * 60] or samples
     first, last = warm[0], samples[-1]
     print(f"\nops: {dict(soak.ops)}; checked {soak.checked} responses")
     for name, unit, a, b, top in (
-            ("RSS", " MiB", first.rss, last.rss, max(s.rss for s in warm)),
-            ("open fds", "", first.fds, last.fds, max(s.fds for s in warm)),
-            ("tasks", "", first.tasks, last.tasks, max(s.tasks for s in warm)),
-            ("DB size", " MiB", first.db, last.db, max(s.db for s in warm)),
-            ("WAL size", " MiB", first.wal, last.wal, max(s.wal for s in warm))):
-        print(f"{name}: {a:.1f}{unit} after warm-up (t={first.t:.0f}s), {b:.1f}{unit} at the "
-              f"end, max {top:.1f}{unit} after warm-up")
+        ("RSS", " MiB", first.rss, last.rss, max(s.rss for s in warm)),
+        ("open fds", "", first.fds, last.fds, max(s.fds for s in warm)),
+        ("tasks", "", first.tasks, last.tasks, max(s.tasks for s in warm)),
+        ("DB size", " MiB", first.db, last.db, max(s.db for s in warm)),
+        ("WAL size", " MiB", first.wal, last.wal, max(s.wal for s in warm)),
+    ):
+        print(
+            f"{name}: {a:.1f}{unit} after warm-up (t={first.t:.0f}s), {b:.1f}{unit} at the "
+            f"end, max {top:.1f}{unit} after warm-up"
+        )
     print(f"violations: {len(soak.violations)}")
     for v in soak.violations[:20]:
         print(f"  {v}")
@@ -448,8 +500,10 @@ def plot(samples: list[Sample], args: argparse.Namespace, mode: str, path: Path)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    fig.suptitle(f"tether soak ({mode}): {args.rate:g} ops/s, {args.minutes:g} min, "
-                 f"{args.length} tokens at {args.tokens_per_s:g}/s")
+    fig.suptitle(
+        f"tether soak ({mode}): {args.rate:g} ops/s, {args.minutes:g} min, "
+        f"{args.length} tokens at {args.tokens_per_s:g}/s"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -459,15 +513,30 @@ def plot(samples: list[Sample], args: argparse.Namespace, mode: str, path: Path)
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
-    return ["--engine", "scripted", "--debug-routes", "--host", _server.HOST, "--port",
-            "{port}", "--scripted-rate", str(args.tokens_per_s), "--scripted-length",
-            str(args.length), "--retention", str(args.retention), *args.extra]
+    return [
+        "--engine",
+        "scripted",
+        "--debug-routes",
+        "--host",
+        _server.HOST,
+        "--port",
+        "{port}",
+        "--scripted-rate",
+        str(args.tokens_per_s),
+        "--scripted-length",
+        str(args.length),
+        "--retention",
+        str(args.retention),
+        *args.extra,
+    ]
 
 
 @contextlib.contextmanager
 def sqlite_server(args: argparse.Namespace) -> Any:
-    srv = _server.Server([sys.executable, "-m", "tether", "serve", "--db", "soak.db",
-                          *server_args(args)], name="tether")
+    srv = _server.Server(
+        [sys.executable, "-m", "tether", "serve", "--db", "soak.db", *server_args(args)],
+        name="tether",
+    )
     try:
         srv.start()
 
@@ -476,6 +545,7 @@ def sqlite_server(args: argparse.Namespace) -> Any:
                 with contextlib.suppress(OSError):
                     return (srv.workdir / name).stat().st_size
                 return 0
+
             return of("soak.db"), of("soak.db-wal")
 
         yield srv, size
@@ -492,9 +562,22 @@ def scaled_server(args: argparse.Namespace) -> Any:
 
     backing = Backing(args.pg, args.redis)
     backing.create()
-    srv = _server.Server([sys.executable, "-m", "tether", "serve", "--db", backing.url,
-                          "--redis", backing.redis, "--redis-prefix", backing.prefix,
-                          *server_args(args)], name="tether")
+    srv = _server.Server(
+        [
+            sys.executable,
+            "-m",
+            "tether",
+            "serve",
+            "--db",
+            backing.url,
+            "--redis",
+            backing.redis,
+            "--redis-prefix",
+            backing.prefix,
+            *server_args(args),
+        ],
+        name="tether",
+    )
     try:
         srv.start()
 
@@ -515,12 +598,14 @@ def scaled_server(args: argparse.Namespace) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--scaled", action="store_true",
-                        help="PostgreSQL + Redis instead of SQLite")
+    parser.add_argument(
+        "--scaled", action="store_true", help="PostgreSQL + Redis instead of SQLite"
+    )
     parser.add_argument("--rate", type=float, default=10.0, help="operations per second")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
-    parser.add_argument("--warmup", type=float, default=0.2,
-                        help="fraction of the run before 'flat' is judged")
+    parser.add_argument(
+        "--warmup", type=float, default=0.2, help="fraction of the run before 'flat' is judged"
+    )
     parser.add_argument("--length", type=int, default=300, help="scripted tokens")
     parser.add_argument("--tokens-per-s", type=float, default=200.0, help="scripted rate")
     parser.add_argument("--retention", type=float, default=120.0)

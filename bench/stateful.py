@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _server
 
 
-def job(index: int, seed: int, steps: int, args: argparse.Namespace,
-        deadline: float) -> dict[str, Any]:
+def job(
+    index: int, seed: int, steps: int, args: argparse.Namespace, deadline: float
+) -> dict[str, Any]:
     """One independent run of the machine (in its own process)."""
     import test_lifecycle_stateful as machine
 
@@ -55,21 +56,39 @@ def job(index: int, seed: int, steps: int, args: argparse.Namespace,
             folder = Path(tmp) / str(batch)
             folder.mkdir()
             try:
-                machine.run(folder, examples=args.examples, steps=args.steps_per_example,
-                            chosen_seed=seed + batch, rate=args.rate, scaled=args.scaled)
+                machine.run(
+                    folder,
+                    examples=args.examples,
+                    steps=args.steps_per_example,
+                    chosen_seed=seed + batch,
+                    rate=args.rate,
+                    scaled=args.scaled,
+                )
             except Exception as exc:  # a violation: report it and stop this job
                 violation = f"seed {seed + batch}: {exc!r}"
-                print(f"[job {index}] VIOLATION with seed {seed + batch}:\n"
-                      f"{traceback.format_exc()}", flush=True)
+                print(
+                    f"[job {index}] VIOLATION with seed {seed + batch}:\n{traceback.format_exc()}",
+                    flush=True,
+                )
                 break
             batch += 1
-            print(f"[job {index}] {machine.Lifecycle.steps} steps, "
-                  f"{machine.Lifecycle.created} responses, {batch} batches, "
-                  f"{time.monotonic() - started:.0f} s", flush=True)
-    return {"job": index, "seed": seed, "batches": batch, "steps": machine.Lifecycle.steps,
-            "responses": machine.Lifecycle.created, "rules": dict(machine.Lifecycle.rules),
-            "violation": violation, "wall": time.monotonic() - started,
-            "cpu": time.process_time()}
+            print(
+                f"[job {index}] {machine.Lifecycle.steps} steps, "
+                f"{machine.Lifecycle.created} responses, {batch} batches, "
+                f"{time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+    return {
+        "job": index,
+        "seed": seed,
+        "batches": batch,
+        "steps": machine.Lifecycle.steps,
+        "responses": machine.Lifecycle.created,
+        "rules": dict(machine.Lifecycle.rules),
+        "violation": violation,
+        "wall": time.monotonic() - started,
+        "cpu": time.process_time(),
+    }
 
 
 def main() -> int:
@@ -78,47 +97,81 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs sharing the steps")
     parser.add_argument("--examples", type=int, default=10, help="examples per batch (10)")
     parser.add_argument("--steps-per-example", type=int, default=25)
-    parser.add_argument("--restart-gap", type=int, default=3,
-                        help="steps between two restarts, at least (3; CI: 0)")
+    parser.add_argument(
+        "--restart-gap", type=int, default=3, help="steps between two restarts, at least (3; CI: 0)"
+    )
     parser.add_argument("--rate", type=int, default=100, help="scripted tokens/s (100)")
-    parser.add_argument("--max-minutes", type=float, default=60,
-                        help="start no new batch after this (60)")
+    parser.add_argument(
+        "--max-minutes", type=float, default=60, help="start no new batch after this (60)"
+    )
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--scaled", action="store_true",
-                        help="two API replicas and two workers on PostgreSQL + Redis")
+    parser.add_argument(
+        "--scaled",
+        action="store_true",
+        help="two API replicas and two workers on PostgreSQL + Redis",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [seed + 1000 * j for j in range(args.jobs)]
     shares = [args.steps // args.jobs + (j < args.steps % args.jobs) for j in range(args.jobs)]
-    print(f"command: python bench/stateful.py --steps {args.steps} --jobs {args.jobs} "
-          f"--examples {args.examples} --steps-per-example {args.steps_per_example} "
-          f"--restart-gap {args.restart_gap} --rate {args.rate} "
-          f"--max-minutes {args.max_minutes:g} --seed {seed}")
+    print(
+        f"command: python bench/stateful.py --steps {args.steps} --jobs {args.jobs} "
+        f"--examples {args.examples} --steps-per-example {args.steps_per_example} "
+        f"--restart-gap {args.restart_gap} --rate {args.rate} "
+        f"--max-minutes {args.max_minutes:g} --seed {seed}"
+    )
     print(f"job seeds: {seeds}; {_server.machine()}", flush=True)
     started = time.monotonic()
     deadline = time.time() + 60 * args.max_minutes
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        pending = [pool.apply_async(job, (j, seeds[j], shares[j], args, deadline))
-                   for j in range(args.jobs)]
+        pending = [
+            pool.apply_async(job, (j, seeds[j], shares[j], args, deadline))
+            for j in range(args.jobs)
+        ]
         results = [p.get() for p in pending]
     wall = time.monotonic() - started
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
     print()
-    print(_server.table(
-        ["job", "seed", "batches", "steps", "responses", "invariant violations", "wall s"],
-        [[r["job"], r["seed"], r["batches"], r["steps"], r["responses"],
-          1 if r["violation"] else 0, r["wall"]] for r in results]
-        + [["all", seed, sum(r["batches"] for r in results),
-            sum(r["steps"] for r in results), sum(r["responses"] for r in results),
-            sum(1 for r in results if r["violation"]), wall]]))
+    print(
+        _server.table(
+            ["job", "seed", "batches", "steps", "responses", "invariant violations", "wall s"],
+            [
+                [
+                    r["job"],
+                    r["seed"],
+                    r["batches"],
+                    r["steps"],
+                    r["responses"],
+                    1 if r["violation"] else 0,
+                    r["wall"],
+                ]
+                for r in results
+            ]
+            + [
+                [
+                    "all",
+                    seed,
+                    sum(r["batches"] for r in results),
+                    sum(r["steps"] for r in results),
+                    sum(r["responses"] for r in results),
+                    sum(1 for r in results if r["violation"]),
+                    wall,
+                ]
+            ],
+        )
+    )
     rules: Counter[str] = Counter()
     for r in results:
         rules.update(r["rules"])
     total = sum(rules.values())
     print()
-    print(_server.table(["rule", "steps", "share"],
-                        [[name, n, f"{n / total:.1%}"] for name, n in sorted(rules.items())]))
+    print(
+        _server.table(
+            ["rule", "steps", "share"],
+            [[name, n, f"{n / total:.1%}"] for name, n in sorted(rules.items())],
+        )
+    )
     print(f"\nwall time {wall / 60:.1f} min; load average at the end {load}")
     for r in results:
         if r["violation"]:

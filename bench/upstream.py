@@ -39,8 +39,9 @@ import _server
 BENCH = Path(__file__).resolve().parent
 
 
-async def stream_events(client: httpx.AsyncClient, url: str, model: str, text: str,
-                        **extra: Any) -> tuple[int, float, float]:
+async def stream_events(
+    client: httpx.AsyncClient, url: str, model: str, text: str, **extra: Any
+) -> tuple[int, float, float]:
     """(events, first byte, [DONE]) of one streamed create."""
     events, first = 0, 0.0
     body = {"model": model, "input": text, "stream": True, **extra}
@@ -60,9 +61,12 @@ async def throughput(url: str, args: argparse.Namespace) -> tuple[float, float]:
             n, first, done = await stream_events(c, url, "fast", f"LENGTH={args.length}")
             singles.append(n / (done - first))
         started = time.perf_counter()
-        results = await asyncio.gather(*[
-            stream_events(c, url, "fast", f"LENGTH={args.length_many}")
-            for _ in range(args.streams)])
+        results = await asyncio.gather(
+            *[
+                stream_events(c, url, "fast", f"LENGTH={args.length_many}")
+                for _ in range(args.streams)
+            ]
+        )
         wall = time.perf_counter() - started
     return statistics.median(singles), sum(r[0] for r in results) / wall
 
@@ -70,8 +74,11 @@ async def throughput(url: str, args: argparse.Namespace) -> tuple[float, float]:
 async def first_token(client: httpx.AsyncClient, url: str, direct: bool) -> float:
     started = time.perf_counter()
     if direct:
-        body: dict[str, Any] = {"model": "fast", "stream": True,
-                                "messages": [{"role": "user", "content": "LENGTH=5"}]}
+        body: dict[str, Any] = {
+            "model": "fast",
+            "stream": True,
+            "messages": [{"role": "user", "content": "LENGTH=5"}],
+        }
         path, mark = "/v1/chat/completions", b'"content"'
     else:
         body, path = {"model": "fast", "input": "LENGTH=5", "stream": True}, "/v1/responses"
@@ -91,12 +98,17 @@ async def ttft(url: str, n: int, direct: bool = False) -> float:
         return statistics.median([await first_token(c, url, direct) for _ in range(n)]) * 1e3
 
 
-async def one_cancel(c: httpx.AsyncClient, url: str, upstream: str, bare: bool,
-                     rng: random.Random) -> dict[str, float]:
+async def one_cancel(
+    c: httpx.AsyncClient, url: str, upstream: str, bare: bool, rng: random.Random
+) -> dict[str, float]:
     run = uuid.uuid4().hex
     k = rng.randint(3, 30)
-    body = {"model": "paced", "input": f"RUN={run} LENGTH=2000", "stream": True,
-            **({} if bare else {"background": True})}
+    body = {
+        "model": "paced",
+        "input": f"RUN={run} LENGTH=2000",
+        "stream": True,
+        **({} if bare else {"background": True}),
+    }
     deltas, rid = 0, ""
     async with c.stream("POST", f"{url}/v1/responses", json=body) as resp:
         async for line in resp.aiter_lines():
@@ -120,18 +132,22 @@ async def one_cancel(c: httpx.AsyncClient, url: str, upstream: str, bare: bool,
             break
         await asyncio.sleep(0.02)
     assert record and record["disconnected"], f"upstream still streaming run {run}"
-    return {"closed_ms": (record["disconnected"] - called) * 1e3,
-            "reply_ms": (replied - called) * 1e3,
-            "after": float(sum(1 for t in record["tokens"] if t > replied))}
+    return {
+        "closed_ms": (record["disconnected"] - called) * 1e3,
+        "reply_ms": (replied - called) * 1e3,
+        "after": float(sum(1 for t in record["tokens"] if t > replied)),
+    }
 
 
 async def cancels(url: str, upstream: str, bare: bool, n: int, seed: int) -> list[dict[str, float]]:
     rng = random.Random(seed)
     gate = asyncio.Semaphore(10)
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as c:
+
         async def guarded() -> dict[str, float]:
             async with gate:
                 return await one_cancel(c, url, upstream, bare, rng)
+
         return await asyncio.gather(*[guarded() for _ in range(n)])
 
 
@@ -146,23 +162,47 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     print(f"# bench/upstream.py — {_server.machine()}")
-    print(f"length {args.length}, {args.streams} streams x {args.length_many}, "
-          f"ttft n={args.ttft}, {args.cancels} cancels at {args.rate:g} tokens/s, "
-          f"seed {args.seed}\n")
+    print(
+        f"length {args.length}, {args.streams} streams x {args.length_many}, "
+        f"ttft n={args.ttft}, {args.cancels} cancels at {args.rate:g} tokens/s, "
+        f"seed {args.seed}\n"
+    )
     py = sys.executable
-    fast = _server.Server([py, str(BENCH / "scripted_upstream.py"), "--port", "{port}"],
-                          name="fast-upstream").start()
-    paced = _server.Server([py, str(BENCH / "scripted_upstream.py"), "--port", "{port}",
-                            "--rate", str(args.rate)], name="paced-upstream").start()
+    fast = _server.Server(
+        [py, str(BENCH / "scripted_upstream.py"), "--port", "{port}"], name="fast-upstream"
+    ).start()
+    paced = _server.Server(
+        [py, str(BENCH / "scripted_upstream.py"), "--port", "{port}", "--rate", str(args.rate)],
+        name="paced-upstream",
+    ).start()
     ups = [f"fast={fast.base_url}", f"paced={paced.base_url}"]
     servers = {
-        "bare relay": _server.Server([py, str(BENCH / "bare_upstream_relay.py"), "--port",
-                                      "{port}", *[f"--upstream={u}" for u in ups]],
-                                     name="bare"),
-        "tether": _server.Server([py, "-m", "tether", "serve", "--engine", "none", "--db",
-                                  "bench.db", "--port", "{port}",
-                                  *[a for u in ups for a in ("--upstream", u)]],
-                                 name="tether"),
+        "bare relay": _server.Server(
+            [
+                py,
+                str(BENCH / "bare_upstream_relay.py"),
+                "--port",
+                "{port}",
+                *[f"--upstream={u}" for u in ups],
+            ],
+            name="bare",
+        ),
+        "tether": _server.Server(
+            [
+                py,
+                "-m",
+                "tether",
+                "serve",
+                "--engine",
+                "none",
+                "--db",
+                "bench.db",
+                "--port",
+                "{port}",
+                *[a for u in ups for a in ("--upstream", u)],
+            ],
+            name="tether",
+        ),
     }
     try:
         rows: dict[str, dict[str, float]] = {}
@@ -171,27 +211,57 @@ def main() -> None:
             srv.start()
             one, many = _server.run(throughput(srv.url, args))
             first = _server.run(ttft(srv.url, args.ttft))
-            got = _server.run(cancels(srv.url, paced.url, name != "tether", args.cancels,
-                                      args.seed))
+            got = _server.run(
+                cancels(srv.url, paced.url, name != "tether", args.cancels, args.seed)
+            )
             closed = [g["closed_ms"] for g in got]
-            rows[name] = {"one": one, "many": many, "ttft": first - direct,
-                          "c50": _server.percentile(closed, 50),
-                          "c99": _server.percentile(closed, 99),
-                          "after": sum(g["after"] for g in got),
-                          "reply": _server.percentile([g["reply_ms"] for g in got], 50)}
+            rows[name] = {
+                "one": one,
+                "many": many,
+                "ttft": first - direct,
+                "c50": _server.percentile(closed, 50),
+                "c99": _server.percentile(closed, 99),
+                "after": sum(g["after"] for g in got),
+                "reply": _server.percentile([g["reply_ms"] for g in got], 50),
+            }
             srv.stop()
         print(f"time to first token direct to the upstream: {direct:.2f} ms (median)\n")
-        print(_server.table(
-            ["relay", "events/s 1 stream", f"events/s {args.streams} streams",
-             "TTFT added ms", "cancel→upstream closed p50 ms", "p99 ms",
-             "cancel reply p50 ms", "upstream tokens after reply"],
-            [[name, r["one"], r["many"], r["ttft"], r["c50"], r["c99"], r["reply"],
-              int(r["after"])] for name, r in rows.items()]))
+        print(
+            _server.table(
+                [
+                    "relay",
+                    "events/s 1 stream",
+                    f"events/s {args.streams} streams",
+                    "TTFT added ms",
+                    "cancel→upstream closed p50 ms",
+                    "p99 ms",
+                    "cancel reply p50 ms",
+                    "upstream tokens after reply",
+                ],
+                [
+                    [
+                        name,
+                        r["one"],
+                        r["many"],
+                        r["ttft"],
+                        r["c50"],
+                        r["c99"],
+                        r["reply"],
+                        int(r["after"]),
+                    ]
+                    for name, r in rows.items()
+                ],
+            )
+        )
         bare, tether = rows["bare relay"], rows["tether"]
-        print(f"\ntether / bare: 1 stream {tether['one'] / bare['one']:.2f}x, "
-              f"{args.streams} streams {tether['many'] / bare['many']:.2f}x (goal ≥ 0.6x)")
-        print("bare relay: no cancel endpoint; its client closes the stream, so its "
-              "'reply' is that moment.")
+        print(
+            f"\ntether / bare: 1 stream {tether['one'] / bare['one']:.2f}x, "
+            f"{args.streams} streams {tether['many'] / bare['many']:.2f}x (goal ≥ 0.6x)"
+        )
+        print(
+            "bare relay: no cancel endpoint; its client closes the stream, so its "
+            "'reply' is that moment."
+        )
     finally:
         for srv in [*servers.values(), fast, paced]:
             srv.stop()

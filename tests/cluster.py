@@ -38,15 +38,33 @@ class RoundRobin(httpx.BaseTransport):
 class Cluster:
     """`apis` API replicas and `workers` workers sharing `db` (PostgreSQL) and Redis."""
 
-    def __init__(self, tmp: Path, db: str, redis: str, prefix: str, *, apis: int = 2,
-                 workers: int = 2, args: tuple[str, ...] = (),
-                 worker_args: tuple[str, ...] = ()) -> None:
-        shared = ["--redis", redis, "--redis-prefix", prefix, "--engine", "scripted",
-                  "--debug-routes", *args]
-        self.apis = [Server(db, [*shared, "--workers", "0"], log_dir=tmp)
-                     for _ in range(apis)]
-        self.workers = [Server(db, [*shared, *worker_args], command="worker", log_dir=tmp)
-                        for _ in range(workers)]
+    def __init__(
+        self,
+        tmp: Path,
+        db: str,
+        redis: str,
+        prefix: str,
+        *,
+        apis: int = 2,
+        workers: int = 2,
+        args: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
+    ) -> None:
+        shared = [
+            "--redis",
+            redis,
+            "--redis-prefix",
+            prefix,
+            "--engine",
+            "scripted",
+            "--debug-routes",
+            *args,
+        ]
+        self.apis = [Server(db, [*shared, "--workers", "0"], log_dir=tmp) for _ in range(apis)]
+        self.workers = [
+            Server(db, [*shared, *worker_args], command="worker", log_dir=tmp)
+            for _ in range(workers)
+        ]
         self._next_api = itertools.cycle(self.apis)
 
     @property
@@ -86,10 +104,17 @@ class Cluster:
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         """A client whose requests alternate between the API replicas."""
-        http = httpx.Client(transport=RoundRobin([a.port for a in self.apis]),
-                            timeout=httpx.Timeout(60, connect=5))
-        return openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0,
-                             http_client=http, _strict_response_validation=True, **kwargs)
+        http = httpx.Client(
+            transport=RoundRobin([a.port for a in self.apis]), timeout=httpx.Timeout(60, connect=5)
+        )
+        return openai.OpenAI(
+            base_url=self.base_url,
+            api_key="test",
+            max_retries=0,
+            http_client=http,
+            _strict_response_validation=True,
+            **kwargs,
+        )
 
     def runner(self, response_id: str) -> Server:
         """The worker whose engine ran `response_id`."""
@@ -129,9 +154,22 @@ class PrivateRedis:
         if exe is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp)],
-            stdout=(self.tmp / f"redis.{self.port}.log").open("ab"), stderr=subprocess.STDOUT)
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=(self.tmp / f"redis.{self.port}.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._up, 10, "redis-server to start")
 
     def _up(self) -> bool:
@@ -170,17 +208,41 @@ class PrivatePostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _ctl(self, *args: str) -> None:
-        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"),
-                        "-l", str(self.dir / "log"), *args], check=True,
-                       stdout=subprocess.DEVNULL, timeout=60)
+        subprocess.run(
+            [
+                *self.as_user,
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.dir / "data"),
+                "-l",
+                str(self.dir / "log"),
+                *args,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
 
     def start(self) -> None:
         if not (self.dir / "data").exists():
-            subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D",
-                            str(self.dir / "data"), "-A", "trust", "-U", "postgres"],
-                           check=True, stdout=subprocess.DEVNULL, timeout=120)
-        self._ctl("-w", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1",
-                  "start")
+            subprocess.run(
+                [
+                    *self.as_user,
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.dir / "data"),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                timeout=120,
+            )
+        self._ctl(
+            "-w", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start"
+        )
 
     def stop(self) -> None:
         self._ctl("-w", "-m", "immediate", "stop")

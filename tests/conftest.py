@@ -80,10 +80,22 @@ class Server:
     def spawn(self) -> None:
         """Start the process without waiting for it (several start at once)."""
         stamp = f"{self.command}.{self.port}.{int(time.time() * 1000)}.log"
-        self.log = (self.log_dir / stamp if self.log_dir is not None
-                    else Path(self.db).with_suffix(f".{stamp}"))
-        cmd = [sys.executable, "-m", "tether", self.command, "--port", str(self.port),
-               "--db", str(self.db), *self.args]
+        self.log = (
+            self.log_dir / stamp
+            if self.log_dir is not None
+            else Path(self.db).with_suffix(f".{stamp}")
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "tether",
+            self.command,
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.db),
+            *self.args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         spec.TETHER_PORTS.add(self.port)  # its every reply is checked against the specs
 
@@ -123,16 +135,28 @@ class Server:
     def client(self, **kwargs: object) -> openai.OpenAI:
         """The strict SDK client, whose every reply is checked against the specs as it
         passes (`spec.ValidatingTransport`)."""
-        kwargs.setdefault("http_client", openai.DefaultHttpxClient(
-            transport=spec.ValidatingTransport()))
-        return openai.OpenAI(base_url=self.base_url, api_key="test", max_retries=0,
-                             _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault(
+            "http_client", openai.DefaultHttpxClient(transport=spec.ValidatingTransport())
+        )
+        return openai.OpenAI(
+            base_url=self.base_url,
+            api_key="test",
+            max_retries=0,
+            _strict_response_validation=True,
+            **kwargs,
+        )  # type: ignore[arg-type]
 
     def async_client(self, **kwargs: object) -> openai.AsyncOpenAI:
-        kwargs.setdefault("http_client", openai.DefaultAsyncHttpxClient(
-            transport=spec.AsyncValidatingTransport()))
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key="test", max_retries=0,
-                                  _strict_response_validation=True, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault(
+            "http_client", openai.DefaultAsyncHttpxClient(transport=spec.AsyncValidatingTransport())
+        )
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key="test",
+            max_retries=0,
+            _strict_response_validation=True,
+            **kwargs,
+        )  # type: ignore[arg-type]
 
     def trace(self, response_id: str) -> dict[str, object]:
         """What the scripted engine did for a response (needs --debug-routes)."""
@@ -160,8 +184,10 @@ def make_server(tmp_path: Path) -> Iterator[object]:
     servers: list[Server] = []
 
     def make(*args: str, db: Path | None = None, engine: str = "scripted") -> Server:
-        server = Server(db or tmp_path / f"tether-{len(servers)}.db",
-                        ["--engine", engine, "--debug-routes", *args])
+        server = Server(
+            db or tmp_path / f"tether-{len(servers)}.db",
+            ["--engine", engine, "--debug-routes", *args],
+        )
         server.start()
         servers.append(server)
         return server
@@ -203,17 +229,21 @@ if os.environ.get("CI") == "true":
     os.environ.setdefault("TETHER_REQUIRE_SERVICES", "1")
 
 
-def raw_events(server: Server, response_id: str, starting_after: int | None = None,
-               timeout: float = 30.0) -> list[dict[str, object]]:
+def raw_events(
+    server: Server, response_id: str, starting_after: int | None = None, timeout: float = 30.0
+) -> list[dict[str, object]]:
     """Read `GET ?stream=true` as raw JSON events (the SDK raises on `error` events)."""
     import json
 
     params = {"stream": "true"}
     if starting_after is not None:
         params["starting_after"] = str(starting_after)
-    with httpx.Client(transport=spec.HttpxValidatingTransport()) as http, http.stream(
-            "GET", f"{server.base_url}/responses/{response_id}", params=params,
-            timeout=timeout) as r:
+    with (
+        httpx.Client(transport=spec.HttpxValidatingTransport()) as http,
+        http.stream(
+            "GET", f"{server.base_url}/responses/{response_id}", params=params, timeout=timeout
+        ) as r,
+    ):
         r.raise_for_status()
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

@@ -14,9 +14,15 @@ import threading
 
 
 class CuttingProxy:
-    def __init__(self, upstream_port: int, rng: random.Random, *,
-                 cut_bytes: tuple[int, int] | None = None,
-                 cut_seconds: tuple[float, float] | None = None, max_cuts: int = 30) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        rng: random.Random,
+        *,
+        cut_bytes: tuple[int, int] | None = None,
+        cut_seconds: tuple[float, float] | None = None,
+        max_cuts: int = 30,
+    ) -> None:
         self.upstream_port = upstream_port
         self.rng = rng
         self.cut_bytes = cut_bytes
@@ -62,22 +68,29 @@ class CuttingProxy:
                 self.connections += 1
                 self._sockets |= {client, upstream}
                 cutting = self.cuts < self.max_cuts
-                budget = (self.rng.randint(*self.cut_bytes)
-                          if cutting and self.cut_bytes else None)
-                seconds = (self.rng.uniform(*self.cut_seconds)
-                           if cutting and self.cut_seconds else None)
+                budget = self.rng.randint(*self.cut_bytes) if cutting and self.cut_bytes else None
+                seconds = (
+                    self.rng.uniform(*self.cut_seconds) if cutting and self.cut_seconds else None
+                )
             pair = (client, upstream)
             if seconds is not None:
                 timer = threading.Timer(seconds, self._cut, pair)
                 timer.daemon = True
                 timer.start()
-            threading.Thread(target=self._pump, args=(client, upstream, None, pair),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, budget, pair),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, upstream, None, pair), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, budget, pair), daemon=True
+            ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, budget: int | None,
-              pair: tuple[socket.socket, socket.socket]) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        budget: int | None,
+        pair: tuple[socket.socket, socket.socket],
+    ) -> None:
         downstream = dst is pair[0]
         try:
             while True:

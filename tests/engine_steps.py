@@ -38,7 +38,7 @@ class Collected:
 
     @property
     def after_cancel(self) -> list[Step]:
-        return self.steps[self.taken_at_cancel:]
+        return self.steps[self.taken_at_cancel :]
 
     @property
     def text(self) -> str:
@@ -63,9 +63,13 @@ def after_tokens(n: int) -> Callable[[list[Step]], bool]:
     return lambda steps: tokens(steps) >= n
 
 
-async def collect(engine: Engine, request: Generation,
-                  cancel_when: Callable[[list[Step]], bool] | None = None,
-                  mode: Mode = "emit", timeout: float = 30.0) -> Collected:
+async def collect(
+    engine: Engine,
+    request: Generation,
+    cancel_when: Callable[[list[Step]], bool] | None = None,
+    mode: Mode = "emit",
+    timeout: float = 30.0,
+) -> Collected:
     """Run `engine.generate(request, emit)` to its end (or its cancel), at most `timeout`
     seconds; an `EngineError` goes up to the caller."""
     got = Collected()

@@ -27,15 +27,24 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ("ignore-cancel", "no-terminal", "no-terminal-stopped", "refuse-sync",
-         "refuse-sync-stops", "refuse-sync-unstored")
+MODES = (
+    "ignore-cancel",
+    "no-terminal",
+    "no-terminal-stopped",
+    "refuse-sync",
+    "refuse-sync-stops",
+    "refuse-sync-unstored",
+)
 
 
 def _usage(output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0,
-                                                        "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": 1 + output_tokens}
+    return {
+        "input_tokens": 1,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 1 + output_tokens,
+    }
 
 
 @dataclass
@@ -58,20 +67,46 @@ class FakeResponse:
         status = status or self.status
         output = []
         if self.produced or done:
-            output = [{"id": self.item_id, "type": "message", "role": "assistant",
-                       "status": "completed" if done else "in_progress",
-                       "content": [{"type": "output_text", "text": self.text,
-                                    "annotations": [], "logprobs": []}]}]
+            output = [
+                {
+                    "id": self.item_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed" if done else "in_progress",
+                    "content": [
+                        {
+                            "type": "output_text",
+                            "text": self.text,
+                            "annotations": [],
+                            "logprobs": [],
+                        }
+                    ],
+                }
+            ]
         return {
-            "id": self.id, "object": "response", "model": self.mode, "instructions": None,
-            "previous_response_id": None, "tools": [], "tool_choice": "auto",
-            "truncation": "disabled", "parallel_tool_calls": True,
-            "text": {"format": {"type": "text"}}, "top_p": 1.0, "temperature": 1.0,
-            "max_output_tokens": None, "store": True, "background": self.background,
-            "metadata": {}, "created_at": 1_700_000_000, "status": status,
-            "completed_at": None, "output": output,
+            "id": self.id,
+            "object": "response",
+            "model": self.mode,
+            "instructions": None,
+            "previous_response_id": None,
+            "tools": [],
+            "tool_choice": "auto",
+            "truncation": "disabled",
+            "parallel_tool_calls": True,
+            "text": {"format": {"type": "text"}},
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "max_output_tokens": None,
+            "store": True,
+            "background": self.background,
+            "metadata": {},
+            "created_at": 1_700_000_000,
+            "status": status,
+            "completed_at": None,
+            "output": output,
             "usage": None if status in ("queued", "in_progress") else _usage(self.produced),
-            "error": None, "incomplete_details": None,
+            "error": None,
+            "incomplete_details": None,
         }
 
     def append(self, *events: dict[str, Any]) -> None:
@@ -82,8 +117,7 @@ class FakeResponse:
             self.cond.notify_all()
 
     def ended(self) -> bool:
-        return bool(self.log) and self.log[-1]["type"] in ("response.completed",
-                                                           "response.failed")
+        return bool(self.log) and self.log[-1]["type"] in ("response.completed", "response.failed")
 
 
 class FaultyUpstream:
@@ -95,8 +129,7 @@ class FaultyUpstream:
         self.responses: dict[str, FakeResponse] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -116,8 +149,12 @@ class FaultyUpstream:
         mode = body.get("model", "")
         if mode not in MODES:
             raise ValueError(mode)
-        response = FakeResponse(id=f"resp_{secrets.token_hex(12)}", mode=mode,
-                                background=bool(body.get("background")), length=self.length)
+        response = FakeResponse(
+            id=f"resp_{secrets.token_hex(12)}",
+            mode=mode,
+            background=bool(body.get("background")),
+            length=self.length,
+        )
         self.responses[response.id] = response
         first = "queued" if response.background else "in_progress"
         response.append({"type": "response.created", "response": response.snapshot(first)})
@@ -127,38 +164,80 @@ class FaultyUpstream:
         return response
 
     def _generate(self, r: FakeResponse) -> None:
-        r.append({"type": "response.in_progress", "response": r.snapshot()},
-                 {"type": "response.output_item.added", "output_index": 0,
-                  "item": {"id": r.item_id, "type": "message", "role": "assistant",
-                           "status": "in_progress", "content": []}},
-                 {"type": "response.content_part.added", "item_id": r.item_id,
-                  "output_index": 0, "content_index": 0,
-                  "part": {"type": "output_text", "text": "", "annotations": [],
-                           "logprobs": []}})
+        r.append(
+            {"type": "response.in_progress", "response": r.snapshot()},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {
+                    "id": r.item_id,
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "in_progress",
+                    "content": [],
+                },
+            },
+            {
+                "type": "response.content_part.added",
+                "item_id": r.item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            },
+        )
         while r.produced < r.length:
             if r.stop.wait(self.interval):
                 return
             word = (" " if r.produced else "") + f"w{r.produced}"
             r.text += word
             r.produced += 1
-            r.append({"type": "response.output_text.delta", "item_id": r.item_id,
-                      "output_index": 0, "content_index": 0, "delta": word, "logprobs": []})
+            r.append(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": r.item_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": word,
+                    "logprobs": [],
+                }
+            )
         r.status = "completed"
         part = {"type": "output_text", "text": r.text, "annotations": [], "logprobs": []}
-        r.append({"type": "response.output_text.done", "item_id": r.item_id, "output_index": 0,
-                  "content_index": 0, "text": r.text, "logprobs": []},
-                 {"type": "response.content_part.done", "item_id": r.item_id,
-                  "output_index": 0, "content_index": 0, "part": part},
-                 {"type": "response.output_item.done", "output_index": 0,
-                  "item": r.snapshot(done=True)["output"][0]},
-                 {"type": "response.completed", "response": r.snapshot(done=True)})
+        r.append(
+            {
+                "type": "response.output_text.done",
+                "item_id": r.item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "text": r.text,
+                "logprobs": [],
+            },
+            {
+                "type": "response.content_part.done",
+                "item_id": r.item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "part": part,
+            },
+            {
+                "type": "response.output_item.done",
+                "output_index": 0,
+                "item": r.snapshot(done=True)["output"][0],
+            },
+            {"type": "response.completed", "response": r.snapshot(done=True)},
+        )
 
     def cancel(self, r: FakeResponse) -> tuple[int, dict[str, Any]]:
         r.cancel_requested.set()
         if r.mode.startswith("refuse-sync") and not r.background:
-            return 400, {"error": {"message": "Only responses created with background=true "
-                                   "can be cancelled.", "type": "invalid_request_error",
-                                   "param": None, "code": None}}
+            return 400, {
+                "error": {
+                    "message": "Only responses created with background=true can be cancelled.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
         if r.mode == "no-terminal":
             r.stop.set()  # stops, but the status never leaves in_progress
         elif r.mode == "no-terminal-stopped":
@@ -196,17 +275,33 @@ def _handler(up: FaultyUpstream) -> type[BaseHTTPRequestHandler]:
             elif len(parts) == 5 and parts[4] == "cancel" and parts[3] in up.responses:
                 self._json(*up.cancel(up.responses[parts[3]]))
             else:
-                self._json(404, {"error": {"message": "Not found.", "type":
-                                           "invalid_request_error", "param": None,
-                                           "code": None}})
+                self._json(
+                    404,
+                    {
+                        "error": {
+                            "message": "Not found.",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                )
 
         def do_GET(self) -> None:
             rid = self.path.split("?")[0].rstrip("/").split("/")[-1]
             r = up.responses.get(rid)
             if r is None or "stream=true" in self.path or r.mode == "refuse-sync-unstored":
-                self._json(404, {"error": {"message": "Not found.", "type":
-                                           "invalid_request_error", "param": None,
-                                           "code": None}})
+                self._json(
+                    404,
+                    {
+                        "error": {
+                            "message": "Not found.",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    },
+                )
                 return
             self._json(200, r.snapshot(done=r.status == "completed"))
 
@@ -221,8 +316,10 @@ def _handler(up: FaultyUpstream) -> type[BaseHTTPRequestHandler]:
                         r.cond.wait_for(lambda n=sent: len(r.log) > n, timeout=0.05)
                         batch = r.log[sent:]
                     sent += len(batch)
-                    frames = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
-                                     for e in batch) or ": keepalive\n\n"
+                    frames = (
+                        "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in batch)
+                        or ": keepalive\n\n"
+                    )
                     self.wfile.write(frames.encode())
                     self.wfile.flush()
                     if batch and batch[-1]["type"] == "response.completed":

@@ -38,25 +38,57 @@ _CREATE = _SOURCE["components"]["schemas"]["CreateResponseBody"]
 # The create bodies tether serves (not only refuses): CreateResponseBody's properties that
 # tether supports, `model` and `input` required, simple messages as well as the spec's
 # items. Generated next to CreateResponseBody itself (anything goes, mostly refused).
-_SUPPORTED = ("previous_response_id", "metadata", "temperature", "top_p", "stream",
-              "stream_options", "background", "max_output_tokens", "max_tool_calls",
-              "safety_identifier", "prompt_cache_key", "truncation", "instructions",
-              "store", "service_tier", "parallel_tool_calls", "text")
-_MESSAGE = {"type": "object", "required": ["role", "content"], "additionalProperties": False,
-            "properties": {"role": {"enum": ["user", "system", "developer", "assistant"]},
-                           "content": {"type": "string", "maxLength": 200}}}
+_SUPPORTED = (
+    "previous_response_id",
+    "metadata",
+    "temperature",
+    "top_p",
+    "stream",
+    "stream_options",
+    "background",
+    "max_output_tokens",
+    "max_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+    "truncation",
+    "instructions",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "text",
+)
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "additionalProperties": False,
+    "properties": {
+        "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"type": "string", "maxLength": 200},
+    },
+}
 _SERVED_CREATE = {
-    "type": "object", "required": ["model", "input"], "additionalProperties": False,
+    "type": "object",
+    "required": ["model", "input"],
+    "additionalProperties": False,
     "properties": {
         "model": {"enum": [MODEL]},
-        "input": {"anyOf": [{"type": "string", "maxLength": 200},
-                            {"type": "array", "items": _MESSAGE, "minItems": 1,
-                             "maxItems": 4},
-                            _CREATE["properties"]["input"]]},
-        **{k: _CREATE["properties"][k] for k in _SUPPORTED}}}
+        "input": {
+            "anyOf": [
+                {"type": "string", "maxLength": 200},
+                {"type": "array", "items": _MESSAGE, "minItems": 1, "maxItems": 4},
+                _CREATE["properties"]["input"],
+            ]
+        },
+        **{k: _CREATE["properties"][k] for k in _SUPPORTED},
+    },
+}
 _CREATE_BODY = {"anyOf": [_SERVED_CREATE, {"$ref": "#/components/schemas/CreateResponseBody"}]}
-_REQUEST = {"content": {kind: {"schema": _CREATE_BODY} for kind in (
-    "application/json", "application/x-www-form-urlencoded")}}
+_REQUEST = {
+    "content": {
+        kind: {"schema": _CREATE_BODY}
+        for kind in ("application/json", "application/x-www-form-urlencoded")
+    }
+}
 _COMPACT = _SOURCE["paths"]["/responses/compact"]["post"]["requestBody"]
 _ANY = {"default": {"description": "checked by the fuzzer itself"}}
 
@@ -75,8 +107,12 @@ _RID = _path("response_id")
 
 # Every route reads it (tether.logs keeps a caller's sane id, echoes it, logs it): so
 # even the routes without parameters have an input to fuzz.
-_REQUEST_ID = {"name": "x-request-id", "in": "header", "required": False,
-               "schema": {"type": "string"}}
+_REQUEST_ID = {
+    "name": "x-request-id",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+}
 
 
 def _op(*parameters: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -91,29 +127,50 @@ DOC: dict[str, Any] = {
     "info": {"title": "tether (as served)", "version": "1"},
     "components": _SOURCE["components"],
     "paths": {
-        "/v1/responses": {"post": _op(
-            {"name": "Idempotency-Key", "in": "header", "required": False,
-             "schema": {"type": "string"}}, body=_REQUEST)},
+        "/v1/responses": {
+            "post": _op(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+                body=_REQUEST,
+            )
+        },
         "/v1/responses/compact": {"post": _op(body=_COMPACT)},
         # Counted as a create with this body would be: the same schema.
         "/v1/responses/input_tokens": {"post": _op(body=_REQUEST)},
         "/v1/responses/{response_id}": {
-            "get": _op(_RID, _INCLUDE, _query("stream", {"type": "boolean"}),
-                       _query("starting_after", {"type": "integer", "minimum": 0}),
-                       _query("include_obfuscation", {"type": "boolean"})),
-            "delete": _op(_RID)},
+            "get": _op(
+                _RID,
+                _INCLUDE,
+                _query("stream", {"type": "boolean"}),
+                _query("starting_after", {"type": "integer", "minimum": 0}),
+                _query("include_obfuscation", {"type": "boolean"}),
+            ),
+            "delete": _op(_RID),
+        },
         "/v1/responses/{response_id}/cancel": {"post": _op(_RID)},
-        "/v1/responses/{response_id}/input_items": {"get": _op(
-            # OpenAI's text: "Limit can range between 1 and 100" (its schema omits it).
-            _RID, _INCLUDE, _query("limit", {"type": "integer", "default": 20,
-                                             "minimum": 1, "maximum": 100}),
-            _query("order", {"type": "string", "enum": ["asc", "desc"]}),
-            _query("after", {"type": "string"}))},
+        "/v1/responses/{response_id}/input_items": {
+            "get": _op(
+                # OpenAI's text: "Limit can range between 1 and 100" (its schema omits it).
+                _RID,
+                _INCLUDE,
+                _query("limit", {"type": "integer", "default": 20, "minimum": 1, "maximum": 100}),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]}),
+                _query("after", {"type": "string"}),
+            )
+        },
         "/v1/models": {"get": _op()},
         "/v1/models/{model_id}": {"get": _op(_path("model_id"))},
-        "/v1/usage": {"get": _op(_query("key_id", {"type": "string"}),
-                                 _query("model", {"type": "string"}),
-                                 _query("status", {"type": "string"}))},
+        "/v1/usage": {
+            "get": _op(
+                _query("key_id", {"type": "string"}),
+                _query("model", {"type": "string"}),
+                _query("status", {"type": "string"}),
+            )
+        },
         "/health": {"get": _op()},
         "/metrics": {"get": _op()},
     },
@@ -135,8 +192,13 @@ def strategy(operation: Any) -> st.SearchStrategy[Any]:
 
 
 def example_settings(examples: int) -> Any:
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck), print_blob=True)
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
 
 
 @dataclass
@@ -163,8 +225,10 @@ class Fuzzer:
     def _create(self) -> str:
         # In the background, so that some are still running when a cancel or a stream
         # of theirs is fuzzed.
-        r = self.http.post(f"{self.url}/v1/responses", json={
-            "model": MODEL, "input": [{"role": "user", "content": "hi"}], "background": True})
+        r = self.http.post(
+            f"{self.url}/v1/responses",
+            json={"model": MODEL, "input": [{"role": "user", "content": "hi"}], "background": True},
+        )
         r.raise_for_status()
         rid: str = r.json()["id"]
         return rid
@@ -202,24 +266,34 @@ class Fuzzer:
             params["model_id"] = MODEL
         if isinstance(case.body, dict) and rng.random() < 0.5:
             case.body["model"] = MODEL
-        if isinstance(case.body, dict) and "previous_response_id" in case.body \
-                and rng.random() < 0.5:
+        if (
+            isinstance(case.body, dict)
+            and "previous_response_id" in case.body
+            and rng.random() < 0.5
+        ):
             case.body["previous_response_id"] = rng.choice(self.pool)
 
 
 def _httpx_request(kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """Schemathesis's request (in `requests`' terms) for httpx; None if httpx cannot
     even encode it (a header outside latin-1): nothing to learn from the server then."""
-    headers = {k: v for k, v in kwargs.get("headers", {}).items()
-               if not k.lower().startswith("x-schemathesis")}
+    headers = {
+        k: v
+        for k, v in kwargs.get("headers", {}).items()
+        if not k.lower().startswith("x-schemathesis")
+    }
     try:
         for k, v in headers.items():
             k.encode("latin-1")
             str(v).encode("latin-1")
     except UnicodeEncodeError:
         return None
-    request: dict[str, Any] = {"method": kwargs["method"], "url": kwargs["url"],
-                               "headers": headers, "params": kwargs.get("params") or {}}
+    request: dict[str, Any] = {
+        "method": kwargs["method"],
+        "url": kwargs["url"],
+        "headers": headers,
+        "params": kwargs.get("params") or {},
+    }
     if "json" in kwargs:
         request["content"] = json.dumps(kwargs["json"]).encode()
         headers.setdefault("Content-Type", "application/json")
@@ -271,14 +345,17 @@ def _error_shape(reply: httpx.Response) -> list[str]:
     err = body["error"]
     if not isinstance(err, dict) or set(err) != ERROR_KEYS:
         return [f"error keys are not {sorted(ERROR_KEYS)}: {str(err)[:200]}"]
-    if not (isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
-            and all(err[k] is None or isinstance(err[k], str) for k in ("param", "code"))):
+    if not (
+        isinstance(err["message"], str)
+        and err["message"]
+        and isinstance(err["type"], str)
+        and all(err[k] is None or isinstance(err[k], str) for k in ("param", "code"))
+    ):
         return [f"error fields have the wrong types: {str(err)[:200]}"]
     return []
 
 
-def fuzz(fuzzer: Fuzzer, operation: Any, examples: int, seed: int,
-         stop_on_problem: bool) -> Tally:
+def fuzz(fuzzer: Fuzzer, operation: Any, examples: int, seed: int, stop_on_problem: bool) -> Tally:
     """Run `examples` generated requests of `operation`. `stop_on_problem`: fail at the
     first problem (Hypothesis then shrinks it and prints a reproducer); else count."""
     rng = random.Random(seed)

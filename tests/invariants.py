@@ -28,8 +28,14 @@ class Cancel:
     replied_at: float  # time.time() when the reply arrived
 
 
-def check_response(base_url: str, rid: str, log: list[dict[str, Any]], readers: list[Seen],
-                   cancels: list[Cancel], trace: dict[str, Any] | None) -> None:
+def check_response(
+    base_url: str,
+    rid: str,
+    log: list[dict[str, Any]],
+    readers: list[Seen],
+    cancels: list[Cancel],
+    trace: dict[str, Any] | None,
+) -> None:
     """`log` is the full event log read after the response ended; `trace` is the scripted
     engine's record (None when the process that ran it is gone)."""
     types = [e["type"] for e in log]
@@ -42,9 +48,9 @@ def check_response(base_url: str, rid: str, log: list[dict[str, Any]], readers: 
     for seen in readers:
         if seen.connected:
             assert seen.done, (rid, seen.after)
-            assert seen.events == log[seen.after + 1:], (rid, seen.after)
+            assert seen.events == log[seen.after + 1 :], (rid, seen.after)
         else:
-            assert seen.events == log[seen.after + 1:seen.after + 1 + len(seen.events)], rid
+            assert seen.events == log[seen.after + 1 : seen.after + 1 + len(seen.events)], rid
     retrieved = httpx.get(f"{base_url}/responses/{rid}", timeout=10).json()
     assert retrieved["status"] == final["status"], rid
     assert retrieved["usage"] == final["usage"], rid

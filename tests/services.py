@@ -20,8 +20,10 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 
 START = "scripts/services"  # starts whichever of PostgreSQL and Redis is down
-POSTGRES_ADMIN = ("postgresql://postgres@127.0.0.1:5432/postgres",
-                  "postgresql://root@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN = (
+    "postgresql://postgres@127.0.0.1:5432/postgres",
+    "postgresql://root@127.0.0.1:5432/postgres",
+)
 REDIS = "redis://127.0.0.1:6379/0"
 
 T = TypeVar("T")

@@ -79,8 +79,10 @@ def spec_schema(pointer: str) -> dict[str, Any]:
 
 
 def spec_errors(validator: Draft202012Validator, instance: Any) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"[:300]
-            for e in validator.iter_errors(instance)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"[:300]
+        for e in validator.iter_errors(instance)
+    ]
 
 
 RESOURCE = spec_validator("/components/schemas/ResponseResource")
@@ -107,6 +109,7 @@ for _branch in spec_schema(STREAM_POINTER)["oneOf"]:
 
 # --- OpenAI's document (loaded once, when first needed: 3 MB of YAML) ---------------------
 
+
 @functools.cache
 def _openai_doc() -> dict[str, Any]:
     """The document as JSON (YAML dates, in examples, become strings, as the document
@@ -114,7 +117,8 @@ def _openai_doc() -> dict[str, Any]:
     directory, by the YAML's hash, so each test process reads it in milliseconds."""
     source = (SPEC_DIR / "openai" / "openapi.yaml").read_bytes()
     cache = Path(tempfile.gettempdir()) / (
-        f"tether-openai-openapi-{hashlib.sha256(source).hexdigest()[:16]}.json")
+        f"tether-openai-openapi-{hashlib.sha256(source).hexdigest()[:16]}.json"
+    )
     with contextlib.suppress(OSError, ValueError):
         cached: dict[str, Any] = json.loads(cache.read_bytes())
         return cached
@@ -135,8 +139,9 @@ def _openai_registry() -> Registry[Any]:
 
 @functools.cache
 def openai_validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator({"$ref": f"{OPENAI_URI}#/components/schemas/{name}"},
-                                registry=_openai_registry())
+    return Draft202012Validator(
+        {"$ref": f"{OPENAI_URI}#/components/schemas/{name}"}, registry=_openai_registry()
+    )
 
 
 # --- the same documents, for the checks of every reply ------------------------------------
@@ -160,11 +165,14 @@ def fast_validator(uri: str) -> Any:
 
 
 def fast_errors(validator: Any, instance: Any) -> list[str]:
-    return [f"{'/'.join(map(str, e.instance_path))}: {e.message}"[:300]
-            for e in validator.iter_errors(instance)]
+    return [
+        f"{'/'.join(map(str, e.instance_path))}: {e.message}"[:300]
+        for e in validator.iter_errors(instance)
+    ]
 
 
 # --- OpenAI's streaming events, and what Open Responses does not define ---------------------
+
 
 @functools.cache
 def openai_event_pointers() -> dict[str, str]:
@@ -191,8 +199,11 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
 
     And Open Responses-only vocabulary, checked against Open Responses only: the
     `allowed_tools` mode `none` (OpenAI's has `auto` and `required`)."""
-    response = obj.get("response") if "response" in obj else (
-        obj if obj.get("object") == "response" else None)
+    response = (
+        obj.get("response")
+        if "response" in obj
+        else (obj if obj.get("object") == "response" else None)
+    )
     if not isinstance(response, dict):
         return obj
     trimmed = response
@@ -200,8 +211,13 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
         trimmed = {k: v for k, v in response.items() if k != "usage"}
     fmt = (response.get("text") or {}).get("format") or {}
     if "description" in fmt and fmt["description"] is None:
-        trimmed = {**trimmed, "text": {**response["text"], "format": {
-            k: v for k, v in fmt.items() if k != "description"}}}
+        trimmed = {
+            **trimmed,
+            "text": {
+                **response["text"],
+                "format": {k: v for k, v in fmt.items() if k != "description"},
+            },
+        }
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("mode") == "none":
         trimmed = {**trimmed, "tool_choice": {**choice, "mode": "auto"}}
@@ -213,8 +229,9 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
 # OpenAI-only vocabulary (custom tools, namespaces): Open Responses defines neither tool
 # type nor the `custom_tool_call` item and its events. They are checked against OpenAI's
 # document only; the rest of the same object against both.
-OPENAI_ONLY_EVENTS = frozenset({"response.custom_tool_call_input.delta",
-                                "response.custom_tool_call_input.done"})
+OPENAI_ONLY_EVENTS = frozenset(
+    {"response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"}
+)
 OPENAI_ONLY_ITEMS = frozenset({"custom_tool_call", "custom_tool_call_output"})
 
 
@@ -224,36 +241,58 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     item = obj.get("item")
     if isinstance(item, dict) and item.get("type") in OPENAI_ONLY_ITEMS:
         return None
-    response = obj.get("response") if "response" in obj else (
-        obj if obj.get("object") == "response" else None)
+    response = (
+        obj.get("response")
+        if "response" in obj
+        else (obj if obj.get("object") == "response" else None)
+    )
     if not isinstance(response, dict) or not _has_openai_only(response):
         return obj
-    trimmed = {**response,
-               "tools": [t for t in response["tools"] if t.get("type") == "function"],
-               "output": [i for i in response["output"] if i.get("type") not in
-                          OPENAI_ONLY_ITEMS]}
+    trimmed = {
+        **response,
+        "tools": [t for t in response["tools"] if t.get("type") == "function"],
+        "output": [i for i in response["output"] if i.get("type") not in OPENAI_ONLY_ITEMS],
+    }
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        trimmed["tool_choice"] = {**choice, "tools": [
-            {"type": "function", "name": t.get("name")} for t in choice.get("tools") or []]}
+        trimmed["tool_choice"] = {
+            **choice,
+            "tools": [
+                {"type": "function", "name": t.get("name")} for t in choice.get("tools") or []
+            ],
+        }
     return {**obj, "response": trimmed} if "response" in obj else trimmed
 
 
 def _has_openai_only(response: dict[str, Any]) -> bool:
     choice = response.get("tool_choice")
-    return (any(t.get("type") != "function" for t in response.get("tools") or [])
-            or any(i.get("type") in OPENAI_ONLY_ITEMS for i in response.get("output") or [])
-            or (isinstance(choice, dict) and (choice.get("type") == "custom" or any(
-                t.get("type") == "custom" for t in choice.get("tools") or []))))
+    return (
+        any(t.get("type") != "function" for t in response.get("tools") or [])
+        or any(i.get("type") in OPENAI_ONLY_ITEMS for i in response.get("output") or [])
+        or (
+            isinstance(choice, dict)
+            and (
+                choice.get("type") == "custom"
+                or any(t.get("type") == "custom" for t in choice.get("tools") or [])
+            )
+        )
+    )
 
 
 # `DELETE /responses/{id}`: OpenAI's document gives the 200 no schema; this is its shape.
-DELETED = jsonschema_rs.Draft202012Validator({
-    "type": "object", "required": ["id", "object", "deleted"],
-    "properties": {"id": {"type": "string"}, "object": {"const": "response"},
-                   "deleted": {"const": True}}})
+DELETED = jsonschema_rs.Draft202012Validator(
+    {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "deleted": {"const": True},
+        },
+    }
+)
 
 
 # --- what each reply must be ----------------------------------------------------------------
@@ -271,9 +310,11 @@ def body_schema(method: str, path: str, status: int) -> str | None:
         return "ErrorResponse"
     if method == "POST" and path == "/v1/responses/compact":
         return "CompactResource"
-    if (method == "POST" and path == "/v1/responses") or (
-            method == "GET" and _RESPONSE.match(path)) or (
-            method == "POST" and _CANCEL.match(path)):
+    if (
+        (method == "POST" and path == "/v1/responses")
+        or (method == "GET" and _RESPONSE.match(path))
+        or (method == "POST" and _CANCEL.match(path))
+    ):
         return "ResponseResource"
     if method == "DELETE" and _RESPONSE.match(path):
         return "DeletedResponse"
@@ -329,8 +370,9 @@ class BodyCheck:
         view = open_responses_view(body) if self.schema == "ResponseResource" else body
         errors = fast_errors(body_validator(self.schema), view)
         if self.schema == "ResponseResource":  # and OpenAI's Response
-            errors += fast_errors(fast_validator(f"{OPENAI_URI}#/components/schemas/Response"),
-                                  openai_view(body))
+            errors += fast_errors(
+                fast_validator(f"{OPENAI_URI}#/components/schemas/Response"), openai_view(body)
+            )
         if errors:
             raise violation(f"{self.where}: not a {self.schema}: {errors[:5]}")
         CHECKED[self.schema] += 1
@@ -363,8 +405,11 @@ class SSECheck:
             self.done = True
             CHECKED["[DONE]"] += 1
             return
-        if len(lines) != 2 or not lines[0].startswith(b"event: ") or not lines[1].startswith(
-                b"data: "):
+        if (
+            len(lines) != 2
+            or not lines[0].startswith(b"event: ")
+            or not lines[1].startswith(b"data: ")
+        ):
             raise violation(f"{self.where}: not an `event:` + `data:` frame: {frame[:200]!r}")
         try:
             event = json.loads(lines[1][6:])
@@ -385,8 +430,9 @@ class SSECheck:
 
     def end(self) -> None:
         if self.buf.strip() or not self.done:
-            raise violation(f"{self.where}: the body ended without data: [DONE] "
-                            f"({self.buf[:200]!r} left)")
+            raise violation(
+                f"{self.where}: the body ended without data: [DONE] ({self.buf[:200]!r} left)"
+            )
 
 
 def check_event_schemas(where: str, kind: Any, event: dict[str, Any]) -> None:
@@ -532,6 +578,7 @@ def install() -> None:
             def handle_request(self: Any, request: Any) -> Any:
                 response = original(self, request)
                 return streams.wrap(request, response, False) if ours(request) else response
+
             handle_request._spec_hook = True  # type: ignore[attr-defined]
             return handle_request
 
@@ -539,6 +586,7 @@ def install() -> None:
             async def handle_async_request(self: Any, request: Any) -> Any:
                 response = await original(self, request)
                 return streams.wrap(request, response, True) if ours(request) else response
+
             return handle_async_request
 
         sync.handle_request = hooked(sync.handle_request)

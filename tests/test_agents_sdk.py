@@ -85,8 +85,12 @@ async def openai_client(request: Any) -> AsyncIterator[Any]:
 
 
 def agent(client: Any, model: str, **kwargs: Any) -> Agent[Any]:
-    return Agent(name="tester", instructions="You are a helpful assistant.",
-                 model=OpenAIResponsesModel(model, client), **kwargs)
+    return Agent(
+        name="tester",
+        instructions="You are a helpful assistant.",
+        model=OpenAIResponsesModel(model, client),
+        **kwargs,
+    )
 
 
 async def run_streamed(agent_: Agent[Any], prompt: str) -> tuple[Any, list[Any]]:
@@ -133,7 +137,8 @@ async def test_tool_loop_on_the_scripted_engine(make_server: Any, openai_client:
     calls = Calls()
     runner = agent(openai_client(server), "scripted", tools=[calls.tool])
     result, raw = await run_streamed(
-        runner, f"{call_directive('get_weather', {'city': 'Paris'})} What is the weather?")
+        runner, f"{call_directive('get_weather', {'city': 'Paris'})} What is the weather?"
+    )
     assert calls.cities == ["Paris"]
     for response in await check_tool_loop(server, result, calls):
         check_exact_usage(server, response)
@@ -143,8 +148,9 @@ async def test_tool_loop_on_the_scripted_engine(make_server: Any, openai_client:
 
 
 @pytest.mark.parametrize("choice", [None, "get_weather"])
-async def test_tool_loop_on_the_embedded_model(make_server: Any, openai_client: Any,
-                                               choice: str | None) -> None:
+async def test_tool_loop_on_the_embedded_model(
+    make_server: Any, openai_client: Any, choice: str | None
+) -> None:
     server: Server = make_server(engine="local")
     client = openai_client(server)
     model = (await client.models.list()).data[0].id
@@ -152,15 +158,17 @@ async def test_tool_loop_on_the_embedded_model(make_server: Any, openai_client: 
     # The SDK's default (`auto`: the model chooses to call), or the tool named; either
     # way the call is valid JSON of the schema (a grammar). After the call the SDK resets
     # `tool_choice`, so the second step answers in text.
-    runner = agent(client, model, tools=[calls.tool],
-                   model_settings=ModelSettings(tool_choice=choice))
+    runner = agent(
+        client, model, tools=[calls.tool], model_settings=ModelSettings(tool_choice=choice)
+    )
     result, _ = await run_streamed(runner, "What is the weather in Paris?")
     for response in await check_tool_loop(server, result, calls):
         check_exact_usage(server, response)
 
 
-async def test_tool_loop_through_a_chat_upstream(make_server: Any, fake: FakeUpstream,
-                                                 openai_client: Any) -> None:
+async def test_tool_loop_through_a_chat_upstream(
+    make_server: Any, fake: FakeUpstream, openai_client: Any
+) -> None:
     server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
     calls = Calls()
     runner = agent(openai_client(server), "fake", tools=[calls.tool])
@@ -170,8 +178,11 @@ async def test_tool_loop_through_a_chat_upstream(make_server: Any, fake: FakeUps
     assert result.final_output == "The result is " + WEATHER.format(city="Paris")
     first, second = (c.body for c in fake.calls)
     assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
-    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_fake1",
-                                      "content": WEATHER.format(city="Paris")}
+    assert second["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "call_fake1",
+        "content": WEATHER.format(city="Paris"),
+    }
 
 
 # --- structured output ------------------------------------------------------------------------
@@ -186,8 +197,9 @@ async def test_output_type_on_the_embedded_model(make_server: Any, openai_client
     server: Server = make_server(engine="local")
     client = openai_client(server)
     model = (await client.models.list()).data[0].id
-    result = await Runner.run(agent(client, model, output_type=City),
-                              "Name a city in France.", max_turns=1)
+    result = await Runner.run(
+        agent(client, model, output_type=City), "Name a city in France.", max_turns=1
+    )
     assert isinstance(result.final_output, City)
     [raw] = result.raw_responses
     async with server.async_client() as check:
@@ -201,8 +213,9 @@ async def test_output_type_on_the_embedded_model(make_server: Any, openai_client
 # --- result.cancel() mid-stream ---------------------------------------------------------------
 
 
-async def test_cancel_mid_stream_ends_the_response_cancelled(make_server: Any,
-                                                            openai_client: Any) -> None:
+async def test_cancel_mid_stream_ends_the_response_cancelled(
+    make_server: Any, openai_client: Any
+) -> None:
     server: Server = make_server("--scripted-rate", "20", "--scripted-length", "2000")
     result = Runner.run_streamed(agent(openai_client(server), "scripted"), "Tell a story.")
     rid, deltas = "", 0
@@ -231,7 +244,9 @@ async def settled(server: Server, rid: str, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     async with server.async_client() as client:
         while (response := await client.responses.retrieve(rid)).status in (
-                "queued", "in_progress"):
+            "queued",
+            "in_progress",
+        ):
             assert time.monotonic() < deadline, f"{rid} is still {response.status}"
             await anyio.sleep(0.02)  # poll interval of a wait with a deadline
     return response

@@ -18,22 +18,25 @@ from conftest import Server, free_port, read_deltas
 
 
 def tether(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tether", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def create_key(keys_file: Path, tenant: str, name: str = "") -> tuple[str, str]:
     """`tether keys create`: (key id, secret)."""
-    out = tether("keys", "create", "--tenant", tenant, "--name", name,
-                 "--keys-file", str(keys_file))
+    out = tether(
+        "keys", "create", "--tenant", tenant, "--name", name, "--keys-file", str(keys_file)
+    )
     assert out.returncode == 0, out.stderr
     first, secret = out.stdout.strip().splitlines()
     return first.split()[0], secret
 
 
 def client_for(server: Server, secret: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0,
-                         _strict_response_validation=True)
+    return openai.OpenAI(
+        base_url=server.base_url, api_key=secret, max_retries=0, _strict_response_validation=True
+    )
 
 
 def test_keys_cli_stores_only_hashes_and_lists_and_revokes(tmp_path: Path) -> None:
@@ -47,12 +50,23 @@ def test_keys_cli_stores_only_hashes_and_lists_and_revokes(tmp_path: Path) -> No
 
     listed = tether("keys", "list", "--json", "--keys-file", str(keys_file))
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert rows == [{"id": key_id, "tenant": "acme", "name": "ci",
-                     "created_at": rows[0]["created_at"], "revoked_at": None}]
+    assert rows == [
+        {
+            "id": key_id,
+            "tenant": "acme",
+            "name": "ci",
+            "created_at": rows[0]["created_at"],
+            "revoked_at": None,
+        }
+    ]
 
     assert tether("keys", "revoke", key_id, "--keys-file", str(keys_file)).returncode == 0
-    rows = [json.loads(line) for line in
-            tether("keys", "list", "--json", "--keys-file", str(keys_file)).stdout.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in tether(
+            "keys", "list", "--json", "--keys-file", str(keys_file)
+        ).stdout.splitlines()
+    ]
     assert rows[0]["revoked_at"] is not None
 
     unknown = tether("keys", "revoke", "key_nope", "--keys-file", str(keys_file))
@@ -65,15 +79,19 @@ def test_keys_cli_stores_only_hashes_and_lists_and_revokes(tmp_path: Path) -> No
 def tenants(make_server: Any, tmp_path: Path) -> tuple[Server, dict[str, tuple[str, str]]]:
     """A server with keys for tenants a (two keys) and b: name -> (key id, secret)."""
     keys_file = tmp_path / "keys.json"
-    keys = {name: create_key(keys_file, tenant, name)
-            for name, tenant in (("a1", "a"), ("a2", "a"), ("b", "b"))}
-    server = make_server("--keys-file", str(keys_file), "--scripted-rate", "50",
-                         "--scripted-length", "400")
+    keys = {
+        name: create_key(keys_file, tenant, name)
+        for name, tenant in (("a1", "a"), ("a2", "a"), ("b", "b"))
+    }
+    server = make_server(
+        "--keys-file", str(keys_file), "--scripted-rate", "50", "--scripted-length", "400"
+    )
     return server, keys
 
 
 def test_another_tenants_response_is_404_everywhere(
-        tenants: tuple[Server, dict[str, tuple[str, str]]]) -> None:
+    tenants: tuple[Server, dict[str, tuple[str, str]]],
+) -> None:
     server, keys = tenants
     a, b = client_for(server, keys["a1"][1]), client_for(server, keys["b"][1])
     stream = a.responses.create(model="scripted", input="hi", background=True, stream=True)
@@ -86,9 +104,11 @@ def test_another_tenants_response_is_404_everywhere(
         "delete": lambda: b.responses.delete(rid),
         "input_items": lambda: b.responses.input_items.list(rid),
         "previous_response_id": lambda: b.responses.create(
-            model="scripted", input="more", previous_response_id=rid),
-        "usage": lambda: b.get("/usage", cast_to=object,
-                               options={"params": {"key_id": keys["a1"][0]}}),
+            model="scripted", input="more", previous_response_id=rid
+        ),
+        "usage": lambda: b.get(
+            "/usage", cast_to=object, options={"params": {"key_id": keys["a1"][0]}}
+        ),
     }
     for what, lookup in lookups.items():
         with pytest.raises(openai.NotFoundError) as err:
@@ -104,7 +124,8 @@ def test_another_tenants_response_is_404_everywhere(
 
 
 def test_missing_wrong_and_revoked_keys_are_401(
-        tenants: tuple[Server, dict[str, tuple[str, str]]], tmp_path: Path) -> None:
+    tenants: tuple[Server, dict[str, tuple[str, str]]], tmp_path: Path
+) -> None:
     server, keys = tenants
     r = httpx.get(f"{server.base_url}/models")
     assert r.status_code == 401
@@ -118,8 +139,12 @@ def test_missing_wrong_and_revoked_keys_are_401(
     a1 = client_for(server, keys["a1"][1])
     done = a1.responses.create(model="scripted", input="hi", max_output_tokens=16)
     assert done.status == "incomplete"  # 16 of 400 scripted tokens
-    assert tether("keys", "revoke", keys["a1"][0], "--keys-file",
-                  str(tmp_path / "keys.json")).returncode == 0
+    assert (
+        tether(
+            "keys", "revoke", keys["a1"][0], "--keys-file", str(tmp_path / "keys.json")
+        ).returncode
+        == 0
+    )
     # The running server reads the file again: the next request is refused.
     with pytest.raises(openai.AuthenticationError) as err:
         a1.responses.retrieve(done.id)
@@ -143,15 +168,23 @@ def test_keys_from_the_environment(make_server: Any, monkeypatch: pytest.MonkeyP
 
 def test_without_keys_only_loopback(tmp_path: Path) -> None:
     port = str(free_port())
-    refused = tether("serve", "--host", "0.0.0.0", "--port", port, "--engine", "scripted",
-                     "--db", str(tmp_path / "t.db"))
+    refused = tether(
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        port,
+        "--engine",
+        "scripted",
+        "--db",
+        str(tmp_path / "t.db"),
+    )
     assert refused.returncode == 2
     assert "refusing to serve on 0.0.0.0 without API keys" in refused.stderr
     assert "Traceback" not in refused.stderr
 
     for extra in (["--allow-anonymous"], ["--keys-file", str(tmp_path / "keys.json")]):
-        server = Server(tmp_path / "t.db", ["--host", "0.0.0.0", "--engine", "scripted",
-                                            *extra])
+        server = Server(tmp_path / "t.db", ["--host", "0.0.0.0", "--engine", "scripted", *extra])
         server.start()
         try:
             assert httpx.get(f"{server.url}/health").status_code == 200
@@ -160,21 +193,29 @@ def test_without_keys_only_loopback(tmp_path: Path) -> None:
 
 
 def test_one_tenant_cannot_take_anothers_idempotency_key(
-        tenants: tuple[Server, dict[str, tuple[str, str]]]) -> None:
+    tenants: tuple[Server, dict[str, tuple[str, str]]],
+) -> None:
     server, keys = tenants
     a, b = client_for(server, keys["a1"][1]), client_for(server, keys["b"][1])
     headers = {"Idempotency-Key": "same-key"}
-    ra = a.responses.create(model="scripted", input="x", max_output_tokens=16,
-                            extra_headers=headers)
-    rb = b.responses.create(model="scripted", input="x", max_output_tokens=16,
-                            extra_headers=headers)
+    ra = a.responses.create(
+        model="scripted", input="x", max_output_tokens=16, extra_headers=headers
+    )
+    rb = b.responses.create(
+        model="scripted", input="x", max_output_tokens=16, extra_headers=headers
+    )
     assert ra.id != rb.id  # b's key did not return a's response
-    assert a.responses.create(model="scripted", input="x", max_output_tokens=16,
-                              extra_headers=headers).id == ra.id
+    assert (
+        a.responses.create(
+            model="scripted", input="x", max_output_tokens=16, extra_headers=headers
+        ).id
+        == ra.id
+    )
 
 
 def test_websocket_needs_a_key_and_is_tenant_scoped(
-        tenants: tuple[Server, dict[str, tuple[str, str]]]) -> None:
+    tenants: tuple[Server, dict[str, tuple[str, str]]],
+) -> None:
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
@@ -185,10 +226,22 @@ def test_websocket_needs_a_key_and_is_tenant_scoped(
     assert refused.value.response.status_code == 401
     headers = {"Authorization": f"Bearer {keys['b'][1]}"}
     with connect(url, additional_headers=headers, open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "response.create", "model": "scripted", "input": "hi",
-                            "max_output_tokens": 16}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "response.create",
+                    "model": "scripted",
+                    "input": "hi",
+                    "max_output_tokens": 16,
+                }
+            )
+        )
         while (event := json.loads(ws.recv(timeout=30)))["type"] not in (
-                "response.completed", "response.incomplete", "response.failed", "error"):
+            "response.completed",
+            "response.incomplete",
+            "response.failed",
+            "error",
+        ):
             pass
     rid = event["response"]["id"]
     assert client_for(server, keys["b"][1]).responses.retrieve(rid).id == rid

@@ -54,8 +54,9 @@ class ClientTestServer(Server):
 
 
 def _start(directory: Path, *args: str) -> Server:
-    server = ClientTestServer(directory / "tether.db",
-                              ["--engine", "scripted", "--debug-routes", *args])
+    server = ClientTestServer(
+        directory / "tether.db", ["--engine", "scripted", "--debug-routes", *args]
+    )
     server.start()
     return server
 
@@ -106,8 +107,9 @@ def assert_once_in_order(events: list[Any], start: int = 0) -> None:
     assert seqs == list(range(start, start + len(seqs)))
 
 
-def check_cancelled(server: Server, client: openai.OpenAI, wrapper: Any, final: Any,
-                    events: list[Any], asked: float) -> None:
+def check_cancelled(
+    server: Server, client: openai.OpenAI, wrapper: Any, final: Any, events: list[Any], asked: float
+) -> None:
     """contract §3.2–§3.4, §3.9 as seen through the wrapper."""
     assert final.status == "cancelled" and final.error is None
     assert not wrapper.server_ignored_cancel
@@ -131,8 +133,9 @@ def check_cancelled(server: Server, client: openai.OpenAI, wrapper: Any, final: 
 def test_cancel_mid_stream_sync(slow: Server, background: bool) -> None:
     server = slow
     with server.client() as client:
-        stream = cancellable(client.responses.create(model="scripted", input="x",
-                                                     background=background, stream=True))
+        stream = cancellable(
+            client.responses.create(model="scripted", input="x", background=background, stream=True)
+        )
         assert isinstance(stream, CancellableStream)
         seen = []
         for event in stream:
@@ -152,8 +155,11 @@ def test_cancel_mid_stream_sync(slow: Server, background: bool) -> None:
 async def test_cancel_mid_stream_async(slow: Server, background: bool) -> None:
     server = slow
     async with server.async_client() as client:
-        stream = cancellable(await client.responses.create(
-            model="scripted", input="x", background=background, stream=True))
+        stream = cancellable(
+            await client.responses.create(
+                model="scripted", input="x", background=background, stream=True
+            )
+        )
         assert isinstance(stream, AsyncCancellableStream)
         seen = []
         async for event in stream:
@@ -170,8 +176,10 @@ async def test_cancel_mid_stream_async(slow: Server, background: bool) -> None:
 
 def test_cancel_helper_stream_sync(slow: Server) -> None:
     server = slow
-    with server.client() as client, client.responses.stream(
-            model="scripted", input="x", background=True) as helper:
+    with (
+        server.client() as client,
+        client.responses.stream(model="scripted", input="x", background=True) as helper,
+    ):
         stream = cancellable(helper)
         seen = []
         for event in stream:
@@ -189,8 +197,10 @@ def test_cancel_helper_stream_sync(slow: Server) -> None:
 @pytest.mark.anyio
 async def test_cancel_helper_stream_async(slow: Server) -> None:
     server = slow
-    async with server.async_client() as client, client.responses.stream(
-            model="scripted", input="x") as helper:
+    async with (
+        server.async_client() as client,
+        client.responses.stream(model="scripted", input="x") as helper,
+    ):
         stream = cancellable(helper)
         seen = []
         async for event in stream:
@@ -207,8 +217,9 @@ async def test_cancel_helper_stream_async(slow: Server) -> None:
 def test_cancel_before_reading_reads_ahead_to_the_id(slow: Server) -> None:
     server = slow
     client = server.client()
-    stream = cancellable(client.responses.create(model="scripted", input="x",
-                                                 background=True, stream=True))
+    stream = cancellable(
+        client.responses.create(model="scripted", input="x", background=True, stream=True)
+    )
     assert stream.response_id is None
     final = stream.cancel()
     events = list(stream)
@@ -221,8 +232,9 @@ def test_cancel_before_reading_reads_ahead_to_the_id(slow: Server) -> None:
 
 def test_cancel_after_the_end_returns_the_ending(slow: Server) -> None:
     client = slow.client()
-    stream = cancellable(client.responses.create(model="scripted", input="x",
-                                                 max_output_tokens=3, stream=True))
+    stream = cancellable(
+        client.responses.create(model="scripted", input="x", max_output_tokens=3, stream=True)
+    )
     events = list(stream)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -235,8 +247,7 @@ def test_cancel_after_the_end_returns_the_ending(slow: Server) -> None:
 def test_error_event_raises_and_cancel_reports_the_failure(slow: Server) -> None:
     client = slow.client()
     # contract §6.1: the SDK raises on the nested `error`; the wrapper lets it through
-    stream = cancellable(client.responses.create(model="scripted", input="FAIL_AT=3",
-                                                 stream=True))
+    stream = cancellable(client.responses.create(model="scripted", input="FAIL_AT=3", stream=True))
     with pytest.raises(openai.APIError) as exc:
         list(stream)
     assert not isinstance(exc.value, openai.APIConnectionError)
@@ -274,8 +285,9 @@ def test_cancel_from_another_thread_ends_the_readers_loop(slow: Server) -> None:
 async def test_cancel_from_another_task_ends_the_readers_loop(slow: Server) -> None:
     server = slow
     async with server.async_client() as client:
-        stream = cancellable(await client.responses.create(model="scripted", input="x",
-                                                           background=True, stream=True))
+        stream = cancellable(
+            await client.responses.create(model="scripted", input="x", background=True, stream=True)
+        )
         events: list[Any] = []
         three = anyio.Event()
 
@@ -302,9 +314,11 @@ def check_complete(server: Server, rid: str, events: list[Any], start: int = 0) 
     full = raw_events(server, rid)
     assert_once_in_order(events, start)
     assert [(e.sequence_number, e.type) for e in events] == [
-        (e["sequence_number"], e["type"]) for e in full[start:]]
+        (e["sequence_number"], e["type"]) for e in full[start:]
+    ]
     assert "".join(e.delta for e in deltas(events)) == "".join(
-        str(e["delta"]) for e in full if e["type"] == "response.output_text.delta")
+        str(e["delta"]) for e in full if e["type"] == "response.output_text.delta"
+    )
     assert events[-1].type == "response.completed"
 
 
@@ -312,8 +326,10 @@ def test_resumable_survives_cuts_sync(fast: Server) -> None:
     server = fast
     with server.client() as client:
         rid = client.responses.create(model="scripted", input="x", background=True).id
-    with CuttingProxy(server.port, seeded(), cut_bytes=(400, 4000)) as proxy, openai.OpenAI(
-            base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client:
+    with (
+        CuttingProxy(server.port, seeded(), cut_bytes=(400, 4000)) as proxy,
+        openai.OpenAI(base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client,
+    ):
         events = list(resumable(cut_client, rid, backoff=FAST))
     assert proxy.cuts >= 5, proxy.cuts
     check_complete(server, rid, events)
@@ -325,10 +341,10 @@ async def test_resumable_survives_cuts_async(fast: Server) -> None:
     with server.client() as client:
         rid = client.responses.create(model="scripted", input="x", background=True).id
     with CuttingProxy(server.port, seeded(), cut_bytes=(400, 4000)) as proxy:
-        async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key="test",
-                                      max_retries=0) as cut_client:
-            events = [e async for e in resumable(cut_client, rid, starting_after=4,
-                                                 backoff=FAST)]
+        async with openai.AsyncOpenAI(
+            base_url=proxy.base_url, api_key="test", max_retries=0
+        ) as cut_client:
+            events = [e async for e in resumable(cut_client, rid, starting_after=4, backoff=FAST)]
     assert proxy.cuts >= 5, proxy.cuts
     check_complete(server, rid, events, start=5)
 
@@ -336,10 +352,14 @@ async def test_resumable_survives_cuts_async(fast: Server) -> None:
 def test_background_create_stream_resumes_by_itself(fast: Server) -> None:
     server = fast
     # Cuts after `response.created` has passed, so the id is known (else nothing to resume).
-    with CuttingProxy(server.port, seeded(), cut_bytes=(2000, 5000)) as proxy, openai.OpenAI(
-            base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client:
-        stream = cancellable(cut_client.responses.create(
-            model="scripted", input="x", background=True, stream=True), backoff=FAST)
+    with (
+        CuttingProxy(server.port, seeded(), cut_bytes=(2000, 5000)) as proxy,
+        openai.OpenAI(base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client,
+    ):
+        stream = cancellable(
+            cut_client.responses.create(model="scripted", input="x", background=True, stream=True),
+            backoff=FAST,
+        )
         events = list(stream)
     assert proxy.cuts >= 5, proxy.cuts
     assert stream.response_id is not None
@@ -348,9 +368,11 @@ def test_background_create_stream_resumes_by_itself(fast: Server) -> None:
 
 def test_helper_stream_resumes_with_its_final_response(fast: Server) -> None:
     server = fast
-    with CuttingProxy(server.port, seeded(), cut_seconds=(0.04, 0.12)) as proxy, openai.OpenAI(
-            base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client, \
-            cut_client.responses.stream(model="scripted", input="x", background=True) as helper:
+    with (
+        CuttingProxy(server.port, seeded(), cut_seconds=(0.04, 0.12)) as proxy,
+        openai.OpenAI(base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client,
+        cut_client.responses.stream(model="scripted", input="x", background=True) as helper,
+    ):
         stream = cancellable(helper, backoff=FAST)
         events = list(stream)
         final = stream.get_final_response()
@@ -365,9 +387,11 @@ def test_helper_stream_resumes_with_its_final_response(fast: Server) -> None:
 def test_resume_gives_up_when_the_server_is_gone(make_tether: Callable[..., Server]) -> None:
     server = make_tether("--scripted-rate", "50")
     with server.client() as client:
-        stream = resumable(client, client.responses.create(
-            model="scripted", input="x", background=True).id,
-            backoff=Backoff(initial=0.01, maximum=0.05, max_attempts=3))
+        stream = resumable(
+            client,
+            client.responses.create(model="scripted", input="x", background=True).id,
+            backoff=Backoff(initial=0.01, maximum=0.05, max_attempts=3),
+        )
         seen = []
         with pytest.raises(openai.APIConnectionError):
             for event in stream:
@@ -379,10 +403,11 @@ def test_resume_gives_up_when_the_server_is_gone(make_tether: Callable[..., Serv
 
 def test_foreground_streams_are_not_resumed_by_default(fast: Server) -> None:
     server = fast
-    with CuttingProxy(server.port, seeded(), cut_bytes=(3000, 3000)) as proxy, openai.OpenAI(
-            base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client:
-        stream = cancellable(cut_client.responses.create(model="scripted", input="x",
-                                                         stream=True))
+    with (
+        CuttingProxy(server.port, seeded(), cut_bytes=(3000, 3000)) as proxy,
+        openai.OpenAI(base_url=proxy.base_url, api_key="test", max_retries=0) as cut_client,
+    ):
+        stream = cancellable(cut_client.responses.create(model="scripted", input="x", stream=True))
         with pytest.raises(Exception) as exc:  # openai 2.x lets httpx's own error through
             list(stream)
     assert is_connection_error(exc.value)
@@ -406,10 +431,12 @@ Outcome = tuple[Any, Any, list[Any], float]
 
 
 async def _cancel_async(base_url: str, background: bool, mode: str) -> Outcome:
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0,
-                                  _strict_response_validation=True) as client:
-        stream = cancellable(await client.responses.create(
-            model=mode, input="x", background=background, stream=True))
+    async with openai.AsyncOpenAI(
+        base_url=base_url, api_key="test", max_retries=0, _strict_response_validation=True
+    ) as client:
+        stream = cancellable(
+            await client.responses.create(model=mode, input="x", background=background, stream=True)
+        )
         seen = []
         async for event in stream:
             seen.append(event)
@@ -423,10 +450,12 @@ async def _cancel_async(base_url: str, background: bool, mode: str) -> Outcome:
 
 
 def _cancel_sync(base_url: str, background: bool, mode: str) -> Outcome:
-    with openai.OpenAI(base_url=base_url, api_key="test", max_retries=0,
-                       _strict_response_validation=True) as client:
-        stream = cancellable(client.responses.create(model=mode, input="x",
-                                                     background=background, stream=True))
+    with openai.OpenAI(
+        base_url=base_url, api_key="test", max_retries=0, _strict_response_validation=True
+    ) as client:
+        stream = cancellable(
+            client.responses.create(model=mode, input="x", background=background, stream=True)
+        )
         seen = []
         for event in stream:
             seen.append(event)
@@ -440,17 +469,20 @@ def _cancel_sync(base_url: str, background: bool, mode: str) -> Outcome:
 
 
 @pytest.mark.parametrize("flavour", ["sync", "async"])
-@pytest.mark.parametrize(("mode", "background", "ignored", "status"), FAULTS,
-                         ids=[f[0] for f in FAULTS])
+@pytest.mark.parametrize(
+    ("mode", "background", "ignored", "status"), FAULTS, ids=[f[0] for f in FAULTS]
+)
 def test_cancel_returns_within_grace_on_a_misbehaving_server(
-        flavour: str, mode: str, background: bool, ignored: bool, status: str) -> None:
+    flavour: str, mode: str, background: bool, ignored: bool, status: str
+) -> None:
     with FaultyUpstream() as upstream, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if flavour == "sync":
             stream, final, events, took = _cancel_sync(upstream.base_url, background, mode)
         else:
-            stream, final, events, took = anyio.run(_cancel_async, upstream.base_url,
-                                                    background, mode)
+            stream, final, events, took = anyio.run(
+                _cancel_async, upstream.base_url, background, mode
+            )
         (fake,) = upstream.responses.values()
         assert fake.cancel_requested.is_set()
         assert fake.stream_closed.wait(5), "the stream was not closed"
@@ -478,10 +510,13 @@ def test_cancel_returns_within_grace_on_a_misbehaving_server(
 def test_cancel_beside_a_blocked_reader_on_a_silent_server() -> None:
     # The reader thread is blocked on a stream that will never speak again (no-terminal):
     # cancel() from another thread still returns in time and wakes the reader up.
-    with FaultyUpstream() as upstream, openai.OpenAI(
-            base_url=upstream.base_url, api_key="test", max_retries=0) as client:
-        stream = cancellable(client.responses.create(model="no-terminal", input="x",
-                                                     background=True, stream=True))
+    with (
+        FaultyUpstream() as upstream,
+        openai.OpenAI(base_url=upstream.base_url, api_key="test", max_retries=0) as client,
+    ):
+        stream = cancellable(
+            client.responses.create(model="no-terminal", input="x", background=True, stream=True)
+        )
         events: list[Any] = []
         three = threading.Event()
 
@@ -509,10 +544,14 @@ def test_cancel_beside_a_blocked_reader_on_a_silent_server() -> None:
 @pytest.mark.anyio
 async def test_cancel_beside_a_blocked_task_on_a_silent_server() -> None:
     with FaultyUpstream() as upstream:
-        async with openai.AsyncOpenAI(base_url=upstream.base_url, api_key="test",
-                                      max_retries=0) as client:
-            stream = cancellable(await client.responses.create(
-                model="no-terminal", input="x", background=True, stream=True))
+        async with openai.AsyncOpenAI(
+            base_url=upstream.base_url, api_key="test", max_retries=0
+        ) as client:
+            stream = cancellable(
+                await client.responses.create(
+                    model="no-terminal", input="x", background=True, stream=True
+                )
+            )
             events: list[Any] = []
             three = anyio.Event()
 
@@ -543,15 +582,33 @@ async def test_cancel_beside_a_blocked_task_on_a_silent_server() -> None:
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("args", [["cancel_stream.py"],
-                                  ["cancel_stream.py", "--async", "--background"],
-                                  ["resume_stream.py"], ["resume_stream.py", "--async"]],
-                         ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["cancel_stream.py"],
+        ["cancel_stream.py", "--async", "--background"],
+        ["resume_stream.py"],
+        ["resume_stream.py", "--async"],
+    ],
+    ids=" ".join,
+)
 def test_examples_run(slow: Server, args: list[str]) -> None:
-    env = {**os.environ, "OPENAI_BASE_URL": slow.base_url, "OPENAI_API_KEY": "test",
-           "TETHER_MODEL": "scripted", "CANCEL_AFTER": "3", "MAX_OUTPUT_TOKENS": "5"}
-    done = subprocess.run([sys.executable, str(EXAMPLES / args[0]), *args[1:]], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": slow.base_url,
+        "OPENAI_API_KEY": "test",
+        "TETHER_MODEL": "scripted",
+        "CANCEL_AFTER": "3",
+        "MAX_OUTPUT_TOKENS": "5",
+    }
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / args[0]), *args[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     if args[0] == "cancel_stream.py":
         assert ": cancelled\n" in done.stdout and "output tokens" in done.stdout

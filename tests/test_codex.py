@@ -44,8 +44,10 @@ def codex_binary() -> Path:
     """The pinned CLI; missing: a failure under CI, a skip (with the reason) elsewhere."""
     if CODEX.exists() and shutil.which("node"):
         return CODEX
-    reason = (f"Codex CLI {CODEX_VERSION} is not installed in .cache/codex "
-              "(scripts/install installs it with npm)")
+    reason = (
+        f"Codex CLI {CODEX_VERSION} is not installed in .cache/codex "
+        "(scripts/install installs it with npm)"
+    )
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -92,8 +94,11 @@ class Turn:
     exited_at: float = 0.0
 
     def items(self, kind: str) -> list[dict[str, Any]]:
-        return [e["item"] for e in self.events
-                if e["type"] == "item.completed" and e["item"]["type"] == kind]
+        return [
+            e["item"]
+            for e in self.events
+            if e["type"] == "item.completed" and e["item"]["type"] == kind
+        ]
 
     @property
     def types(self) -> list[str]:
@@ -115,21 +120,40 @@ class Codex:
         self.home.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
-            CONFIG.format(model=self.model, base_url=self.base_url))
+            CONFIG.format(model=self.model, base_url=self.base_url)
+        )
 
     def argv(self, prompt: str) -> list[str]:
-        extra = ["-c", "model_providers.local.supports_websockets=true"] if self.websocket \
-            else []
-        return [str(codex_binary()), "exec", "--skip-git-repo-check", "--ephemeral",
-                "-C", str(self.work), "--json", *extra, prompt]
+        extra = ["-c", "model_providers.local.supports_websockets=true"] if self.websocket else []
+        return [
+            str(codex_binary()),
+            "exec",
+            "--skip-git-repo-check",
+            "--ephemeral",
+            "-C",
+            str(self.work),
+            "--json",
+            *extra,
+            prompt,
+        ]
 
     def start(self, prompt: str) -> subprocess.Popen[str]:
-        env = {**os.environ, "CODEX_HOME": str(self.home), "TETHER_TEST_KEY": "test",
-               "NO_COLOR": "1"}
+        env = {
+            **os.environ,
+            "CODEX_HOME": str(self.home),
+            "TETHER_TEST_KEY": "test",
+            "NO_COLOR": "1",
+        }
         # stderr to a file: nothing reads it while Codex runs, so a pipe could fill up.
         with self.stderr.open("w") as err:
-            proc = subprocess.Popen(self.argv(prompt), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=err, text=True)
+            proc = subprocess.Popen(
+                self.argv(prompt),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -144,8 +168,9 @@ class Codex:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-            raise AssertionError(f"codex did not finish in {timeout} s:\n{out}\n"
-                                 f"{self.stderr.read_text()}") from None
+            raise AssertionError(
+                f"codex did not finish in {timeout} s:\n{out}\n{self.stderr.read_text()}"
+            ) from None
         return Turn(proc.returncode, parse(out), self.stderr.read_text(), time.time())
 
     def stop_all(self) -> None:
@@ -166,8 +191,9 @@ def codex_at(tmp_path: Path) -> Iterator[Any]:
 
     def make(base_url: str, model: str, websocket: bool = False) -> Codex:
         codex_binary()
-        codex = Codex(tmp_path / f"codex-home-{len(made)}", tmp_path / "work", base_url,
-                      model, websocket)
+        codex = Codex(
+            tmp_path / f"codex-home-{len(made)}", tmp_path / "work", base_url, model, websocket
+        )
         made.append(codex)
         return codex
 
@@ -234,8 +260,9 @@ def check_stored_tool_loop(server: Server, websocket: bool) -> list[Any]:
 
 
 def test_the_pinned_codex_is_installed() -> None:
-    out = subprocess.run([str(codex_binary()), "--version"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        [str(codex_binary()), "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     assert out.strip() == f"codex-cli {CODEX_VERSION}"
 
 
@@ -257,8 +284,9 @@ def test_scripted_tool_loop(make_server: Any, codex_at: Any, transport: str) -> 
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_chat_upstream_tool_loop(make_server: Any, fake: FakeUpstream, codex_at: Any,
-                                 transport: str) -> None:
+def test_chat_upstream_tool_loop(
+    make_server: Any, fake: FakeUpstream, codex_at: Any, transport: str
+) -> None:
     arguments = json.dumps({"cmd": COMMAND})
     fake.call_arguments = [arguments[:9], arguments[9:20], arguments[20:]]
     server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
@@ -279,8 +307,9 @@ def test_chat_upstream_tool_loop(make_server: Any, fake: FakeUpstream, codex_at:
 
 @pytest.mark.timeout(600)  # ~7,300 prompt tokens a request, on CPU
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_embedded_model_takes_codex_first_request(make_server: Any, codex_at: Any,
-                                                  transport: str) -> None:
+def test_embedded_model_takes_codex_first_request(
+    make_server: Any, codex_at: Any, transport: str
+) -> None:
     server: Server = make_server(engine="local")
     with server.client() as client:
         model = client.models.list().data[0].id
@@ -313,8 +342,13 @@ def interrupt(proc: subprocess.Popen[str], ready: Any, what: str) -> tuple[float
 
 def final(server: Server, rid: str) -> Any:
     with server.client() as client:
-        return wait_for(lambda: (r := client.responses.retrieve(rid)).status not in
-                        ("queued", "in_progress") and r, timeout=30, what="a terminal status")
+        return wait_for(
+            lambda: (
+                (r := client.responses.retrieve(rid)).status not in ("queued", "in_progress") and r
+            ),
+            timeout=30,
+            what="a terminal status",
+        )
 
 
 def check_cancelled(server: Server, response: Any, out: str) -> int:
@@ -331,22 +365,21 @@ def check_cancelled(server: Server, response: Any, out: str) -> int:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_sigint_cancels_the_scripted_run(make_server: Any, codex_at: Any,
-                                         transport: str) -> None:
+def test_sigint_cancels_the_scripted_run(make_server: Any, codex_at: Any, transport: str) -> None:
     rate = 20.0
     server: Server = make_server("--scripted-rate", str(rate), "--scripted-length", "2000")
     codex: Codex = codex_at(server.base_url, "scripted", transport == "websocket")
     proc = codex.start("Tell me a long story.")
 
     def producing() -> bool:
-        ids = response_ids(server)[codex.websocket:]  # after the warm-up
+        ids = response_ids(server)[codex.websocket :]  # after the warm-up
         try:
             return bool(ids) and int(server.trace(ids[0])["produced"]) >= 5
         except httpx.HTTPStatusError:  # no trace before the run starts
             return False
 
     exited, out = interrupt(proc, producing, "tokens of Codex's turn")
-    [rid] = response_ids(server)[codex.websocket:]
+    [rid] = response_ids(server)[codex.websocket :]
     response = final(server, rid)
     trace = server.trace(rid)
     assert check_cancelled(server, response, out) == trace["produced"]
@@ -356,17 +389,19 @@ def test_sigint_cancels_the_scripted_run(make_server: Any, codex_at: Any,
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_sigint_closes_the_chat_upstream(make_server: Any, fake: FakeUpstream, codex_at: Any,
-                                         transport: str) -> None:
+def test_sigint_closes_the_chat_upstream(
+    make_server: Any, fake: FakeUpstream, codex_at: Any, transport: str
+) -> None:
     server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
     codex: Codex = codex_at(server.base_url, "fake", transport == "websocket")
     proc = codex.start("RATE=20 LENGTH=2000 Tell me a long story.")
-    exited, out = interrupt(proc, lambda: fake.calls and len(fake.calls[0].generated) >= 5,
-                            "tokens from the upstream")
+    exited, out = interrupt(
+        proc, lambda: fake.calls and len(fake.calls[0].generated) >= 5, "tokens from the upstream"
+    )
     call = fake.calls[0]
     assert call.gone.wait(10), "the upstream connection stayed open"
     assert call.disconnected_at is not None
     assert call.generated_after(exited) <= 1, (call.generated, exited)
-    [rid] = response_ids(server)[codex.websocket:]
+    [rid] = response_ids(server)[codex.websocket :]
     response = final(server, rid)
     check_cancelled(server, response, out)

@@ -26,17 +26,33 @@ from upstreams import FakeUpstream, fake_upstream
 from conftest import Server, served
 
 MODEL = "scripted"
-PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8"
-       "z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
-TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather of a city",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
-         {"type": "function", "name": "get_time", "parameters": None}]
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8"
+    "z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+TOOLS = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+    {"type": "function", "name": "get_time", "parameters": None},
+]
 
 
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with served(tmp_path_factory.mktemp("conformance"), "--engine", "scripted",
-                "--debug-routes", "--scripted-rate", "1000", "--scripted-length", "20") as server:
+    with served(
+        tmp_path_factory.mktemp("conformance"),
+        "--engine",
+        "scripted",
+        "--debug-routes",
+        "--scripted-rate",
+        "1000",
+        "--scripted-length",
+        "20",
+    ) as server:
         yield server
 
 
@@ -49,8 +65,9 @@ def sdk(fast: Server) -> Iterator[openai.OpenAI]:
 @pytest.fixture
 def http(fast: Server) -> Iterator[httpx2.Client]:
     """Raw HTTP, every reply checked against the specs all the same."""
-    with httpx2.Client(base_url=fast.base_url, timeout=10,
-                       transport=spec.ValidatingTransport()) as c:
+    with httpx2.Client(
+        base_url=fast.base_url, timeout=10, transport=spec.ValidatingTransport()
+    ) as c:
         yield c
 
 
@@ -63,8 +80,13 @@ def fake() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory, fake: FakeUpstream) -> Iterator[Server]:
     """A chat-completions upstream (the fake): a model that takes tools and formats."""
-    with served(tmp_path_factory.mktemp("conformance-up"), "--engine", "none",
-                "--upstream", f"fake={fake.url}") as server:
+    with served(
+        tmp_path_factory.mktemp("conformance-up"),
+        "--engine",
+        "none",
+        "--upstream",
+        f"fake={fake.url}",
+    ) as server:
         yield server
 
 
@@ -84,28 +106,51 @@ def refusal(call: Any) -> dict[str, Any]:
 
 # --- the checks themselves ------------------------------------------------------------------
 
+
 def _mock(status: int, kind: str, body: bytes) -> openai.OpenAI:
     def reply(request: httpx2.Request) -> httpx2.Response:
         # A stream, not `content=`: a body given whole is never read through the stream.
-        return httpx2.Response(status, headers={"content-type": kind},
-                               stream=httpx2.ByteStream(body))
+        return httpx2.Response(
+            status, headers={"content-type": kind}, stream=httpx2.ByteStream(body)
+        )
+
     transport = spec.ValidatingTransport(httpx2.MockTransport(reply))
-    return openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", max_retries=0,
-                         http_client=openai.DefaultHttpxClient(transport=transport))
+    return openai.OpenAI(
+        base_url="http://127.0.0.1:9/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=transport),
+    )
 
 
-@pytest.mark.parametrize(("status", "kind", "body", "found"), [
-    (200, "application/json", b'{"id": "r", "object": "response"}', "not a ResponseResource"),
-    (400, "application/json", b'{"error": {"message": "m", "type": "t"}}',
-     "not a ErrorResponse"),
-    (200, "text/event-stream", b'event: response.created\ndata: {"type": "error"}\n\n'
-     b"data: [DONE]\n\n", "is not the type"),
-    (200, "text/event-stream", b'event: response.queued\ndata: {"type": "response.queued",'
-     b' "sequence_number": 0}\n\n', "response"),
-    (200, "text/event-stream", b"", "without data: [DONE]"),
-])
-def test_the_transport_catches_replies_the_specs_forbid(status: int, kind: str, body: bytes,
-                                                        found: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "kind", "body", "found"),
+    [
+        (200, "application/json", b'{"id": "r", "object": "response"}', "not a ResponseResource"),
+        (
+            400,
+            "application/json",
+            b'{"error": {"message": "m", "type": "t"}}',
+            "not a ErrorResponse",
+        ),
+        (
+            200,
+            "text/event-stream",
+            b'event: response.created\ndata: {"type": "error"}\n\ndata: [DONE]\n\n',
+            "is not the type",
+        ),
+        (
+            200,
+            "text/event-stream",
+            b'event: response.queued\ndata: {"type": "response.queued", "sequence_number": 0}\n\n',
+            "response",
+        ),
+        (200, "text/event-stream", b"", "without data: [DONE]"),
+    ],
+)
+def test_the_transport_catches_replies_the_specs_forbid(
+    status: int, kind: str, body: bytes, found: str
+) -> None:
     stream = kind == "text/event-stream"
     with _mock(status, kind, body) as client, pytest.raises((AssertionError, openai.APIError)):
         reply = client.responses.create(model="m", input="x", stream=stream)
@@ -117,20 +162,22 @@ def test_the_transport_catches_replies_the_specs_forbid(status: int, kind: str, 
 
 # --- item 1: every required field, every event -----------------------------------------------
 
-def test_every_required_field_of_responses_and_events(sdk: openai.OpenAI,
-                                                      http: httpx2.Client) -> None:
+
+def test_every_required_field_of_responses_and_events(
+    sdk: openai.OpenAI, http: httpx2.Client
+) -> None:
     assert len(spec.RESOURCE_REQUIRED) == 31
     for background in (False, True):
-        r = http.post("/responses", json={"model": MODEL, "input": "hi",
-                                          "background": background})
+        r = http.post("/responses", json={"model": MODEL, "input": "hi", "background": background})
         obj = r.json()
         assert set(spec.RESOURCE_REQUIRED) <= set(obj)
         assert type(obj["created_at"]) is int
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             assert isinstance(obj[name], float), name
         assert type(obj["top_logprobs"]) is int and isinstance(obj["service_tier"], str)
-    with http.stream("POST", "/responses", json={"model": MODEL, "input": "hi",
-                                                 "stream": True}) as r:
+    with http.stream(
+        "POST", "/responses", json={"model": MODEL, "input": "hi", "stream": True}
+    ) as r:
         raw = r.read()
     assert raw.endswith(b"data: [DONE]\n\n")
     events = list(sdk.responses.create(model=MODEL, input="hi", stream=True))
@@ -142,7 +189,8 @@ def test_every_required_field_of_responses_and_events(sdk: openai.OpenAI,
 
 
 def test_every_path_validates_sync_stream_background_cancel_errors(
-        sdk: openai.OpenAI, fast: Server) -> None:
+    sdk: openai.OpenAI, fast: Server
+) -> None:
     done = sdk.responses.create(model=MODEL, input="hi")
     sdk.responses.retrieve(done.id)
     bg = sdk.responses.create(model=MODEL, input="LINGER=5 hi", background=True, stream=True)
@@ -159,8 +207,16 @@ def test_every_path_validates_sync_stream_background_cancel_errors(
         list(sdk.responses.create(model=MODEL, input="FAIL_AT=2", stream=True))
     sdk.responses.delete(rid)
     sdk.models.list()
-    for name in ("ResponseResource", "ErrorResponse", "ResponseItemList", "DeletedResponse",
-                 "ListModelsResponse", "error", "response.failed", "response.queued"):
+    for name in (
+        "ResponseResource",
+        "ErrorResponse",
+        "ResponseItemList",
+        "DeletedResponse",
+        "ListModelsResponse",
+        "error",
+        "response.failed",
+        "response.queued",
+    ):
         assert spec.CHECKED[name] >= 1, (name, spec.CHECKED)
 
 
@@ -189,40 +245,67 @@ async def test_async_clients_are_checked_too(fast: Server) -> None:
 
 # --- item 2: bodies -------------------------------------------------------------------------
 
+
 def test_form_bodies_parse_like_json() -> None:
-    body = parse_form(b"model=m&input=hi&stream=true&temperature=0.5&max_output_tokens=20"
-                      b"&metadata%5Bk%5D=v&tools=%5B%5D&instructions=%7Bbrace%7D")
-    assert body == {"model": "m", "input": "hi", "stream": True, "temperature": 0.5,
-                    "max_output_tokens": 20, "metadata": {"k": "v"}, "tools": [],
-                    "instructions": "{brace}"}
-    nested = parse_form(b"model=m&input[0][role]=user&input[0][content]=a"
-                        b"&input[1][role]=assistant&input[1][content]=b&include[]=x")
-    assert nested["input"] == [{"role": "user", "content": "a"},
-                               {"role": "assistant", "content": "b"}]
+    body = parse_form(
+        b"model=m&input=hi&stream=true&temperature=0.5&max_output_tokens=20"
+        b"&metadata%5Bk%5D=v&tools=%5B%5D&instructions=%7Bbrace%7D"
+    )
+    assert body == {
+        "model": "m",
+        "input": "hi",
+        "stream": True,
+        "temperature": 0.5,
+        "max_output_tokens": 20,
+        "metadata": {"k": "v"},
+        "tools": [],
+        "instructions": "{brace}",
+    }
+    nested = parse_form(
+        b"model=m&input[0][role]=user&input[0][content]=a"
+        b"&input[1][role]=assistant&input[1][content]=b&include[]=x"
+    )
+    assert nested["input"] == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+    ]
     assert nested.pop("include") == ["x"]
     assert wire.parse_create(nested).input[1].role == "assistant"  # type: ignore[union-attr]
-    for bad, param in ((b"model=a&model=b", "model"), (b"text=%7Bnope", "text"),
-                       (b"input[0]=a&input[0][role]=user", "input[0][role]"),
-                       (b"input[5]=a", "input[5]")):
+    for bad, param in (
+        (b"model=a&model=b", "model"),
+        (b"text=%7Bnope", "text"),
+        (b"input[0]=a&input[0][role]=user", "input[0][role]"),
+        (b"input[5]=a", "input[5]"),
+    ):
         with pytest.raises(APIError) as exc:
             parse_form(bad)
         assert exc.value.status == 400 and exc.value.param == param
 
 
 def test_form_and_json_create_bodies(http: httpx2.Client) -> None:
-    form = http.post("/responses", data={"model": MODEL, "input": "hi",
-                                         "max_output_tokens": "3", "metadata[k]": "v",
-                                         "store": "true"})
+    form = http.post(
+        "/responses",
+        data={
+            "model": MODEL,
+            "input": "hi",
+            "max_output_tokens": "3",
+            "metadata[k]": "v",
+            "store": "true",
+        },
+    )
     assert form.status_code == 200, form.text
     assert form.headers["content-type"].startswith("application/json")
     obj = form.json()
     assert obj["status"] == "incomplete" and obj["metadata"] == {"k": "v"}
     assert obj["max_output_tokens"] == 3 and obj["usage"]["output_tokens"] == 3
-    as_json = http.post("/responses", json={"model": MODEL, "input": [
-        {"type": "message", "role": "user", "content": "hi"}]})
+    as_json = http.post(
+        "/responses",
+        json={"model": MODEL, "input": [{"type": "message", "role": "user", "content": "hi"}]},
+    )
     assert as_json.status_code == 200 and as_json.json()["status"] == "completed"
-    with http.stream("POST", "/responses", data={"model": MODEL, "input": "hi",
-                                                 "stream": "true"}) as r:
+    with http.stream(
+        "POST", "/responses", data={"model": MODEL, "input": "hi", "stream": "true"}
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.read().endswith(b"data: [DONE]\n\n")
     bad = http.post("/responses", data={"model": MODEL, "input": "hi", "stream": "maybe"})
@@ -235,83 +318,142 @@ def test_form_and_json_create_bodies(http: httpx2.Client) -> None:
 
 def test_form_bodies_stay_bounded(tmp_path: Any, make_server: Any) -> None:
     server: Server = make_server("--max-body-bytes", "200")
-    with httpx2.Client(base_url=server.base_url, timeout=10,
-                       transport=spec.ValidatingTransport()) as c:
+    with httpx2.Client(
+        base_url=server.base_url, timeout=10, transport=spec.ValidatingTransport()
+    ) as c:
         r = c.post("/responses", data={"model": MODEL, "input": "x" * 500})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 # --- item 2: images -------------------------------------------------------------------------
 
+
 def test_image_input_is_accepted_answered_and_echoed(fast: Server, sdk: openai.OpenAI) -> None:
-    content: Any = [{"type": "input_text", "text": "What is this?"},
-                    {"type": "input_image", "image_url": PNG},
-                    {"type": "input_image", "image_url": "https://example.invalid/a.png",
-                     "detail": "low"}]
+    content: Any = [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": PNG},
+        {"type": "input_image", "image_url": "https://example.invalid/a.png", "detail": "low"},
+    ]
     reply = sdk.responses.create(model=MODEL, input=[{"role": "user", "content": content}])
     assert reply.status == "completed" and reply.output_text
     seen = fast.trace(reply.id)["messages"]
-    assert seen == [{"role": "user", "text": f"What is this?\n{IMAGE_PLACEHOLDER}\n\n"
-                                             f"{IMAGE_PLACEHOLDER}"}]
+    assert seen == [
+        {"role": "user", "text": f"What is this?\n{IMAGE_PLACEHOLDER}\n\n{IMAGE_PLACEHOLDER}"}
+    ]
     [item] = sdk.responses.input_items.list(reply.id)
     parts = item.content  # type: ignore[union-attr]
     assert [p.type for p in parts] == ["input_text", "input_image", "input_image"]
     assert (parts[1].image_url, parts[1].detail) == (PNG, "auto")  # type: ignore[union-attr]
     assert parts[2].detail == "low"  # type: ignore[union-attr]
     # Images come from the user only, and as URLs (tether fetches nothing).
-    err = refusal(lambda: sdk.responses.create(model=MODEL, input=[
-        {"role": "assistant", "content": [{"type": "input_image", "image_url": PNG}]}]))
+    err = refusal(
+        lambda: sdk.responses.create(
+            model=MODEL,
+            input=[{"role": "assistant", "content": [{"type": "input_image", "image_url": PNG}]}],
+        )
+    )
     assert err["param"] == "input[0].content[0].type"
-    err = refusal(lambda: sdk.responses.create(model=MODEL, input=[
-        {"role": "user", "content": [{"type": "input_image", "image_url": "file:///x"}]}]))
+    err = refusal(
+        lambda: sdk.responses.create(
+            model=MODEL,
+            input=[
+                {"role": "user", "content": [{"type": "input_image", "image_url": "file:///x"}]}
+            ],
+        )
+    )
     assert err["param"] == "input[0].content[0].image_url"
 
 
 def test_the_embedded_model_answers_an_image_request(make_server: Any) -> None:
     server: Server = make_server(engine="local")
     with server.client() as c:
-        reply = c.responses.create(model="smollm2-135m", max_output_tokens=16, input=[
-            {"role": "user", "content": [{"type": "input_text", "text": "Describe this."},
-                                         {"type": "input_image", "image_url": PNG}]}])
+        reply = c.responses.create(
+            model="smollm2-135m",
+            max_output_tokens=16,
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "Describe this."},
+                        {"type": "input_image", "image_url": PNG},
+                    ],
+                }
+            ],
+        )
     assert reply.status in ("completed", "incomplete") and reply.output_text.strip()
     assert reply.usage is not None and reply.usage.input_tokens > 10  # the placeholder too
 
 
 def test_images_reach_upstreams_as_image_parts(up: openai.OpenAI, fake: FakeUpstream) -> None:
-    up.responses.create(model="fake", input=[{"role": "user", "content": [
-        {"type": "input_text", "text": "LENGTH=2 look"},
-        {"type": "input_image", "image_url": PNG, "detail": "high"}]}])
-    assert fake.last().body["messages"] == [{"role": "user", "content": [
-        {"type": "text", "text": "LENGTH=2 look"},
-        {"type": "image_url", "image_url": {"url": PNG, "detail": "high"}}]}]
+    up.responses.create(
+        model="fake",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "LENGTH=2 look"},
+                    {"type": "input_image", "image_url": PNG, "detail": "high"},
+                ],
+            }
+        ],
+    )
+    assert fake.last().body["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "LENGTH=2 look"},
+                {"type": "image_url", "image_url": {"url": PNG, "detail": "high"}},
+            ],
+        }
+    ]
 
 
 def test_images_pass_through_to_responses_upstreams() -> None:
     from tether.engines.base import Message
     from tether.engines.responses import input_items
+
     parts = [{"type": "text", "text": "look"}, {"type": "image", "url": PNG, "detail": "auto"}]
     assert input_items([Message("user", "look", parts=parts)]) == [
-        {"type": "message", "role": "user", "content": [
-            {"type": "input_text", "text": "look"},
-            {"type": "input_image", "image_url": PNG, "detail": "auto"}]}]
+        {
+            "type": "message",
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "look"},
+                {"type": "input_image", "image_url": PNG, "detail": "auto"},
+            ],
+        }
+    ]
 
 
 # --- item 2: tools and tool_choice ----------------------------------------------------------
 
-@pytest.mark.parametrize("choice", [
-    "none", "auto", "required", {"type": "function", "name": "get_time"},
-    {"type": "allowed_tools", "tools": [{"type": "function", "name": "get_time"}],
-     "mode": "required"},
-    {"type": "allowed_tools", "tools": [{"type": "function", "name": "get_weather"}]},
-], ids=["none", "auto", "required", "function", "allowed-required", "allowed-default"])
-def test_tool_choice_variants_are_accepted_echoed_and_sent(up: openai.OpenAI,
-                                                           fake: FakeUpstream,
-                                                           choice: Any) -> None:
-    reply = up.responses.create(model="fake", input="LENGTH=2 hi", tools=TOOLS,
-                                tool_choice=choice)
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "none",
+        "auto",
+        "required",
+        {"type": "function", "name": "get_time"},
+        {
+            "type": "allowed_tools",
+            "tools": [{"type": "function", "name": "get_time"}],
+            "mode": "required",
+        },
+        {"type": "allowed_tools", "tools": [{"type": "function", "name": "get_weather"}]},
+    ],
+    ids=["none", "auto", "required", "function", "allowed-required", "allowed-default"],
+)
+def test_tool_choice_variants_are_accepted_echoed_and_sent(
+    up: openai.OpenAI, fake: FakeUpstream, choice: Any
+) -> None:
+    reply = up.responses.create(model="fake", input="LENGTH=2 hi", tools=TOOLS, tool_choice=choice)
     assert reply.status == "completed"
-    echoed = reply.tool_choice if isinstance(reply.tool_choice, str) else (
-        reply.tool_choice.model_dump())
+    echoed = (
+        reply.tool_choice
+        if isinstance(reply.tool_choice, str)
+        else (reply.tool_choice.model_dump())
+    )
     expected = choice if isinstance(choice, str) else {"mode": "auto", **choice}
     if isinstance(choice, dict) and choice["type"] == "function":
         expected = choice
@@ -327,21 +469,45 @@ def test_tool_choice_variants_are_accepted_echoed_and_sent(up: openai.OpenAI,
         assert len(sent["tools"]) == 2
 
 
-def test_allowed_tools_mode_none_and_tool_choice_refusals(upstream: Server,
-                                                          up: openai.OpenAI) -> None:
+def test_allowed_tools_mode_none_and_tool_choice_refusals(
+    upstream: Server, up: openai.OpenAI
+) -> None:
     # `mode: "none"` is Open Responses' (the SDK types only auto/required): raw HTTP.
-    with httpx2.Client(base_url=upstream.base_url, timeout=10,
-                       transport=spec.ValidatingTransport()) as c:
-        r = c.post("/responses", json={"model": "fake", "input": "LENGTH=1 x", "tools": TOOLS,
-                                       "tool_choice": {"type": "allowed_tools", "mode": "none",
-                                                       "tools": [{"type": "function",
-                                                                  "name": "get_time"}]}})
+    with httpx2.Client(
+        base_url=upstream.base_url, timeout=10, transport=spec.ValidatingTransport()
+    ) as c:
+        r = c.post(
+            "/responses",
+            json={
+                "model": "fake",
+                "input": "LENGTH=1 x",
+                "tools": TOOLS,
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "none",
+                    "tools": [{"type": "function", "name": "get_time"}],
+                },
+            },
+        )
     assert r.status_code == 200 and r.json()["tool_choice"]["mode"] == "none"
-    err = refusal(lambda: up.responses.create(
-        model="fake", input="x", tools=TOOLS, tool_choice={"type": "function", "name": "nope"}))
+    err = refusal(
+        lambda: up.responses.create(
+            model="fake", input="x", tools=TOOLS, tool_choice={"type": "function", "name": "nope"}
+        )
+    )
     assert err["param"] == "tool_choice.name"
-    err = refusal(lambda: up.responses.create(model="fake", input="x", tools=TOOLS, tool_choice={
-        "type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "no"}]}))
+    err = refusal(
+        lambda: up.responses.create(
+            model="fake",
+            input="x",
+            tools=TOOLS,
+            tool_choice={
+                "type": "allowed_tools",
+                "mode": "auto",
+                "tools": [{"type": "function", "name": "no"}],
+            },
+        )
+    )
     assert err["param"] == "tool_choice.tools[0].name"
 
 
@@ -355,16 +521,29 @@ def test_built_in_engines_take_tools(sdk: openai.OpenAI) -> None:
 
 # --- item 2: text.format --------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", [
-    {"type": "text"}, {"type": "json_object"},
-    {"type": "json_schema", "name": "thing", "schema": {"type": "object"}},
-    {"type": "json_schema", "name": "thing", "description": "a thing", "strict": True,
-     "schema": {"type": "object", "properties": {"a": {"type": "string"}}}},
-], ids=["text", "json_object", "json_schema", "json_schema-strict"])
-def test_text_format_variants_are_echoed_per_spec(up: openai.OpenAI, fake: FakeUpstream,
-                                                  fmt: dict[str, Any]) -> None:
-    reply = up.responses.create(model="fake", input="LENGTH=2 x", text={"format": fmt},
-                                max_output_tokens=16)
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "json_schema", "name": "thing", "schema": {"type": "object"}},
+        {
+            "type": "json_schema",
+            "name": "thing",
+            "description": "a thing",
+            "strict": True,
+            "schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+        },
+    ],
+    ids=["text", "json_object", "json_schema", "json_schema-strict"],
+)
+def test_text_format_variants_are_echoed_per_spec(
+    up: openai.OpenAI, fake: FakeUpstream, fmt: dict[str, Any]
+) -> None:
+    reply = up.responses.create(
+        model="fake", input="LENGTH=2 x", text={"format": fmt}, max_output_tokens=16
+    )
     echoed = reply.text.format.model_dump(by_alias=True)  # type: ignore[union-attr]
     if fmt["type"] == "json_schema":
         assert echoed == {"description": None, "strict": False, **fmt}
@@ -375,8 +554,13 @@ def test_text_format_variants_are_echoed_per_spec(up: openai.OpenAI, fake: FakeU
 
 
 def test_text_format_refusals(sdk: openai.OpenAI, up: openai.OpenAI) -> None:
-    err = refusal(lambda: up.responses.create(model="fake", input="x", text={
-        "format": {"type": "json_schema", "schema": {"type": "object"}}}))  # type: ignore[typeddict-item]
+    err = refusal(
+        lambda: up.responses.create(
+            model="fake",
+            input="x",
+            text={"format": {"type": "json_schema", "schema": {"type": "object"}}},
+        )
+    )  # type: ignore[typeddict-item]
     assert (err["param"], err["code"]) == ("text.format.name", "missing_required_parameter")
     reply = sdk.responses.create(model=MODEL, input="x", text={"format": {"type": "json_object"}})
     assert reply.output_text == "{}"  # the built-in engines apply it (issue 13)
@@ -384,19 +568,33 @@ def test_text_format_refusals(sdk: openai.OpenAI, up: openai.OpenAI) -> None:
 
 # --- item 2: assistant phase ----------------------------------------------------------------
 
+
 def test_assistant_phase_is_accepted_and_echoed(fast: Server, sdk: openai.OpenAI) -> None:
-    reply = sdk.responses.create(model=MODEL, input=[
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "thinking aloud", "phase": "commentary"},
-        {"role": "assistant", "content": [{"type": "output_text", "text": "done"}],
-         "phase": "final_answer"},
-        {"role": "user", "content": "and?"}])
+    reply = sdk.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "thinking aloud", "phase": "commentary"},
+            {
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "done"}],
+                "phase": "final_answer",
+            },
+            {"role": "user", "content": "and?"},
+        ],
+    )
     assert reply.status == "completed"
     items = list(sdk.responses.input_items.list(reply.id, order="asc"))
-    assert [getattr(i, "phase", None) for i in items] == [
-        None, "commentary", "final_answer", None]
+    assert [getattr(i, "phase", None) for i in items] == [None, "commentary", "final_answer", None]
     assert [m["role"] for m in fast.trace(reply.id)["messages"]] == [  # type: ignore[index]
-        "user", "assistant", "assistant", "user"]
-    err = refusal(lambda: sdk.responses.create(model=MODEL, input=[
-        {"role": "user", "content": "hi", "phase": "commentary"}]))
+        "user",
+        "assistant",
+        "assistant",
+        "user",
+    ]
+    err = refusal(
+        lambda: sdk.responses.create(
+            model=MODEL, input=[{"role": "user", "content": "hi", "phase": "commentary"}]
+        )
+    )
     assert err["param"] == "input[0].phase"

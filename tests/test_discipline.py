@@ -27,8 +27,10 @@ TASK_ALLOWED: dict[tuple[str, str], str] = {
     # it. So RedisDispatch owns the task: close() cancels it and awaits it with
     # asyncio.wait (no cancellation but its own is caught), and the listener logs its own
     # failure when it happens.
-    ("dispatch.py", "RedisDispatch.open"):
-        "owned task spanning open()..close(), which may run in different tasks",
+    (
+        "dispatch.py",
+        "RedisDispatch.open",
+    ): "owned task spanning open()..close(), which may run in different tasks",
     # The host of the Runner's task group (every run and daemon lives in that group): the
     # one task outside it, for the same reason (Lifecycle.start and .stop may be called
     # from different tasks); Runner.close() awaits it.
@@ -68,12 +70,11 @@ def _reraises(handler: ast.ExceptHandler) -> bool:
     stack: list[ast.AST] = list(handler.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-                      | ast.ClassDef):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef):
             continue
         if isinstance(node, ast.Raise) and (
-                node.exc is None or (isinstance(node.exc, ast.Name)
-                                     and node.exc.id == handler.name)):
+            node.exc is None or (isinstance(node.exc, ast.Name) and node.exc.id == handler.name)
+        ):
             return True
         stack.extend(ast.iter_child_nodes(node))
     return False
@@ -82,7 +83,8 @@ def _reraises(handler: ast.ExceptHandler) -> bool:
 def _is_suppress(call: ast.Call) -> bool:
     func = call.func
     return (isinstance(func, ast.Attribute) and func.attr == "suppress") or (
-        isinstance(func, ast.Name) and func.id == "suppress")
+        isinstance(func, ast.Name) and func.id == "suppress"
+    )
 
 
 def _spawns(call: ast.Call) -> bool:
@@ -129,12 +131,15 @@ class _Finder(ast.NodeVisitor):
         if _is_suppress(node):
             caught = set().union(*(_names(a) for a in node.args)) & CANCELLATIONS
             if caught:
-                self.swallowed.append(
-                    f"{self._where(node)}: suppress({', '.join(sorted(caught))})")
+                self.swallowed.append(f"{self._where(node)}: suppress({', '.join(sorted(caught))})")
         if _spawns(node):
-            self.spawned.append((f"{self._where(node)}: {ast.unparse(node.func)}(...) in "
-                                 f"{'.'.join(self.scope) or '<module>'}",
-                                 ".".join(self.scope)))
+            self.spawned.append(
+                (
+                    f"{self._where(node)}: {ast.unparse(node.func)}(...) in "
+                    f"{'.'.join(self.scope) or '<module>'}",
+                    ".".join(self.scope),
+                )
+            )
         self.generic_visit(node)
 
 
@@ -167,7 +172,8 @@ def test_the_checks_see_what_they_should() -> None:
         "    asyncio.create_task(t)\n"
         "    asyncio.ensure_future(t)\n"
         "    loop.create_task(t)\n"
-        "    asyncio.get_running_loop().create_task(t)\n")
+        "    asyncio.get_running_loop().create_task(t)\n"
+    )
     assert len(bad.swallowed) == 6, bad.swallowed
     assert len(bad.spawned) == 4, bad.spawned
     good = _check(
@@ -185,26 +191,32 @@ def test_the_checks_see_what_they_should() -> None:
         "    except Exception: pass\n"
         "    tg.create_task(t)\n"
         "    tg.start_soon(t)\n"
-        "def g(kind: type[BaseException] | None) -> None: ...\n")
+        "def g(kind: type[BaseException] | None) -> None: ...\n"
+    )
     assert good.swallowed == [] and good.spawned == []
 
 
 def test_no_cancellation_is_swallowed() -> None:
     offences = [line for finder in _findings() for line in finder.swallowed]
-    assert not offences, ("a cancellation may be swallowed (re-raise it, or catch "
-                          "Exception):\n" + "\n".join(offences))
+    assert not offences, (
+        "a cancellation may be swallowed (re-raise it, or catch Exception):\n" + "\n".join(offences)
+    )
 
 
 def test_no_task_is_created_outside_a_task_group() -> None:
-    offences = [where for finder in _findings() for where, function in finder.spawned
-                if (finder.file, function) not in TASK_ALLOWED]
-    assert not offences, ("tasks created outside a task group (start them in an anyio "
-                          "task group, or justify them in TASK_ALLOWED):\n"
-                          + "\n".join(offences))
+    offences = [
+        where
+        for finder in _findings()
+        for where, function in finder.spawned
+        if (finder.file, function) not in TASK_ALLOWED
+    ]
+    assert not offences, (
+        "tasks created outside a task group (start them in an anyio "
+        "task group, or justify them in TASK_ALLOWED):\n" + "\n".join(offences)
+    )
 
 
 def test_the_allow_list_is_current() -> None:
     """An entry whose task is gone is removed, so the list does not grow stale."""
-    used = {(finder.file, function) for finder in _findings()
-            for _, function in finder.spawned}
+    used = {(finder.file, function) for finder in _findings() for _, function in finder.spawned}
     assert not set(TASK_ALLOWED) - used, set(TASK_ALLOWED) - used

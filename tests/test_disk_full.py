@@ -44,8 +44,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of `DISK_BYTES` mounted on a fresh folder, unmounted afterwards."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    done = _as_root("mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=1777", "tmpfs",
-                    str(folder))
+    done = _as_root(
+        "mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=1777", "tmpfs", str(folder)
+    )
     if done.returncode != 0:
         why = f"cannot mount a tmpfs (needs root or sudo -n): {done.stderr.decode().strip()}"
         if os.environ.get("CI") == "true":
@@ -103,8 +104,11 @@ class Stream(threading.Thread):
 
 
 def create(server: Server) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/responses", timeout=30,
-                      json={"model": "scripted", "input": "while full", "background": True})
+    return httpx.post(
+        f"{server.base_url}/responses",
+        timeout=30,
+        json={"model": "scripted", "input": "while full", "background": True},
+    )
 
 
 def wait_ended(server: Server, rid: str) -> None:
@@ -126,10 +130,11 @@ def check(server: Server, rid: str, readers: list[Seen]) -> dict[str, Any]:
 
 
 def test_a_full_disk_loses_nothing_silently(small_disk: Path) -> None:
-    server = Server(small_disk / "tether.db",
-                    ["--engine", "scripted", "--scripted-rate", str(RATE),
-                     "--scripted-length", str(LENGTH)],
-                    log_dir=small_disk.parent)
+    server = Server(
+        small_disk / "tether.db",
+        ["--engine", "scripted", "--scripted-rate", str(RATE), "--scripted-length", str(LENGTH)],
+        log_dir=small_disk.parent,
+    )
     server.start()
     try:
         streams = [Stream(server, f"stream {i}") for i in range(STREAMS)]

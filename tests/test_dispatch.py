@@ -52,9 +52,11 @@ async def test_each_submitted_run_is_taken_once(pair) -> None:  # type: ignore[n
     got_a: list[str] = []
     got_b: list[str] = []
     tasks = [asyncio.create_task(drain(a, got_a)), asyncio.create_task(drain(b, got_b))]
+
     async def all_taken() -> None:
         while len(got_a) + len(got_b) < len(ids):
             await asyncio.sleep(0.01)  # poll interval of a bounded wait
+
     await asyncio.wait_for(all_taken(), 10)
     for task in tasks:
         task.cancel()
@@ -68,6 +70,7 @@ async def test_a_cancel_signal_reaches_the_other_process(pair) -> None:  # type:
         while "resp_x" not in seen_b:
             await a.cancel("resp_x")  # pub/sub: the subscriber may still be connecting
             await asyncio.sleep(0.05)
+
     await asyncio.wait_for(signalled(), 10)
     assert "resp_x" in seen_b
 
@@ -108,7 +111,8 @@ async def test_local_dispatch_is_a_queue_and_a_call() -> None:
 
 
 async def test_a_failing_listener_is_logged_when_it_fails_and_close_still_closes(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # open() and close() from different tasks, as the lifecycle may call them.
     d = RedisDispatch(redis_url(), f"test-{uuid.uuid4().hex[:8]}", "c")
     failed = asyncio.Event()
@@ -123,6 +127,7 @@ async def test_a_failing_listener_is_logged_when_it_fails_and_close_still_closes
         while not failed.is_set():
             await d.cancel("resp_x")  # pub/sub: the subscriber may still be connecting
             await asyncio.sleep(0.05)
+
     await asyncio.wait_for(signalled(), 10)
     listener = d._listener
     assert listener is not None

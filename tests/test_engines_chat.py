@@ -38,8 +38,11 @@ from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
 
 from conftest import Server, free_port, raw_events, read_deltas
 
-DONE_TYPES = ["response.output_text.done", "response.content_part.done",
-              "response.output_item.done"]
+DONE_TYPES = [
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+]
 
 
 @pytest.fixture
@@ -50,8 +53,9 @@ def fake() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def via_fake(make_server: Any, fake: FakeUpstream) -> Server:
-    server: Server = make_server("--upstream", f"fake={fake.url},retries=2,read_timeout=3",
-                                 engine="none")
+    server: Server = make_server(
+        "--upstream", f"fake={fake.url},retries=2,read_timeout=3", engine="none"
+    )
     return server
 
 
@@ -59,7 +63,7 @@ def check_cancelled_stream(events: list[Any]) -> None:
     """contract §3.4: the open message closed `incomplete`, then `response.failed`
     with status cancelled and no error."""
     deltas = [e for e in events if e.type == "response.output_text.delta"]
-    tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
+    tail = [e.type for e in events[events.index(deltas[-1]) + 1 :]]
     assert tail == [*DONE_TYPES, "response.failed"], tail
     assert events[-1].response.status == "cancelled"
     assert events[-1].response.error is None
@@ -93,8 +97,13 @@ async def test_engine_steps_end_with_the_upstream_usage(fake: FakeUpstream) -> N
     async with chat_engine(fake) as engine:
         got = await collect(engine, ask("LENGTH=3 go"))
     assert isinstance(got.steps[0], PromptRead)
-    assert got.steps[1:] == [Delta("alpha"), Delta(" bravo"), Delta(" charlie"), Report(
-        7, 3, {"input_tokens": "upstream", "output_tokens": "upstream"}), Finished("stop")]
+    assert got.steps[1:] == [
+        Delta("alpha"),
+        Delta(" bravo"),
+        Delta(" charlie"),
+        Report(7, 3, {"input_tokens": "upstream", "output_tokens": "upstream"}),
+        Finished("stop"),
+    ]
 
 
 @pytest.mark.anyio
@@ -170,21 +179,35 @@ async def test_backoff_is_a_sleep_a_cancel_ends() -> None:
 # --- the fake upstream ----------------------------------------------------------------
 
 
-def test_create_maps_the_request_and_reports_upstream_usage(via_fake: Server,
-                                                            fake: FakeUpstream) -> None:
+def test_create_maps_the_request_and_reports_upstream_usage(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     with via_fake.client() as client:
-        first = client.responses.create(model="fake", input="LENGTH=3 hello",
-                                        instructions="be brief")
+        first = client.responses.create(
+            model="fake", input="LENGTH=3 hello", instructions="be brief"
+        )
         assert first.status == "completed"
         assert first.output_text == "alpha bravo charlie"
         reply = client.responses.create(
-            model="fake", input="LENGTH=4 again", previous_response_id=first.id,
-            max_output_tokens=2, temperature=0.5, top_p=0.9,
-            text={"format": {"type": "json_schema", "name": "thing", "strict": True,
-                             "schema": {"type": "object", "properties": {}}}})
+            model="fake",
+            input="LENGTH=4 again",
+            previous_response_id=first.id,
+            max_output_tokens=2,
+            temperature=0.5,
+            top_p=0.9,
+            text={
+                "format": {
+                    "type": "json_schema",
+                    "name": "thing",
+                    "strict": True,
+                    "schema": {"type": "object", "properties": {}},
+                }
+            },
+        )
     assert fake.calls[0].body["messages"] == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "LENGTH=3 hello"}]
+        {"role": "user", "content": "LENGTH=3 hello"},
+    ]
     body = fake.last().body
     assert body["model"] == "fake" and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
@@ -195,8 +218,14 @@ def test_create_maps_the_request_and_reports_upstream_usage(via_fake: Server,
         {"role": "user", "content": "LENGTH=4 again"},
     ]
     assert body["max_tokens"] == 2 and body["temperature"] == 0.5 and body["top_p"] == 0.9
-    assert body["response_format"] == {"type": "json_schema", "json_schema": {
-        "name": "thing", "strict": True, "schema": {"type": "object", "properties": {}}}}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "thing",
+            "strict": True,
+            "schema": {"type": "object", "properties": {}},
+        },
+    }
     # A budget hit upstream is `incomplete` (contract §1.3); usage is the upstream's.
     assert reply.status == "incomplete"
     assert reply.incomplete_details is not None
@@ -206,16 +235,17 @@ def test_create_maps_the_request_and_reports_upstream_usage(via_fake: Server,
     assert usage is not None
     assert (usage.input_tokens, usage.output_tokens) == (7, 2)
     assert usage.model_extra is not None
-    assert usage.model_extra["tether"] == {"input_tokens": "upstream",
-                                           "output_tokens": "upstream"}
+    assert usage.model_extra["tether"] == {"input_tokens": "upstream", "output_tokens": "upstream"}
 
 
-def test_cancel_closes_the_upstream_connection_within_one_chunk(via_fake: Server,
-                                                               fake: FakeUpstream) -> None:
+def test_cancel_closes_the_upstream_connection_within_one_chunk(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     # contract §3.2-3.4; the upstream streams at 50 tokens/s (one chunk every 20 ms).
     with via_fake.client() as client:
-        stream = client.responses.create(model="fake", input="RATE=50 LENGTH=500 go",
-                                         background=True, stream=True)
+        stream = client.responses.create(
+            model="fake", input="RATE=50 LENGTH=500 go", background=True, stream=True
+        )
         rid, events = read_deltas(stream, 5)
         called = time.time()
         reply = client.responses.cancel(rid)
@@ -239,13 +269,15 @@ def test_cancel_closes_the_upstream_connection_within_one_chunk(via_fake: Server
     assert reply.usage.model_extra["tether"]["output_tokens"] == "chunks"
 
 
-def test_client_leaving_a_foreground_stream_closes_the_upstream(via_fake: Server,
-                                                                fake: FakeUpstream) -> None:
+def test_client_leaving_a_foreground_stream_closes_the_upstream(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     # contract §4.7: a non-background stream whose client disconnects is cancelled, and
     # the cancel reaches the upstream.
     with via_fake.client() as client:
-        with client.responses.create(model="fake", input="RATE=50 LENGTH=500 go",
-                                     stream=True) as stream:
+        with client.responses.create(
+            model="fake", input="RATE=50 LENGTH=500 go", stream=True
+        ) as stream:
             rid, _ = read_deltas(stream, 3)
         left = time.time()
         call = fake.last()
@@ -259,8 +291,9 @@ def test_client_leaving_a_foreground_stream_closes_the_upstream(via_fake: Server
 
 def test_cancel_of_a_stalled_upstream(via_fake: Server, fake: FakeUpstream) -> None:
     with via_fake.client() as client:
-        stream = client.responses.create(model="fake", input="STALL_AFTER=3 LENGTH=50 go",
-                                         stream=True)
+        stream = client.responses.create(
+            model="fake", input="STALL_AFTER=3 LENGTH=50 go", stream=True
+        )
         rid, events = read_deltas(stream, 3)
         started = time.monotonic()
         reply = client.responses.cancel(rid)
@@ -273,10 +306,12 @@ def test_cancel_of_a_stalled_upstream(via_fake: Server, fake: FakeUpstream) -> N
 
 
 def test_upstream_ignoring_the_disconnect_still_gives_the_contract(
-        via_fake: Server, fake: FakeUpstream) -> None:
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     with via_fake.client() as client:
-        stream = client.responses.create(model="fake", input="IGNORE_CANCEL RATE=100 go",
-                                         background=True, stream=True)
+        stream = client.responses.create(
+            model="fake", input="IGNORE_CANCEL RATE=100 go", background=True, stream=True
+        )
         rid, events = read_deltas(stream, 4)
         reply = client.responses.cancel(rid)
         events += list(stream)
@@ -290,29 +325,34 @@ def test_upstream_ignoring_the_disconnect_still_gives_the_contract(
     assert fake.last().gone.wait(5)
 
 
-def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server,
-                                                      fake: FakeUpstream) -> None:
+def test_upstream_dying_mid_stream_fails_the_response(via_fake: Server, fake: FakeUpstream) -> None:
     # contract §6.1: an `error` event, then `response.failed` with the error set.
     with via_fake.client() as client:
-        rid = client.responses.create(model="fake", input="FAIL_AT=3 go",
-                                      background=True).id
+        rid = client.responses.create(model="fake", input="FAIL_AT=3 go", background=True).id
     events = raw_events(via_fake, rid)
     types = [e["type"] for e in events]
     assert types[-2:] == ["error", "response.failed"]
     assert types.count("response.output_text.delta") == 3
     final: Any = events[-1]["response"]
     assert final["status"] == "failed" and final["error"]["code"] == "server_error"
-    assert "broke" in final["error"]["message"] or "before it finished" in \
-        final["error"]["message"]
+    assert "broke" in final["error"]["message"] or "before it finished" in final["error"]["message"]
     assert final["usage"]["output_tokens"] == 3
     assert len(fake.calls) == 1  # never retried after the first token
 
 
-@pytest.mark.parametrize(("status", "code", "attempts"), [
-    (400, "invalid_prompt", 1), (401, "server_error", 1), (500, "server_error", 1),
-    (429, "rate_limit_exceeded", 3), (503, "server_error", 3)])
-def test_upstream_errors_map_to_openai_errors(via_fake: Server, fake: FakeUpstream,
-                                              status: int, code: str, attempts: int) -> None:
+@pytest.mark.parametrize(
+    ("status", "code", "attempts"),
+    [
+        (400, "invalid_prompt", 1),
+        (401, "server_error", 1),
+        (500, "server_error", 1),
+        (429, "rate_limit_exceeded", 3),
+        (503, "server_error", 3),
+    ],
+)
+def test_upstream_errors_map_to_openai_errors(
+    via_fake: Server, fake: FakeUpstream, status: int, code: str, attempts: int
+) -> None:
     with via_fake.client() as client:
         reply = client.responses.create(model="fake", input=f"STATUS={status} go")
     assert reply.status == "failed" and reply.error is not None
@@ -333,8 +373,12 @@ def test_retry_before_the_first_token_succeeds(via_fake: Server, fake: FakeUpstr
 def test_read_timeout_and_unreachable_upstream(make_server: Any, fake: FakeUpstream) -> None:
     closed = f"http://127.0.0.1:{free_port()}/v1"
     server: Server = make_server(
-        "--upstream", f"stall={fake.url},read_timeout=0.5,retries=0",
-        "--upstream", f"gone={closed},retries=1,connect_timeout=1", engine="none")
+        "--upstream",
+        f"stall={fake.url},read_timeout=0.5,retries=0",
+        "--upstream",
+        f"gone={closed},retries=1,connect_timeout=1",
+        engine="none",
+    )
     with server.client() as client:
         stalled = client.responses.create(model="stall", input="STALL_AFTER=2 go")
         gone = client.responses.create(model="gone", input="hi")
@@ -346,12 +390,23 @@ def test_read_timeout_and_unreachable_upstream(make_server: Any, fake: FakeUpstr
 
 
 def test_function_tool_round_trip_with_the_sdk(via_fake: Server, fake: FakeUpstream) -> None:
-    tools: Any = [{"type": "function", "name": "get_weather", "description": "Weather",
-                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                  "required": ["city"]}, "strict": True}]
+    tools: Any = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+            "strict": True,
+        }
+    ]
     with via_fake.client() as client:
-        with client.responses.stream(model="fake", input="CALL=get_weather weather?",
-                                     tools=tools) as stream:
+        with client.responses.stream(
+            model="fake", input="CALL=get_weather weather?", tools=tools
+        ) as stream:
             kinds = [event.type for event in stream]
             first = stream.get_final_response()
         assert "response.function_call_arguments.delta" in kinds
@@ -360,26 +415,44 @@ def test_function_tool_round_trip_with_the_sdk(via_fake: Server, fake: FakeUpstr
         assert call.type == "function_call" and call.name == "get_weather"
         assert call.arguments == '{"city": "Paris"}' and call.status == "completed"
         sent = fake.last().body
-        assert sent["tools"] == [{"type": "function", "function": {
-            "name": "get_weather", "description": "Weather", "strict": True,
-            "parameters": tools[0]["parameters"]}}]
+        assert sent["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Weather",
+                    "strict": True,
+                    "parameters": tools[0]["parameters"],
+                },
+            }
+        ]
         assert sent["tool_choice"] == "auto"
         follow = client.responses.create(
-            model="fake", previous_response_id=first.id, tools=tools,
-            input=[{"type": "function_call_output", "call_id": call.call_id,
-                    "output": "sunny"}])
+            model="fake",
+            previous_response_id=first.id,
+            tools=tools,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        )
     assert follow.status == "completed"
     assert follow.output_text == "The result is sunny"
     messages = fake.last().body["messages"]
-    assert messages[-2] == {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call.call_id, "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    assert messages[-2] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    }
     assert messages[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
 
 
-def test_models_config_file_and_api_key_from_env(make_server: Any, fake: FakeUpstream,
-                                                 tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_models_config_file_and_api_key_from_env(
+    make_server: Any, fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "tether.toml"
     config.write_text(f"""
 [[upstreams]]
@@ -400,8 +473,9 @@ url = "{fake.url}"
 kind = "responses"
 """)
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", "sk-secret")
-    server: Server = make_server("--config", str(config), "--upstream",
-                                 f"flagged={fake.url}", engine="scripted")
+    server: Server = make_server(
+        "--config", str(config), "--upstream", f"flagged={fake.url}", engine="scripted"
+    )
     with server.client() as client:
         ids = sorted(m.id for m in client.models.list())
         assert ids == ["azure-style", "filed", "filed-responses", "flagged", "scripted"]
@@ -412,11 +486,16 @@ kind = "responses"
         client.responses.create(model="azure-style", input="LENGTH=1 hi")
         assert fake.last().headers["api-key"] == "sk-secret"
         assert "authorization" not in fake.last().headers
-        assert client.responses.create(model="scripted", input="hi",
-                                       max_output_tokens=2).status == "incomplete"
+        assert (
+            client.responses.create(model="scripted", input="hi", max_output_tokens=2).status
+            == "incomplete"
+        )
         # Routed to the scripted engine, which takes function outputs too (issue 13).
-        assert client.responses.create(model="scripted", max_output_tokens=1, input=[
-            {"type": "function_call_output", "call_id": "c", "output": "x"}]).output_text
+        assert client.responses.create(
+            model="scripted",
+            max_output_tokens=1,
+            input=[{"type": "function_call_output", "call_id": "c", "output": "x"}],
+        ).output_text
         with pytest.raises(openai.NotFoundError):
             client.responses.create(model="nope", input="hi")
 
@@ -434,9 +513,15 @@ def test_bad_upstream_flag_is_refused(tmp_path: Path) -> None:
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("llama")
     with llama_server(tmp) as upstream:
-        server = Server(tmp / "tether.db", [
-            "--engine", "none", "--upstream",
-            f"smollm2={upstream.url},tokenizer={smollm2_gguf()},retries=0"])
+        server = Server(
+            tmp / "tether.db",
+            [
+                "--engine",
+                "none",
+                "--upstream",
+                f"smollm2={upstream.url},tokenizer={smollm2_gguf()},retries=0",
+            ],
+        )
         server.start()
         try:
             yield server
@@ -446,8 +531,9 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def first_token_seconds(client: openai.OpenAI, prompt: str = "Say hello.") -> float:
     started = time.monotonic()
-    with client.responses.create(model="smollm2", input=prompt, stream=True,
-                                 max_output_tokens=4, temperature=0) as stream:
+    with client.responses.create(
+        model="smollm2", input=prompt, stream=True, max_output_tokens=4, temperature=0
+    ) as stream:
         for event in stream:
             if event.type == "response.output_text.delta":
                 return time.monotonic() - started
@@ -456,18 +542,21 @@ def first_token_seconds(client: openai.OpenAI, prompt: str = "Say hello.") -> fl
 
 def test_llama_create_and_stream(llama: Server) -> None:
     with llama.client() as client:
-        reply = client.responses.create(model="smollm2", input="Name a colour.",
-                                        max_output_tokens=8, temperature=0)
+        reply = client.responses.create(
+            model="smollm2", input="Name a colour.", max_output_tokens=8, temperature=0
+        )
         assert reply.status == "incomplete" and reply.output_text
         usage = reply.usage
         assert usage is not None and usage.output_tokens > 0 and usage.input_tokens > 5
         assert usage.model_extra is not None
         # llama-cpp-python reports no usage on streams: counted with the GGUF's tokenizer.
-        assert usage.model_extra["tether"] == {"input_tokens": "tokenizer",
-                                               "output_tokens": "tokenizer"}
-        with client.responses.create(model="smollm2", input="Name a colour.",
-                                     max_output_tokens=8, temperature=0,
-                                     stream=True) as stream:
+        assert usage.model_extra["tether"] == {
+            "input_tokens": "tokenizer",
+            "output_tokens": "tokenizer",
+        }
+        with client.responses.create(
+            model="smollm2", input="Name a colour.", max_output_tokens=8, temperature=0, stream=True
+        ) as stream:
             events = list(stream)
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     # Not compared with the first reply's text: llama.cpp reuses its prompt cache on the
@@ -482,8 +571,12 @@ def test_llama_background_resume_and_cancel_frees_the_upstream(llama: Server) ->
     with llama.client() as client:
         idle = min(first_token_seconds(client) for _ in range(2))
         stream = client.responses.create(
-            model="smollm2", input="Write a very long story about a lighthouse keeper.",
-            background=True, stream=True, max_output_tokens=1000)
+            model="smollm2",
+            input="Write a very long story about a lighthouse keeper.",
+            background=True,
+            stream=True,
+            max_output_tokens=1000,
+        )
         rid, events = read_deltas(stream, 5)
         # Resume from the middle (contract §4.4) while it runs.
         seq = events[3].sequence_number
@@ -519,11 +612,22 @@ def test_tool_call_stream_validates_against_sdk_and_spec(via_fake: Server) -> No
     the documented `usage.tether` extension is set aside."""
     from test_schema import check_response, check_stream
 
-    body = {"model": "fake", "input": "CALL=lookup go", "stream": True,
-            "tools": [{"type": "function", "name": "lookup",
-                       "parameters": {"type": "object", "properties": {}}}]}
-    with httpx.Client(timeout=30) as http, \
-            http.stream("POST", f"{via_fake.base_url}/responses", json=body) as r:
+    body = {
+        "model": "fake",
+        "input": "CALL=lookup go",
+        "stream": True,
+        "tools": [
+            {
+                "type": "function",
+                "name": "lookup",
+                "parameters": {"type": "object", "properties": {}},
+            }
+        ],
+    }
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{via_fake.base_url}/responses", json=body) as r,
+    ):
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     events = [orjson.loads(line[6:]) for line in lines[:-1]]
@@ -532,28 +636,43 @@ def test_tool_call_stream_validates_against_sdk_and_spec(via_fake: Server) -> No
             assert set(event["response"]["usage"].pop("tether")) >= {"output_tokens"}
     check_stream(events)
     types = [e["type"] for e in events]
-    assert types[-4:] == ["response.function_call_arguments.delta",
-                          "response.function_call_arguments.done",
-                          "response.output_item.done", "response.completed"]
+    assert types[-4:] == [
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     final = check_response(events[-1]["response"])
     assert final.output[0].type == "function_call"
 
 
-def test_upstream_flags_and_settings_precedence(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upstream_flags_and_settings_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tether.config import load_settings, parse_upstream
 
     spec = parse_upstream("gpt=responses+https://api.example/v1,api_key_env=K,retries=0")
     assert (spec.model, spec.kind, spec.url, spec.api_key_env, spec.retries) == (
-        "gpt", "responses", "https://api.example/v1", "K", 0)
+        "gpt",
+        "responses",
+        "https://api.example/v1",
+        "K",
+        0,
+    )
     assert parse_upstream("m=http://h:1/v1").kind == "chat"
     assert parse_upstream("m=chat+http://h:1/v1").url == "http://h:1/v1"
-    for bad in ("no-equals", "m=http://h/v1,nokey", "m=http://h/v1,bogus=1",
-                "m=http://h/v1,retries=-1"):
+    for bad in (
+        "no-equals",
+        "m=http://h/v1,nokey",
+        "m=http://h/v1,bogus=1",
+        "m=http://h/v1,retries=-1",
+    ):
         with pytest.raises(ValueError):
             parse_upstream(bad)
     config = tmp_path / "t.toml"
-    config.write_text('port = 1\nkeepalive = 5.0\n[[upstreams]]\nmodel = "a"\nurl = "http://f/v1"\n')
+    config.write_text(
+        'port = 1\nkeepalive = 5.0\n[[upstreams]]\nmodel = "a"\nurl = "http://f/v1"\n'
+    )
     monkeypatch.setenv("TETHER_KEEPALIVE", "7")
     settings = load_settings(str(config), port=3, upstream=["a=responses+http://g/v1"])
     assert settings.port == 3  # flag > file
@@ -564,13 +683,15 @@ def test_upstream_flags_and_settings_precedence(tmp_path: Path,
     assert load_settings().engine_kind() == "local"
 
 
-def test_cancel_during_a_function_call_closes_it_incomplete(via_fake: Server,
-                                                            fake: FakeUpstream) -> None:
+def test_cancel_during_a_function_call_closes_it_incomplete(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     # contract §3.4 for a function_call item: its `.done` events, status incomplete.
     tools: Any = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     with via_fake.client() as client:
-        rid = client.responses.create(model="fake", input="CALL=f STALL_AFTER=1 go",
-                                      tools=tools, background=True).id
+        rid = client.responses.create(
+            model="fake", input="CALL=f STALL_AFTER=1 go", tools=tools, background=True
+        ).id
         deadline = time.monotonic() + 5
         while not client.responses.retrieve(rid).output:
             assert time.monotonic() < deadline, "no function call started"
@@ -583,18 +704,22 @@ def test_cancel_during_a_function_call_closes_it_incomplete(via_fake: Server,
     assert item.arguments == '{"city"'
     events = raw_events(via_fake, rid)
     assert [e["type"] for e in events[-3:]] == [
-        "response.function_call_arguments.done", "response.output_item.done",
-        "response.failed"]
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.failed",
+    ]
     assert reply.usage is not None and reply.usage.output_tokens == 1
 
 
-def test_upstream_context_option_refuses_before_sending(make_server: Any,
-                                                        fake: FakeUpstream) -> None:
+def test_upstream_context_option_refuses_before_sending(
+    make_server: Any, fake: FakeUpstream
+) -> None:
     """`context=N`: a prompt over it is refused (or truncated) before the upstream sees it;
     counted with the estimate when no tokenizer is configured (input_tokens agrees)."""
     server: Server = make_server("--upstream", f"fake={fake.url},context=200", engine="none")
-    turns: list[Any] = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 60}
-                        for i in range(10)] + [{"role": "user", "content": "LENGTH=2 go"}]
+    turns: list[Any] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 60} for i in range(10)
+    ] + [{"role": "user", "content": "LENGTH=2 go"}]
     with server.client() as client:
         counted = client.responses.input_tokens.count(model="fake", input=turns)
         assert counted.input_tokens > 200

@@ -111,13 +111,10 @@ def test_is_an_engine() -> None:
     eng = LocalEngine()
     assert isinstance(eng, Engine)
     assert eng.concurrency == 1
-    assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether",
-                                      context=8192)]
+    assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether", context=8192)]
 
 
-def test_short_generation_matches_llama_cpp(
-    plain: LocalEngine, reference: llama_cpp.Llama
-) -> None:
+def test_short_generation_matches_llama_cpp(plain: LocalEngine, reference: llama_cpp.Llama) -> None:
     """Greedy output, prompt and token counts agree with llama-cpp's own chat completion."""
     prompt = "What is the capital of France? Answer in one sentence."
     gen = request([Message("user", prompt)], temperature=0.0, max_output_tokens=60)
@@ -165,8 +162,9 @@ def test_zero_budget_reads_the_prompt_only(engine: LocalEngine) -> None:
 
 
 @pytest.mark.parametrize("mode", ["emit", "task", "inside"])
-def test_cancel_stops_at_the_next_token_and_engine_recovers(engine: LocalEngine,
-                                                            mode: Mode) -> None:
+def test_cancel_stops_at_the_next_token_and_engine_recovers(
+    engine: LocalEngine, mode: Mode
+) -> None:
     got = cancelled(engine, request(STORY, max_output_tokens=500), 3, mode)
     deltas, end = check_shape(got.steps)
     assert end is None, "a cancelled generation must not report Finished"
@@ -247,13 +245,19 @@ def test_smoke_through_the_server(make_server) -> None:  # type: ignore[no-untyp
     server = make_server(engine="local")
     with server.client() as client:
         assert [m.id for m in client.models.list()] == ["smollm2-135m"]
-        short = client.responses.create(model="smollm2-135m", input="Say hello.",
-                                        max_output_tokens=8, temperature=0)
+        short = client.responses.create(
+            model="smollm2-135m", input="Say hello.", max_output_tokens=8, temperature=0
+        )
         assert short.status in ("completed", "incomplete")
         assert 0 < short.usage.output_tokens <= 8 and short.usage.input_tokens > 0
         assert short.output_text.strip()
-        stream = client.responses.create(model="smollm2-135m", input="Write a long story.",
-                                         background=True, stream=True, temperature=0)
+        stream = client.responses.create(
+            model="smollm2-135m",
+            input="Write a long story.",
+            background=True,
+            stream=True,
+            temperature=0,
+        )
         deltas = 0
         rid = ""
         for event in stream:
@@ -275,26 +279,51 @@ def test_smoke_through_the_server(make_server) -> None:  # type: ignore[no-untyp
 
 # --- tools, structured output, context, prefill (issue 13, issue 14 item 5) -----------------
 
+
 def _fn(name: str, description: str, props: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "function", "name": name, "description": description, "strict": True,
-            "parameters": {"type": "object", "properties": props, "required": list(props),
-                           "additionalProperties": False}}
+    return {
+        "type": "function",
+        "name": name,
+        "description": description,
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": props,
+            "required": list(props),
+            "additionalProperties": False,
+        },
+    }
 
 
 WEATHER = _fn("get_weather", "Get the current weather in a city.", {"city": {"type": "string"}})
 TIMER = _fn("set_timer", "Set a timer for some minutes.", {"minutes": {"type": "integer"}})
-STORY_TOOL = _fn("save_story", "Save a long story.", {"title": {"type": "string"},
-                                                      "text": {"type": "string"}})
-PERSON = {"type": "object", "properties": {"name": {"type": "string"},
-                                           "age": {"type": "integer"},
-                                           "tags": {"type": "array", "items": {"type": "string"}}},
-          "required": ["name", "age", "tags"], "additionalProperties": False}
+STORY_TOOL = _fn(
+    "save_story", "Save a long story.", {"title": {"type": "string"}, "text": {"type": "string"}}
+)
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 
 
-def tool_request(text: str, tools: list[dict[str, Any]], choice: Any = "auto",
-                 **kwargs: Any) -> Generation:
-    return Generation("resp_test", "smollm2-135m", [Message("user", text)], 80,
-                      tools=tools, tool_choice=choice, **kwargs)
+def tool_request(
+    text: str, tools: list[dict[str, Any]], choice: Any = "auto", **kwargs: Any
+) -> Generation:
+    return Generation(
+        "resp_test",
+        "smollm2-135m",
+        [Message("user", text)],
+        80,
+        tools=tools,
+        tool_choice=choice,
+        **kwargs,
+    )
 
 
 def split(steps: list[Step]) -> tuple[list[ToolCall], str, str]:
@@ -304,14 +333,15 @@ def split(steps: list[Step]) -> tuple[list[ToolCall], str, str]:
     return calls, args, text
 
 
-@pytest.mark.parametrize("prompt", ["What's the weather in Rome?", "Hello there!",
-                                    "Set a timer for 5 minutes."])
+@pytest.mark.parametrize(
+    "prompt", ["What's the weather in Rome?", "Hello there!", "Set a timer for 5 minutes."]
+)
 @pytest.mark.parametrize("choice", ["required", "named"])
-def test_forced_calls_are_valid_json_of_the_schema(engine: LocalEngine, prompt: str,
-                                                   choice: str) -> None:
+def test_forced_calls_are_valid_json_of_the_schema(
+    engine: LocalEngine, prompt: str, choice: str
+) -> None:
     tools = [WEATHER, TIMER]
-    chosen: Any = "required" if choice == "required" else {"type": "function",
-                                                           "name": "set_timer"}
+    chosen: Any = "required" if choice == "required" else {"type": "function", "name": "set_timer"}
     steps = asyncio.run(collect(engine, tool_request(prompt, tools, chosen)))
     calls, args, text = split(steps)
     assert len(calls) == 1 and text == "" and steps[-1] == Finished("stop")
@@ -324,24 +354,27 @@ def test_forced_calls_are_valid_json_of_the_schema(engine: LocalEngine, prompt: 
 
 
 def test_auto_calls_the_tool_asked_for_and_answers_chat_with_text(engine: LocalEngine) -> None:
-    steps = asyncio.run(collect(engine, tool_request("What's the weather in Oslo?",
-                                                     [TIMER, WEATHER])))
+    steps = asyncio.run(
+        collect(engine, tool_request("What's the weather in Oslo?", [TIMER, WEATHER]))
+    )
     calls, args, _ = split(steps)
     assert [c.name for c in calls] == ["get_weather"]
     jsonschema.validate(json.loads(args), WEATHER["parameters"])
-    calls, _, text = split(asyncio.run(collect(engine, tool_request("Tell me a joke.",
-                                                                    [WEATHER]))))
+    calls, _, text = split(asyncio.run(collect(engine, tool_request("Tell me a joke.", [WEATHER]))))
     assert calls == [] and text
-    calls, _, text = split(asyncio.run(collect(engine, tool_request(
-        "What's the weather in Oslo?", [WEATHER], "none"))))
+    calls, _, text = split(
+        asyncio.run(collect(engine, tool_request("What's the weather in Oslo?", [WEATHER], "none")))
+    )
     assert calls == [] and text
 
 
-@pytest.mark.parametrize("fmt", [{"type": "json_schema", "name": "person", "schema": PERSON},
-                                 {"type": "json_object"}])
+@pytest.mark.parametrize(
+    "fmt", [{"type": "json_schema", "name": "person", "schema": PERSON}, {"type": "json_object"}]
+)
 def test_structured_output_validates(engine: LocalEngine, fmt: dict[str, Any]) -> None:
-    gen = Generation("resp_test", "smollm2-135m", [Message("user", "Describe a person.")],
-                     300, text_format=fmt)
+    gen = Generation(
+        "resp_test", "smollm2-135m", [Message("user", "Describe a person.")], 300, text_format=fmt
+    )
     steps = asyncio.run(collect(engine, gen))
     deltas, end = check_shape(steps)
     assert end == Finished("stop")
@@ -350,8 +383,12 @@ def test_structured_output_validates(engine: LocalEngine, fmt: dict[str, Any]) -
 
 
 def test_count_tokens_is_the_prompt_read(engine: LocalEngine) -> None:
-    gen = tool_request("What's the weather in Rome?", [WEATHER, TIMER], "required",
-                       text_format={"type": "json_object"})
+    gen = tool_request(
+        "What's the weather in Rome?",
+        [WEATHER, TIMER],
+        "required",
+        text_format={"type": "json_object"},
+    )
     counted = asyncio.run(engine.count_tokens(gen))
     steps = asyncio.run(collect(engine, gen))
     assert steps[0] == PromptRead(input_tokens=counted) and counted is not None
@@ -363,8 +400,15 @@ LONG = " ".join(f"Fact {i}: the river in town number {i} is called R{i}." for i 
 
 def test_cancel_during_prefill_stops_within_a_chunk(engine: LocalEngine) -> None:
     """Reading a ~1,500-token prompt takes seconds here; a cancel is seen between chunks."""
-    got = asyncio.run(drive(engine, request([Message("user", LONG)], max_output_tokens=5),
-                            lambda steps: True, "task", TIMEOUT))
+    got = asyncio.run(
+        drive(
+            engine,
+            request([Message("user", LONG)], max_output_tokens=5),
+            lambda steps: True,
+            "task",
+            TIMEOUT,
+        )
+    )
     [first] = got.steps
     assert isinstance(first, PromptRead) and first.input_tokens > 1400
     trace = engine.traces["resp_test"]
@@ -377,20 +421,31 @@ def test_cancel_during_prefill_stops_within_a_chunk(engine: LocalEngine) -> None
 
 # --- through the server ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # A cancel fence far above a prompt chunk, so "replied within a chunk" is unmistakable.
-    with served(tmp_path_factory.mktemp("local"), "--engine", "local", "--debug-routes",
-                "--cancel-timeout", "5") as server:
+    with served(
+        tmp_path_factory.mktemp("local"),
+        "--engine",
+        "local",
+        "--debug-routes",
+        "--cancel-timeout",
+        "5",
+    ) as server:
         yield server
 
 
 def test_cancel_while_generating_arguments(local_server: Server) -> None:
     with local_server.client() as client:
         stream = client.responses.create(
-            model="smollm2-135m", input="Write a very long story about a dragon and save it.",
-            tools=[STORY_TOOL], tool_choice={"type": "function", "name": "save_story"},
-            stream=True, background=True)
+            model="smollm2-135m",
+            input="Write a very long story about a dragon and save it.",
+            tools=[STORY_TOOL],
+            tool_choice={"type": "function", "name": "save_story"},
+            stream=True,
+            background=True,
+        )
         events: list[Any] = []
         for event in stream:
             events.append(event)
@@ -415,16 +470,16 @@ def test_cancel_while_generating_arguments(local_server: Server) -> None:
 
 def test_cancel_during_prefill_replies_within_a_chunk(local_server: Server) -> None:
     with local_server.client() as client:
-        stream = client.responses.create(model="smollm2-135m", input=LONG, stream=True,
-                                         background=True, max_output_tokens=5)
+        stream = client.responses.create(
+            model="smollm2-135m", input=LONG, stream=True, background=True, max_output_tokens=5
+        )
         rid = next(iter(stream)).response.id
         # The engine has started on it (the trace exists) and is reading the prompt.
         wait_for(lambda: _trace_or_none(local_server, rid), 30, "the run to start")
         started = time.monotonic()
         reply = client.responses.cancel(rid)
         took = time.monotonic() - started
-        nxt = client.responses.create(model="smollm2-135m", input="Say hi.",
-                                      max_output_tokens=3)
+        nxt = client.responses.create(model="smollm2-135m", input="Say hi.", max_output_tokens=3)
         rest = list(stream)
     assert reply.status == "cancelled" and reply.usage is not None
     assert reply.usage.output_tokens == 0
@@ -448,9 +503,12 @@ def _trace_or_none(server: Server, rid: str) -> dict[str, object] | None:
 
 def test_input_tokens_counts_what_a_response_reads(local_server: Server) -> None:
     with local_server.client() as client:
-        kwargs: dict[str, Any] = {"instructions": "Be brief.", "tools": [WEATHER],
-                                  "tool_choice": "required",
-                                  "input": [{"role": "user", "content": "Weather in Rome?"}]}
+        kwargs: dict[str, Any] = {
+            "instructions": "Be brief.",
+            "tools": [WEATHER],
+            "tool_choice": "required",
+            "input": [{"role": "user", "content": "Weather in Rome?"}],
+        }
         counted = client.responses.input_tokens.count(model="smollm2-135m", **kwargs)
         made = client.responses.create(model="smollm2-135m", max_output_tokens=30, **kwargs)
         assert counted.object == "response.input_tokens"
@@ -479,7 +537,8 @@ def test_prompt_over_the_context(make_server, monkeypatch: pytest.MonkeyPatch) -
             client.responses.create(model="smollm2-135m", input=turns, stream=True)
         assert refused.value.code == "context_length_exceeded"
         assert refused.value.param == "input"
-        done = client.responses.create(model="smollm2-135m", input=turns, truncation="auto",
-                                       temperature=0)
+        done = client.responses.create(
+            model="smollm2-135m", input=turns, truncation="auto", temperature=0
+        )
     assert done.status == "completed" and done.truncation == "auto"
     assert done.usage is not None and done.usage.input_tokens <= 2048 - 512

@@ -34,8 +34,11 @@ from upstreams import FakeUpstream, fake_upstream
 
 from conftest import Server, raw_events, read_deltas
 
-DONE_TYPES = ["response.output_text.done", "response.content_part.done",
-              "response.output_item.done"]
+DONE_TYPES = [
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Ser
     tmp = tmp_path_factory.mktemp("pair")
     inner = Server(tmp / "inner.db", ["--engine", "scripted", "--debug-routes"])
     inner.start()
-    outer = Server(tmp / "outer.db", ["--engine", "none", "--upstream",
-                                      f"relay=responses+{inner.base_url},upstream_model=scripted"])
+    outer = Server(
+        tmp / "outer.db",
+        [
+            "--engine",
+            "none",
+            "--upstream",
+            f"relay=responses+{inner.base_url},upstream_model=scripted",
+        ],
+    )
     try:
         outer.start()
         yield outer, inner
@@ -62,8 +72,9 @@ def fake() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def via_fake(make_server: Any, fake: FakeUpstream) -> Server:
-    server: Server = make_server("--upstream", f"fake=responses+{fake.url},retries=2",
-                                 engine="none")
+    server: Server = make_server(
+        "--upstream", f"fake=responses+{fake.url},retries=2", engine="none"
+    )
     return server
 
 
@@ -76,7 +87,7 @@ def tether_notes(response: Any) -> dict[str, Any]:
 def check_cancelled_stream(events: list[Any]) -> None:
     # contract §3.4
     deltas = [e for e in events if e.type == "response.output_text.delta"]
-    tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
+    tail = [e.type for e in events[events.index(deltas[-1]) + 1 :]]
     assert tail == [*DONE_TYPES, "response.failed"], tail
     assert events[-1].response.status == "cancelled" and events[-1].response.error is None
 
@@ -107,18 +118,32 @@ async def test_engine_steps_end_with_the_upstream_usage(fake: FakeUpstream) -> N
     async with responses_engine(fake) as engine:
         got = await collect(engine, ask("LENGTH=3 go"))
     assert isinstance(got.steps[0], PromptRead)
-    assert got.steps[1:] == [Delta("alpha"), Delta(" bravo"), Delta(" charlie"), Report(
-        7, 3, {"upstream_response_id": fake.calls[0].id, "input_tokens": "upstream",
-               "output_tokens": "upstream"}), Finished("stop")]
+    assert got.steps[1:] == [
+        Delta("alpha"),
+        Delta(" bravo"),
+        Delta(" charlie"),
+        Report(
+            7,
+            3,
+            {
+                "upstream_response_id": fake.calls[0].id,
+                "input_tokens": "upstream",
+                "output_tokens": "upstream",
+            },
+        ),
+        Finished("stop"),
+    ]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
 async def test_engine_cancel_closes_the_stream_and_cancels_upstream(
-        fake: FakeUpstream, background: bool) -> None:
+    fake: FakeUpstream, background: bool
+) -> None:
     async with responses_engine(fake) as engine:
-        got = await collect(engine, ask("RATE=50 LENGTH=300 go", background),
-                            after_tokens(4), "task")
+        got = await collect(
+            engine, ask("RATE=50 LENGTH=300 go", background), after_tokens(4), "task"
+        )
         assert await post_gone(fake)
     post = fake.calls[0]
     assert fake.cancels == [post.id]
@@ -134,8 +159,9 @@ async def test_engine_cancel_closes_the_stream_and_cancels_upstream(
 @pytest.mark.anyio
 async def test_engine_cancel_of_an_upstream_ignoring_it(fake: FakeUpstream) -> None:
     async with responses_engine(fake) as engine:
-        got = await collect(engine, ask("IGNORE_CANCEL RATE=100 LENGTH=300 go"),
-                            after_tokens(4), "inside")
+        got = await collect(
+            engine, ask("IGNORE_CANCEL RATE=100 LENGTH=300 go"), after_tokens(4), "inside"
+        )
         assert await post_gone(fake)
     assert fake.cancels == [fake.calls[0].id] and got.stop_seconds < 2.0
     assert got.text == "alpha bravo charlie delta"  # the step `emit` did not take, too
@@ -169,8 +195,7 @@ async def test_engine_upstream_failure(fake: FakeUpstream) -> None:
 def test_create_through_tether_of_tether(pair: tuple[Server, Server]) -> None:
     outer, inner = pair
     with outer.client() as client, inner.client() as upstream:
-        reply = client.responses.create(model="relay", input="hello there",
-                                        max_output_tokens=5)
+        reply = client.responses.create(model="relay", input="hello there", max_output_tokens=5)
         assert reply.status == "incomplete" and reply.output_text == scripted_text(5)
         notes = tether_notes(reply)
         assert notes["output_tokens"] == notes["input_tokens"] == "upstream"
@@ -183,8 +208,9 @@ def test_create_through_tether_of_tether(pair: tuple[Server, Server]) -> None:
 def test_background_stream_and_resume_across_two(pair: tuple[Server, Server]) -> None:
     outer, inner = pair
     with outer.client() as client:
-        stream = client.responses.create(model="relay", input="go", background=True,
-                                         stream=True, max_output_tokens=40)
+        stream = client.responses.create(
+            model="relay", input="go", background=True, stream=True, max_output_tokens=40
+        )
         rid, events = read_deltas(stream, 5)
         seq = events[-1].sequence_number
         # Resume the outer log mid-run (contract §4.4), and read both to the end.
@@ -194,7 +220,7 @@ def test_background_stream_and_resume_across_two(pair: tuple[Server, Server]) ->
         final = client.responses.retrieve(rid)
     assert rest[0].sequence_number == seq + 1
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert [e.type for e in rest] == [e.type for e in events[seq + 1:]]
+    assert [e.type for e in rest] == [e.type for e in events[seq + 1 :]]
     assert final.status == "incomplete" and final.output_text == scripted_text(40)
     # The upstream response was a background one too, and it ended the same way.
     notes = tether_notes(final)
@@ -204,12 +230,14 @@ def test_background_stream_and_resume_across_two(pair: tuple[Server, Server]) ->
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["background", "foreground"])
-def test_cancel_across_two_stops_the_inner_engine(pair: tuple[Server, Server],
-                                                  background: bool) -> None:
+def test_cancel_across_two_stops_the_inner_engine(
+    pair: tuple[Server, Server], background: bool
+) -> None:
     outer, inner = pair
     with outer.client() as client, outer.client() as other:
-        stream = client.responses.create(model="relay", input="tell me a story",
-                                         background=background, stream=True)
+        stream = client.responses.create(
+            model="relay", input="tell me a story", background=background, stream=True
+        )
         rid, events = read_deltas(stream, 5)
         reply = other.responses.cancel(rid)  # contract §3.8: by id, from another client
         replied = time.time()
@@ -236,11 +264,13 @@ def test_cancel_across_two_stops_the_inner_engine(pair: tuple[Server, Server],
     assert deltas <= trace["produced"] <= deltas + 1
 
 
-def test_upstream_ignoring_cancel_still_gives_the_contract(via_fake: Server,
-                                                           fake: FakeUpstream) -> None:
+def test_upstream_ignoring_cancel_still_gives_the_contract(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
     with via_fake.client() as client:
-        stream = client.responses.create(model="fake", input="IGNORE_CANCEL RATE=100 "
-                                         "LENGTH=300 go", background=True, stream=True)
+        stream = client.responses.create(
+            model="fake", input="IGNORE_CANCEL RATE=100 LENGTH=300 go", background=True, stream=True
+        )
         rid, events = read_deltas(stream, 4)
         started = time.monotonic()
         reply = client.responses.cancel(rid)
@@ -260,11 +290,11 @@ def test_upstream_ignoring_cancel_still_gives_the_contract(via_fake: Server,
     assert reply.usage.output_tokens == again.usage.output_tokens == deltas
 
 
-def test_broken_background_stream_is_resumed_upstream(via_fake: Server,
-                                                      fake: FakeUpstream) -> None:
+def test_broken_background_stream_is_resumed_upstream(via_fake: Server, fake: FakeUpstream) -> None:
     with via_fake.client() as client:
-        reply = client.responses.create(model="fake", input="BREAK_AT=3 LENGTH=8 go",
-                                        background=True)
+        reply = client.responses.create(
+            model="fake", input="BREAK_AT=3 LENGTH=8 go", background=True
+        )
         rid = reply.id
     events = raw_events(via_fake, rid)
     final: Any = events[-1]["response"]
@@ -289,38 +319,67 @@ def test_forwarded_request_shape(via_fake: Server, fake: FakeUpstream) -> None:
     tools: Any = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     with via_fake.client() as client:
         first = client.responses.create(model="fake", input="LENGTH=2 hi", instructions="terse")
-        client.responses.create(model="fake", input="LENGTH=1 more", tools=tools,
-                                previous_response_id=first.id, max_output_tokens=30,
-                                text={"format": {"type": "json_object"}})
+        client.responses.create(
+            model="fake",
+            input="LENGTH=1 more",
+            tools=tools,
+            previous_response_id=first.id,
+            max_output_tokens=30,
+            text={"format": {"type": "json_object"}},
+        )
     body = fake.last().body
     # The whole history goes upstream as items; never the upstream's own ids.
     assert body["input"] == [
         {"type": "message", "role": "user", "content": "LENGTH=2 hi"},
         {"type": "message", "role": "assistant", "content": "alpha bravo"},
-        {"type": "message", "role": "user", "content": "LENGTH=1 more"}]
+        {"type": "message", "role": "user", "content": "LENGTH=1 more"},
+    ]
     assert "previous_response_id" not in body
-    assert body["tools"] == [{"type": "function", "name": "f", "description": None,
-                              "parameters": {"type": "object"}, "strict": True}]
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "name": "f",
+            "description": None,
+            "parameters": {"type": "object"},
+            "strict": True,
+        }
+    ]
     assert body["text"] == {"format": {"type": "json_object"}}
     assert body["max_output_tokens"] == 30 and body["stream"] is True
-    assert fake.calls[0].body["input"][0] == {"type": "message", "role": "system",
-                                              "content": "terse"}
+    assert fake.calls[0].body["input"][0] == {
+        "type": "message",
+        "role": "system",
+        "content": "terse",
+    }
 
 
-def test_function_call_round_trip_through_a_responses_upstream(via_fake: Server,
-                                                               fake: FakeUpstream) -> None:
-    tools: Any = [{"type": "function", "name": "get_weather",
-                   "parameters": {"type": "object", "properties": {}}}]
+def test_function_call_round_trip_through_a_responses_upstream(
+    via_fake: Server, fake: FakeUpstream
+) -> None:
+    tools: Any = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {}},
+        }
+    ]
     with via_fake.client() as client:
-        first = client.responses.create(model="fake", input="CALL=get_weather go",
-                                        tools=tools)
+        first = client.responses.create(model="fake", input="CALL=get_weather go", tools=tools)
         call = first.output[0]
         assert call.type == "function_call" and call.name == "get_weather"
         assert call.arguments == '{"city": "Paris"}' and call.call_id == "call_fake1"
-        client.responses.create(model="fake", previous_response_id=first.id, tools=tools,
-                                input=[{"type": "function_call_output",
-                                        "call_id": call.call_id, "output": "sunny"}])
+        client.responses.create(
+            model="fake",
+            previous_response_id=first.id,
+            tools=tools,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        )
     assert fake.last().body["input"][-2:] == [
-        {"type": "function_call", "call_id": "call_fake1", "name": "get_weather",
-         "arguments": '{"city": "Paris"}'},
-        {"type": "function_call_output", "call_id": "call_fake1", "output": "sunny"}]
+        {
+            "type": "function_call",
+            "call_id": "call_fake1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_fake1", "output": "sunny"},
+    ]

@@ -128,6 +128,7 @@ async def test_router_waits_for_a_slot_under_the_scope() -> None:
         async def emit(step: Step) -> None:
             first.append(step)
             started.set()
+
         await router.generate(gen("LINGER=0.5", rid="resp_first"), emit)
 
     async with anyio.create_task_group() as tg:
@@ -141,8 +142,12 @@ async def test_router_waits_for_a_slot_under_the_scope() -> None:
     assert "resp_second" not in router.traces and "resp_first" in router.traces
 
 
-SHELL = {"type": "function", "name": "exec_command", "description": "Run a command.",
-         "parameters": {"type": "object", "properties": {"cmd": {"type": "array"}}}}
+SHELL = {
+    "type": "function",
+    "name": "exec_command",
+    "description": "Run a command.",
+    "parameters": {"type": "object", "properties": {"cmd": {"type": "array"}}},
+}
 DIRECTIVE = 'Run it. CALL=exec_command:{"cmd":["echo","hi"]}'
 
 
@@ -164,15 +169,22 @@ async def test_call_directive_streams_the_call() -> None:
 
 async def test_after_a_tool_output_it_answers_with_text() -> None:
     engine = ScriptedEngine(rate=0, length=5)
-    turns = [Message("user", DIRECTIVE),
-             Message("assistant", "", [ToolCallSpec("call_1", "exec_command", "{}")]),
-             Message("tool", "hi", call_id="call_1")]
+    turns = [
+        Message("user", DIRECTIVE),
+        Message("assistant", "", [ToolCallSpec("call_1", "exec_command", "{}")]),
+        Message("tool", "hi", call_id="call_1"),
+    ]
     steps = await steps_of(engine, tool_gen(turns))
     assert [type(s) for s in steps] == [PromptRead] + [Delta] * 5 + [Finished]
 
 
-@pytest.mark.parametrize("choice", ["none", {"type": "allowed_tools", "mode": "auto",
-                                             "tools": [{"type": "function", "name": "x"}]}])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "none",
+        {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "x"}]},
+    ],
+)
 async def test_no_call_when_the_tool_is_not_allowed(choice: object) -> None:
     engine = ScriptedEngine(rate=0, length=3)
     steps = await steps_of(engine, tool_gen([Message("user", DIRECTIVE)], choice))
@@ -191,12 +203,18 @@ async def test_forced_choice_calls_without_a_directive() -> None:
 
 async def test_json_formats_give_valid_json() -> None:
     engine = ScriptedEngine(rate=0, length=200)
-    schema = {"type": "object", "required": ["name", "age", "tags", "kind"],
-              "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                             "tags": {"type": "array", "items": {"type": "string"}},
-                             "kind": {"enum": ["a", "b"]}}, "additionalProperties": False}
-    for fmt in ({"type": "json_schema", "name": "x", "schema": schema},
-                {"type": "json_object"}):
+    schema = {
+        "type": "object",
+        "required": ["name", "age", "tags", "kind"],
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "kind": {"enum": ["a", "b"]},
+        },
+        "additionalProperties": False,
+    }
+    for fmt in ({"type": "json_schema", "name": "x", "schema": schema}, {"type": "json_object"}):
         req = Generation("resp_1", "scripted", [Message("user", "hi")], None, text_format=fmt)
         steps = await steps_of(engine, req)
         value = json.loads("".join(s.text for s in steps if isinstance(s, Delta)))
@@ -217,22 +235,28 @@ def test_multi_step_tool_loop_through_the_sdk(make_server) -> None:  # type: ign
         assert json.loads(call.arguments) == {"cmd": ["echo", "hi"]}
         assert first.usage.output_tokens == len(call.arguments) // 4 + 1
         answer = client.responses.create(
-            model="scripted", previous_response_id=first.id, tools=tools,
-            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "hi"}])
+            model="scripted",
+            previous_response_id=first.id,
+            tools=tools,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "hi"}],
+        )
         assert answer.status == "completed" and answer.output_text == scripted_text(6)
         # The user asks again (the directive is still in the conversation): a new call,
         # streamed with its events, then the loop ends the same way.
-        with client.responses.stream(model="scripted", previous_response_id=answer.id,
-                                     tools=tools, input="Once more.") as stream:
+        with client.responses.stream(
+            model="scripted", previous_response_id=answer.id, tools=tools, input="Once more."
+        ) as stream:
             kinds = [e.type for e in stream]
             second = stream.get_final_response()
         assert "response.function_call_arguments.delta" in kinds
         [call2] = second.output
         assert call2.type == "function_call" and call2.call_id != call.call_id
         last = client.responses.create(
-            model="scripted", previous_response_id=second.id, tools=tools,
-            input=[{"type": "function_call_output", "call_id": call2.call_id,
-                    "output": "hi"}])
+            model="scripted",
+            previous_response_id=second.id,
+            tools=tools,
+            input=[{"type": "function_call_output", "call_id": call2.call_id, "output": "hi"}],
+        )
         assert last.output_text == scripted_text(6)
 
 
@@ -241,7 +265,8 @@ def test_input_tokens_without_an_engine_tokenizer(make_server) -> None:  # type:
     server = make_server()
     with server.client() as client:
         short = client.responses.input_tokens.count(model="scripted", input="x" * 40)
-        long = client.responses.input_tokens.count(model="scripted", input="x" * 400,
-                                                   instructions="y" * 40)
+        long = client.responses.input_tokens.count(
+            model="scripted", input="x" * 400, instructions="y" * 40
+        )
     assert short.object == "response.input_tokens" and short.input_tokens == 11
     assert long.input_tokens == 112

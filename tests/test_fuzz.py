@@ -25,8 +25,15 @@ OPERATIONS = fuzz_api.operations()
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fuzz_api.Fuzzer]:
-    with served(tmp_path_factory.mktemp("fuzz"), "--engine", "scripted", "--scripted-rate",
-                "100", "--scripted-length", "10") as server:
+    with served(
+        tmp_path_factory.mktemp("fuzz"),
+        "--engine",
+        "scripted",
+        "--scripted-rate",
+        "100",
+        "--scripted-length",
+        "10",
+    ) as server:
         fuzzer = fuzz_api.Fuzzer(server.url)
         try:
             yield fuzzer
@@ -37,20 +44,20 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[fuzz_api.Fuzzer
 def test_every_served_route_is_fuzzed() -> None:
     """The fuzzed document covers every API operation the server routes (the playground's
     static page aside)."""
-    served_ops = {(r.path.replace(":path", ""), method.lower())
-                  for r in routes if isinstance(r, Route) and r.methods
-                  for method in r.methods - {"HEAD"}
-                  if r.path.startswith("/v1") or r.path in ("/health", "/metrics")}
-    documented = {(path, method) for path, ops in fuzz_api.DOC["paths"].items()
-                  for method in ops}
+    served_ops = {
+        (r.path.replace(":path", ""), method.lower())
+        for r in routes
+        if isinstance(r, Route) and r.methods
+        for method in r.methods - {"HEAD"}
+        if r.path.startswith("/v1") or r.path in ("/health", "/metrics")
+    }
+    documented = {(path, method) for path, ops in fuzz_api.DOC["paths"].items() for method in ops}
     assert served_ops == documented
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[o.label for o in OPERATIONS])
-def test_fuzzed_operation_has_no_server_errors(fuzzed: fuzz_api.Fuzzer,
-                                              operation: Any) -> None:
+def test_fuzzed_operation_has_no_server_errors(fuzzed: fuzz_api.Fuzzer, operation: Any) -> None:
     print(f"seed {SEED}: TETHER_FUZZ_SEED={SEED} reproduces this run")
     tally = fuzz_api.fuzz(fuzzed, operation, EXAMPLES, SEED, stop_on_problem=True)
     assert tally.examples > 0
     assert not tally.problems, tally.problems[:5]
-

@@ -29,10 +29,21 @@ DEPTH_LIMIT = 64  # tether.bounds.MAX_DEPTH, as the README documents it
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with served(tmp_path_factory.mktemp("hostile"), "--engine", "scripted",
-                "--scripted-rate", "0", "--scripted-length", "5", "--log-level", "info",
-                "--header-timeout", str(HEADER_TIMEOUT),
-                "--body-timeout", str(BODY_TIMEOUT)) as server:
+    with served(
+        tmp_path_factory.mktemp("hostile"),
+        "--engine",
+        "scripted",
+        "--scripted-rate",
+        "0",
+        "--scripted-length",
+        "5",
+        "--log-level",
+        "info",
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--body-timeout",
+        str(BODY_TIMEOUT),
+    ) as server:
         yield server
 
 
@@ -61,15 +72,21 @@ def errors_logged(server: Server) -> list[dict[str, Any]]:
 
 BAD_QUERIES: list[tuple[str, str, dict[str, str], str]] = [
     # id, path under /responses/{id}, query, the parameter named
-    ("starting_after-2^63", "", {"stream": "true", "starting_after": str(2**63)},
-     "starting_after"),
-    ("starting_after-underscore", "", {"stream": "true", "starting_after": "1_0"},
-     "starting_after"),
+    ("starting_after-2^63", "", {"stream": "true", "starting_after": str(2**63)}, "starting_after"),
+    (
+        "starting_after-underscore",
+        "",
+        {"stream": "true", "starting_after": "1_0"},
+        "starting_after",
+    ),
     ("starting_after-plus", "", {"stream": "true", "starting_after": "+1"}, "starting_after"),
-    ("starting_after-space", "", {"stream": "true", "starting_after": " 1"},
-     "starting_after"),
-    ("starting_after-5000-digits", "", {"stream": "true", "starting_after": "9" * 5000},
-     "starting_after"),
+    ("starting_after-space", "", {"stream": "true", "starting_after": " 1"}, "starting_after"),
+    (
+        "starting_after-5000-digits",
+        "",
+        {"stream": "true", "starting_after": "9" * 5000},
+        "starting_after",
+    ),
     ("stream-maybe", "", {"stream": "maybe"}, "stream"),
     ("stream-empty", "", {"stream": ""}, "stream"),
     ("limit-0", "/input_items", {"limit": "0"}, "limit"),
@@ -80,75 +97,105 @@ BAD_QUERIES: list[tuple[str, str, dict[str, str], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("path", "query", "param"), [q[1:] for q in BAD_QUERIES],
-                         ids=[q[0] for q in BAD_QUERIES])
-def test_bad_query_parameter_is_400_naming_it(hostile: Server, done: str, path: str,
-                                              query: dict[str, str], param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "query", "param"), [q[1:] for q in BAD_QUERIES], ids=[q[0] for q in BAD_QUERIES]
+)
+def test_bad_query_parameter_is_400_naming_it(
+    hostile: Server, done: str, path: str, query: dict[str, str], param: str
+) -> None:
     r = httpx.get(f"{hostile.base_url}/responses/{done}{path}", params=query, timeout=10)
     check_error(r, 400, param=param)
 
 
 def test_largest_starting_after_is_a_whole_empty_stream(hostile: Server, done: str) -> None:
     # 2^63 - 1 fits the store's INTEGER: nothing after it, and the stream still ends.
-    r = httpx.get(f"{hostile.base_url}/responses/{done}",
-                  params={"stream": "1", "starting_after": str(2**63 - 1)}, timeout=10)
+    r = httpx.get(
+        f"{hostile.base_url}/responses/{done}",
+        params={"stream": "1", "starting_after": str(2**63 - 1)},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
     assert r.text.rstrip().endswith("data: [DONE]"), r.text
     assert "response.created" not in r.text
-    r = httpx.get(f"{hostile.base_url}/responses/{done}", params={"stream": "False"},
-                  timeout=10)
+    r = httpx.get(f"{hostile.base_url}/responses/{done}", params={"stream": "False"}, timeout=10)
     assert r.status_code == 200 and r.json()["id"] == done
 
 
 # --- integers in bodies --------------------------------------------------------------------
 
-BIG_BODY_INTS = [("max_output_tokens", 2**31), ("max_output_tokens", 2**63),
-                 ("max_output_tokens", 2**64 + 1), ("max_tool_calls", 2**63)]
+BIG_BODY_INTS = [
+    ("max_output_tokens", 2**31),
+    ("max_output_tokens", 2**63),
+    ("max_output_tokens", 2**64 + 1),
+    ("max_tool_calls", 2**63),
+]
 
 
-@pytest.mark.parametrize(("param", "value"), BIG_BODY_INTS,
-                         ids=[f"{p}-{v}" for p, v in BIG_BODY_INTS])
-def test_huge_integer_in_a_body_is_400_naming_it(hostile: Server, param: str,
-                                                 value: int) -> None:
+@pytest.mark.parametrize(
+    ("param", "value"), BIG_BODY_INTS, ids=[f"{p}-{v}" for p, v in BIG_BODY_INTS]
+)
+def test_huge_integer_in_a_body_is_400_naming_it(hostile: Server, param: str, value: int) -> None:
     text = f'{{"model": "{MODEL}", "input": "x", "{param}": {value}}}'
-    r = httpx.post(f"{hostile.base_url}/responses", content=text,
-                   headers={"content-type": "application/json", "idempotency-key": "big"},
-                   timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        content=text,
+        headers={"content-type": "application/json", "idempotency-key": "big"},
+        timeout=10,
+    )
     check_error(r, 400, param=param)
-    r = httpx.post(f"{hostile.base_url}/responses", data={"model": MODEL, "input": "x",
-                                                         param: str(value)}, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        data={"model": MODEL, "input": "x", param: str(value)},
+        timeout=10,
+    )
     check_error(r, 400, param=param)
 
 
 def test_long_idempotency_key_is_400(hostile: Server) -> None:
     # Stored with the response: bounded like any stored value (255 characters).
-    r = httpx.post(f"{hostile.base_url}/responses", json={"model": MODEL, "input": "x"},
-                   headers={"idempotency-key": "k" * 256}, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        json={"model": MODEL, "input": "x"},
+        headers={"idempotency-key": "k" * 256},
+        timeout=10,
+    )
     check_error(r, 400, param="Idempotency-Key")
-    r = httpx.post(f"{hostile.base_url}/responses", json={"model": MODEL, "input": "x"},
-                   headers={"idempotency-key": "k" * 255}, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        json={"model": MODEL, "input": "x"},
+        headers={"idempotency-key": "k" * 255},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
 
 
 # --- nesting -------------------------------------------------------------------------------
 
+
 def nested_json(depth: int) -> bytes:
     """A create body `depth` levels deep in all (the body is level 1), through
     `stream_options` (free-form in both specs)."""
     inner = depth - 2  # the body, then stream_options itself
-    return (f'{{"model": "{MODEL}", "input": "x", "stream_options": '
-            + '{"a": ' * inner + "{}" + "}" * inner + "}").encode()
+    return (
+        f'{{"model": "{MODEL}", "input": "x", "stream_options": '
+        + '{"a": ' * inner
+        + "{}"
+        + "}" * inner
+        + "}"
+    ).encode()
 
 
 @pytest.mark.parametrize("depth", [DEPTH_LIMIT + 1, 300, 2000])
 @pytest.mark.parametrize("key", [None, "deep"])
-def test_body_nested_too_deep_is_400_naming_the_limit(hostile: Server, depth: int,
-                                                      key: str | None) -> None:
+def test_body_nested_too_deep_is_400_naming_the_limit(
+    hostile: Server, depth: int, key: str | None
+) -> None:
     headers = {"content-type": "application/json"}
     if key is not None:  # the hash of the body once raised RecursionError: a 500
         headers["idempotency-key"] = f"{key}-{depth}"
-    r = httpx.post(f"{hostile.base_url}/responses", content=nested_json(depth),
-                   headers=headers, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses", content=nested_json(depth), headers=headers, timeout=10
+    )
     # Past the JSON parser's own limit (1,024) the parameter is not known.
     param = "stream_options" if depth < 1000 else None
     err = check_error(r, 400, param=param, code="nesting_too_deep")
@@ -157,10 +204,15 @@ def test_body_nested_too_deep_is_400_naming_the_limit(hostile: Server, depth: in
 
 def test_form_brackets_nested_too_deep_is_400(hostile: Server) -> None:
     field = "stream_options" + "[a]" * 300
-    r = httpx.post(f"{hostile.base_url}/responses",
-                   content=f"model={MODEL}&input=x&{field}=v",
-                   headers={"content-type": "application/x-www-form-urlencoded",
-                            "idempotency-key": "deep-form"}, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        content=f"model={MODEL}&input=x&{field}=v",
+        headers={
+            "content-type": "application/x-www-form-urlencoded",
+            "idempotency-key": "deep-form",
+        },
+        timeout=10,
+    )
     err = check_error(r, 400, param="stream_options", code="nesting_too_deep")
     assert str(DEPTH_LIMIT) in err["message"]
 
@@ -176,31 +228,49 @@ def test_websocket_message_nested_too_deep_is_an_error_event(hostile: Server) ->
     assert error["error"]["param"] == "stream_options"
 
 
-FORM_NUMBERS = [("max_output_tokens", "1_0"), ("max_output_tokens", " 10"),
-                ("max_output_tokens", "9" * 5000), ("temperature", "nan"),
-                ("top_p", "1_0.5"), ("temperature", "inf")]
+FORM_NUMBERS = [
+    ("max_output_tokens", "1_0"),
+    ("max_output_tokens", " 10"),
+    ("max_output_tokens", "9" * 5000),
+    ("temperature", "nan"),
+    ("top_p", "1_0.5"),
+    ("temperature", "inf"),
+]
 
 
-@pytest.mark.parametrize(("param", "text"), FORM_NUMBERS,
-                         ids=[f"{p}={t[:8]}" for p, t in FORM_NUMBERS])
+@pytest.mark.parametrize(
+    ("param", "text"), FORM_NUMBERS, ids=[f"{p}={t[:8]}" for p, t in FORM_NUMBERS]
+)
 def test_form_numbers_are_json_numbers(hostile: Server, param: str, text: str) -> None:
     # Python's int()/float() take `1_0`, ` 10`, `nan`: a form field's number is JSON's.
-    r = httpx.post(f"{hostile.base_url}/responses",
-                   data={"model": MODEL, "input": "x", param: text}, timeout=10)
+    r = httpx.post(
+        f"{hostile.base_url}/responses",
+        data={"model": MODEL, "input": "x", param: text},
+        timeout=10,
+    )
     check_error(r, 400, param=param)
 
 
 def test_body_at_the_depth_limit_is_served_and_idempotent(hostile: Server) -> None:
     headers = {"content-type": "application/json", "idempotency-key": "at-the-limit"}
-    first = httpx.post(f"{hostile.base_url}/responses", content=nested_json(DEPTH_LIMIT),
-                       headers=headers, timeout=30)
+    first = httpx.post(
+        f"{hostile.base_url}/responses",
+        content=nested_json(DEPTH_LIMIT),
+        headers=headers,
+        timeout=30,
+    )
     assert first.status_code == 200, first.text
-    again = httpx.post(f"{hostile.base_url}/responses", content=nested_json(DEPTH_LIMIT),
-                       headers=headers, timeout=30)
+    again = httpx.post(
+        f"{hostile.base_url}/responses",
+        content=nested_json(DEPTH_LIMIT),
+        headers=headers,
+        timeout=30,
+    )
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
 
 
 # --- clients that vanish or crawl ----------------------------------------------------------
+
 
 def access_line(server: Server, request_id: str) -> dict[str, Any] | None:
     for line in log_lines(server):
@@ -212,9 +282,11 @@ def access_line(server: Server, request_id: str) -> dict[str, Any] | None:
 def test_client_gone_during_its_body_is_not_an_error(hostile: Server) -> None:
     before = len(errors_logged(hostile))
     with socket.create_connection(("127.0.0.1", hostile.port), timeout=10) as s:
-        s.sendall(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n"
-                  b"content-type: application/json\r\ncontent-length: 1000\r\n"
-                  b"x-request-id: gone-mid-body\r\n\r\n" + b'{"model": "scr')
+        s.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 1000\r\n"
+            b"x-request-id: gone-mid-body\r\n\r\n" + b'{"model": "scr'
+        )
     wait_for(lambda: access_line(hostile, "gone-mid-body"), what="its access line")
     assert errors_logged(hostile)[before:] == []
 
@@ -224,9 +296,11 @@ def test_slow_body_gets_408_and_the_connection_closed(hostile: Server) -> None:
 
     async def run() -> tuple[bytes, float]:
         reader, writer = await asyncio.open_connection("127.0.0.1", hostile.port)
-        writer.write(b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n"
-                     b"content-type: application/json\r\ncontent-length: 100\r\n"
-                     b"x-request-id: slow-body\r\n\r\n{")
+        writer.write(
+            b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 100\r\n"
+            b"x-request-id: slow-body\r\n\r\n{"
+        )
         start = time.monotonic()
         reply = await asyncio.wait_for(reader.read(), BODY_TIMEOUT + 10)
         writer.close()
@@ -288,7 +362,7 @@ def test_slow_headers_are_dropped_and_others_still_served(hostile: Server) -> No
 
         async def trickle(data: bytes) -> None:
             for i in range(len(data)):
-                writer.write(data[i:i + 1])
+                writer.write(data[i : i + 1])
                 count[0] += i == 0
                 if count[0] == SLOW_CLIENTS:
                     started.set()
@@ -342,4 +416,3 @@ def test_keep_alive_requests_are_not_cut_by_the_header_timeout(hostile: Server) 
         while time.monotonic() < deadline:
             assert client.get(f"{hostile.url}/health").status_code == 200
             time.sleep(0.5)  # the gap between a real client's requests
-

@@ -35,7 +35,8 @@ def module_files(src: Path = SRC, package: str = PACKAGE) -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_time(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
@@ -48,8 +49,7 @@ def _import_time(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
                 yield from _import_time(node.body)
             yield from _import_time(node.orelse)
         elif isinstance(node, ast.Try | ast.TryStar):
-            for block in (node.body, node.orelse, node.finalbody,
-                          *(h.body for h in node.handlers)):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
                 yield from _import_time(block)
         elif isinstance(node, ast.With | ast.AsyncWith | ast.For | ast.While | ast.ClassDef):
             yield from _import_time(node.body)  # a class body runs at import time too
@@ -61,7 +61,7 @@ def _base(module: str, is_package: bool, node: ast.ImportFrom) -> str:
         return node.module or ""
     parts = module.split(".")
     package = parts if is_package else parts[:-1]
-    package = package[:len(package) - (node.level - 1)]
+    package = package[: len(package) - (node.level - 1)]
     return ".".join([*package, node.module] if node.module else package)
 
 
@@ -150,10 +150,10 @@ def test_the_checker_resolves_every_kind_of_import(tmp_path: Path) -> None:
         "a.py": "import pkg.b\nfrom pkg import c, VERSION\n",
         "b.py": "from .sub import d\nfrom . import c\n",
         "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\n"
-                "def f() -> None:\n    import pkg.b\n",
+        "def f() -> None:\n    import pkg.b\n",
         "sub/__init__.py": "from .d import X\nfrom .. import c\n",
         "sub/d.py": "try:\n    from pkg.sub import e\nexcept ImportError:\n    pass\n"
-                    "class K:\n    from ..c import f\n",
+        "class K:\n    from ..c import f\n",
         "sub/e.py": "X = 1\n",
     }
     for name, text in files.items():
@@ -180,5 +180,7 @@ def test_the_checker_finds_a_cycle() -> None:
 
 def test_no_import_cycle() -> None:
     found = cycles(import_graph())
-    assert not found, "import cycles in src/tether (break each, e.g. by moving the shared " \
+    assert not found, (
+        "import cycles in src/tether (break each, e.g. by moving the shared "
         "part into a module both import):\n" + "\n".join(" -> ".join(c) for c in found)
+    )

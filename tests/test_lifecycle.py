@@ -15,14 +15,18 @@ import pytest
 
 from conftest import raw_events, read_deltas, wait_for
 
-DONE_TYPES = ["response.output_text.done", "response.content_part.done",
-              "response.output_item.done"]
+DONE_TYPES = [
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+]
 
 
 def test_motivating_scenario_background_stream_cancel(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §3.2, §3.3, §3.4, §3.5, §3.9 — openai-python#2643
-    stream = client.responses.create(model="scripted", input="tell me a story",
-                                     background=True, stream=True)
+    stream = client.responses.create(
+        model="scripted", input="tell me a story", background=True, stream=True
+    )
     rid, events = read_deltas(stream, 5)
     reply = client.responses.cancel(rid)
     replied_at = time.time()
@@ -33,7 +37,7 @@ def test_motivating_scenario_background_stream_cancel(server, client) -> None:  
     deltas = [e for e in events if e.type == "response.output_text.delta"]
     # Every delta the stream carries was produced before the reply; after the last one
     # come only the `.done` events that close the open message, then the terminal event.
-    tail = [e.type for e in events[events.index(deltas[-1]) + 1:]]
+    tail = [e.type for e in events[events.index(deltas[-1]) + 1 :]]
     assert tail == [*DONE_TYPES, "response.failed"]
     terminal = events[-1]
     assert terminal.response.status == "cancelled"
@@ -60,8 +64,9 @@ def test_cancel_completed_is_400_without_retry(server, client) -> None:  # type:
     # contract §3.6
     done = client.responses.create(model="scripted", input="x", max_output_tokens=3)
     assert done.status == "incomplete"
-    finished = client.responses.create(model="scripted", input="x",
-                                       extra_body={"max_output_tokens": 1000})
+    finished = client.responses.create(
+        model="scripted", input="x", extra_body={"max_output_tokens": 1000}
+    )
     # `max_output_tokens` above the scripted length: the run ends naturally.
     for response, word in ((done, "an incomplete"), (finished, "a completed")):
         raw = httpx.post(f"{server.base_url}/responses/{response.id}/cancel")
@@ -82,8 +87,7 @@ def test_cancel_unknown_is_404(client) -> None:  # type: ignore[no-untyped-def]
 
 def test_every_reader_gets_the_terminal_event(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §2.4, §3.4: the POST stream and two resumes all end the same way
-    stream = client.responses.create(model="scripted", input="x", background=True,
-                                     stream=True)
+    stream = client.responses.create(model="scripted", input="x", background=True, stream=True)
     rid, first = read_deltas(stream, 2)
     readers = [client.responses.retrieve(rid, stream=True, starting_after=s) for s in (0, 3)]
     client.responses.cancel(rid)
@@ -101,8 +105,7 @@ def test_closing_a_background_reader_does_not_stop_the_run(make_server) -> None:
     # contract §4.6
     server = make_server("--scripted-length", "40")
     client = server.client()
-    stream = client.responses.create(model="scripted", input="x", background=True,
-                                     stream=True)
+    stream = client.responses.create(model="scripted", input="x", background=True, stream=True)
     rid, _ = read_deltas(stream, 2)
     stream.close()
     final = list(client.responses.retrieve(rid, stream=True))[-1]
@@ -116,13 +119,16 @@ def test_disconnected_foreground_stream_is_cancelled(server, client) -> None:  #
     stream = client.responses.create(model="scripted", input="x", stream=True)
     rid, events = read_deltas(stream, 3)
     stream.close()
-    final = wait_for(lambda: (r := client.responses.retrieve(rid)).status != "in_progress"
-                     and r, what="the cancel after disconnect")
+    final = wait_for(
+        lambda: (r := client.responses.retrieve(rid)).status != "in_progress" and r,
+        what="the cancel after disconnect",
+    )
     assert final.status == "cancelled"
     assert final.usage.output_tokens == server.trace(rid)["produced"] >= 3
     text = final.output[0].content[0].text
-    assert text.startswith("".join(e.delta for e in events
-                                   if e.type == "response.output_text.delta"))
+    assert text.startswith(
+        "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    )
 
 
 def test_cancel_foreground_by_id_from_another_client(server, client) -> None:  # type: ignore[no-untyped-def]
@@ -160,8 +166,12 @@ def test_max_output_tokens_ends_incomplete(client) -> None:  # type: ignore[no-u
 
 def test_engine_failure_ends_failed_with_error_event(server) -> None:  # type: ignore[no-untyped-def]
     # contract §6.1: an `error` event with flat and nested fields, then response.failed
-    with httpx.stream("POST", f"{server.base_url}/responses", timeout=10,
-                      json={"model": "scripted", "input": "FAIL_AT=3", "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/responses",
+        timeout=10,
+        json={"model": "scripted", "input": "FAIL_AT=3", "stream": True},
+    ) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     import json
 
@@ -183,15 +193,15 @@ def test_restart_keeps_responses_and_ends_lost_runs(make_server, how: str) -> No
     client = server.client()
     done = client.responses.create(model="scripted", input="x", max_output_tokens=3)
     done_log = list(client.responses.retrieve(done.id, stream=True))
-    stream = client.responses.create(model="scripted", input="x", background=True,
-                                     stream=True)
+    stream = client.responses.create(model="scripted", input="x", background=True, stream=True)
     rid, _ = read_deltas(stream, 3)
     server.stop(signal.SIGTERM if how == "graceful" else signal.SIGKILL)
     server.start()
     client = server.client()
     assert client.responses.retrieve(done.id).model_dump() == done.model_dump()
     assert [e.model_dump() for e in client.responses.retrieve(done.id, stream=True)] == [
-        e.model_dump() for e in done_log]
+        e.model_dump() for e in done_log
+    ]
     # The lost run ends within the lease timeout; a resumed stream ends properly.
     resumed = raw_events(server, rid, starting_after=2)
     error, terminal = resumed[-2], resumed[-1]
@@ -220,8 +230,9 @@ async def test_cancel_racing_completion(make_server) -> None:  # type: ignore[no
     server = make_server("--scripted-length", "10", "--scripted-rate", "100")
 
     async def one(client: openai.AsyncOpenAI, delay: float) -> None:
-        stream = await client.responses.create(model="scripted", input="x", background=True,
-                                               stream=True)
+        stream = await client.responses.create(
+            model="scripted", input="x", background=True, stream=True
+        )
         events = []
         cancel: Any = None
         async for event in stream:

@@ -47,14 +47,18 @@ class Reader(threading.Thread):
 
 
 def create(server: Server, prompt: str, **body: Any) -> str:
-    r = httpx.post(f"{server.base_url}/responses", timeout=10,
-                   json={"model": "scripted", "input": prompt, "background": True, **body})
+    r = httpx.post(
+        f"{server.base_url}/responses",
+        timeout=10,
+        json={"model": "scripted", "input": prompt, "background": True, **body},
+    )
     r.raise_for_status()
     return str(r.json()["id"])
 
 
-def check_after_restart(server: Server, rid: str, seen: list[dict[str, Any]],
-                        deadline: float) -> dict[str, Any]:
+def check_after_restart(
+    server: Server, rid: str, seen: list[dict[str, Any]], deadline: float
+) -> dict[str, Any]:
     log = raw_events(server, rid, timeout=LEASE * 4)
     assert time.monotonic() <= deadline, f"{rid} ended after the lease timeout"
     types = [e["type"] for e in log]
@@ -88,6 +92,7 @@ def test_sigkill_at_random_points(make_server, round_: int) -> None:  # type: ig
         reader.start()
     for reader in readers.values():
         assert reader.got_first.wait(10)
+
     def cancel_it() -> None:
         with contextlib.suppress(httpx.HTTPError):  # the kill may cut the cancel
             httpx.post(f"{server.base_url}/responses/{phases['cancelling']}/cancel", timeout=10)

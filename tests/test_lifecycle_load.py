@@ -24,8 +24,14 @@ LENGTH = 60
 RATE = 50
 
 
-async def read(client: httpx.AsyncClient, method: str, url: str, seen: Seen,
-               created: asyncio.Future[str] | None = None, **kwargs: Any) -> None:
+async def read(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    seen: Seen,
+    created: asyncio.Future[str] | None = None,
+    **kwargs: Any,
+) -> None:
     async with client.stream(method, url, **kwargs) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -38,21 +44,34 @@ async def read(client: httpx.AsyncClient, method: str, url: str, seen: Seen,
                     created.set_result(event["response"]["id"])
 
 
-async def one(client: httpx.AsyncClient, base: str, rng: random.Random,
-              results: list[tuple[str, list[Seen], list[Cancel]]]) -> None:
+async def one(
+    client: httpx.AsyncClient,
+    base: str,
+    rng: random.Random,
+    results: list[tuple[str, list[Seen], list[Cancel]]],
+) -> None:
     first = Seen(after=-1)
     created: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     body = {"model": "scripted", "input": "hi", "background": True, "stream": True}
-    tasks = [asyncio.ensure_future(read(client, "POST", f"{base}/responses", first, created,
-                                        json=body))]
+    tasks = [
+        asyncio.ensure_future(read(client, "POST", f"{base}/responses", first, created, json=body))
+    ]
     rid = await asyncio.wait_for(created, 30)
     readers = [first]
     for _ in range(rng.randint(0, 2)):
         seen = Seen(after=rng.randint(0, 5))
         readers.append(seen)
-        tasks.append(asyncio.ensure_future(read(
-            client, "GET", f"{base}/responses/{rid}", seen,
-            params={"stream": "true", "starting_after": seen.after})))
+        tasks.append(
+            asyncio.ensure_future(
+                read(
+                    client,
+                    "GET",
+                    f"{base}/responses/{rid}",
+                    seen,
+                    params={"stream": "true", "starting_after": seen.after},
+                )
+            )
+        )
     cancels: list[Cancel] = []
     if rng.random() < 0.5:
         await asyncio.sleep(rng.uniform(0, LENGTH / RATE * 1.1))  # a random moment

@@ -12,8 +12,9 @@ from conftest import Server, raw_events, wait_for
 
 
 def start(client: Any, prompt: str, **kwargs: Any) -> str:
-    response = client.responses.create(model=kwargs.pop("model", "scripted"), input=prompt,
-                                       background=True, **kwargs)
+    response = client.responses.create(
+        model=kwargs.pop("model", "scripted"), input=prompt, background=True, **kwargs
+    )
     return str(response.id)
 
 
@@ -45,8 +46,11 @@ def test_cancel_while_queued(make_server) -> None:  # type: ignore[no-untyped-de
     reply = client.responses.cancel(queued)
     assert reply.status == "cancelled" and reply.usage.output_tokens == 0
     log = raw_events(server, queued)
-    assert [e["type"] for e in log] == ["response.created", "response.queued",
-                                        "response.failed"]  # the run never started
+    assert [e["type"] for e in log] == [
+        "response.created",
+        "response.queued",
+        "response.failed",
+    ]  # the run never started
     client.responses.cancel(busy)
     assert client.responses.retrieve(queued).status == "cancelled"
 

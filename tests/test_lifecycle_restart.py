@@ -23,8 +23,11 @@ TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 
 
 def create(server: Server, prompt: str = "hello", **body: Any) -> str:
-    r = httpx.post(f"{server.base_url}/responses", timeout=10,
-                   json={"model": "scripted", "input": prompt, "background": True, **body})
+    r = httpx.post(
+        f"{server.base_url}/responses",
+        timeout=10,
+        json={"model": "scripted", "input": prompt, "background": True, **body},
+    )
     r.raise_for_status()
     return str(r.json()["id"])
 
@@ -49,8 +52,7 @@ def owner_files(db: Path) -> list[str]:
 def test_restart_recovers_at_once_not_after_the_lease(make_server) -> None:  # type: ignore[no-untyped-def]
     # §8.7: with a 30 s lease, the running response ends and the queued ones run again
     # within seconds of the restart: the dead process's lock, not its lease, tells.
-    server = make_server("--lease-timeout", "30", "--workers", "1",
-                         "--scripted-length", "3000")
+    server = make_server("--lease-timeout", "30", "--workers", "1", "--scripted-length", "3000")
     running = create(server, "hello")
     wait_for(lambda: status(server, running) == "in_progress", what="the run to start")
     # One run slot: these wait behind it, `queued`.
@@ -60,10 +62,16 @@ def test_restart_recovers_at_once_not_after_the_lease(make_server) -> None:  # t
     server.kill()
     began = time.monotonic()
     server.start()
-    wait_for(lambda: status(server, running) != "in_progress", timeout=10,
-             what="the dead process's run to end")
-    wait_for(lambda: all(status(server, rid) == "incomplete" for rid in queued), timeout=10,
-             what="its queued responses to run")
+    wait_for(
+        lambda: status(server, running) != "in_progress",
+        timeout=10,
+        what="the dead process's run to end",
+    )
+    wait_for(
+        lambda: all(status(server, rid) == "incomplete" for rid in queued),
+        timeout=10,
+        what="its queued responses to run",
+    )
     elapsed = time.monotonic() - began
     assert elapsed < 10, elapsed  # the lease (30 s) did not decide it
     log = raw_events(server, running)
@@ -94,16 +102,18 @@ def test_a_live_owner_is_never_taken_over(make_server, tmp_path: Path) -> None: 
 
 def test_graceful_restart_runs_queued_responses_at_once(make_server) -> None:  # type: ignore[no-untyped-def]
     # A stop leaves queued responses for the next process, which takes them at once.
-    server = make_server("--lease-timeout", "30", "--workers", "1",
-                         "--scripted-length", "3000")
+    server = make_server("--lease-timeout", "30", "--workers", "1", "--scripted-length", "3000")
     running = create(server, "hello")
     wait_for(lambda: status(server, running) == "in_progress", what="the run to start")
     queued = create(server, "queued", max_output_tokens=5)
     server.stop(signal.SIGTERM)
     server.start()
     assert status(server, running) == "failed"  # ended by the stop itself
-    wait_for(lambda: status(server, queued) == "incomplete", timeout=10,
-             what="the queued response to run after the restart")
+    wait_for(
+        lambda: status(server, queued) == "incomplete",
+        timeout=10,
+        what="the queued response to run after the restart",
+    )
 
 
 def test_a_run_that_ends_without_its_transition_is_not_renewed(make_server) -> None:  # type: ignore[no-untyped-def]
@@ -114,9 +124,11 @@ def test_a_run_that_ends_without_its_transition_is_not_renewed(make_server) -> N
     db = sqlite3.connect(server.db, isolation_level=None)
     db.execute("PRAGMA busy_timeout=5000")
     # A fault injected in the database: every terminal transition fails.
-    db.execute("CREATE TRIGGER no_end BEFORE UPDATE OF status ON responses "
-               "WHEN NEW.status NOT IN ('queued', 'in_progress') "
-               "BEGIN SELECT RAISE(ABORT, 'injected fault: no terminal transition'); END")
+    db.execute(
+        "CREATE TRIGGER no_end BEFORE UPDATE OF status ON responses "
+        "WHEN NEW.status NOT IN ('queued', 'in_progress') "
+        "BEGIN SELECT RAISE(ABORT, 'injected fault: no terminal transition'); END"
+    )
     rid = create(server, "hello")
     wait_for(lambda: status(server, rid) == "in_progress", what="the run to start")
     wait_for(lambda: active_runs(server) == 0, what="the run to exit")
@@ -124,8 +136,9 @@ def test_a_run_that_ends_without_its_transition_is_not_renewed(make_server) -> N
     db.execute("DROP TRIGGER no_end")
     db.close()
     # Within the lease (1.5 s) and a keeper round (0.5 s), with room for a busy machine.
-    wait_for(lambda: status(server, rid) != "in_progress", timeout=10,
-             what="the orphan to be ended")
+    wait_for(
+        lambda: status(server, rid) != "in_progress", timeout=10, what="the orphan to be ended"
+    )
     log = raw_events(server, rid)
     final = log[-1]["response"]
     assert final["status"] == "failed" and final["error"]["code"] == "server_error"

@@ -84,13 +84,16 @@ async def started(store: SQLiteStore, rid: str, deltas: int = 3) -> bool:
 
 def quiet(lc: Lifecycle) -> Callable[[], Awaitable[bool]]:
     """The condition: no run or spawned task of `lc` is still going."""
+
     async def check() -> bool:
         return not lc.runner.busy
+
     return check
 
 
-async def make(tmp_path: Path, engine: ScriptedEngine,
-               **settings: float) -> tuple[Lifecycle, Unreachable]:
+async def make(
+    tmp_path: Path, engine: ScriptedEngine, **settings: float
+) -> tuple[Lifecycle, Unreachable]:
     store = Unreachable(str(tmp_path / "tether.db"))
     lc = Lifecycle(store, engine, Settings(db=store.path, **settings))  # type: ignore[arg-type]
     await lc.start()
@@ -98,7 +101,8 @@ async def make(tmp_path: Path, engine: ScriptedEngine,
 
 
 async def test_stop_closes_everything_when_a_run_will_not_stop(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Before: `stop()`'s bounded wait raised TimeoutError and the store, engine and
     # dispatch were never closed. Now a run deaf to its cancel is cut after the grace,
     # left after a bounded wait (logged), its response ended from its log (the run is
@@ -150,12 +154,14 @@ async def test_a_cancelled_stop_still_closes_everything(tmp_path: Path) -> None:
 
 
 async def test_a_disconnect_cancel_rides_out_a_store_outage(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Before: `cancel_quietly` in a spawned task raised StoreUnavailable into the void,
     # and the response its reader had left ran to its end. Now the run stops at once and
     # the cancel goes through when the store is back.
-    lc, store = await make(tmp_path, ScriptedEngine(rate=100, length=300),
-                           lease_timeout=5, cancel_timeout=0.5)
+    lc, store = await make(
+        tmp_path, ScriptedEngine(rate=100, length=300), lease_timeout=5, cancel_timeout=0.5
+    )
     try:
         rec = await lc.create(CreateRequest(model="scripted", input="x"), "t")
         await until(lambda: started(store, rec.id))
@@ -178,12 +184,14 @@ async def test_a_disconnect_cancel_rides_out_a_store_outage(
 
 
 async def test_a_cancel_given_up_is_logged_and_the_run_still_stops(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # The store stays unreachable past the lease: the cancel gives up with an error log
     # line (no exception lost in a task), and the run, told to stop without the store,
     # has ended the response `cancelled` by itself.
-    lc, store = await make(tmp_path, ScriptedEngine(rate=100, length=300),
-                           lease_timeout=0.5, cancel_timeout=0.5)
+    lc, store = await make(
+        tmp_path, ScriptedEngine(rate=100, length=300), lease_timeout=0.5, cancel_timeout=0.5
+    )
     try:
         rec = await lc.create(CreateRequest(model="scripted", input="x"), "t")
         await until(lambda: started(store, rec.id))

@@ -115,13 +115,21 @@ class Lifecycle(RuleBasedStateMachine):
 
     # --- rules --------------------------------------------------------------------------
 
-    @rule(stream=st.booleans(), background=st.booleans(),
-          fail_at=st.one_of(st.none(), st.none(), st.none(), st.integers(0, LENGTH)),
-          budget=st.one_of(st.none(), st.none(), st.integers(1, 10)))
-    def create(self, stream: bool, background: bool, fail_at: int | None,
-               budget: int | None) -> None:
-        body: dict[str, Any] = {"model": "scripted", "stream": stream, "background": background,
-                                "input": "hi" if fail_at is None else f"FAIL_AT={fail_at}"}
+    @rule(
+        stream=st.booleans(),
+        background=st.booleans(),
+        fail_at=st.one_of(st.none(), st.none(), st.none(), st.integers(0, LENGTH)),
+        budget=st.one_of(st.none(), st.none(), st.integers(1, 10)),
+    )
+    def create(
+        self, stream: bool, background: bool, fail_at: int | None, budget: int | None
+    ) -> None:
+        body: dict[str, Any] = {
+            "model": "scripted",
+            "stream": stream,
+            "background": background,
+            "input": "hi" if fail_at is None else f"FAIL_AT={fail_at}",
+        }
         if not stream and not background:
             budget = min(budget or 3, 3)  # this create blocks until the run ends: keep it short
         if budget is not None:
@@ -130,8 +138,13 @@ class Lifecycle(RuleBasedStateMachine):
             seen = Seen(after=-1)
             reader = Reader("POST", f"{self.base}/responses", seen, json=body)
             reader.pull(1)
-            tracked = Tracked(seen.events[0]["response"]["id"], self.generation, background,
-                              [reader], post_stream=reader)
+            tracked = Tracked(
+                seen.events[0]["response"]["id"],
+                self.generation,
+                background,
+                [reader],
+                post_stream=reader,
+            )
         else:
             r = httpx.post(f"{self.base}/responses", json=body, timeout=30)
             assert r.status_code == 200, r.text
@@ -162,9 +175,12 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(data=st.data(), clients=st.integers(1, 3))
     def cancel(self, data: st.DataObject, clients: int) -> None:
         # Mostly cancel a response that is still running: that is where the races are.
-        live = [t for t in self.responses if httpx.get(
-            f"{self.base}/responses/{t.rid}", timeout=10).json()["status"]
-            in ("queued", "in_progress")]
+        live = [
+            t
+            for t in self.responses
+            if httpx.get(f"{self.base}/responses/{t.rid}", timeout=10).json()["status"]
+            in ("queued", "in_progress")
+        ]
         prefer_live = data.draw(st.integers(0, 4)) > 0
         tracked = pick(data, live if live and prefer_live else self.responses)
 
@@ -222,8 +238,10 @@ class Lifecycle(RuleBasedStateMachine):
                 assert (now["status"], now["usage"]) == tracked.final, tracked.rid
             elif now["status"] in FINAL_STATES:
                 log = raw_events(self.server, tracked.rid)
-                so_far = [Seen(r.seen.after, list(r.seen.events), connected=False)
-                          for r in tracked.readers]
+                so_far = [
+                    Seen(r.seen.after, list(r.seen.events), connected=False)
+                    for r in tracked.readers
+                ]
                 check_response(self.base, tracked.rid, log, so_far, tracked.cancels, None)
                 tracked.final = (now["status"], now["usage"])
 
@@ -239,8 +257,14 @@ class Lifecycle(RuleBasedStateMachine):
             if tracked.generation == self.generation:
                 trace = self.server.trace(tracked.rid)
             note(f"checking {tracked.rid}")
-            check_response(self.base, tracked.rid, log, [r.seen for r in tracked.readers],
-                           tracked.cancels, trace)
+            check_response(
+                self.base,
+                tracked.rid,
+                log,
+                [r.seen for r in tracked.readers],
+                tracked.cancels,
+                trace,
+            )
         if hasattr(self, "responses"):
             self._check_ledger()
 
@@ -269,8 +293,9 @@ class Lifecycle(RuleBasedStateMachine):
         assert +grown == +expected, (dict(grown), dict(expected))
 
     def _open_readers(self) -> list[Reader]:
-        return [r for t in self.responses for r in t.readers
-                if r.seen.connected and not r.seen.done]
+        return [
+            r for t in self.responses for r in t.readers if r.seen.connected and not r.seen.done
+        ]
 
     def _step(self, rule: str) -> None:
         Lifecycle.steps += 1
@@ -278,32 +303,44 @@ class Lifecycle(RuleBasedStateMachine):
         self.since_restart += 1
 
 
-def run(tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30,
-        scaled: bool = False) -> None:
+def run(
+    tmp: Path, examples: int, steps: int, chosen_seed: int, rate: int = 30, scaled: bool = False
+) -> None:
     """Run the machine against a fresh server (also used by bench/stateful.py).
     `scaled`: two API replicas (requests alternate between them) and two workers on
     PostgreSQL + Redis instead; a restart restarts all four processes."""
-    flags = ["--scripted-rate", str(rate), "--scripted-length", str(LENGTH),
-             "--lease-timeout", "1.5",
-             # A cancel that does not stop the run shows as tokens after the reply. Scaled
-             # out, the stop signal crosses Redis to another process: a longer bound.
-             "--cancel-timeout", "1.0" if scaled else "0.3"]
+    flags = [
+        "--scripted-rate",
+        str(rate),
+        "--scripted-length",
+        str(LENGTH),
+        "--lease-timeout",
+        "1.5",
+        # A cancel that does not stop the run shows as tokens after the reply. Scaled
+        # out, the stop signal crosses Redis to another process: a longer bound.
+        "--cancel-timeout",
+        "1.0" if scaled else "0.3",
+    ]
     with contextlib.ExitStack() as stack:
         server: Any
         if scaled:
             db = stack.enter_context(postgres_url())
             server = Cluster(tmp, db, redis_url(), prefix(), args=tuple(flags))
         else:
-            server = Server(tmp / "stateful.db", ["--engine", "scripted", "--debug-routes",
-                                                  *flags])
+            server = Server(tmp / "stateful.db", ["--engine", "scripted", "--debug-routes", *flags])
         server.start()
         stack.callback(server.stop)
         Lifecycle.server = server
         run_state_machine_as_test(
             seed(chosen_seed)(Lifecycle),  # type: ignore[arg-type]
-            settings=settings(max_examples=examples, stateful_step_count=steps,
-                              deadline=None, database=None,
-                              suppress_health_check=list(HealthCheck)))
+            settings=settings(
+                max_examples=examples,
+                stateful_step_count=steps,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["one-process", "scaled-out"])
@@ -316,8 +353,7 @@ def test_random_interleavings(tmp_path: Path, scaled: bool) -> None:
     # Scaled out, a restart is four processes: fewer of them, so the steps go to the races.
     Lifecycle.restart_gap = 6 if scaled else 0
     try:
-        run(tmp_path, examples=examples, steps=12,
-            chosen_seed=chosen, scaled=scaled)
+        run(tmp_path, examples=examples, steps=12, chosen_seed=chosen, scaled=scaled)
     finally:
         Lifecycle.restart_gap = 0
     print(f"{Lifecycle.steps} steps, {Lifecycle.created} responses, {dict(Lifecycle.rules)}")

@@ -40,14 +40,18 @@ def records(server: Server) -> list[dict[str, Any]]:
 
 
 def access(server: Server, request_id: str) -> list[dict[str, Any]]:
-    return [r for r in records(server)
-            if r["logger"] == "tether.access" and r.get("request_id") == request_id]
+    return [
+        r
+        for r in records(server)
+        if r["logger"] == "tether.access" and r.get("request_id") == request_id
+    ]
 
 
 @pytest.fixture
 def logged(make_server: Any) -> Server:
-    server: Server = make_server("--log-level", "info", "--scripted-rate", "200",
-                                 "--scripted-length", "20")
+    server: Server = make_server(
+        "--log-level", "info", "--scripted-rate", "200", "--scripted-length", "20"
+    )
     return server
 
 
@@ -70,7 +74,8 @@ def test_a_supplied_request_id_is_echoed_and_logged(logged: Server) -> None:
     rid = "trace-abc_123.4"
     with logged.client() as client:
         raw = client.responses.with_raw_response.create(
-            model="scripted", input="hi", extra_headers={"x-request-id": rid})
+            model="scripted", input="hi", extra_headers={"x-request-id": rid}
+        )
     assert raw.headers["x-request-id"] == rid
     assert raw.parse().status == "completed"
     line = wait_for(lambda: access(logged, rid), what="the access line")
@@ -93,17 +98,22 @@ def test_a_generated_request_id_has_its_form(logged: Server) -> None:
 
 
 def test_errors_and_streams_carry_the_header(logged: Server) -> None:
-    missing = httpx.get(f"{logged.url}/v1/responses/resp_nope",
-                        headers={"x-request-id": "err-1"})
+    missing = httpx.get(f"{logged.url}/v1/responses/resp_nope", headers={"x-request-id": "err-1"})
     assert missing.status_code == 404 and missing.headers["x-request-id"] == "err-1"
     assert missing.json()["error"]["type"] == "invalid_request_error"
-    bad = httpx.post(f"{logged.url}/v1/responses", content=b"{",
-                     headers={"x-request-id": "err-2", "content-type": "application/json"})
+    bad = httpx.post(
+        f"{logged.url}/v1/responses",
+        content=b"{",
+        headers={"x-request-id": "err-2", "content-type": "application/json"},
+    )
     assert bad.status_code == 400 and bad.headers["x-request-id"] == "err-2"
 
-    with logged.client() as client, client.responses.with_streaming_response.create(
-            model="scripted", input="hi", stream=True,
-            extra_headers={"x-request-id": "sse-1"}) as raw:
+    with (
+        logged.client() as client,
+        client.responses.with_streaming_response.create(
+            model="scripted", input="hi", stream=True, extra_headers={"x-request-id": "sse-1"}
+        ) as raw,
+    ):
         assert raw.headers["x-request-id"] == "sse-1"
         assert raw.headers["content-type"].startswith("text/event-stream")
         events = [e.type for e in raw.parse()]
@@ -131,8 +141,10 @@ def test_a_websocket_handshake_carries_the_header(logged: Server) -> None:
 def test_text_format(make_server: Any) -> None:
     server: Server = make_server("--log-level", "info", "--log-format", "text")
     httpx.get(f"{server.url}/health", headers={"x-request-id": "txt-1"})
-    wait_for(lambda: any("request_id=txt-1" in line for line in lines(server)),
-             what="the text access line")
+    wait_for(
+        lambda: any("request_id=txt-1" in line for line in lines(server)),
+        what="the text access line",
+    )
     line = next(line for line in lines(server) if "request_id=txt-1" in line)
     assert " INFO tether.access GET /health 200 " in line
     with pytest.raises(json.JSONDecodeError):
@@ -158,11 +170,15 @@ def failing_app() -> Iterator[str]:
     async def boom(request: Request) -> Response:
         raise RuntimeError("a bug")
 
-    app = Starlette(routes=[Route("/boom", boom)], middleware=[Middleware(RequestId)],
-                    exception_handlers={Exception: _unexpected})
+    app = Starlette(
+        routes=[Route("/boom", boom)],
+        middleware=[Middleware(RequestId)],
+        exception_handlers={Exception: _unexpected},
+    )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="critical", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, what="the app to start")
@@ -179,4 +195,3 @@ def test_an_unhandled_error_keeps_the_header_and_the_error_shape(failing_app: st
     assert r.headers["x-request-id"] == "bug-1"
     assert r.json()["error"]["type"] == "server_error"
     assert "a bug" not in r.text  # never a stack trace
-

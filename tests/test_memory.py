@@ -65,7 +65,7 @@ async def stream_one(http: httpx.AsyncClient, base_url: str) -> str:
         async for chunk in r.aiter_bytes():
             if not rid and b'"id":"resp_' in chunk:
                 start = chunk.index(b'"id":"resp_') + 6
-                rid = chunk[start:chunk.index(b'"', start)].decode()
+                rid = chunk[start : chunk.index(b'"', start)].decode()
             tail = (tail + chunk)[-64:]
     assert tail.endswith(b"data: [DONE]\n\n"), tail
     return rid
@@ -88,8 +88,9 @@ async def burst(base_url: str, n: int) -> list[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgres+redis"])
-def burst_server(request: pytest.FixtureRequest, tmp_path: Path,
-                 monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+def burst_server(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Server]:
     """A scripted tether at full speed, on SQLite or on PostgreSQL + Redis (its per-process
     cache of live logs, `livelog.py`, has the same budget)."""
     # Set by environment, not flag, so the same test runs against a tether without the flag.
@@ -100,8 +101,17 @@ def burst_server(request: pytest.FixtureRequest, tmp_path: Path,
             server = Server(tmp_path / "tether.db", args)
         else:
             db = stack.enter_context(postgres_url())
-            server = Server(db, [*args, "--redis", redis_url(), "--redis-prefix",
-                                 f"tether-test-{uuid.uuid4().hex[:8]}"], log_dir=tmp_path)
+            server = Server(
+                db,
+                [
+                    *args,
+                    "--redis",
+                    redis_url(),
+                    "--redis-prefix",
+                    f"tether-test-{uuid.uuid4().hex[:8]}",
+                ],
+                log_dir=tmp_path,
+            )
         stack.callback(server.stop)
         server.start()
         yield server
@@ -116,8 +126,10 @@ def test_a_burst_stays_within_the_cache_budget(burst_server: Server) -> None:
     started = time.monotonic()
     ids = asyncio.run(burst(server.base_url, RESPONSES))
     grown, peak = vm(pid, "VmRSS") - before, vm(pid, "VmHWM") - before
-    print(f"{RESPONSES} x {TOKENS} tokens in {time.monotonic() - started:.1f}s: "
-          f"RSS +{grown / MIB:.1f} MiB, peak +{peak / MIB:.1f} MiB")
+    print(
+        f"{RESPONSES} x {TOKENS} tokens in {time.monotonic() - started:.1f}s: "
+        f"RSS +{grown / MIB:.1f} MiB, peak +{peak / MIB:.1f} MiB"
+    )
     assert grown <= BUDGET + MARGIN, f"RSS grew by {grown / MIB:.1f} MiB"
     assert peak <= BUDGET + MARGIN, f"peak RSS grew by {peak / MIB:.1f} MiB"
     metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
@@ -133,21 +145,38 @@ def test_a_burst_stays_within_the_cache_budget(burst_server: Server) -> None:
         deltas = [e["delta"] for e in log if e["type"] == "response.output_text.delta"]
         assert len(deltas) == TOKENS
         after = rng.randrange(len(log))
-        assert raw_events(server, rid, starting_after=after) == log[after + 1:], after
+        assert raw_events(server, rid, starting_after=after) == log[after + 1 :], after
 
 
 # --- the store itself ----------------------------------------------------------------------
 
 
 def record(rid: str) -> Record:
-    return Record(id=rid, tenant="t", status="queued", snapshot={"id": rid}, run={},
-                  input_items=[], run_token=None, owner="me", lease_until=0.0, last_seq=-1,
-                  input_tokens=0, finished_at=None)
+    return Record(
+        id=rid,
+        tenant="t",
+        status="queued",
+        snapshot={"id": rid},
+        run={},
+        input_items=[],
+        run_token=None,
+        owner="me",
+        lease_until=0.0,
+        last_seq=-1,
+        input_tokens=0,
+        finished_at=None,
+    )
 
 
 def delta(i: int) -> dict[str, Any]:
-    return {"type": "response.output_text.delta", "item_id": "msg_" + "0" * 32,
-            "output_index": 0, "content_index": 0, "delta": f" w{i}", "logprobs": []}
+    return {
+        "type": "response.output_text.delta",
+        "item_id": "msg_" + "0" * 32,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": f" w{i}",
+        "logprobs": [],
+    }
 
 
 def test_a_cached_event_costs_its_frame_and_little_more() -> None:
@@ -172,7 +201,8 @@ def test_a_cached_event_costs_its_frame_and_little_more() -> None:
 
 @pytest.mark.anyio
 async def test_finished_logs_leave_the_cache_first_and_read_from_the_database(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     store = SQLiteStore(str(tmp_path / "s.db"), cache_bytes=64 * 1024)
     await store.open()
     try:
@@ -202,7 +232,8 @@ async def test_finished_logs_leave_the_cache_first_and_read_from_the_database(
 
 @pytest.mark.anyio
 async def test_the_cache_drops_finished_logs_first_then_the_least_read_live_ones(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(logcache, "LINGER", 0.05)
     entries = [LogEntry(i, "response.output_text.delta", b'{"delta":"x"}') for i in range(10)]
     one = logcache.TAIL_BYTES + logcache.size_of(entries)

@@ -52,12 +52,14 @@ def test_counters_equal_what_the_clients_saw(make_server: Any) -> None:
     with server.client() as client:
         for _ in range(3):  # completed (the engine's natural end)
             finals.append(client.responses.create(model="scripted", input="hi"))
-        finals.append(client.responses.create(model="scripted", input="hi",
-                                              max_output_tokens=5))  # incomplete
+        finals.append(
+            client.responses.create(model="scripted", input="hi", max_output_tokens=5)
+        )  # incomplete
         finals.append(client.responses.create(model="scripted", input="FAIL_AT=4 go"))
         for _ in range(2):  # background streams, cancelled mid-stream
-            stream = client.responses.create(model="scripted", input="LINGER=30 go",
-                                             background=True, stream=True)
+            stream = client.responses.create(
+                model="scripted", input="LINGER=30 go", background=True, stream=True
+            )
             rid, _ = read_deltas(stream, 3)
             reply = client.responses.cancel(rid)
             assert reply.status == "cancelled"
@@ -68,20 +70,22 @@ def test_counters_equal_what_the_clients_saw(make_server: Any) -> None:
         finals += [client.responses.retrieve(rid) for rid in cancel_ids]
 
     statuses = [f.status for f in finals]
-    assert sorted(statuses) == sorted(["completed"] * 3 + ["incomplete", "failed"]
-                                      + ["cancelled"] * 2)
+    assert sorted(statuses) == sorted(
+        ["completed"] * 3 + ["incomplete", "failed"] + ["cancelled"] * 2
+    )
     tokens = sum(f.usage.output_tokens for f in finals)
     assert tokens == 3 * 20 + 5 + 4 + sum(f.usage.output_tokens for f in finals[-2:])
 
-    wait_for(lambda: value(scrape(server.url), "tether_active_runs") == 0,
-             what="no runs left")
-    wait_for(lambda: value(scrape(server.url), "tether_active_readers") == 0,
-             what="no readers left")
+    wait_for(lambda: value(scrape(server.url), "tether_active_runs") == 0, what="no runs left")
+    wait_for(
+        lambda: value(scrape(server.url), "tether_active_readers") == 0, what="no readers left"
+    )
     m = scrape(server.url)
     assert value(m, "tether_responses_created_total") == len(finals)
     for status in ("completed", "failed", "incomplete", "cancelled"):
-        assert value(m, "tether_responses_finished_total", status=status) == \
-            statuses.count(status), status
+        assert value(m, "tether_responses_finished_total", status=status) == statuses.count(
+            status
+        ), status
     assert value(m, "tether_output_tokens_total") == tokens
     assert value(m, "tether_tokens_after_cancel_total") == 0
     assert value(m, "tether_cancel_seconds_count") == len(cancel_ids)
@@ -94,27 +98,31 @@ def test_counters_equal_what_the_clients_saw(make_server: Any) -> None:
 def test_gauges_follow_runs_and_streams(make_server: Any) -> None:
     server: Server = make_server("--scripted-rate", "50", "--scripted-length", "100")
     with server.client() as client:
-        stream = client.responses.create(model="scripted", input="hi", background=True,
-                                         stream=True)
+        stream = client.responses.create(model="scripted", input="hi", background=True, stream=True)
         rid, _ = read_deltas(stream, 1)
         with client.responses.retrieve(rid, stream=True) as second:
             next(iter(second))
             m = scrape(server.url)
             assert value(m, "tether_active_runs") == 1
             assert value(m, "tether_active_readers") == 2
-        wait_for(lambda: value(scrape(server.url), "tether_active_readers") == 1,
-                 what="the closed reader to go")
+        wait_for(
+            lambda: value(scrape(server.url), "tether_active_readers") == 1,
+            what="the closed reader to go",
+        )
         client.responses.cancel(rid)
         list(stream)
     wait_for(lambda: value(scrape(server.url), "tether_active_runs") == 0, what="run end")
-    wait_for(lambda: value(scrape(server.url), "tether_active_readers") == 0,
-             what="reader end")
+    wait_for(lambda: value(scrape(server.url), "tether_active_readers") == 0, what="reader end")
 
 
 def test_upstream_errors_by_engine_kind(make_server: Any, fake: FakeUpstream) -> None:
     server: Server = make_server(
-        "--upstream", f"chat={fake.url},retries=2",
-        "--upstream", f"resp=responses+{fake.url},retries=0", engine="none")
+        "--upstream",
+        f"chat={fake.url},retries=2",
+        "--upstream",
+        f"resp=responses+{fake.url},retries=0",
+        engine="none",
+    )
     with server.client() as client:
         ok = client.responses.create(model="chat", input="LENGTH=3 go")
         assert ok.status == "completed"
@@ -127,8 +135,11 @@ def test_upstream_errors_by_engine_kind(make_server: Any, fake: FakeUpstream) ->
         failed = client.responses.create(model="resp", input="STATUS=500 go")
         assert failed.status == "failed"
     m = scrape(server.url)
-    assert value(m, "tether_upstream_errors_total", engine="chat") == 1 + 3 == \
-        len([c for c in fake.calls if c.path.endswith("/chat/completions")]) - 1
+    assert (
+        value(m, "tether_upstream_errors_total", engine="chat")
+        == 1 + 3
+        == len([c for c in fake.calls if c.path.endswith("/chat/completions")]) - 1
+    )
     assert value(m, "tether_upstream_errors_total", engine="responses") == 1
     assert value(m, "tether_responses_finished_total", status="failed") == 3
     assert value(m, "tether_responses_finished_total", status="completed") == 1
@@ -139,9 +150,15 @@ def test_each_process_of_a_cluster_counts_its_own(tmp_path: Path) -> None:
     # A worker serves /metrics too, and counts what it did: the API replica created the
     # response, the worker ran it (its appends are PostgreSQL group commits).
     with postgres_url() as db:
-        cluster = Cluster(tmp_path, db, redis_url(), f"t{uuid.uuid4().hex[:10]}", apis=1,
-                          workers=1, args=("--scripted-rate", "0",
-                                           "--scripted-length", "7"))
+        cluster = Cluster(
+            tmp_path,
+            db,
+            redis_url(),
+            f"t{uuid.uuid4().hex[:10]}",
+            apis=1,
+            workers=1,
+            args=("--scripted-rate", "0", "--scripted-length", "7"),
+        )
         cluster.start()
         try:
             with cluster.client() as client:

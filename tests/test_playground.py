@@ -18,11 +18,17 @@ from tether.engines.scripted import scripted_text
 from conftest import Server, raw_events, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(os.environ.get("TETHER_TEST_ARTIFACTS",
-                                Path(__file__).parent / "artifacts"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(os.environ.get("TETHER_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 SLOW = ("--scripted-rate", "20", "--scripted-length", "2000")  # 100 s unless stopped
 WAIT_MS = 30_000
 
@@ -35,8 +41,9 @@ def browser() -> Iterator[Browser]:
             pytest.fail(message)
         pytest.skip(message)
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM),
-                                              args=CHROMIUM_ARGS, headless=True)
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         yield chromium
         chromium.close()
 
@@ -72,13 +79,16 @@ def configure(page: Page, *, stream: bool, background: bool, max_tokens: int | N
 
 def timeline(page: Page) -> list[tuple[int, str]]:
     rows: list[list[Any]] = page.eval_on_selector_all(
-        "#timeline tr", "rows => rows.map(r => [Number(r.dataset.seq), r.dataset.type])")
+        "#timeline tr", "rows => rows.map(r => [Number(r.dataset.seq), r.dataset.type])"
+    )
     return [(int(seq), str(kind)) for seq, kind in rows]
 
 
 def server_log(server: Server, rid: str) -> list[tuple[int, str]]:
-    return [(int(e["sequence_number"]), str(e["type"]))  # type: ignore[call-overload]
-            for e in raw_events(server, rid)]
+    return [
+        (int(e["sequence_number"]), str(e["type"]))  # type: ignore[call-overload]
+        for e in raw_events(server, rid)
+    ]
 
 
 def number(page: Page, selector: str) -> int:
@@ -87,7 +97,8 @@ def number(page: Page, selector: str) -> int:
 
 def wait_tokens(page: Page, n: int) -> None:
     page.wait_for_function(
-        f"Number(document.querySelector('#tokens').textContent) >= {n}", timeout=WAIT_MS)
+        f"Number(document.querySelector('#tokens').textContent) >= {n}", timeout=WAIT_MS
+    )
 
 
 def retrieve(server: Server, rid: str) -> dict[str, Any]:
@@ -114,8 +125,10 @@ def test_stop_cancels_a_background_stream(make_server: Any, page: Page) -> None:
     # contract §3.2-§3.4, §3.9: Stop → cancel by id; the stream still shows its terminal event
     server: Server = make_server(*SLOW)
     auth: list[str | None] = []
-    page.on("request", lambda r: auth.append(r.headers.get("authorization"))
-            if "/v1/" in r.url else None)
+    page.on(
+        "request",
+        lambda r: auth.append(r.headers.get("authorization")) if "/v1/" in r.url else None,
+    )
     open_page(page, server)
     configure(page, stream=True, background=True, max_tokens=None)
     page.click("#start")
@@ -129,8 +142,9 @@ def test_stop_cancels_a_background_stream(make_server: Any, page: Page) -> None:
     assert rows[-1][1] == "response.failed"
     # The engine stopped; the page's count is what it produced, what the server stored and
     # what the terminal event reported, and it no longer moves.
-    trace = wait_for(lambda: (t := server.trace(rid))["aborted_at"] is not None and t,
-                     what="the engine to stop")
+    trace = wait_for(
+        lambda: (t := server.trace(rid))["aborted_at"] is not None and t, what="the engine to stop"
+    )
     counted = number(page, "#tokens")
     stored = retrieve(server, rid)
     assert stored["status"] == "cancelled"
@@ -236,13 +250,16 @@ def test_recent_list_shows_status_and_cancels(make_server: Any, page: Page) -> N
 
 
 def test_the_page_needs_no_key_and_sends_the_typed_one(
-        make_server: Any, page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_server: Any, page: Page, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # contract §6.3, §7.1: the page loads without a key; its API calls carry the one typed in
     monkeypatch.setenv("TETHER_API_KEYS", "acme:sk-acme-secret")
     server: Server = make_server("--scripted-rate", "0")
     sent: list[str | None] = []
-    page.on("request", lambda r: sent.append(r.headers.get("authorization"))
-            if "/v1/" in r.url else None)
+    page.on(
+        "request",
+        lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None,
+    )
     page.goto(f"{server.url}/")
     expect(page.locator("#error")).to_contain_text("API key")  # GET /v1/models: 401
     assert sent and set(sent) == {"Bearer unused"}

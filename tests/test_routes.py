@@ -17,15 +17,23 @@ def check_events(events: list[Any], background: bool, n_tokens: int) -> None:
     """docs/contract.md §2.1-2.2: order, contiguous sequence numbers, one terminal event, last."""
     types = [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    head = ["response.created", "response.queued", "response.in_progress"] if background \
+    head = (
+        ["response.created", "response.queued", "response.in_progress"]
+        if background
         else ["response.created", "response.in_progress"]
+    )
     assert types[: len(head)] == head
     assert events[0].response.status == ("queued" if background else "in_progress")
-    body = types[len(head):]
-    assert body == ["response.output_item.added", "response.content_part.added",
-                    *["response.output_text.delta"] * n_tokens,
-                    "response.output_text.done", "response.content_part.done",
-                    "response.output_item.done", "response.incomplete"]
+    body = types[len(head) :]
+    assert body == [
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * n_tokens,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == scripted_text(n_tokens) == events[-1].response.output[0].content[0].text
 
@@ -33,9 +41,14 @@ def check_events(events: list[Any], background: bool, n_tokens: int) -> None:
 @pytest.mark.parametrize(("stream", "background"), MODES)
 def test_create_modes_sync_client(server, client, stream: bool, background: bool) -> None:  # type: ignore[no-untyped-def]
     # contract §5.1
-    result = client.responses.create(model="scripted", input="hi", max_output_tokens=5,
-                                     stream=stream, background=background,
-                                     metadata={"k": "v"})
+    result = client.responses.create(
+        model="scripted",
+        input="hi",
+        max_output_tokens=5,
+        stream=stream,
+        background=background,
+        metadata={"k": "v"},
+    )
     if stream:
         events = list(result)
         check_events(events, background, 5)
@@ -61,8 +74,9 @@ def test_create_modes_sync_client(server, client, stream: bool, background: bool
 async def test_create_modes_async_client(server, stream: bool, background: bool) -> None:  # type: ignore[no-untyped-def]
     # contract §5.1
     async with server.async_client() as client:
-        result = await client.responses.create(model="scripted", input="hi", stream=stream,
-                                               background=background, max_output_tokens=4)
+        result = await client.responses.create(
+            model="scripted", input="hi", stream=stream, background=background, max_output_tokens=4
+        )
         if stream:
             events = [e async for e in result]
             check_events(events, background, 4)
@@ -77,8 +91,9 @@ async def test_create_modes_async_client(server, stream: bool, background: bool)
 
 @pytest.mark.parametrize("background", [False, True])
 def test_stream_helper(client, background: bool) -> None:  # type: ignore[no-untyped-def]
-    with client.responses.stream(model="scripted", input="hi", max_output_tokens=1000,
-                                 background=background) as stream:
+    with client.responses.stream(
+        model="scripted", input="hi", max_output_tokens=1000, background=background
+    ) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
     assert final.status == "completed"
@@ -87,9 +102,12 @@ def test_stream_helper(client, background: bool) -> None:  # type: ignore[no-unt
 
 @pytest.mark.anyio
 async def test_stream_helper_async(server) -> None:  # type: ignore[no-untyped-def]
-    async with server.async_client() as client, client.responses.stream(
-        model="scripted", input="hi", background=True, max_output_tokens=1000
-    ) as stream:
+    async with (
+        server.async_client() as client,
+        client.responses.stream(
+            model="scripted", input="hi", background=True, max_output_tokens=1000
+        ) as stream,
+    ):
         count = sum([e.type == "response.output_text.delta" async for e in stream])
         final = await stream.get_final_response()
     assert final.status == "completed" and count == final.usage.output_tokens == 200
@@ -97,8 +115,9 @@ async def test_stream_helper_async(server) -> None:  # type: ignore[no-untyped-d
 
 def test_resume_starting_after_yields_exactly_the_rest(client) -> None:  # type: ignore[no-untyped-def]
     # contract §4.4: live resume, then replay after the run ended
-    stream = client.responses.create(model="scripted", input="x", background=True,
-                                     stream=True, max_output_tokens=20)
+    stream = client.responses.create(
+        model="scripted", input="x", background=True, stream=True, max_output_tokens=20
+    )
     first = next(iter(stream))
     rid = first.response.id
     live = list(client.responses.retrieve(rid, stream=True, starting_after=5))
@@ -106,7 +125,7 @@ def test_resume_starting_after_yields_exactly_the_rest(client) -> None:  # type:
     assert [e.model_dump() for e in live] == [e.model_dump() for e in full[6:]]
     for n in (0, 7, len(full) - 2, len(full) - 1, len(full) + 5):
         replay = list(client.responses.retrieve(rid, stream=True, starting_after=n))
-        assert [e.model_dump() for e in replay] == [e.model_dump() for e in full[n + 1:]]
+        assert [e.model_dump() for e in replay] == [e.model_dump() for e in full[n + 1 :]]
 
 
 def test_resume_with_stream_helper(make_server) -> None:  # type: ignore[no-untyped-def]
@@ -124,10 +143,10 @@ def test_resume_with_stream_helper(make_server) -> None:  # type: ignore[no-unty
 
 def test_previous_response_id_chains_context(server, client) -> None:  # type: ignore[no-untyped-def]
     # contract §5.4: the scripted engine counts prompt words as input tokens
-    first = client.responses.create(model="scripted", input="one two three",
-                                    max_output_tokens=4)
-    second = client.responses.create(model="scripted", input="four",
-                                     previous_response_id=first.id, max_output_tokens=2)
+    first = client.responses.create(model="scripted", input="one two three", max_output_tokens=4)
+    second = client.responses.create(
+        model="scripted", input="four", previous_response_id=first.id, max_output_tokens=2
+    )
     assert second.previous_response_id == first.id
     assert second.usage.input_tokens == 3 + 4 + 1
     with pytest.raises(openai.NotFoundError):
@@ -136,10 +155,15 @@ def test_previous_response_id_chains_context(server, client) -> None:  # type: i
 
 def test_input_items(client) -> None:  # type: ignore[no-untyped-def]
     response = client.responses.create(
-        model="scripted", max_output_tokens=1, instructions="be brief",
-        input=[{"role": "user", "content": "a"},
-               {"role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
-               {"role": "user", "content": [{"type": "input_text", "text": "c"}]}])
+        model="scripted",
+        max_output_tokens=1,
+        instructions="be brief",
+        input=[
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
+            {"role": "user", "content": [{"type": "input_text", "text": "c"}]},
+        ],
+    )
     assert response.instructions == "be brief"
     page = client.responses.input_items.list(response.id)
     texts = [item.content[0].text for item in page.data]
@@ -186,8 +210,9 @@ def test_keepalive_comments_while_idle(make_server) -> None:  # type: ignore[no-
     # contract §4.2: a comment line while nothing happens, which the SDK ignores
     server = make_server("--scripted-rate", "2", "--keepalive", "0.2")
     with server.client() as client:
-        stream = client.responses.create(model="scripted", input="x", stream=True,
-                                         max_output_tokens=2)
+        stream = client.responses.create(
+            model="scripted", input="x", stream=True, max_output_tokens=2
+        )
         events = list(stream)
     assert events[-1].type == "response.incomplete"
     body = {"model": "scripted", "input": "x", "stream": True, "max_output_tokens": 2}
@@ -208,16 +233,21 @@ def test_a_synchronous_client_that_hangs_up_cancels_its_response(server) -> None
         return stats["runs"]
 
     body = json.dumps({"model": "scripted", "input": "x"}).encode()  # 200 tokens, 2 s
-    head = (f"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: hang-up\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: hang-up\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head.encode() + body)
         wait_for(lambda: live_runs() == 1, what="the run to start")
     wait_for(lambda: live_runs() == 0, what="the run to stop after the hang-up")
     # The same key gives the same response (its id), now terminal.
-    replay = httpx.post(f"{server.base_url}/responses", content=body, timeout=10,
-                        headers={"Idempotency-Key": "hang-up",
-                                 "Content-Type": "application/json"}).json()
+    replay = httpx.post(
+        f"{server.base_url}/responses",
+        content=body,
+        timeout=10,
+        headers={"Idempotency-Key": "hang-up", "Content-Type": "application/json"},
+    ).json()
     assert replay["status"] == "cancelled"
     produced = server.trace(replay["id"])["produced"]
     assert replay["usage"]["output_tokens"] == produced < 200

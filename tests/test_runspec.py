@@ -19,17 +19,32 @@ IMAGE = "data:image/png;base64,iVBORw0KGgo="
 #: a record's `run` as the store holds it (written by versions before `RunSpec` too)
 STORED: dict[str, Any] = {
     "messages": [
-        {"role": "user", "text": "look\n[image omitted: this model cannot see images]",
-         "parts": [{"type": "text", "text": "look"},
-                   {"type": "image", "url": IMAGE, "detail": "auto"}]},
-        {"role": "assistant", "text": "", "tool_calls": [
-            {"call_id": "c1", "arguments": '{"q":1}', "name": "crm__lookup"}]},
+        {
+            "role": "user",
+            "text": "look\n[image omitted: this model cannot see images]",
+            "parts": [
+                {"type": "text", "text": "look"},
+                {"type": "image", "url": IMAGE, "detail": "auto"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "text": "",
+            "tool_calls": [{"call_id": "c1", "arguments": '{"q":1}', "name": "crm__lookup"}],
+        },
         {"role": "tool", "text": "42", "call_id": "c1"},
         {"role": "assistant", "text": "It is 42."},
     ],
     "instructions": "Be brief.",
-    "tools": [{"type": "function", "name": "crm__lookup", "description": None,
-               "parameters": {"type": "object"}, "strict": True}],
+    "tools": [
+        {
+            "type": "function",
+            "name": "crm__lookup",
+            "description": None,
+            "parameters": {"type": "object"},
+            "strict": True,
+        }
+    ],
     "tool_choice": "auto",
     "tool_names": {"crm__lookup": {"name": "lookup", "namespace": "crm"}},
     "forward": {"user": "u1"},
@@ -43,27 +58,47 @@ STORED: dict[str, Any] = {
 def test_a_stored_spec_decodes_unchanged() -> None:
     spec = RunSpec.decode(STORED)
     assert spec.messages == [
-        Message("user", "look\n[image omitted: this model cannot see images]",
-                parts=[{"type": "text", "text": "look"},
-                       {"type": "image", "url": IMAGE, "detail": "auto"}]),
+        Message(
+            "user",
+            "look\n[image omitted: this model cannot see images]",
+            parts=[
+                {"type": "text", "text": "look"},
+                {"type": "image", "url": IMAGE, "detail": "auto"},
+            ],
+        ),
         Message("assistant", "", [ToolCallSpec("c1", "crm__lookup", '{"q":1}')]),
         Message("tool", "42", call_id="c1"),
         Message("assistant", "It is 42."),
     ]
-    assert (spec.instructions, spec.tool_choice, spec.max_output_tokens, spec.temperature,
-            spec.top_p) == ("Be brief.", "auto", 64, 0.5, 1.0)
+    assert (
+        spec.instructions,
+        spec.tool_choice,
+        spec.max_output_tokens,
+        spec.temperature,
+        spec.top_p,
+    ) == ("Be brief.", "auto", 64, 0.5, 1.0)
     assert spec.tool_names == {"crm__lookup": {"name": "lookup", "namespace": "crm"}}
     assert spec.forward == {"user": "u1"} and spec.tools == STORED["tools"]
     assert spec.encode() == STORED  # the store keeps what it kept before
 
 
 def test_a_spec_from_before_tools_decodes_with_defaults() -> None:
-    old = {"messages": [{"role": "user", "text": "hi"}], "instructions": None,
-           "max_output_tokens": None, "temperature": 1.0, "top_p": 1.0}
+    old = {
+        "messages": [{"role": "user", "text": "hi"}],
+        "instructions": None,
+        "max_output_tokens": None,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
     spec = RunSpec.decode(old)
     assert spec == RunSpec([Message("user", "hi")])
-    assert (spec.tools, spec.tool_choice, spec.tool_names, spec.forward,
-            spec.text_format) == ([], None, {}, {}, None)
+    assert (spec.tools, spec.tool_choice, spec.tool_names, spec.forward, spec.text_format) == (
+        [],
+        None,
+        {},
+        {},
+        None,
+    )
 
 
 def test_a_spec_is_frozen() -> None:
@@ -72,13 +107,28 @@ def test_a_spec_is_frozen() -> None:
 
 
 def test_of_a_create_request() -> None:
-    req = wire.parse_create({
-        "model": "m", "input": "hi", "instructions": "Be brief.", "max_output_tokens": 9,
-        "top_p": 0.5, "user": "u1",
-        "tools": [{"type": "namespace", "name": "crm", "tools": [
-            {"type": "function", "name": "lookup"}, {"type": "custom", "name": "edit"}]}],
-        "tool_choice": {"type": "function", "name": "lookup"},
-        "text": {"format": {"type": "json_object"}}})
+    req = wire.parse_create(
+        {
+            "model": "m",
+            "input": "hi",
+            "instructions": "Be brief.",
+            "max_output_tokens": 9,
+            "top_p": 0.5,
+            "user": "u1",
+            "tools": [
+                {
+                    "type": "namespace",
+                    "name": "crm",
+                    "tools": [
+                        {"type": "function", "name": "lookup"},
+                        {"type": "custom", "name": "edit"},
+                    ],
+                }
+            ],
+            "tool_choice": {"type": "function", "name": "lookup"},
+            "text": {"format": {"type": "json_object"}},
+        }
+    )
     messages = wire.history(wire.input_items(req))
     spec = RunSpec.of(req, messages, wire.echo_fields(req))
     assert spec.messages == [Message("user", "hi")]
@@ -100,7 +150,11 @@ def test_generation_leads_with_the_instructions() -> None:
     assert (gen.response_id, gen.model, gen.background) == ("resp_1", "m", True)
     assert (gen.max_output_tokens, gen.temperature, gen.top_p) == (64, 0.5, 1.0)
     assert (gen.tools, gen.tool_choice, gen.text_format, gen.forward) == (
-        spec.tools, "auto", None, {"user": "u1"})
+        spec.tools,
+        "auto",
+        None,
+        {"user": "u1"},
+    )
     plain = dataclasses.replace(spec, instructions=None).generation("resp_2", "m", False)
     assert plain.messages == spec.messages
 
@@ -108,13 +162,29 @@ def test_generation_leads_with_the_instructions() -> None:
 def test_history_encodes_to_the_stored_turn_shape() -> None:
     """Input items become Messages; encoded, the JSON every stored record and compaction
     token holds."""
-    req = wire.parse_create({"model": "m", "input": [
-        {"role": "user", "content": [{"type": "input_text", "text": "look"},
-                                     {"type": "input_image", "image_url": IMAGE}]},
-        {"type": "function_call", "call_id": "c1", "name": "lookup", "namespace": "crm",
-         "arguments": '{"q":1}'},
-        {"type": "function_call_output", "call_id": "c1", "output": "42"},
-        {"role": "assistant", "content": "It is 42."}]})
+    req = wire.parse_create(
+        {
+            "model": "m",
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "look"},
+                        {"type": "input_image", "image_url": IMAGE},
+                    ],
+                },
+                {
+                    "type": "function_call",
+                    "call_id": "c1",
+                    "name": "lookup",
+                    "namespace": "crm",
+                    "arguments": '{"q":1}',
+                },
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+                {"role": "assistant", "content": "It is 42."},
+            ],
+        }
+    )
     assert turns.encode(wire.history(wire.input_items(req))) == STORED["messages"]
 
 
@@ -133,11 +203,16 @@ def _fit(spec: RunSpec, size: int, truncation: str | None) -> RunSpec:
 
 
 def test_fit_drops_the_oldest_turns_under_auto() -> None:
-    spec = RunSpec([
-        Message("developer", "d" * 10), Message("user", "u" * 100),
-        Message("assistant", "a" * 300, [ToolCallSpec("c", "f", "{}")]),
-        Message("tool", "t" * 10, call_id="c"), Message("user", "q" * 10)],
-        max_output_tokens=16)
+    spec = RunSpec(
+        [
+            Message("developer", "d" * 10),
+            Message("user", "u" * 100),
+            Message("assistant", "a" * 300, [ToolCallSpec("c", "f", "{}")]),
+            Message("tool", "t" * 10, call_id="c"),
+            Message("user", "q" * 10),
+        ],
+        max_output_tokens=16,
+    )
     assert _fit(spec, 1000, None) is spec  # fits: unchanged
     with pytest.raises(APIError) as exc:
         _fit(spec, 200, None)

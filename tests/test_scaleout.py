@@ -64,8 +64,7 @@ def client(cluster: Cluster) -> Iterator[openai.OpenAI]:
 def test_create_on_a_stream_on_b_resume_on_a_cancel_on_b(cluster: Cluster) -> None:
     # issue 5 acceptance; contract §2.4, §3.2–3.4, §4.5
     a, b = (api.client() for api in cluster.apis)
-    created = a.responses.create(model="scripted", input="story", background=True,
-                                 stream=True)
+    created = a.responses.create(model="scripted", input="story", background=True, stream=True)
     rid, first = read_deltas(created, 3)
     on_b = b.responses.retrieve(rid, stream=True)
     seen_b, _ = [], None
@@ -78,8 +77,11 @@ def test_create_on_a_stream_on_b_resume_on_a_cancel_on_b(cluster: Cluster) -> No
     reply = b.responses.cancel(rid)
     replied_at = time.time()
     assert reply.status == "cancelled" and reply.usage is not None
-    logs = {"created on A": first + list(created), "stream on B": seen_b + list(on_b),
-            "resume on A": list(on_a)}
+    logs = {
+        "created on A": first + list(created),
+        "stream on B": seen_b + list(on_b),
+        "resume on A": list(on_a),
+    }
     for name, log in logs.items():
         assert log[-1].type == "response.failed", name
         assert log[-1].response.status == "cancelled", name
@@ -130,9 +132,11 @@ class Events:
 def test_worker_killed_mid_run_ends_failed_and_streams_are_told(cluster: Cluster) -> None:
     # issue 5 acceptance; contract §6.1, §6.2
     a, b = cluster.apis
-    created = Events("POST", f"{a.base_url}/responses",
-                     json={"model": "scripted", "input": "story", "background": True,
-                           "stream": True}).until_deltas(3)
+    created = Events(
+        "POST",
+        f"{a.base_url}/responses",
+        json={"model": "scripted", "input": "story", "background": True, "stream": True},
+    ).until_deltas(3)
     rid = created.events[0]["response"]["id"]
     reader = Events("GET", f"{b.base_url}/responses/{rid}", params={"stream": "true"})
     runner = cluster.runner(rid)
@@ -151,7 +155,7 @@ def test_worker_killed_mid_run_ends_failed_and_streams_are_told(cluster: Cluster
     assert full == list(range(len(full)))
     assert on_b == seen
     for after in (0, len(full) // 2, len(full) - 2):
-        assert raw_events(cluster.apis[after % 2], rid, starting_after=after) == seen[after + 1:]
+        assert raw_events(cluster.apis[after % 2], rid, starting_after=after) == seen[after + 1 :]
     final = b.client().responses.retrieve(rid)
     assert final.status == "failed"
     deltas = sum(e["type"] == "response.output_text.delta" for e in seen)
@@ -161,9 +165,11 @@ def test_worker_killed_mid_run_ends_failed_and_streams_are_told(cluster: Cluster
 def test_paused_worker_cannot_append_after_losing_its_lease(cluster: Cluster) -> None:
     # issue 5 acceptance; contract §2.3, §6.2: fencing, not timing, keeps a slow worker out
     a = cluster.apis[0]
-    created = Events("POST", f"{a.base_url}/responses",
-                     json={"model": "scripted", "input": "story", "background": True,
-                           "stream": True}).until_deltas(3)
+    created = Events(
+        "POST",
+        f"{a.base_url}/responses",
+        json={"model": "scripted", "input": "story", "background": True, "stream": True},
+    ).until_deltas(3)
     rid = created.events[0]["response"]["id"]
     runner = cluster.runner(rid)
     assert runner.proc is not None
@@ -177,8 +183,11 @@ def test_paused_worker_cannot_append_after_losing_its_lease(cluster: Cluster) ->
     assert log_before == seen
     # The resumed worker's run goes on until the store refuses it (its next append is
     # fenced, or its batch in flight during the pause fails): then it is gone.
-    wait_for(lambda: httpx.get(f"{runner.url}/debug/process", timeout=5).json()["runs"] == 0,
-             30, "the paused run to end")
+    wait_for(
+        lambda: httpx.get(f"{runner.url}/debug/process", timeout=5).json()["runs"] == 0,
+        30,
+        "the paused run to end",
+    )
     assert raw_events(cluster.apis[0], rid) == log_before
     final = a.client().responses.retrieve(rid)
     deltas = sum(e["type"] == "response.output_text.delta" for e in log_before)
@@ -215,8 +224,10 @@ def _load(cluster: Cluster, n: int, outage: Any) -> None:
     duplicated), and that every response completed, with exact usage: the runs rode
     the outage out."""
     body = {"model": "scripted", "background": True, "stream": True}
-    streams = [Events("POST", f"{cluster.base_url}/responses", json={**body, "input": f"{i}"})
-               for i in range(n)]
+    streams = [
+        Events("POST", f"{cluster.base_url}/responses", json={**body, "input": f"{i}"})
+        for i in range(n)
+    ]
     for stream in streams:
         stream.until_deltas(2)
     outage()
@@ -257,13 +268,21 @@ def test_redis_restart_during_load_loses_nothing(tmp_path: Path) -> None:
     private = PrivateRedis(tmp_path)
     private.start()
     with postgres_url() as db:
-        c = make_cluster(tmp_path, db, private.url, apis=2, workers=1,
-                         args=("--scripted-rate", "50", "--scripted-length", "150"))
+        c = make_cluster(
+            tmp_path,
+            db,
+            private.url,
+            apis=2,
+            workers=1,
+            args=("--scripted-rate", "50", "--scripted-length", "150"),
+        )
         try:
+
             def outage() -> None:
                 private.stop()
                 time.sleep(1.0)  # an outage of a second: Redis is really away meanwhile
                 private.start()
+
             _load(c, 6, outage)
         finally:
             c.stop()
@@ -277,9 +296,16 @@ def test_postgres_restart_during_load_loses_nothing(tmp_path: Path) -> None:
     private = PrivatePostgres()
     try:
         private.start()
-        c = make_cluster(tmp_path, private.url, redis_url(), apis=2, workers=1,
-                         args=("--scripted-rate", "50", "--scripted-length", "150"))
+        c = make_cluster(
+            tmp_path,
+            private.url,
+            redis_url(),
+            apis=2,
+            workers=1,
+            args=("--scripted-rate", "50", "--scripted-length", "150"),
+        )
         try:
+
             def outage() -> None:
                 private.stop()
                 api = c.apis[0].client()
@@ -287,6 +313,7 @@ def test_postgres_restart_during_load_loses_nothing(tmp_path: Path) -> None:
                     api.responses.create(model="scripted", input="x", background=True)
                 assert err.value.status_code == 503
                 private.start()
+
             _load(c, 6, outage)
         finally:
             c.stop()

@@ -46,8 +46,18 @@ FAST_LENGTH = 50
 # --- the Open Responses OpenAPI document (validators shared with other tests: `spec`) ---
 
 # Re-exported: other test modules import these from here.
-__all__ = ["EVENT_SCHEMAS", "RESOURCE", "RESOURCE_FIELDS", "STREAM_ONE_OF", "check_event",
-           "check_response", "check_stream", "spec_errors", "spec_schema", "spec_validator"]
+__all__ = [
+    "EVENT_SCHEMAS",
+    "RESOURCE",
+    "RESOURCE_FIELDS",
+    "STREAM_ONE_OF",
+    "check_event",
+    "check_response",
+    "check_stream",
+    "spec_errors",
+    "spec_schema",
+    "spec_validator",
+]
 
 
 # --- the official SDK's types -------------------------------------------------------------
@@ -73,6 +83,7 @@ def undefined_fields(value: Any, path: str = "") -> list[str]:
 
 
 # --- checks -----------------------------------------------------------------------------
+
 
 def check_response(obj: dict[str, Any]) -> Response:
     """A Response object: the SDK's model and ResponseResource; no field outside both."""
@@ -181,8 +192,8 @@ class SSEReader:
                 return None
             assert len(lines) == 2, f"expected event: and data: lines: {frame!r}"
             assert lines[0].startswith(b"event: ") and lines[1].startswith(b"data: "), frame
-            event: dict[str, Any] = json.loads(lines[1][len(b"data: "):])
-            assert lines[0][len(b"event: "):].decode() == event["type"], frame
+            event: dict[str, Any] = json.loads(lines[1][len(b"data: ") :])
+            assert lines[0][len(b"event: ") :].decode() == event["type"], frame
             self.events.append(event)
             return event
 
@@ -206,11 +217,20 @@ def deltas(events: list[dict[str, Any]]) -> int:
 
 # --- fixtures ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One scripted server for this module: 1000 tokens/s, 50 tokens per response."""
-    with served(tmp_path_factory.mktemp("schema"), "--engine", "scripted", "--debug-routes",
-                "--scripted-rate", "1000", "--scripted-length", str(FAST_LENGTH)) as server:
+    with served(
+        tmp_path_factory.mktemp("schema"),
+        "--engine",
+        "scripted",
+        "--debug-routes",
+        "--scripted-rate",
+        "1000",
+        "--scripted-length",
+        str(FAST_LENGTH),
+    ) as server:
         yield server
 
 
@@ -223,8 +243,9 @@ def fast_client(fast: Server) -> Iterator[openai.OpenAI]:
 @pytest.fixture
 def http(fast: Server) -> Iterator[httpx.Client]:
     # Raw bytes for the checks below, and the specs' checks as they pass (`spec`).
-    with httpx.Client(base_url=fast.base_url, timeout=10,
-                      transport=spec.HttpxValidatingTransport()) as c:
+    with httpx.Client(
+        base_url=fast.base_url, timeout=10, transport=spec.HttpxValidatingTransport()
+    ) as c:
         yield c
 
 
@@ -238,32 +259,51 @@ def get_json(http: httpx.Client, path: str) -> dict[str, Any]:
 
 def wait_terminal(http: httpx.Client, rid: str) -> dict[str, Any]:
     """Poll a background response, validating every live snapshot on the way."""
+
     def poll() -> dict[str, Any] | None:
         obj = get_json(http, f"/responses/{rid}")
         check_response(obj)
         return obj if obj["status"] not in ("queued", "in_progress") else None
+
     result: dict[str, Any] = wait_for(poll, what=f"{rid} to end")
     return result
 
 
 def test_spec_maps_every_event_type_tether_emits() -> None:
-    emitted = {"response.created", "response.queued", "response.in_progress",
-               "response.output_item.added", "response.content_part.added",
-               "response.output_text.delta", "response.output_text.done",
-               "response.content_part.done", "response.output_item.done",
-               "response.completed", "response.incomplete", "response.failed", "error"}
+    emitted = {
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "error",
+    }
     assert emitted <= set(EVENT_SCHEMAS)
     assert emitted <= set(SDK_EVENT_CLASSES)
 
 
 # --- the four create modes (contract §5.1) ---------------------------------------------
 
+
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_create_modes_validate(fast: Server, fast_client: openai.OpenAI, http: httpx.Client,
-                               stream: bool, background: bool) -> None:
-    body = {"model": MODEL, "input": "hello", "stream": stream, "background": background,
-            "metadata": {"case": "modes"}}
+def test_create_modes_validate(
+    fast: Server, fast_client: openai.OpenAI, http: httpx.Client, stream: bool, background: bool
+) -> None:
+    body = {
+        "model": MODEL,
+        "input": "hello",
+        "stream": stream,
+        "background": background,
+        "metadata": {"case": "modes"},
+    }
     if stream:
         with http.stream("POST", "/responses", json=body) as r:
             events = read_sse(r)
@@ -291,13 +331,15 @@ def test_create_modes_validate(fast: Server, fast_client: openai.OpenAI, http: h
 
     # The same mode through the strict SDK client: it must parse every object and event.
     if stream:
-        sdk_events = list(fast_client.responses.create(
-            model=MODEL, input="hello", stream=True, background=background))
+        sdk_events = list(
+            fast_client.responses.create(
+                model=MODEL, input="hello", stream=True, background=background
+            )
+        )
         assert sdk_events[-1].type == "response.completed"
         assert [e.sequence_number for e in sdk_events] == list(range(len(sdk_events)))
     else:
-        created = fast_client.responses.create(model=MODEL, input="hello",
-                                               background=background)
+        created = fast_client.responses.create(model=MODEL, input="hello", background=background)
         assert created.status == ("queued" if background else "completed")
 
 
@@ -323,8 +365,9 @@ def test_incomplete_validates(fast_client: openai.OpenAI, http: httpx.Client) ->
 def test_cancelled_background_stream_validates(server: Server, client: openai.OpenAI) -> None:
     # contract §3.2, §3.4 — at the default 100 tokens/s, so the cancel lands mid-run
     body = {"model": MODEL, "input": "tell me a story", "background": True, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=10,
-                      transport=spec.HttpxValidatingTransport()) as http:
+    with httpx.Client(
+        base_url=server.base_url, timeout=10, transport=spec.HttpxValidatingTransport()
+    ) as http:
         with http.stream("POST", "/responses", json=body) as r:
             reader = SSEReader(r)
             reader.until(lambda evs: deltas(evs) >= 3)
@@ -337,8 +380,12 @@ def test_cancelled_background_stream_validates(server: Server, client: openai.Op
         assert reply.status == "cancelled"
         check_stream(events)
         kinds = [e["type"] for e in events]
-        assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                              "response.output_item.done", "response.failed"]
+        assert kinds[-4:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.failed",
+        ]
         assert events[-2]["item"]["status"] == "incomplete"
         terminal = events[-1]["response"]
         assert terminal["status"] == "cancelled" and terminal["error"] is None
@@ -369,8 +416,12 @@ def test_failed_validates(fast: Server, fast_client: openai.OpenAI, http: httpx.
     # Both shapes: flat (OpenAI) and nested (Open Responses).
     assert error["code"] == "server_error" and error["param"] is None
     assert isinstance(error["message"], str) and error["message"]
-    assert error["error"] == {"type": "server_error", "code": error["code"],
-                              "message": error["message"], "param": None}
+    assert error["error"] == {
+        "type": "server_error",
+        "code": error["code"],
+        "message": error["message"],
+        "param": None,
+    }
     failed = events[-1]["response"]
     assert failed["status"] == "failed"
     assert failed["error"] == {"code": "server_error", "message": error["message"]}
@@ -387,8 +438,9 @@ def test_failed_validates(fast: Server, fast_client: openai.OpenAI, http: httpx.
     # Without a stream, the failure is a 200 with a failed Response (not an HTTP error).
     sync = fast_client.responses.create(model=MODEL, input="FAIL_AT=3")
     assert sync.status == "failed" and sync.error is not None
-    assert check_response(http.post("/responses", json={"model": MODEL,
-                                                         "input": "FAIL_AT=3"}).json())
+    assert check_response(
+        http.post("/responses", json={"model": MODEL, "input": "FAIL_AT=3"}).json()
+    )
 
 
 def test_replay_validates(fast_client: openai.OpenAI, http: httpx.Client) -> None:
@@ -400,8 +452,9 @@ def test_replay_validates(fast_client: openai.OpenAI, http: httpx.Client) -> Non
     rid = events[0]["response"]["id"]
     with http.stream("GET", f"/responses/{rid}", params={"stream": "true"}) as r:
         assert read_sse(r) == events
-    with http.stream("GET", f"/responses/{rid}",
-                     params={"stream": "true", "starting_after": "3"}) as r:
+    with http.stream(
+        "GET", f"/responses/{rid}", params={"stream": "true", "starting_after": "3"}
+    ) as r:
         tail = read_sse(r)
     check_stream(tail, first_seq=4)
     assert tail == events[4:]
@@ -423,9 +476,12 @@ def test_replay_past_the_end_is_an_empty_stream(http: httpx.Client) -> None:
         last = read_sse(r)[-1]["sequence_number"]
     started = time.monotonic()
     try:
-        with http.stream("GET", f"/responses/{rid}",
-                         params={"stream": "true", "starting_after": str(last)},
-                         timeout=3) as r:
+        with http.stream(
+            "GET",
+            f"/responses/{rid}",
+            params={"stream": "true", "starting_after": str(last)},
+            timeout=3,
+        ) as r:
             assert read_sse(r) == []
     except httpx.ReadTimeout:
         pytest.fail("a replay past the end of a finished response hung instead of ending")
@@ -433,6 +489,7 @@ def test_replay_past_the_end_is_an_empty_stream(http: httpx.Client) -> None:
 
 
 # --- the other endpoints ----------------------------------------------------------------
+
 
 def test_input_items_validate(fast_client: openai.OpenAI, http: httpx.Client) -> None:
     messages = [
@@ -442,8 +499,9 @@ def test_input_items_validate(fast_client: openai.OpenAI, http: httpx.Client) ->
         {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
         {"role": "user", "content": [{"type": "input_text", "text": "again"}]},
     ]
-    created = http.post("/responses", json={"model": MODEL, "input": messages,
-                                            "max_output_tokens": 2}).json()
+    created = http.post(
+        "/responses", json={"model": MODEL, "input": messages, "max_output_tokens": 2}
+    ).json()
     rid = created["id"]
     for order in ("asc", "desc"):
         page = get_json(http, f"/responses/{rid}/input_items?order={order}")

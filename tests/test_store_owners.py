@@ -29,10 +29,17 @@ def test_a_held_lock_is_never_taken_and_a_released_one_is(tmp_path: Path) -> Non
 
 def test_a_killed_process_is_gone(tmp_path: Path) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pathlib; from tether.store.owners import "
-         "OwnerLocks; OwnerLocks(pathlib.Path(sys.argv[1])).hold('child'); print('held', "
-         "flush=True); sys.stdin.read()", str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib; from tether.store.owners import "
+            "OwnerLocks; OwnerLocks(pathlib.Path(sys.argv[1])).hold('child'); print('held', "
+            "flush=True); sys.stdin.read()",
+            str(tmp_path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"held\n"
         me = OwnerLocks(tmp_path)

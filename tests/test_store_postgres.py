@@ -29,9 +29,20 @@ Make = Callable[..., Awaitable[PostgresStore]]
 
 
 def record(rid: str = "resp_1", status: str = "queued", owner: str | None = "me") -> Record:
-    return Record(id=rid, tenant="t", status=status, snapshot={"id": rid}, run={},
-                  input_items=[], run_token=None, owner=owner, lease_until=0.0, last_seq=-1,
-                  input_tokens=0, finished_at=None)
+    return Record(
+        id=rid,
+        tenant="t",
+        status=status,
+        snapshot={"id": rid},
+        run={},
+        input_items=[],
+        run_token=None,
+        owner=owner,
+        lease_until=0.0,
+        last_seq=-1,
+        input_tokens=0,
+        finished_at=None,
+    )
 
 
 def ev(kind: str = "response.output_text.delta", **extra: Any) -> dict[str, Any]:
@@ -109,7 +120,8 @@ async def test_flush_waits_for_earlier_appends_only(make: Make) -> None:
 
 
 async def test_an_append_cancelled_while_it_waits_appended_nothing(
-        make: Make, pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    make: Make, pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # `append` is cancel-atomic: a run cancelled while its append waits for the database
     # (back-pressure) counts no tokens for it, so the log must not hold its events either.
     monkeypatch.setattr(pg_append, "MAX_PENDING", 2)
@@ -123,8 +135,7 @@ async def test_an_append_cancelled_while_it_waits_appended_nothing(
             await wait_until(lambda: store.appends._rounds_begun == 1)  # in flight, waiting
             assert await store.append("resp_1", "tok", [ev(delta="b")], tokens=1)
             assert await store.append("resp_1", "tok", [ev(delta="c")], tokens=1)
-            late = asyncio.ensure_future(
-                store.append("resp_1", "tok", [ev(delta="d")], tokens=1))
+            late = asyncio.ensure_future(store.append("resp_1", "tok", [ev(delta="d")], tokens=1))
             await asyncio.sleep(0)  # its first step: it waits for the round (2 pending)
             assert not late.done()
             late.cancel()
@@ -139,7 +150,8 @@ async def test_an_append_cancelled_while_it_waits_appended_nothing(
 
 
 async def test_close_from_another_task_stops_every_task_the_store_started(
-        pg: str, redis: tuple[str, str]) -> None:
+    pg: str, redis: tuple[str, str]
+) -> None:
     store = PostgresStore(pg, *redis)
     await asyncio.ensure_future(store.open())  # opened in one task...
     await started(store)
@@ -179,7 +191,9 @@ async def test_a_statement_rolled_back_for_a_deadlock_is_run_again(make: Make) -
     async with store.db.conn() as con:  # each refused once, then written
         assert await con.fetchval("SELECT last_value FROM deadlocks") == 4
     assert [orjson.loads(e.data)["type"] for e in await store.read("resp_1", 1)] == [
-        "response.output_text.delta", "response.completed"]
+        "response.output_text.delta",
+        "response.completed",
+    ]
     assert await store.output_tokens("resp_1") == 1
 
 
@@ -209,7 +223,9 @@ async def test_finish_is_a_single_compare_and_set(make: Make) -> None:
     rec = await store.get("resp_1", "t")
     assert rec is not None and rec.status == "completed" and rec.snapshot == {"s": 1}
     assert [e.type for e in await store.read("resp_1", -1, rec.last_seq)] == [
-        "response.created", "response.completed"]
+        "response.created",
+        "response.completed",
+    ]
 
 
 async def test_nothing_is_appended_after_the_terminal_event(make: Make) -> None:
@@ -244,7 +260,8 @@ async def test_claim_happens_once(make: Make) -> None:
     await a.create(record(), [ev("response.created")])
     wins = await asyncio.gather(
         a.claim("resp_1", "a", "me", 0, {}, [ev("response.in_progress")]),
-        b.claim("resp_1", "b", "me", 0, {}, [ev("response.in_progress")]))
+        b.claim("resp_1", "b", "me", 0, {}, [ev("response.in_progress")]),
+    )
     assert sorted(wins) == [False, True]
     assert seqs(await a.read("resp_1", -1, 1)) == [0, 1]
 
@@ -266,7 +283,8 @@ async def test_idempotent_creates_racing_in_two_processes_make_one_response(make
     a, b = await make(), await make()
     results = await asyncio.gather(
         a.create(record("resp_a"), [ev("response.created")], ("k", "h")),
-        b.create(record("resp_b"), [ev("response.created")], ("k", "h")))
+        b.create(record("resp_b"), [ev("response.created")], ("k", "h")),
+    )
     assert sorted(created for _, created in results) == [False, True]
     assert {rec.id for rec, _ in results} == {results[0][0].id}
 
@@ -334,9 +352,13 @@ async def test_purge_reclaims_the_events_space_only_without_autovacuum(make: Mak
 
     async def vacuumed() -> bool:
         async with store.db.conn() as con:
-            return await con.fetchval(
-                "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
-                "WHERE relname = 'events'") is True
+            return (
+                await con.fetchval(
+                    "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+                    "WHERE relname = 'events'"
+                )
+                is True
+            )
 
     assert not await vacuumed()
     await store.purge(time.time() + 1)
@@ -356,8 +378,10 @@ async def test_leases_renew_expire_and_adopt(make: Make) -> None:
     assert {r.id for r in await b.expired(time.time())} == {"resp_q", "resp_r"}
     assert not await b.adopt("resp_r", "w1", "w2", time.time() + 60)  # it started: no re-run
     assert not await b.adopt("resp_q", "someone", "w2", time.time() + 60)
-    adopted = await asyncio.gather(a.adopt("resp_q", "w1", None, time.time() + 60),
-                                   b.adopt("resp_q", "w1", "w2", time.time() + 60))
+    adopted = await asyncio.gather(
+        a.adopt("resp_q", "w1", None, time.time() + 60),
+        b.adopt("resp_q", "w1", "w2", time.time() + 60),
+    )
     assert sorted(adopted) == [False, True]  # CAS: exactly one process takes it over
     assert [r.id for r in await b.expired(time.time())] == ["resp_r"]
 
@@ -417,8 +441,7 @@ async def test_a_fenced_process_cannot_append(make: Make) -> None:
     await worker.flush()
     assert await reaper.fence("resp_1", "guard")
     # The worker "wakes up" and goes on as if nothing happened.
-    await worker.append("resp_1", "tok", [ev(delta="b"), ev(delta="c")], tokens=2,
-                        input_tokens=7)
+    await worker.append("resp_1", "tok", [ev(delta="b"), ev(delta="c")], tokens=2, input_tokens=7)
     await worker.flush()
     assert not await worker.append("resp_1", "tok", [ev(delta="d")], tokens=1)
     assert not await worker.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
@@ -426,8 +449,12 @@ async def test_a_fenced_process_cannot_append(make: Make) -> None:
     rec = await reaper.get("resp_1", "t")
     assert rec is not None and rec.status == "failed" and rec.input_tokens == 0
     log = await reaper.read("resp_1", -1, rec.last_seq)
-    assert [e.type for e in log] == ["response.created", "response.in_progress",
-                                     "response.output_text.delta", "response.failed"]
+    assert [e.type for e in log] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_text.delta",
+        "response.failed",
+    ]
     assert seqs(log) == [0, 1, 2, 3]
     assert await reaper.output_tokens("resp_1") == 1
 
@@ -442,24 +469,36 @@ async def test_finish_race_between_processes_has_one_winner(make: Make) -> None:
         await a.flush()
         wins = await asyncio.gather(
             a.finish(rid, "tok", "completed", {"by": "a"}, [ev("response.completed")]),
-            b.finish(rid, None if n % 2 else "tok", "cancelled", {"by": "b"},
-                     [ev("response.failed")]))
+            b.finish(
+                rid, None if n % 2 else "tok", "cancelled", {"by": "b"}, [ev("response.failed")]
+            ),
+        )
         assert sorted(wins) == [False, True]
         rec = await b.get(rid, "t")
         assert rec is not None and rec.snapshot == {"by": "a" if wins[0] else "b"}
         log = await b.read(rid, -1, rec.last_seq)
         assert seqs(log) == [0, 1, 2, 3]
-        assert [e.type for e in log][-1] == ("response.completed" if wins[0]
-                                             else "response.failed")
+        assert [e.type for e in log][-1] == ("response.completed" if wins[0] else "response.failed")
 
 
-@given(ops=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["turn", "flush", "none"])),
-                    min_size=1, max_size=30),
-       fence_at=st.none() | st.integers(0, 30), cursor=st.integers(-1, 40))
-@settings(max_examples=30, deadline=None, print_blob=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(1, 3), st.sampled_from(["turn", "flush", "none"])),
+        min_size=1,
+        max_size=30,
+    ),
+    fence_at=st.none() | st.integers(0, 30),
+    cursor=st.integers(-1, 40),
+)
+@settings(
+    max_examples=30,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 async def test_random_interleavings_keep_one_contiguous_log(
-        make: Make, ops: list[tuple[int, str]], fence_at: int | None, cursor: int) -> None:
+    make: Make, ops: list[tuple[int, str]], fence_at: int | None, cursor: int
+) -> None:
     # contract §2.1-§2.3: whatever the batching and wherever a fence lands, the log is
     # contiguous, nothing of the fenced run follows the fence, usage matches the log
     worker, other = await _pair(make)
@@ -471,8 +510,9 @@ async def test_random_interleavings_keep_one_contiguous_log(
         if i == fence_at:
             assert await other.fence(rid, "guard")
             fenced = True
-        accepted = await worker.append(rid, "tok", [ev(delta=f"{i}.{k}") for k in range(n)],
-                                       tokens=n)
+        accepted = await worker.append(
+            rid, "tok", [ev(delta=f"{i}.{k}") for k in range(n)], tokens=n
+        )
         assert accepted or fenced
         if pause == "turn":
             await asyncio.sleep(0)
@@ -489,8 +529,9 @@ async def test_random_interleavings_keep_one_contiguous_log(
     log = await other.read(rid, -1, rec.last_seq)
     assert seqs(log) == list(range(rec.last_seq + 1))
     assert [orjson.loads(e.data)["sequence_number"] for e in log] == seqs(log)
-    assert [e.type for e in log].count("response.failed") + [
-        e.type for e in log].count("response.completed") == 1
+    assert [e.type for e in log].count("response.failed") + [e.type for e in log].count(
+        "response.completed"
+    ) == 1
     deltas = [orjson.loads(e.data)["delta"] for e in log if e.type.endswith(".delta")]
     if fence_at is not None and fence_at < len(ops):
         assert all(int(d.split(".")[0]) < fence_at for d in deltas)
@@ -517,7 +558,8 @@ async def _pair(make: Make) -> tuple[PostgresStore, PostgresStore]:
 
 
 async def test_a_flushed_stream_is_read_from_postgres_then_from_redis_again(
-        make: Make, redis: tuple[str, str]) -> None:
+    make: Make, redis: tuple[str, str]
+) -> None:
     import redis.asyncio as aioredis
 
     a, b = await make(), await make()
@@ -554,7 +596,8 @@ async def test_a_flushed_stream_is_read_from_postgres_then_from_redis_again(
 
 
 async def test_redis_away_the_store_works_from_postgres_and_catches_up(
-        make: Make, redis: tuple[str, str]) -> None:
+    make: Make, redis: tuple[str, str]
+) -> None:
     gate = await Gate.start(6379)
     try:
         a = await make(redis_at=f"redis://127.0.0.1:{gate.port}/0")
@@ -589,7 +632,8 @@ async def test_redis_away_the_store_works_from_postgres_and_catches_up(
 
 
 async def test_postgres_unreachable_raises_store_unavailable_quickly(
-        redis: tuple[str, str]) -> None:
+    redis: tuple[str, str],
+) -> None:
     store = make_store("postgresql://postgres@127.0.0.1:1/nowhere", redis[0], redis[1])
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable):
@@ -601,7 +645,8 @@ async def test_postgres_unreachable_raises_store_unavailable_quickly(
 
 @pytest.mark.parametrize("mode", ["cut", "hang", "deaf"])
 async def test_postgres_outage_is_store_unavailable_then_recovers(
-        make: Make, pg: str, mode: str) -> None:
+    make: Make, pg: str, mode: str
+) -> None:
     gate = await Gate.start(5432)
     try:
         url = pg.replace(":5432/", f":{gate.port}/")
@@ -613,9 +658,11 @@ async def test_postgres_outage_is_store_unavailable_then_recovers(
             # The database gets the append and commits it; its answer is lost.
             gate.deaf()
             assert await worker.append("resp_1", "tok", [ev(delta="held")], tokens=1)
+
             async def committed() -> None:
                 while (rec := await other.get("resp_1", "t")) is None or rec.last_seq < 3:
                     await asyncio.sleep(0.01)  # poll interval of a bounded wait
+
             await asyncio.wait_for(committed(), 10)
         t0 = time.monotonic()
         getattr(gate, "hang" if mode == "deaf" else mode)()
@@ -634,8 +681,7 @@ async def test_postgres_outage_is_store_unavailable_then_recovers(
         await worker.flush()
         assert await worker.get("resp_1", "t") is not None  # the pool reconnected
         assert await worker.append("resp_1", "tok", [ev(delta="b")], tokens=1)
-        assert await worker.finish("resp_1", "tok", "completed", {},
-                                   [ev("response.completed")])
+        assert await worker.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
         log = await other.read("resp_1", -1, 5)
         assert seqs(log) == list(range(6))
         assert [orjson.loads(e.data).get("delta") for e in log[2:5]] == ["a", "held", "b"]
@@ -651,7 +697,8 @@ async def test_terminated_connections_are_replaced(make: Make, pg: str) -> None:
     admin = await asyncpg.connect(pg)
     killed = await admin.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
     await admin.close()
     assert killed >= 1
     for attempt in range(2):  # a connection killed mid-use may fail one call, clearly
@@ -725,8 +772,10 @@ class Gate:
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         self._conns |= {writer, up_writer}
-        pumps = [asyncio.ensure_future(self._pump(reader, up_writer)),
-                 asyncio.ensure_future(self._pump(up_reader, writer, answers=True))]
+        pumps = [
+            asyncio.ensure_future(self._pump(reader, up_writer)),
+            asyncio.ensure_future(self._pump(up_reader, writer, answers=True)),
+        ]
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)  # one side closed
         for pump in pumps:
             pump.cancel()
@@ -734,8 +783,9 @@ class Gate:
             self._conns.discard(w)
             w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    answers: bool = False) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool = False
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 while self.mode == "hang":

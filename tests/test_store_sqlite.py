@@ -22,9 +22,20 @@ pytestmark = pytest.mark.anyio
 
 
 def record(rid: str = "resp_1", status: str = "queued") -> Record:
-    return Record(id=rid, tenant="t", status=status, snapshot={"id": rid}, run={},
-                  input_items=[], run_token=None, owner="me", lease_until=0.0, last_seq=-1,
-                  input_tokens=0, finished_at=None)
+    return Record(
+        id=rid,
+        tenant="t",
+        status=status,
+        snapshot={"id": rid},
+        run={},
+        input_items=[],
+        run_token=None,
+        owner="me",
+        lease_until=0.0,
+        last_seq=-1,
+        input_tokens=0,
+        finished_at=None,
+    )
 
 
 def ev(kind: str = "response.output_text.delta", **extra: Any) -> dict[str, Any]:
@@ -64,7 +75,9 @@ async def test_finish_is_a_single_compare_and_set(tmp_path: Path) -> None:
     rec = await store.get("resp_1", "t")
     assert rec is not None and rec.status == "completed" and rec.snapshot == {"s": 1}
     assert [e.type for e in await store.read("resp_1", -1)] == [
-        "response.created", "response.completed"]
+        "response.created",
+        "response.completed",
+    ]
     await store.close()
 
 
@@ -196,12 +209,15 @@ async def test_an_append_that_was_not_written_is_never_reported_done(tmp_path: P
     with pytest.raises(WriteLost):
         await store.finish("resp_1", "tok", "completed", {}, [ev("response.completed")])
     assert [e.type for e in await store.read("resp_1", -1)] == [
-        "response.created", "response.output_text.delta"]
+        "response.created",
+        "response.output_text.delta",
+    ]
     assert await store.output_tokens("resp_1") == 1
     assert await store.fence("resp_1", "guard")  # ending it from the log (no new page)...
     with pytest.raises(StoreFull):  # ...needs room for the closing events...
-        await store.finish("resp_1", "guard", "failed", {"pad": "y" * 100_000},
-                           [ev("response.failed")])
+        await store.finish(
+            "resp_1", "guard", "failed", {"pad": "y" * 100_000}, [ev("response.failed")]
+        )
     make_room(store)  # ...and works once there is room
     assert await store.finish("resp_1", "guard", "failed", {}, [ev("response.failed")])
     entries = await store.read("resp_1", -1)
@@ -333,10 +349,13 @@ async def test_random_full_disks_never_report_a_lost_write_done(tmp_path: Path) 
             op = rng.random()
             try:
                 if op < 0.5 and rid not in outcome:
-                    deltas = [f"{step}.{i}:" + "x" * rng.choice((1, 3000))
-                              for i in range(rng.randint(1, 4))]
-                    if await store.append(rid, "tok", [ev(delta=d) for d in deltas],
-                                          tokens=len(deltas)):
+                    deltas = [
+                        f"{step}.{i}:" + "x" * rng.choice((1, 3000))
+                        for i in range(rng.randint(1, 4))
+                    ]
+                    if await store.append(
+                        rid, "tok", [ev(delta=d) for d in deltas], tokens=len(deltas)
+                    ):
                         sent[rid] += deltas
                 elif op < 0.7:
                     await asyncio.sleep(0)  # the group commit runs
@@ -348,7 +367,8 @@ async def test_random_full_disks_never_report_a_lost_write_done(tmp_path: Path) 
                 elif rid not in outcome:  # ended from its log, fencing the run out
                     guard = f"g{step}"
                     if await store.fence(rid, guard) and await store.finish(
-                            rid, guard, "failed", {}, [ev("response.failed")]):
+                        rid, guard, "failed", {}, [ev("response.failed")]
+                    ):
                         outcome[rid] = "ended"
             except WriteLost:
                 outcome.setdefault(rid, "lost")
@@ -362,9 +382,12 @@ async def test_random_full_disks_never_report_a_lost_write_done(tmp_path: Path) 
             entries = await store.read(rid, -1)
             assert [e.seq for e in entries] == list(range(len(entries))), (seed, rid)
             assert entries[-1].type in ("response.completed", "response.failed"), (seed, rid)
-            logged = [orjson.loads(e.data)["delta"] for e in entries
-                      if e.type == "response.output_text.delta"]
-            assert logged == sent[rid][:len(logged)], (seed, rid)
+            logged = [
+                orjson.loads(e.data)["delta"]
+                for e in entries
+                if e.type == "response.output_text.delta"
+            ]
+            assert logged == sent[rid][: len(logged)], (seed, rid)
             assert await store.output_tokens(rid) == len(logged), (seed, rid)
             if outcome.get(rid) == "finished":
                 assert logged == sent[rid], (seed, rid)

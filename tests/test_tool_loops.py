@@ -22,9 +22,19 @@ from upstreams import FakeUpstream, fake_upstream
 from conftest import Server, raw_events
 from test_codex import call_directive
 
-TOOLS: Any = [{"type": "function", "name": "lookup", "description": "Look a word up.",
-               "parameters": {"type": "object", "properties": {"word": {"type": "string"}},
-                              "required": ["word"], "additionalProperties": False}}]
+TOOLS: Any = [
+    {
+        "type": "function",
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {
+            "type": "object",
+            "properties": {"word": {"type": "string"}},
+            "required": ["word"],
+            "additionalProperties": False,
+        },
+    }
+]
 DELTAS = {"response.output_text.delta", "response.function_call_arguments.delta"}
 LONG_WORD = "-".join(["supercalifragilistic"] * 20)  # arguments of many token steps
 
@@ -103,8 +113,11 @@ def check_call_closed_incomplete(cancelled: Cancelled) -> None:
     events = cancelled.events
     [item] = [i for i in cancelled.reply.output if i.type == "function_call"]
     assert item.status == "incomplete" and item.name == "lookup"
-    assert [e.type for e in events[-3:]] == ["response.function_call_arguments.done",
-                                             "response.output_item.done", "response.failed"]
+    assert [e.type for e in events[-3:]] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.failed",
+    ]
     assert events[-3].name == "lookup"
 
 
@@ -123,20 +136,27 @@ def test_cancel_during_the_arguments_on_the_scripted_engine(make_server: Any) ->
     server: Server = make_server("--scripted-rate", "20")
     prompt = f"{call_directive('lookup', {'word': LONG_WORD})} look it up"
     with server.client() as client:
-        stream = client.responses.create(model="scripted", input=prompt, tools=TOOLS,
-                                         background=True, stream=True)
+        stream = client.responses.create(
+            model="scripted", input=prompt, tools=TOOLS, background=True, stream=True
+        )
         cancelled = cancel_at(server, stream, "response.function_call_arguments.delta")
     produced = cancelled.check_stopped()
     check_call_closed_incomplete(cancelled)
     check_trace(server.trace(cancelled.rid), produced, cancelled.replied)
 
 
-def test_cancel_during_the_arguments_through_a_chat_upstream(make_server: Any,
-                                                             fake: FakeUpstream) -> None:
+def test_cancel_during_the_arguments_through_a_chat_upstream(
+    make_server: Any, fake: FakeUpstream
+) -> None:
     server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
     with server.client() as client:
-        stream = client.responses.create(model="fake", input="CALL=lookup STALL_AFTER=1 go",
-                                         tools=TOOLS, background=True, stream=True)
+        stream = client.responses.create(
+            model="fake",
+            input="CALL=lookup STALL_AFTER=1 go",
+            tools=TOOLS,
+            background=True,
+            stream=True,
+        )
         cancelled = cancel_at(server, stream, "response.function_call_arguments.delta")
     assert cancelled.check_stopped() == 1
     check_call_closed_incomplete(cancelled)
@@ -158,21 +178,25 @@ def first_step(server: Server, model: str, prompt: str) -> tuple[str, Any]:
     return first.id, call
 
 
-def second_step(server: Server, model: str, first_id: str, call: Any,
-                output: str) -> Cancelled:
+def second_step(server: Server, model: str, first_id: str, call: Any, output: str) -> Cancelled:
     """Step two, given the call's output, cancelled by id as soon as it is created."""
     with server.client() as client:
         stream = client.responses.create(
-            model=model, previous_response_id=first_id, tools=TOOLS, background=True,
-            stream=True, input=[{"type": "function_call_output", "call_id": call.call_id,
-                                 "output": output}])
+            model=model,
+            previous_response_id=first_id,
+            tools=TOOLS,
+            background=True,
+            stream=True,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": output}],
+        )
         return cancel_at(server, stream, "response.created")
 
 
 def test_cancel_between_two_steps_on_the_scripted_engine(make_server: Any) -> None:
     server: Server = make_server("--scripted-rate", "20", "--scripted-length", "50")
-    first_id, call = first_step(server, "scripted",
-                                f"{call_directive('lookup', {'word': 'tether'})} look it up")
+    first_id, call = first_step(
+        server, "scripted", f"{call_directive('lookup', {'word': 'tether'})} look it up"
+    )
     # The tool's output makes the second step spend 5 s reading its prompt: the cancel
     # lands after it was created, before it produced anything.
     cancelled = second_step(server, "scripted", first_id, call, "PREFILL=5 a leash")
@@ -185,8 +209,9 @@ def test_cancel_between_two_steps_on_the_scripted_engine(make_server: Any) -> No
         assert client.responses.retrieve(first_id).status == "completed"  # step one stays
 
 
-def test_cancel_between_two_steps_through_a_chat_upstream(make_server: Any,
-                                                          fake: FakeUpstream) -> None:
+def test_cancel_between_two_steps_through_a_chat_upstream(
+    make_server: Any, fake: FakeUpstream
+) -> None:
     server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
     first_id, call = first_step(server, "fake", "CALL=lookup RATE=5 go")
     # The upstream answers a tool output in text, a word every 200 ms: the cancel lands

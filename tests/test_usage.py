@@ -27,10 +27,20 @@ def count(tally: Tally, key_id: str | None, response: Any) -> None:
 
 
 def rows_of(tally: Tally) -> list[dict[str, Any]]:
-    return sorted(({"key_id": k, "model": m, "status": s, "responses": c["responses"],
-                    "input_tokens": c["input_tokens"], "output_tokens": c["output_tokens"]}
-                   for (k, m, s), c in tally.items()),
-                  key=lambda r: (r["key_id"] or "", r["model"], r["status"]))
+    return sorted(
+        (
+            {
+                "key_id": k,
+                "model": m,
+                "status": s,
+                "responses": c["responses"],
+                "input_tokens": c["input_tokens"],
+                "output_tokens": c["output_tokens"],
+            }
+            for (k, m, s), c in tally.items()
+        ),
+        key=lambda r: (r["key_id"] or "", r["model"], r["status"]),
+    )
 
 
 def usage(client: openai.OpenAI, **params: str) -> dict[str, Any]:
@@ -39,13 +49,14 @@ def usage(client: openai.OpenAI, **params: str) -> dict[str, Any]:
 
 
 def ledger(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k not in ("object", "total_tokens")}
-            for row in body["data"]]
+    return [
+        {k: v for k, v in row.items() if k not in ("object", "total_tokens")}
+        for row in body["data"]
+    ]
 
 
 def cancelled_midway(client: openai.OpenAI) -> Any:
-    stream = client.responses.create(model="scripted", input="long", background=True,
-                                     stream=True)
+    stream = client.responses.create(model="scripted", input="long", background=True, stream=True)
     rid, _ = read_deltas(stream, 3)
     client.responses.cancel(rid)
     assert [e.type for e in stream][-1] == "response.failed"
@@ -54,18 +65,24 @@ def cancelled_midway(client: openai.OpenAI) -> Any:
 
 def test_ledger_is_exact_per_key_model_and_status(make_server: Any, tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
-    keys = {name: create_key(keys_file, tenant, name)
-            for name, tenant in (("a1", "a"), ("a2", "a"), ("b", "b"))}
-    server: Server = make_server("--keys-file", str(keys_file), "--scripted-rate", "200",
-                                 "--scripted-length", "200")
+    keys = {
+        name: create_key(keys_file, tenant, name)
+        for name, tenant in (("a1", "a"), ("a2", "a"), ("b", "b"))
+    }
+    server: Server = make_server(
+        "--keys-file", str(keys_file), "--scripted-rate", "200", "--scripted-length", "200"
+    )
     a1, a2, b = (client_for(server, keys[n][1]) for n in ("a1", "a2", "b"))
     ids = {n: keys[n][0] for n in keys}
     tally_a: Tally = {}
     tally_b: Tally = {}
     for text in ("one", "two words", "three little words"):
         count(tally_a, ids["a1"], a1.responses.create(model="scripted", input=text))
-    count(tally_a, ids["a1"], a1.responses.create(model="scripted", input="short",
-                                                  max_output_tokens=16))
+    count(
+        tally_a,
+        ids["a1"],
+        a1.responses.create(model="scripted", input="short", max_output_tokens=16),
+    )
     count(tally_a, ids["a2"], cancelled_midway(a2))
     doomed = b.responses.create(model="scripted", input="b's")
     count(tally_b, ids["b"], doomed)
@@ -77,9 +94,11 @@ def test_ledger_is_exact_per_key_model_and_status(make_server: Any, tmp_path: Pa
     assert body["totals"]["responses"] == 5
     assert body["totals"]["output_tokens"] == sum(c["output_tokens"] for c in tally_a.values())
     assert ledger(usage(a2, key_id=ids["a2"])) == rows_of(
-        {k: v for k, v in tally_a.items() if k[0] == ids["a2"]})
+        {k: v for k, v in tally_a.items() if k[0] == ids["a2"]}
+    )
     assert ledger(usage(a1, status="cancelled")) == rows_of(
-        {k: v for k, v in tally_a.items() if k[2] == "cancelled"})
+        {k: v for k, v in tally_a.items() if k[2] == "cancelled"}
+    )
     assert ledger(usage(b)) == rows_of(tally_b)
 
     # Deleting a response, or restarting the server, does not unbill it.
@@ -91,19 +110,26 @@ def test_ledger_is_exact_per_key_model_and_status(make_server: Any, tmp_path: Pa
     out = tether("usage", "--db", str(server.db), "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [{k: v for k, v in r.items() if k != "tenant"} for r in rows
-            if r["tenant"] == "a"] == rows_of(tally_a)
+    assert [
+        {k: v for k, v in r.items() if k != "tenant"} for r in rows if r["tenant"] == "a"
+    ] == rows_of(tally_a)
     assert [r["tenant"] for r in rows].count("b") == len(tally_b)
     table = tether("usage", "--db", str(server.db), "--tenant", "b")
     assert table.stdout.splitlines()[0].split() == [
-        "tenant", "key_id", "model", "status", "responses", "input_tokens", "output_tokens"]
+        "tenant",
+        "key_id",
+        "model",
+        "status",
+        "responses",
+        "input_tokens",
+        "output_tokens",
+    ]
     assert len(table.stdout.splitlines()) == 1 + len(tally_b)
 
 
 def test_ledger_without_keys(server: Server, client: openai.OpenAI) -> None:
     tally: Tally = {}
-    count(tally, None, client.responses.create(model="scripted", input="hi",
-                                               max_output_tokens=20))
+    count(tally, None, client.responses.create(model="scripted", input="hi", max_output_tokens=20))
     count(tally, None, cancelled_midway(client))
     body = usage(client)
     assert body["tenant"] == "default"
@@ -119,9 +145,22 @@ def test_usage_cli_bad_database_is_a_clear_error(tmp_path: Path) -> None:
 def test_ledger_on_postgres(tmp_path: Path) -> None:
     with postgres_url() as db:
         redis, keys = redis_url(), prefix()
-        server = Server(db, ["--engine", "scripted", "--redis", redis, "--redis-prefix", keys,
-                             "--scripted-rate", "200", "--scripted-length", "100"],
-                        log_dir=tmp_path)
+        server = Server(
+            db,
+            [
+                "--engine",
+                "scripted",
+                "--redis",
+                redis,
+                "--redis-prefix",
+                keys,
+                "--scripted-rate",
+                "200",
+                "--scripted-length",
+                "100",
+            ],
+            log_dir=tmp_path,
+        )
         server.start()
         try:
             with server.client() as client:
@@ -133,8 +172,7 @@ def test_ledger_on_postgres(tmp_path: Path) -> None:
             out = tether("usage", "--db", db, "--json")
             assert out.returncode == 0, out.stderr
             rows = [json.loads(line) for line in out.stdout.splitlines()]
-            assert [{k: v for k, v in r.items() if k != "tenant"} for r in rows] == rows_of(
-                tally)
+            assert [{k: v for k, v in r.items() if k != "tenant"} for r in rows] == rows_of(tally)
         finally:
             server.stop()
             run(delete_prefix(redis, keys))

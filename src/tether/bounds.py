@@ -26,15 +26,15 @@ _TRUE = ("true", "1")
 _FALSE = ("false", "0")
 
 
-def int_param(raw: str | None, name: str, default: int, low: int = 0,
-              high: int = INT64_MAX) -> int:
+def int_param(raw: str | None, name: str, default: int, low: int = 0, high: int = INT64_MAX) -> int:
     """A query parameter that is an integer in [low, high] (`default` when absent)."""
     if raw is None:
         return default
     if _DIGITS.fullmatch(raw) and low <= (value := int(raw)) <= high:
         return value
-    raise bad_request(f"Invalid '{name}': expected an integer from {low} to {high}.", name,
-                      "invalid_value")
+    raise bad_request(
+        f"Invalid '{name}': expected an integer from {low} to {high}.", name, "invalid_value"
+    )
 
 
 def bool_param(raw: str | None, name: str, default: bool = False) -> bool:
@@ -50,8 +50,7 @@ def bool_param(raw: str | None, name: str, default: bool = False) -> bool:
 def header_param(raw: str | None, name: str, longest: int = MAX_HEADER_PARAM) -> str | None:
     """A header the server stores (`Idempotency-Key`): at most `longest` characters."""
     if raw is not None and len(raw) > longest:
-        raise bad_request(f"Invalid '{name}': at most {longest} characters.", name,
-                          "invalid_value")
+        raise bad_request(f"Invalid '{name}': at most {longest} characters.", name, "invalid_value")
     return raw
 
 
@@ -75,8 +74,12 @@ def check_depth(body: Any, limit: int = MAX_DEPTH) -> None:
 
 
 def too_deep(param: str | None, limit: int = MAX_DEPTH) -> NoReturn:
-    raise bad_request(f"The request body is nested too deeply: at most {limit} levels of "
-                      "JSON objects and arrays.", param, "nesting_too_deep")
+    raise bad_request(
+        f"The request body is nested too deeply: at most {limit} levels of "
+        "JSON objects and arrays.",
+        param,
+        "nesting_too_deep",
+    )
 
 
 def digest(body: Any) -> str:

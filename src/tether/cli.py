@@ -23,58 +23,99 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by `serve` and `worker` (applied bottom-up, listed top-down)."""
     options = [
         click.option("--host", help="Address to bind (default 127.0.0.1)."),
-        click.option("--db", help="SQLite database file (default ./tether.db), or "
-                                  "postgresql://... to scale out (with --redis)."),
-        click.option("--redis", help="redis://... : run queue, live streams and cancel "
-                                     "signals shared by replicas and workers."),
+        click.option(
+            "--db",
+            help="SQLite database file (default ./tether.db), or "
+            "postgresql://... to scale out (with --redis).",
+        ),
+        click.option(
+            "--redis",
+            help="redis://... : run queue, live streams and cancel "
+            "signals shared by replicas and workers.",
+        ),
         click.option("--redis-prefix", help="Key prefix in Redis (default tether)."),
-        click.option("--workers", type=click.IntRange(min=0),
-                     help="Runs this process executes at once (default: what the engine "
-                          "allows); 0 = API only."),
-        click.option("--engine", type=click.Choice(["local", "scripted", "none"]),
-                     help="local: embedded SmolLM2-135M (default without upstreams); "
-                          "scripted: deterministic text; none: upstreams only (default "
-                          "with upstreams)."),
-        click.option("--upstream", multiple=True,
-                     help="MODEL=[chat+|responses+]URL[,option=value...]: serve MODEL "
-                          "through an OpenAI-compatible upstream (repeatable). See README, "
-                          "Upstream engines."),
-        click.option("--config", "config", type=click.Path(dir_okay=False),
-                     help="TOML config file (settings and [[upstreams]] tables)."),
-        click.option("--scripted-rate", type=float,
-                     help="Scripted tokens per second; 0 = max."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=0),
+            help="Runs this process executes at once (default: what the engine "
+            "allows); 0 = API only.",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "scripted", "none"]),
+            help="local: embedded SmolLM2-135M (default without upstreams); "
+            "scripted: deterministic text; none: upstreams only (default "
+            "with upstreams).",
+        ),
+        click.option(
+            "--upstream",
+            multiple=True,
+            help="MODEL=[chat+|responses+]URL[,option=value...]: serve MODEL "
+            "through an OpenAI-compatible upstream (repeatable). See README, "
+            "Upstream engines.",
+        ),
+        click.option(
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            help="TOML config file (settings and [[upstreams]] tables).",
+        ),
+        click.option("--scripted-rate", type=float, help="Scripted tokens per second; 0 = max."),
         click.option("--scripted-length", type=int, help="Scripted tokens per response."),
-        click.option("--cancel-timeout", type=float,
-                     help="Seconds a cancel waits for the run."),
-        click.option("--lease-timeout", type=float,
-                     help="Seconds before a lost run is ended."),
-        click.option("--keepalive", type=float,
-                     help="Seconds between SSE keepalive comments."),
-        click.option("--retention", type=float,
-                     help="Seconds a finished log stays streamable."),
+        click.option("--cancel-timeout", type=float, help="Seconds a cancel waits for the run."),
+        click.option("--lease-timeout", type=float, help="Seconds before a lost run is ended."),
+        click.option("--keepalive", type=float, help="Seconds between SSE keepalive comments."),
+        click.option("--retention", type=float, help="Seconds a finished log stays streamable."),
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),
-        click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True),
-                     help="Seconds a request's headers may take to arrive (default 10)."),
-        click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True),
-                     help="Seconds a request's body may take to arrive (default 60)."),
-        click.option("--log-cache-bytes", type=click.IntRange(min=0),
-                     help="Bytes of event logs kept in memory for readers (default 64 MiB); "
-                          "older finished logs are read from the database."),
-        click.option("--websocket-limit", type=float,
-                     help="Seconds a WebSocket connection lives (default 3600)."),
-        click.option("--hosted-tools", type=click.Choice(["refuse", "drop"]),
-                     help="Hosted tools tether cannot run (web_search, ...): refuse the "
-                          "request (default) or drop them with a note."),
-        click.option("--keys-file", type=click.Path(dir_okay=False),
-                     help="API keys file (see `tether keys`); every request then needs a "
-                          "key, and responses belong to the key's tenant."),
-        click.option("--allow-anonymous/--no-allow-anonymous", default=None,
-                     help="Serve beyond loopback without API keys."),
-        click.option("--debug-routes/--no-debug-routes", default=None,
-                     help="Expose /debug/engine/{id} (scripted engine traces)."),
+        click.option(
+            "--header-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds a request's headers may take to arrive (default 10).",
+        ),
+        click.option(
+            "--body-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds a request's body may take to arrive (default 60).",
+        ),
+        click.option(
+            "--log-cache-bytes",
+            type=click.IntRange(min=0),
+            help="Bytes of event logs kept in memory for readers (default 64 MiB); "
+            "older finished logs are read from the database.",
+        ),
+        click.option(
+            "--websocket-limit",
+            type=float,
+            help="Seconds a WebSocket connection lives (default 3600).",
+        ),
+        click.option(
+            "--hosted-tools",
+            type=click.Choice(["refuse", "drop"]),
+            help="Hosted tools tether cannot run (web_search, ...): refuse the "
+            "request (default) or drop them with a note.",
+        ),
+        click.option(
+            "--keys-file",
+            type=click.Path(dir_okay=False),
+            help="API keys file (see `tether keys`); every request then needs a "
+            "key, and responses belong to the key's tenant.",
+        ),
+        click.option(
+            "--allow-anonymous/--no-allow-anonymous",
+            default=None,
+            help="Serve beyond loopback without API keys.",
+        ),
+        click.option(
+            "--debug-routes/--no-debug-routes",
+            default=None,
+            help="Expose /debug/engine/{id} (scripted engine traces).",
+        ),
         click.option("--log-level", help="Log level (default warning)."),
-        click.option("--log-format", type=click.Choice(["json", "text"]),
-                     help="Log lines as JSON objects (default) or plain text."),
+        click.option(
+            "--log-format",
+            type=click.Choice(["json", "text"]),
+            help="Log lines as JSON objects (default) or plain text.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -105,7 +146,8 @@ def _run(settings: Settings, worker_only: bool) -> None:
     if not (worker_only or settings.allow_anonymous or bind_is_safe(settings.host, keyring)):
         raise click.UsageError(
             f"refusing to serve on {settings.host} without API keys (docs/contract.md §7): "
-            "create keys with `tether keys create`, pass --keys-file, or --allow-anonymous")
+            "create keys with `tether keys create`, pass --keys-file, or --allow-anonymous"
+        )
     try:
         app = create_app(settings, worker_only, keyring)
     except ValueError as exc:
@@ -133,8 +175,13 @@ def serve(**options: Any) -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=0, show_default=True,
-              help="Port of the worker's /health (and debug) routes; 0 = any free port.")
+@click.option(
+    "--port",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Port of the worker's /health (and debug) routes; 0 = any free port.",
+)
 @_common
 def worker(**options: Any) -> None:
     """Run responses (no API), with others on the same --db postgresql:// and --redis."""
@@ -146,8 +193,13 @@ def _path(value: str | None) -> Path | None:
 
 
 KEYS_FILE = click.option(
-    "--keys-file", type=click.Path(dir_okay=False), envvar="TETHER_KEYS_FILE",
-    default="tether-keys.json", show_default=True, help="The API keys file.")
+    "--keys-file",
+    type=click.Path(dir_okay=False),
+    envvar="TETHER_KEYS_FILE",
+    default="tether-keys.json",
+    show_default=True,
+    help="The API keys file.",
+)
 
 
 @main.group()
@@ -192,14 +244,18 @@ def keys_revoke(key_id: str, keys_file: str) -> None:
     try:
         key = revoke_key(Path(keys_file), key_id)
     except KeyError:
-        raise click.BadParameter(f"no key {key_id!r} in {keys_file}",
-                                 param_hint="KEY_ID") from None
+        raise click.BadParameter(f"no key {key_id!r} in {keys_file}", param_hint="KEY_ID") from None
     click.echo(f"revoked {key.id} (tenant {key.tenant})")
 
 
 @main.command()
-@click.option("--db", envvar="TETHER_DB", default="tether.db", show_default=True,
-              help="The server's database: a SQLite file or postgresql://...")
+@click.option(
+    "--db",
+    envvar="TETHER_DB",
+    default="tether.db",
+    show_default=True,
+    help="The server's database: a SQLite file or postgresql://...",
+)
 @click.option("--tenant", help="Only this tenant's rows.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
 def usage(db: str, tenant: str | None, as_json: bool) -> None:
@@ -213,8 +269,11 @@ def usage(db: str, tenant: str | None, as_json: bool) -> None:
         rows = asyncio.run(read_ledger(db, tenant))
     except Exception as exc:  # an unreachable or foreign database: say so, no traceback
         raise click.ClickException(f"cannot read the usage ledger from {db}: {exc}") from None
-    _table(rows, ["tenant", "key_id", "model", "status", "responses", "input_tokens",
-                  "output_tokens"], as_json)
+    _table(
+        rows,
+        ["tenant", "key_id", "model", "status", "responses", "input_tokens", "output_tokens"],
+        as_json,
+    )
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:

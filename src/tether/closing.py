@@ -10,15 +10,22 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from tether import wire
+from tether import wire, wire_output
 
 Ending = Literal["completed", "incomplete", "failed", "cancelled"]
 
 
-def closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem],
-             done: list[dict[str, Any]], input_tokens: int, output_tokens: int,
-             error: str | None, error_code: str = "server_error",
-             notes: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def closing(
+    snap: dict[str, Any],
+    ending: Ending,
+    still_open: list[wire_output.OpenItem],
+    done: list[dict[str, Any]],
+    input_tokens: int,
+    output_tokens: int,
+    error: str | None,
+    error_code: str = "server_error",
+    notes: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The terminal snapshot and the events that close a response (docs/contract.md §3.4, §6.1).
     `notes` (how an upstream engine counted) go into `usage.tether`."""
     item_status = "completed" if ending == "completed" else "incomplete"
@@ -28,12 +35,16 @@ def closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem
     if ending == "failed":
         err = {"code": error_code, "message": error or "The response failed."}
     final = wire.snapshot(
-        {k: v for k, v in snap.items() if k not in DERIVED}, id=snap["id"],
-        created_at=snap["created_at"], status=ending, output=output,
+        {k: v for k, v in snap.items() if k not in DERIVED},
+        id=snap["id"],
+        created_at=snap["created_at"],
+        status=ending,
+        output=output,
         usage=wire.usage(input_tokens, output_tokens) | ({"tether": notes} if notes else {}),
         error=err,
         incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
-        completed_at=int(time.time()) if ending == "completed" else None)
+        completed_at=int(time.time()) if ending == "completed" else None,
+    )
     if err is not None:
         events.append(wire.error_event(err["code"], err["message"]))
     kind = {"completed": "completed", "incomplete": "incomplete"}.get(ending, "failed")
@@ -41,5 +52,13 @@ def closing(snap: dict[str, Any], ending: Ending, still_open: list[wire.OpenItem
     return final, events
 
 
-DERIVED = {"id", "created_at", "status", "completed_at", "output", "usage", "error",
-            "incomplete_details"}
+DERIVED = {
+    "id",
+    "created_at",
+    "status",
+    "completed_at",
+    "output",
+    "usage",
+    "error",
+    "incomplete_details",
+}

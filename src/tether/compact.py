@@ -105,7 +105,15 @@ def resource(turns: list[Message], usage: dict[str, Any]) -> dict[str, Any]:
     Only the compaction item, not the user messages beside it as OpenAI's window has:
     the SDK types `output` as output items (assistant messages only), and one item
     replays the conversation without duplicating any of it."""
-    item = {"id": f"cmp_{secrets.token_hex(24)}", "type": "compaction",
-            "encrypted_content": seal(codec.encode(turns))}
-    return {"id": f"resp_{secrets.token_hex(24)}", "object": "response.compaction",
-            "created_at": int(time.time()), "output": [item], "usage": usage}
+    item = {
+        "id": f"cmp_{secrets.token_hex(24)}",
+        "type": "compaction",
+        "encrypted_content": seal(codec.encode(turns)),
+    }
+    return {
+        "id": f"resp_{secrets.token_hex(24)}",
+        "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [item],
+        "usage": usage,
+    }

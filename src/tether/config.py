@@ -53,7 +53,7 @@ def parse_upstream(flag: str) -> UpstreamConfig:
     fields: dict[str, Any] = {"model": model}
     for prefix in ("chat+", "responses+"):
         if url.startswith(prefix):
-            fields["kind"], url = prefix[:-1], url[len(prefix):]
+            fields["kind"], url = prefix[:-1], url[len(prefix) :]
     fields["url"] = url
     for option in options:
         key, sep, value = option.partition("=")
@@ -140,7 +140,10 @@ def load_settings(config: str | None = None, **flags: Any) -> Settings:
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings,
-                    TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return (
+                init_settings,
+                env_settings,
+                TomlConfigSettingsSource(settings_cls, toml_file=path),
+            )
 
     return FileSettings(**flags)

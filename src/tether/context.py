@@ -32,8 +32,9 @@ async def count(engine: Engine, request: Generation) -> int | None:
     return await engine.count_tokens(request)
 
 
-async def fit(engine: Engine, context: int | None, model: str, spec: RunSpec,
-              truncation: str | None) -> RunSpec:
+async def fit(
+    engine: Engine, context: int | None, model: str, spec: RunSpec, truncation: str | None
+) -> RunSpec:
     """`spec` with its messages as they fit the context (the same, or fewer under
     `auto`); raises 400 `context_length_exceeded` when they cannot. The prompt counted
     is the one the run will give the engine (instructions, tools, text format too)."""
@@ -42,8 +43,9 @@ async def fit(engine: Engine, context: int | None, model: str, spec: RunSpec,
     messages = spec.messages
 
     async def size(turns: list[Message]) -> int | None:
-        return await count(engine, replace(spec, messages=turns).generation(
-            "resp_count", model, False))
+        return await count(
+            engine, replace(spec, messages=turns).generation("resp_count", model, False)
+        )
 
     full = await size(messages)
     if full is None or full < context:
@@ -77,8 +79,9 @@ async def fit(engine: Engine, context: int | None, model: str, spec: RunSpec,
 def _kept(messages: list[Message]) -> set[int]:
     """System/developer turns and the last user turn with everything after it."""
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=0)
-    return {i for i, m in enumerate(messages)
-            if m.role in ("system", "developer") or i >= last_user}
+    return {
+        i for i, m in enumerate(messages) if m.role in ("system", "developer") or i >= last_user
+    }
 
 
 def _without_orphans(messages: list[Message]) -> list[Message]:
@@ -88,7 +91,12 @@ def _without_orphans(messages: list[Message]) -> list[Message]:
 
 
 def _exceeded(size: int, context: int) -> APIError:
-    return APIError(400, f"Your input has {size} tokens; this model's context window holds "
-                    f"{context}, including the output. Shorten the input or set "
-                    "'truncation' to 'auto'.", param="input", code="context_length_exceeded",
-                    headers={"x-should-retry": "false"})
+    return APIError(
+        400,
+        f"Your input has {size} tokens; this model's context window holds "
+        f"{context}, including the output. Shorten the input or set "
+        "'truncation' to 'auto'.",
+        param="input",
+        code="context_length_exceeded",
+        headers={"x-should-retry": "false"},
+    )

@@ -103,8 +103,9 @@ class RedisDispatch:
         # A task owned by this object, not a task group: open() and close() may run in
         # different tasks, and a task group must be left by the task that entered it.
         # close() cancels it and awaits it.
-        self._listener = asyncio.create_task(self._listen(on_cancel),
-                                             name="tether-dispatch-cancels")
+        self._listener = asyncio.create_task(
+            self._listen(on_cancel), name="tether-dispatch-cancels"
+        )
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -119,8 +120,9 @@ class RedisDispatch:
         from redis.exceptions import RedisError
 
         try:
-            await self._redis.xadd(self._runs, {"r": response_id, "t": tenant},
-                                   maxlen=100_000, approximate=True)
+            await self._redis.xadd(
+                self._runs, {"r": response_id, "t": tenant}, maxlen=100_000, approximate=True
+            )
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"run queue unreachable: {exc}") from exc
 
@@ -132,7 +134,8 @@ class RedisDispatch:
                 if not self._group_ready:
                     await self._create_group()
                 reply: Any = await self._redis.xreadgroup(
-                    self.GROUP, self._consumer, {self._runs: ">"}, count=1, block=1000)
+                    self.GROUP, self._consumer, {self._runs: ">"}, count=1, block=1000
+                )
                 for _, entries in reply or ():
                     for entry_id, fields in entries:
                         await self._redis.xack(self._runs, self.GROUP, entry_id)
@@ -173,9 +176,11 @@ class RedisDispatch:
         try:
             await self._subscribed(on_cancel)
         except Exception:
-            log.exception("the cancel channel listener failed: cancel signals from other "
-                          "processes are lost (a cancel fences its run out after "
-                          "cancel_timeout instead)")
+            log.exception(
+                "the cancel channel listener failed: cancel signals from other "
+                "processes are lost (a cancel fences its run out after "
+                "cancel_timeout instead)"
+            )
 
     async def _subscribed(self, on_cancel: OnCancel) -> None:
         from redis.exceptions import RedisError

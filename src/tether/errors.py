@@ -39,22 +39,24 @@ class APIError(Exception):
 
 def not_found(response_id: str) -> APIError:
     return APIError(
-        404,
-        f"Response with id '{response_id}' not found.",
-        param="response_id",
-        code="not_found",
+        404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found"
     )
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist.", param="model",
-                    code="model_not_found")
+    return APIError(
+        404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+    )
 
 
 def previous_not_found(response_id: str) -> APIError:
     """A `previous_response_id` this caller cannot continue from (docs/contract.md §5.4, §7)."""
-    return APIError(404, f"Previous response with id '{response_id}' not found.",
-                    param="previous_response_id", code="previous_response_not_found")
+    return APIError(
+        404,
+        f"Previous response with id '{response_id}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -71,6 +73,10 @@ def unavailable(message: str) -> APIError:
 
 def insufficient_storage(retry_after: int = 5) -> APIError:
     """The store cannot write (its disk is full): nothing was created; retry later."""
-    return APIError(507, "The server is out of storage; retry later.", type="server_error",
-                    code="insufficient_storage",
-                    headers={"retry-after": str(retry_after), "x-should-retry": "true"})
+    return APIError(
+        507,
+        "The server is out of storage; retry later.",
+        type="server_error",
+        code="insufficient_storage",
+        headers={"retry-after": str(retry_after), "x-should-retry": "true"},
+    )

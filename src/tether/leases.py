@@ -25,10 +25,15 @@ PURGE_EVERY = 60.0  # seconds between purges of logs older than the retention
 
 
 class LeaseKeeper:
-    def __init__(self, store: Store, settings: Settings, owner: str,
-                 held: Callable[[], Iterable[str]],
-                 recover: Callable[[Record, bool], Awaitable[None]],
-                 locks: OwnerLocks | None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        owner: str,
+        held: Callable[[], Iterable[str]],
+        recover: Callable[[Record, bool], Awaitable[None]],
+        locks: OwnerLocks | None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.owner = owner

@@ -23,29 +23,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, reader, wire, wire_items
+from tether import bounds, context, metrics, reader, wire, wire_items, wire_output
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
-from tether.errors import (
-    APIError,
-    bad_request,
-    model_not_found,
-    not_found,
-    previous_not_found,
-)
+from tether.errors import APIError, bad_request, model_not_found, not_found, previous_not_found
 from tether.leases import LeaseKeeper
-from tether.run import Progress, drive
-from tether.runner import Run, Runner
+from tether.run import Progress
+from tether.runner import Run, Runner, new_token
 from tether.runspec import RunSpec
 from tether.store.base import (
     IdempotencyConflict,
@@ -53,17 +45,13 @@ from tether.store.base import (
     Record,
     Store,
     StoreUnavailable,
-    WriteLost,
 )
 from tether.store.owners import OwnerLocks
 from tether.turns import Message
+from tether.worker import Worker
 
 log = logging.getLogger("tether.lifecycle")
 T = TypeVar("T")
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex
 
 
 class Lifecycle:
@@ -72,9 +60,15 @@ class Lifecycle:
     `tether worker` processes reached through `dispatch`). Its runs and daemons live in
     `runner`'s task group."""
 
-    def __init__(self, store: Store, engine: Engine, settings: Settings,
-                 dispatch: Dispatch | None = None, workers: int | None = None,
-                 owner: str | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        settings: Settings,
+        dispatch: Dispatch | None = None,
+        workers: int | None = None,
+        owner: str | None = None,
+    ) -> None:
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -85,10 +79,9 @@ class Lifecycle:
         self.models = {m.id for m in engine.models()}
         self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
-        self._slots = anyio.Semaphore(max(self.workers, 1))
         # Responses this process submitted to its local queue and no run took yet: it
         # keeps their leases (scaled out, nobody does: `_queue_owner`).
-        self._queued: set[str] = set()
+        self.queued: set[str] = set()
         self._locks: OwnerLocks | None = None  # the embedded store's owner locks
 
     @property
@@ -108,10 +101,15 @@ class Lifecycle:
         await self.dispatch.open(self._on_cancel)
         if self.workers:
             await self.engine.start()
-            self.runner.daemon(self._work)
-        keeper = LeaseKeeper(self.store, self.settings, self.owner,
-                             lambda: [*self.runner.runs, *self._queued], self._recover,
-                             self._locks)
+            self.runner.daemon(Worker(self).work)
+        keeper = LeaseKeeper(
+            self.store,
+            self.settings,
+            self.owner,
+            lambda: [*self.runner.runs, *self.queued],
+            self._recover,
+            self._locks,
+        )
         self.runner.daemon(keeper.keep)
 
     async def stop(self) -> None:
@@ -138,7 +136,7 @@ class Lifecycle:
         try:
             for rec in await self.store.expired(0.0, [self.owner]):
                 if rec.run_token is not None or rec.status != "queued":
-                    await self._end(rec.id, rec.tenant, "failed", message)
+                    await self.end(rec.id, rec.tenant, "failed", message)
         except Exception:
             log.exception("ending runs cut short by the shutdown failed")
 
@@ -150,8 +148,12 @@ class Lifecycle:
     # --- create ------------------------------------------------------------------------
 
     async def create(
-        self, req: wire.CreateRequest, tenant: str, idempotency_key: str | None = None,
-        key_id: str | None = None, generate: bool = True,
+        self,
+        req: wire.CreateRequest,
+        tenant: str,
+        idempotency_key: str | None = None,
+        key_id: str | None = None,
+        generate: bool = True,
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
@@ -166,12 +168,24 @@ class Lifecycle:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
-        spec = await context.fit(self.engine, self.contexts.get(req.model), req.model, spec,
-                                 req.truncation)
-        record = Record(id=rid, tenant=tenant, status=status, snapshot=snap, run=spec.encode(),
-                        input_items=items, run_token=None, owner=self._queue_owner(),
-                        lease_until=time.time() + self.settings.lease_timeout, last_seq=-1,
-                        input_tokens=0, finished_at=None, key_id=key_id)
+        spec = await context.fit(
+            self.engine, self.contexts.get(req.model), req.model, spec, req.truncation
+        )
+        record = Record(
+            id=rid,
+            tenant=tenant,
+            status=status,
+            snapshot=snap,
+            run=spec.encode(),
+            input_items=items,
+            run_token=None,
+            owner=self._queue_owner(),
+            lease_until=time.time() + self.settings.lease_timeout,
+            last_seq=-1,
+            input_tokens=0,
+            finished_at=None,
+            key_id=key_id,
+        )
         idem = None
         if idempotency_key:
             # Any body, however deep or whatever its numbers, hashes (bounds.digest).
@@ -179,13 +193,17 @@ class Lifecycle:
         try:
             record, created = await self.store.create(record, events, idem)
         except IdempotencyConflict:
-            raise APIError(409, "This Idempotency-Key was used with a different request body.",
-                           param="Idempotency-Key", code="idempotency_key_reused",
-                           headers={"x-should-retry": "false"}) from None
+            raise APIError(
+                409,
+                "This Idempotency-Key was used with a different request body.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+                headers={"x-should-retry": "false"},
+            ) from None
         if created and not (generate and not req.prewarm()):
             # A warm-up (WebSocket `generate: false`): a response with no output, to
             # chain from; nothing runs.
-            await self._end(record.id, tenant, "completed", None)
+            await self.end(record.id, tenant, "completed", None)
             return await self.get(record.id, tenant)
         if created:
             metrics.created()
@@ -194,20 +212,20 @@ class Lifecycle:
             except StoreUnavailable:
                 # Nobody will run it: end it now rather than leave it waiting for a lease.
                 with contextlib.suppress(Exception):
-                    await self._end(record.id, tenant, "failed",
-                                    "The response could not be queued.")
+                    await self.end(record.id, tenant, "failed", "The response could not be queued.")
                 raise
         return record
 
-    async def turns(self, req: wire.CreateRequest, tenant: str,
-                    ) -> tuple[list[Message], list[dict[str, Any]]]:
+    async def turns(
+        self, req: wire.CreateRequest, tenant: str
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The conversation a create with `req` gives the engine (the previous response's
         context, then this request's items with their references resolved), and the
         request's own input items."""
         messages = await self.conversation(req.previous_response_id, tenant)
         items = await wire_items.resolve_references(
-            wire.input_items(req), req.previous_response_id,
-            lambda rid: self.store.get(rid, tenant))
+            wire.input_items(req), req.previous_response_id, lambda rid: self.store.get(rid, tenant)
+        )
         return messages + wire.history(items), items
 
     async def conversation(self, previous_id: str | None, tenant: str) -> list[Message]:
@@ -229,36 +247,16 @@ class Lifecycle:
     async def _submit(self, rid: str, tenant: str) -> None:
         """Queue a response for a run; locally, this process keeps its lease meanwhile."""
         if not self.dispatch.remote:
-            self._queued.add(rid)
+            self.queued.add(rid)
         try:
             await self.dispatch.submit(rid, tenant)
         except BaseException:
-            self._queued.discard(rid)
+            self.queued.discard(rid)
             raise
 
     # --- the run (the one writer of a response's log) ------------------------------------
 
-    async def _work(self) -> None:
-        """Take responses from the dispatch, one per free run slot."""
-        while True:
-            await self._slots.acquire()
-            started = False
-            try:
-                rid, tenant = await self.dispatch.take()
-                # From here the run keeps the lease; if the run is not started below,
-                # the lease runs out and `_recover` queues the response again.
-                self._queued.discard(rid)
-                record = await self.store.get(rid, tenant)
-                if record is not None and record.status in wire.LIVE_STATES:
-                    started = self.runner.start(rid, partial(self._run, record)) is not None
-            except Exception:
-                log.exception("taking a run failed; retrying")
-                await anyio.sleep(0.5)
-            finally:
-                if not started:
-                    self._slots.release()
-
-    async def _patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def patiently(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`call(*args)`, riding out a store outage as long as a lease (`reader.patiently`)."""
         return await reader.patiently(call, *args, within=self.settings.lease_timeout)
 
@@ -266,69 +264,9 @@ class Lifecycle:
         """A cancel signal (from this process or another replica)."""
         self.runner.stop(rid, "cancel")
 
-    async def _run(self, record: Record, run: Run) -> None:
-        """The body of one run, in the runner's group: claim, drive, end. The ending runs
-        in `run.ending`, shielded: a cancel stops the engine, never the commit."""
-        try:
-            if run.reason is not None:
-                return  # cancelled before it started: the canceller ends it
-            token = new_token()
-            snap = {**record.snapshot, "status": "in_progress"}
-            try:
-                claimed = await self._patiently(
-                    self.store.claim, record.id, token, self.owner,
-                    time.time() + self.settings.lease_timeout, snap,
-                    [wire.lifecycle_event("in_progress", snap)])
-            except Exception as exc:
-                with run.ending:
-                    await self._crashed(record, exc)
-                return
-            if claimed:
-                run.claimed = True
-                await self._drive(record, run, token, snap)
-        finally:
-            self._slots.release()
-
-    async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
-        spec = RunSpec.decode(record.run)
-        request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
-        progress = Progress(self.store, record.id, token, run, spec.tool_names)
-        crash: Exception | None = None
-        try:
-            await drive(self.engine, request, progress)
-        except Exception as exc:
-            crash = exc
-        finally:
-            with run.ending:
-                if crash is not None:
-                    await self._crashed(record, crash)
-                elif not progress.fenced:  # fenced: someone else ended the response
-                    await self._conclude(record.id, token, snap, run, progress)
-
-    async def _crashed(self, record: Record, exc: Exception) -> None:
-        """A run that failed outside its engine ends `failed` from its log (its own
-        account may not be the log's)."""
-        rid = record.id
-        message = "The run crashed."
-        if isinstance(exc, WriteLost):
-            # Some of its output could not be saved (a full disk): it ends with what
-            # was, once the store can write again (docs/contract.md §8.7).
-            log.warning("run %s could not save its output: %s", rid, exc)
-            message = "The server could not save this response's output."
-        elif isinstance(exc, StoreUnavailable):
-            # Part of its output may not have reached the database: it cannot go on
-            # as if it had. It ends from what is in the log, once the store is back.
-            log.warning("run %s lost the store: %s", rid, exc)
-            message = "The database was unreachable while generating this response."
-        else:
-            log.error("run %s crashed", rid, exc_info=exc)
-        try:
-            await self._patiently(self._end, rid, record.tenant, "failed", message)
-        except Exception:
-            log.exception("ending the crashed run %s failed; its lease ends it", rid)
-
-    async def _conclude(self, rid: str, token: str, snap: dict[str, Any], run: Run,
-                        progress: Progress) -> None:
+    async def conclude(
+        self, rid: str, token: str, snap: dict[str, Any], run: Run, progress: Progress
+    ) -> None:
         """The terminal transition a run proposes; the store's CAS says if it wins."""
         error = progress.error
         if error is not None:
@@ -341,14 +279,23 @@ class Lifecycle:
             ending = "cancelled"
         else:
             ending, error = "failed", "The server stopped while generating this response."
-        final = closing(snap, ending, progress.items(), [], progress.input_tokens,
-                        progress.output_tokens, error, progress.error_code, progress.notes)
-        if await self._patiently(self.store.finish, rid, token, ending, *final):
+        final = closing(
+            snap,
+            ending,
+            progress.items(),
+            [],
+            progress.input_tokens,
+            progress.output_tokens,
+            error,
+            progress.error_code,
+            progress.notes,
+        )
+        if await self.patiently(self.store.finish, rid, token, ending, *final):
             metrics.ended(ending, progress.output_tokens)
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
-    async def _end(self, rid: str, tenant: str, ending: Ending, error: str | None) -> None:
+    async def end(self, rid: str, tenant: str, ending: Ending, error: str | None) -> None:
         """End a live response from what reached its log, fencing out any run."""
         rec = await self.store.get(rid, tenant)
         if rec is None or rec.status not in wire.LIVE_STATES:
@@ -360,12 +307,15 @@ class Lifecycle:
                 return
             rec = await self.store.get(rid, tenant) or rec
         events = [orjson.loads(e.data) for e in await self.store.read(rid, -1, rec.last_seq)]
-        done, still_open = wire.replay(events)
+        done, still_open = wire_output.replay(events)
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
-        if await self.store.finish(rid, guard, ending,
-                                   *closing(snap, ending, still_open, done, rec.input_tokens,
-                                             output_tokens, error)):
+        if await self.store.finish(
+            rid,
+            guard,
+            ending,
+            *closing(snap, ending, still_open, done, rec.input_tokens, output_tokens, error),
+        ):
             metrics.ended(ending, output_tokens)
 
     async def cancel(self, rid: str, tenant: str) -> dict[str, Any]:
@@ -377,9 +327,9 @@ class Lifecycle:
         while rec.status in wire.LIVE_STATES:
             # Ask the run to stop and give it until the deadline to end the response
             # itself (exact usage); then end it from the log, fencing the run out. A run
-            # that claims the response meanwhile makes `_end` miss: go round again.
+            # that claims the response meanwhile makes `end` miss: go round again.
             await self._stop_run(rec, deadline)
-            await self._end(rid, tenant, "cancelled", None)
+            await self.end(rid, tenant, "cancelled", None)
             rec = await self.store.get(rid, tenant)
             if rec is None:
                 raise not_found(rid)
@@ -387,9 +337,13 @@ class Lifecycle:
         if rec.status == "cancelled":
             return rec.snapshot
         article = "an" if rec.status == "incomplete" else "a"
-        raise APIError(400, f"Cannot cancel {article} {rec.status} response.",
-                       param="response_id", code="response_not_cancellable",
-                       headers={"x-should-retry": "false"})
+        raise APIError(
+            400,
+            f"Cannot cancel {article} {rec.status} response.",
+            param="response_id",
+            code="response_not_cancellable",
+            headers={"x-should-retry": "false"},
+        )
 
     async def cancel_quietly(self, rid: str, tenant: str) -> None:
         """Cancel for a non-background response's reader that went away (an SSE or
@@ -399,7 +353,7 @@ class Lifecycle:
         client left), so a store outage is ridden out here: a run in this process is told
         to stop at once (that needs no store; the run then ends the response `cancelled`
         itself once it can write), and the cancel is retried until the lease would have
-        run out (`_patiently`). If the store stays unreachable longer, the failure is
+        run out (`patiently`). If the store stays unreachable longer, the failure is
         logged and the response is left to its lease (docs/contract.md §6.2)."""
         try:
             try:
@@ -407,12 +361,15 @@ class Lifecycle:
             except StoreUnavailable as exc:
                 log.warning("cancel of %s waits for the store: %s", rid, exc)
                 self._on_cancel(rid)
-                await self._patiently(self.cancel, rid, tenant)
+                await self.patiently(self.cancel, rid, tenant)
         except APIError:
             pass  # it ended first, or is gone
         except StoreUnavailable as exc:
-            log.error("cancel of %s given up, the store stayed unreachable (%s); "
-                      "its lease ends it", rid, exc)
+            log.error(
+                "cancel of %s given up, the store stayed unreachable (%s); its lease ends it",
+                rid,
+                exc,
+            )
 
     async def _stop_run(self, rec: Record, deadline: float) -> None:
         """Signal the run of a live response to stop; wait until it ended the response
@@ -425,7 +382,7 @@ class Lifecycle:
                     await run.done.wait()
             return
         if not self.dispatch.remote or rec.run_token is None:
-            return  # nobody runs it: a claim after this is refused by `_end`'s finish
+            return  # nobody runs it: a claim after this is refused by `end`'s finish
         await self.dispatch.cancel(rid)
         while time.monotonic() < deadline:
             # Short waits: the run's closing wake-up may come before this wait begins.
@@ -449,21 +406,23 @@ class Lifecycle:
         if rec.status not in wire.LIVE_STATES:
             return rec.snapshot
         events = [orjson.loads(e.data) for e in await self.store.read(rid, -1, rec.last_seq)]
-        done, still_open = wire.replay(events)
+        done, still_open = wire_output.replay(events)
         output = done + [m.live() for m in still_open]
         return {**rec.snapshot, "output": output}
 
     async def check_streamable(self, rec: Record) -> None:
         finished = rec.finished_at
         if finished is not None and finished < time.time() - self.settings.retention:
-            raise bad_request("This response can no longer be streamed.", "stream",
-                              "stream_expired")
+            raise bad_request(
+                "This response can no longer be streamed.", "stream", "stream_expired"
+            )
 
     def follow(self, rid: str, tenant: str, after: int) -> AsyncIterator[list[LogEntry]]:
         """Every stream: the log after `after`, then live events, until the terminal one
         (`tether.reader.follow`)."""
-        return reader.follow(self.store, rid, tenant, after, self.settings.keepalive,
-                             self.settings.lease_timeout)
+        return reader.follow(
+            self.store, rid, tenant, after, self.settings.keepalive, self.settings.lease_timeout
+        )
 
     async def wait_done(self, rid: str, tenant: str) -> dict[str, Any]:
         async for _ in self.follow(rid, tenant, -1):
@@ -473,8 +432,9 @@ class Lifecycle:
     async def delete(self, rid: str, tenant: str) -> None:
         rec = await self.get(rid, tenant)
         if rec.status in wire.LIVE_STATES:
-            raise bad_request("Cannot delete an in-flight response.", "response_id",
-                              "response_in_flight")
+            raise bad_request(
+                "Cannot delete an in-flight response.", "response_id", "response_in_flight"
+            )
         await self.store.delete(rid, tenant)
 
     # --- leases (docs/contract.md §6.2, `tether.leases`) ------------------------------------
@@ -485,9 +445,14 @@ class Lifecycle:
         event (docs/contract.md §6.2)."""
         if rec.run_token is None and rec.status == "queued":
             lease_until = time.time() + self.settings.lease_timeout
-            if await self.store.adopt(rec.id, rec.owner, self._queue_owner(), lease_until,
-                                      owner_gone):
+            if await self.store.adopt(
+                rec.id, rec.owner, self._queue_owner(), lease_until, owner_gone
+            ):
                 await self._submit(rec.id, rec.tenant)
             return
-        await self._end(rec.id, rec.tenant, "failed",
-                        "The server running this response stopped before it finished.")
+        await self.end(
+            rec.id,
+            rec.tenant,
+            "failed",
+            "The server running this response stopped before it finished.",
+        )

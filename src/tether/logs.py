@@ -30,7 +30,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "tether_request_id", default=None)
+    "tether_request_id", default=None
+)
 HEADER = b"x-request-id"
 # A caller's id is kept only if it cannot garble a log line or a header: a plain token.
 _SANE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@-]{0,127}")
@@ -73,7 +74,8 @@ class JSONFormatter(OrjsonFormatter):
             "%(asctime)s %(levelname)s %(name)s %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             # uvicorn adds an ANSI-coloured copy of some messages: noise in JSON.
-            reserved_attrs=[*RESERVED_ATTRS, "color_message"])
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+        )
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return _iso(record)
@@ -188,6 +190,11 @@ def _access(scope: Scope, status: int, start: float, rid: str) -> None:
         return
     duration_ms = round((time.perf_counter() - start) * 1000, 3)
     method, path = scope.get("method", ""), scope.get("path", "")
-    extra: dict[str, Any] = {"method": method, "path": path, "status": status,
-                             "duration_ms": duration_ms, "request_id": rid}
+    extra: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": duration_ms,
+        "request_id": rid,
+    }
     access_log.info("%s %s %d %.1fms", method, path, status, duration_ms, extra=extra)

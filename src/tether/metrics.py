@@ -49,49 +49,65 @@ ENDINGS = ("completed", "failed", "incomplete", "cancelled")
 UPSTREAM_KINDS = ("chat", "responses")
 
 RESPONSES_CREATED = Counter(
-    "tether_responses_created", "Responses created (an idempotent replay is not counted).",
-    registry=REGISTRY)
+    "tether_responses_created",
+    "Responses created (an idempotent replay is not counted).",
+    registry=REGISTRY,
+)
 RESPONSES_FINISHED = Counter(
-    "tether_responses_finished", "Responses that reached a terminal status, by status.",
-    ["status"], registry=REGISTRY)
+    "tether_responses_finished",
+    "Responses that reached a terminal status, by status.",
+    ["status"],
+    registry=REGISTRY,
+)
 OUTPUT_TOKENS = Counter(
     "tether_output_tokens",
     "Output tokens in the event logs of responses that ended (their usage.output_tokens).",
-    registry=REGISTRY)
+    registry=REGISTRY,
+)
 TOKENS_AFTER_CANCEL = Counter(
     "tether_tokens_after_cancel",
     "Output tokens an engine emitted after its run was cancelled (the step in flight).",
-    registry=REGISTRY)
+    registry=REGISTRY,
+)
 CANCEL_SECONDS = Histogram(
     "tether_cancel_seconds",
     "From a cancel request to the response being ended with its engine stopped.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0,
-             10.0),
-    registry=REGISTRY)
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
 ACTIVE_RUNS = Gauge(
-    "tether_active_runs", "Runs (engine generations) in progress in this process.",
-    registry=REGISTRY)
+    "tether_active_runs",
+    "Runs (engine generations) in progress in this process.",
+    registry=REGISTRY,
+)
 ACTIVE_READERS = Gauge(
     "tether_active_readers",
-    "Open readers of an event log (SSE streams and synchronous waits).", registry=REGISTRY)
+    "Open readers of an event log (SSE streams and synchronous waits).",
+    registry=REGISTRY,
+)
 APPEND_SECONDS = Histogram(
     "tether_event_log_append_seconds",
     "Time to commit one batch (group commit) of appended events to the event log.",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-             1.0, 5.0),
-    registry=REGISTRY)
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+    registry=REGISTRY,
+)
 TASKS = Gauge(
-    "tether_tasks", "asyncio tasks alive in this process (a leak shows as steady growth).",
-    registry=REGISTRY)
+    "tether_tasks",
+    "asyncio tasks alive in this process (a leak shows as steady growth).",
+    registry=REGISTRY,
+)
 LOG_CACHE_BYTES = Gauge(
     "tether_log_cache_bytes",
     "Bytes of event logs cached in memory for readers (bounded by --log-cache-bytes).",
-    registry=REGISTRY)
+    registry=REGISTRY,
+)
 UPSTREAM_ERRORS = Counter(
     "tether_upstream_errors",
     "Failed upstream attempts (HTTP error, unreachable, timeout, broken or failed stream), "
     "retried ones included, by engine kind.",
-    ["engine"], registry=REGISTRY)
+    ["engine"],
+    registry=REGISTRY,
+)
 
 # Label children bound once: a hook never looks a label up.
 _finished = {status: RESPONSES_FINISHED.labels(status) for status in ENDINGS}
@@ -179,15 +195,17 @@ class _AppendTimer:
     def __enter__(self) -> None:
         self._start = time.perf_counter()
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         _append_observe(time.perf_counter() - self._start)
 
     async def __aenter__(self) -> None:
         self.__enter__()
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.__exit__(kind, exc, tb)
 
 

@@ -39,8 +39,9 @@ async def patiently(call: Callable[..., Awaitable[T]], *args: Any, within: float
 
 
 @metrics.reader
-async def follow(store: Store, rid: str, tenant: str, after: int, keepalive: float,
-                 within: float) -> AsyncIterator[list[LogEntry]]:
+async def follow(
+    store: Store, rid: str, tenant: str, after: int, keepalive: float, within: float
+) -> AsyncIterator[list[LogEntry]]:
     """The log of `rid` after `after`, then live events, until the terminal one, in
     batches. Waits at most `keepalive` seconds at a time (the caller's keep-alive), and
     rides out a store outage of up to `within` seconds rather than end without the

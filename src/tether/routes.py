@@ -13,17 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import (
-    bounds,
-    compact,
-    context,
-    metrics,
-    playground,
-    usage,
-    wire,
-    wire_form,
-    wire_items,
-)
+from tether import bounds, compact, context, metrics, playground, usage, wire, wire_form, wire_items
 from tether.auth import principal
 from tether.engines.base import Traced
 from tether.errors import APIError, bad_request, model_not_found
@@ -52,8 +42,7 @@ async def create_response(request: Request) -> Response:
     key = bounds.header_param(request.headers.get("idempotency-key"), "Idempotency-Key")
     record = await lc.create(req, who.tenant, key, key_id=who.key_id)
     if req.stream:
-        return _event_stream(lc, who.tenant, record.id, -1,
-                             cancel_on_disconnect=not req.background)
+        return _event_stream(lc, who.tenant, record.id, -1, cancel_on_disconnect=not req.background)
     if req.background:
         return JSON(await lc.retrieve(record.id, who.tenant))
     return JSON(await _until_done_or_disconnect(request, lc, record.id))
@@ -68,8 +57,11 @@ async def compact_response(request: Request) -> Response:
         raise model_not_found(req.model)
     tenant = principal(request).tenant
     turns = await lc.conversation(req.previous_response_id, tenant)
-    turns += wire.history(await wire_items.resolve_references(
-        wire.input_items(req), req.previous_response_id, lambda rid: lc.store.get(rid, tenant)))
+    turns += wire.history(
+        await wire_items.resolve_references(
+            wire.input_items(req), req.previous_response_id, lambda rid: lc.store.get(rid, tenant)
+        )
+    )
     tokens = compact.estimate_tokens(turns)
     return JSON(compact.resource(turns, wire.usage(tokens, 0)))
 
@@ -138,16 +130,22 @@ async def list_input_items(request: Request) -> Response:
             raise bad_request(f"Invalid 'after': no input item '{after}'.", "after")
         items = items[ids.index(after) + 1 :]
     page = items[:limit]
-    return JSON({"object": "list", "data": page,
-                 "first_id": page[0]["id"] if page else None,
-                 "last_id": page[-1]["id"] if page else None,
-                 "has_more": len(items) > limit})
+    return JSON(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
 
 
 async def list_models(request: Request) -> Response:
     engine = lifecycle(request).engine
-    return JSON({"object": "list", "data": [_model(m.id, m.created, m.owned_by)
-                                            for m in engine.models()]})
+    return JSON(
+        {"object": "list", "data": [_model(m.id, m.created, m.owned_by) for m in engine.models()]}
+    )
 
 
 async def get_model(request: Request) -> Response:
@@ -166,8 +164,7 @@ async def get_usage(request: Request) -> Response:
     key_id = params.get("key_id")
     if key_id is not None and request.app.state.keyring.tenant_of(key_id) != tenant:
         # Another tenant's key is as unknown as a key that does not exist (docs/contract.md §7).
-        raise APIError(404, f"No API key with id '{key_id}'.", param="key_id",
-                       code="not_found")
+        raise APIError(404, f"No API key with id '{key_id}'.", param="key_id", code="not_found")
     rows = await lc.store.usage(tenant)
     return JSON(usage.report(tenant, rows, key_id, params.get("model"), params.get("status")))
 
@@ -190,9 +187,13 @@ async def process_stats(request: Request) -> Response:
     """Debug only: open file descriptors, asyncio tasks and live runs (leak checks)."""
     import os
 
-    return JSON({"open_fds": len(os.listdir("/proc/self/fd")),
-                 "tasks": len(asyncio.all_tasks()),
-                 "runs": len(lifecycle(request).runs)})
+    return JSON(
+        {
+            "open_fds": len(os.listdir("/proc/self/fd")),
+            "tasks": len(asyncio.all_tasks()),
+            "runs": len(lifecycle(request).runs),
+        }
+    )
 
 
 def _model(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
@@ -215,8 +216,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         except orjson.JSONDecodeError as exc:
             if "recursion" in str(exc):  # deeper than orjson's own limit (1,024)
                 bounds.too_deep(None)
-            raise bad_request("The request body is not valid JSON.", None,
-                              "invalid_json") from None
+            raise bad_request("The request body is not valid JSON.", None, "invalid_json") from None
     bounds.check_depth(body)
     return body
 
@@ -243,27 +243,36 @@ def _body_kind(request: Request) -> str:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in ("", "application/json", "application/x-www-form-urlencoded"):
         return kind or "application/json"
-    raise APIError(415, f"Unsupported Content-Type '{kind}': send application/json or "
-                   "application/x-www-form-urlencoded.", param="Content-Type",
-                   code="unsupported_media_type")
+    raise APIError(
+        415,
+        f"Unsupported Content-Type '{kind}': send application/json or "
+        "application/x-www-form-urlencoded.",
+        param="Content-Type",
+        code="unsupported_media_type",
+    )
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than {limit} bytes.",
-                    code="request_too_large")
+    return APIError(
+        413, f"The request body is larger than {limit} bytes.", code="request_too_large"
+    )
 
 
-def _event_stream(lc: Lifecycle, tenant: str, rid: str, after: int, *,
-                  cancel_on_disconnect: bool) -> EventSourceResponse:
+def _event_stream(
+    lc: Lifecycle, tenant: str, rid: str, after: int, *, cancel_on_disconnect: bool
+) -> EventSourceResponse:
     keepalive = lc.settings.keepalive
     return EventSourceResponse(
-        _frames(lc, tenant, rid, after, cancel_on_disconnect), ping=keepalive, sep="\n",
+        _frames(lc, tenant, rid, after, cancel_on_disconnect),
+        ping=keepalive,
+        sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="keepalive", sep="\n"),
     )
 
 
-async def _frames(lc: Lifecycle, tenant: str, rid: str, after: int,
-                  cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
+async def _frames(
+    lc: Lifecycle, tenant: str, rid: str, after: int, cancel_on_disconnect: bool
+) -> AsyncIterator[bytes]:
     """docs/contract.md §2.4: a stream is a reader of the log, nothing more."""
     frames = wire.sse_frames
     ended = False
@@ -323,8 +332,10 @@ routes: list[BaseRoute] = [
     Route("/metrics", metrics.endpoint, methods=["GET"]),  # this process's own
     *playground.routes,  # the page at / (issue 7): API server only, not workers
 ]
-worker_routes: list[BaseRoute] = [Route("/health", health, methods=["GET"]),
-                                   Route("/metrics", metrics.endpoint, methods=["GET"])]
+worker_routes: list[BaseRoute] = [
+    Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics.endpoint, methods=["GET"]),
+]
 debug_routes: list[BaseRoute] = [
     Route("/debug/engine/{response_id}", engine_trace, methods=["GET"]),
     Route("/debug/process", process_stats, methods=["GET"]),

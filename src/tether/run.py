@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from tether import metrics, wire
+from tether import metrics, wire, wire_output
 from tether.engines.base import (
     Delta,
     Engine,
@@ -45,12 +45,13 @@ class Progress:
     response_id: str
     token: str  # the run token its appends are made under
     run: Run
-    #: the request's tools by their flattened name (`wire.call_item`); None: no renames
+    #: the request's tools by their flattened name (`wire_output.call_item`); None: no renames
     tool_names: dict[str, dict[str, Any]] | None = None
-    message: wire.MessageItem = field(default_factory=wire.MessageItem)
+    message: wire_output.MessageItem = field(default_factory=wire_output.MessageItem)
     opened: bool = False  # the message item is open
-    calls: dict[int, wire.FunctionCallItem | wire.CustomToolCallItem] = field(
-        default_factory=dict)  # by engine index
+    calls: dict[int, wire_output.FunctionCallItem | wire_output.CustomToolCallItem] = field(
+        default_factory=dict
+    )  # by engine index
     input_tokens: int = 0
     output_tokens: int = 0  # every one of them is in the log
     reason: str | None = None  # the engine's finish reason ("stop", "length"); None: stopped
@@ -112,8 +113,9 @@ class Progress:
         if call is None:
             name = step.name if type(step) is ToolCall else ""
             cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
-            call = self.calls[step.index] = wire.call_item(
-                int(self.opened) + len(self.calls), cid, name, self.tool_names)
+            call = self.calls[step.index] = wire_output.call_item(
+                int(self.opened) + len(self.calls), cid, name, self.tool_names
+            )
             events = call.opened()
         tokens = 0
         if type(step) is ToolCallDelta:
@@ -134,17 +136,18 @@ class Progress:
             self.output_tokens += fix
             self.notes.update(step.notes)
 
-    async def _append(self, events: list[dict[str, Any]], tokens: int = 0,
-                      input_tokens: int | None = None) -> bool:
+    async def _append(
+        self, events: list[dict[str, Any]], tokens: int = 0, input_tokens: int | None = None
+    ) -> bool:
         if await self.store.append(self.response_id, self.token, events, tokens, input_tokens):
             return True
         self.fenced = True
         self.run.stop("fenced")
         return False
 
-    def items(self) -> list[wire.OpenItem]:
+    def items(self) -> list[wire_output.OpenItem]:
         """The output items the run opened, in output order."""
-        items: list[wire.OpenItem] = [self.message] if self.opened else []
+        items: list[wire_output.OpenItem] = [self.message] if self.opened else []
         return sorted([*items, *self.calls.values()], key=lambda i: i.output_index)
 
 

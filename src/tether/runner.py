@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -30,6 +31,11 @@ from anyio.abc import TaskGroup
 log = logging.getLogger("tether.runner")
 Reason = Literal["cancel", "shutdown", "fenced"]
 CUT_WAIT = 5.0  # seconds `close()` waits for tasks it cancelled
+
+
+def new_token() -> str:
+    """A fresh run token (or owner id): who may write a response's log."""
+    return uuid.uuid4().hex
 
 
 @dataclass(slots=True, eq=False)

@@ -39,39 +39,71 @@ class RunSpec:
     top_p: float = 1.0
 
     @classmethod
-    def of(cls, req: wire.CreateRequest, messages: list[Message],
-           echo: dict[str, Any]) -> RunSpec:
+    def of(cls, req: wire.CreateRequest, messages: list[Message], echo: dict[str, Any]) -> RunSpec:
         """The spec of a create with `req` over `messages`; sampling as echoed (`echo`:
         `wire.echo_fields`, which fills in the defaults)."""
         tools = req.toolset()
-        return cls(messages, req.instructions, tools.engine, req.engine_tool_choice(),
-                   tools.names, req.forward(), req.text_format(), req.max_output_tokens,
-                   echo["temperature"], echo["top_p"])
+        return cls(
+            messages,
+            req.instructions,
+            tools.engine,
+            req.engine_tool_choice(),
+            tools.names,
+            req.forward(),
+            req.text_format(),
+            req.max_output_tokens,
+            echo["temperature"],
+            echo["top_p"],
+        )
 
     def generation(self, response_id: str, model: str, background: bool) -> Generation:
         """The request an engine is given: the instructions lead as a system turn."""
         lead = [Message("system", self.instructions)] if self.instructions else []
-        return Generation(response_id, model, lead + self.messages, self.max_output_tokens,
-                          self.temperature, self.top_p, self.tools, self.tool_choice,
-                          self.text_format, background, self.forward)
+        return Generation(
+            response_id,
+            model,
+            lead + self.messages,
+            self.max_output_tokens,
+            self.temperature,
+            self.top_p,
+            self.tools,
+            self.tool_choice,
+            self.text_format,
+            background,
+            self.forward,
+        )
 
     def encode(self) -> dict[str, Any]:
         """JSON-ready: what the store keeps."""
-        return {"messages": turns.encode(self.messages), "instructions": self.instructions,
-                "tools": self.tools, "tool_choice": self.tool_choice,
-                "tool_names": self.tool_names, "forward": self.forward,
-                "text_format": self.text_format, "max_output_tokens": self.max_output_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
+        return {
+            "messages": turns.encode(self.messages),
+            "instructions": self.instructions,
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "tool_names": self.tool_names,
+            "forward": self.forward,
+            "text_format": self.text_format,
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
 
     @classmethod
     def decode(cls, run: dict[str, Any]) -> RunSpec:
         """A stored spec. Keys that records of earlier versions may lack (or hold as
         null) take their defaults."""
-        return cls(turns.decode(run["messages"]), run.get("instructions"),
-                   run.get("tools") or [], run.get("tool_choice"), run.get("tool_names") or {},
-                   run.get("forward") or {}, run.get("text_format"),
-                   run.get("max_output_tokens"), _number(run.get("temperature")),
-                   _number(run.get("top_p")))
+        return cls(
+            turns.decode(run["messages"]),
+            run.get("instructions"),
+            run.get("tools") or [],
+            run.get("tool_choice"),
+            run.get("tool_names") or {},
+            run.get("forward") or {},
+            run.get("text_format"),
+            run.get("max_output_tokens"),
+            _number(run.get("temperature")),
+            _number(run.get("top_p")),
+        )
 
 
 def _number(value: float | None) -> float:

@@ -34,15 +34,23 @@ from tether.errors import APIError
 def _reply(status: int, message: str, code: str) -> bytes:
     """A whole HTTP reply, closing the connection, with an error in OpenAI's shape."""
     body = orjson.dumps(APIError(status, message, code=code).body())
-    return (STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    return (
+        STATUS_LINE[status]
+        + b"content-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: close\r\n\r\n"
+        + body
+    )
 
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers (nginx allows 4 x 8 KiB)
 HEADERS_LATE = _reply(408, "The request headers did not arrive in time.", "request_timeout")
 BODY_LATE = _reply(408, "The request body did not arrive in time.", "request_timeout")
-HEADERS_LARGE = _reply(431, f"The request headers are larger than {MAX_HEADER_BYTES} bytes.",
-                       "request_header_fields_too_large")
+HEADERS_LARGE = _reply(
+    431,
+    f"The request headers are larger than {MAX_HEADER_BYTES} bytes.",
+    "request_header_fields_too_large",
+)
 MALFORMED = _reply(400, "The request is not valid HTTP/1.1.", "invalid_http_request")
 
 
@@ -74,8 +82,7 @@ class TimedProtocol(HttpToolsProtocol):
         # Counted after parsing, and only chunks wholly within one request's headers (a
         # chunk where a request began may hold the previous one's body): the bound is
         # then exceeded by at most one read (256 KiB), still a bound.
-        if self._header_bytes is not None and not self._begun \
-                and not self.transport.is_closing():
+        if self._header_bytes is not None and not self._begun and not self.transport.is_closing():
             self._header_bytes += len(data)
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._disarm()
@@ -135,5 +142,8 @@ class TimedProtocol(HttpToolsProtocol):
 
 def protocol(header_timeout: float, body_timeout: float) -> type[TimedProtocol]:
     """The protocol class uvicorn instantiates per connection, with these timeouts."""
-    return type("TetherHTTP", (TimedProtocol,), {"header_timeout": header_timeout,
-                                                 "body_timeout": body_timeout})
+    return type(
+        "TetherHTTP",
+        (TimedProtocol,),
+        {"header_timeout": header_timeout, "body_timeout": body_timeout},
+    )

@@ -45,17 +45,27 @@ def encode(messages: list[Message]) -> list[dict[str, Any]]:
 
 def decode(turns: list[dict[str, Any]]) -> list[Message]:
     """Turns `encode` made (or any earlier version stored) as `Message`s."""
-    return [Message(t["role"], t["text"],
-                    [ToolCallSpec(c["call_id"], c["name"], c["arguments"])
-                     for c in t.get("tool_calls", ())],
-                    t.get("call_id"), t.get("parts")) for t in turns]
+    return [
+        Message(
+            t["role"],
+            t["text"],
+            [
+                ToolCallSpec(c["call_id"], c["name"], c["arguments"])
+                for c in t.get("tool_calls", ())
+            ],
+            t.get("call_id"),
+            t.get("parts"),
+        )
+        for t in turns
+    ]
 
 
 def _encode(m: Message) -> dict[str, Any]:
     turn: dict[str, Any] = {"role": m.role, "text": m.text}
     if m.tool_calls:
-        turn["tool_calls"] = [{"call_id": c.call_id, "name": c.name, "arguments": c.arguments}
-                              for c in m.tool_calls]
+        turn["tool_calls"] = [
+            {"call_id": c.call_id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls
+        ]
     if m.call_id is not None:
         turn["call_id"] = m.call_id
     if m.parts is not None:

@@ -127,11 +127,15 @@ class Connection:
             elif kind == CANCEL:
                 await self._cancel(body)
             elif kind is None:
-                raise bad_request("Missing required parameter: 'type'.", "type",
-                                  "missing_required_parameter")
+                raise bad_request(
+                    "Missing required parameter: 'type'.", "type", "missing_required_parameter"
+                )
             else:
-                raise bad_request(f"Unknown message type: {kind!r}. Expected "
-                                  f"'{CREATE}' or '{CANCEL}'.", "type", "invalid_value")
+                raise bad_request(
+                    f"Unknown message type: {kind!r}. Expected '{CREATE}' or '{CANCEL}'.",
+                    "type",
+                    "invalid_value",
+                )
             return
         except APIError as exc:
             error = exc
@@ -151,8 +155,9 @@ class Connection:
         limit = self.lc.settings.max_body_bytes
         data = raw.encode() if isinstance(raw, str) else raw
         if len(data) > limit:
-            raise APIError(413, f"The message is larger than {limit} bytes.",
-                           code="request_too_large")
+            raise APIError(
+                413, f"The message is larger than {limit} bytes.", code="request_too_large"
+            )
         try:
             body = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -164,19 +169,27 @@ class Connection:
 
     async def _create(self, body: dict[str, Any]) -> None:
         if self.current is not None:
-            raise APIError(409, f"Response '{self.current}' is still in flight on this "
-                           "connection: wait for its terminal event, or cancel it.",
-                           param="type", code="response_already_in_flight")
+            raise APIError(
+                409,
+                f"Response '{self.current}' is still in flight on this "
+                "connection: wait for its terminal event, or cancel it.",
+                param="type",
+                code="response_already_in_flight",
+            )
         fields = {k: v for k, v in body.items() if k not in ("type", *IGNORED)}
         for name in DISALLOWED:
             if name in fields:
-                raise bad_request(f"Parameter '{name}' is not allowed on a WebSocket "
-                                  "connection (every response streams over it).", name,
-                                  "unsupported_parameter")
+                raise bad_request(
+                    f"Parameter '{name}' is not allowed on a WebSocket "
+                    "connection (every response streams over it).",
+                    name,
+                    "unsupported_parameter",
+                )
         generate = fields.pop("generate", True)
         if not isinstance(generate, bool):
-            raise bad_request("Invalid value for 'generate': expected a boolean.", "generate",
-                              "invalid_value")
+            raise bad_request(
+                "Invalid value for 'generate': expected a boolean.", "generate", "invalid_value"
+            )
         # the same validation, and errors, as over HTTP
         req = wire.parse_create(fields, self.lc.settings.hosted_tools)
         await self._check_previous(req.previous_response_id)
@@ -191,8 +204,7 @@ class Connection:
         self.current = record.id
         self.relayed = anyio.Event()
         assert self._relays is not None  # set by serve(), which calls this
-        self._relays.start_soon(self._relay, record.id, req.previous_response_id,
-                                self.relayed)
+        self._relays.start_soon(self._relay, record.id, req.previous_response_id, self.relayed)
 
     async def _check_previous(self, prev: str | None) -> None:
         """A store:false response continues only on the connection that created it: the
@@ -215,12 +227,18 @@ class Connection:
                 raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
         target = body.get("response_id", self.current)
         if target is not None and not isinstance(target, str):
-            raise bad_request("Invalid value for 'response_id': expected a string.",
-                              "response_id", "invalid_value")
+            raise bad_request(
+                "Invalid value for 'response_id': expected a string.",
+                "response_id",
+                "invalid_value",
+            )
         if target is None or target != self.current:
-            raise bad_request("No such response in flight on this connection (cancel "
-                              "other responses with POST /v1/responses/{id}/cancel).",
-                              "response_id", "response_not_in_flight")
+            raise bad_request(
+                "No such response in flight on this connection (cancel "
+                "other responses with POST /v1/responses/{id}/cancel).",
+                "response_id",
+                "response_not_in_flight",
+            )
         # Returns once the run stopped; the relay then sends the terminal event.
         await self.lc.cancel(target, self.tenant)
 
@@ -249,8 +267,11 @@ class Connection:
             pass  # the client left: the reader is gone, as when the relay is cancelled
         except Exception as exc:
             log.exception("WebSocket relay of %s failed", rid)
-            error = (unavailable("The service is temporarily unavailable.")
-                     if isinstance(exc, StoreUnavailable) else server_error())
+            error = (
+                unavailable("The service is temporarily unavailable.")
+                if isinstance(exc, StoreUnavailable)
+                else server_error()
+            )
             with contextlib.suppress(Exception):
                 await self._error(error)
         finally:
@@ -268,8 +289,12 @@ class Connection:
 
     async def _error(self, exc: APIError) -> None:
         """The spec's WebSocketErrorEvent envelope; the socket stays open."""
-        error = {"type": exc.type, "code": exc.code or exc.type, "message": exc.message,
-                 "param": exc.param}
+        error = {
+            "type": exc.type,
+            "code": exc.code or exc.type,
+            "message": exc.message,
+            "param": exc.param,
+        }
         envelope = {"type": "error", "status": exc.status, "error": error}
         async with self.sending:
             await self.ws.send_text(orjson.dumps(envelope).decode())
@@ -288,9 +313,14 @@ class Connection:
             with anyio.move_on_after(self.lc.settings.cancel_timeout):
                 await relayed.wait()
         limit = self.lc.settings.websocket_limit
-        await self._error(APIError(400, f"This WebSocket connection reached its time limit "
-                                   f"({limit:g} s): open a new connection.",
-                                   code="websocket_connection_limit_reached"))
+        await self._error(
+            APIError(
+                400,
+                f"This WebSocket connection reached its time limit "
+                f"({limit:g} s): open a new connection.",
+                code="websocket_connection_limit_reached",
+            )
+        )
         await self.ws.close(1000, "websocket_connection_limit_reached")
 
 

@@ -40,40 +40,55 @@ FIELDS: dict[str, Field] = {
     "tools": Field("applied"),
     "tool_choice": Field("applied"),
     "text": Field("applied", why="format applied; verbosity forwarded (chat: `verbosity`)"),
-    "include": Field("applied", responses=True,
-                     why="logprobs arrays always present; no reasoning to encrypt"),
+    "include": Field(
+        "applied", responses=True, why="logprobs arrays always present; no reasoning to encrypt"
+    ),
     "parallel_tool_calls": Field("forwarded", chat="parallel_tool_calls", responses=True),
     "user": Field("forwarded", chat="user", responses=True),
     "safety_identifier": Field("forwarded", chat="safety_identifier", responses=True),
     "prompt_cache_key": Field("forwarded", chat="prompt_cache_key", responses=True),
     "prompt_cache_retention": Field("forwarded", responses=True),
-    "prompt_cache_options": Field("forwarded", responses=True,
-                                  why="`prewarm: true` warms up: no output is generated"),
-    "reasoning": Field("forwarded", responses=True,
-                       why="chat: `effort` as `reasoning_effort`; echoed"),
+    "prompt_cache_options": Field(
+        "forwarded", responses=True, why="`prewarm: true` warms up: no output is generated"
+    ),
+    "reasoning": Field(
+        "forwarded", responses=True, why="chat: `effort` as `reasoning_effort`; echoed"
+    ),
     "presence_penalty": Field("forwarded", chat="presence_penalty", responses=True),
     "frequency_penalty": Field("forwarded", chat="frequency_penalty", responses=True),
     "top_logprobs": Field("forwarded", responses=True),
-    "max_tool_calls": Field("forwarded", responses=True,
-                            why="limits hosted-tool calls; tether runs none"),
+    "max_tool_calls": Field(
+        "forwarded", responses=True, why="limits hosted-tool calls; tether runs none"
+    ),
     "truncation": Field("forwarded", responses=True),
-    "context_management": Field("forwarded", responses=True,
-                                why="server-side compaction; without it the context "
-                                    "is used whole"),
-    "access_programs": Field("forwarded", responses=True,
-                             why="OpenAI's access programs; no effect elsewhere"),
-    "background_options": Field("forwarded", responses=True,
-                                why="tether runs a background response as soon as it can "
-                                    "(`soonest`)"),
+    "context_management": Field(
+        "forwarded",
+        responses=True,
+        why="server-side compaction; without it the context is used whole",
+    ),
+    "access_programs": Field(
+        "forwarded", responses=True, why="OpenAI's access programs; no effect elsewhere"
+    ),
+    "background_options": Field(
+        "forwarded",
+        responses=True,
+        why="tether runs a background response as soon as it can (`soonest`)",
+    ),
     "image": Field("forwarded", responses=True, why="image context options"),
     "service_tier": Field("echoed", why="echoes the tier used: always `default`"),
     "client_metadata": Field("accepted", why="Codex's client telemetry ids"),
-    "prompt": Field("refused", why="a stored prompt template tether cannot resolve: its "
-                                   "instructions would be silently missing"),
-    "conversation": Field("refused", why="conversations are not built yet: the "
-                                         "conversation's items would be silently missing"),
-    "moderation": Field("refused", why="tether runs no moderation: unmoderated output "
-                                       "would pass as moderated"),
+    "prompt": Field(
+        "refused",
+        why="a stored prompt template tether cannot resolve: its "
+        "instructions would be silently missing",
+    ),
+    "conversation": Field(
+        "refused",
+        why="conversations are not built yet: the conversation's items would be silently missing",
+    ),
+    "moderation": Field(
+        "refused", why="tether runs no moderation: unmoderated output would pass as moderated"
+    ),
 }
 
 REFUSED = frozenset(name for name, f in FIELDS.items() if f.decision == "refused")
@@ -82,8 +97,11 @@ REFUSED = frozenset(name for name, f in FIELDS.items() if f.decision == "refused
 def forwarded(body: dict[str, Any]) -> dict[str, Any]:
     """The fields an upstream engine may forward, by their Responses name, as given
     (None and absent fields left out)."""
-    out = {name: body[name] for name, f in FIELDS.items()
-           if (f.chat or f.responses) and body.get(name) is not None}
+    out = {
+        name: body[name]
+        for name, f in FIELDS.items()
+        if (f.chat or f.responses) and body.get(name) is not None
+    }
     text = body.get("text")
     if isinstance(text, dict) and text.get("verbosity") is not None:
         out["verbosity"] = text["verbosity"]

@@ -24,8 +24,17 @@ _FORM_INT = {"max_output_tokens", "max_tool_calls", "top_logprobs"}
 _FORM_FLOAT = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}
 _JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
-_FORM_TEXT = {"model", "instructions", "previous_response_id", "service_tier", "user",
-              "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "truncation"}
+_FORM_TEXT = {
+    "model",
+    "instructions",
+    "previous_response_id",
+    "service_tier",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "truncation",
+}
 
 
 def parse_form(raw: bytes) -> dict[str, Any]:
@@ -34,8 +43,9 @@ def parse_form(raw: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError):
         if not raw.strip():
             return {}
-        raise bad_request("The request body is not valid form data.", None,
-                          "invalid_body") from None
+        raise bad_request(
+            "The request body is not valid form data.", None, "invalid_body"
+        ) from None
     body: dict[str, Any] = {}
     for key, text in pairs:
         name, _, rest = key.partition("[")
@@ -63,8 +73,7 @@ def _form_value(name: str, text: str) -> Any:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
-            raise bad_request(f"Invalid '{name}': not valid JSON.", name,
-                              "invalid_value") from None
+            raise bad_request(f"Invalid '{name}': not valid JSON.", name, "invalid_value") from None
     return text
 
 

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictStr,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from tether import wire_fields, wire_tools
 from tether.errors import APIError, bad_request
@@ -40,8 +33,17 @@ from tether.wire_tools import (
     Toolset,
 )
 
-__all__ = ["IMAGE_PLACEHOLDER", "CompactRequest", "CreateRequest", "history", "input_items",
-           "item_text", "new_id", "parse_compact", "parse_create"]
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "CompactRequest",
+    "CreateRequest",
+    "history",
+    "input_items",
+    "item_text",
+    "new_id",
+    "parse_compact",
+    "parse_create",
+]
 
 # Upper bound of the counts a body gives (`max_output_tokens`, `max_tool_calls`): an int32,
 # what every engine and store holds; larger numbers are refused, not overflowed.
@@ -71,6 +73,7 @@ class Reasoning(BaseModel):
 
 
 # --- create ---------------------------------------------------------------------------------
+
 
 class CreateRequest(BaseModel):
     """`POST /responses`, every field (what each does: `wire_fields.FIELDS`)."""
@@ -137,8 +140,11 @@ class CreateRequest(BaseModel):
     def engine_tool_choice(self) -> Any:
         """`tool_choice` as engines get it (tool names flattened)."""
         choice = self.tool_choice
-        return wire_tools.resolve_choice(choice, self.toolset().names) if isinstance(
-            choice, BaseModel) else choice
+        return (
+            wire_tools.resolve_choice(choice, self.toolset().names)
+            if isinstance(choice, BaseModel)
+            else choice
+        )
 
     def prewarm(self) -> bool:
         """`prompt_cache_options.prewarm`: prepare without generating (OpenAI: it sets
@@ -161,8 +167,11 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
     for name, value in body.items():
         if name in wire_fields.REFUSED and value not in (None, "", [], {}):
             why = wire_fields.FIELDS[name].why
-            raise bad_request(f"Parameter '{name}' is not supported by this server: {why}.",
-                              name, "unsupported_parameter")
+            raise bad_request(
+                f"Parameter '{name}' is not supported by this server: {why}.",
+                name,
+                "unsupported_parameter",
+            )
         if name not in CreateRequest.model_fields:
             raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     fields = {k: v for k, v in body.items() if k not in wire_fields.REFUSED}
@@ -171,16 +180,18 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
         if fields.get("tools") is not None:
             wire_tools.parse_tools(fields["tools"], hosted_tools)  # hosted: refused here
             dropped = wire_tools.dropped_types(fields["tools"])
-            fields["tools"] = [t for t in fields["tools"] if not (
-                isinstance(t, dict) and t.get("type") in dropped)]
+            fields["tools"] = [
+                t for t in fields["tools"] if not (isinstance(t, dict) and t.get("type") in dropped)
+            ]
         req = CreateRequest.model_validate(fields)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     if req.metadata is not None and len(req.metadata) > 16:
         raise bad_request("Invalid 'metadata': at most 16 keys.", "metadata", "invalid_value")
     if req.metadata is not None and any(len(k) > 64 for k in req.metadata):
-        raise bad_request("Invalid 'metadata': keys are at most 64 characters.", "metadata",
-                          "invalid_value")
+        raise bad_request(
+            "Invalid 'metadata': keys are at most 64 characters.", "metadata", "invalid_value"
+        )
     _check_messages(req.input)
     req._toolset = wire_tools.toolset(req.tools, dropped)
     req.engine_tool_choice()  # a named tool must be offered (OpenAI refuses it otherwise)
@@ -196,14 +207,20 @@ def _check_messages(items: str | list[Any]) -> None:
         if not isinstance(msg, InputMessage):
             continue
         if msg.phase is not None and msg.role != "assistant":
-            raise bad_request(f"Invalid 'input[{i}].phase': only assistant messages have a "
-                              "phase.", f"input[{i}].phase", "invalid_value")
+            raise bad_request(
+                f"Invalid 'input[{i}].phase': only assistant messages have a phase.",
+                f"input[{i}].phase",
+                "invalid_value",
+            )
         parts = [] if isinstance(msg.content, str) else msg.content
         for j, part in enumerate(parts):
             if isinstance(part, ImagePart) and msg.role != "user":
-                raise bad_request(f"Invalid 'input[{i}].content[{j}].type': images are only "
-                                  "accepted in user messages.",
-                                  f"input[{i}].content[{j}].type", "invalid_value")
+                raise bad_request(
+                    f"Invalid 'input[{i}].content[{j}].type': images are only "
+                    "accepted in user messages.",
+                    f"input[{i}].content[{j}].type",
+                    "invalid_value",
+                )
 
 
 def _check_text_format(req: CreateRequest) -> None:
@@ -212,8 +229,11 @@ def _check_text_format(req: CreateRequest) -> None:
         return
     for name, value in (("name", fmt.name), ("schema", fmt.schema_)):
         if value is None:
-            raise bad_request(f"Missing required parameter: 'text.format.{name}'.",
-                              f"text.format.{name}", "missing_required_parameter")
+            raise bad_request(
+                f"Missing required parameter: 'text.format.{name}'.",
+                f"text.format.{name}",
+                "missing_required_parameter",
+            )
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -237,6 +257,7 @@ def _is_type_tag(part: str) -> bool:
 
 # --- compact --------------------------------------------------------------------------------
 
+
 class CompactRequest(BaseModel):
     """`POST /responses/compact` (CompactResponseMethodPublicBody)."""
 
@@ -253,14 +274,18 @@ def parse_compact(body: Any) -> CompactRequest:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     if body.get("model") is None:
-        raise bad_request("Missing required parameter: 'model'.", "model",
-                          "missing_required_parameter")
+        raise bad_request(
+            "Missing required parameter: 'model'.", "model", "missing_required_parameter"
+        )
     for name in body:
         if name not in CompactRequest.model_fields:
             raise bad_request(f"Unknown parameter: '{name}'.", name, "unknown_parameter")
     if body.get("input") is None and body.get("previous_response_id") is None:
-        raise bad_request("Missing required parameter: 'input' (or 'previous_response_id').",
-                          "input", "missing_required_parameter")
+        raise bad_request(
+            "Missing required parameter: 'input' (or 'previous_response_id').",
+            "input",
+            "missing_required_parameter",
+        )
     try:
         req = CompactRequest.model_validate(body)
     except ValidationError as exc:
@@ -270,6 +295,7 @@ def parse_compact(body: Any) -> CompactRequest:
 
 
 # --- stored items ------------------------------------------------------------------------
+
 
 def input_items(req: CreateRequest | CompactRequest) -> list[dict[str, Any]]:
     """The request's input as stored items (what `GET .../input_items` lists)."""

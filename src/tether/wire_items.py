@@ -33,17 +33,59 @@ from tether.wire_tools import flat_name
 
 # Item types an input list may hold; anything else is validated as a message (and its
 # `type` refused there, naming `input[i].type`).
-ITEM_TYPES = ("message", "function_call", "function_call_output", "compaction",
-              "custom_tool_call", "custom_tool_call_output", "reasoning", "item_reference")
+ITEM_TYPES = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "compaction",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "reasoning",
+    "item_reference",
+)
 # What engines that cannot see images read where an image was.
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
 # Files whose bytes are text (given to the model as text); by MIME type, else by name.
-_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/yaml",
-               "application/x-yaml", "application/javascript", "application/x-sh",
-               "application/toml", "application/sql")
-_TEXT_SUFFIXES = (".txt", ".md", ".json", ".csv", ".tsv", ".xml", ".yaml", ".yml", ".toml",
-                  ".py", ".js", ".ts", ".rs", ".go", ".java", ".c", ".h", ".cpp", ".sh",
-                  ".html", ".css", ".sql", ".log", ".ini", ".cfg", ".rst", ".jsonl")
+_TEXT_TYPES = (
+    "text/",
+    "application/json",
+    "application/xml",
+    "application/yaml",
+    "application/x-yaml",
+    "application/javascript",
+    "application/x-sh",
+    "application/toml",
+    "application/sql",
+)
+_TEXT_SUFFIXES = (
+    ".txt",
+    ".md",
+    ".json",
+    ".csv",
+    ".tsv",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".py",
+    ".js",
+    ".ts",
+    ".rs",
+    ".go",
+    ".java",
+    ".c",
+    ".h",
+    ".cpp",
+    ".sh",
+    ".html",
+    ".css",
+    ".sql",
+    ".log",
+    ".ini",
+    ".cfg",
+    ".rst",
+    ".jsonl",
+)
 
 
 def new_id(prefix: str) -> str:
@@ -51,6 +93,7 @@ def new_id(prefix: str) -> str:
 
 
 # --- content parts ----------------------------------------------------------------------------
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -108,14 +151,17 @@ def file_text(data: str, filename: str | None) -> str:
         head, sep, payload = data.partition(",")
         mime = head[5:].split(";")[0].lower()
         if not sep or not mime.startswith(_TEXT_TYPES):
-            raise ValueError(f"file type {mime or 'unknown'!r} is not text; only text files "
-                             "are supported")
+            raise ValueError(
+                f"file type {mime or 'unknown'!r} is not text; only text files are supported"
+            )
         raw = _b64(payload) if head.endswith(";base64") else payload.encode()
     elif filename and filename.lower().endswith(_TEXT_SUFFIXES):
         raw = _b64(data)
     else:
-        raise ValueError("expected a data URL of a text type (data:text/plain;base64,...) or "
-                         "base64 with a text filename")
+        raise ValueError(
+            "expected a data URL of a text type (data:text/plain;base64,...) or "
+            "base64 with a text filename"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,18 +178,22 @@ def _b64(payload: str) -> bytes:
 def _part_type(part: Any) -> str:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
     # Tags with a `-`: `_is_type_tag` drops them from error locations.
-    return {"input_image": "image-part", "input_file": "file-part",
-            "refusal": "refusal-part"}.get(kind if isinstance(kind, str) else "", "text-part")
+    return {"input_image": "image-part", "input_file": "file-part", "refusal": "refusal-part"}.get(
+        kind if isinstance(kind, str) else "", "text-part"
+    )
 
 
 Part = Annotated[
-    Annotated[ContentPart, Tag("text-part")] | Annotated[ImagePart, Tag("image-part")]
-    | Annotated[FilePart, Tag("file-part")] | Annotated[RefusalPart, Tag("refusal-part")],
+    Annotated[ContentPart, Tag("text-part")]
+    | Annotated[ImagePart, Tag("image-part")]
+    | Annotated[FilePart, Tag("file-part")]
+    | Annotated[RefusalPart, Tag("refusal-part")],
     Discriminator(_part_type),
 ]
 
 
 # --- items ------------------------------------------------------------------------------------
+
 
 class InputMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -257,6 +307,7 @@ InputItem = Annotated[
 
 # --- stored items -----------------------------------------------------------------------------
 
+
 def stored_items(items: str | list[Any] | None) -> list[dict[str, Any]]:
     """The request's input as stored items (what `GET .../input_items` lists). An item
     reference stays `{"type": "item_reference", "id"}` until the lifecycle resolves it."""
@@ -272,13 +323,19 @@ def _stored(item: Any) -> dict[str, Any]:
         return _message_item(item)
     if isinstance(item, ItemReference):
         return {"type": "item_reference", "id": item.id}
-    prefix = {"function_call": "fc", "function_call_output": "fco", "compaction": "cmp",
-              "custom_tool_call": "ctc", "custom_tool_call_output": "ctco",
-              "reasoning": "rs"}[item.type]
+    prefix = {
+        "function_call": "fc",
+        "function_call_output": "fco",
+        "compaction": "cmp",
+        "custom_tool_call": "ctc",
+        "custom_tool_call_output": "ctco",
+        "reasoning": "rs",
+    }[item.type]
     stored: dict[str, Any] = item.model_dump(exclude_none=True)
     stored["id"] = item.id or new_id(prefix)
-    if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput) and not \
-            isinstance(item.output, str):
+    if isinstance(item, FunctionCallOutputInput | CustomToolCallOutputInput) and not isinstance(
+        item.output, str
+    ):
         stored["output"] = [_part(p, "user") for p in item.output]
     if item.type in ("function_call", "function_call_output", "custom_tool_call"):
         stored["status"] = "completed"
@@ -286,10 +343,18 @@ def _stored(item: Any) -> dict[str, Any]:
 
 
 def _message_item(msg: InputMessage) -> dict[str, Any]:
-    parts = [ContentPart(type="input_text", text=msg.content)] if isinstance(
-        msg.content, str) else msg.content
-    item = {"id": new_id("msg"), "type": "message", "role": msg.role,
-            "content": [_part(p, msg.role) for p in parts], "status": "completed"}
+    parts = (
+        [ContentPart(type="input_text", text=msg.content)]
+        if isinstance(msg.content, str)
+        else msg.content
+    )
+    item = {
+        "id": new_id("msg"),
+        "type": "message",
+        "role": msg.role,
+        "content": [_part(p, msg.role) for p in parts],
+        "status": "completed",
+    }
     if msg.phase is not None:
         item["phase"] = msg.phase
     return item
@@ -297,8 +362,7 @@ def _message_item(msg: InputMessage) -> dict[str, Any]:
 
 def _part(part: Any, role: str) -> dict[str, Any]:
     if isinstance(part, ImagePart):
-        return {"type": "input_image", "image_url": part.image_url,
-                "detail": part.detail or "auto"}
+        return {"type": "input_image", "image_url": part.image_url, "detail": part.detail or "auto"}
     if isinstance(part, FilePart | RefusalPart):
         return part.model_dump(exclude_none=True)
     if role == "assistant":
@@ -308,6 +372,7 @@ def _part(part: Any, role: str) -> dict[str, Any]:
 
 
 # --- the turns a run is given -----------------------------------------------------------------
+
 
 def parts_text(parts: list[dict[str, Any]]) -> str:
     """Parts as text: an image is a placeholder (engines that see images get the image
@@ -325,8 +390,11 @@ def parts_text(parts: list[dict[str, Any]]) -> str:
         else:
             texts.append(part.get("text", ""))
     text = "".join(texts)
-    return text.strip("\n") if any(p.get("type") in ("input_image", "input_file")
-                                   for p in parts) else text
+    return (
+        text.strip("\n")
+        if any(p.get("type") in ("input_image", "input_file") for p in parts)
+        else text
+    )
 
 
 def item_text(item: dict[str, Any]) -> str:
@@ -334,9 +402,12 @@ def item_text(item: dict[str, Any]) -> str:
 
 
 def _parts(item: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"type": "image", "url": p["image_url"], "detail": p.get("detail", "auto")}
-            if p.get("type") == "input_image" else {"type": "text", "text": parts_text([p])}
-            for p in item.get("content", [])]
+    return [
+        {"type": "image", "url": p["image_url"], "detail": p.get("detail", "auto")}
+        if p.get("type") == "input_image"
+        else {"type": "text", "text": parts_text([p])}
+        for p in item.get("content", [])
+    ]
 
 
 def _output_text(output: str | list[dict[str, Any]]) -> str:
@@ -353,13 +424,18 @@ def history(items: list[dict[str, Any]]) -> list[Message]:
         kind = item.get("type")
         if kind == "message":
             images = any(p.get("type") == "input_image" for p in item.get("content", []))
-            out.append(Message(item["role"], item_text(item),
-                               parts=_parts(item) if images else None))
+            out.append(
+                Message(item["role"], item_text(item), parts=_parts(item) if images else None)
+            )
         elif kind in ("function_call", "custom_tool_call"):
-            arguments = item["arguments"] if kind == "function_call" else orjson.dumps(
-                {"input": item["input"]}).decode()
-            call = ToolCallSpec(item["call_id"], flat_name(item.get("namespace"), item["name"]),
-                                arguments)
+            arguments = (
+                item["arguments"]
+                if kind == "function_call"
+                else orjson.dumps({"input": item["input"]}).decode()
+            )
+            call = ToolCallSpec(
+                item["call_id"], flat_name(item.get("namespace"), item["name"]), arguments
+            )
             if not out or out[-1].role != "assistant":
                 out.append(Message("assistant", ""))
             out[-1].tool_calls.append(call)
@@ -370,16 +446,16 @@ def history(items: list[dict[str, Any]]) -> list[Message]:
     return out
 
 
-async def resolve_references(items: list[dict[str, Any]], previous_id: str | None,
-                             get: Callable[[str], Awaitable[Any]]) -> list[dict[str, Any]]:
+async def resolve_references(
+    items: list[dict[str, Any]], previous_id: str | None, get: Callable[[str], Awaitable[Any]]
+) -> list[dict[str, Any]]:
     """Item references replaced by the items they name: this request's own items, then
     the items of the previous responses (input and output; `get(id)` reads a stored
     response of the tenant), newest first. One that names nothing is refused."""
     wanted = {i["id"] for i in items if i.get("type") == "item_reference"}
     if not wanted:
         return items
-    found = {i["id"]: i for i in items
-             if i.get("id") in wanted and i["type"] != "item_reference"}
+    found = {i["id"]: i for i in items if i.get("id") in wanted and i["type"] != "item_reference"}
     hops = 0
     while previous_id is not None and wanted - found.keys() and hops < 1000:
         prev = await get(previous_id)
@@ -398,8 +474,9 @@ def _resolve(items: list[dict[str, Any]], found: dict[str, dict[str, Any]]) -> l
         if item.get("type") == "item_reference":
             target = found.get(item["id"])
             if target is None:
-                raise bad_request(f"Item with id '{item['id']}' not found.", f"input[{i}].id",
-                                  "item_not_found")
+                raise bad_request(
+                    f"Item with id '{item['id']}' not found.", f"input[{i}].id", "item_not_found"
+                )
             item = target
         out.append(item)
     return out

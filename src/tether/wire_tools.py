@@ -24,8 +24,11 @@ from tether.errors import bad_request
 HostedRule = Literal["refuse", "drop"]
 #: the one parameter of the function a custom tool is given to engines as
 CUSTOM_PARAMETERS: dict[str, Any] = {
-    "type": "object", "properties": {"input": {"type": "string"}},
-    "required": ["input"], "additionalProperties": False}
+    "type": "object",
+    "properties": {"input": {"type": "string"}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
 
 
 class FunctionTool(BaseModel):
@@ -78,13 +81,15 @@ class AllowedTools(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["allowed_tools"]
-    tools: Annotated[list[ToolChoiceFunction | ToolChoiceCustom],
-                     Field(min_length=1, max_length=128)]
+    tools: Annotated[
+        list[ToolChoiceFunction | ToolChoiceCustom], Field(min_length=1, max_length=128)
+    ]
     mode: Literal["none", "auto", "required"] = "auto"
 
 
-ToolChoice = (Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom
-              | AllowedTools)
+ToolChoice = (
+    Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom | AllowedTools
+)
 
 
 def flat_name(namespace: str | None, name: str) -> str:
@@ -109,16 +114,21 @@ def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool 
     """`tools` as models; hosted tools refused or dropped per `hosted` (the raw dicts of
     dropped ones are not returned: see `dropped_types`)."""
     if not isinstance(raw, list):
-        raise bad_request("Invalid value for 'tools': expected an array.", "tools",
-                          "invalid_value")
+        raise bad_request("Invalid value for 'tools': expected an array.", "tools", "invalid_value")
     tools: list[FunctionTool | CustomTool | NamespaceTool] = []
     kinds: dict[str, type[FunctionTool | CustomTool | NamespaceTool]] = {
-        "function": FunctionTool, "custom": CustomTool, "namespace": NamespaceTool}
+        "function": FunctionTool,
+        "custom": CustomTool,
+        "namespace": NamespaceTool,
+    }
     for i, tool in enumerate(raw):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if not isinstance(kind, str):
-            raise bad_request(f"Missing required parameter: 'tools[{i}].type'.",
-                              f"tools[{i}].type", "missing_required_parameter")
+            raise bad_request(
+                f"Missing required parameter: 'tools[{i}].type'.",
+                f"tools[{i}].type",
+                "missing_required_parameter",
+            )
         model = kinds.get(kind)
         if model is None:
             if hosted == "drop":
@@ -126,28 +136,41 @@ def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool 
             raise bad_request(
                 f"Invalid value for 'tools[{i}].type': tool type '{kind}' cannot run on "
                 "this server (only function, custom and namespace tools do; see the "
-                "hosted_tools setting).", f"tools[{i}].type", "unsupported_tool")
+                "hosted_tools setting).",
+                f"tools[{i}].type",
+                "unsupported_tool",
+            )
         try:
             tools.append(model.model_validate(tool))
         except ValidationError as exc:
             err = exc.errors()[0]
             # (Union branches appear in the location as class names: not a field.)
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]
-                            if isinstance(p, int) or not p[:1].isupper())
-            raise bad_request(f"Invalid value for 'tools[{i}]{where}': {err['msg']}.",
-                              f"tools[{i}]{where}", "invalid_value") from None
+            where = "".join(
+                f"[{p}]" if isinstance(p, int) else f".{p}"
+                for p in err["loc"]
+                if isinstance(p, int) or not p[:1].isupper()
+            )
+            raise bad_request(
+                f"Invalid value for 'tools[{i}]{where}': {err['msg']}.",
+                f"tools[{i}]{where}",
+                "invalid_value",
+            ) from None
     return tools
 
 
 def dropped_types(raw: Any) -> list[str]:
     if not isinstance(raw, list):
         return []
-    return [t["type"] for t in raw if isinstance(t, dict) and t.get("type") not in (
-        "function", "custom", "namespace")]
+    return [
+        t["type"]
+        for t in raw
+        if isinstance(t, dict) and t.get("type") not in ("function", "custom", "namespace")
+    ]
 
 
-def toolset(tools: list[FunctionTool | CustomTool | NamespaceTool] | None,
-            dropped: list[str]) -> Toolset:
+def toolset(
+    tools: list[FunctionTool | CustomTool | NamespaceTool] | None, dropped: list[str]
+) -> Toolset:
     out = Toolset(dropped=dropped)
     for tool in tools or []:
         out.echo.append(_echo(tool))
@@ -167,16 +190,28 @@ def toolset(tools: list[FunctionTool | CustomTool | NamespaceTool] | None,
 
 def _echo(tool: FunctionTool | CustomTool | NamespaceTool) -> dict[str, Any]:
     if isinstance(tool, NamespaceTool):
-        return {"type": "namespace", "name": tool.name, "description": tool.description or "",
-                "tools": [_echo(t) for t in tool.tools]}
+        return {
+            "type": "namespace",
+            "name": tool.name,
+            "description": tool.description or "",
+            "tools": [_echo(t) for t in tool.tools],
+        }
     if isinstance(tool, CustomTool):
-        echo: dict[str, Any] = {"type": "custom", "name": tool.name,
-                                "format": tool.format or {"type": "text"}}
+        echo: dict[str, Any] = {
+            "type": "custom",
+            "name": tool.name,
+            "format": tool.format or {"type": "text"},
+        }
         if tool.description is not None:
             echo["description"] = tool.description
         return echo
-    return {"type": "function", "name": tool.name, "description": tool.description,
-            "parameters": tool.parameters, "strict": True if tool.strict is None else tool.strict}
+    return {
+        "type": "function",
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": tool.parameters,
+        "strict": True if tool.strict is None else tool.strict,
+    }
 
 
 def _engine_tool(flat: str, tool: FunctionTool | CustomTool) -> dict[str, Any]:
@@ -185,10 +220,17 @@ def _engine_tool(flat: str, tool: FunctionTool | CustomTool) -> dict[str, Any]:
     description = tool.description or ""
     fmt = tool.format or {}
     if fmt.get("type") == "grammar":
-        description += (f"\nThe input must match this {fmt.get('syntax', '')} grammar:\n"
-                        f"{fmt.get('definition', '')}")
-    return {"type": "function", "name": flat, "description": description.strip() or None,
-            "parameters": CUSTOM_PARAMETERS, "strict": True}
+        description += (
+            f"\nThe input must match this {fmt.get('syntax', '')} grammar:\n"
+            f"{fmt.get('definition', '')}"
+        )
+    return {
+        "type": "function",
+        "name": flat,
+        "description": description.strip() or None,
+        "parameters": CUSTOM_PARAMETERS,
+        "strict": True,
+    }
 
 
 def resolve_choice(choice: Any, names: dict[str, dict[str, Any]]) -> Any:
@@ -197,23 +239,33 @@ def resolve_choice(choice: Any, names: dict[str, dict[str, Any]]) -> Any:
     if isinstance(choice, ToolChoiceFunction | ToolChoiceCustom):
         return {"type": "function", "name": _flat_of(choice, names, "tool_choice")}
     if isinstance(choice, AllowedTools):
-        tools = [{"type": "function", "name": _flat_of(t, names, f"tool_choice.tools[{i}]")}
-                 for i, t in enumerate(choice.tools)]
+        tools = [
+            {"type": "function", "name": _flat_of(t, names, f"tool_choice.tools[{i}]")}
+            for i, t in enumerate(choice.tools)
+        ]
         return {"type": "allowed_tools", "tools": tools, "mode": choice.mode}
     return choice
 
 
-def _flat_of(choice: ToolChoiceFunction | ToolChoiceCustom, names: dict[str, dict[str, Any]],
-             param: str) -> str:
+def _flat_of(
+    choice: ToolChoiceFunction | ToolChoiceCustom, names: dict[str, dict[str, Any]], param: str
+) -> str:
     """A named tool: by its flat name, by namespace + name, or by a name unique among
     the offered tools."""
     custom = choice.type == "custom"
     wanted = flat_name(choice.namespace, choice.name)
-    found = [flat for flat, shown in names.items() if bool(shown.get("custom")) == custom
-             and (flat == wanted or (choice.namespace is None and shown["name"] == choice.name))]
+    found = [
+        flat
+        for flat, shown in names.items()
+        if bool(shown.get("custom")) == custom
+        and (flat == wanted or (choice.namespace is None and shown["name"] == choice.name))
+    ]
     if wanted in found:
         return wanted
     if len(found) == 1:
         return found[0]
-    raise bad_request(f"Invalid '{param}.name': no {choice.type} tool '{choice.name}' in "
-                      "'tools'.", f"{param}.name", "invalid_value")
+    raise bad_request(
+        f"Invalid '{param}.name': no {choice.type} tool '{choice.name}' in 'tools'.",
+        f"{param}.name",
+        "invalid_value",
+    )

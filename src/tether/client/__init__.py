@@ -62,21 +62,27 @@ T = TypeVar("T")
 
 
 @overload
-def cancellable(stream: Stream[ResponseStreamEvent], *, resume: bool | None = ...,
-                backoff: Backoff | None = ...) -> CancellableStream[ResponseStreamEvent]: ...
+def cancellable(
+    stream: Stream[ResponseStreamEvent], *, resume: bool | None = ..., backoff: Backoff | None = ...
+) -> CancellableStream[ResponseStreamEvent]: ...
 @overload
-def cancellable(stream: ResponseStream[T], *, resume: bool | None = ...,
-                backoff: Backoff | None = ...) -> CancellableStream[HelperEvent[T]]: ...
+def cancellable(
+    stream: ResponseStream[T], *, resume: bool | None = ..., backoff: Backoff | None = ...
+) -> CancellableStream[HelperEvent[T]]: ...
 @overload
-def cancellable(stream: AsyncStream[ResponseStreamEvent], *, resume: bool | None = ...,
-                backoff: Backoff | None = ...) -> AsyncCancellableStream[ResponseStreamEvent]: ...
+def cancellable(
+    stream: AsyncStream[ResponseStreamEvent],
+    *,
+    resume: bool | None = ...,
+    backoff: Backoff | None = ...,
+) -> AsyncCancellableStream[ResponseStreamEvent]: ...
 @overload
-def cancellable(stream: AsyncResponseStream[T], *, resume: bool | None = ...,
-                backoff: Backoff | None = ...) -> AsyncCancellableStream[HelperEvent[T]]: ...
+def cancellable(
+    stream: AsyncResponseStream[T], *, resume: bool | None = ..., backoff: Backoff | None = ...
+) -> AsyncCancellableStream[HelperEvent[T]]: ...
 
 
-def cancellable(stream: Any, *, resume: bool | None = None,
-                backoff: Backoff | None = None) -> Any:
+def cancellable(stream: Any, *, resume: bool | None = None, backoff: Backoff | None = None) -> Any:
     """Wrap a streaming response: iterate it as before, plus `.response_id`,
     `.cancel(grace=...) -> Response`, `.server_ignored_cancel` and `.final_response`.
 
@@ -86,41 +92,72 @@ def cancellable(stream: Any, *, resume: bool | None = None,
     accumulated final response stays complete.
     """
     if isinstance(stream, ResponseStreamManager | AsyncResponseStreamManager):
-        raise TypeError("Enter the stream manager first: "
-                        "`with client.responses.stream(...) as s: cancellable(s)`.")
+        raise TypeError(
+            "Enter the stream manager first: "
+            "`with client.responses.stream(...) as s: cancellable(s)`."
+        )
     helper = isinstance(stream, ResponseStream | AsyncResponseStream)
     raw = getattr(stream, "_raw_stream", None) if helper else stream
     client = getattr(raw, "_client", None)
     if isinstance(stream, Stream | ResponseStream) and isinstance(client, openai.OpenAI):
         reopen = _helper_reopen(client, stream) if helper else _raw_reopen(client)
         return CancellableStream(client, stream, reopen, resume=resume, backoff=backoff)
-    if (isinstance(stream, AsyncStream | AsyncResponseStream)
-            and isinstance(client, openai.AsyncOpenAI)):
+    if isinstance(stream, AsyncStream | AsyncResponseStream) and isinstance(
+        client, openai.AsyncOpenAI
+    ):
         areopen = _helper_areopen(client, stream) if helper else _raw_areopen(client)
         return AsyncCancellableStream(client, stream, areopen, resume=resume, backoff=backoff)
     raise TypeError(f"Not a streaming response of the openai SDK: {type(stream).__name__}.")
 
 
 @overload
-def resumable(client: openai.OpenAI, response_id: str, starting_after: int | None = ..., *,
-              backoff: Backoff | None = ...) -> CancellableStream[ResponseStreamEvent]: ...
+def resumable(
+    client: openai.OpenAI,
+    response_id: str,
+    starting_after: int | None = ...,
+    *,
+    backoff: Backoff | None = ...,
+) -> CancellableStream[ResponseStreamEvent]: ...
 @overload
-def resumable(client: openai.AsyncOpenAI, response_id: str, starting_after: int | None = ...,
-              *, backoff: Backoff | None = ...) -> AsyncCancellableStream[ResponseStreamEvent]: ...
+def resumable(
+    client: openai.AsyncOpenAI,
+    response_id: str,
+    starting_after: int | None = ...,
+    *,
+    backoff: Backoff | None = ...,
+) -> AsyncCancellableStream[ResponseStreamEvent]: ...
 
 
-def resumable(client: openai.OpenAI | openai.AsyncOpenAI, response_id: str,
-              starting_after: int | None = None, *, backoff: Backoff | None = None) -> Any:
+def resumable(
+    client: openai.OpenAI | openai.AsyncOpenAI,
+    response_id: str,
+    starting_after: int | None = None,
+    *,
+    backoff: Backoff | None = None,
+) -> Any:
     """The events of a response after `starting_after` (all of them without it), via
     `retrieve(id, stream=True, starting_after=last_seen)`, reconnecting after
     `APIConnectionError` / `APITimeoutError` with capped exponential backoff. Each event is
     yielded exactly once, in order. The result is the same wrapper as `cancellable()`'s."""
     if isinstance(client, openai.AsyncOpenAI):
-        return AsyncCancellableStream(client, None, _raw_areopen(client),
-                                      response_id=response_id, starting_after=starting_after,
-                                      resume=True, backoff=backoff)
-    return CancellableStream(client, None, _raw_reopen(client), response_id=response_id,
-                             starting_after=starting_after, resume=True, backoff=backoff)
+        return AsyncCancellableStream(
+            client,
+            None,
+            _raw_areopen(client),
+            response_id=response_id,
+            starting_after=starting_after,
+            resume=True,
+            backoff=backoff,
+        )
+    return CancellableStream(
+        client,
+        None,
+        _raw_reopen(client),
+        response_id=response_id,
+        starting_after=starting_after,
+        resume=True,
+        backoff=backoff,
+    )
 
 
 # --- how to reconnect --------------------------------------------------------------------
@@ -147,6 +184,7 @@ def _raw_reopen(client: openai.OpenAI) -> Any:
     def reopen(response_id: str, last_seq: int | None) -> Any:
         responses: Any = client.responses
         return responses.retrieve(response_id, stream=True, **_after(last_seq))
+
     return reopen
 
 
@@ -157,6 +195,7 @@ def _helper_reopen(client: openai.OpenAI, stream: Any) -> Any:
         responses: Any = client.responses
         manager = responses.stream(response_id=response_id, **_after(last_seq), **options)
         return manager.__enter__()
+
     return reopen
 
 
@@ -164,6 +203,7 @@ def _raw_areopen(client: openai.AsyncOpenAI) -> Any:
     async def reopen(response_id: str, last_seq: int | None) -> Any:
         responses: Any = client.responses
         return await responses.retrieve(response_id, stream=True, **_after(last_seq))
+
     return reopen
 
 
@@ -174,4 +214,5 @@ def _helper_areopen(client: openai.AsyncOpenAI, stream: Any) -> Any:
         responses: Any = client.responses
         manager = responses.stream(response_id=response_id, **_after(last_seq), **options)
         return await manager.__aenter__()
+
     return reopen

@@ -53,9 +53,17 @@ class AsyncCancellableStream(Generic[E]):
     Every event is yielded once, in `sequence_number` order, also across reconnects.
     """
 
-    def __init__(self, client: openai.AsyncOpenAI, source: Any, reopen: AsyncReopen, *,
-                 response_id: str | None = None, starting_after: int | None = None,
-                 resume: bool | None = None, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        source: Any,
+        reopen: AsyncReopen,
+        *,
+        response_id: str | None = None,
+        starting_after: int | None = None,
+        resume: bool | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self._client = client
         self._source = source  # the SDK stream being read; None until (re)opened
         self._reopen = reopen
@@ -109,8 +117,11 @@ class AsyncCancellableStream(Generic[E]):
         return self
 
     async def __aexit__(
-            self, exc_type: type[BaseException] | None, exc: BaseException | None,
-            tb: TracebackType | None) -> None:
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -157,8 +168,7 @@ class AsyncCancellableStream(Generic[E]):
             if inline:
                 self._reading.release()
 
-    async def _cancel(
-            self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
+    async def _cancel(self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
         t = self._tracker
         await self._await(lambda: t.response_id is not None, soft, inline)
         rid = t.response_id
@@ -191,8 +201,10 @@ class AsyncCancellableStream(Generic[E]):
             retrieved = await self._settle(rid, deadline, poll)
             result, ignored = verdict(t, retrieved)
             if ignored:
-                warn_ignored(ignored_message(rid, grace, result, refused,
-                                             retrieved is not None), stacklevel=4)
+                warn_ignored(
+                    ignored_message(rid, grace, result, refused, retrieved is not None),
+                    stacklevel=4,
+                )
         self._result, self._ignored = result, ignored
         return result
 
@@ -299,8 +311,10 @@ class AsyncCancellableStream(Generic[E]):
                 self._finish()
                 if error is not None:
                     raise error
-                raise StreamEndedEarly(f"Response {self._tracker.response_id}: the stream "
-                                       "kept ending without a terminal event.")
+                raise StreamEndedEarly(
+                    f"Response {self._tracker.response_id}: the stream "
+                    "kept ending without a terminal event."
+                )
             if await self._wake.wait(self._backoff.delay(failures, self._rng)):
                 self._finish()
                 return None

@@ -16,8 +16,9 @@ import openai
 from openai.types.responses import Response
 
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-LIFECYCLE_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress",
-                              *TERMINAL_EVENTS})
+LIFECYCLE_EVENTS = frozenset(
+    {"response.created", "response.queued", "response.in_progress", *TERMINAL_EVENTS}
+)
 LIVE_STATUSES = frozenset({"queued", "in_progress"})
 
 DEFAULT_GRACE = 5.0
@@ -47,7 +48,7 @@ class Backoff:
     max_attempts: int = 8
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * self.factor ** attempt)
+        base = min(self.maximum, self.initial * self.factor**attempt)
         return base * (1.0 - self.jitter * rng.random())
 
 
@@ -56,8 +57,10 @@ def is_connection_error(exc: BaseException) -> bool:
     which does not wrap errors raised while reading a stream body) httpx's transport errors."""
     if isinstance(exc, openai.APIConnectionError):
         return True
-    return any(cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in
-               ("httpx", "httpx2") for cls in type(exc).__mro__)
+    return any(
+        cls.__name__ == "TransportError" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(exc).__mro__
+    )
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -179,8 +182,9 @@ class Tracker:
     def local_response(self) -> Response:
         """The response as received: the last lifecycle snapshot plus the output streamed so
         far, unfinished items marked `incomplete`. Usage is unknown (`None`) here."""
-        data: dict[str, Any] = dict(self.snapshot or {"id": self.response_id or "",
-                                                      "status": "in_progress"})
+        data: dict[str, Any] = dict(
+            self.snapshot or {"id": self.response_id or "", "status": "in_progress"}
+        )
         output = []
         for index in sorted(self.items):
             item = dict(self.items[index])
@@ -208,10 +212,17 @@ def verdict(tracker: Tracker, retrieved: Response | None) -> tuple[Response, boo
     return retrieved, retrieved.status != "failed"
 
 
-def ignored_message(response_id: str, grace: float, response: Response, refused: bool,
-                    known: bool) -> str:
-    why = ("refused to cancel it by id" if refused
-           else f"did not end it within the {grace:g} s grace period")
-    state = (f"is '{response.status}' on the server (it may still be running and billing)"
-             if known else "could not be retrieved: whether it stopped is unknown")
+def ignored_message(
+    response_id: str, grace: float, response: Response, refused: bool, known: bool
+) -> str:
+    why = (
+        "refused to cancel it by id"
+        if refused
+        else f"did not end it within the {grace:g} s grace period"
+    )
+    state = (
+        f"is '{response.status}' on the server (it may still be running and billing)"
+        if known
+        else "could not be retrieved: whether it stopped is unknown"
+    )
     return f"The server {why}; the stream is closed. Response {response_id} {state}."

@@ -55,9 +55,17 @@ class CancellableStream(Generic[E]):
     Every event is yielded once, in `sequence_number` order, also across reconnects.
     """
 
-    def __init__(self, client: openai.OpenAI, source: Any, reopen: Reopen, *,
-                 response_id: str | None = None, starting_after: int | None = None,
-                 resume: bool | None = None, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        client: openai.OpenAI,
+        source: Any,
+        reopen: Reopen,
+        *,
+        response_id: str | None = None,
+        starting_after: int | None = None,
+        resume: bool | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
         self._client = client
         self._source = source  # the SDK stream being read; None until (re)opened
         self._reopen = reopen
@@ -111,8 +119,11 @@ class CancellableStream(Generic[E]):
         return self
 
     def __exit__(
-            self, exc_type: type[BaseException] | None, exc: BaseException | None,
-            tb: TracebackType | None) -> None:
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -159,8 +170,7 @@ class CancellableStream(Generic[E]):
             if inline:
                 self._reading.release()
 
-    def _cancel(
-            self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
+    def _cancel(self, grace: float, deadline: float, soft: float, inline: bool) -> Response:
         t = self._tracker
         self._await(lambda: t.response_id is not None, soft, inline)
         rid = t.response_id
@@ -193,8 +203,10 @@ class CancellableStream(Generic[E]):
             retrieved = self._settle(rid, deadline, poll)
             result, ignored = verdict(t, retrieved)
             if ignored:
-                warn_ignored(ignored_message(rid, grace, result, refused,
-                                             retrieved is not None), stacklevel=4)
+                warn_ignored(
+                    ignored_message(rid, grace, result, refused, retrieved is not None),
+                    stacklevel=4,
+                )
         self._result, self._ignored = result, ignored
         return result
 
@@ -301,8 +313,10 @@ class CancellableStream(Generic[E]):
                 self._finish()
                 if error is not None:
                     raise error
-                raise StreamEndedEarly(f"Response {self._tracker.response_id}: the stream "
-                                       "kept ending without a terminal event.")
+                raise StreamEndedEarly(
+                    f"Response {self._tracker.response_id}: the stream "
+                    "kept ending without a terminal event."
+                )
             if self._wake.wait(self._backoff.delay(failures, self._rng)):
                 self._finish()
                 return None

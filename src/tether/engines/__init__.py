@@ -14,8 +14,13 @@ from tether.config import UpstreamConfig
 from tether.engines.base import Engine
 
 
-def make_engine(kind: str, *, scripted_rate: float = 100.0, scripted_length: int = 200,
-                upstreams: list[UpstreamConfig] | None = None) -> Engine:
+def make_engine(
+    kind: str,
+    *,
+    scripted_rate: float = 100.0,
+    scripted_length: int = 200,
+    upstreams: list[UpstreamConfig] | None = None,
+) -> Engine:
     """Build the engine named on the command line plus one per upstream (imports only
     what they need). Several engines are put behind a `Router`."""
     engines: list[Engine] = []

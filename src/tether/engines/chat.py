@@ -98,28 +98,47 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
         if m.role == "tool":
             out.append({"role": "tool", "tool_call_id": m.call_id, "content": m.text})
         elif m.role == "assistant" and m.tool_calls:
-            out.append({"role": "assistant", "content": m.text or None, "tool_calls": [
-                {"id": c.call_id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
-                for c in m.tool_calls]})
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": m.text or None,
+                    "tool_calls": [
+                        {
+                            "id": c.call_id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments},
+                        }
+                        for c in m.tool_calls
+                    ],
+                }
+            )
         elif m.parts is not None:
-            out.append({"role": m.role, "content": [
-                {"type": "image_url", "image_url": {"url": p["url"], "detail": p["detail"]}}
-                if p["type"] == "image" else {"type": "text", "text": p["text"]}
-                for p in m.parts]})
+            out.append(
+                {
+                    "role": m.role,
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": p["url"], "detail": p["detail"]}}
+                        if p["type"] == "image"
+                        else {"type": "text", "text": p["text"]}
+                        for p in m.parts
+                    ],
+                }
+            )
         else:
             # `developer` is the Responses API's name for a system message; most
             # chat-completions servers know only `system`.
-            out.append({"role": "system" if m.role == "developer" else m.role,
-                        "content": m.text})
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text})
     return out
 
 
 def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for tool in tools:
-        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict")
-              if tool.get(k) is not None}
+        fn = {
+            k: tool[k]
+            for k in ("name", "description", "parameters", "strict")
+            if tool.get(k) is not None
+        }
         out.append({"type": "function", "function": fn})
     return out
 
@@ -142,16 +161,23 @@ def allowed_tools(tools: list[dict[str, Any]], choice: Any) -> tuple[list[dict[s
 
 def response_format(fmt: dict[str, Any]) -> dict[str, Any]:
     if fmt.get("type") == "json_schema":
-        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description")
-                  if fmt.get(k) is not None}
+        schema = {
+            k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None
+        }
         return {"type": "json_schema", "json_schema": schema}
     return {"type": fmt.get("type", "text")}
 
 
 LOGPROBS = "message.output_text.logprobs"
 # Request fields a chat-completions body carries under the same name (docs/fields.md).
-CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user", "presence_penalty",
-               "frequency_penalty", "verbosity")
+CHAT_FIELDS = (
+    "prompt_cache_key",
+    "safety_identifier",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "verbosity",
+)
 
 
 def chat_fields(forward: dict[str, Any], tools: bool) -> dict[str, Any]:
@@ -195,8 +221,7 @@ class ChatEngine:
 
     def models(self) -> list[ModelInfo]:
         # Upstreams apply function tools and `text.format` themselves.
-        return [ModelInfo(id=self.spec.model, owned_by="upstream",
-                          context=self.spec.context)]
+        return [ModelInfo(id=self.spec.model, owned_by="upstream", context=self.spec.context)]
 
     async def start(self) -> None:
         if self.spec.tokenizer:
@@ -247,10 +272,8 @@ class ChatEngine:
             raise
         if got.finish is None and not got.done:
             metrics.upstream_error("chat")
-            raise UpstreamGone("Upstream closed the stream before it finished.",
-                               retryable=False)
-        await out.send(self._report(got), Finished("length" if got.finish == "length"
-                                                   else "stop"))
+            raise UpstreamGone("Upstream closed the stream before it finished.", retryable=False)
+        await out.send(self._report(got), Finished("length" if got.finish == "length" else "stop"))
 
     async def _stream(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
         """Relay the upstream's reply, retrying a failure before the first token."""
@@ -266,8 +289,12 @@ class ChatEngine:
                 if got.produced or attempt >= self.spec.retries or not is_retryable(exc):
                     raise
                 attempt += 1
-                log.info("upstream %s failed before the first token (%s); retry %d",
-                         self.spec.url, exc, attempt)
+                log.info(
+                    "upstream %s failed before the first token (%s); retry %d",
+                    self.spec.url,
+                    exc,
+                    attempt,
+                )
                 await backoff(attempt, exc)
 
     async def _relay(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
@@ -285,8 +312,9 @@ class ChatEngine:
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
-                                       retryable=False) from None
+                    raise UpstreamGone(
+                        f"Upstream sent invalid JSON: {data[:200]!r}", retryable=False
+                    ) from None
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("error"):
@@ -307,8 +335,9 @@ class ChatEngine:
             if text:
                 got.text.append(text)
                 got.chunks += 1
-                steps.append(Delta(text, 1, logprob_objects(
-                    (choice.get("logprobs") or {}).get("content"))))
+                steps.append(
+                    Delta(text, 1, logprob_objects((choice.get("logprobs") or {}).get("content")))
+                )
             for call in delta.get("tool_calls") or []:
                 index = int(call.get("index", 0))
                 fn = call.get("function") or {}
@@ -339,8 +368,11 @@ class ChatEngine:
         if usage and not isinstance(usage.get("completion_tokens"), int):
             usage = None
         if usage is not None:
-            return Report(usage.get("prompt_tokens"), usage["completion_tokens"],
-                          {"input_tokens": "upstream", "output_tokens": "upstream"})
+            return Report(
+                usage.get("prompt_tokens"),
+                usage["completion_tokens"],
+                {"input_tokens": "upstream", "output_tokens": "upstream"},
+            )
         notes = {"input_tokens": "tokenizer" if self._tokenizer else "estimate"}
         if self._tokenizer is not None:
             count = self._tokenizer.count("".join(got.text))

@@ -58,8 +58,11 @@ class Plan:
 
 
 def plan(request: Generation) -> Plan:
-    tools = [t for t in request.tools if t.get("type", "function") == "function"
-             and isinstance(t.get("name"), str)]
+    tools = [
+        t
+        for t in request.tools
+        if t.get("type", "function") == "function" and isinstance(t.get("name"), str)
+    ]
     choice = request.tool_choice
     mode = "auto"
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
@@ -84,11 +87,15 @@ def plan(request: Generation) -> Plan:
     return Plan("call" if mode == "required" else "auto", tools, schema, relevant)
 
 
-_STOPWORDS = frozenset(re.findall(r"\w+",
-    "a an the and or of to in on at for from by with about into is are be was were this "
-    "that these those it its i you me my your we our can could would should will please "
-    "what whats how which who when where why do does did get set use using run tool "
-    "function call current given any all some"))
+_STOPWORDS = frozenset(
+    re.findall(
+        r"\w+",
+        "a an the and or of to in on at for from by with about into is are be was were this "
+        "that these those it its i you me my your we our can could would should will please "
+        "what whats how which who when where why do does did get set use using run tool "
+        "function call current given any all some",
+    )
+)
 
 
 def _words(text: str) -> set[str]:
@@ -109,13 +116,16 @@ def _words(text: str) -> set[str]:
 def _relevant(tools: list[dict[str, Any]], request: str) -> list[dict[str, Any]]:
     """The tools sharing the most content words with `request` (none if none share)."""
     asked = _words(request)
-    scores = [len(asked & _words(f"{t['name'].replace('_', ' ')} {t.get('description') or ''}"))
-              for t in tools]
+    scores = [
+        len(asked & _words(f"{t['name'].replace('_', ' ')} {t.get('description') or ''}"))
+        for t in tools
+    ]
     best = max(scores, default=0)
     return [t for t, score in zip(tools, scores, strict=True) if best and score == best]
 
 
 # --- the prompt -------------------------------------------------------------------------------
+
 
 def chat_messages(request: Generation, plan: Plan) -> list[dict[str, str]]:
     """The conversation as the chat template takes it (system/user/assistant turns)."""
@@ -134,8 +144,10 @@ def _turn(m: Message) -> dict[str, str]:
         # The model was trained on three roles: a tool's output comes back as a user turn.
         return {"role": "user", "content": f"<tool_response>\n{m.text}\n</tool_response>"}
     if m.role == "assistant" and m.tool_calls:
-        calls = "".join(f'{CALL_OPEN}{c.name}"{ARGS_OPEN}{c.arguments or "{}"}}}</tool_call>'
-                        for c in m.tool_calls)
+        calls = "".join(
+            f'{CALL_OPEN}{c.name}"{ARGS_OPEN}{c.arguments or "{}"}}}</tool_call>'
+            for c in m.tool_calls
+        )
         return {"role": "assistant", "content": f"{m.text}\n{calls}" if m.text else calls}
     # `developer` is the Responses API's name for a system message.
     return {"role": "system" if m.role == "developer" else m.role, "content": m.text}
@@ -146,19 +158,29 @@ def _instructions(plan: Plan) -> str:
     if plan.tools:
         # Descriptions are cut short: an agent's (Codex's run to pages) would fill the
         # small model's context and say nothing more to a 135M model than their start.
-        listed = "\n".join(_compact({"name": t["name"],
-                                     "description": (t.get("description") or "")[:DESCRIBED],
-                                     "parameters": t.get("parameters") or _ANY_OBJECT})
-                           for t in plan.tools)
-        parts.append("You can call these tools:\n<tools>\n" + listed + "\n</tools>\n"
-                     "When the user asks for something a tool does, reply with only "
-                     '<tool_call>{"name": "tool name", "arguments": {...}}</tool_call>.')
+        listed = "\n".join(
+            _compact(
+                {
+                    "name": t["name"],
+                    "description": (t.get("description") or "")[:DESCRIBED],
+                    "parameters": t.get("parameters") or _ANY_OBJECT,
+                }
+            )
+            for t in plan.tools
+        )
+        parts.append(
+            "You can call these tools:\n<tools>\n" + listed + "\n</tools>\n"
+            "When the user asks for something a tool does, reply with only "
+            '<tool_call>{"name": "tool name", "arguments": {...}}</tool_call>.'
+        )
     if plan.text_schema is not None:
         if plan.text_schema is _ANY_OBJECT:
             parts.append("Answer with a JSON object.")
         else:
-            parts.append("Answer with a JSON object that follows this JSON schema:\n"
-                         + _compact(plan.text_schema))
+            parts.append(
+                "Answer with a JSON object that follows this JSON schema:\n"
+                + _compact(plan.text_schema)
+            )
     return "\n\n".join(parts)
 
 
@@ -167,6 +189,7 @@ def _compact(value: Any) -> str:
 
 
 # --- grammars ---------------------------------------------------------------------------------
+
 
 def schema_grammar(schema: dict[str, Any] | None) -> str:
     """GBNF for JSON values of `schema` (any JSON object when None or not convertible)."""

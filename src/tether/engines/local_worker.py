@@ -166,8 +166,9 @@ class ModelWorker:
     """A loaded model and the blocking generation that drives it. `run` is called on the
     engine's one worker thread only; `prompt` (tokenizing) from any thread."""
 
-    def __init__(self, llm: llama_cpp.Llama, n_ctx: int, sampling: Sampling,
-                 closing: threading.Event) -> None:
+    def __init__(
+        self, llm: llama_cpp.Llama, n_ctx: int, sampling: Sampling, closing: threading.Event
+    ) -> None:
         self.llm = llm
         self._n_ctx = n_ctx
         self._sampling = sampling
@@ -182,7 +183,8 @@ class ModelWorker:
         self._eos = llm.token_eos()
         self._marker_token = self._tokens(local_tools.MARKER)[0]
         self._closers: npt.NDArray[np.int64] = np.array(
-            [t for t in range(self._n_vocab) if _closes(llm.detokenize([t]))], dtype=np.int64)
+            [t for t in range(self._n_vocab) if _closes(llm.detokenize([t]))], dtype=np.int64
+        )
         # A new turn's opening is an ending too (the model starting to play the user).
         self._stops = frozenset(llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[:1])
         self._chunk = 32  # prompt tokens per decode; adapted to PREFILL_CHUNK_SECONDS
@@ -235,8 +237,9 @@ class ModelWorker:
         if kind == "call":
             reason = self._call(request, plan, chan, budget)
         else:
-            grammar = None if plan.text_schema is None else local_tools.schema_grammar(
-                plan.text_schema)
+            grammar = (
+                None if plan.text_schema is None else local_tools.schema_grammar(plan.text_schema)
+            )
             reason = self._sample(request, chan, budget, grammar, _text_step)
         if reason is not None:
             chan.trace.finished = True
@@ -289,8 +292,9 @@ class ModelWorker:
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
-    def _call(self, request: Generation, plan: local_tools.Plan, chan: Channel,
-              budget: int) -> Ending | None:
+    def _call(
+        self, request: Generation, plan: local_tools.Plan, chan: Channel, budget: int
+    ) -> Ending | None:
         """A function call: the opening and the name are written into the context by
         the engine (the name chosen by the model's ranking of the allowed ones); the
         arguments are sampled under the function's schema grammar, one token a step."""
@@ -299,7 +303,8 @@ class ModelWorker:
         # The opening, the name and `, "arguments": ` are written into the context too:
         # leave them room, or the context overflows (the call then ends at its length).
         written = len(self._tokens(local_tools.CALL_OPEN + local_tools.ARGS_OPEN)) + max(
-            len(self._tokens(t["name"] + '"')) for t in tools)
+            len(self._tokens(t["name"] + '"')) for t in tools
+        )
         if written >= budget:
             return "length"
         budget -= written
@@ -332,8 +337,14 @@ class ModelWorker:
     def _tokens(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def _sample(self, request: Generation, chan: Channel, budget: int, grammar: str | None,
-                step: Callable[[str], Step]) -> Ending | None:
+    def _sample(
+        self,
+        request: Generation,
+        chan: Channel,
+        budget: int,
+        grammar: str | None,
+        step: Callable[[str], Step],
+    ) -> Ending | None:
         """Sample up to `budget` tokens, one per credit; each becomes `step(text)`. The
         finish reason, or None when stopped."""
         llm = self.llm
@@ -386,10 +397,12 @@ class ModelWorker:
         if grammar is not None:
             vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
             constraint = llama_cpp.llama_sampler_init_grammar(
-                vocab, grammar.encode("utf-8"), b"root")
+                vocab, grammar.encode("utf-8"), b"root"
+            )
             if not constraint:  # llama.cpp could not parse it: fall back to any object
                 constraint = llama_cpp.llama_sampler_init_grammar(
-                    vocab, local_tools.any_object_grammar().encode("utf-8"), b"root")
+                    vocab, local_tools.any_object_grammar().encode("utf-8"), b"root"
+                )
             if not constraint:
                 llama_cpp.llama_sampler_free(chain)
                 raise EngineError("local engine could not build a grammar for the schema")

@@ -73,18 +73,32 @@ def input_items(messages: list[Message]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for m in messages:
         if m.role == "tool":
-            items.append({"type": "function_call_output", "call_id": m.call_id,
-                          "output": m.text})
+            items.append({"type": "function_call_output", "call_id": m.call_id, "output": m.text})
             continue
         if m.parts is not None:  # images go through as they came
-            items.append({"type": "message", "role": m.role, "content": [
-                {"type": "input_image", "image_url": p["url"], "detail": p["detail"]}
-                if p["type"] == "image" else {"type": "input_text", "text": p["text"]}
-                for p in m.parts]})
+            items.append(
+                {
+                    "type": "message",
+                    "role": m.role,
+                    "content": [
+                        {"type": "input_image", "image_url": p["url"], "detail": p["detail"]}
+                        if p["type"] == "image"
+                        else {"type": "input_text", "text": p["text"]}
+                        for p in m.parts
+                    ],
+                }
+            )
         elif m.text or not m.tool_calls:
             items.append({"type": "message", "role": m.role, "content": m.text})
-        items += [{"type": "function_call", "call_id": c.call_id, "name": c.name,
-                   "arguments": c.arguments} for c in m.tool_calls]
+        items += [
+            {
+                "type": "function_call",
+                "call_id": c.call_id,
+                "name": c.name,
+                "arguments": c.arguments,
+            }
+            for c in m.tool_calls
+        ]
     return items
 
 
@@ -168,8 +182,9 @@ class ResponsesEngine:
                     await out.flush(await self._cancel_upstream(run))
             raise
 
-    async def _stream(self, request: Generation, body: dict[str, Any], run: _Run,
-                      out: Outbox) -> None:
+    async def _stream(
+        self, request: Generation, body: dict[str, Any], run: _Run, out: Outbox
+    ) -> None:
         """Relay the upstream response to its end: a failure before the first token is
         retried, and a broken stream of a background upstream response is resumed."""
         attempt = 0
@@ -177,28 +192,42 @@ class ResponsesEngine:
             if run.upstream_id is None:
                 source = sse_events(self._client, "POST", "responses", body)
             else:  # resume the background upstream response where its stream broke
-                source = sse_events(self._client, "GET", f"responses/{run.upstream_id}"
-                                    f"?stream=true&starting_after={run.last_seq}", None)
+                source = sse_events(
+                    self._client,
+                    "GET",
+                    f"responses/{run.upstream_id}?stream=true&starting_after={run.last_seq}",
+                    None,
+                )
             try:
                 await self._relay(source, run, body, out)
                 if not run.ended:
-                    raise UpstreamGone("Upstream closed the stream before it finished.",
-                                       retryable=True)
+                    raise UpstreamGone(
+                        "Upstream closed the stream before it finished.", retryable=True
+                    )
             except EngineError as exc:
                 metrics.upstream_error("responses")
                 # A broken stream of a background upstream response is resumed where it
                 # broke; anything else is retried only before the first token.
-                resumable = (request.background and run.upstream_id is not None
-                             and isinstance(exc, UpstreamGone))
+                resumable = (
+                    request.background
+                    and run.upstream_id is not None
+                    and isinstance(exc, UpstreamGone)
+                )
                 if attempt >= self.spec.retries or not (
-                        resumable or (is_retryable(exc) and not run.deltas)):
+                    resumable or (is_retryable(exc) and not run.deltas)
+                ):
                     raise
                 attempt += 1
                 log.info("upstream %s: %s; retry %d", self.spec.url, exc, attempt)
                 await backoff(attempt, exc)
 
-    async def _relay(self, source: AsyncGenerator[tuple[str, str], None], run: _Run,
-                     body: dict[str, Any], out: Outbox) -> None:
+    async def _relay(
+        self,
+        source: AsyncGenerator[tuple[str, str], None],
+        run: _Run,
+        body: dict[str, Any],
+        out: Outbox,
+    ) -> None:
         async with contextlib.aclosing(source):  # closed (the connection too) on any exit
             async for event, data in source:
                 if (event, data) == OPENED or data == "[DONE]":
@@ -206,8 +235,9 @@ class ResponsesEngine:
                 try:
                     ev = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    raise UpstreamGone(f"Upstream sent invalid JSON: {data[:200]!r}",
-                                       retryable=False) from None
+                    raise UpstreamGone(
+                        f"Upstream sent invalid JSON: {data[:200]!r}", retryable=False
+                    ) from None
                 seq = ev.get("sequence_number")
                 if isinstance(seq, int):
                     if seq <= run.last_seq:
@@ -243,31 +273,39 @@ class ResponsesEngine:
             if response.get("status") == "cancelled":
                 raise EngineError("The upstream response was cancelled upstream.")
             err = response.get("error") or {}
-            raise EngineError(f"Upstream response failed: {err.get('message', 'no reason')}",
-                              _code(err.get("code")))
+            raise EngineError(
+                f"Upstream response failed: {err.get('message', 'no reason')}",
+                _code(err.get("code")),
+            )
         elif kind == "error":
             nested = ev["error"] if isinstance(ev.get("error"), dict) else {}
             message = ev.get("message") or nested.get("message") or "unknown error"
-            raise EngineError(f"Upstream error: {message}",
-                              _code(ev.get("code") or nested.get("code")))
+            raise EngineError(
+                f"Upstream error: {message}", _code(ev.get("code") or nested.get("code"))
+            )
         return steps
 
     def _usage_report(self, response: dict[str, Any], run: _Run) -> Report:
         usage = response.get("usage") or {}
         notes = {"upstream_response_id": run.upstream_id}
         if isinstance(usage.get("output_tokens"), int):
-            return Report(usage.get("input_tokens"), usage["output_tokens"],
-                          notes | {"input_tokens": "upstream", "output_tokens": "upstream"})
-        return Report(None, None, notes | {"input_tokens": "estimate",
-                                           "output_tokens": "chunks"})
+            return Report(
+                usage.get("input_tokens"),
+                usage["output_tokens"],
+                notes | {"input_tokens": "upstream", "output_tokens": "upstream"},
+            )
+        return Report(None, None, notes | {"input_tokens": "estimate", "output_tokens": "chunks"})
 
     async def _cancel_upstream(self, run: _Run) -> Report:
         """Ask the upstream to stop (the stream is already closed). The usage stays what
         was relayed, so tether's text and counts agree; the upstream's own count, which
         may include tokens generated but never relayed, is kept in the notes."""
-        notes: dict[str, Any] = {"upstream_response_id": run.upstream_id,
-                                 "upstream_stop": "unconfirmed",
-                                 "input_tokens": "estimate", "output_tokens": "chunks"}
+        notes: dict[str, Any] = {
+            "upstream_response_id": run.upstream_id,
+            "upstream_stop": "unconfirmed",
+            "input_tokens": "estimate",
+            "output_tokens": "chunks",
+        }
         if run.upstream_id is None:
             return Report(notes=notes)  # cancelled before the upstream named it
         resp: httpx.Response | None = None
@@ -278,8 +316,9 @@ class ResponsesEngine:
             log.warning("upstream cancel of %s failed: %s", run.upstream_id, exc)
             return Report(notes=notes)
         if resp is None:
-            log.warning("upstream cancel of %s timed out after %.1f s", run.upstream_id,
-                        CANCEL_CALL_TIMEOUT)
+            log.warning(
+                "upstream cancel of %s timed out after %.1f s", run.upstream_id, CANCEL_CALL_TIMEOUT
+            )
             return Report(notes=notes)
         reply: dict[str, Any] = {}
         with contextlib.suppress(ValueError):
@@ -293,6 +332,10 @@ class ResponsesEngine:
                 notes["input_tokens"] = "upstream"
                 return Report(usage["input_tokens"], None, notes)
         else:
-            log.warning("upstream did not confirm the cancel of %s: HTTP %d %s",
-                        run.upstream_id, resp.status_code, reply.get("status"))
+            log.warning(
+                "upstream did not confirm the cancel of %s: HTTP %d %s",
+                run.upstream_id,
+                resp.status_code,
+                reply.get("status"),
+            )
         return Report(notes=notes)

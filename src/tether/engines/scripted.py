@@ -39,9 +39,30 @@ T = TypeVar("T", int, float, str)
 TRACES_KEPT = 2048  # traces of this many recent responses: a long run stays flat in memory
 
 WORDS = (
-    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tether",
-    "keeps", "every", "event", "in", "order", "and", "stops", "the", "moment", "it", "is",
-    "told", "to",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "tether",
+    "keeps",
+    "every",
+    "event",
+    "in",
+    "order",
+    "and",
+    "stops",
+    "the",
+    "moment",
+    "it",
+    "is",
+    "told",
+    "to",
 )
 
 
@@ -220,6 +241,7 @@ def _example(schema: Any) -> Any:
     if kind == "object" or "properties" in schema:
         return {k: _example(v) for k, v in (schema.get("properties") or {}).items()}
     if kind == "array":
-        return [_example(schema["items"])] * schema.get("minItems", 0) if schema.get(
-            "items") else []
+        return (
+            [_example(schema["items"])] * schema.get("minItems", 0) if schema.get("items") else []
+        )
     return {"string": "the", "integer": 0, "number": 0, "boolean": False}.get(str(kind))

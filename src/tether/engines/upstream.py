@@ -34,8 +34,13 @@ RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 class UpstreamHTTPError(EngineError):
     def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
-        code = ("rate_limit_exceeded" if status == 429
-                else "invalid_prompt" if status in (400, 413, 422) else "server_error")
+        code = (
+            "rate_limit_exceeded"
+            if status == 429
+            else "invalid_prompt"
+            if status in (400, 413, 422)
+            else "server_error"
+        )
         super().__init__(f"Upstream returned HTTP {status}: {message}", code)
         self.status = status
         self.retry_after = retry_after
@@ -55,12 +60,21 @@ def make_client(spec: UpstreamConfig) -> httpx.AsyncClient:
     if key:
         header = spec.api_key_header.lower()
         headers[header] = f"Bearer {key}" if header == "authorization" else key
-    timeout = httpx.Timeout(connect=spec.connect_timeout, read=spec.read_timeout,
-                            write=spec.connect_timeout, pool=spec.connect_timeout)
+    timeout = httpx.Timeout(
+        connect=spec.connect_timeout,
+        read=spec.read_timeout,
+        write=spec.connect_timeout,
+        pool=spec.connect_timeout,
+    )
     # No keep-alive limit worth mentioning: each generation holds one connection.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
-    return httpx.AsyncClient(base_url=spec.url.rstrip("/") + "/", headers=headers,
-                             timeout=timeout, limits=limits, trust_env=False)
+    return httpx.AsyncClient(
+        base_url=spec.url.rstrip("/") + "/",
+        headers=headers,
+        timeout=timeout,
+        limits=limits,
+        trust_env=False,
+    )
 
 
 async def error_of(resp: httpx.Response) -> UpstreamHTTPError:
@@ -100,8 +114,9 @@ async def backoff(attempt: int, exc: EngineError) -> None:
 OPENED = ("tether.opened", "")
 
 
-async def sse_events(client: httpx.AsyncClient, method: str, path: str,
-                     body: dict[str, Any] | None) -> AsyncGenerator[tuple[str, str], None]:
+async def sse_events(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+) -> AsyncGenerator[tuple[str, str], None]:
     """`OPENED`, then the (event, data) pairs of an upstream SSE reply. HTTP errors,
     transport failures and any other failure of the reader become EngineErrors (a
     parsing bug must fail the run, never hang it); a cancel goes through as it is."""
@@ -115,14 +130,18 @@ async def sse_events(client: httpx.AsyncClient, method: str, path: str,
             async for sse in EventSource(resp).aiter_sse():
                 yield sse.event, sse.data
     except httpx.ConnectError as exc:
-        raise UpstreamGone(f"Upstream unreachable: {exc or type(exc).__name__}",
-                           retryable=True) from None
+        raise UpstreamGone(
+            f"Upstream unreachable: {exc or type(exc).__name__}", retryable=True
+        ) from None
     except httpx.TimeoutException as exc:
-        raise UpstreamGone(f"Upstream timed out ({type(exc).__name__})",
-                           retryable=isinstance(exc, httpx.ConnectTimeout)) from None
+        raise UpstreamGone(
+            f"Upstream timed out ({type(exc).__name__})",
+            retryable=isinstance(exc, httpx.ConnectTimeout),
+        ) from None
     except httpx.HTTPError as exc:  # the connection broke mid-body, a protocol error...
-        raise UpstreamGone(f"Upstream stream broke: {type(exc).__name__}: {exc}",
-                           retryable=False) from None
+        raise UpstreamGone(
+            f"Upstream stream broke: {type(exc).__name__}: {exc}", retryable=False
+        ) from None
     except EngineError:
         raise
     except Exception as exc:
@@ -144,10 +163,21 @@ def logprob_objects(found: Any) -> list[dict[str, Any]] | None:
     for lp in found:
         if not isinstance(lp, dict) or not isinstance(lp.get("token"), str):
             return None
-        top = [{"token": t["token"], "logprob": t.get("logprob", 0.0),
-                "bytes": t.get("bytes") or list(t["token"].encode())}
-               for t in lp.get("top_logprobs") or () if isinstance(t, dict) and "token" in t]
-        out.append({"token": lp["token"], "logprob": lp.get("logprob", 0.0),
-                    "bytes": lp.get("bytes") or list(lp["token"].encode()),
-                    "top_logprobs": top})
+        top = [
+            {
+                "token": t["token"],
+                "logprob": t.get("logprob", 0.0),
+                "bytes": t.get("bytes") or list(t["token"].encode()),
+            }
+            for t in lp.get("top_logprobs") or ()
+            if isinstance(t, dict) and "token" in t
+        ]
+        out.append(
+            {
+                "token": lp["token"],
+                "logprob": lp.get("logprob", 0.0),
+                "bytes": lp.get("bytes") or list(lp["token"].encode()),
+                "top_logprobs": top,
+            }
+        )
     return out

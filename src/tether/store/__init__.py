@@ -16,8 +16,9 @@ from tether.store.base import (
 from tether.store.logcache import DEFAULT_BUDGET
 
 
-def make_store(url: str, redis: str | None = None, prefix: str = "tether",
-               cache_bytes: int = DEFAULT_BUDGET) -> Store:
+def make_store(
+    url: str, redis: str | None = None, prefix: str = "tether", cache_bytes: int = DEFAULT_BUDGET
+) -> Store:
     """A store for `--db`: a SQLite file path (the default) or `sqlite:///path`; or a
     `postgresql://` URL, scaled out: PostgreSQL for durable records and Redis (`redis`,
     required then) for live event streams and wake-ups, its keys under `prefix:`. Either
@@ -26,7 +27,8 @@ def make_store(url: str, redis: str | None = None, prefix: str = "tether",
         if not redis:
             raise ValueError(
                 "a PostgreSQL store needs Redis too: pass --redis redis://HOST:PORT "
-                "(or set TETHER_REDIS)")
+                "(or set TETHER_REDIS)"
+            )
         from tether.store.postgres import PostgresStore
 
         return PostgresStore(url, redis, prefix, cache_bytes=cache_bytes)
@@ -36,5 +38,15 @@ def make_store(url: str, redis: str | None = None, prefix: str = "tether",
     return SQLiteStore(path, cache_bytes)
 
 
-__all__ = ["EventLog", "IdempotencyConflict", "Leases", "LogEntry", "Maintenance", "Record",
-           "Store", "StoreUnavailable", "Transitions", "make_store"]
+__all__ = [
+    "EventLog",
+    "IdempotencyConflict",
+    "Leases",
+    "LogEntry",
+    "Maintenance",
+    "Record",
+    "Store",
+    "StoreUnavailable",
+    "Transitions",
+    "make_store",
+]

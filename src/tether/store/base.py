@@ -73,15 +73,24 @@ def ledger_values(snapshot: dict[str, Any]) -> tuple[str, int, int]:
     """What a terminal response adds to the usage ledger: model, input and output tokens
     (as its final snapshot reports them, which is what its client was told)."""
     usage = snapshot.get("usage") or {}
-    return (str(snapshot.get("model", "")), int(usage.get("input_tokens", 0)),
-            int(usage.get("output_tokens", 0)))
+    return (
+        str(snapshot.get("model", "")),
+        int(usage.get("input_tokens", 0)),
+        int(usage.get("output_tokens", 0)),
+    )
 
 
 def ledger_row(row: Any) -> dict[str, Any]:
     """A usage-ledger row (tenant, key_id, model, status, responses, input, output)."""
-    return {"tenant": row[0], "key_id": row[1] or None, "model": row[2], "status": row[3],
-            "responses": int(row[4]), "input_tokens": int(row[5]),
-            "output_tokens": int(row[6])}
+    return {
+        "tenant": row[0],
+        "key_id": row[1] or None,
+        "model": row[2],
+        "status": row[3],
+        "responses": int(row[4]),
+        "input_tokens": int(row[5]),
+        "output_tokens": int(row[6]),
+    }
 
 
 LEDGER_UPSERT = (
@@ -295,8 +304,14 @@ class Leases(Protocol):
         :raises StoreUnavailable: PostgreSQL cannot be reached."""
         ...
 
-    async def adopt(self, response_id: str, old_owner: str | None, owner: str | None,
-                    lease_until: float, old_owner_gone: bool = False) -> bool:
+    async def adopt(
+        self,
+        response_id: str,
+        old_owner: str | None,
+        owner: str | None,
+        lease_until: float,
+        old_owner_gone: bool = False,
+    ) -> bool:
         """Take over an expired, never-started response (to run it again): set its
         owner and lease if it is still `queued`, unclaimed, owned by `old_owner` and
         expired (or `old_owner_gone`: proven gone, its lease need not have run out).

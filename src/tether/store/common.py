@@ -34,8 +34,9 @@ SELECT = (
 )
 
 # The usage ledger's rows as `base.ledger_row` reads them (`WHERE` goes between the two).
-USAGE = ("SELECT tenant, key_id, model, status, responses, input_tokens, output_tokens "
-         "FROM usage_ledger")
+USAGE = (
+    "SELECT tenant, key_id, model, status, responses, input_tokens, output_tokens FROM usage_ledger"
+)
 USAGE_ORDER = " ORDER BY tenant, key_id, model, status"
 
 
@@ -48,9 +49,17 @@ class Row(Protocol):
 def to_record(row: Row) -> Record:
     """The `Record` of a row selected with `SELECT`."""
     return Record(
-        id=row[0], tenant=row[1], status=row[2], snapshot=orjson.loads(row[3]),
-        run=orjson.loads(row[4]), input_items=orjson.loads(row[5]), run_token=row[6],
-        owner=row[7], lease_until=row[8], last_seq=row[9], input_tokens=row[10],
+        id=row[0],
+        tenant=row[1],
+        status=row[2],
+        snapshot=orjson.loads(row[3]),
+        run=orjson.loads(row[4]),
+        input_items=orjson.loads(row[5]),
+        run_token=row[6],
+        owner=row[7],
+        lease_until=row[8],
+        last_seq=row[9],
+        input_tokens=row[10],
         finished_at=row[11],
     )
 
@@ -97,8 +106,11 @@ def unpack(rows: Iterable[tuple[int, str, bytes]], after: int) -> list[LogEntry]
         LogEntry(seq, intern(kind), data)  # interned: cached entries share it
         for first, types, blob in rows
         for seq, kind, data in zip(
-            range(first, first + blob.count(b"\n") + 1), types.split("\n"),
-            blob.split(b"\n"), strict=True)
+            range(first, first + blob.count(b"\n") + 1),
+            types.split("\n"),
+            blob.split(b"\n"),
+            strict=True,
+        )
         if seq > after
     ]
 

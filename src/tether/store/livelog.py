@@ -60,7 +60,8 @@ class LiveLog:
         # Short timeouts and no retries: a Redis problem must turn into a Postgres read
         # within a second or two, not into a stalled reader.
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
         self.stats = {"redis_reads": 0, "durable_reads": 0, "cache_reads": 0, "published": 0}
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
         self.cache = LogCache(cache_bytes, on_evict=self._unknown)
@@ -93,8 +94,10 @@ class LiveLog:
     async def open(self) -> None:
         """Start the subscriber and the publisher (stopped by `close`). Redis may be
         down: the store then works from Postgres until it is back."""
-        self._tasks = [start(self._listen(), "tether-livelog-listen"),
-                       start(self._publish(), "tether-livelog-publish")]
+        self._tasks = [
+            start(self._listen(), "tether-livelog-listen"),
+            start(self._publish(), "tether-livelog-publish"),
+        ]
         # Start trusted if Redis answers at once; else start polling and catch up later.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ready.wait(), DOWN_FOR)
@@ -148,8 +151,9 @@ class LiveLog:
 
     # --- reads -----------------------------------------------------------------------
 
-    async def read(self, response_id: str, after: int, upto: int | None,
-                   durable: Durable) -> list[LogEntry]:
+    async def read(
+        self, response_id: str, after: int, upto: int | None, durable: Durable
+    ) -> list[LogEntry]:
         """Committed events with `seq > after`: from the cache, else Redis, else
         `durable` (Postgres). At least up to `upto` when given."""
         need = after if upto is None else max(after, upto)
@@ -159,8 +163,11 @@ class LiveLog:
                 if tail.end > after and tail.end >= need:
                     self.stats["cache_reads"] += 1
                     return tail.entries[after + 1 - tail.first :]
-                if (tail.end == after == need and self._trusted(tail)
-                        and self._known.get(response_id, -1) <= after):
+                if (
+                    tail.end == after == need
+                    and self._trusted(tail)
+                    and self._known.get(response_id, -1) <= after
+                ):
                     self.stats["cache_reads"] += 1
                     return []
             pending = self._fetching.get(response_id)
@@ -169,8 +176,9 @@ class LiveLog:
             await asyncio.shield(pending)
         return await self._fetch(response_id, after, need, durable)
 
-    async def _fetch(self, response_id: str, after: int, need: int,
-                     durable: Durable) -> list[LogEntry]:
+    async def _fetch(
+        self, response_id: str, after: int, need: int, durable: Durable
+    ) -> list[LogEntry]:
         tail = self.cache.peek(response_id)
         # A tail that starts at or before the cursor is extended from its end (even if it
         # ends before the cursor), so the cache catches up instead of being bypassed.
@@ -227,8 +235,9 @@ class LiveLog:
                 return None  # a batch never reached Redis (outage, or a race of writers)
             # Interned: a cached entry then shares its type's one string.
             kinds = [sys.intern(k) for k in fields[b"t"].decode().split("\n")]
-            for seq, kind, data in zip(range(first, first + len(kinds)), kinds,
-                                       fields[b"d"].split(b"\n"), strict=True):
+            for seq, kind, data in zip(
+                range(first, first + len(kinds)), kinds, fields[b"d"].split(b"\n"), strict=True
+            ):
                 if seq >= expect:
                     entries.append(LogEntry(seq, kind, data))
             expect = max(expect, first + len(kinds))
@@ -359,10 +368,15 @@ class LiveLog:
                     pipe.delete(self.key(response_id))
                 for response_id, entries, terminal in batch:
                     key = self.key(response_id)
-                    pipe.xadd(key, {"f": entries[0].seq,
-                                    "t": "\n".join(e.type for e in entries),
-                                    "d": b"\n".join(e.data for e in entries)},
-                              id=f"{entries[-1].seq}-1")
+                    pipe.xadd(
+                        key,
+                        {
+                            "f": entries[0].seq,
+                            "t": "\n".join(e.type for e in entries),
+                            "d": b"\n".join(e.data for e in entries),
+                        },
+                        id=f"{entries[-1].seq}-1",
+                    )
                     pipe.expire(key, FINISHED_TTL if terminal else LIVE_TTL)
                     wake[response_id] = entries[-1].seq
                 pipe.publish(self.channel, orjson.dumps(wake))
@@ -382,4 +396,3 @@ class LiveLog:
     def _skip(self, batch: list[tuple[str, list[LogEntry], bool]]) -> None:
         for response_id, entries, _ in batch:
             self._unsynced[response_id] = entries[-1].seq
-

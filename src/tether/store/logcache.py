@@ -57,8 +57,9 @@ class Tail:
 class LogCache:
     """Cached logs by response id, in two LRU orders: live and finished."""
 
-    def __init__(self, budget: int = DEFAULT_BUDGET,
-                 on_evict: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, budget: int = DEFAULT_BUDGET, on_evict: Callable[[str], None] | None = None
+    ) -> None:
         self.budget = budget
         self.size = 0  # bytes held, as counted
         self.evicted = 0  # logs dropped to stay within the budget (for tests and metrics)

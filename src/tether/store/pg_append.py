@@ -37,8 +37,7 @@ log = logging.getLogger("tether.store")
 # A statement PostgreSQL rolled back to break a lock cycle with another transaction (seen
 # under load: an append round and a purge or delete); being one statement, it left nothing
 # behind and is simply run again.
-RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError,
-             asyncpg.exceptions.SerializationError)
+RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 # How long a round of appends that failed for an outage is tried again before its runs
 # are given up (their responses then end from the log). A database restart takes seconds.
@@ -83,8 +82,14 @@ class Appends:
         if key in self.failed:
             raise _failure(self.failed[key])
 
-    async def append(self, response_id: str, run_token: str, events: list[dict[str, Any]],
-                     tokens: int, input_tokens: int | None) -> bool:
+    async def append(
+        self,
+        response_id: str,
+        run_token: str,
+        events: list[dict[str, Any]],
+        tokens: int,
+        input_tokens: int | None,
+    ) -> bool:
         """`Store.append`."""
         key = (response_id, run_token)
         # Cancel-atomic: every wait comes first, and the enqueue after it does not yield,
@@ -134,8 +139,9 @@ class Appends:
         batch, self._pending = self._pending, {}
         self._pending_events = 0
         self._rounds_begun += 1
-        todo = {rid: p for rid, p in batch.items()
-                if p.events or p.tokens or p.input_tokens is not None}
+        todo = {
+            rid: p for rid, p in batch.items() if p.events or p.tokens or p.input_tokens is not None
+        }
         try:
             try:
                 await self._commit(todo)
@@ -155,8 +161,9 @@ class Appends:
         for _ in range(10):
             if not todo:
                 return
-            unknown = [rid for rid, p in todo.items()
-                       if self.seqs.get(rid, ("", 0))[0] != p.run_token]
+            unknown = [
+                rid for rid, p in todo.items() if self.seqs.get(rid, ("", 0))[0] != p.run_token
+            ]
             if unknown:
                 await self._learn_seqs(unknown, todo)
             rows = []
@@ -190,8 +197,10 @@ class Appends:
             await asyncio.sleep(0.25)
             try:
                 rows = await self.db.query(
-                    "fetch", f"SELECT id, run_token, last_seq FROM responses "
-                    f"WHERE id = ANY($1) AND {LIVE}", list(todo))
+                    "fetch",
+                    f"SELECT id, run_token, last_seq FROM responses WHERE id = ANY($1) AND {LIVE}",
+                    list(todo),
+                )
                 self._resolve(todo, {r[0]: (r[1], int(r[2])) for r in rows})
                 await self._commit(todo)
             except StoreUnavailable:
@@ -217,15 +226,18 @@ class Appends:
             else:
                 # A count without events leaves no trace to tell if it was written: this
                 # run stops, and its response ends from what the log holds.
-                self.failed.add((rid, p.run_token),
-                                StoreUnavailable(f"{rid}: a lost write cannot be resolved"))
+                self.failed.add(
+                    (rid, p.run_token), StoreUnavailable(f"{rid}: a lost write cannot be resolved")
+                )
                 del todo[rid]
 
     async def _learn_seqs(self, ids: list[str], todo: dict[str, Pending]) -> None:
         """Where each run's log stands; runs no longer current are fenced out."""
         rows = await self.db.query(
-            "fetch", f"SELECT id, run_token, last_seq FROM responses WHERE id = ANY($1) AND {LIVE}",
-            ids)
+            "fetch",
+            f"SELECT id, run_token, last_seq FROM responses WHERE id = ANY($1) AND {LIVE}",
+            ids,
+        )
         current = {r[0]: (r[1], r[2]) for r in rows}
         for rid in ids:
             token = todo[rid].run_token

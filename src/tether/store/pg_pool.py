@@ -18,14 +18,21 @@ CONNECT_TIMEOUT = 3.0
 ACQUIRE_TIMEOUT = OP_TIMEOUT + CONNECT_TIMEOUT + 2.0
 # Errors that mean "the database cannot be reached now", not "the request is wrong".
 UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError, asyncpg.exceptions.OperatorInterventionError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
 # Of those, the ones a pooled connection shows when its server side is gone.
 STALE: tuple[type[BaseException], ...] = (
-    asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.InternalClientError, ConnectionResetError, BrokenPipeError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InternalClientError,
+    ConnectionResetError,
+    BrokenPipeError,
 )
 
 
@@ -51,8 +58,13 @@ class Database:
             finally:
                 con.terminate()  # no goodbye: a hung server must not hang the open
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=0, max_size=self.size, timeout=CONNECT_TIMEOUT,
-                command_timeout=OP_TIMEOUT, max_inactive_connection_lifetime=60)
+                self.url,
+                min_size=0,
+                max_size=self.size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=OP_TIMEOUT,
+                max_inactive_connection_lifetime=60,
+            )
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"PostgreSQL unreachable: {exc!r}") from exc
 
@@ -115,4 +127,3 @@ class Database:
                 if attempt or not isinstance(exc.__cause__, STALE):
                     raise
         raise AssertionError("unreachable")
-

@@ -53,7 +53,9 @@ SELECT count(*) FROM u
 """
 CLAIM = TRANSITION.format(
     set="status = 'in_progress', run_token = $8, owner = $9, lease_until = $10",
-    guard="run_token IS NULL", ledger="")
+    guard="run_token IS NULL",
+    ledger="",
+)
 # The terminal transition also counts the response in the usage ledger ($11 model,
 # $12 input and $13 output tokens), in the same statement: exactly once.
 FINISH = TRANSITION.format(
@@ -64,7 +66,8 @@ FINISH = TRANSITION.format(
                               output_tokens)
     SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13 FROM u
     {LEDGER_UPSERT}
-)""")
+)""",
+)
 
 CREATE = """
 WITH r AS (
@@ -108,8 +111,7 @@ def upgrade_sql(current: str | None) -> str:
     return buffer.getvalue()
 
 
-def batch_columns(
-        rows: Iterable[tuple[str, Pending, int, list[LogEntry]]]) -> list[list[Any]]:
+def batch_columns(rows: Iterable[tuple[str, Pending, int, list[LogEntry]]]) -> list[list[Any]]:
     """The arrays `APPEND` unnests: one element per response."""
     ids, tokens, firsts, lasts, counts, inputs, types, datas = ([] for _ in range(8))
     for rid, p, first, entries in rows:

@@ -47,8 +47,14 @@ log = logging.getLogger("tether.store")
 
 
 class PostgresStore:
-    def __init__(self, url: str, redis_url: str, prefix: str = "tether",
-                 pool_size: int = 10, cache_bytes: int = DEFAULT_BUDGET) -> None:
+    def __init__(
+        self,
+        url: str,
+        redis_url: str,
+        prefix: str = "tether",
+        pool_size: int = 10,
+        cache_bytes: int = DEFAULT_BUDGET,
+    ) -> None:
         self.db = Database(url, pool_size)
         self.live = LiveLog(redis_url, prefix, cache_bytes)
         self.appends = Appends(self.db, self.live)
@@ -80,11 +86,19 @@ class PostgresStore:
                 fresh = await con.fetchval(
                     "INSERT INTO idempotency_keys VALUES ($1, $2, $3, $4, $5) "
                     "ON CONFLICT DO NOTHING RETURNING 1",
-                    record.tenant, key, body_hash, record.id, time.time())
+                    record.tenant,
+                    key,
+                    body_hash,
+                    record.id,
+                    time.time(),
+                )
                 if fresh is None:  # used before (the insert waited for its transaction)
                     row = await con.fetchrow(
                         "SELECT body_hash, response_id FROM idempotency_keys "
-                        "WHERE tenant = $1 AND key = $2", record.tenant, key)
+                        "WHERE tenant = $1 AND key = $2",
+                        record.tenant,
+                        key,
+                    )
                     assert row is not None
                     if row[0] != body_hash:
                         raise IdempotencyConflict(key)
@@ -94,12 +108,28 @@ class PostgresStore:
                     await con.execute(  # its response is gone: the key is free again
                         "UPDATE idempotency_keys SET body_hash = $3, response_id = $4, "
                         "created_at = $5 WHERE tenant = $1 AND key = $2",
-                        record.tenant, key, body_hash, record.id, time.time())
+                        record.tenant,
+                        key,
+                        body_hash,
+                        record.id,
+                        time.time(),
+                    )
             await con.execute(
-                sql.CREATE, record.id, record.tenant, record.status, record.owner,
-                record.lease_until, last, bool(record.snapshot.get("store", True)),
-                time.time(), orjson.dumps(record.snapshot), orjson.dumps(record.run),
-                orjson.dumps(record.input_items), *pack(entries), record.key_id or "")
+                sql.CREATE,
+                record.id,
+                record.tenant,
+                record.status,
+                record.owner,
+                record.lease_until,
+                last,
+                bool(record.snapshot.get("store", True)),
+                time.time(),
+                orjson.dumps(record.snapshot),
+                orjson.dumps(record.run),
+                orjson.dumps(record.input_items),
+                *pack(entries),
+                record.key_id or "",
+            )
         record.last_seq = last
         self.live.committed(record.id, entries)
         return record, True
@@ -114,7 +144,8 @@ class PostgresStore:
         events: list[dict[str, Any]],
     ) -> bool:
         done = await self._transition(
-            sql.CLAIM, response_id, None, snapshot, events, 0, (run_token, owner, lease_until))
+            sql.CLAIM, response_id, None, snapshot, events, 0, (run_token, owner, lease_until)
+        )
         if done is None:
             return False
         last, entries = done
@@ -136,8 +167,10 @@ class PostgresStore:
         await self.flush()  # this process's appends before the fence: usage stays exact
         async with self.db.conn() as con:
             last = await con.fetchval(
-                f"UPDATE responses SET run_token = $2 WHERE id = $1 AND {LIVE} "
-                "RETURNING last_seq", response_id, run_token)
+                f"UPDATE responses SET run_token = $2 WHERE id = $1 AND {LIVE} RETURNING last_seq",
+                response_id,
+                run_token,
+            )
         if last is None:
             return False
         self._seqs[response_id] = (run_token, last)
@@ -158,8 +191,14 @@ class PostgresStore:
             # had. Whoever ends it next (cancel, lease reaper) ends it from the log.
             self.appends.check(response_id, run_token)
         done = await self._transition(
-            sql.FINISH, response_id, run_token, snapshot, events, tokens,
-            (status, time.time(), run_token, *ledger_values(snapshot)))
+            sql.FINISH,
+            response_id,
+            run_token,
+            snapshot,
+            events,
+            tokens,
+            (status, time.time(), run_token, *ledger_values(snapshot)),
+        )
         if done is None:
             return False
         _, entries = done
@@ -167,10 +206,16 @@ class PostgresStore:
         self.live.committed(response_id, entries, terminal=True)
         return True
 
-    async def _transition(self, statement: str, response_id: str, run_token: str | None,
-                          snapshot: dict[str, Any], events: list[dict[str, Any]],
-                          tokens: int, values: tuple[Any, ...]
-                          ) -> tuple[int, list[LogEntry]] | None:
+    async def _transition(
+        self,
+        statement: str,
+        response_id: str,
+        run_token: str | None,
+        snapshot: dict[str, Any],
+        events: list[dict[str, Any]],
+        tokens: int,
+        values: tuple[Any, ...],
+    ) -> tuple[int, list[LogEntry]] | None:
         """Compare-and-set on a live response (`statement`'s guard), appending `events` in the
         same statement: the new `last_seq` and the entries, or None if the guard failed."""
         cached = self._seqs.get(response_id)
@@ -180,23 +225,31 @@ class PostgresStore:
             for _ in range(10):
                 if last is None:
                     row = await con.fetchrow(
-                        f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}",
-                        response_id)
+                        f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}", response_id
+                    )
                     if row is None:
                         return None
                     last = int(row[0])
                 entries = numbered(last + 1, events)
                 try:
-                    won = await con.fetchval(statement, response_id, last,
-                                             last + len(entries), tokens, snap,
-                                             *pack(entries), *values)
+                    won = await con.fetchval(
+                        statement,
+                        response_id,
+                        last,
+                        last + len(entries),
+                        tokens,
+                        snap,
+                        *pack(entries),
+                        *values,
+                    )
                 except RETRYABLE:
                     continue  # rolled back whole (one statement): try it again
                 if won:
                     return last + len(entries), entries
                 # Lost the guard, or the log moved since `last` was read: look again.
                 row = await con.fetchrow(
-                    f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}", response_id)
+                    f"SELECT last_seq FROM responses WHERE id = $1 AND {LIVE}", response_id
+                )
                 if row is None or row[0] == last:
                     return None  # terminal now, or the guard itself failed
                 last = int(row[0])
@@ -211,24 +264,29 @@ class PostgresStore:
     # --- reads -------------------------------------------------------------------------
 
     async def get(self, response_id: str, tenant: str) -> Record | None:
-        row = await self.db.query("fetchrow", f"{SELECT} WHERE r.id = $1 AND r.tenant = $2",
-                                response_id, tenant)
+        row = await self.db.query(
+            "fetchrow", f"{SELECT} WHERE r.id = $1 AND r.tenant = $2", response_id, tenant
+        )
         return None if row is None else to_record(row)
 
-    async def _get(self, con: asyncpg.Connection, response_id: str,
-                   tenant: str) -> Record | None:
-        row = await con.fetchrow(f"{SELECT} WHERE r.id = $1 AND r.tenant = $2",
-                                 response_id, tenant)
+    async def _get(self, con: asyncpg.Connection, response_id: str, tenant: str) -> Record | None:
+        row = await con.fetchrow(f"{SELECT} WHERE r.id = $1 AND r.tenant = $2", response_id, tenant)
         return None if row is None else to_record(row)
 
     async def read(self, response_id: str, after: int, upto: int | None = None) -> list[LogEntry]:
         return await self.live.read(response_id, after, upto, self._read_durable)
 
     async def _read_durable(self, response_id: str, after: int) -> list[LogEntry]:
-        return unpack(await self.db.query(
-            "fetch", "SELECT first_seq, types, data FROM events "
-            "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq", response_id, after),
-            after)
+        return unpack(
+            await self.db.query(
+                "fetch",
+                "SELECT first_seq, types, data FROM events "
+                "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq",
+                response_id,
+                after,
+            ),
+            after,
+        )
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         await self.live.wait(response_id, after, timeout)
@@ -236,7 +294,8 @@ class PostgresStore:
     async def output_tokens(self, response_id: str) -> int:
         await self.flush()
         value = await self.db.query(
-            "fetchval", "SELECT output_tokens FROM responses WHERE id = $1", response_id)
+            "fetchval", "SELECT output_tokens FROM responses WHERE id = $1", response_id
+        )
         return int(value or 0)
 
     # --- housekeeping ------------------------------------------------------------------
@@ -245,12 +304,15 @@ class PostgresStore:
         async with self.db.conn(transaction=True) as con:
             deleted = await con.fetchval(
                 "DELETE FROM responses WHERE id = $1 AND tenant = $2 RETURNING 1",
-                response_id, tenant)
+                response_id,
+                tenant,
+            )
             if deleted:
                 await con.execute("DELETE FROM response_bodies WHERE id = $1", response_id)
                 await con.execute("DELETE FROM events WHERE response_id = $1", response_id)
-                await con.execute("DELETE FROM idempotency_keys WHERE response_id = $1",
-                                  response_id)
+                await con.execute(
+                    "DELETE FROM idempotency_keys WHERE response_id = $1", response_id
+                )
         if deleted:
             await self.live.forget(response_id)
         return bool(deleted)
@@ -269,16 +331,27 @@ class PostgresStore:
             await con.execute(
                 f"UPDATE responses SET lease_until = $2 WHERE id IN (SELECT id FROM responses "
                 f"WHERE owner = $1 AND {LIVE} AND id = ANY($3::text[]) "
-                "FOR UPDATE SKIP LOCKED)", owner, lease_until, list(held))
+                "FOR UPDATE SKIP LOCKED)",
+                owner,
+                lease_until,
+                list(held),
+            )
 
     async def expired(self, now: float, gone: Collection[str] = ()) -> list[Record]:
         rows = await self.db.query(
-            "fetch", f"{SELECT} WHERE r.{LIVE} AND (r.lease_until < $1 "
-            "OR r.owner = ANY($2::text[]))", now, list(gone))
+            "fetch",
+            f"{SELECT} WHERE r.{LIVE} AND (r.lease_until < $1 OR r.owner = ANY($2::text[]))",
+            now,
+            list(gone),
+        )
         return [to_record(row) for row in rows]
 
     async def adopt(
-        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
+        self,
+        response_id: str,
+        old_owner: str | None,
+        owner: str | None,
+        lease_until: float,
         old_owner_gone: bool = False,
     ) -> bool:
         async with self.db.conn() as con:
@@ -287,7 +360,13 @@ class PostgresStore:
                 "WHERE id = $1 AND status = 'queued' AND run_token IS NULL "
                 "AND owner IS NOT DISTINCT FROM $2 AND (lease_until < $5 OR $6::boolean) "
                 "RETURNING 1",
-                response_id, old_owner, owner, lease_until, time.time(), old_owner_gone)
+                response_id,
+                old_owner,
+                owner,
+                lease_until,
+                time.time(),
+                old_owner_gone,
+            )
         return bool(done)
 
     def owner_locks(self) -> OwnerLocks | None:
@@ -297,15 +376,16 @@ class PostgresStore:
         async with self.db.conn(transaction=True) as con:
             deleted = await con.execute(
                 "DELETE FROM events WHERE response_id IN "
-                "(SELECT id FROM responses WHERE finished_at < $1)", before)
+                "(SELECT id FROM responses WHERE finished_at < $1)",
+                before,
+            )
             gone = await con.fetch(
-                "DELETE FROM responses WHERE NOT stored AND finished_at < $1 RETURNING id",
-                before)
+                "DELETE FROM responses WHERE NOT stored AND finished_at < $1 RETURNING id", before
+            )
             ids = [r[0] for r in gone]
             if ids:
                 await con.execute("DELETE FROM response_bodies WHERE id = ANY($1)", ids)
-                await con.execute("DELETE FROM idempotency_keys WHERE response_id = ANY($1)",
-                                  ids)
+                await con.execute("DELETE FROM idempotency_keys WHERE response_id = ANY($1)", ids)
         if deleted != "DELETE 0":
             await self._reclaim()
         return len(ids)
@@ -322,5 +402,4 @@ class PostgresStore:
                     # vacuum of the table already does the work.
                     await con.execute("VACUUM (SKIP_LOCKED) events")
         except StoreUnavailable as exc:
-            log.warning("vacuuming purged events failed (retried after the next purge): %s",
-                        exc)
+            log.warning("vacuuming purged events failed (retried after the next purge): %s", exc)

@@ -149,15 +149,25 @@ class SQLiteStore:
                 "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
                 "stored, created_at, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.id, record.tenant, record.status, record.owner, record.lease_until,
-                    len(events) - 1, bool(record.snapshot.get("store", True)), time.time(),
+                    record.id,
+                    record.tenant,
+                    record.status,
+                    record.owner,
+                    record.lease_until,
+                    len(events) - 1,
+                    bool(record.snapshot.get("store", True)),
+                    time.time(),
                     record.key_id or "",
                 ),
             )
             db.execute(
                 "INSERT INTO response_bodies VALUES (?, ?, ?, ?)",
-                (record.id, orjson.dumps(record.snapshot), orjson.dumps(record.run),
-                 orjson.dumps(record.input_items)),
+                (
+                    record.id,
+                    orjson.dumps(record.snapshot),
+                    orjson.dumps(record.run),
+                    orjson.dumps(record.input_items),
+                ),
             )
             entries = self._insert(record.id, 0, events, 0)
         record.last_seq = len(events) - 1
@@ -247,8 +257,9 @@ class SQLiteStore:
     def _check_lost(self, response_id: str, run_token: str) -> None:
         lost = self._lost.get(response_id)
         if lost is not None and lost[0] == run_token:
-            raise WriteLost(f"{response_id}: an append of this run was not written: "
-                            f"{lost[1]}") from lost[1]
+            raise WriteLost(
+                f"{response_id}: an append of this run was not written: {lost[1]}"
+            ) from lost[1]
 
     def _transition(
         self,
@@ -274,13 +285,17 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return False
-            db.execute("UPDATE response_bodies SET snapshot = ? WHERE id = ?",
-                       (orjson.dumps(snapshot), response_id))
+            db.execute(
+                "UPDATE response_bodies SET snapshot = ? WHERE id = ?",
+                (orjson.dumps(snapshot), response_id),
+            )
             if ledger is not None:
                 status, model, inp, out = ledger
-                db.execute("INSERT INTO usage_ledger SELECT tenant, key_id, ?, ?, 1, ?, ? "
-                           f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
-                           (model, status, inp, out, response_id))
+                db.execute(
+                    "INSERT INTO usage_ledger SELECT tenant, key_id, ?, ?, 1, ?, ? "
+                    f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
+                    (model, status, inp, out, response_id),
+                )
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
@@ -334,8 +349,10 @@ class SQLiteStore:
             return []
         entries = numbered(first, events)
         types, data = pack(entries)
-        self.db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                        (response_id, first, entries[-1].seq, types, tokens, data))
+        self.db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+            (response_id, first, entries[-1].seq, types, tokens, data),
+        )
         return entries
 
     def _publish(self, response_id: str, entries: list[LogEntry]) -> None:
@@ -351,8 +368,7 @@ class SQLiteStore:
 
     def _get(self, response_id: str, tenant: str) -> Record | None:
         row = self.db.execute(
-            f"{SELECT} WHERE r.id = ? AND r.tenant = ?",
-            (response_id, tenant),
+            f"{SELECT} WHERE r.id = ? AND r.tenant = ?", (response_id, tenant)
         ).fetchone()
         return None if row is None else to_record(row)
 
@@ -360,11 +376,14 @@ class SQLiteStore:
         tail = self.cache.get(response_id)
         if tail is not None and after + 1 >= tail.first:
             return tail.entries[after + 1 - tail.first :]
-        return unpack(self.db.execute(
-            "SELECT first_seq, types, data FROM events "
-            "WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
-            (response_id, after),
-        ).fetchall(), after)
+        return unpack(
+            self.db.execute(
+                "SELECT first_seq, types, data FROM events "
+                "WHERE response_id = ? AND last_seq > ? ORDER BY first_seq",
+                (response_id, after),
+            ).fetchall(),
+            after,
+        )
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         tail = self.cache.peek(response_id)
@@ -417,7 +436,11 @@ class SQLiteStore:
         return [to_record(row) for row in rows]
 
     async def adopt(
-        self, response_id: str, old_owner: str | None, owner: str | None, lease_until: float,
+        self,
+        response_id: str,
+        old_owner: str | None,
+        owner: str | None,
+        lease_until: float,
         old_owner_gone: bool = False,
     ) -> bool:
         cur = write(

@@ -22,9 +22,15 @@ log = logging.getLogger("tether.store")
 # Primary result codes (the low byte of an extended code) of errors that say the database
 # cannot be written *now*; anything else (a constraint, a bug in a statement) is raised as is.
 _FULL = sqlite3.SQLITE_FULL
-_TRANSIENT = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
-              sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
-              sqlite3.SQLITE_PROTOCOL}
+_TRANSIENT = {
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+}
 
 
 def store_error(exc: BaseException) -> StoreUnavailable | None:
@@ -110,8 +116,12 @@ class Trouble:
 
     def worked(self) -> None:
         if self.since is not None:
-            log.warning("%s works again after %.1f s (%d failures)", self.what,
-                        time.monotonic() - self.since, self.count)
+            log.warning(
+                "%s works again after %.1f s (%d failures)",
+                self.what,
+                time.monotonic() - self.since,
+                self.count,
+            )
             self.since, self.count = None, 0
 
 
@@ -157,8 +167,9 @@ class Checkpointer(threading.Thread):
                 wait = self.interval
                 try:
                     if db is None:
-                        db = sqlite3.connect(self.path, isolation_level=None,
-                                             check_same_thread=False)
+                        db = sqlite3.connect(
+                            self.path, isolation_level=None, check_same_thread=False
+                        )
                         db.execute("PRAGMA busy_timeout=5000")
                     frames = _checkpoint(db)
                     if frames >= CATCH_UP_FRAMES:
