@@ -177,10 +177,16 @@ class Outbox:
         self.pending: deque[Step] = deque()
 
     async def send(self, *steps: Step) -> None:
-        self.pending.extend(steps)
-        while self.pending:
-            await self._emit(self.pending[0])
-            self.pending.popleft()
+        pending = self.pending
+        if len(steps) == 1 and not pending:  # the per-token path: one step, nothing owed
+            pending.append(steps[0])
+            await self._emit(steps[0])
+            pending.pop()
+            return
+        pending.extend(steps)
+        while pending:
+            await self._emit(pending[0])
+            pending.popleft()
 
     async def flush(self, *then: Step) -> list[Step]:
         """The cancel path (shielded): emit what is pending, never a `Finished`, then
