@@ -55,14 +55,24 @@ async def test_budget_ends_with_length() -> None:
     assert steps[-1] == Finished("length") and len(steps) == 6
 
 
-@pytest.mark.parametrize("rate", [50.0, 0.0], ids=["paced", "full-speed"])
-async def test_cancel_stops_at_the_next_token_boundary(rate: float) -> None:
-    engine = ScriptedEngine(rate=rate, length=1000)
+async def test_cancel_stops_at_the_next_token_boundary() -> None:
+    engine = ScriptedEngine(rate=50, length=1000)
     got = await collect(engine, gen(), after_tokens(3))
     assert got.cancel_caught and got.after_cancel == [] and got.finished is None
     trace = engine.traces["resp_1"]
     assert trace.produced == tokens(got.steps) == 3 and not trace.finished
     assert trace.aborted_at is not None and got.stop_seconds < 0.5
+
+
+async def test_full_speed_cancel_lands_where_the_engine_let_others_run() -> None:
+    # At full speed the engine pays no per-token check: another task can cancel it only
+    # while it is suspended (every 64 tokens), and the cancel lands right there.
+    engine = ScriptedEngine(rate=0, length=1000)
+    got = await collect(engine, gen(), after_tokens(3), mode="task")
+    assert got.cancel_caught and got.after_cancel == [] and got.finished is None
+    trace = engine.traces["resp_1"]
+    assert trace.produced == tokens(got.steps) == 63 and not trace.finished
+    assert trace.aborted_at is not None
 
 
 async def test_cancel_from_another_task_stops_within_one_step() -> None:
