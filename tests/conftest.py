@@ -114,6 +114,9 @@ class Server:
         raise TimeoutError(f"server did not start: {self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        # Its port may next be given to another kind of server (a fake upstream), whose
+        # replies are not tether's to check.
+        spec.TETHER_PORTS.discard(self.port)
         if self.proc is None:
             return
         if self.proc.poll() is None:
