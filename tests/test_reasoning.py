@@ -12,11 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
+from engine_steps import collect
 from tether import wire_output
-from tether.engines.base import Delta, ReasoningDelta
+from tether.config import UpstreamConfig
+from tether.engines.base import Delta, Generation, Message, ReasoningDelta, Report
+from tether.engines.chat import ChatEngine
 from tether.engines.think import Splitter
+from tether.run import Progress
+from tether.runner import Run
 from upstreams import FakeUpstream, fake_upstream
 
 from conftest import Server, served
@@ -172,3 +178,60 @@ def test_think_tags_option_is_off_by_default(tether: Server) -> None:
         response = client.responses.create(model="vllm", input="THINK=4 STYLE=tags LENGTH=8 go")
     assert [i.type for i in response.output] == ["message"]
     assert response.output_text.startswith("<thi")
+
+
+# --- exactness at the edges ---------------------------------------------------------------
+
+
+class HeldStore:
+    """A store whose appends wait for `room` (a full live log): where a cancel lands."""
+
+    def __init__(self) -> None:
+        self.room = anyio.Event()
+        self.waiting = anyio.Event()
+        self.appended: list[tuple[list[dict[str, Any]], int]] = []
+
+    async def append(
+        self, rid: str, token: str, events: list[dict[str, Any]], tokens: int = 0, *_: Any
+    ) -> bool:
+        if not self.room.is_set():
+            self.waiting.set()
+            await self.room.wait()
+        self.appended.append((events, tokens))
+        return True
+
+
+@pytest.mark.anyio
+async def test_a_cancel_landing_in_a_reasoning_append_takes_nothing() -> None:
+    store = HeldStore()
+    progress = Progress(store, "resp_1", "tok", Run("resp_1"))  # type: ignore[arg-type]
+    step = ReasoningDelta("hm", 2)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(progress.take, step)
+            await store.waiting.wait()
+            scope.cancel()
+    # Not appended: nothing counted, no item open, so the engine may emit it again.
+    assert (progress.reasoning, progress.output_tokens, progress.reasoning_tokens) == (None, 0, 0)
+    store.room.set()
+    await progress.take(step)
+    await progress.take(Delta("ok"))
+    assert (progress.output_tokens, progress.reasoning_tokens) == (3, 2)
+    thought, message = progress.items()
+    assert (thought.output_index, message.output_index) == (0, 1)
+    assert thought.live()["content"] == [{"type": "reasoning_text", "text": "hm"}]
+
+
+@pytest.mark.anyio
+async def test_chat_engine_cancel_inside_emit_while_thinking(fake: FakeUpstream) -> None:
+    engine = ChatEngine(UpstreamConfig(model="fake", url=fake.url))
+    await engine.start()
+    try:
+        request = Generation("resp_1", "fake", [Message("user", "THINK=5 STALL_AFTER=3 go")])
+        three = lambda steps: sum(type(s) is ReasoningDelta for s in steps) >= 3  # noqa: E731
+        got = await collect(engine, request, three, "inside")
+    finally:
+        await engine.close()
+    # The step the cancel landed on is emitted in the cleanup, then the count.
+    assert [type(s) for s in got.after_cancel] == [ReasoningDelta, Report]
+    assert sum(s.tokens for s in got.steps if type(s) is ReasoningDelta) == 3
