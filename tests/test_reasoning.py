@@ -10,6 +10,7 @@ reply and event is checked against both specs by tests/spec.py).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,13 +18,25 @@ import pytest
 
 from engine_steps import collect
 from tether import wire_output
-from tether.config import UpstreamConfig
-from tether.engines.base import Delta, Generation, Message, ReasoningDelta, Report
+from tether.config import Settings, UpstreamConfig
+from tether.engines.base import (
+    Delta,
+    Emit,
+    Generation,
+    Message,
+    PromptRead,
+    ReasoningDelta,
+    Report,
+)
 from tether.engines.chat import ChatEngine
+from tether.engines.scripted import ScriptedEngine
 from tether.engines.think import Splitter
+from tether.lifecycle import Lifecycle
 from tether.run import Progress
 from tether.runner import Run
-from upstreams import FakeUpstream, fake_upstream
+from tether.store.sqlite import SQLiteStore
+from tether.wire import CreateRequest
+from upstreams import FakeUpstream, fake_upstream, smollm2_gguf
 
 from conftest import Server, served
 
@@ -235,3 +248,62 @@ async def test_chat_engine_cancel_inside_emit_while_thinking(fake: FakeUpstream)
     # The step the cancel landed on is emitted in the cleanup, then the count.
     assert [type(s) for s in got.after_cancel] == [ReasoningDelta, Report]
     assert sum(s.tokens for s in got.steps if type(s) is ReasoningDelta) == 3
+
+
+class DeafThinker(ScriptedEngine):
+    """Thinks three tokens, then waits for `release`, deaf to cancels (a stuck upstream):
+    a cancel must fence it out and end the response from its log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+        self.thought = anyio.Event()
+
+    async def generate(self, request: Generation, emit: Emit) -> None:
+        await emit(PromptRead(input_tokens=1))
+        with anyio.CancelScope(shield=True):
+            for word in ("one", " two", " three"):
+                await emit(ReasoningDelta(word))
+            self.thought.set()
+            await self.release.wait()
+
+
+@pytest.mark.anyio
+async def test_a_response_ended_from_its_log_counts_its_reasoning(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "tether.db"))
+    engine = DeafThinker()
+    lc = Lifecycle(store, engine, Settings(db=store.path, cancel_timeout=0.2))
+    await lc.start()
+    try:
+        rec = await lc.create(CreateRequest(model="scripted", input="x", background=True), "t")
+        with anyio.fail_after(10):
+            await engine.thought.wait()
+        reply = await lc.cancel(rec.id, "t")  # the run does not answer: fenced out
+        assert reply["status"] == "cancelled"
+        assert reply["usage"]["output_tokens"] == 3
+        assert reply["usage"]["output_tokens_details"]["reasoning_tokens"] == 3
+        [thought] = reply["output"]
+        assert (thought["type"], thought["status"]) == ("reasoning", "incomplete")
+        assert thought["content"] == [{"type": "reasoning_text", "text": "one two three"}]
+    finally:
+        engine.release.set()
+        await lc.stop()
+
+
+@pytest.mark.anyio
+async def test_chat_engine_cancel_recounts_thinking_with_the_tokenizer(fake: FakeUpstream) -> None:
+    engine = ChatEngine(UpstreamConfig(model="fake", url=fake.url, tokenizer=str(smollm2_gguf())))
+    await engine.start()
+    try:
+        request = Generation("resp_1", "fake", [Message("user", "THINK=3 STALL_AFTER=5 go")])
+        five = lambda steps: sum(type(s) in (Delta, ReasoningDelta) for s in steps) >= 5  # noqa: E731
+        got = await collect(engine, request, five, "task")
+        assert engine._tokenizer is not None
+        thought = "".join(s.text for s in got.steps if type(s) is ReasoningDelta)
+        expected = engine._tokenizer.count(thought)
+        answer = engine._tokenizer.count(got.text)
+    finally:
+        await engine.close()
+    report = got.steps[-1]
+    assert isinstance(report, Report) and report.reasoning_tokens == expected > 0
+    assert report.output_tokens == expected + answer
