@@ -307,3 +307,15 @@ async def test_chat_engine_cancel_recounts_thinking_with_the_tokenizer(fake: Fak
     report = got.steps[-1]
     assert isinstance(report, Report) and report.reasoning_tokens == expected > 0
     assert report.output_tokens == expected + answer
+
+
+def test_a_next_turn_gets_the_answer_not_the_thinking(tether: Server, fake: FakeUpstream) -> None:
+    with tether.client() as client:
+        first = client.responses.create(model="vllm", input="THINK=4 LENGTH=6 go")
+        second = client.responses.create(
+            model="vllm", input="LENGTH=2 more", previous_response_id=first.id
+        )
+    assert second.status == "completed"
+    messages = fake.last().body["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[1]["content"].strip() == "echo foxtrot"  # reasoning items stay out
