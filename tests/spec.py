@@ -233,6 +233,12 @@ OPENAI_ONLY_EVENTS = frozenset(
     {"response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"}
 )
 OPENAI_ONLY_ITEMS = frozenset({"custom_tool_call", "custom_tool_call_output"})
+# Events the two documents name differently, with the same fields: tether sends OpenAI's
+# name (what the SDKs read); the Open Responses check uses its own name's schema.
+OPEN_RESPONSES_NAMES = {
+    "response.reasoning_text.delta": "response.reasoning.delta",
+    "response.reasoning_text.done": "response.reasoning.done",
+}
 
 
 def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -438,11 +444,14 @@ class SSECheck:
 def check_event_schemas(where: str, kind: Any, event: dict[str, Any]) -> None:
     """An event against Open Responses' schema of its type (OpenAI-only vocabulary left
     out) and OpenAI's (`ResponseStreamEvent`'s member of its type)."""
-    if kind not in EVENT_SCHEMAS and kind not in OPENAI_ONLY_EVENTS:
+    ours = OPEN_RESPONSES_NAMES.get(kind, kind)
+    if ours not in EVENT_SCHEMAS and kind not in OPENAI_ONLY_EVENTS:
         raise violation(f"{where}: {kind!r} is not an Open Responses event")
     view = None if kind in OPENAI_ONLY_EVENTS else open_responses_view(event)
     if view is not None:
-        errors = fast_errors(fast_validator(f"{SPEC_URI}#{EVENT_POINTERS[kind]}"), view)
+        if ours != kind:
+            view = {**view, "type": ours}
+        errors = fast_errors(fast_validator(f"{SPEC_URI}#{EVENT_POINTERS[ours]}"), view)
         if errors:
             raise violation(f"{where}: {kind}: {errors[:5]}")
     pointer = openai_event_pointers().get(kind)

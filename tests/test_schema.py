@@ -113,7 +113,9 @@ def check_event(event: dict[str, Any], one_of: bool = True) -> BaseModel:
     view = spec.open_responses_view(event)
     if view is None or kind in spec.OPENAI_ONLY_EVENTS:
         return model
-    _, fields = EVENT_SCHEMAS[kind]
+    ours = spec.OPEN_RESPONSES_NAMES.get(kind, kind)  # named differently by the two
+    view = {**view, "type": ours}
+    _, fields = EVENT_SCHEMAS[ours]
     if one_of:
         # The whole oneOf, as a client without the discriminator sees it: one branch.
         assert not spec_errors(STREAM_ONE_OF, view), (kind, spec_errors(STREAM_ONE_OF, view))

@@ -18,6 +18,13 @@ directly. Its behaviour is chosen by directives in the last user message:
                    a request whose last message is a tool output gets text, at RATE)
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
+    THINK=k        the first k tokens are the model's thinking: chat streams them as
+                   STYLE says, Responses as a reasoning item's `reasoning_text` deltas
+    STYLE=s        (chat) how thinking streams: `vllm` (default: `reasoning_content`,
+                   and `completion_tokens_details.reasoning_tokens` in the usage),
+                   `ollama` (`reasoning`), `thinking` (`thinking`), `tags` (inline
+                   `<think>…</think>` in `content`, the tags split across chunks:
+                   `<thi`, `nk>word`, ..., `</th`, `ink>word`; each chunk a token)
 
 Each request is recorded (`Call`): the body, headers, when each token was generated,
 whether it was sent, and when the client disconnected.
@@ -268,6 +275,7 @@ class FakeUpstream:
         else:
             finish = "length" if "max_tokens" in call.body else "stop"
             limit = call.body.get("max_tokens")
+            think, style = int(d.get("THINK", "0")), d.get("STYLE", "vllm")
             async for i in self._tokens(call, d):
                 if "FAIL_AT" in d and i == int(d["FAIL_AT"]):
                     raise RuntimeError("injected failure mid-stream")
@@ -275,6 +283,11 @@ class FakeUpstream:
                     break
                 n += 1
                 word = (" " if i else "") + WORDS[i % len(WORDS)]
+                if think and i <= think + 1:
+                    thought = _thinking_chunk(style, i, think, word)
+                    if thought is not None:
+                        yield chunk(thought)
+                        continue
                 if call.body.get("logprobs"):  # as OpenAI's chat completions gives them
                     top = [{"token": word, "logprob": -0.5, "bytes": list(word.encode())}]
                     yield chunk(
@@ -295,7 +308,10 @@ class FakeUpstream:
             else:
                 finish = "stop"
         yield chunk({}, finish)
-        usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+        usage: dict[str, Any] = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+        if "THINK" in d and d.get("STYLE", "vllm") == "vllm":
+            details = {"reasoning_tokens": min(n, int(d["THINK"]))}
+            usage["completion_tokens_details"] = details
         yield (
             b"data: "
             + orjson.dumps(
@@ -337,7 +353,7 @@ class FakeUpstream:
         snap = _resp(rid, "in_progress")
         if not state["ignore_cancel"]:
             state["cancelled"] = True
-            snap = _resp(rid, "cancelled", state["n"])
+            snap = _resp(rid, "cancelled", state["n"], state["think"])
         return JSONResponse(snap)
 
     async def _produce(
@@ -385,10 +401,30 @@ class FakeUpstream:
             state["done"] = True
             state["grow"].set()
             return
-        emit({"type": "response.output_item.added", "output_index": 0, "item": item})
+        think = int(d.get("THINK", "0"))
+        state["think"] = 0
+        if think:
+            rs = {"id": "rs_fake", "type": "reasoning", "summary": [], "status": "in_progress"}
+            emit({"type": "response.output_item.added", "output_index": 0, "item": rs})
+        else:
+            emit({"type": "response.output_item.added", "output_index": 0, "item": item})
         async for i in self._tokens(call, d):
             if state["cancelled"]:
                 break
+            if i < think:
+                state["n"] = state["think"] = i + 1
+                emit(
+                    {
+                        "type": "response.reasoning_text.delta",
+                        "item_id": "rs_fake",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": (" " if i else "") + WORDS[i % len(WORDS)],
+                    }
+                )
+                continue
+            if think and i == think:
+                emit({"type": "response.output_item.added", "output_index": 1, "item": item})
             if "FAIL_AT" in d and i == int(d["FAIL_AT"]):
                 emit(
                     {
@@ -403,13 +439,14 @@ class FakeUpstream:
                 {
                     "type": "response.output_text.delta",
                     "item_id": "msg_fake",
-                    "output_index": 0,
+                    "output_index": int(think > 0),
                     "content_index": 0,
                     "delta": (" " if i else "") + WORDS[i % len(WORDS)],
                 }
             )
         else:
-            emit({"type": "response.completed", "response": _resp(rid, "completed", state["n"])})
+            done = _resp(rid, "completed", state["n"], state["think"])
+            emit({"type": "response.completed", "response": done})
         state["done"] = True
         state["grow"].set()
 
@@ -433,6 +470,26 @@ class FakeUpstream:
             await state["grow"].wait()
 
 
+def _thinking_chunk(style: str, i: int, think: int, word: str) -> dict[str, Any] | None:
+    """Token `i`'s chunk while the model thinks (the first `think` tokens), or None for a
+    plain answer token (the `tags` style closes its tag in the two tokens after)."""
+    if style == "tags":
+        if i == 0:
+            return {"content": "<thi"}
+        if i == 1:
+            return {"content": "nk>" + word.lstrip()}
+        if i == think:
+            return {"content": "</th"}
+        if i == think + 1:
+            return {"content": "ink>" + word.lstrip()}
+        return {"content": word} if i < think else None
+    if i >= think:
+        return None
+    field = {"vllm": "reasoning_content", "ollama": "reasoning"}.get(style, style)
+    # As vLLM streams it: the other field is there, null.
+    return {field: word, "content": None} if style == "vllm" else {field: word}
+
+
 def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
     """A call's arguments in pieces: `{"city": "Paris"}`, or for a tool whose one
     parameter is `input` (a custom tool, as tether gives it), a two-line input with
@@ -446,14 +503,11 @@ def _argument_pieces(body: dict[str, Any], name: str) -> list[str]:
     return ['{"city"', ': "Par', 'is"}']
 
 
-def _resp(rid: str, status: str, n: int = 0) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "response",
-        "status": status,
-        "output": [],
-        "usage": {"input_tokens": 7, "output_tokens": n, "total_tokens": 7 + n},
-    }
+def _resp(rid: str, status: str, n: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {"input_tokens": 7, "output_tokens": n, "total_tokens": 7 + n}
+    if reasoning:
+        usage["output_tokens_details"] = {"reasoning_tokens": reasoning}
+    return {"id": rid, "object": "response", "status": status, "output": [], "usage": usage}
 
 
 async def _drain(frames: AsyncIterator[bytes]) -> None:

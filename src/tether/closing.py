@@ -25,6 +25,7 @@ def closing(
     error: str | None,
     error_code: str = "server_error",
     notes: dict[str, Any] | None = None,
+    reasoning_tokens: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The terminal snapshot and the events that close a response (docs/contract.md §3.4, §6.1).
     `notes` (how an upstream engine counted) go into `usage.tether`."""
@@ -40,7 +41,8 @@ def closing(
         created_at=snap["created_at"],
         status=ending,
         output=output,
-        usage=wire.usage(input_tokens, output_tokens) | ({"tether": notes} if notes else {}),
+        usage=wire.usage(input_tokens, output_tokens, reasoning_tokens)
+        | ({"tether": notes} if notes else {}),
         error=err,
         incomplete_reason="max_output_tokens" if ending == "incomplete" else None,
         completed_at=int(time.time()) if ending == "completed" else None,

@@ -37,6 +37,9 @@ class UpstreamConfig(BaseModel):
     read_timeout: float = Field(default=300.0, gt=0)  # longest silence between two chunks
     retries: int = Field(default=2, ge=0)  # only before the first token
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # Chat kind: `<think>...</think>` inside `content` is the model's reasoning, for
+    # servers that do not split it out (`reasoning_content`, `reasoning`, `thinking`).
+    think_tags: bool = False
 
     @property
     def api_key(self) -> str | None:

@@ -289,6 +289,7 @@ class Lifecycle:
             error,
             progress.error_code,
             progress.notes,
+            progress.reasoning_tokens,
         )
         if await self.patiently(self.store.finish, rid, token, ending, *final):
             metrics.ended(ending, progress.output_tokens)
@@ -310,12 +311,18 @@ class Lifecycle:
         done, still_open = wire_output.replay(events)
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
-        if await self.store.finish(
-            rid,
-            guard,
+        reasoning = wire_output.reasoning_deltas(events)  # a count of deltas (its docstring)
+        final = closing(
+            snap,
             ending,
-            *closing(snap, ending, still_open, done, rec.input_tokens, output_tokens, error),
-        ):
+            still_open,
+            done,
+            rec.input_tokens,
+            output_tokens,
+            error,
+            reasoning_tokens=reasoning,
+        )
+        if await self.store.finish(rid, guard, ending, *final):
             metrics.ended(ending, output_tokens)
 
     async def cancel(self, rid: str, tenant: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tether.engines.base import Delta, Step, ToolCallDelta
+from tether.engines.base import Delta, ReasoningDelta, Step, ToolCallDelta
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -139,7 +139,7 @@ def ended(status: str, output_tokens: int) -> None:
 def after_stop(step: Step) -> None:
     """The engine emitted `step` although its run had been cancelled. Called only in that
     case (the caller checks the run's stop reason), so the token loop pays one check."""
-    if type(step) is Delta or type(step) is ToolCallDelta:
+    if type(step) is Delta or type(step) is ToolCallDelta or type(step) is ReasoningDelta:
         TOKENS_AFTER_CANCEL.inc(step.tokens)
 
 

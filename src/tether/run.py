@@ -28,6 +28,7 @@ from tether.engines.base import (
     Finished,
     Generation,
     PromptRead,
+    ReasoningDelta,
     Report,
     Step,
     ToolCall,
@@ -49,11 +50,13 @@ class Progress:
     tool_names: dict[str, dict[str, Any]] | None = None
     message: wire_output.MessageItem = field(default_factory=wire_output.MessageItem)
     opened: bool = False  # the message item is open
+    reasoning: wire_output.ReasoningItem | None = None  # the reasoning item, once open
     calls: dict[int, wire_output.FunctionCallItem | wire_output.CustomToolCallItem] = field(
         default_factory=dict
     )  # by engine index
     input_tokens: int = 0
     output_tokens: int = 0  # every one of them is in the log
+    reasoning_tokens: int = 0  # the part of `output_tokens` that was thinking
     reason: str | None = None  # the engine's finish reason ("stop", "length"); None: stopped
     error: str | None = None  # an engine or upstream error
     error_code: str = "server_error"
@@ -73,6 +76,8 @@ class Progress:
                 metrics.after_stop(step)
         if type(step) is Delta:  # the hot path: no scope, an undo on the rare cancel
             await self._delta(step)
+        elif type(step) is ReasoningDelta:  # the same rule as a `Delta`
+            await self._thought(step)
         elif type(step) is not Finished:
             # Rare steps (prompt, calls, reports): shielded, so never half taken.
             with anyio.CancelScope(shield=True):
@@ -83,7 +88,7 @@ class Progress:
     async def _delta(self, step: Delta) -> None:
         message, opened = self.message, self.opened
         if not opened:
-            message.output_index = len(self.calls)
+            message.output_index = self._opened()
         events = [message.delta(step.text, step.logprobs)]
         if not opened:
             events = message.opened() + events
@@ -96,6 +101,28 @@ class Progress:
             raise
         if taken:
             self.output_tokens += step.tokens
+
+    async def _thought(self, step: ReasoningDelta) -> None:
+        item = self.reasoning
+        events = []
+        if item is None:
+            item = wire_output.ReasoningItem(self._opened())
+            events = item.opened()
+        events.append(item.delta(step.text))
+        try:
+            taken = await self._append(events, step.tokens)
+        except BaseException:
+            item.undo()  # not appended: the item must not hold it (nor be open)
+            raise
+        self.reasoning = item
+        if taken:
+            self.output_tokens += step.tokens
+            self.reasoning_tokens += step.tokens
+
+    def _opened(self) -> int:
+        """How many items are open: the next one's `output_index` (items are numbered
+        in the order they open: reasoning, message or call)."""
+        return int(self.opened) + (self.reasoning is not None) + len(self.calls)
 
     async def _rare(self, step: Step) -> None:
         if type(step) is PromptRead:
@@ -114,7 +141,7 @@ class Progress:
             name = step.name if type(step) is ToolCall else ""
             cid = step.call_id if type(step) is ToolCall else wire.new_id("call")
             call = self.calls[step.index] = wire_output.call_item(
-                int(self.opened) + len(self.calls), cid, name, self.tool_names
+                self._opened(), cid, name, self.tool_names
             )
             events = call.opened()
         tokens = 0
@@ -134,6 +161,8 @@ class Progress:
             self.input_tokens = step.input_tokens
         if await self._append([], fix, input_tokens=self.input_tokens):
             self.output_tokens += fix
+            if step.reasoning_tokens is not None:
+                self.reasoning_tokens = step.reasoning_tokens
             self.notes.update(step.notes)
 
     async def _append(
@@ -148,6 +177,8 @@ class Progress:
     def items(self) -> list[wire_output.OpenItem]:
         """The output items the run opened, in output order."""
         items: list[wire_output.OpenItem] = [self.message] if self.opened else []
+        if self.reasoning is not None:
+            items.append(self.reasoning)
         return sorted([*items, *self.calls.values()], key=lambda i: i.output_index)
 
 

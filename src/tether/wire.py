@@ -129,12 +129,14 @@ def _echo_format(fmt: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage(input_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """A Response's usage; reasoning tokens are a part of the output tokens (as OpenAI
+    counts them), so never more than they."""
     return {
         "input_tokens": input_tokens,
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": max(0, min(reasoning_tokens, output_tokens))},
         "total_tokens": input_tokens + output_tokens,
     }
 

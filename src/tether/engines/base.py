@@ -62,6 +62,15 @@ class Delta:
 
 
 @dataclass(slots=True)
+class ReasoningDelta:
+    """Thinking text produced by `tokens` token steps: shown in a reasoning output item,
+    counted in `output_tokens` and in `output_tokens_details.reasoning_tokens`."""
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass(slots=True)
 class Finished:
     """The engine stopped by itself: `stop` (natural end) or `length` (token budget)."""
 
@@ -92,15 +101,17 @@ class Report:
     """Counts or facts the engine learns after the tokens (an upstream's usage report,
     a recount with the model's tokenizer, whether an upstream confirmed a stop).
 
-    `input_tokens`/`output_tokens`, when set, replace the counts so far; `notes` are
-    recorded in the response's usage (see README, "Upstream engines")."""
+    `input_tokens`/`output_tokens`/`reasoning_tokens`, when set, replace the counts so
+    far (reasoning tokens are a part of the output tokens); `notes` are recorded in the
+    response's usage (see README, "Upstream engines")."""
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    reasoning_tokens: int | None = None
 
 
-Step = PromptRead | Delta | Finished | ToolCall | ToolCallDelta | Report
+Step = PromptRead | Delta | ReasoningDelta | Finished | ToolCall | ToolCallDelta | Report
 
 
 @dataclass(slots=True)
@@ -135,10 +146,11 @@ class Engine(Protocol):
     """Generates text for the models it serves.
 
     `generate(request, emit)` runs one generation, awaiting `emit(step)` for each step in
-    order: one `PromptRead` first, then `Delta`s (and, for engines that call tools,
-    `ToolCall`/`ToolCallDelta`s), `Report`s at any time after the `PromptRead`, and a
-    `Finished` when the engine ended by itself (end of turn, or its token budget); then it
-    returns. It raises `EngineError` on failure (the steps emitted before stand).
+    order: one `PromptRead` first, then `Delta`s and `ReasoningDelta`s (and, for engines
+    that call tools, `ToolCall`/`ToolCallDelta`s), `Report`s at any time after the
+    `PromptRead`, and a `Finished` when the engine ended by itself (end of turn, or its
+    token budget); then it returns. It raises `EngineError` on failure (the steps emitted
+    before stand).
 
     Cancellation: the caller runs `generate` inside a cancel scope, and a cancel is that
     scope's `cancel()`. The cancellation exception is then raised at the engine's next

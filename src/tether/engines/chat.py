@@ -2,19 +2,24 @@
 `/v1/chat/completions` server (vLLM, llama.cpp, Ollama, SGLang, a provider).
 
 The request goes out with `stream: true` and `stream_options.include_usage`; each
-content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`.
+content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`, each
+thinking chunk (`reasoning_content`: vLLM, llama.cpp; `reasoning` or `thinking`: Ollama
+and others; `<think>…</think>` inside `content` with the upstream's `think_tags`) a
+`ReasoningDelta`.
 A cancel closes the upstream connection at once (see `upstream`): that is the only
 stop signal chat-completions servers understand.
 
 Usage (recorded with its source in the response's `usage.tether`, see README):
-- output: one token per streamed chunk while streaming; replaced by the upstream's
-  reported usage when it arrives (the last chunk, with `include_usage`), else — on a
+- output: one token per streamed chunk (thinking included) while streaming; replaced by
+  the upstream's reported usage when it arrives (the last chunk, with `include_usage`), else — on a
   cancel (a `Report` emitted in the cancel's shielded cleanup), or from a server that
   does not report usage — recounted from the received text with the model's tokenizer
   when one is configured (`tokenizer=FILE.gguf`);
 - input: the upstream's report; before it (and when it never comes), the prompt
   rendered with the GGUF's chat template and counted with its tokenizer, else an
   estimate of 4 characters a token.
+- reasoning: the thinking chunks, or the upstream's `completion_tokens_details
+  .reasoning_tokens`, or the tokenizer's count of the thinking text.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from tether.engines.base import (
     ModelInfo,
     Outbox,
     PromptRead,
+    ReasoningDelta,
     Report,
     Step,
     ToolCall,
     ToolCallDelta,
 )
+from tether.engines.think import Splitter
 from tether.engines.upstream import (
     OPENED,
     UpstreamGone,
@@ -198,16 +205,47 @@ class _Received:
     """What one generation got from the upstream so far."""
 
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # the thinking text
     chunks: int = 0
     calls: dict[int, str] = field(default_factory=dict)  # upstream index -> call id
     finish: str | None = None
     done: bool = False  # `data: [DONE]` seen
     prompt_read: bool = False
     usage: dict[str, Any] | None = None
+    think: Splitter | None = None  # `<think>` tags are split out of `content`
 
     @property
     def produced(self) -> bool:
         return self.chunks > 0
+
+    def content(self, text: str, logprobs: list[dict[str, Any]] | None) -> list[Step]:
+        """The steps of a `content` chunk."""
+        self.chunks += 1
+        if self.think is None:
+            self.text.append(text)
+            return [Delta(text, 1, logprobs)]
+        return self.noted(self.think.steps(text))
+
+    def tail(self) -> list[Step]:
+        """At the end of the stream (or a cancel): text held back by the tag splitter."""
+        return self.noted(self.think.end()) if self.think is not None else []
+
+    def noted(self, steps: list[Delta | ReasoningDelta]) -> list[Step]:
+        for step in steps:
+            (self.reasoning if type(step) is ReasoningDelta else self.text).append(step.text)
+        return list(steps)
+
+
+#: the chunk fields servers stream a reasoning model's thinking in
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+
+
+def thinking_of(delta: dict[str, Any]) -> str | None:
+    for name in REASONING_FIELDS:
+        text = delta.get(name)
+        if isinstance(text, str) and text:
+            return text
+    return None
 
 
 class ChatEngine:
@@ -260,7 +298,7 @@ class ChatEngine:
 
     async def generate(self, request: Generation, emit: Emit) -> None:
         body = self.body(request)
-        got = _Received()
+        got = _Received(think=Splitter() if self.spec.think_tags else None)
         out = Outbox(emit)
         try:
             await self._stream(body, got, out)
@@ -268,12 +306,14 @@ class ChatEngine:
             # The connection is closed. Usage stays exact: what was received but not yet
             # emitted still is, then the count (the upstream's, a recount, or chunks).
             if got.prompt_read:
-                await out.flush(self._report(got))
+                await out.flush(*got.tail(), self._report(got))
             raise
         if got.finish is None and not got.done:
             metrics.upstream_error("chat")
             raise UpstreamGone("Upstream closed the stream before it finished.", retryable=False)
-        await out.send(self._report(got), Finished("length" if got.finish == "length" else "stop"))
+        await out.send(
+            *got.tail(), self._report(got), Finished("length" if got.finish == "length" else "stop")
+        )
 
     async def _stream(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
         """Relay the upstream's reply, retrying a failure before the first token."""
@@ -331,13 +371,15 @@ class ChatEngine:
             if choice.get("index", 0) != 0:
                 continue  # n > 1 is never asked for
             delta = choice.get("delta") or {}
+            thought = thinking_of(delta)
+            if thought is not None:
+                got.reasoning.append(thought)
+                got.chunks += 1
+                steps.append(ReasoningDelta(thought, 1))
             text = delta.get("content")
             if text:
-                got.text.append(text)
-                got.chunks += 1
-                steps.append(
-                    Delta(text, 1, logprob_objects((choice.get("logprobs") or {}).get("content")))
-                )
+                logprobs = logprob_objects((choice.get("logprobs") or {}).get("content"))
+                steps += got.content(text, logprobs)
             for call in delta.get("tool_calls") or []:
                 index = int(call.get("index", 0))
                 fn = call.get("function") or {}
@@ -368,13 +410,20 @@ class ChatEngine:
         if usage and not isinstance(usage.get("completion_tokens"), int):
             usage = None
         if usage is not None:
+            details = usage.get("completion_tokens_details") or {}
+            reasoning = details.get("reasoning_tokens")
             return Report(
                 usage.get("prompt_tokens"),
                 usage["completion_tokens"],
                 {"input_tokens": "upstream", "output_tokens": "upstream"},
+                reasoning if isinstance(reasoning, int) else None,
             )
         notes = {"input_tokens": "tokenizer" if self._tokenizer else "estimate"}
         if self._tokenizer is not None:
-            count = self._tokenizer.count("".join(got.text))
-            return Report(None, count, notes | {"output_tokens": "tokenizer"})
-        return Report(None, None, notes | {"output_tokens": "chunks"})
+            thought = self._tokenizer.count("".join(got.reasoning))
+            count = self._tokenizer.count("".join(got.text)) + thought
+            return Report(None, count, notes | {"output_tokens": "tokenizer"}, thought)
+        # Chunks: the steps' tokens are the chunks, but for a trailing `<think>` tag
+        # whose chunk yielded no step (engines/think.py).
+        chunks = got.chunks if got.think is not None else None
+        return Report(None, chunks, notes | {"output_tokens": "chunks"})

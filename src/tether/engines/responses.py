@@ -41,6 +41,7 @@ from tether.engines.base import (
     ModelInfo,
     Outbox,
     PromptRead,
+    ReasoningDelta,
     Report,
     Step,
     ToolCall,
@@ -257,6 +258,11 @@ class ResponsesEngine:
         elif kind == "response.output_text.delta":
             run.deltas += 1
             steps.append(Delta(ev.get("delta", ""), 1, logprob_objects(ev.get("logprobs"))))
+        elif kind == "response.reasoning_text.delta":
+            # The upstream's reasoning items become tether's (one item; the upstream's
+            # summaries, `response.reasoning_summary_text.*`, are not relayed yet).
+            run.deltas += 1
+            steps.append(ReasoningDelta(ev.get("delta", ""), 1))
         elif kind == "response.output_item.added" and ev["item"].get("type") == "function_call":
             item = ev["item"]
             steps.append(ToolCall(ev["output_index"], item["call_id"], item["name"]))
@@ -289,10 +295,12 @@ class ResponsesEngine:
         usage = response.get("usage") or {}
         notes = {"upstream_response_id": run.upstream_id}
         if isinstance(usage.get("output_tokens"), int):
+            reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
             return Report(
                 usage.get("input_tokens"),
                 usage["output_tokens"],
                 notes | {"input_tokens": "upstream", "output_tokens": "upstream"},
+                reasoning if isinstance(reasoning, int) else None,
             )
         return Report(None, None, notes | {"input_tokens": "estimate", "output_tokens": "chunks"})
 
