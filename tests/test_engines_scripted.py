@@ -18,6 +18,7 @@ from tether.engines.base import (
     Generation,
     Message,
     PromptRead,
+    ReasoningDelta,
     Step,
     ToolCall,
     ToolCallDelta,
@@ -122,6 +123,50 @@ async def test_failure_marker_raises() -> None:
     with pytest.raises(EngineError):
         await collect(engine, gen("FAIL_AT=2"))
     assert engine.traces["resp_1"].produced == 2
+
+
+async def test_think_directive_reasons_before_answering() -> None:
+    engine = ScriptedEngine(rate=0, length=5)
+    steps = await steps_of(engine, gen("THINK=4 go"))
+    assert [type(s) for s in steps] == [PromptRead] + [ReasoningDelta] * 4 + [Delta] * 5 + [
+        Finished
+    ]
+    thoughts = [s for s in steps if isinstance(s, ReasoningDelta)]
+    assert "".join(t.text for t in thoughts) == scripted_text(4)
+    assert all(t.tokens == 1 for t in thoughts)
+    assert "".join(s.text for s in steps if isinstance(s, Delta)) == scripted_text(5)
+    assert steps[-1] == Finished("stop") and engine.traces["resp_1"].produced == 9
+
+
+@pytest.mark.parametrize(
+    ("budget", "thoughts", "answer"), [(3, 3, 0), (4, 4, 0), (6, 4, 2), (9, 4, 5)]
+)
+async def test_thinking_spends_the_output_budget(budget: int, thoughts: int, answer: int) -> None:
+    engine = ScriptedEngine(rate=0, length=5)
+    steps = await steps_of(engine, gen("THINK=4 go", budget=budget))
+    assert sum(isinstance(s, ReasoningDelta) for s in steps) == thoughts
+    assert sum(isinstance(s, Delta) for s in steps) == answer
+    assert steps[-1] == Finished("stop" if budget == 9 else "length")
+
+
+async def test_cancel_while_thinking_stops_at_the_next_token_boundary() -> None:
+    engine = ScriptedEngine(rate=50, length=1000)
+    got = await collect(
+        engine,
+        gen("THINK=500 go"),
+        lambda steps: sum(isinstance(s, ReasoningDelta) for s in steps) >= 3,
+    )
+    assert got.cancel_caught and got.after_cancel == [] and got.finished is None
+    assert [type(s) for s in got.steps] == [PromptRead] + [ReasoningDelta] * 3
+    assert engine.traces["resp_1"].produced == 3 and got.stop_seconds < 0.5
+
+
+async def test_thinking_then_a_call() -> None:
+    engine = ScriptedEngine(rate=0, length=30)
+    steps = await steps_of(engine, tool_gen([Message("user", "THINK=2 " + DIRECTIVE)]))
+    kinds = [type(s) for s in steps]
+    assert kinds[:4] == [PromptRead, ReasoningDelta, ReasoningDelta, ToolCall]
+    assert kinds[-1] is Finished and ToolCallDelta in kinds
 
 
 async def test_router_waits_for_a_slot_under_the_scope() -> None:

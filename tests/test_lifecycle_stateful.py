@@ -273,7 +273,7 @@ class Lifecycle(RuleBasedStateMachine):
         body = httpx.get(f"{self.base}/usage", timeout=10).json()
         counts: Counter[tuple[str, str, str]] = Counter()
         for row in body["data"]:
-            for f in ("responses", "input_tokens", "output_tokens"):
+            for f in ("responses", "input_tokens", "output_tokens", "reasoning_tokens"):
                 counts[(row["model"], row["status"], f)] += row[f]
         return counts
 
@@ -288,6 +288,10 @@ class Lifecycle(RuleBasedStateMachine):
             expected[(now["model"], now["status"], "responses")] += 1
             for f in ("input_tokens", "output_tokens"):
                 expected[(now["model"], now["status"], f)] += usage.get(f, 0)
+            details = usage.get("output_tokens_details") or {}
+            expected[(now["model"], now["status"], "reasoning_tokens")] += details.get(
+                "reasoning_tokens", 0
+            )
         grown = self._ledger()
         grown.subtract(self.ledger_before)
         assert +grown == +expected, (dict(grown), dict(expected))

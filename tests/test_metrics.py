@@ -87,12 +87,45 @@ def test_counters_equal_what_the_clients_saw(make_server: Any) -> None:
             status
         ), status
     assert value(m, "tether_output_tokens_total") == tokens
+    assert value(m, "tether_reasoning_tokens_total") == 0  # the scripted engine did not think
     assert value(m, "tether_tokens_after_cancel_total") == 0
     assert value(m, "tether_cancel_seconds_count") == len(cancel_ids)
     assert 0 < value(m, "tether_cancel_seconds_sum") < 2 * len(cancel_ids)
     assert value(m, "tether_event_log_append_seconds_count") > 0
     assert value(m, "tether_upstream_errors_total", engine="chat") == 0
     assert value(m, "tether_process_cpu_seconds_total") > 0
+
+
+def test_reasoning_tokens_counted_as_output_tokens_are(make_server: Any) -> None:
+    # Of responses that ended, from their final usage: completed, and cancelled while
+    # thinking and while answering (the part of output_tokens that was thinking).
+    server: Server = make_server("--scripted-rate", "100", "--scripted-length", "20")
+    finals = []
+    with server.client() as client:
+        finals.append(client.responses.create(model="scripted", input="THINK=6 go"))
+        for prompt, kind, n in (
+            ("THINK=1000 go", "response.reasoning_text.delta", 3),
+            ("THINK=4 go", "response.output_text.delta", 3),
+        ):
+            stream = client.responses.create(
+                model="scripted", input=prompt, background=True, stream=True
+            )
+            rid, seen = "", 0
+            for event in stream:
+                rid = event.response.id if event.type == "response.created" else rid
+                seen += event.type == kind
+                if seen == n:
+                    break
+            assert client.responses.cancel(rid).status == "cancelled"
+            list(stream)
+            finals.append(client.responses.retrieve(rid))
+    wait_for(lambda: value(scrape(server.url), "tether_active_runs") == 0, what="no runs left")
+    m = scrape(server.url)
+    reasoning = [f.usage.output_tokens_details.reasoning_tokens for f in finals]
+    assert reasoning[0] == 6 and reasoning[1] >= 3 and reasoning[2] == 4
+    assert value(m, "tether_reasoning_tokens_total") == sum(reasoning)
+    assert value(m, "tether_output_tokens_total") == sum(f.usage.output_tokens for f in finals)
+    assert value(m, "tether_responses_finished_total", status="cancelled") == 2
 
 
 def test_gauges_follow_runs_and_streams(make_server: Any) -> None:

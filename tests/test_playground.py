@@ -273,3 +273,63 @@ def test_the_page_needs_no_key_and_sends_the_typed_one(
     page.click("#start")
     expect(page.locator("#status")).to_have_text("incomplete")
     assert sent and set(sent) == {"Bearer sk-acme-secret"}
+
+
+def reasoning_count(page: Page) -> int:
+    """The count on the reasoning panel ("· 12 tokens")."""
+    return int((page.text_content("#reasoning-tokens") or "").split()[1])
+
+
+def test_reasoning_streams_apart_from_the_answer(make_server: Any, page: Page) -> None:
+    # issue 16: the thinking streams live into a panel of its own, collapsed by default,
+    # with its token count; the answer's box holds only the answer
+    server: Server = make_server(*SLOW)
+    open_page(page, server)
+    expect(page.locator("#reasoning")).to_be_hidden()  # nothing thought yet
+    page.fill("#prompt", "THINK=2000 think first")
+    configure(page, stream=True, background=True, max_tokens=None)
+    page.click("#start")
+    page.wait_for_function(
+        "document.querySelector('#reasoning-text').textContent.split(' ').length >= 4"
+    )
+    expect(page.locator("#reasoning")).to_be_visible()
+    assert page.eval_on_selector("#reasoning", "d => d.open") is False  # collapsed
+    assert page.text_content("#output") == ""
+    live = reasoning_count(page)
+    assert live >= 4 and (page.text_content("#reasoning-text") or "").startswith(scripted_text(4))
+    page.click("#reasoning summary")  # opens on request, and keeps streaming while open
+    expect(page.locator("#reasoning-text")).to_be_visible()
+    page.wait_for_function(
+        f"Number(document.querySelector('#reasoning-tokens').textContent.split(' ')[1]) > {live}"
+    )
+    shot(page, "reasoning-live")
+    page.click("#stop")  # cancelled while thinking
+    expect(page.locator("#status")).to_have_text("cancelled")
+    rid = page.text_content("#response-id") or ""
+    stored = retrieve(server, rid)
+    thought = stored["usage"]["output_tokens_details"]["reasoning_tokens"]
+    assert thought == stored["usage"]["output_tokens"] == number(page, "#tokens")
+    assert reasoning_count(page) == thought  # the usage's exact count
+    assert page.text_content("#reasoning-text") == scripted_text(thought)
+    assert page.text_content("#output") == ""
+
+    # Thinking then answering, within the budget: the next response starts collapsed.
+    page.fill("#prompt", "THINK=4 go")
+    configure(page, stream=True, background=False, max_tokens=10)
+    page.click("#start")
+    expect(page.locator("#status")).to_have_text("incomplete")
+    assert page.eval_on_selector("#reasoning", "d => d.open") is False
+    assert page.text_content("#reasoning-text") == scripted_text(4)
+    assert page.text_content("#output") == scripted_text(6)
+    assert page.text_content("#reasoning-tokens") == "· 4 tokens"
+    assert number(page, "#usage-output") == 10 == number(page, "#tokens")
+
+    # Without streaming, the same split from the response's output items.
+    page.fill("#prompt", "THINK=3 go")
+    configure(page, stream=False, background=False, max_tokens=5)
+    page.click("#start")
+    expect(page.locator("#status")).to_have_text("incomplete")
+    expect(page.locator("#output")).to_have_text(scripted_text(2))
+    assert page.text_content("#reasoning-text") == scripted_text(3)
+    assert page.text_content("#reasoning-tokens") == "· 3 tokens"
+    shot(page, "reasoning-done")

@@ -24,6 +24,7 @@ def count(tally: Tally, key_id: str | None, response: Any) -> None:
     row["responses"] += 1
     row["input_tokens"] += response.usage.input_tokens
     row["output_tokens"] += response.usage.output_tokens
+    row["reasoning_tokens"] += response.usage.output_tokens_details.reasoning_tokens
 
 
 def rows_of(tally: Tally) -> list[dict[str, Any]]:
@@ -36,6 +37,7 @@ def rows_of(tally: Tally) -> list[dict[str, Any]]:
                 "responses": c["responses"],
                 "input_tokens": c["input_tokens"],
                 "output_tokens": c["output_tokens"],
+                "reasoning_tokens": c["reasoning_tokens"],
             }
             for (k, m, s), c in tally.items()
         ),
@@ -55,12 +57,42 @@ def ledger(body: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def cancelled_midway(client: openai.OpenAI) -> Any:
-    stream = client.responses.create(model="scripted", input="long", background=True, stream=True)
-    rid, _ = read_deltas(stream, 3)
-    client.responses.cancel(rid)
-    assert [e.type for e in stream][-1] == "response.failed"
-    return client.responses.retrieve(rid)
+def cancelled_midway(client: openai.OpenAI, prompt: str = "long", thoughts: int = 0) -> Any:
+    """A response cancelled after 3 text deltas (or `thoughts` reasoning deltas): what a
+    later retrieve says, which its cancel reply and terminal event agree with."""
+    stream = client.responses.create(model="scripted", input=prompt, background=True, stream=True)
+    if thoughts:
+        rid, seen = "", 0
+        for event in stream:
+            rid = event.response.id if event.type == "response.created" else rid
+            seen += event.type == "response.reasoning_text.delta"
+            if seen == thoughts:
+                break
+    else:
+        rid, _ = read_deltas(stream, 3)
+    reply = client.responses.cancel(rid)
+    terminal = [e for e in stream][-1]
+    assert terminal.type == "response.failed"
+    final = client.responses.retrieve(rid)
+    assert reply.usage == terminal.response.usage == final.usage
+    return final
+
+
+def reasoning_responses(client: openai.OpenAI) -> list[Any]:
+    """Responses of a thinking model (the scripted engine's THINK): completed, and
+    cancelled while thinking and while answering; each has reasoning tokens."""
+    done = client.responses.create(model="scripted", input="THINK=6 go")
+    assert done.status == "completed" and done.usage.output_tokens_details.reasoning_tokens == 6
+    thinking = cancelled_midway(client, "THINK=1000 go", thoughts=3)
+    answering = cancelled_midway(client, "THINK=5 go")
+    for cancelled in (thinking, answering):
+        assert cancelled.status == "cancelled"
+    assert thinking.output[0].type == "reasoning" and len(thinking.output) == 1
+    assert thinking.usage.output_tokens_details.reasoning_tokens >= 3
+    assert thinking.usage.output_tokens == thinking.usage.output_tokens_details.reasoning_tokens
+    assert answering.usage.output_tokens_details.reasoning_tokens == 5
+    assert answering.usage.output_tokens >= 5 + 3
+    return [done, thinking, answering]
 
 
 def test_ledger_is_exact_per_key_model_and_status(make_server: Any, tmp_path: Path) -> None:
@@ -123,8 +155,9 @@ def test_ledger_is_exact_per_key_model_and_status(make_server: Any, tmp_path: Pa
         "responses",
         "input_tokens",
         "output_tokens",
+        "reasoning_tokens",
     ]
-    assert len(table.stdout.splitlines()) == 1 + len(tally_b)
+    assert len(table.stdout.splitlines()) == 1 + len(tally_b) + 1  # the totals line
 
 
 def test_ledger_without_keys(server: Server, client: openai.OpenAI) -> None:
@@ -134,6 +167,46 @@ def test_ledger_without_keys(server: Server, client: openai.OpenAI) -> None:
     body = usage(client)
     assert body["tenant"] == "default"
     assert ledger(body) == rows_of(tally)
+
+
+def assert_totals(body: dict[str, Any], tally: Tally) -> None:
+    for field in ("responses", "input_tokens", "output_tokens", "reasoning_tokens"):
+        assert body["totals"][field] == sum(c[field] for c in tally.values()), field
+    assert body["totals"]["total_tokens"] == sum(
+        c["input_tokens"] + c["output_tokens"] for c in tally.values()
+    )
+
+
+def test_ledger_counts_reasoning_tokens(make_server: Any) -> None:
+    # Thinking is a part of the output tokens: the ledger keeps that part apart, exactly as
+    # each response's usage reported it, also for a cancel while thinking or answering.
+    server: Server = make_server("--scripted-rate", "100", "--scripted-length", "200")
+    tally: Tally = {}
+    with server.client() as client:
+        finals = reasoning_responses(client)
+        for response in finals:
+            count(tally, None, response)
+        count(tally, None, client.responses.create(model="scripted", input="no thinking"))
+        body = usage(client)
+    assert ledger(body) == rows_of(tally)
+    assert_totals(body, tally)
+    thought = sum(r.usage.output_tokens_details.reasoning_tokens for r in finals)
+    assert body["totals"]["reasoning_tokens"] == thought >= 6 + 3 + 5
+    assert [r["reasoning_tokens"] for r in body["data"] if r["status"] == "cancelled"] == [
+        finals[1].usage.output_tokens_details.reasoning_tokens + 5
+    ]
+
+    out = tether("usage", "--db", str(server.db), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [{k: v for k, v in r.items() if k != "tenant"} for r in rows] == rows_of(tally)
+    table = tether("usage", "--db", str(server.db)).stdout.splitlines()
+    assert table[0].split()[-1] == "reasoning_tokens"
+    assert table[-1].split() == [
+        "total",
+        *(str(body["totals"][f]) for f in ("responses", "input_tokens", "output_tokens")),
+        str(thought),
+    ]
 
 
 def test_usage_cli_bad_database_is_a_clear_error(tmp_path: Path) -> None:
@@ -168,7 +241,12 @@ def test_ledger_on_postgres(tmp_path: Path) -> None:
                 count(tally, None, client.responses.create(model="scripted", input="a"))
                 count(tally, None, client.responses.create(model="scripted", input="b c"))
                 count(tally, None, cancelled_midway(client))
-                assert ledger(usage(client)) == rows_of(tally)
+                for response in reasoning_responses(client):
+                    count(tally, None, response)
+                body = usage(client)
+                assert ledger(body) == rows_of(tally)
+                assert_totals(body, tally)
+                assert body["totals"]["reasoning_tokens"] > 0
             out = tether("usage", "--db", db, "--json")
             assert out.returncode == 0, out.stderr
             rows = [json.loads(line) for line in out.stdout.splitlines()]

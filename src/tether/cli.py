@@ -269,11 +269,12 @@ def usage(db: str, tenant: str | None, as_json: bool) -> None:
         rows = asyncio.run(read_ledger(db, tenant))
     except Exception as exc:  # an unreachable or foreign database: say so, no traceback
         raise click.ClickException(f"cannot read the usage ledger from {db}: {exc}") from None
-    _table(
-        rows,
-        ["tenant", "key_id", "model", "status", "responses", "input_tokens", "output_tokens"],
-        as_json,
-    )
+    counts = ["responses", "input_tokens", "output_tokens", "reasoning_tokens"]
+    if not as_json and rows:
+        # The table ends with the sums of its rows (JSON lines stay one row per line).
+        total: dict[str, Any] = {"tenant": "total", "key_id": "", "model": "", "status": ""}
+        rows = [*rows, total | {c: sum(r[c] for r in rows) for c in counts}]
+    _table(rows, ["tenant", "key_id", "model", "status", *counts], as_json)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:

@@ -292,7 +292,7 @@ class Lifecycle:
             progress.reasoning_tokens,
         )
         if await self.patiently(self.store.finish, rid, token, ending, *final):
-            metrics.ended(ending, progress.output_tokens)
+            metrics.ended(ending, final[0]["usage"])
 
     # --- endings not decided by a run: cancel timeouts, lost runs ------------------------
 
@@ -323,7 +323,7 @@ class Lifecycle:
             reasoning_tokens=reasoning,
         )
         if await self.store.finish(rid, guard, ending, *final):
-            metrics.ended(ending, output_tokens)
+            metrics.ended(ending, final[0]["usage"])
 
     async def cancel(self, rid: str, tenant: str) -> dict[str, Any]:
         rec = await self.store.get(rid, tenant)

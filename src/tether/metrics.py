@@ -19,7 +19,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sized
 from types import TracebackType
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -62,6 +62,12 @@ RESPONSES_FINISHED = Counter(
 OUTPUT_TOKENS = Counter(
     "tether_output_tokens",
     "Output tokens in the event logs of responses that ended (their usage.output_tokens).",
+    registry=REGISTRY,
+)
+REASONING_TOKENS = Counter(
+    "tether_reasoning_tokens",
+    "The part of tether_output_tokens that was the model's thinking (the responses' "
+    "usage.output_tokens_details.reasoning_tokens).",
     registry=REGISTRY,
 )
 TOKENS_AFTER_CANCEL = Counter(
@@ -114,6 +120,7 @@ _finished = {status: RESPONSES_FINISHED.labels(status) for status in ENDINGS}
 _upstream = {kind: UPSTREAM_ERRORS.labels(kind) for kind in UPSTREAM_KINDS}
 _created_inc = RESPONSES_CREATED.inc
 _tokens_inc = OUTPUT_TOKENS.inc
+_reasoning_inc = REASONING_TOKENS.inc
 _readers_inc = ACTIVE_READERS.inc
 _readers_dec = ACTIVE_READERS.dec
 _cancel_observe = CANCEL_SECONDS.observe
@@ -128,12 +135,17 @@ def created() -> None:
     _created_inc()
 
 
-def ended(status: str, output_tokens: int) -> None:
+def ended(status: str, usage: dict[str, Any]) -> None:
     """A terminal transition committed (the store's CAS was won): its status, and the
-    output tokens its log holds (the response's usage)."""
+    final snapshot's usage (the output tokens its log holds, the reasoning part of them):
+    the numbers the client and the usage ledger got."""
     _finished[status].inc()
+    output_tokens = usage["output_tokens"]
     if output_tokens > 0:
         _tokens_inc(output_tokens)
+        reasoning_tokens = usage["output_tokens_details"]["reasoning_tokens"]
+        if reasoning_tokens > 0:
+            _reasoning_inc(reasoning_tokens)
 
 
 def after_stop(step: Step) -> None:

@@ -5,7 +5,9 @@ and ends naturally after `length` tokens. With tools offered, the prompt directi
 `CALL=name:{"json":"arguments"}` (no spaces) makes it call that function instead (the
 arguments streamed a few characters a token step), unless the last turn is a tool's
 output: then it answers with text, so tool loops end. With `text.format` json_schema or
-json_object it answers with a fixed JSON value of the schema.
+json_object it answers with a fixed JSON value of the schema. `THINK=n` makes it think
+first: n token steps of reasoning (the same words) before the answer, all within the
+output budget.
 
 It records, per response, when each token was produced and when the cancel was seen,
 so tests can check that a cancel really stopped it.
@@ -30,6 +32,7 @@ from tether.engines.base import (
     ModelInfo,
     Outbox,
     PromptRead,
+    ReasoningDelta,
     ToolCall,
     ToolCallDelta,
 )
@@ -99,7 +102,8 @@ def _word(i: int) -> str:
 class ScriptedEngine:
     """Deterministic text at a fixed rate, steered by directives in the prompt:
     `FAIL_AT=n` raises after n tokens, `PREFILL=s` spends s seconds reading the prompt,
-    `LINGER=s` waits s seconds between the last token and the natural end."""
+    `LINGER=s` waits s seconds between the last token and the natural end, `THINK=n`
+    reasons for n token steps before answering."""
 
     concurrency = 1_000_000
 
@@ -140,24 +144,34 @@ class ScriptedEngine:
         await anyio.sleep(_directive(prompt, "PREFILL", float) or 0.0)
         trace.prompt_read_at = time.time()
         await out.send(PromptRead(input_tokens=max(1, len(prompt.split()))))
-        budget = self.length
+        # Thinking comes first and spends the budget as the answer does (OpenAI counts
+        # reasoning tokens in `max_output_tokens`); the answer still has `length` tokens.
+        think = max(0, _directive(prompt, "THINK", int) or 0)
+        budget = self.length + think
         if request.max_output_tokens is not None:
             budget = min(budget, request.max_output_tokens)
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         call = _planned_call(request, prompt)
         pieces = _pieces(request.text_format) if call is None else _chunks(call[1])
-        if call is not None:
+        for i in range(min(think, budget)):
+            await _pace(i, interval, fail_at)
+            trace.produced += 1
+            trace.token_times.append(time.time())
+            await out.send(ReasoningDelta(_word(i)))
+        thought = min(think, budget)
+        budget -= thought
+        if call is not None and (budget > 0 or not think):
             await out.send(ToolCall(0, f"call_{request.response_id[-20:]}", call[0]))
         for i in range(min(budget, len(pieces)) if pieces is not None else budget):
             if interval:
                 await anyio.sleep(interval)
-            elif i % 64 == 63:
+            elif (thought + i) % 64 == 63:
                 # Full speed still lets the loop breathe. A cancel can only be made while
                 # this task is suspended (here, or in `emit` if the store makes it wait),
                 # so it lands at this await: no per-token check is needed.
                 await anyio.sleep(0)
-            if fail_at is not None and i == fail_at:
-                raise EngineError(f"scripted failure after {i} tokens")
+            if fail_at is not None and thought + i == fail_at:
+                raise EngineError(f"scripted failure after {thought + i} tokens")
             trace.produced += 1
             trace.token_times.append(time.time())
             if pieces is None:
@@ -169,13 +183,24 @@ class ScriptedEngine:
         # LINGER seconds between the last token and the end (a window for a cancel).
         await anyio.sleep(_directive(prompt, "LINGER", float) or 0.0)
         full = self.length if pieces is None else len(pieces)
-        await out.send(Finished("length" if budget < full else "stop"))
+        await out.send(Finished("length" if budget < full or thought < think else "stop"))
         trace.finished = True
+
+
+async def _pace(i: int, interval: float, fail_at: int | None) -> None:
+    """Before token step `i` of the thinking: wait for its turn (the main loop inlines the
+    same, the per-token path), fail there if told to."""
+    if interval:
+        await anyio.sleep(interval)
+    elif i % 64 == 63:
+        await anyio.sleep(0)
+    if fail_at is not None and i == fail_at:
+        raise EngineError(f"scripted failure after {i} tokens")
 
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
     """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER,
-    CALL."""
+    CALL, THINK."""
     at = prompt.find(name + "=")
     if at < 0:
         return None

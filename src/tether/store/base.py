@@ -69,19 +69,23 @@ class Record:
     key_id: str | None = None  # the API key that created it (the usage ledger's key)
 
 
-def ledger_values(snapshot: dict[str, Any]) -> tuple[str, int, int]:
-    """What a terminal response adds to the usage ledger: model, input and output tokens
-    (as its final snapshot reports them, which is what its client was told)."""
+def ledger_values(snapshot: dict[str, Any]) -> tuple[str, int, int, int]:
+    """What a terminal response adds to the usage ledger: model, input, output and
+    reasoning tokens (as its final snapshot reports them, which is what its client was
+    told; reasoning tokens are a part of the output tokens)."""
     usage = snapshot.get("usage") or {}
+    details = usage.get("output_tokens_details") or {}
     return (
         str(snapshot.get("model", "")),
         int(usage.get("input_tokens", 0)),
         int(usage.get("output_tokens", 0)),
+        int(details.get("reasoning_tokens", 0)),
     )
 
 
 def ledger_row(row: Any) -> dict[str, Any]:
-    """A usage-ledger row (tenant, key_id, model, status, responses, input, output)."""
+    """A usage-ledger row (tenant, key_id, model, status, responses, input, output,
+    reasoning), as `common.USAGE` selects it."""
     return {
         "tenant": row[0],
         "key_id": row[1] or None,
@@ -90,6 +94,7 @@ def ledger_row(row: Any) -> dict[str, Any]:
         "responses": int(row[4]),
         "input_tokens": int(row[5]),
         "output_tokens": int(row[6]),
+        "reasoning_tokens": int(row[7]),
     }
 
 
@@ -97,7 +102,8 @@ LEDGER_UPSERT = (
     "ON CONFLICT (tenant, key_id, model, status) DO UPDATE SET "
     "responses = usage_ledger.responses + 1, "
     "input_tokens = usage_ledger.input_tokens + excluded.input_tokens, "
-    "output_tokens = usage_ledger.output_tokens + excluded.output_tokens"
+    "output_tokens = usage_ledger.output_tokens + excluded.output_tokens, "
+    "reasoning_tokens = usage_ledger.reasoning_tokens + excluded.reasoning_tokens"
 )
 
 

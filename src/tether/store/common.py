@@ -35,7 +35,8 @@ SELECT = (
 
 # The usage ledger's rows as `base.ledger_row` reads them (`WHERE` goes between the two).
 USAGE = (
-    "SELECT tenant, key_id, model, status, responses, input_tokens, output_tokens FROM usage_ledger"
+    "SELECT tenant, key_id, model, status, responses, input_tokens, output_tokens, "
+    "reasoning_tokens FROM usage_ledger"
 )
 USAGE_ORDER = " ORDER BY tenant, key_id, model, status"
 

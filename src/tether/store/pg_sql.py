@@ -57,14 +57,14 @@ CLAIM = TRANSITION.format(
     ledger="",
 )
 # The terminal transition also counts the response in the usage ledger ($11 model,
-# $12 input and $13 output tokens), in the same statement: exactly once.
+# $12 input, $13 output and $14 reasoning tokens), in the same statement: exactly once.
 FINISH = TRANSITION.format(
     set="status = $8::text, finished_at = $9, lease_until = 0",
     guard="run_token IS NOT DISTINCT FROM $10",
     ledger=f""", l AS (
     INSERT INTO usage_ledger (tenant, key_id, model, status, responses, input_tokens,
-                              output_tokens)
-    SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13 FROM u
+                              output_tokens, reasoning_tokens)
+    SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13, $14 FROM u
     {LEDGER_UPSERT}
 )""",
 )

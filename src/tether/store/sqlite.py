@@ -271,11 +271,11 @@ class SQLiteStore:
         guard_values: tuple[Any, ...],
         events: list[dict[str, Any]],
         tokens: int = 0,
-        ledger: tuple[str, str, int, int] | None = None,
+        ledger: tuple[str, str, int, int, int] | None = None,
     ) -> bool:
         """Compare-and-set on a live response, appending `events` in the same commit;
-        a terminal one (`ledger`: status, model, input and output tokens) also counts in
-        the usage ledger in that commit."""
+        a terminal one (`ledger`: status, model, input, output and reasoning tokens) also
+        counts in the usage ledger in that commit."""
         db = self.db
         with _transaction(db):
             row = db.execute(
@@ -290,11 +290,13 @@ class SQLiteStore:
                 (orjson.dumps(snapshot), response_id),
             )
             if ledger is not None:
-                status, model, inp, out = ledger
+                status, model, inp, out, reasoning = ledger
                 db.execute(
-                    "INSERT INTO usage_ledger SELECT tenant, key_id, ?, ?, 1, ?, ? "
+                    "INSERT INTO usage_ledger (tenant, key_id, model, status, responses, "
+                    "input_tokens, output_tokens, reasoning_tokens) "
+                    "SELECT tenant, key_id, ?, ?, 1, ?, ?, ? "
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
-                    (model, status, inp, out, response_id),
+                    (model, status, inp, out, reasoning, response_id),
                 )
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)

@@ -20,6 +20,8 @@ function newView(fields) {
   return { id: null, background: false, stream: true, startedAt: Date.now(), lastSeq: -1,
            entries: [], text: "", deltas: 0, status: "idle", usage: null, elapsed: null,
            terminal: false,
+           // The thinking (reasoning items' text and summary), shown apart from the answer.
+           reasoning: "", summary: "", reasoningDeltas: 0, reasoningItem: null,
            ...fields };
 }
 
@@ -93,6 +95,18 @@ function apply(event) {
     view.text += event.delta;
     view.deltas += 1;
     $("output").append(event.delta);
+  } else if (event.type === "response.reasoning_text.delta") {
+    // A token of thinking: a delta like a text one, streamed into the reasoning panel.
+    const part = (view.reasoningItem && view.reasoningItem !== event.item_id ? "\n\n" : "")
+      + event.delta;
+    view.reasoningItem = event.item_id;
+    view.reasoning += part;
+    view.deltas += 1;
+    view.reasoningDeltas += 1;
+    $("reasoning-text").append(part);
+  } else if (event.type === "response.reasoning_summary_text.delta") {
+    view.summary += event.delta;
+    $("reasoning-summary").append(event.delta);
   }
   if (event.type === "error") showError(event.message);
   if (event.response) {
@@ -136,6 +150,9 @@ function renderView() {
   $("timeline").replaceChildren();
   for (const [seq, type, ms] of view.entries) addRow(seq, type, ms, false);
   $("output").textContent = view.text;
+  $("reasoning-text").textContent = view.reasoning;
+  $("reasoning-summary").textContent = view.summary;
+  $("reasoning").open = false;
   $("response-id").textContent = view.id || "–";
   $("keepalives").textContent = "";
   renderStats();
@@ -148,6 +165,17 @@ function renderStats() {
   setOutput("usage-output", view.usage ? view.usage.output_tokens : "–");
   setOutput("usage-input", view.usage ? view.usage.input_tokens : "–");
   setOutput("elapsed", view.elapsed === null ? "–" : `${view.elapsed} ms`);
+  renderReasoning();
+}
+
+// The reasoning panel's count: the usage's `reasoning_tokens` once a response reports it
+// (exact, also after a cancel), the reasoning deltas seen while it streams.
+function renderReasoning() {
+  const count = view.usage?.output_tokens_details?.reasoning_tokens ?? view.reasoningDeltas;
+  const shown = Boolean(view.reasoning || view.summary || count);
+  if ($("reasoning").hidden === shown) $("reasoning").hidden = !shown;
+  $("reasoning-summary").hidden = !view.summary;
+  setOutput("reasoning-tokens", shown ? `· ${count} token${count === 1 ? "" : "s"}` : "");
 }
 
 function setOutput(id, value) {
@@ -176,9 +204,15 @@ function showResponse(response) {
   view.status = response.status;
   view.usage = response.usage;
   view.elapsed = Date.now() - view.startedAt;
-  view.text = (response.output || []).flatMap((item) => item.content || [])
-    .map((part) => part.text || "").join("");
+  const output = response.output || [];
+  const texts = (type, field) => output.filter((item) => item.type === type)
+    .map((item) => (item[field] || []).map((part) => part.text || "").join(""));
+  view.text = texts("message", "content").join("");
+  view.reasoning = texts("reasoning", "content").filter(Boolean).join("\n\n");
+  view.summary = texts("reasoning", "summary").filter(Boolean).join("\n\n");
   $("output").textContent = view.text;
+  $("reasoning-text").textContent = view.reasoning;
+  $("reasoning-summary").textContent = view.summary;
   if (TERMINAL.has(response.status)) view.terminal = true;
   renderStats();
 }
