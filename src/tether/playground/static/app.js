@@ -7,6 +7,8 @@ const STORE = { key: "tether.apiKey", model: "tether.model", recent: "tether.rec
 const RECENT_MAX = 20;
 const TERMINAL_EVENTS = new Set(["response.completed", "response.incomplete", "response.failed"]);
 const TERMINAL = new Set(["completed", "incomplete", "failed", "cancelled"]);
+// OpenAI's name for a reasoning delta, and Open Responses' name for the same event.
+const REASONING_DELTAS = new Set(["response.reasoning_text.delta", "response.reasoning.delta"]);
 const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // The response on screen: everything the timeline shows, and what a reload restores.
@@ -95,7 +97,7 @@ function apply(event) {
     view.text += event.delta;
     view.deltas += 1;
     $("output").append(event.delta);
-  } else if (event.type === "response.reasoning_text.delta") {
+  } else if (REASONING_DELTAS.has(event.type)) {
     // A token of thinking: a delta like a text one, streamed into the reasoning panel.
     const part = (view.reasoningItem && view.reasoningItem !== event.item_id ? "\n\n" : "")
       + event.delta;
