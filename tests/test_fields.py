@@ -20,7 +20,7 @@ import spec
 from tether import wire_fields
 from upstreams import FakeUpstream, fake_upstream
 
-from conftest import Server, served
+from conftest import Server, served, wait_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "fields.md"
 TOOLS: list[dict[str, Any]] = [
@@ -66,7 +66,6 @@ FORWARDED: dict[str, Any] = {
     "truncation": "auto",
     "context_management": [{"type": "compaction", "compact_threshold": 5000}],
     "access_programs": {"cyber": "standard"},
-    "background_options": {"completion_window": "soonest"},
     "image": {"context_compression": "auto"},
     "include": ["reasoning.encrypted_content", "message.output_text.logprobs"],
 }
@@ -303,6 +302,22 @@ def test_responses_upstream_gets_every_forwarded_field_as_given(
     for name, value in FORWARDED.items():
         assert sent[name] == value, name
     assert sent["text"] == {"verbosity": "high"}
+
+
+def test_the_completion_window_is_tethers_not_the_upstreams(
+    client: openai.OpenAI, fake: FakeUpstream
+) -> None:
+    # tether schedules the response (tests/test_schedule.py); the upstream is streamed
+    # from as usual, so a window must not reach it (OpenAI refuses `2h` with a stream).
+    reply = create(
+        client,
+        model="fake-r",
+        input="LENGTH=2 hi",
+        background=True,
+        background_options={"completion_window": "2h", "continuation_id": "c-1"},
+    )
+    wait_for(lambda: client.responses.retrieve(reply.id).status == "completed", 60, "completed")
+    assert "background_options" not in fake.last("/responses").body
 
 
 def test_refused_fields_name_themselves_and_null_is_accepted(server: Server) -> None:

@@ -64,6 +64,11 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scripted-length", type=int, help="Scripted tokens per response."),
         click.option("--cancel-timeout", type=float, help="Seconds a cancel waits for the run."),
         click.option("--lease-timeout", type=float, help="Seconds before a lost run is ended."),
+        click.option(
+            "--window-reserve",
+            type=float,
+            help="Seconds a 2h/8h response keeps for its run before its window ends.",
+        ),
         click.option("--keepalive", type=float, help="Seconds between SSE keepalive comments."),
         click.option("--retention", type=float, help="Seconds a finished log stays streamable."),
         click.option("--max-body-bytes", type=int, help="Largest request body accepted."),

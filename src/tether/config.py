@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamConfig] = []  # `[[upstreams]]` tables of the config file
     cancel_timeout: float = 2.0  # docs/contract.md §3.2: bound before a run is fenced out
     lease_timeout: float = 30.0  # docs/contract.md §6.2
+    # Completion windows (tether.schedule): a `2h`/`8h` response starts at the latest
+    # this many seconds before its window ends, kept for the run itself.
+    window_reserve: float = Field(default=1800.0, ge=0)
     keepalive: float = 15.0  # docs/contract.md §4.2
     retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)

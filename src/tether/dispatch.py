@@ -2,7 +2,7 @@
 reaches the process running it.
 
 `LocalDispatch` is the default: one process holds both roles, so the queue is an
-`asyncio.Queue` and a cancel signal is a function call. `RedisDispatch` joins API replicas
+`schedule.RunQueue` and a cancel signal is a function call. `RedisDispatch` joins API replicas
 and workers (`tether worker`) through Redis: a Redis Stream with one consumer group is the
 run queue, and a pub/sub channel carries cancel signals.
 
@@ -18,12 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from tether.schedule import RunQueue
 from tether.store.base import StoreUnavailable
 
 log = logging.getLogger("tether.dispatch")
+# The earliest deferred entry whose deadline is at most ARGV[1], removed in the same
+# step (a script runs atomically: two workers never take the same entry).
+_TAKE_LATER = """
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)[1]
+if first then redis.call('ZREM', KEYS[1], first) end
+return first
+"""
 OnCancel = Callable[[str], None]
 
 
@@ -38,8 +47,10 @@ class Dispatch(Protocol):
 
     async def close(self) -> None: ...
 
-    async def submit(self, response_id: str, tenant: str) -> None:
-        """Hand a response to some worker. Raises `StoreUnavailable` if it can't."""
+    async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
+        """Hand a response to some worker: `soonest` (`start_by` None) or deferred, to
+        start by `start_by` at the latest (`tether.schedule`). Raises `StoreUnavailable`
+        if it can't."""
         ...
 
     async def take(self) -> tuple[str, str]:
@@ -57,7 +68,7 @@ class LocalDispatch:
     remote = False
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.queue = RunQueue()
         self._on_cancel: OnCancel = lambda _: None
 
     async def open(self, on_cancel: OnCancel) -> None:
@@ -66,11 +77,11 @@ class LocalDispatch:
     async def close(self) -> None:
         pass
 
-    async def submit(self, response_id: str, tenant: str) -> None:
-        self._queue.put_nowait((response_id, tenant))
+    async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
+        self.queue.put(response_id, tenant, start_by)
 
     async def take(self) -> tuple[str, str]:
-        return await self._queue.get()
+        return await self.queue.take()
 
     async def cancel(self, response_id: str) -> None:
         self._on_cancel(response_id)
@@ -79,8 +90,10 @@ class LocalDispatch:
 class RedisDispatch:
     """API replicas and workers joined by Redis.
 
-    Keys: `{prefix}:runs` (a stream; group `workers`; entries `r`=id, `t`=tenant) and the
-    channel `{prefix}:cancel` (message = response id). A worker takes one entry per free
+    Keys: `{prefix}:runs` (a stream; group `workers`; entries `r`=id, `t`=tenant), the
+    deferred class `{prefix}:later` (a sorted set of `id tenant` by `start_by`: a
+    member is taken once, by whoever removes it) and the channel `{prefix}:cancel`
+    (message = response id). A worker takes one entry per free
     run slot and acknowledges it at once: from then on the store's claim and the lease
     are what count, so nothing waits in a pending list for a worker that died.
     """
@@ -94,6 +107,7 @@ class RedisDispatch:
         # Short timeouts: a request during a Redis outage gets a 503, never a hang.
         self._redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self._runs = f"{prefix}:runs"
+        self._later = f"{prefix}:later"
         self._channel = f"{prefix}:cancel"
         self._consumer = consumer
         self._listener: asyncio.Task[None] | None = None
@@ -116,10 +130,14 @@ class RedisDispatch:
             await asyncio.wait([listener])
         await self._redis.aclose()
 
-    async def submit(self, response_id: str, tenant: str) -> None:
+    async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
         from redis.exceptions import RedisError
 
         try:
+            if start_by is not None:
+                # A member once: queued again (lease recovery), it keeps one entry.
+                await self._redis.zadd(self._later, {f"{response_id} {tenant}": start_by})
+                return
             await self._redis.xadd(
                 self._runs, {"r": response_id, "t": tenant}, maxlen=100_000, approximate=True
             )
@@ -133,6 +151,9 @@ class RedisDispatch:
             try:
                 if not self._group_ready:
                     await self._create_group()
+                due = await self._take_later(time.time())
+                if due is not None:
+                    return due  # a deferred response at its deadline goes first
                 reply: Any = await self._redis.xreadgroup(
                     self.GROUP, self._consumer, {self._runs: ">"}, count=1, block=1000
                 )
@@ -140,6 +161,10 @@ class RedisDispatch:
                     for entry_id, fields in entries:
                         await self._redis.xack(self._runs, self.GROUP, entry_id)
                         return fields[b"r"].decode(), fields[b"t"].decode()
+                # No `soonest` work came for a second: a deferred response may run.
+                spare = await self._take_later(None)
+                if spare is not None:
+                    return spare
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -148,6 +173,17 @@ class RedisDispatch:
                 log.warning("run queue unreachable (%s); retrying", exc)
                 self._group_ready = False
                 await asyncio.sleep(0.5)
+
+    async def _take_later(self, due: float | None) -> tuple[str, str] | None:
+        """Remove and return the deferred entry with the earliest deadline (only if that
+        deadline is at or before `due`, when given); None if there is none."""
+        popped: Any = await self._redis.eval(
+            _TAKE_LATER, 1, self._later, "+inf" if due is None else repr(due)
+        )
+        if not popped:
+            return None
+        rid, tenant = popped.decode().split(" ", 1)
+        return rid, tenant
 
     async def _create_group(self) -> None:
         from redis.exceptions import ResponseError

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, reader, wire, wire_items, wire_output
+from tether import bounds, context, metrics, reader, schedule, wire, wire_items, wire_output
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -76,6 +76,8 @@ class Lifecycle:
         self.owner = owner or new_token()  # this process, in leases
         self.runner = Runner()
         metrics.watch_runs(self.runner.runs)
+        if isinstance(self.dispatch, LocalDispatch):
+            metrics.watch_queue(self.dispatch.queue.waiting)
         self.models = {m.id for m in engine.models()}
         self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
@@ -180,7 +182,7 @@ class Lifecycle:
             input_items=items,
             run_token=None,
             owner=self._queue_owner(),
-            lease_until=time.time() + self.settings.lease_timeout,
+            lease_until=self._queued_lease(spec, snap["created_at"]),
             last_seq=-1,
             input_tokens=0,
             finished_at=None,
@@ -208,7 +210,7 @@ class Lifecycle:
         if created:
             metrics.created()
             try:
-                await self._submit(record.id, tenant)
+                await self._submit(record)
             except StoreUnavailable:
                 # Nobody will run it: end it now rather than leave it waiting for a lease.
                 with contextlib.suppress(Exception):
@@ -244,12 +246,30 @@ class Lifecycle:
         out and any process submits it again (a queue entry lost with Redis comes back)."""
         return None if self.dispatch.remote else self.owner
 
-    async def _submit(self, rid: str, tenant: str) -> None:
-        """Queue a response for a run; locally, this process keeps its lease meanwhile."""
+    def _queued_lease(self, spec: RunSpec, created_at: float) -> float:
+        """The lease of a response nobody runs yet. Scaled out nobody renews it, and
+        whoever finds it run out queues the response again: a deferred one waits in its
+        queue until shortly before its deadline, not one lease at a time."""
+        lease = time.time() + self.settings.lease_timeout
+        start_by = schedule.start_by(created_at, spec.window, self.settings.window_reserve)
+        if start_by is None or not self.dispatch.remote:
+            return lease
+        return max(lease, start_by - self.settings.lease_timeout)
+
+    def start_by(self, run: dict[str, Any], created_at: float) -> float | None:
+        """When a queued response must start at the latest (None: `soonest`)."""
+        window = schedule.window_of(run)
+        return schedule.start_by(created_at, window, self.settings.window_reserve)
+
+    async def _submit(self, record: Record) -> None:
+        """Queue a response for a run, in its completion window's class; locally, this
+        process keeps its lease meanwhile."""
+        rid = record.id
         if not self.dispatch.remote:
             self.queued.add(rid)
+        start_by = self.start_by(record.run, record.snapshot["created_at"])
         try:
-            await self.dispatch.submit(rid, tenant)
+            await self.dispatch.submit(rid, record.tenant, start_by)
         except BaseException:
             self.queued.discard(rid)
             raise
@@ -455,7 +475,7 @@ class Lifecycle:
             if await self.store.adopt(
                 rec.id, rec.owner, self._queue_owner(), lease_until, owner_gone
             ):
-                await self._submit(rec.id, rec.tenant)
+                await self._submit(rec)
             return
         await self.end(
             rec.id,

@@ -115,6 +115,21 @@ UPSTREAM_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+QUEUED_RUNS = Gauge(
+    "tether_queued_runs",
+    "Responses waiting in this process's run queue, by class (`soonest`, `deferred`: "
+    "a `2h`/`8h` completion window). Scaled out the queue is in Redis: not counted here.",
+    ["class"],
+    registry=REGISTRY,
+)
+DEFERRED_STARTS = Counter(
+    "tether_deferred_starts",
+    "Runs of deferred responses (`2h`/`8h` completion window) started, by whether they "
+    "started before their deadline (`on_time`) or after it (`late`).",
+    ["start"],
+    registry=REGISTRY,
+)
+
 # Label children bound once: a hook never looks a label up.
 _finished = {status: RESPONSES_FINISHED.labels(status) for status in ENDINGS}
 _upstream = {kind: UPSTREAM_ERRORS.labels(kind) for kind in UPSTREAM_KINDS}
@@ -163,6 +178,21 @@ def upstream_error(kind: str) -> None:
 def watch_runs(runs: Sized) -> None:
     """Active runs are the size of the lifecycle's run table, read at scrape time."""
     ACTIVE_RUNS.set_function(lambda: len(runs))
+
+
+def watch_queue(waiting: Callable[[], dict[str, int]]) -> None:
+    """The run queue's length by class, read at scrape time."""
+    for kind in ("soonest", "deferred"):
+        QUEUED_RUNS.labels(kind).set_function(functools.partial(_waiting, waiting, kind))
+
+
+def _waiting(waiting: Callable[[], dict[str, int]], kind: str) -> int:
+    return waiting()[kind]
+
+
+def deferred_started(on_time: bool) -> None:
+    """A deferred response's run started (`tether.worker`)."""
+    DEFERRED_STARTS.labels("on_time" if on_time else "late").inc()
 
 
 class _Sized(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether import turns, wire
+from tether import schedule, turns, wire
 from tether.engines.base import Generation
 from tether.turns import Message
 
@@ -37,6 +37,8 @@ class RunSpec:
     max_output_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    #: `background_options.completion_window` (`tether.schedule`)
+    window: str = "soonest"
 
     @classmethod
     def of(cls, req: wire.CreateRequest, messages: list[Message], echo: dict[str, Any]) -> RunSpec:
@@ -54,6 +56,7 @@ class RunSpec:
             req.max_output_tokens,
             echo["temperature"],
             echo["top_p"],
+            req.window(),
         )
 
     def generation(self, response_id: str, model: str, background: bool) -> Generation:
@@ -86,6 +89,8 @@ class RunSpec:
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            # Only when deferred: a `soonest` spec stays what earlier versions stored.
+            **({} if self.window == "soonest" else {"window": self.window}),
         }
 
     @classmethod
@@ -103,6 +108,7 @@ class RunSpec:
             run.get("max_output_tokens"),
             _number(run.get("temperature")),
             _number(run.get("top_p")),
+            schedule.window_of(run),
         )
 
 

@@ -70,9 +70,9 @@ FIELDS: dict[str, Field] = {
         "forwarded", responses=True, why="OpenAI's access programs; no effect elsewhere"
     ),
     "background_options": Field(
-        "forwarded",
-        responses=True,
-        why="tether runs a background response as soon as it can (`soonest`)",
+        "applied",
+        why="`completion_window`: `soonest` runs at once; `2h`/`8h` wait for idle capacity "
+        "and start before a deadline (docs/scheduling.md); `continuation_id` accepted",
     ),
     "image": Field("forwarded", responses=True, why="image context options"),
     "service_tier": Field("echoed", why="echoes the tier used: always `default`"),

@@ -72,6 +72,15 @@ class Reasoning(BaseModel):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
+class BackgroundOptions(BaseModel):
+    """`background_options` (OpenAI): the completion window (`tether.schedule`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    completion_window: Literal["soonest", "2h", "8h"] | None = None
+    # Accepted: OpenAI uses it to prioritise related requests; one queue here.
+    continuation_id: StrictStr | None = None
+
+
 # --- create ---------------------------------------------------------------------------------
 
 
@@ -107,7 +116,7 @@ class CreateRequest(BaseModel):
     reasoning: Reasoning | None = None
     context_management: list[dict[str, Any]] | None = None
     access_programs: dict[str, Any] | None = None
-    background_options: dict[str, Any] | None = None
+    background_options: BackgroundOptions | None = None
     image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
     tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
@@ -154,6 +163,11 @@ class CreateRequest(BaseModel):
     def forward(self) -> dict[str, Any]:
         return self._forward or {}
 
+    def window(self) -> str:
+        """The completion window: `soonest`, `2h` or `8h` (`tether.schedule`)."""
+        options = self.background_options
+        return (options.completion_window if options is not None else None) or "soonest"
+
 
 def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateRequest:
     """Validate a create body, naming the offending parameter in every refusal."""
@@ -196,6 +210,7 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
     req._toolset = wire_tools.toolset(req.tools, dropped)
     req.engine_tool_choice()  # a named tool must be offered (OpenAI refuses it otherwise)
     _check_text_format(req)
+    _check_window(req)
     req._forward = wire_fields.forwarded(body)
     return req
 
@@ -221,6 +236,27 @@ def _check_messages(items: str | list[Any]) -> None:
                     f"input[{i}].content[{j}].type",
                     "invalid_value",
                 )
+
+
+def _check_window(req: CreateRequest) -> None:
+    """OpenAI's rule: the `2h` and `8h` windows are for background responses that are not
+    streamed (a stream would hold a connection open for hours)."""
+    window = req.window()
+    if window == "soonest":
+        return
+    param = "background_options.completion_window"
+    if not req.background:
+        raise bad_request(
+            f"The '{window}' completion window requires 'background': true.",
+            param,
+            "invalid_value",
+        )
+    if req.stream:
+        raise bad_request(
+            f"The '{window}' completion window cannot be used with 'stream': true.",
+            param,
+            "invalid_value",
+        )
 
 
 def _check_text_format(req: CreateRequest) -> None:

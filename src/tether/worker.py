@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from tether import wire
+from tether import metrics, wire
 from tether.run import Progress, drive
 from tether.runner import Run, new_token
 from tether.runspec import RunSpec
@@ -86,6 +86,9 @@ class Worker:
     async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
         lc = self.lc
         spec = RunSpec.decode(record.run)
+        start_by = lc.start_by(record.run, snap["created_at"])
+        if start_by is not None:
+            metrics.deferred_started(time.time() <= start_by)
         request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
         progress = Progress(lc.store, record.id, token, run, spec.tool_names)
         crash: Exception | None = None
