@@ -88,6 +88,7 @@ class Worker:
         spec = RunSpec.decode(record.run)
         request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
         progress = Progress(lc.store, record.id, token, run, spec.tool_names)
+        progress.sealed = "reasoning.encrypted_content" in (spec.forward.get("include") or ())
         crash: Exception | None = None
         try:
             await drive(lc.engine, request, progress)

@@ -99,9 +99,14 @@ def _text_of(content: Any) -> str:
     return content or ""
 
 
-def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+def chat_messages(
+    messages: list[Message], reasoning_field: str = "reasoning_content"
+) -> list[dict[str, Any]]:
+    """Turns as chat messages; an assistant turn's earlier thinking goes in
+    `reasoning_field` (`none`: left out)."""
     out: list[dict[str, Any]] = []
     for m in messages:
+        size = len(out)
         if m.role == "tool":
             out.append({"role": "tool", "tool_call_id": m.call_id, "content": m.text})
         elif m.role == "assistant" and m.tool_calls:
@@ -135,6 +140,10 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
             # `developer` is the Responses API's name for a system message; most
             # chat-completions servers know only `system`.
             out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text})
+        if m.reasoning and reasoning_field != "none" and len(out) > size:
+            thinking = "\n\n".join(t.text for t in m.reasoning if t.text)
+            if thinking:
+                out[-1][reasoning_field] = thinking
     return out
 
 
@@ -271,7 +280,7 @@ class ChatEngine:
     def body(self, request: Generation) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.spec.upstream_model or self.spec.model,
-            "messages": chat_messages(request.messages),
+            "messages": chat_messages(request.messages, self.spec.reasoning_field),
             "stream": True,
             "stream_options": {"include_usage": True},
             # Always sent: servers' own defaults differ (llama.cpp 0.8, vLLM the model's),
@@ -298,7 +307,8 @@ class ChatEngine:
 
     async def generate(self, request: Generation, emit: Emit) -> None:
         body = self.body(request)
-        got = _Received(think=Splitter() if self.spec.think_tags else None)
+        tags = self.spec.think_tags
+        got = _Received(think=Splitter(opened=tags == "open") if tags else None)
         out = Outbox(emit)
         try:
             await self._stream(body, got, out)
@@ -403,7 +413,11 @@ class ChatEngine:
     def _input_tokens(self, body: dict[str, Any]) -> int:
         if self._tokenizer is not None:
             return self._tokenizer.count_prompt(body["messages"])
-        return estimate_tokens("".join(str(m.get("content") or "") for m in body["messages"]))
+        # Earlier thinking given back counts too (the template may show it).
+        field = self.spec.reasoning_field
+        return estimate_tokens(
+            "".join(str(m.get("content") or "") + (m.get(field) or "") for m in body["messages"])
+        )
 
     def _report(self, got: _Received) -> Report:
         usage = got.usage
