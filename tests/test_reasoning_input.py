@@ -12,6 +12,7 @@ against both specs by tests/spec.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from tether.engines.responses import input_items
 from tether.engines.think import Splitter
 from tether.turns import Message, Thought
 from tether.wire_items import history
-from upstreams import FakeUpstream, fake_upstream
+from upstreams import FakeUpstream, fake_upstream, llama_server
 
 from conftest import Server, served
 
@@ -385,3 +386,33 @@ def test_open_think_tags_through_tether(tether: Server) -> None:
     assert response.output_text.strip() == "foxtrot golf hotel"
     assert response.usage.output_tokens == 8
     assert response.usage.output_tokens_details.reasoning_tokens == 4
+
+
+# --- a real upstream ----------------------------------------------------------------------
+
+
+def test_llama_cpp_server_takes_the_thinking_back(tmp_path: Path) -> None:
+    """llama-cpp-python's server (no reasoning GGUF ships in a registry package we can
+    use: SmolLM2 does not think) accepts the earlier thinking as `reasoning_content` on
+    an assistant message, the default `reasoning_field`."""
+    with (
+        llama_server(tmp_path) as upstream,
+        served(tmp_path, "--engine", "none", "--upstream", f"smollm2={upstream.url}") as server,
+        server.client() as client,
+    ):
+        response = client.responses.create(
+            model="smollm2",
+            max_output_tokens=3,
+            input=[
+                {"role": "user", "content": "hi"},
+                {
+                    "type": "reasoning",
+                    "summary": [],
+                    "content": [{"type": "reasoning_text", "text": "they greet me"}],
+                },
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"},
+            ],
+        )
+    assert response.status == "incomplete"  # its 3 tokens, as asked
+    assert response.usage.output_tokens == 3
