@@ -45,7 +45,7 @@ def fake() -> Iterator[FakeUpstream]:
 def tether(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     flags = ["--engine", "none", "--upstream", f"vllm={fake.url}"]
     flags += ["--upstream", f"quiet={fake.url},reasoning_field=none"]
-    flags += ["--upstream", f"ollama={fake.url},reasoning_field=thinking"]
+    flags += ["--upstream", f"ollama={fake.url},reasoning_field=reasoning"]
     flags += ["--upstream", f"r1={fake.url},think_tags=open"]
     flags += ["--upstream", f"rs=responses+{fake.url}"]
     with served(tmp_path_factory.mktemp("reasoning-input"), *flags) as server:
@@ -205,7 +205,7 @@ def test_encrypted_content_only_when_included(tether: Server) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "field"), [("vllm", "reasoning_content"), ("ollama", "thinking")]
+    ("model", "field"), [("vllm", "reasoning_content"), ("ollama", "reasoning")]
 )
 def test_a_stateless_client_gives_the_thinking_back(
     tether: Server, fake: FakeUpstream, model: str, field: str
@@ -330,6 +330,41 @@ def test_summaries_from_a_responses_upstream_reach_the_stream_helper(
         "id": "rs_fake",
         "encrypted_content": f"sealed-by-upstream-{fake.last().id}",
     }
+
+
+def test_a_cancel_while_summarizing_agrees_on_reasoning_tokens(
+    tether: Server, fake: FakeUpstream
+) -> None:
+    directives = "THINK=6 SUMMARY=2 STALL_AFTER=3 LENGTH=12"
+    with tether.client() as client:
+        stream = client.responses.create(
+            model="rs", input=f"{directives} go", background=True, stream=True, include=SEALED
+        )
+        rid, deltas = "", 0
+        for event in stream:
+            if event.type == "response.created":
+                rid = event.response.id
+            deltas += event.type == "response.reasoning_summary_text.delta"
+            if deltas == 3:
+                break
+        reply = client.responses.cancel(rid)
+        final = list(stream)[-1]
+        again = client.responses.retrieve(rid)
+    call = [c for c in fake.calls if directives in str(c.body)][-1]
+    assert call.gone.wait(5), "the upstream connection was not closed"
+    assert len(call.generated) == 3
+    assert final.type == "response.failed"
+    for response in (reply, final.response, again):
+        assert response.status == "cancelled"
+        assert response.usage.output_tokens == 3
+        assert response.usage.output_tokens_details.reasoning_tokens == 3
+        thought = response.output[0]
+        assert thought.type == "reasoning" and thought.status == "incomplete"
+        assert [s.text for s in thought.summary] == ["alpha bravo", " charlie"]
+        assert Thought.unseal(thought.encrypted_content or "").summary == [
+            "alpha bravo",
+            " charlie",
+        ]
 
 
 def test_a_responses_upstream_gets_its_own_reasoning_item_back(

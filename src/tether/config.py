@@ -44,8 +44,9 @@ class UpstreamConfig(BaseModel):
     think_tags: bool | Literal["open"] = False
     # Chat kind: the field of an assistant message that gives the model its earlier
     # thinking back (reasoning items of the conversation): `reasoning_content` (vLLM,
-    # llama.cpp), `reasoning` or `thinking` (Ollama); `none` leaves it out, for servers
-    # that refuse unknown message fields. Chat templates decide whether to show it.
+    # llama.cpp), `reasoning` (Ollama's OpenAI-compatible API), `thinking`; `none` leaves
+    # it out, for servers that refuse unknown message fields. Chat templates
+    # decide whether the model sees it.
     reasoning_field: Literal["reasoning_content", "reasoning", "thinking", "none"] = (
         "reasoning_content"
     )
