@@ -5,7 +5,8 @@ The request goes out with `stream: true` and `stream_options.include_usage`; eac
 content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`, each
 thinking chunk (`reasoning_content`: vLLM, llama.cpp; `reasoning` or `thinking`: Ollama
 and others; `<think>…</think>` inside `content` with the upstream's `think_tags`) a
-`ReasoningDelta`.
+`ReasoningDelta`. The conversation's earlier thinking (reasoning items) goes back on its
+assistant message, in the field the upstream's `reasoning_field` names.
 A cancel closes the upstream connection at once (see `upstream`): that is the only
 stop signal chat-completions servers understand.
 

@@ -294,10 +294,10 @@ class ResponsesEngine:
         elif kind == "response.output_item.done" and ev["item"].get("type") == "reasoning":
             item = ev["item"]
             run.summary_base, run.summary_parts = run.summary_base + run.summary_parts, 0
-            fields = {
-                k: item[k] for k in ("id", "encrypted_content") if isinstance(item.get(k), str)
-            }
-            if fields:
+            # Its id only with its encrypted content: an id alone names an item the
+            # upstream may not keep (`store: false`), which it would refuse later.
+            if isinstance(item.get("encrypted_content"), str) and isinstance(item.get("id"), str):
+                fields = {"id": item["id"], "encrypted_content": item["encrypted_content"]}
                 steps.append(ReasoningSource(fields))
         elif kind == "response.output_item.added" and ev["item"].get("type") == "function_call":
             item = ev["item"]
