@@ -538,7 +538,12 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
         tools=TOOLS,
         input=[
             {"type": "item_reference", "id": first.output[0].id},
-            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "opaque"}],
+            },
             {
                 "role": "user",
                 "content": [
@@ -567,7 +572,8 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
     assert messages[-2]["content"] == "I won't."
     assert messages[-2]["tool_calls"][0]["function"]["name"] == "crm__lookup"
     assert messages[-1]["content"] == "found it"
-    assert "opaque" not in str(messages)  # reasoning is kept, not shown
+    # Kept, not shown: no assistant turn follows it (a user message does) to carry it.
+    assert "opaque" not in str(messages)
     items = client.responses.input_items.list(reply.id, order="asc").data
     kinds = [i.type for i in items]
     assert kinds == [
@@ -579,7 +585,7 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
         "function_call_output",
     ]
     assert items[0].id == first.output[0].id  # the referenced item itself
-    assert items[1].encrypted_content == "opaque"  # type: ignore[union-attr]
+    assert items[1].content[0].text == "opaque"  # type: ignore[union-attr]
 
 
 def test_unknown_item_references_and_binary_files_are_refused(server: Server) -> None:

@@ -8,7 +8,10 @@ import pytest
 
 from tether import wire, wire_output
 from tether.errors import APIError
-from tether.turns import Message, ToolCallSpec
+from tether.turns import Message, Thought, ToolCallSpec
+
+#: a reasoning item's encrypted_content as this process seals it (`Thought.seal`)
+SEALED = Thought("earlier thinking").seal()
 
 
 def refused(body: dict[str, Any]) -> APIError:
@@ -284,7 +287,7 @@ def test_every_input_item_type_round_trips() -> None:
                     "content": [{"type": "input_file", "filename": "a.txt", "file_data": txt}],
                 },
                 {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
-                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xyz"},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": SEALED},
                 {
                     "type": "custom_tool_call",
                     "call_id": "c1",
@@ -316,11 +319,14 @@ def test_every_input_item_type_round_trips() -> None:
         "item_reference",
         "item_reference",
     ]
-    assert items[2]["encrypted_content"] == "xyz"
+    assert items[2]["encrypted_content"] == SEALED
     turns = wire.history(items[:7])
     assert turns[0].text == "[a.txt]\nhello file"
     assert turns[1] == Message(
-        "assistant", "no", [ToolCallSpec("c1", "ns__edit", '{"input":"diff"}')]
+        "assistant",
+        "no",
+        [ToolCallSpec("c1", "ns__edit", '{"input":"diff"}')],
+        reasoning=[Thought("earlier thinking")],  # the item before the call's turn
     )
     assert [t.role for t in turns] == ["user", "assistant", "tool", "assistant", "tool"]
     assert turns[-1] == Message("tool", "part", call_id="c2")

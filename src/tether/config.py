@@ -39,7 +39,17 @@ class UpstreamConfig(BaseModel):
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     # Chat kind: `<think>...</think>` inside `content` is the model's reasoning, for
     # servers that do not split it out (`reasoning_content`, `reasoning`, `thinking`).
-    think_tags: bool = False
+    # `open`: the prompt's template already opened `<think>` (DeepSeek-R1 and its
+    # distills), so the stream starts inside the thinking and only `</think>` comes.
+    think_tags: bool | Literal["open"] = False
+    # Chat kind: the field of an assistant message that gives the model its earlier
+    # thinking back (reasoning items of the conversation): `reasoning_content` (vLLM,
+    # llama.cpp), `reasoning` (Ollama's OpenAI-compatible API), `thinking`; `none` leaves
+    # it out, for servers that refuse unknown message fields. Chat templates
+    # decide whether the model sees it.
+    reasoning_field: Literal["reasoning_content", "reasoning", "thinking", "none"] = (
+        "reasoning_content"
+    )
 
     @property
     def api_key(self) -> str | None:

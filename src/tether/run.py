@@ -29,8 +29,10 @@ from tether.engines.base import (
     Generation,
     PromptRead,
     ReasoningDelta,
+    ReasoningSource,
     Report,
     Step,
+    SummaryDelta,
     ToolCall,
     ToolCallDelta,
 )
@@ -48,6 +50,8 @@ class Progress:
     run: Run
     #: the request's tools by their flattened name (`wire_output.call_item`); None: no renames
     tool_names: dict[str, dict[str, Any]] | None = None
+    #: `include` has `reasoning.encrypted_content`: reasoning items carry it when done
+    sealed: bool = False
     message: wire_output.MessageItem = field(default_factory=wire_output.MessageItem)
     opened: bool = False  # the message item is open
     reasoning: wire_output.ReasoningItem | None = None  # the reasoning item, once open
@@ -78,6 +82,8 @@ class Progress:
             await self._delta(step)
         elif type(step) is ReasoningDelta:  # the same rule as a `Delta`
             await self._thought(step)
+        elif type(step) is SummaryDelta:  # the same rule as a `Delta`
+            await self._summary(step)
         elif type(step) is not Finished:
             # Rare steps (prompt, calls, reports): shielded, so never half taken.
             with anyio.CancelScope(shield=True):
@@ -102,22 +108,40 @@ class Progress:
         if taken:
             self.output_tokens += step.tokens
 
+    def _thinking(self) -> tuple[wire_output.ReasoningItem, list[dict[str, Any]]]:
+        """The reasoning item, and its opening events if it is not open yet."""
+        if self.reasoning is not None:
+            return self.reasoning, []
+        item = wire_output.ReasoningItem(self._opened(), sealed=self.sealed)
+        return item, item.opened()
+
     async def _thought(self, step: ReasoningDelta) -> None:
-        item = self.reasoning
-        events = []
-        if item is None:
-            item = wire_output.ReasoningItem(self._opened())
-            events = item.opened()
-        events.append(item.delta(step.text))
+        item, events = self._thinking()
+        part = item.part
+        events += item.thinking(step.text)
         try:
             taken = await self._append(events, step.tokens)
         except BaseException:
-            item.undo()  # not appended: the item must not hold it (nor be open)
+            item.undo(part)  # not appended: the item must not hold it (nor be open)
             raise
+        self._thought_taken(item, taken, step.tokens)
+
+    async def _summary(self, step: SummaryDelta) -> None:
+        item, events = self._thinking()
+        parts, was_open = len(item.summary), item.summary_open
+        events += item.summary_delta(step.part, step.text)
+        try:
+            taken = await self._append(events, step.tokens)
+        except BaseException:
+            item.undo_summary(parts, was_open)
+            raise
+        self._thought_taken(item, taken, step.tokens)
+
+    def _thought_taken(self, item: wire_output.ReasoningItem, taken: bool, tokens: int) -> None:
         self.reasoning = item
         if taken:
-            self.output_tokens += step.tokens
-            self.reasoning_tokens += step.tokens
+            self.output_tokens += tokens
+            self.reasoning_tokens += tokens
 
     def _opened(self) -> int:
         """How many items are open: the next one's `output_index` (items are numbered
@@ -132,6 +156,15 @@ class Progress:
             await self._call(step)
         elif type(step) is Report:
             await self._report(step)
+        elif type(step) is ReasoningSource:
+            # Sealed into the item's encrypted_content (nothing of it is logged). An
+            # upstream item of neither text nor summary is opened for it: the client
+            # gets the upstream's encrypted reasoning, as from the upstream itself.
+            item, events = self._thinking()
+            if events:
+                await self._append(events)
+            self.reasoning = item
+            item.upstream = step.fields
 
     async def _call(self, step: ToolCall | ToolCallDelta) -> None:
         # Items are numbered in the order they open (message or call).

@@ -41,7 +41,9 @@ FIELDS: dict[str, Field] = {
     "tool_choice": Field("applied"),
     "text": Field("applied", why="format applied; verbosity forwarded (chat: `verbosity`)"),
     "include": Field(
-        "applied", responses=True, why="logprobs arrays always present; reasoning not encrypted yet"
+        "applied",
+        responses=True,
+        why="logprobs arrays always present; reasoning items sealed on request",
     ),
     "parallel_tool_calls": Field("forwarded", chat="parallel_tool_calls", responses=True),
     "user": Field("forwarded", chat="user", responses=True),

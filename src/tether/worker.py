@@ -91,6 +91,7 @@ class Worker:
             metrics.deferred_started(time.time() <= start_by)
         request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
         progress = Progress(lc.store, record.id, token, run, spec.tool_names)
+        progress.sealed = "reasoning.encrypted_content" in (spec.forward.get("include") or ())
         crash: Exception | None = None
         try:
             await drive(lc.engine, request, progress)
