@@ -1,7 +1,7 @@
 """The store's interface: what it keeps (`Record`, `LogEntry`), what it raises, and its
 protocols, split by what their callers need (`Transitions`, `EventLog`, `Leases`,
-`Maintenance`; `Store` is all of them). Implementations: `sqlite.py`, `postgres.py`; what
-they share: `common.py`.
+`Maintenance`, `Conversations`; `Store` is all of them). Implementations: `sqlite.py`,
+`postgres.py`; what they share: `common.py` (conversations: `conversations.py`).
 
 Two operations decide every race (docs/contract.md §1.1, §2.3):
 - `append` adds events unless the response is terminal or the caller's run token is stale;
@@ -125,7 +125,8 @@ class WriteLost(Exception):
 # Grouped by what their callers need: the run and the request handlers change states
 # (`Transitions`; a run needs only `append`), readers follow logs (`EventLog`), the lease
 # reaper takes over the responses of processes gone (`Leases`), operators and the reaper
-# keep the database (`Maintenance`), and the server opens and closes it (`Lifespan`).
+# keep the database (`Maintenance`), conversations keep their items (`Conversations`), and
+# the server opens and closes it (`Lifespan`).
 # `Store` is all of them (`make_store` checks both implementations against it).
 
 
@@ -235,8 +236,10 @@ class Transitions(Protocol):
         tokens: int = 0,
     ) -> bool:
         """The one terminal transition: set `status` and `snapshot`, append the closing
-        `events` and count the response in the usage ledger, in one commit, after the
-        run's pending appends. True if this call won it; False if the response was
+        `events`, count the response in the usage ledger and, for a turn of a
+        conversation (`snapshot["conversation"]`), add its input and output items to that
+        conversation (`Conversations`), in one commit, after the run's pending appends.
+        True if this call won it; False if the response was
         already terminal, or `run_token` is not its current token. `run_token=None`: a
         response no run has claimed (to end one a run holds, `fence` it first and pass
         the new token: its run can then write no more).
@@ -349,5 +352,74 @@ class Maintenance(Protocol):
         ...
 
 
-class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Protocol):
+class UnknownItem(LookupError):
+    """A conversation item named as a cursor (`after`) is not in the conversation."""
+
+
+class Conversations(Protocol):
+    """Conversations (issue 18): durable threads of items, scoped to a tenant like
+    responses (another tenant's id is unknown). A conversation is `{"id", "object",
+    "created_at", "metadata"}`; its items are kept in the order they were added.
+
+    The items of a *turn* (a response whose snapshot names a conversation) are not added
+    here: `finish` adds them, in the commit of the response's terminal transition, so
+    exactly once (`store.conversations.turn_items`: a `failed` turn adds none). Turns
+    that end at once are added in the order their terminal transitions commit.
+
+    Every method raises `StoreUnavailable` (and, for writes, the embedded store's
+    `StoreFull`) as `Transitions` does."""
+
+    async def conversation_create(
+        self, conversation: dict[str, Any], tenant: str, items: list[dict[str, Any]]
+    ) -> None:
+        """Insert a new conversation with its first `items` (each with its `id`)."""
+        ...
+
+    async def conversation_get(self, conversation_id: str, tenant: str) -> dict[str, Any] | None:
+        """The conversation object; None if unknown (or another tenant's)."""
+        ...
+
+    async def conversation_update(
+        self, conversation_id: str, tenant: str, metadata: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """Replace its metadata; the conversation as updated, or None if unknown."""
+        ...
+
+    async def conversation_delete(self, conversation_id: str, tenant: str) -> bool:
+        """Delete a conversation and its items. False: unknown. A turn still running on
+        it then adds nothing when it ends."""
+        ...
+
+    async def conversation_add(
+        self, conversation_id: str, tenant: str, items: list[dict[str, Any]]
+    ) -> bool:
+        """Append `items` (each with its `id`) in one commit. False: unknown conversation."""
+        ...
+
+    async def conversation_items(
+        self,
+        conversation_id: str,
+        tenant: str,
+        after: str | None = None,
+        limit: int | None = None,
+        descending: bool = False,
+    ) -> list[dict[str, Any]] | None:
+        """Its items in order (newest first if `descending`), after the item `after`
+        (in that order), at most `limit`. None: unknown conversation.
+
+        :raises UnknownItem: `after` is not one of its items."""
+        ...
+
+    async def conversation_item(
+        self, conversation_id: str, tenant: str, item_id: str
+    ) -> dict[str, Any] | None:
+        """One item; None if it, or the conversation, is unknown."""
+        ...
+
+    async def conversation_remove(self, conversation_id: str, tenant: str, item_id: str) -> bool:
+        """Delete one item. False: it, or the conversation, is unknown."""
+        ...
+
+
+class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Conversations, Protocol):
     """A store: what a server opens, and what its lifecycle uses (every part above)."""

@@ -49,6 +49,7 @@ from tether.store.common import (
 )
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
+from tether.store.sqlite_conversations import SQLiteConversations, add_turn
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
@@ -70,7 +71,7 @@ def migrate(path: str) -> None:
     command.upgrade(config, "head")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteConversations):
     def __init__(self, path: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -296,6 +297,7 @@ class SQLiteStore:
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
                     (model, status, inp, out, response_id),
                 )
+                add_turn(db, response_id, status, snapshot)  # a conversation's turn
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
