@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, reader, wire, wire_items, wire_output
+from tether import bounds, context, conversations, metrics, reader, wire, wire_items, wire_output
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -220,8 +220,17 @@ class Lifecycle:
         self, req: wire.CreateRequest, tenant: str
     ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The conversation a create with `req` gives the engine (the previous response's
-        context, then this request's items with their references resolved), and the
-        request's own input items."""
+        context, or the conversation's items; then this request's items with their
+        references resolved), and the request's own input items."""
+        cid = req.conversation_id()
+        if cid is not None:
+            # A turn of a conversation: it starts from the conversation's items as they
+            # are now (docs/contract.md §9); its own items are added when it ends.
+            known = await conversations.starting_items(self.store, cid, tenant)
+            items = wire.input_items(req)
+            own = [i for i in items if i.get("type") != "item_reference"]
+            items = conversations.resolve(items, known + own, "input")
+            return conversations.turns(known) + wire.history(items), items
         messages = await self.conversation(req.previous_response_id, tenant)
         items = await wire_items.resolve_references(
             wire.input_items(req), req.previous_response_id, lambda rid: self.store.get(rid, tenant)
