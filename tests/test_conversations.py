@@ -314,3 +314,36 @@ async def test_async_client(fast: Server) -> None:
         assert item.id == reply.output[0].id
         assert (await client.conversations.retrieve(conv.id)).metadata == {"k": "v"}
         assert (await client.conversations.delete(conv.id)).deleted
+
+
+def test_websocket_turns(fast: Server, client: openai.OpenAI) -> None:
+    # WebSocket mode shares create's path: the same turns, over one connection.
+    from test_websocket import Socket
+
+    conv = client.conversations.create(items=[user("hello")])
+    with Socket(fast) as ws:
+        ws.send({"type": "response.create", "model": MODEL, "input": "a", "conversation": conv.id})
+        first = ws.turn()[-1]["response"]
+        assert first["status"] == "completed" and first["conversation"] == {"id": conv.id}
+        ws.send(
+            {
+                "type": "response.create",
+                "model": MODEL,
+                "input": "b",
+                "conversation": {"id": conv.id},
+            }
+        )
+        second = ws.turn()[-1]["response"]
+        ws.send(
+            {
+                "type": "response.create",
+                "model": MODEL,
+                "input": "c",
+                "conversation": conv.id,
+                "previous_response_id": second["id"],
+            }
+        )
+        assert ws.error()["error"]["param"] == "conversation"
+    first_text = first["output"][0]["content"][0]["text"]
+    assert prompt(fast, second["id"]) == ["hello", "a", first_text, "b"]
+    assert len(all_items(client, conv.id)) == 5
