@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tether.store import Store, UnknownItem, make_store
-from tether.store.base import Record
+from tether.store.base import ConversationChanged, ConversationLocked, Record
 
 from services import delete_prefix, postgres_url, prefix, redis_url
 
@@ -122,59 +122,117 @@ async def test_pages(open_store: Open) -> None:
         await store.conversation_items("conv_1", "t", "nope")
 
 
+async def begin(store: Store, rid: str, inputs: list[dict[str, Any]], tenant: str = "t") -> None:
+    """Create a turn of conv_1 from its current version."""
+    state = await store.conversation_state("conv_1", tenant)
+    assert state is not None
+    await store.create(turn(rid, "conv_1", inputs, tenant), [], None, ("conv_1", state.version))
+
+
+def out(oid: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": oid, "type": "message", "role": "assistant", "status": status, "content": []}
+
+
+def final(rid: str, *output: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rid, "conversation": {"id": "conv_1"}, "output": list(output)}
+
+
 async def test_a_turn_is_added_by_its_terminal_transition_once(open_store: Open) -> None:
     store = await open_store()
     await store.conversation_create(conv(), "t", [msg("m0")])
-    await store.create(turn("resp_1", "conv_1", [msg("in1")]), [])
-    # Live: nothing yet.
-    assert ids(await store.conversation_items("conv_1", "t")) == ["m0"]
-    out = {"id": "out1", "type": "message", "role": "assistant", "status": "incomplete",
-           "content": []}  # fmt: skip
-    final = {"id": "resp_1", "conversation": {"id": "conv_1"}, "output": [out]}
-    assert await store.finish("resp_1", None, "cancelled", final, [])
-    assert not await store.finish("resp_1", None, "completed", final, [])  # lost: adds nothing
-    items = await store.conversation_items("conv_1", "t")
-    assert items == [msg("m0"), msg("in1"), out]
+    await begin(store, "resp_1", [msg("in1")])
+    state = await store.conversation_state("conv_1", "t")
+    assert state is not None and state.turn == "resp_1" and ids(state.items) == ["m0"]
+    assert await store.finish("resp_1", None, "cancelled", final("resp_1", out("o", "x")), [])
+    # Lost: adds nothing.
+    assert not await store.finish("resp_1", None, "completed", final("resp_1", out("o")), [])
+    state = await store.conversation_state("conv_1", "t")
+    assert state is not None and state.turn is None
+    assert state.items == [msg("m0"), msg("in1"), out("o", "x")]
+    assert await store.conversation_items("conv_1", "t") == state.items
 
 
-async def test_failed_turns_and_other_tenants_add_nothing(open_store: Open) -> None:
+async def test_one_turn_at_a_time(open_store: Open) -> None:
     store = await open_store()
     await store.conversation_create(conv(), "t", [])
-    await store.create(turn("resp_f", "conv_1", [msg("in_f")]), [])
-    final = {"id": "resp_f", "conversation": {"id": "conv_1"}, "output": []}
-    assert await store.finish("resp_f", None, "failed", final, [])
-    # A response of another tenant naming this conversation (lifecycle refuses it: this
-    # is the store's own guard).
-    await store.create(turn("resp_o", "conv_1", [msg("in_o")], tenant="other"), [])
-    assert await store.finish("resp_o", None, "completed", {**final, "id": "resp_o"}, [])
-    # A turn whose conversation was deleted meanwhile ends as any response does.
-    await store.create(turn("resp_d", "conv_gone", [msg("in_d")]), [])
-    gone = {"id": "resp_d", "conversation": {"id": "conv_gone"}, "output": []}
-    assert await store.finish("resp_d", None, "completed", gone, [])
+    await begin(store, "resp_1", [msg("in1")])
+    with pytest.raises(ConversationLocked):
+        await begin(store, "resp_2", [msg("in2")])
+    assert await store.get("resp_2", "t") is None  # nothing written
+    with pytest.raises(ConversationLocked):
+        await store.conversation_add("conv_1", "t", [msg("x")])
+    with pytest.raises(ConversationLocked):
+        await store.conversation_remove("conv_1", "t", "x")
+    assert await store.conversation_update("conv_1", "t", {"a": "b"})  # metadata: free
+    # A failed turn adds nothing and ends the turn.
+    assert await store.finish("resp_1", None, "failed", final("resp_1", out("o")), [])
     assert await store.conversation_items("conv_1", "t") == []
+    # A turn read before a change of the items is refused (read again).
+    state = await store.conversation_state("conv_1", "t")
+    assert state is not None
+    assert await store.conversation_add("conv_1", "t", [msg("x")])
+    with pytest.raises(ConversationChanged):
+        await store.create(turn("resp_3", "conv_1", []), [], None, ("conv_1", state.version))
+    state = await store.conversation_state("conv_1", "t")
+    assert state is not None
+    assert await store.conversation_remove("conv_1", "t", "x")
+    with pytest.raises(ConversationChanged):
+        await store.create(turn("resp_3", "conv_1", []), [], None, ("conv_1", state.version))
+    # Another tenant's (or a gone) conversation: "changed" (the lifecycle's read then
+    # says 404).
+    with pytest.raises(ConversationChanged):
+        await store.create(turn("resp_4", "conv_1", [], "other"), [], None, ("conv_1", 0))
+    await begin(store, "resp_5", [msg("in5")])
+    assert await store.finish("resp_5", None, "completed", final("resp_5"), [])
+    assert ids(await store.conversation_items("conv_1", "t")) == ["in5"]
 
 
-async def test_racing_turns_are_added_whole_in_commit_order(open_store: Open) -> None:
-    # Two "processes" end turns of one conversation at once: each turn's items are
-    # contiguous, and nothing is lost or doubled.
-    a, b = await open_store(), await open_store()
-    await store_conv(a)
-    n = 20
-    for k in range(n):
-        await a.create(turn(f"resp_{k}", "conv_1", [msg(f"in{k}a"), msg(f"in{k}b")]), [])
-
-    async def end(store: Store, k: int) -> None:
-        out = {"id": f"out{k}", "type": "message", "role": "assistant", "status": "completed",
-               "content": []}  # fmt: skip
-        final = {"id": f"resp_{k}", "conversation": {"id": "conv_1"}, "output": [out]}
-        assert await store.finish(f"resp_{k}", None, "completed", final, [])
-
-    await asyncio.gather(*(end(a if k % 2 else b, k) for k in range(n)))
-    got = ids(await a.conversation_items("conv_1", "t"))
-    assert len(got) == 3 * n
-    turns = [got[i : i + 3] for i in range(0, len(got), 3)]
-    assert sorted(turns) == sorted([f"in{k}a", f"in{k}b", f"out{k}"] for k in range(n))
-
-
-async def store_conv(store: Store) -> None:
+async def test_a_deleted_conversation_takes_no_turn(open_store: Open) -> None:
+    store = await open_store()
     await store.conversation_create(conv(), "t", [])
+    await begin(store, "resp_d", [msg("in_d")])
+    assert await store.conversation_delete("conv_1", "t")
+    assert await store.finish("resp_d", None, "completed", final("resp_d"), [])
+    assert await store.conversation_items("conv_1", "t") is None
+
+
+async def test_racing_turns_one_wins_and_every_turn_is_whole(open_store: Open) -> None:
+    # Two "processes" start and end turns of one conversation at once, and add items:
+    # one turn at a time, each turn's items contiguous and right after the items it
+    # started from; nothing lost or doubled.
+    a, b = await open_store(), await open_store()
+    await a.conversation_create(conv(), "t", [])
+    started: dict[str, list[str]] = {}  # turn -> the item ids it started from
+    added: list[str] = []
+
+    async def one(store: Store, k: int) -> None:
+        rid = f"resp_{k}"
+        for _ in range(200):
+            state = await store.conversation_state("conv_1", "t")
+            assert state is not None
+            try:
+                await store.create(
+                    turn(rid, "conv_1", [msg(f"in{k}")]), [], None, ("conv_1", state.version)
+                )
+            except (ConversationLocked, ConversationChanged):
+                try:
+                    if await store.conversation_add("conv_1", "t", [msg(f"x{k}_{_}")]):
+                        added.append(f"x{k}_{_}")
+                except ConversationLocked:
+                    pass
+                await asyncio.sleep(0.001 * (k % 3))
+                continue
+            started[rid] = ids(state.items)
+            assert await store.finish(rid, None, "completed", final(rid, out(f"out{k}")), [])
+            return
+        raise AssertionError(f"{rid} never got its turn")
+
+    await asyncio.gather(*(one(a if k % 2 else b, k) for k in range(8)))
+    got = ids(await a.conversation_items("conv_1", "t"))
+    assert sorted(got) == sorted(
+        [f"in{k}" for k in range(8)] + [f"out{k}" for k in range(8)] + added
+    )
+    for rid, before in started.items():
+        k = rid.removeprefix("resp_")
+        at = got.index(f"in{k}")
+        assert got[:at] == before and got[at + 1] == f"out{k}"

@@ -14,7 +14,7 @@ from tether import conversations as conv
 from tether.auth import principal
 from tether.bodies import JSON, json_body
 from tether.errors import bad_request
-from tether.store.base import Store, UnknownItem
+from tether.store.base import ConversationLocked, Store, UnknownItem
 
 
 def _store(request: Request) -> Store:
@@ -103,7 +103,11 @@ async def create_items(request: Request) -> Response:
             raise conv.not_found(cid)
         own = [i for i in items if i.get("type") != "item_reference"]
         items = conv.resolve(items, known + own, "items")
-    if not await store.conversation_add(cid, tenant, items):
+    try:
+        added = await store.conversation_add(cid, tenant, items)
+    except ConversationLocked:
+        raise conv.locked("conversation_id") from None
+    if not added:
         raise conv.not_found(cid)
     return JSON(conv.item_list(items, False))
 
@@ -149,7 +153,11 @@ async def delete_item(request: Request) -> Response:
     found = await store.conversation_get(cid, tenant)
     if found is None:
         raise conv.not_found(cid)
-    if not await store.conversation_remove(cid, tenant, item_id):
+    try:
+        removed = await store.conversation_remove(cid, tenant, item_id)
+    except ConversationLocked:
+        raise conv.locked("conversation_id") from None
+    if not removed:
         raise conv.item_not_found(item_id)
     return JSON(found)
 

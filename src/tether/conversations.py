@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from tether import wire_input
 from tether.errors import APIError, bad_request
-from tether.store.base import Conversations
+from tether.store.base import Conversations, ConversationState
 from tether.turns import Message
 from tether.wire_items import InputItem, history, new_id, stored_items
 
@@ -126,12 +126,24 @@ def new_conversation(metadata: dict[str, str]) -> dict[str, Any]:
     }
 
 
-async def starting_items(store: Conversations, cid: str, tenant: str) -> list[dict[str, Any]]:
-    """The items a turn of `cid` starts from (404 for an unknown conversation)."""
-    items = await store.conversation_items(cid, tenant)
-    if items is None:
+def locked(param: str) -> APIError:
+    """OpenAI's answer to a turn (or a change of items) while a turn is in progress."""
+    return APIError(
+        400,
+        "Another process is currently operating on this conversation. "
+        "Please retry in a few seconds.",
+        param=param,
+        code="conversation_locked",
+    )
+
+
+async def state(store: Conversations, cid: str, tenant: str) -> ConversationState:
+    """The items (and version) a turn of `cid` starts from (404 for an unknown
+    conversation)."""
+    found = await store.conversation_state(cid, tenant)
+    if found is None:
         raise not_found(cid, "conversation")
-    return items
+    return found
 
 
 def turns(items: list[dict[str, Any]]) -> list[Message]:

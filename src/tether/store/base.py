@@ -158,12 +158,18 @@ class Transitions(Protocol):
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         """Insert a response with its first events; True with it. With `(key,
         body_hash)`, a second create with the same key returns the first record and
-        False instead.
+        False instead. With `turn` (a conversation of the record's tenant and the version
+        its items were read at: `Conversations.conversation_state`), the response becomes
+        that conversation's turn in progress, in the same commit.
 
         :raises IdempotencyConflict: the key was used before with a different body.
+        :raises ConversationLocked: (`turn`) another turn of it is in progress.
+        :raises ConversationChanged: (`turn`) its items changed since that version, or it
+            is gone (nothing was written: read them again).
         :raises StoreFull: the embedded store's disk is full (nothing was written).
         :raises StoreUnavailable: the database cannot be written now."""
         ...
@@ -356,6 +362,24 @@ class UnknownItem(LookupError):
     """A conversation item named as a cursor (`after`) is not in the conversation."""
 
 
+class ConversationLocked(Exception):
+    """A turn of the conversation is in progress (OpenAI's 400 `conversation_locked`)."""
+
+
+class ConversationChanged(Exception):
+    """The conversation's items are not those of the version a turn was read at."""
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """A conversation's items, its version (moved by every change of its items), and its
+    turn in progress (a response id) if any."""
+
+    items: list[dict[str, Any]]
+    version: int
+    turn: str | None
+
+
 class Conversations(Protocol):
     """Conversations (issue 18): durable threads of items, scoped to a tenant like
     responses (another tenant's id is unknown). A conversation is `{"id", "object",
@@ -363,8 +387,10 @@ class Conversations(Protocol):
 
     The items of a *turn* (a response whose snapshot names a conversation) are not added
     here: `finish` adds them, in the commit of the response's terminal transition, so
-    exactly once (`store.conversations.turn_items`: a `failed` turn adds none). Turns
-    that end at once are added in the order their terminal transitions commit.
+    exactly once (`store.conversations.turn_items`: a `failed` turn adds none), and
+    ends the turn. One turn at a time: `create` with `turn` refuses a second
+    (`ConversationLocked`), and so do `conversation_add` and `conversation_remove`
+    while one is in progress: a turn's output always follows the items it was given.
 
     Every method raises `StoreUnavailable` (and, for writes, the embedded store's
     `StoreFull`) as `Transitions` does."""
@@ -393,7 +419,16 @@ class Conversations(Protocol):
     async def conversation_add(
         self, conversation_id: str, tenant: str, items: list[dict[str, Any]]
     ) -> bool:
-        """Append `items` (each with its `id`) in one commit. False: unknown conversation."""
+        """Append `items` (each with its `id`) in one commit. False: unknown conversation.
+
+        :raises ConversationLocked: a turn of it is in progress."""
+        ...
+
+    async def conversation_state(
+        self, conversation_id: str, tenant: str
+    ) -> ConversationState | None:
+        """All its items (in order), its version and turn in progress, read at once.
+        None: unknown conversation."""
         ...
 
     async def conversation_items(
@@ -417,7 +452,9 @@ class Conversations(Protocol):
         ...
 
     async def conversation_remove(self, conversation_id: str, tenant: str, item_id: str) -> bool:
-        """Delete one item. False: it, or the conversation, is unknown."""
+        """Delete one item. False: it, or the conversation, is unknown.
+
+        :raises ConversationLocked: a turn of it is in progress."""
         ...
 
 

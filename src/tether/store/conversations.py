@@ -15,8 +15,16 @@ from typing import Any
 
 import orjson
 
+from tether.store.common import LIVE
+
 # Terminal states whose turns are added to their conversation.
 TURN_STATES = frozenset({"completed", "incomplete", "cancelled"})
+
+# A conversation row with no turn in progress: none set, or (defensively: the terminal
+# transition clears it in its commit) one whose response is seen terminal. Not "not seen
+# live": a PostgreSQL statement that waited for a concurrent create's row lock re-checks
+# the new row, but its subquery does not see that create's response, just committed.
+FREE = f"(turn IS NULL OR EXISTS (SELECT 1 FROM responses r WHERE r.id = turn AND NOT r.{LIVE}))"
 
 
 def conversation_object(cid: str, created_at: float, metadata: bytes) -> dict[str, Any]:
@@ -28,17 +36,20 @@ def conversation_object(cid: str, created_at: float, metadata: bytes) -> dict[st
     }
 
 
-def turn_of(snapshot: dict[str, Any], status: str) -> str | None:
-    """The conversation a terminal response in `status` adds its items to, if any."""
+def turn_of(snapshot: dict[str, Any]) -> str | None:
+    """The conversation a response is a turn of, if any."""
     conversation = snapshot.get("conversation")
-    if not isinstance(conversation, dict) or status not in TURN_STATES:
-        return None
-    cid = conversation.get("id")
+    cid = conversation.get("id") if isinstance(conversation, dict) else None
     return cid if isinstance(cid, str) else None
 
 
-def turn_items(input_items: list[dict[str, Any]], snapshot: dict[str, Any]) -> list[dict[str, Any]]:
-    """The items a turn adds: its input, then its output as its terminal snapshot shows it."""
+def turn_items(
+    input_items: list[dict[str, Any]], snapshot: dict[str, Any], status: str
+) -> list[dict[str, Any]]:
+    """The items a turn ending in `status` adds: its input, then its output as its
+    terminal snapshot shows it; none for a failed turn."""
+    if status not in TURN_STATES:
+        return []
     return [*input_items, *snapshot.get("output", [])]
 
 

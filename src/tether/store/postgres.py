@@ -79,6 +79,7 @@ class PostgresStore(PostgresConversations):
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         entries = numbered(0, events)
         last = len(events) - 1
@@ -116,6 +117,8 @@ class PostgresStore(PostgresConversations):
                         record.id,
                         time.time(),
                     )
+            if turn is not None:
+                await self.begin_turn(con, record.id, record.tenant, turn)
             await con.execute(
                 sql.CREATE,
                 record.id,
@@ -194,10 +197,10 @@ class PostgresStore(PostgresConversations):
             self.appends.check(response_id, run_token)
         statement = sql.FINISH
         values: tuple[Any, ...] = (status, time.time(), run_token, *ledger_values(snapshot))
-        cid = turn_of(snapshot, status)
+        cid = turn_of(snapshot)
         if cid is not None:  # a conversation's turn: its items, in the same statement
             statement = finish_turn(8 + len(values))
-            values += await self.turn_values(response_id, cid, snapshot)
+            values += await self.turn_values(response_id, cid, snapshot, status)
         done = await self._transition(
             statement, response_id, run_token, snapshot, events, tokens, values
         )

@@ -49,7 +49,7 @@ from tether.store.common import (
 )
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
-from tether.store.sqlite_conversations import SQLiteConversations, add_turn
+from tether.store.sqlite_conversations import SQLiteConversations, begin_turn, end_turn
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
@@ -122,6 +122,7 @@ class SQLiteStore(SQLiteConversations):
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         db = self.db
         with _transaction(db):
@@ -146,6 +147,8 @@ class SQLiteStore(SQLiteConversations):
                     "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
                     (record.tenant, key, body_hash, record.id, time.time()),
                 )
+            if turn is not None:
+                begin_turn(db, record.id, record.tenant, turn)
             db.execute(
                 "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
                 "stored, created_at, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -297,7 +300,7 @@ class SQLiteStore(SQLiteConversations):
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
                     (model, status, inp, out, response_id),
                 )
-                add_turn(db, response_id, status, snapshot)  # a conversation's turn
+                end_turn(db, response_id, status, snapshot)  # a conversation's turn
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)

@@ -1,5 +1,6 @@
 """Conversations in the embedded store (`base.Conversations`; shared parts:
-`conversations.py`). Every call runs on the event loop thread, as the rest of the store."""
+`conversations.py`). Every call runs on the event loop thread, as the rest of the store;
+the functions taking `db` run inside the caller's transaction."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from typing import Any
 
 import orjson
 
-from tether.store.base import UnknownItem
-from tether.store.conversations import conversation_object, item_rows, turn_items, turn_of
+from tether.store.base import (
+    ConversationChanged,
+    ConversationLocked,
+    ConversationState,
+    UnknownItem,
+)
+from tether.store.conversations import FREE, conversation_object, item_rows, turn_items, turn_of
 from tether.store.sqlite_io import transaction
 
 
@@ -20,14 +26,17 @@ def insert_items(
     items: list[dict[str, Any]],
     response_id: str | None = None,
 ) -> bool:
-    """Append `items` to a conversation of `tenant`, inside the caller's transaction.
-    False: no such conversation (nothing written)."""
+    """Append `items` to a conversation of `tenant`: by its turn `response_id`, or (None)
+    by a client while no turn is in progress. False: no such conversation."""
+    guard = "turn = ?" if response_id is not None else FREE
     row = db.execute(
         "UPDATE conversations SET next_position = next_position + ? "
-        "WHERE id = ? AND tenant = ? RETURNING next_position",
-        (len(items), cid, tenant),
+        f"WHERE id = ? AND tenant = ? AND {guard} RETURNING next_position",
+        (len(items), cid, tenant, *((response_id,) if response_id is not None else ())),
     ).fetchone()
     if row is None:
+        if response_id is None:
+            _why_not(db, cid, tenant)
         return False
     first = row[0] - len(items)
     ids, data = item_rows(items)
@@ -38,12 +47,45 @@ def insert_items(
     return True
 
 
-def add_turn(
+def _why_not(db: sqlite3.Connection, cid: str, tenant: str) -> None:
+    """After a guarded change of a conversation matched nothing: raise if it is because
+    a turn is in progress (an unknown conversation raises nothing)."""
+    row = db.execute(
+        "SELECT 1 FROM conversations WHERE id = ? AND tenant = ?", (cid, tenant)
+    ).fetchone()
+    if row is not None:
+        raise ConversationLocked(cid)
+
+
+def begin_turn(
+    db: sqlite3.Connection, response_id: str, tenant: str, turn: tuple[str, int]
+) -> None:
+    """In a create's transaction: make `response_id` the conversation's turn in
+    progress, if none is and its items are still those of the version read."""
+    cid, version = turn
+    cur = db.execute(
+        f"UPDATE conversations SET turn = ? WHERE id = ? AND tenant = ? AND {FREE} "
+        "AND next_position = ?",
+        (response_id, cid, tenant, version),
+    )
+    if cur.rowcount == 1:
+        return
+    row = db.execute(
+        f"SELECT next_position, {FREE} FROM conversations WHERE id = ? AND tenant = ?",
+        (cid, tenant),
+    ).fetchone()
+    if row is not None and not row[1]:
+        raise ConversationLocked(cid)
+    raise ConversationChanged(cid)
+
+
+def end_turn(
     db: sqlite3.Connection, response_id: str, status: str, snapshot: dict[str, Any]
 ) -> None:
-    """In a terminal transition's transaction: add a turn's items to its conversation (if
-    it names one that still exists, and the state adds items: `conversations.turn_of`)."""
-    cid = turn_of(snapshot, status)
+    """In a terminal transition's transaction: add a turn's items to its conversation
+    (if it still exists; a failed turn adds none: `conversations.turn_items`) and end
+    the turn."""
+    cid = turn_of(snapshot)
     if cid is None:
         return
     row = db.execute(
@@ -51,8 +93,12 @@ def add_turn(
         "WHERE r.id = ?",
         (response_id,),
     ).fetchone()
-    if row is not None:
-        insert_items(db, cid, row[0], turn_items(orjson.loads(row[1]), snapshot), response_id)
+    if row is None:
+        return
+    items = turn_items(orjson.loads(row[1]), snapshot, status)
+    if items:
+        insert_items(db, cid, row[0], items, response_id)
+    db.execute("UPDATE conversations SET turn = NULL WHERE id = ? AND turn = ?", (cid, response_id))
 
 
 class SQLiteConversations:
@@ -68,7 +114,8 @@ class SQLiteConversations:
         db = self.db
         with transaction(db):
             db.execute(
-                "INSERT INTO conversations VALUES (?, ?, ?, ?, 0)",
+                "INSERT INTO conversations (id, tenant, created_at, metadata, next_position) "
+                "VALUES (?, ?, ?, ?, 0)",
                 (
                     conversation["id"],
                     tenant,
@@ -114,6 +161,24 @@ class SQLiteConversations:
         with transaction(self.db):
             return insert_items(self.db, conversation_id, tenant, items)
 
+    async def conversation_state(
+        self, conversation_id: str, tenant: str
+    ) -> ConversationState | None:
+        db = self.db
+        with transaction(db):  # one snapshot of the row and its items
+            row = db.execute(
+                f"SELECT next_position, CASE WHEN {FREE} THEN NULL ELSE turn END "
+                "FROM conversations WHERE id = ? AND tenant = ?",
+                (conversation_id, tenant),
+            ).fetchone()
+            if row is None:
+                return None
+            rows = db.execute(
+                "SELECT data FROM conversation_items WHERE conversation_id = ? ORDER BY position",
+                (conversation_id,),
+            ).fetchall()
+        return ConversationState([orjson.loads(r[0]) for r in rows], row[0], row[1])
+
     async def conversation_items(
         self,
         conversation_id: str,
@@ -156,9 +221,18 @@ class SQLiteConversations:
     async def conversation_remove(self, conversation_id: str, tenant: str, item_id: str) -> bool:
         db = self.db
         with transaction(db):
+            # The version moves (a turn read before this must read again; moving it for
+            # an item that is not there costs such a turn one more read, nothing else).
+            row = db.execute(
+                "UPDATE conversations SET next_position = next_position + 1 "
+                f"WHERE id = ? AND tenant = ? AND {FREE} RETURNING 1",
+                (conversation_id, tenant),
+            ).fetchone()
+            if row is None:
+                _why_not(db, conversation_id, tenant)
+                return False
             cur = db.execute(
-                "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ? "
-                "AND EXISTS (SELECT 1 FROM conversations WHERE id = ? AND tenant = ?)",
-                (conversation_id, item_id, conversation_id, tenant),
+                "DELETE FROM conversation_items WHERE conversation_id = ? AND item_id = ?",
+                (conversation_id, item_id),
             )
         return cur.rowcount > 0

@@ -2,8 +2,11 @@
 
 A conversation's items are rows numbered by `position` (the order clients see). A turn's
 items (a response that names the conversation) are inserted by that response's terminal
-transition, in its transaction: exactly once. `next_position` is the next free number:
-updating it takes the conversation's row lock, which orders concurrent turns.
+transition, in its transaction: exactly once. `next_position` is the next free number,
+and the conversation's version: every change of its items moves it (a deletion too), so
+a turn's create can check that the items it starts from are still the conversation's.
+`turn` is the response of the turn in progress (one at a time, as OpenAI: a second is
+refused), set by its create and cleared by its terminal transition.
 
 Revision ID: 0004
 Revises: 0002 (the merge re-points this to the usage ledger's 0003)
@@ -26,6 +29,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("metadata", sa.LargeBinary, nullable=False),
         sa.Column("next_position", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("turn", sa.Text),
     )
     op.create_table(
         "conversation_items",
