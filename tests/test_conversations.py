@@ -308,6 +308,20 @@ def test_one_turn_at_a_time(make_server: Any) -> None:
         assert prompt(server, second.id)[:2] == ["hello", "long"]
 
 
+def test_a_retried_turn_with_its_idempotency_key_is_the_same_turn(make_server: Any) -> None:
+    # A retry of a turn in progress is not a second turn: the first response, no 400.
+    server = make_server("--scripted-rate", "50", "--scripted-length", "400")
+    with server.client() as client:
+        conv = client.conversations.create()
+        headers = {"Idempotency-Key": "turn-1"}
+        body: dict[str, Any] = {"input": "x", "conversation": conv.id, "background": True}
+        first = client.responses.create(model=MODEL, extra_headers=headers, **body)
+        again = client.responses.create(model=MODEL, extra_headers=headers, **body)
+        assert again.id == first.id
+        client.responses.cancel(first.id)
+        assert texts(all_items(client, conv.id))[0] == "x"
+
+
 def test_turns_racing_for_a_conversation_each_follow_what_they_were_given(
     fast: Server, client: openai.OpenAI
 ) -> None:
@@ -384,6 +398,20 @@ def test_websocket_turns(fast: Server, client: openai.OpenAI) -> None:
             }
         )
         assert ws.error()["error"]["param"] == "conversation"
+        # A warm-up (`generate: false`) completes at once with no output: its input is
+        # added, as any completed turn's.
+        ws.send(
+            {
+                "type": "response.create",
+                "model": MODEL,
+                "input": "warm",
+                "conversation": conv.id,
+                "generate": False,
+            }
+        )
+        warm = ws.turn()[-1]["response"]
+        assert warm["status"] == "completed" and warm["output"] == []
     first_text = first["output"][0]["content"][0]["text"]
     assert prompt(fast, second["id"]) == ["hello", "a", first_text, "b"]
-    assert len(all_items(client, conv.id)) == 5
+    assert texts(all_items(client, conv.id))[-1] == "warm"
+    assert len(all_items(client, conv.id)) == 6
