@@ -298,3 +298,21 @@ async def test_server_managed_conversation_runs_two_turns(
     assert (await client.responses.retrieve(rid)).conversation.id == cid
     items = [i async for i in client.conversations.items.list(cid, order="asc")]
     assert [i.type for i in items] == ["message"] * 4
+
+
+async def test_tool_loop_in_a_server_managed_conversation(
+    make_server: Any, openai_client: Any
+) -> None:
+    # The tool loop's steps are turns of the conversation: the call, its output, the answer.
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "6")
+    client = openai_client(server)
+    cid = (await client.conversations.create()).id
+    calls = Calls()
+    runner = agent(client, "scripted", tools=[calls.tool])
+    prompt = f"{call_directive('get_weather', {'city': 'Paris'})} What is the weather?"
+    result = await Runner.run(runner, prompt, conversation_id=cid, max_turns=4)
+    assert calls.cities == ["Paris"] and isinstance(result.final_output, str)
+    items = [i async for i in client.conversations.items.list(cid, order="asc")]
+    kinds = [i.type for i in items]
+    assert kinds == ["message", "function_call", "function_call_output", "message"], kinds
+    assert items[2].output == WEATHER.format(city="Paris")  # type: ignore[union-attr]
