@@ -146,9 +146,14 @@ async def state(store: Conversations, cid: str, tenant: str) -> ConversationStat
     return found
 
 
-def turns(items: list[dict[str, Any]]) -> list[Message]:
-    """A conversation's items as the turns a run is given."""
-    return history(items)
+def turn(
+    state: ConversationState, inputs: list[dict[str, Any]]
+) -> tuple[list[Message], list[dict[str, Any]]]:
+    """A turn's prompt (the conversation's items, then its own input, references
+    resolved) and its own input items (added to the conversation when it ends)."""
+    own = [i for i in inputs if i.get("type") != "item_reference"]
+    inputs = resolve(inputs, state.items + own, "input")
+    return history(state.items) + history(inputs), inputs
 
 
 def item_list(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -254,16 +254,9 @@ class Lifecycle:
         context, or the conversation's items: `state`, else read now; then this request's
         items with their references resolved), and the request's own input items."""
         cid = req.conversation_id()
-        if cid is not None:
-            # A turn of a conversation (docs/contract.md §9): its own items are added
-            # to the conversation when it ends.
-            if state is None:
-                state = await conversations.state(self.store, cid, tenant)
-            known = state.items
-            items = wire.input_items(req)
-            own = [i for i in items if i.get("type") != "item_reference"]
-            items = conversations.resolve(items, known + own, "input")
-            return conversations.turns(known) + wire.history(items), items
+        if cid is not None:  # a turn of a conversation (docs/contract.md §9)
+            state = state or await conversations.state(self.store, cid, tenant)
+            return conversations.turn(state, wire.input_items(req))
         messages = await self.conversation(req.previous_response_id, tenant)
         items = await wire_items.resolve_references(
             wire.input_items(req), req.previous_response_id, lambda rid: self.store.get(rid, tenant)
