@@ -140,6 +140,9 @@ def test_bad_bodies_name_the_parameter(fast: Server, client: openai.OpenAI) -> N
         assert reply.status_code == 400, (body, reply.text)
         if param is not None:
             assert reply.json()["error"]["param"] == param, reply.text
+    # A create needs no body at all.
+    bare = httpx.post(base, timeout=10)
+    assert bare.status_code == 200 and bare.json()["metadata"] == {}
     bad_after = httpx.get(f"{base}/{conv.id}/items", params={"after": "msg_x"}, timeout=10)
     assert bad_after.status_code == 400 and bad_after.json()["error"]["param"] == "after"
     bad_order = httpx.get(f"{base}/{conv.id}/items", params={"order": "up"}, timeout=10)

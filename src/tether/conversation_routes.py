@@ -22,7 +22,16 @@ def _store(request: Request) -> Store:
     return store
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, empty_ok: bool = False) -> dict[str, Any]:
+    """The JSON object of the body; `empty_ok`: no body at all stands for `{}` (a create
+    of a conversation needs none)."""
+    headers = request.headers
+    if (
+        empty_ok
+        and headers.get("content-length", "0") == "0"
+        and "transfer-encoding" not in headers
+    ):
+        return {}
     body = await json_body(request, request.app.state.lifecycle.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
@@ -45,7 +54,7 @@ def _include(request: Request) -> None:
 
 
 async def create_conversation(request: Request) -> Response:
-    body = await _body(request)
+    body = await _body(request, empty_ok=True)
     _unknown(body, {"metadata", "items"})
     metadata = conv.parse_metadata(body.get("metadata"))
     items = conv.parse_items(body.get("items"))
