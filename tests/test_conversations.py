@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server, read_deltas, served
+from conftest import Server, read_deltas, served, wait_for
 from test_auth import client_for, create_key
 
 MODEL = "scripted"
@@ -418,3 +418,26 @@ def test_websocket_turns(fast: Server, client: openai.OpenAI) -> None:
     assert prompt(fast, second["id"]) == ["hello", "a", first_text, "b"]
     assert texts(all_items(client, conv.id))[-1] == "warm"
     assert len(all_items(client, conv.id)) == 6
+
+
+def test_a_turn_cut_by_a_crash_adds_nothing_and_frees_the_conversation(make_server: Any) -> None:
+    # SIGKILL mid-turn: after the restart the turn ends `failed` (docs/contract.md §8.7),
+    # which adds nothing and ends the turn: the next one is taken.
+    server = make_server("--scripted-rate", "50", "--scripted-length", "400")
+    with server.client() as client:
+        conv = client.conversations.create(items=[user("hello")])
+        stream = client.responses.create(
+            model=MODEL, input="doomed", conversation=conv.id, background=True, stream=True
+        )
+        rid, _ = read_deltas(stream, 2)
+        server.kill()
+    server.start()
+    with server.client() as client:
+        wait_for(lambda: client.responses.retrieve(rid).status == "failed", 10, "the turn ends")
+        assert texts(all_items(client, conv.id)) == ["hello"]
+        nxt = client.responses.create(
+            model=MODEL, input="again", conversation=conv.id, max_output_tokens=2
+        )
+        assert nxt.status == "incomplete"
+        assert prompt(server, nxt.id) == ["hello", "again"]
+        assert texts(all_items(client, conv.id)) == ["hello", "again", nxt.output_text]
