@@ -370,6 +370,18 @@ async def test_async_client(fast: Server) -> None:
         item = await client.conversations.items.retrieve(page.data[2].id, conversation_id=conv.id)
         assert item.id == reply.output[0].id
         assert (await client.conversations.retrieve(conv.id)).metadata == {"k": "v"}
+        stream = await client.responses.create(
+            model=MODEL, input="again", conversation={"id": conv.id}, stream=True
+        )
+        events = [e async for e in stream]
+        assert events[-1].response.conversation.id == conv.id  # type: ignore[union-attr]
+        assert len((await client.conversations.items.list(conv.id)).data) == 5
+        # Counted as the turn would be: the conversation's items, then the input.
+        counted = await client.responses.input_tokens.count(
+            model=MODEL, input="x", conversation=conv.id
+        )
+        alone = await client.responses.input_tokens.count(model=MODEL, input="x")
+        assert counted.input_tokens > alone.input_tokens
         assert (await client.conversations.delete(conv.id)).deleted
 
 
