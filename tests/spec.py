@@ -306,6 +306,9 @@ DELETED = jsonschema_rs.Draft202012Validator(
 _RESPONSE = re.compile(r"^/v1/responses/(?!compact$)[^/]+$")
 _CANCEL = re.compile(r"^/v1/responses/[^/]+/cancel$")
 _ITEMS = re.compile(r"^/v1/responses/[^/]+/input_items$")
+_CONVERSATION = re.compile(r"^/v1/conversations/[^/]+$")
+_CONVERSATION_ITEMS = re.compile(r"^/v1/conversations/[^/]+/items$")
+_CONVERSATION_ITEM = re.compile(r"^/v1/conversations/[^/]+/items/[^/]+$")
 
 
 def body_schema(method: str, path: str, status: int) -> str | None:
@@ -326,6 +329,17 @@ def body_schema(method: str, path: str, status: int) -> str | None:
         return "DeletedResponse"
     if method == "GET" and _ITEMS.match(path):
         return "ResponseItemList"
+    # The Conversations API: OpenAI's document only (Open Responses has none).
+    if (method == "POST" and path == "/v1/conversations") or (
+        method in ("GET", "POST") and _CONVERSATION.match(path)
+    ):
+        return "ConversationResource"
+    if method == "DELETE" and _CONVERSATION.match(path):
+        return "DeletedConversationResource"
+    if _CONVERSATION_ITEMS.match(path):
+        return "ConversationItemList"
+    if _CONVERSATION_ITEM.match(path):
+        return "ConversationItem" if method == "GET" else "ConversationResource"
     if method == "GET" and path == "/v1/models":
         return "ListModelsResponse"
     if method == "GET" and path.startswith("/v1/models/"):
@@ -374,6 +388,10 @@ class BodyCheck:
         except ValueError:
             raise violation(f"{self.where}: the body is not JSON") from None
         view = open_responses_view(body) if self.schema == "ResponseResource" else body
+        if self.schema.endswith("ItemList") and body.get("data") == []:
+            # An empty page's `first_id`/`last_id` are null (as OpenAI answers them);
+            # the document types them as strings.
+            view = {**body, "first_id": "", "last_id": ""}
         errors = fast_errors(body_validator(self.schema), view)
         if self.schema == "ResponseResource":  # and OpenAI's Response
             errors += fast_errors(

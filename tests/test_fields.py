@@ -323,7 +323,6 @@ def test_the_completion_window_is_tethers_not_the_upstreams(
 def test_refused_fields_name_themselves_and_null_is_accepted(server: Server) -> None:
     for name, value in (
         ("prompt", {"id": "pmpt_1"}),
-        ("conversation", "conv_1"),
         ("moderation", {"model": "omni-moderation-latest"}),
     ):
         reply = post(server, {"model": "scripted", "input": "x", name: value})
@@ -336,6 +335,17 @@ def test_refused_fields_name_themselves_and_null_is_accepted(server: Server) -> 
         assert post(server, {"model": "scripted", "input": "x", name: None}).status_code == 200
     reply = post(server, {"model": "scripted", "input": "x", "no_such_field": 1})
     assert reply.json()["error"]["code"] == "unknown_parameter"
+
+
+def test_conversation_is_applied_and_echoed(client: openai.OpenAI, fake: FakeUpstream) -> None:
+    # Applied (tests/test_conversations.py has the rest): the upstream gets the
+    # conversation's items before the input; neither `conversation` nor its id is sent on.
+    conv = client.conversations.create(items=[{"role": "user", "content": "earlier"}])
+    reply = create(client, model="fake", input="now", conversation={"id": conv.id})
+    assert reply.conversation.id == conv.id
+    sent = fake.last("/chat/completions").body
+    assert [m["content"] for m in sent["messages"]][-2:] == ["earlier", "now"]
+    assert "conversation" not in sent
 
 
 def test_prompt_cache_prewarm_generates_nothing(client: openai.OpenAI, fake: FakeUpstream) -> None:

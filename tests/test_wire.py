@@ -55,7 +55,12 @@ def refused(body: dict[str, Any]) -> APIError:
         ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
         # docs/fields.md: refused where accepting would give a silently wrong result.
         ({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
-        ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
+        (
+            {"model": "m", "input": "x", "conversation": "c", "previous_response_id": "r"},
+            "conversation",
+        ),
+        ({"model": "m", "input": "x", "conversation": {"id": 1}}, "conversation"),
+        ({"model": "m", "input": "x", "conversation": {}}, "conversation.id"),
         ({"model": "m", "input": "x", "moderation": {"model": "omni"}}, "moderation"),
         ({"model": "m", "input": "x", "top_logprobs": 21}, "top_logprobs"),
         (

@@ -16,6 +16,7 @@ from starlette.routing import Match
 
 from tether import compact, routes
 from tether.auth import AuthMiddleware, KeyRing
+from tether.bodies import JSON
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
@@ -95,7 +96,7 @@ def create_app(
 
 
 def _render(error: APIError) -> Response:
-    return routes.JSON(error.body(), status_code=error.status, headers=error.headers)
+    return JSON(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

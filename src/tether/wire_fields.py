@@ -29,6 +29,7 @@ FIELDS: dict[str, Field] = {
     "input": Field("applied"),
     "instructions": Field("applied"),
     "previous_response_id": Field("applied"),
+    "conversation": Field("applied"),
     "max_output_tokens": Field("applied"),
     "temperature": Field("applied"),
     "top_p": Field("applied"),
@@ -83,10 +84,6 @@ FIELDS: dict[str, Field] = {
         "refused",
         why="a stored prompt template tether cannot resolve: its "
         "instructions would be silently missing",
-    ),
-    "conversation": Field(
-        "refused",
-        why="conversations are not built yet: the conversation's items would be silently missing",
     ),
     "moderation": Field(
         "refused", why="tether runs no moderation: unmoderated output would pass as moderated"

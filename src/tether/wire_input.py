@@ -124,8 +124,9 @@ class CreateRequest(BaseModel):
     text: TextConfig | None = None
     # Refused unless null (wire_fields.REFUSED); typed loosely so a null passes.
     prompt: None = None
-    conversation: None = None
     moderation: None = None
+    #: a conversation id, or `{"id": ...}` (checked by `parse_create`: `conversation_id`)
+    conversation: StrictStr | dict[str, Any] | None = None
     #: derived at parse time: the tools as echoed and as engines get them
     _toolset: Toolset | None = None
     #: the body's forwardable fields (wire_fields.forwarded)
@@ -168,6 +169,11 @@ class CreateRequest(BaseModel):
         options = self.background_options
         return (options.completion_window if options is not None else None) or "soonest"
 
+    def conversation_id(self) -> str | None:
+        """The conversation this response is a turn of (`tether.conversations`)."""
+        value = self.conversation
+        return value.get("id") if isinstance(value, dict) else value
+
 
 def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateRequest:
     """Validate a create body, naming the offending parameter in every refusal."""
@@ -207,6 +213,7 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
             "Invalid 'metadata': keys are at most 64 characters.", "metadata", "invalid_value"
         )
     _check_messages(req.input)
+    _check_conversation(req)
     req._toolset = wire_tools.toolset(req.tools, dropped)
     req.engine_tool_choice()  # a named tool must be offered (OpenAI refuses it otherwise)
     _check_text_format(req)
@@ -256,6 +263,30 @@ def _check_window(req: CreateRequest) -> None:
             f"The '{window}' completion window cannot be used with 'stream': true.",
             param,
             "invalid_value",
+        )
+
+
+def _check_conversation(req: CreateRequest) -> None:
+    """`conversation`: an id or `{"id"}`; never with `previous_response_id` (OpenAI's
+    400: the two are exclusive ways to give the context)."""
+    value = req.conversation
+    if value is None:
+        return
+    if isinstance(value, dict) and not (set(value) == {"id"} and isinstance(value["id"], str)):
+        param = "conversation.id" if "id" not in value else "conversation"
+        raise bad_request(
+            "Invalid 'conversation': expected a conversation id or an object with its 'id'.",
+            param,
+            "invalid_value",
+        )
+    if not req.conversation_id():
+        raise bad_request("Invalid 'conversation': empty id.", "conversation", "invalid_value")
+    if req.previous_response_id is not None:
+        raise bad_request(
+            "Mutually exclusive parameters: Ensure you are only providing one of: "
+            "'previous_response_id' or 'conversation'.",
+            "conversation",
+            "mutually_exclusive_parameters",
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tether.store.base import (
+    Conversations,
     EventLog,
     IdempotencyConflict,
     Leases,
@@ -12,6 +13,7 @@ from tether.store.base import (
     Store,
     StoreUnavailable,
     Transitions,
+    UnknownItem,
 )
 from tether.store.logcache import DEFAULT_BUDGET
 
@@ -39,6 +41,7 @@ def make_store(
 
 
 __all__ = [
+    "Conversations",
     "EventLog",
     "IdempotencyConflict",
     "Leases",
@@ -48,5 +51,6 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "Transitions",
+    "UnknownItem",
     "make_store",
 ]

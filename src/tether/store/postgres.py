@@ -37,16 +37,18 @@ from tether.store.base import (
     ledger_values,
 )
 from tether.store.common import LIVE, SELECT, USAGE, USAGE_ORDER, numbered, pack, to_record, unpack
+from tether.store.conversations import turn_of
 from tether.store.livelog import LiveLog
 from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_append import RETRYABLE, Appends
+from tether.store.pg_conversations import PostgresConversations, finish_turn
 from tether.store.pg_pool import Database
 
 log = logging.getLogger("tether.store")
 
 
-class PostgresStore:
+class PostgresStore(PostgresConversations):
     def __init__(
         self,
         url: str,
@@ -77,6 +79,7 @@ class PostgresStore:
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         entries = numbered(0, events)
         last = len(events) - 1
@@ -114,6 +117,8 @@ class PostgresStore:
                         record.id,
                         time.time(),
                     )
+            if turn is not None:
+                await self.begin_turn(con, record.id, record.tenant, turn)
             await con.execute(
                 sql.CREATE,
                 record.id,
@@ -190,14 +195,14 @@ class PostgresStore:
             # Some of this run's events never reached the log? It must not end as if they
             # had. Whoever ends it next (cancel, lease reaper) ends it from the log.
             self.appends.check(response_id, run_token)
+        statement = sql.FINISH
+        values: tuple[Any, ...] = (status, time.time(), run_token, *ledger_values(snapshot))
+        cid = turn_of(snapshot)
+        if cid is not None:  # a conversation's turn: its items, in the same statement
+            statement = finish_turn(8 + len(values))
+            values += await self.turn_values(response_id, cid, snapshot, status)
         done = await self._transition(
-            sql.FINISH,
-            response_id,
-            run_token,
-            snapshot,
-            events,
-            tokens,
-            (status, time.time(), run_token, *ledger_values(snapshot)),
+            statement, response_id, run_token, snapshot, events, tokens, values
         )
         if done is None:
             return False

@@ -49,6 +49,7 @@ from tether.store.common import (
 )
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
+from tether.store.sqlite_conversations import SQLiteConversations, begin_turn, end_turn
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
@@ -70,7 +71,7 @@ def migrate(path: str) -> None:
     command.upgrade(config, "head")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteConversations):
     def __init__(self, path: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -121,6 +122,7 @@ class SQLiteStore:
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         db = self.db
         with _transaction(db):
@@ -145,6 +147,8 @@ class SQLiteStore:
                     "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
                     (record.tenant, key, body_hash, record.id, time.time()),
                 )
+            if turn is not None:
+                begin_turn(db, record.id, record.tenant, turn)
             db.execute(
                 "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
                 "stored, created_at, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -298,6 +302,7 @@ class SQLiteStore:
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
                     (model, status, inp, out, reasoning, response_id),
                 )
+                end_turn(db, response_id, status, snapshot)  # a conversation's turn
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
