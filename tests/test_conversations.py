@@ -55,6 +55,15 @@ def all_items(client: openai.OpenAI, cid: str) -> list[Any]:
     return list(client.conversations.items.list(cid, order="asc", limit=100))
 
 
+def started(server: Server, rid: str) -> bool:
+    """The scripted engine has begun this response's run."""
+    try:
+        server.trace(rid)
+    except httpx.HTTPStatusError:
+        return False
+    return True
+
+
 def prompt(server: Server, rid: str) -> list[str]:
     """The turns the engine was given (scripted engine trace)."""
     trace = server.trace(rid)
@@ -278,6 +287,8 @@ def test_a_cancelled_turn_adds_what_was_shown(make_server: Any) -> None:
         nxt = client.responses.create(
             model=MODEL, input="go on", conversation=conv.id, background=True
         )
+        # Its prompt, once its run started (a cancel before that would leave no trace).
+        wait_for(lambda: started(server, nxt.id), 30, "the next turn's run")
         client.responses.cancel(nxt.id)
         assert prompt(server, nxt.id)[:3] == ["hello", "tell me", cancelled.output_text]
 
