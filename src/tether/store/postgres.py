@@ -37,10 +37,12 @@ from tether.store.base import (
     ledger_values,
 )
 from tether.store.common import LIVE, SELECT, USAGE, USAGE_ORDER, numbered, pack, to_record, unpack
+from tether.store.hooks import Webhooks
 from tether.store.livelog import LiveLog
 from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_append import RETRYABLE, Appends
+from tether.store.pg_hooks import PgHooks
 from tether.store.pg_pool import Database
 
 log = logging.getLogger("tether.store")
@@ -59,6 +61,7 @@ class PostgresStore:
         self.live = LiveLog(redis_url, prefix, cache_bytes)
         self.appends = Appends(self.db, self.live)
         self._seqs = self.appends.seqs  # response -> (run token, last seq it wrote)
+        self.webhooks: Webhooks = PgHooks(self.db)  # endpoints and the outbox
 
     async def open(self) -> None:
         await self.db.open(sql.migrate)
@@ -197,13 +200,20 @@ class PostgresStore:
             snapshot,
             events,
             tokens,
-            (status, time.time(), run_token, *ledger_values(snapshot)),
+            (
+                status,
+                time.time(),
+                run_token,
+                *ledger_values(snapshot),
+                bool(snapshot.get("background")),  # webhooks: background responses only
+            ),
         )
         if done is None:
             return False
         _, entries = done
         self._seqs.pop(response_id, None)
         self.live.committed(response_id, entries, terminal=True)
+        self.webhooks.wake()
         return True
 
     async def _transition(

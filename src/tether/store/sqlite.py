@@ -47,8 +47,10 @@ from tether.store.common import (
     to_record,
     unpack,
 )
+from tether.store.hooks import SQLITE_OUTBOX, Webhooks
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
+from tether.store.sqlite_hooks import SQLiteHooks
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
@@ -82,6 +84,7 @@ class SQLiteStore:
         # Runs (response -> run token) an append of which could not be written, and why.
         self._lost: dict[str, tuple[str, BaseException]] = {}
         self._appends = Trouble("appending to the event log")
+        self.webhooks: Webhooks = SQLiteHooks(lambda: self.db)  # endpoints and the outbox
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -248,10 +251,12 @@ class SQLiteStore:
             events,
             tokens,
             ledger=(status, *ledger_values(snapshot)),
+            webhooks=bool(snapshot.get("background")),  # OpenAI's: background responses
         )
         if won:
             self._lost.pop(response_id, None)
             self.cache.finished(response_id)
+            self.webhooks.wake()
         return won
 
     def _check_lost(self, response_id: str, run_token: str) -> None:
@@ -272,10 +277,12 @@ class SQLiteStore:
         events: list[dict[str, Any]],
         tokens: int = 0,
         ledger: tuple[str, str, int, int] | None = None,
+        webhooks: bool = False,
     ) -> bool:
         """Compare-and-set on a live response, appending `events` in the same commit;
         a terminal one (`ledger`: status, model, input and output tokens) also counts in
-        the usage ledger in that commit."""
+        the usage ledger in that commit, and (`webhooks`) puts a delivery for each
+        subscribed endpoint in the outbox, in that commit too (`store/hooks.py`)."""
         db = self.db
         with _transaction(db):
             row = db.execute(
@@ -296,6 +303,8 @@ class SQLiteStore:
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
                     (model, status, inp, out, response_id),
                 )
+                if webhooks:
+                    db.execute(SQLITE_OUTBOX, (status, time.time(), response_id))
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)

@@ -1,0 +1,157 @@
+"""The webhook sender: a daemon of every process (`webhook_sender` setting) that delivers
+the outbox (`store/hooks.py`), at least once.
+
+Each round it claims due deliveries with a lease (so one process at a time holds each),
+posts each in a task of its own, and records the attempt: delivered on a 2xx; otherwise
+tried again after a delay that starts at `webhook_retry_first` and doubles (capped at
+`webhook_retry_max_delay`, with up to 10% jitter so a receiver coming back is not hit by
+every retry at once), until `webhook_retry_window` after the event, then given up. Every
+attempt carries the same `webhook-id` and body, freshly signed.
+
+It never delays runs: it has its own tasks, and the store calls it makes are the short
+ones of the outbox. A slow or dead receiver holds at most `webhook_concurrency` attempts
+(each bounded by `webhook_timeout`), and only its own endpoint's: the claim passes over an
+endpoint whose attempts are all in flight. A process that dies mid-attempt leaves its
+lease to expire; the delivery is then attempted again (maybe twice received: at least
+once, never lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+
+import anyio
+import httpx
+
+from tether import metrics
+from tether.config import Settings
+from tether.store.hooks import Delivery, Webhooks
+from tether.webhooks import TargetRefused, body, check_target, headers
+
+log = logging.getLogger("tether.webhooks")
+BATCH = 64  # deliveries claimed at most per round
+PENDING_EVERY = 5.0  # seconds between counts of pending deliveries (/metrics)
+
+
+class Sender:
+    def __init__(self, hooks: Webhooks, settings: Settings, owner: str) -> None:
+        self.hooks = hooks
+        self.settings = settings
+        self.owner = owner
+        self._inflight: Counter[str] = Counter()  # endpoint id -> attempts going on
+        self._limits: dict[str, anyio.CapacityLimiter] = {}
+        self._woken = False
+        self._wakeup: anyio.Event | None = None
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim holds a delivery: its attempt, after waiting at most one
+        attempt's time for its endpoint's limit, with room to record it."""
+        return 3 * self.settings.webhook_timeout + 5.0
+
+    def wake(self) -> None:
+        """A terminal transition committed here: look for deliveries now."""
+        self._woken = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled (the runner's daemon)."""
+        self.hooks.wake = self.wake
+        counted = 0.0
+        async with (
+            httpx.AsyncClient(
+                timeout=self.settings.webhook_timeout, follow_redirects=False, trust_env=False
+            ) as client,
+            anyio.create_task_group() as group,
+        ):
+            while True:
+                self._woken = False
+                claimed: list[Delivery] = []
+                try:
+                    claimed = await self._claim()
+                    if time.monotonic() - counted > PENDING_EVERY:
+                        counted = time.monotonic()
+                        metrics.webhooks_pending(await self.hooks.pending())
+                except Exception as exc:  # the store is out: try again next round
+                    log.warning("claiming webhook deliveries failed: %s", exc)
+                for delivery in claimed:
+                    self._inflight[delivery.endpoint_id] += 1
+                    group.start_soon(self._deliver, client, delivery)
+                if len(claimed) < BATCH and not self._woken:
+                    self._wakeup = anyio.Event()
+                    with anyio.move_on_after(self.settings.webhook_poll):
+                        await self._wakeup.wait()
+                    self._wakeup = None
+
+    async def _claim(self) -> list[Delivery]:
+        limit = self.settings.webhook_concurrency
+        busy = [e for e, n in self._inflight.items() if n >= limit]
+        now = time.time()
+        return await self.hooks.claim(self.owner, now, now + self.lease, limit, BATCH, busy)
+
+    async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        endpoint = delivery.endpoint_id
+        try:
+            limiter = self._limits.get(endpoint)
+            if limiter is None:
+                limiter = self._limits[endpoint] = anyio.CapacityLimiter(
+                    self.settings.webhook_concurrency
+                )
+            async with limiter:
+                status, error = await self._attempt(client, delivery)
+            now = time.time()
+            delivered = status is not None and 200 <= status < 300
+            next_at = None if delivered else self._next_at(delivery, now)
+            try:
+                await self.hooks.record(delivery.id, self.owner, now, status, error, next_at)
+            except Exception as exc:  # its lease expires: attempted again (at least once)
+                log.warning("recording webhook %s failed: %s", delivery.id, exc)
+                return
+            result = "delivered" if delivered else "retried" if next_at else "gave_up"
+            metrics.webhook_attempt(result)
+            if not delivered:
+                log.info(
+                    "webhook %s to %s: attempt %d failed (%s); %s",
+                    delivery.id,
+                    endpoint,
+                    delivery.attempts + 1,
+                    error,
+                    "given up" if next_at is None else f"next in {next_at - now:.1f}s",
+                )
+        finally:
+            self._inflight[endpoint] -= 1
+            if not self._inflight[endpoint]:
+                del self._inflight[endpoint]
+                self._limits.pop(endpoint, None)
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, delivery: Delivery
+    ) -> tuple[int | None, str | None]:
+        """One POST: its status (None: no answer) and what went wrong, if anything."""
+        try:
+            check_target(delivery.url, self.settings.webhook_allowed_hosts)
+        except TargetRefused as exc:
+            return None, str(exc)
+        payload = body(delivery)
+        try:
+            with anyio.fail_after(self.settings.webhook_timeout):  # the whole attempt
+                # Streamed and not read: a receiver's reply body is not ours to buffer.
+                async with client.stream(
+                    "POST", delivery.url, content=payload, headers=headers(delivery, payload)
+                ) as reply:
+                    status = reply.status_code
+        except (httpx.HTTPError, TimeoutError, OSError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:500]
+        return status, None if 200 <= status < 300 else f"HTTP {status}"
+
+    def _next_at(self, delivery: Delivery, now: float) -> float | None:
+        """When to try again after this failed attempt; None: give up (the window is over)."""
+        s = self.settings
+        failures = delivery.attempts + 1
+        delay = min(s.webhook_retry_first * 2 ** min(failures - 1, 40), s.webhook_retry_max_delay)
+        at = now + delay * (1 + random.random() / 10)  # jitter: spread a backlog's retries
+        return None if at > delivery.created_at + s.webhook_retry_window else at
