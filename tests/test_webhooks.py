@@ -1,0 +1,374 @@
+"""Signed webhooks with an outbox (issue 19, docs/webhooks.md), end to end: real `tether
+serve` processes, the real `tether webhooks` CLI, and a real HTTP receiver on loopback
+whose every request is verified with the `openai` SDK's own `webhooks.unwrap`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from conftest import Server, free_port, wait_for
+from services import postgres_url, prefix, redis_url
+
+# Short delays, so a retry is a fraction of a second.
+FAST = """
+webhook_poll = 0.1
+webhook_retry_first = 0.3
+webhook_retry_max_delay = 1.0
+webhook_timeout = 3.0
+"""
+
+
+@dataclass
+class Hit:
+    body: bytes
+    headers: dict[str, str]
+    status: int  # what the receiver answered
+
+
+class Receiver:
+    """A webhook receiver: a real HTTP server on a loopback port, recording every request.
+    `replies` are the statuses it answers with, in turn (then 200); `stop()` and `start()`
+    take it down and up again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.hits: list[Hit] = []
+        self.replies: list[int] = []
+        self._changed = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers["content-length"]))
+                with receiver._changed:
+                    status = receiver.replies.pop(0) if receiver.replies else 200
+                    receiver.hits.append(Hit(data, dict(self.headers.items()), status))
+                    receiver._changed.notify_all()
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def wait(self, predicate: Callable[[list[Hit]], bool], timeout: float = 20.0) -> list[Hit]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self.hits), timeout):
+                raise AssertionError(f"receiver: timed out; got {len(self.hits)} requests")
+            return list(self.hits)
+
+    def delivered(self, hits: list[Hit] | None = None) -> list[Hit]:
+        return [h for h in (self.hits if hits is None else hits) if 200 <= h.status < 300]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "webhooks", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def add_endpoint(db: str, url: str, events: str, *more: str) -> tuple[str, str]:
+    """`tether webhooks add`: the endpoint id and its secret."""
+    out = cli("add", url, "--events", events, "--db", db, *more).stdout.split("\n")
+    return out[0].split()[0], out[1].strip()
+
+
+def deliveries(db: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line) for line in cli("deliveries", "--db", db, "--json").stdout.splitlines()
+    ]
+
+
+def all_delivered(db: str) -> list[dict[str, Any]] | None:
+    rows = deliveries(db)
+    return rows if rows and all(d["state"] == "delivered" for d in rows) else None
+
+
+def config(tmp: Path, text: str, name: str = "hooks.toml") -> str:
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def unwrap(secret: str, hit: Hit) -> Any:
+    """The SDK's verification of one request: raises unless it is signed with `secret`
+    and recent."""
+    return openai.OpenAI(api_key="unused", webhook_secret=secret).webhooks.unwrap(
+        hit.body, hit.headers
+    )
+
+
+def background(client: openai.OpenAI, text: str = "hello", **kwargs: Any) -> str:
+    return client.responses.create(model="scripted", input=text, background=True, **kwargs).id
+
+
+def test_each_terminal_status_sends_its_signed_event(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "t.db")
+    everything = "response.completed,response.failed,response.incomplete,response.cancelled"
+    _, secret = add_endpoint(db, receiver.url, everything)
+    _, completed_only = add_endpoint(db, receiver.url, "response.completed")
+    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "50", db=db)
+    with server.client() as client:
+        foreground = client.responses.create(model="scripted", input="x").id
+        want = {
+            background(client): "response.completed",
+            background(client, "FAIL_AT=3 go"): "response.failed",
+            background(client, max_output_tokens=16): "response.incomplete",
+        }
+        slow = background(client, "slow")
+        wait_for(lambda: client.responses.retrieve(slow).status == "in_progress", what="a run")
+        assert client.responses.cancel(slow).status == "cancelled"
+        want[slow] = "response.cancelled"
+        for rid in want:
+            wait_for(lambda rid=rid: client.responses.retrieve(rid).status != "in_progress")
+
+    hits = receiver.wait(lambda hits: len(hits) >= 5)  # 4 events + completed's second copy
+    by_secret: dict[str, list[Any]] = {secret: [], completed_only: []}
+    for hit in hits:
+        verified = [s for s in by_secret if _verifies(s, hit)]
+        assert len(verified) == 1, hit.headers
+        event = unwrap(verified[0], hit)
+        by_secret[verified[0]].append(event)
+        assert event.id == hit.headers["webhook-id"] and event.object == "event"
+        assert abs(event.created_at - time.time()) < 60
+    assert {e.data.id: e.type for e in by_secret[secret]} == want
+    assert [e.type for e in by_secret[completed_only]] == ["response.completed"]
+    # A foreground response sends none (as OpenAI: webhooks are for background ones);
+    # the outbox is written with the terminal state, so this is already final.
+    assert foreground not in {d["response_id"] for d in deliveries(db)}
+    assert all(d["state"] == "delivered" and d["attempts"] == 1 for d in deliveries(db))
+
+    # The SDK rejects a tampered body and a replay of an old request.
+    hit = hits[0]
+    key = secret if _verifies(secret, hit) else completed_only
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        unwrap(key, Hit(hit.body.replace(b'"event"', b'"evil"'), hit.headers, 200))
+    old = {**hit.headers, "webhook-timestamp": str(int(time.time()) - 3600)}
+    with pytest.raises(openai.InvalidWebhookSignatureError, match="too old"):
+        unwrap(key, Hit(hit.body, old, 200))
+
+
+def _verifies(secret: str, hit: Hit) -> bool:
+    try:
+        unwrap(secret, hit)
+    except openai.InvalidWebhookSignatureError:
+        return False
+    return True
+
+
+def test_a_failed_attempt_is_retried_with_the_same_id(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "t.db")
+    endpoint, secret = add_endpoint(db, receiver.url, "response.completed")
+    receiver.replies = [500, 503]
+    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    with server.client() as client:
+        rid = background(client)
+    hits = receiver.wait(lambda hits: bool(receiver.delivered(hits)))
+    assert [h.status for h in hits] == [500, 503, 200]
+    assert len({h.headers["webhook-id"] for h in hits}) == 1
+    assert len({h.body for h in hits}) == 1  # the same event every time, freshly signed
+    assert all(unwrap(secret, h).data.id == rid for h in hits)
+    [row] = deliveries(db)
+    assert row["state"] == "delivered" and row["attempts"] == 3 and row["last_status"] == 200
+    assert row["endpoint_id"] == endpoint
+    page = httpx.get(f"{server.url}/metrics").text
+    assert 'tether_webhook_attempts_total{result="retried"} 2.0' in page
+    assert 'tether_webhook_attempts_total{result="delivered"} 1.0' in page
+
+
+def test_a_receiver_down_for_a_while_gets_every_event_with_the_same_ids(
+    make_server: Any, tmp_path: Path
+) -> None:
+    receiver = Receiver()  # not started: connections are refused
+    db = str(tmp_path / "t.db")
+    _, secret = add_endpoint(db, receiver.url, "response.completed")
+    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    with server.client() as client:
+        rids = {background(client, f"n{i}") for i in range(6)}
+    # Every delivery failed at least twice while the receiver was down.
+    rows = wait_for(
+        lambda: (r := deliveries(db)) and len(r) == 6 and all(d["attempts"] >= 2 for d in r) and r,
+        what="failed attempts",
+    )
+    assert all(d["state"] == "pending" and "ConnectError" in d["last_error"] for d in rows)
+    receiver.start()
+    try:
+        hits = receiver.wait(lambda hits: len({h.headers["webhook-id"] for h in hits}) == 6)
+    finally:
+        receiver.stop()
+    assert {unwrap(secret, h).data.id for h in hits} == rids
+    assert {h.headers["webhook-id"] for h in hits} == {d["id"] for d in rows}
+    final = wait_for(lambda: all_delivered(db), what="delivered rows")
+    assert len(final) == 6
+
+
+def test_sigkill_after_the_terminal_commit_still_delivers_after_restart(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "t.db")
+    _, secret = add_endpoint(db, receiver.url, "response.completed")
+    # The first server commits terminal states but sends nothing (as if it died at once).
+    server = make_server(
+        "--config",
+        config(tmp_path, FAST + "webhook_sender = false\n"),
+        "--scripted-rate",
+        "0",
+        db=db,
+    )
+    with server.client() as client:
+        rid = background(client)
+        wait_for(lambda: client.responses.retrieve(rid).status == "completed", what="done")
+    [row] = deliveries(db)
+    assert row["state"] == "pending" and row["attempts"] == 0 and row["response_id"] == rid
+    server.stop(signal.SIGKILL)
+    assert not receiver.hits
+    restarted = make_server("--config", config(tmp_path, FAST, "on.toml"), db=db)
+    [hit] = receiver.wait(lambda hits: len(hits) == 1)
+    assert hit.headers["webhook-id"] == row["id"]
+    assert unwrap(secret, hit).data.id == rid
+    restarted.stop()
+
+
+def test_cli_add_list_rotate_remove(make_server: Any, receiver: Receiver, tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    endpoint, old = add_endpoint(db, receiver.url, "response.completed", "--tenant", "default")
+    listed = [json.loads(x) for x in cli("list", "--db", db, "--json").stdout.split("\n") if x]
+    assert [(e["id"], e["url"], e["events"]) for e in listed] == [
+        (endpoint, receiver.url, "response.completed")
+    ]
+    assert old not in cli("list", "--db", db).stdout  # a hint only, never the secret
+    new = cli("rotate-secret", endpoint, "--db", db).stdout.strip()
+    assert new.startswith("whsec_") and new != old
+    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    with server.client() as client:
+        background(client)
+    [hit] = receiver.wait(lambda hits: len(hits) == 1)
+    assert _verifies(new, hit) and not _verifies(old, hit)
+
+    assert "removed" in cli("remove", endpoint, "--db", db).stdout
+    assert cli("list", "--db", db, "--json").stdout == ""
+    assert deliveries(db) == []
+    gone = cli("remove", endpoint, "--db", db, check=False)
+    assert gone.returncode == 2 and "no endpoint" in gone.stderr
+    bad = cli("add", receiver.url, "--events", "response.done", "--db", db, check=False)
+    assert bad.returncode == 2 and "--events" in bad.stderr
+
+
+def test_only_loopback_and_allowed_hosts_receive(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "t.db")
+    refused = cli(
+        "add", "http://10.1.2.3/hook", "--events", "response.completed", "--db", db, check=False
+    )
+    assert refused.returncode == 2 and "webhook_allowed_hosts" in refused.stderr
+    for url in ("file:///etc/passwd", "gopher://127.0.0.1/x"):
+        assert (
+            cli("add", url, "--events", "response.completed", "--db", db, check=False).returncode
+            == 2
+        )
+    # Allowed when added, no longer when the server sends: refused before any connection.
+    allowing = config(tmp_path, 'webhook_allowed_hosts = ["hooks.example.invalid"]\n', "a.toml")
+    add_endpoint(db, "http://hooks.example.invalid/x", "response.completed", "--config", allowing)
+    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    with server.client() as client:
+        background(client)
+    [row] = wait_for(lambda: (r := deliveries(db)) and r[0]["attempts"] >= 1 and r, what="try")
+    assert row["state"] == "pending" and row["last_status"] is None
+    assert "not loopback nor in webhook_allowed_hosts" in row["last_error"]
+
+
+@pytest.fixture
+def shared_postgres(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    with postgres_url() as db:
+        yield db, redis_url(), prefix()
+
+
+def pg_server(db: str, redis: str, key_prefix: str, tmp: Path, *args: str) -> Server:
+    server = Server(
+        db,
+        ["--redis", redis, "--redis-prefix", key_prefix, "--engine", "scripted", *args],
+        log_dir=tmp,
+    )
+    server.start()
+    return server
+
+
+def test_two_processes_on_postgres_deliver_each_event(
+    shared_postgres: tuple[str, str, str], receiver: Receiver, tmp_path: Path
+) -> None:
+    db, redis, key_prefix = shared_postgres
+    _, secret = add_endpoint(db, receiver.url, "response.completed,response.failed")
+    conf = config(tmp_path, FAST + "webhook_concurrency = 2\n")
+    servers = [
+        pg_server(db, redis, key_prefix, tmp_path, "--config", conf, "--scripted-rate", "0")
+        for _ in range(2)
+    ]
+    try:
+        rids: dict[str, str] = {}
+        for i in range(24):
+            with servers[i % 2].client() as client:
+                failing = i % 6 == 0
+                rid = background(client, "FAIL_AT=1 x" if failing else f"n{i}")
+                rids[rid] = "response.failed" if failing else "response.completed"
+        hits = receiver.wait(lambda hits: len({h.headers["webhook-id"] for h in hits}) == 24)
+        events = [unwrap(secret, h) for h in hits]
+        assert {e.data.id: e.type for e in events} == rids
+        duplicates = len(hits) - len({h.headers["webhook-id"] for h in hits})
+        print(f"deliveries: {len(hits)}, duplicates: {duplicates}")
+        # Leases keep each delivery with one process while its attempt lasts: no
+        # duplicates here (at least once would allow them after a lease ran out).
+        assert duplicates == 0
+        rows = wait_for(lambda: all_delivered(db), what="delivered rows")
+        assert len(rows) == 24 and all(d["attempts"] == 1 for d in rows)
+    finally:
+        for server in servers:
+            server.stop()
