@@ -20,16 +20,21 @@ import httpx
 import openai
 import pytest
 
+from cluster import PrivatePostgres
 from conftest import Server, free_port, wait_for
 from services import postgres_url, prefix, redis_url
 
-# Short delays, so a retry is a fraction of a second.
-FAST = """
-webhook_poll = 0.1
-webhook_retry_first = 0.3
-webhook_retry_max_delay = 1.0
-webhook_timeout = 3.0
-"""
+
+def fast(**settings: object) -> str:
+    """Settings as TOML: short delays, so a retry is a fraction of a second."""
+    values = {
+        "webhook_poll": 0.1,
+        "webhook_retry_first": 0.3,
+        "webhook_retry_max_delay": 1.0,
+        "webhook_timeout": 3.0,
+        **settings,
+    }
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Hit:
     body: bytes
     headers: dict[str, str]
     status: int  # what the receiver answered
+    at: float = 0.0  # time.monotonic() when it arrived
 
 
 class Receiver:
@@ -44,10 +50,12 @@ class Receiver:
     `replies` are the statuses it answers with, in turn (then 200); `stop()` and `start()`
     take it down and up again on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = free_port()
         self.hits: list[Hit] = []
         self.replies: list[int] = []
+        self.delay = delay  # seconds before each answer (a slow receiver)
+        self.busy = self.most_busy = 0  # requests being answered now, and at most
         self._changed = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
 
@@ -63,8 +71,14 @@ class Receiver:
                 data = self.rfile.read(int(self.headers["content-length"]))
                 with receiver._changed:
                     status = receiver.replies.pop(0) if receiver.replies else 200
-                    receiver.hits.append(Hit(data, dict(self.headers.items()), status))
+                    hit = Hit(data, dict(self.headers.items()), status, time.monotonic())
+                    receiver.hits.append(hit)
+                    receiver.busy += 1
+                    receiver.most_busy = max(receiver.most_busy, receiver.busy)
                     receiver._changed.notify_all()
+                time.sleep(receiver.delay)  # a slow receiver (this thread only)
+                with receiver._changed:
+                    receiver.busy -= 1
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -73,6 +87,8 @@ class Receiver:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True  # a slow answer does not hold up stop()
+        self._server.block_on_close = False
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -153,7 +169,7 @@ def test_each_terminal_status_sends_its_signed_event(
     everything = "response.completed,response.failed,response.incomplete,response.cancelled"
     _, secret = add_endpoint(db, receiver.url, everything)
     _, completed_only = add_endpoint(db, receiver.url, "response.completed")
-    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "50", db=db)
+    server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "50", db=db)
     with server.client() as client:
         foreground = client.responses.create(model="scripted", input="x").id
         want = {
@@ -208,7 +224,7 @@ def test_a_failed_attempt_is_retried_with_the_same_id(
     db = str(tmp_path / "t.db")
     endpoint, secret = add_endpoint(db, receiver.url, "response.completed")
     receiver.replies = [500, 503]
-    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "0", db=db)
     with server.client() as client:
         rid = background(client)
     hits = receiver.wait(lambda hits: bool(receiver.delivered(hits)))
@@ -230,7 +246,7 @@ def test_a_receiver_down_for_a_while_gets_every_event_with_the_same_ids(
     receiver = Receiver()  # not started: connections are refused
     db = str(tmp_path / "t.db")
     _, secret = add_endpoint(db, receiver.url, "response.completed")
-    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "0", db=db)
     with server.client() as client:
         rids = {background(client, f"n{i}") for i in range(6)}
     # Every delivery failed at least twice while the receiver was down.
@@ -258,7 +274,7 @@ def test_sigkill_after_the_terminal_commit_still_delivers_after_restart(
     # The first server commits terminal states but sends nothing (as if it died at once).
     server = make_server(
         "--config",
-        config(tmp_path, FAST + "webhook_sender = false\n"),
+        config(tmp_path, fast(webhook_sender=False)),
         "--scripted-rate",
         "0",
         db=db,
@@ -270,7 +286,7 @@ def test_sigkill_after_the_terminal_commit_still_delivers_after_restart(
     assert row["state"] == "pending" and row["attempts"] == 0 and row["response_id"] == rid
     server.stop(signal.SIGKILL)
     assert not receiver.hits
-    restarted = make_server("--config", config(tmp_path, FAST, "on.toml"), db=db)
+    restarted = make_server("--config", config(tmp_path, fast(), "on.toml"), db=db)
     [hit] = receiver.wait(lambda hits: len(hits) == 1)
     assert hit.headers["webhook-id"] == row["id"]
     assert unwrap(secret, hit).data.id == rid
@@ -287,7 +303,7 @@ def test_cli_add_list_rotate_remove(make_server: Any, receiver: Receiver, tmp_pa
     assert old not in cli("list", "--db", db).stdout  # a hint only, never the secret
     new = cli("rotate-secret", endpoint, "--db", db).stdout.strip()
     assert new.startswith("whsec_") and new != old
-    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "0", db=db)
     with server.client() as client:
         background(client)
     [hit] = receiver.wait(lambda hits: len(hits) == 1)
@@ -318,7 +334,7 @@ def test_only_loopback_and_allowed_hosts_receive(
     # Allowed when added, no longer when the server sends: refused before any connection.
     allowing = config(tmp_path, 'webhook_allowed_hosts = ["hooks.example.invalid"]\n', "a.toml")
     add_endpoint(db, "http://hooks.example.invalid/x", "response.completed", "--config", allowing)
-    server = make_server("--config", config(tmp_path, FAST), "--scripted-rate", "0", db=db)
+    server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "0", db=db)
     with server.client() as client:
         background(client)
     [row] = wait_for(lambda: (r := deliveries(db)) and r[0]["attempts"] >= 1 and r, what="try")
@@ -347,7 +363,7 @@ def test_two_processes_on_postgres_deliver_each_event(
 ) -> None:
     db, redis, key_prefix = shared_postgres
     _, secret = add_endpoint(db, receiver.url, "response.completed,response.failed")
-    conf = config(tmp_path, FAST + "webhook_concurrency = 2\n")
+    conf = config(tmp_path, fast(webhook_concurrency=2))
     servers = [
         pg_server(db, redis, key_prefix, tmp_path, "--config", conf, "--scripted-rate", "0")
         for _ in range(2)
@@ -372,3 +388,64 @@ def test_two_processes_on_postgres_deliver_each_event(
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_slow_receiver_delays_neither_runs_nor_other_endpoints(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    slow = Receiver(delay=60.0)  # answers long after everything else
+    slow.start()
+    try:
+        db = str(tmp_path / "t.db")
+        add_endpoint(db, slow.url, "response.completed")
+        add_endpoint(db, receiver.url, "response.completed")
+        conf = config(tmp_path, fast(webhook_timeout=30.0, webhook_concurrency=2))
+        server = make_server("--config", conf, "--scripted-rate", "0", db=db)
+        with server.client() as client:
+            started = time.monotonic()
+            rids = [background(client, f"n{i}") for i in range(8)]
+            for rid in rids:  # the runs end at once: the sender is not in their way
+                wait_for(lambda rid=rid: client.responses.retrieve(rid).status == "completed")
+        hits = receiver.wait(lambda hits: len(hits) == 8)
+        # The other endpoint got all 8 at once; behind the slow one they would have
+        # waited 4 rounds of its 30 s timeout.
+        took = max(h.at for h in hits) - started
+        print(f"8 deliveries to the fast endpoint in {took:.2f}s")
+        assert took < 10
+        slow.wait(lambda hits: len(hits) == 2)
+        assert slow.most_busy == 2 and len(slow.hits) == 2  # its concurrency limit
+    finally:
+        slow.stop()
+
+
+def test_postgres_restart_loses_no_delivery(receiver: Receiver, tmp_path: Path) -> None:
+    private = PrivatePostgres()
+    try:
+        private.start()
+        _, secret = add_endpoint(private.url, receiver.url, "response.completed")
+        conf = config(tmp_path, fast(webhook_timeout=1.0))
+        server = pg_server(
+            private.url, redis_url(), prefix(), tmp_path, "--config", conf, "--scripted-rate", "0"
+        )
+        try:
+            receiver.stop()  # down: the deliveries wait in the outbox
+            with server.client() as client:
+                rids = {background(client, f"n{i}") for i in range(4)}
+                for rid in rids:
+                    wait_for(lambda rid=rid: client.responses.retrieve(rid).status == "completed")
+            ids = {d["id"] for d in deliveries(private.url)}
+            assert len(ids) == 4
+            private.stop()
+            receiver.start()
+            time_down = time.monotonic()
+            private.start()
+            hits = receiver.wait(
+                lambda hits: len({h.headers["webhook-id"] for h in hits}) == 4, timeout=60
+            )
+            print(f"all delivered {time.monotonic() - time_down:.1f}s after the outage began")
+            assert {h.headers["webhook-id"] for h in hits} == ids
+            assert {unwrap(secret, h).data.id for h in hits} == rids
+        finally:
+            server.stop()
+    finally:
+        private.cleanup()
