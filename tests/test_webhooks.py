@@ -4,8 +4,10 @@ whose every request is verified with the `openai` SDK's own `webhooks.unwrap`.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -449,3 +451,79 @@ def test_postgres_restart_loses_no_delivery(receiver: Receiver, tmp_path: Path) 
             server.stop()
     finally:
         private.cleanup()
+
+
+@contextlib.contextmanager
+def store_url(kind: str, tmp: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield str(tmp / "hooks.db")
+    else:
+        with postgres_url() as url:
+            yield url
+
+
+async def insert_due(db: str, rows: list[tuple[str, str]], now: float) -> None:
+    """Outbox rows (event id, endpoint id), due at `now`, as a terminal transition writes."""
+    sql = (
+        "INSERT INTO webhook_deliveries (id, endpoint_id, tenant, response_id, type, "
+        "created_at, next_at) VALUES ({}, {}, 'default', 'resp_x', 'response.completed', {}, {})"
+    )
+    if db.startswith("postgresql://"):
+        import asyncpg
+
+        con = await asyncpg.connect(db)
+        try:
+            await con.executemany(sql.format("$1", "$2", "$3", "$3"), [(*r, now) for r in rows])
+        finally:
+            await con.close()
+    else:
+        with sqlite3.connect(db) as con:
+            con.executemany(sql.format("?", "?", "?", "?"), [(*r, now, now) for r in rows])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_claims_lease_limit_and_record(kind: str, tmp_path: Path) -> None:
+    """The store's half of delivery, both stores alike: leases, the per-endpoint limit,
+    endpoints passed over, who may record what, purge, remove."""
+    from tether.store.hooks import Endpoint
+    from tether.webhook_admin import hooks_for
+
+    with store_url(kind, tmp_path) as db:
+        async with hooks_for(db) as hooks:
+            now = time.time()
+            for name in ("a", "b"):
+                url = f"http://127.0.0.1/{name}"
+                await hooks.add_endpoint(Endpoint(name, "default", url, [], "whsec_AA==", now))
+            await insert_due(db, [(f"evt_a{i}", "a") for i in range(5)] + [("evt_b", "b")], now)
+            assert await hooks.pending() == 6
+
+            first = await hooks.claim("p1", now, now + 100, per_endpoint=2, limit=10)
+            assert sorted(d.id for d in first) == ["evt_a0", "evt_a1", "evt_b"]
+            assert {d.url for d in first} == {"http://127.0.0.1/a", "http://127.0.0.1/b"}
+            second = await hooks.claim("p2", now, now + 100, per_endpoint=2, limit=10)
+            assert sorted(d.id for d in second) == ["evt_a2", "evt_a3"]  # leased ones skipped
+            assert await hooks.claim("p2", now, now + 100, 2, 10, busy=["a"]) == []
+
+            # A failure is recorded only by the lease's holder; delivered by anyone.
+            await hooks.record("evt_a0", "p2", now, 500, "HTTP 500", now + 60)
+            await hooks.record("evt_a0", "p1", now, 500, "HTTP 500", now + 60)
+            await hooks.record("evt_a1", "p2", now, 204, None, None)
+            await hooks.record("evt_b", "p1", now, None, "ConnectError", None)  # gave up
+            rows = {d.id: d for d in await hooks.deliveries()}
+            assert (rows["evt_a0"].attempts, rows["evt_a0"].state()) == (1, "pending")
+            assert rows["evt_a0"].next_at == pytest.approx(now + 60)
+            assert (rows["evt_a1"].attempts, rows["evt_a1"].state()) == (1, "delivered")
+            assert (rows["evt_b"].state(), rows["evt_b"].last_error) == ("gave_up", "ConnectError")
+            # evt_a0 waits for its retry time; its lease is released.
+            later = await hooks.claim("p3", now + 1, now + 100, 5, 10)
+            assert sorted(d.id for d in later) == ["evt_a4"]
+            again = await hooks.claim("p3", now + 61, now + 90, 5, 10)
+            assert sorted(d.id for d in again) == ["evt_a0"]  # the retry is due
+            expired = await hooks.claim("p4", now + 101, now + 200, 5, 10)  # leases over
+            assert sorted(d.id for d in expired) == ["evt_a0", "evt_a2", "evt_a3", "evt_a4"]
+
+            assert await hooks.pending() == 4
+            assert await hooks.purge(now + 1) == 2  # the delivered and the given up
+            assert await hooks.remove_endpoint("a") and not await hooks.remove_endpoint("a")
+            assert await hooks.deliveries() == [] and await hooks.pending() == 0

@@ -34,6 +34,7 @@ from tether.webhooks import TargetRefused, body, check_target, headers
 log = logging.getLogger("tether.webhooks")
 BATCH = 64  # deliveries claimed at most per round
 PENDING_EVERY = 5.0  # seconds between counts of pending deliveries (/metrics)
+PURGE_EVERY = 60.0  # seconds between purges of deliveries over for `retention`
 
 
 class Sender:
@@ -61,7 +62,7 @@ class Sender:
     async def run(self) -> None:
         """Deliver until cancelled (the runner's daemon)."""
         self.hooks.wake = self.wake
-        counted = 0.0
+        counted = purged = 0.0
         async with (
             httpx.AsyncClient(
                 timeout=self.settings.webhook_timeout, follow_redirects=False, trust_env=False
@@ -76,6 +77,9 @@ class Sender:
                     if time.monotonic() - counted > PENDING_EVERY:
                         counted = time.monotonic()
                         metrics.webhooks_pending(await self.hooks.pending())
+                    if time.monotonic() - purged > PURGE_EVERY:
+                        purged = time.monotonic()
+                        await self.hooks.purge(time.time() - self.settings.retention)
                 except Exception as exc:  # the store is out: try again next round
                     log.warning("claiming webhook deliveries failed: %s", exc)
                 for delivery in claimed:

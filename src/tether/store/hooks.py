@@ -167,3 +167,8 @@ class Webhooks(Protocol):
     async def pending(self) -> int:
         """Deliveries neither delivered nor given up."""
         ...
+
+    async def purge(self, before: float) -> int:
+        """Forget deliveries made before `before` that are over (delivered or given up):
+        how many."""
+        ...

@@ -160,6 +160,15 @@ class PgHooks:
         )
         return int(value)
 
+    async def purge(self, before: float) -> int:
+        async with self.db.conn() as con:
+            done = await con.execute(
+                "DELETE FROM webhook_deliveries "
+                "WHERE created_at < $1 AND (delivered_at IS NOT NULL OR gave_up)",
+                before,
+            )
+        return int(done.split()[-1])
+
 
 def _nothing() -> None:
     pass

@@ -160,6 +160,15 @@ class SQLiteHooks:
         row = self._db().execute(f"SELECT count(*) FROM webhook_deliveries WHERE {DUE}").fetchone()
         return int(row[0])
 
+    async def purge(self, before: float) -> int:
+        cur = write(
+            self._db(),
+            "DELETE FROM webhook_deliveries "
+            "WHERE created_at < ? AND (delivered_at IS NOT NULL OR gave_up = 1)",
+            (before,),
+        )
+        return cur.rowcount
+
 
 def _prefixed(alias: str) -> str:
     return ", ".join(f"{alias}.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))
