@@ -35,6 +35,9 @@ log = logging.getLogger("tether.webhooks")
 BATCH = 64  # deliveries claimed at most per round
 PENDING_EVERY = 5.0  # seconds between counts of pending deliveries (/metrics)
 PURGE_EVERY = 60.0  # seconds between purges of deliveries over for `retention`
+# After a wake-up, wait this long before claiming, so a burst of terminal transitions
+# (or of finished attempts) is one claim, not one each: claims stay off the runs' way.
+GATHER = 0.01
 
 
 class Sender:
@@ -44,6 +47,7 @@ class Sender:
         self.owner = owner
         self._inflight: Counter[str] = Counter()  # endpoint id -> attempts going on
         self._limits: dict[str, anyio.CapacityLimiter] = {}
+        self._capped: set[str] = set()  # endpoints the last claims took all they could of
         self._woken = False
         self._wakeup: anyio.Event | None = None
 
@@ -54,7 +58,8 @@ class Sender:
         return 3 * self.settings.webhook_timeout + 5.0
 
     def wake(self) -> None:
-        """A terminal transition committed here: look for deliveries now."""
+        """A terminal transition committed here, or an attempt ended: look for due
+        deliveries now (after `GATHER`), not at the next poll."""
         self._woken = True
         if self._wakeup is not None:
             self._wakeup.set()
@@ -85,17 +90,24 @@ class Sender:
                 for delivery in claimed:
                     self._inflight[delivery.endpoint_id] += 1
                     group.start_soon(self._deliver, client, delivery)
-                if len(claimed) < BATCH and not self._woken:
-                    self._wakeup = anyio.Event()
-                    with anyio.move_on_after(self.settings.webhook_poll):
-                        await self._wakeup.wait()
-                    self._wakeup = None
+                if len(claimed) < BATCH:
+                    if not self._woken:
+                        self._wakeup = anyio.Event()
+                        with anyio.move_on_after(self.settings.webhook_poll):
+                            await self._wakeup.wait()
+                        self._wakeup = None
+                    await anyio.sleep(GATHER)
 
     async def _claim(self) -> list[Delivery]:
         limit = self.settings.webhook_concurrency
         busy = [e for e, n in self._inflight.items() if n >= limit]
         now = time.time()
-        return await self.hooks.claim(self.owner, now, now + self.lease, limit, BATCH, busy)
+        claimed = await self.hooks.claim(self.owner, now, now + self.lease, limit, BATCH, busy)
+        # An endpoint passed over, or given all its limit allows, may have more due: the end
+        # of one of its attempts is then worth a look (and only then: a claim is a write).
+        taken = Counter(d.endpoint_id for d in claimed)
+        self._capped.update(busy, (e for e, n in taken.items() if n >= limit))
+        return claimed
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
         endpoint = delivery.endpoint_id
@@ -131,6 +143,9 @@ class Sender:
             if not self._inflight[endpoint]:
                 del self._inflight[endpoint]
                 self._limits.pop(endpoint, None)
+            if endpoint in self._capped:  # a slot is free, and more may be due
+                self._capped.discard(endpoint)
+                self.wake()
 
     async def _attempt(
         self, client: httpx.AsyncClient, delivery: Delivery
