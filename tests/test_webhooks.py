@@ -237,6 +237,9 @@ def test_a_failed_attempt_is_retried_with_the_same_id(
     [row] = deliveries(db)
     assert row["state"] == "delivered" and row["attempts"] == 3 and row["last_status"] == 200
     assert row["endpoint_id"] == endpoint
+    listed = cli("deliveries", "--endpoint", endpoint, "--db", db).stdout
+    assert row["id"] in listed and "delivered" in listed
+    assert row["id"] not in cli("deliveries", "--endpoint", "we_other", "--db", db).stdout
     page = httpx.get(f"{server.url}/metrics").text
     assert 'tether_webhook_attempts_total{result="retried"} 2.0' in page
     assert 'tether_webhook_attempts_total{result="delivered"} 1.0' in page
