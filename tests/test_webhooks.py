@@ -57,6 +57,7 @@ class Receiver:
         self.hits: list[Hit] = []
         self.replies: list[int] = []
         self.delay = delay  # seconds before each answer (a slow receiver)
+        self.delays: list[float] = []  # seconds before the next answers, in turn (then `delay`)
         self.busy = self.most_busy = 0  # requests being answered now, and at most
         self._changed = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -73,12 +74,13 @@ class Receiver:
                 data = self.rfile.read(int(self.headers["content-length"]))
                 with receiver._changed:
                     status = receiver.replies.pop(0) if receiver.replies else 200
+                    delay = receiver.delays.pop(0) if receiver.delays else receiver.delay
                     hit = Hit(data, dict(self.headers.items()), status, time.monotonic())
                     receiver.hits.append(hit)
                     receiver.busy += 1
                     receiver.most_busy = max(receiver.most_busy, receiver.busy)
                     receiver._changed.notify_all()
-                time.sleep(receiver.delay)  # a slow receiver (this thread only)
+                time.sleep(delay)  # a slow receiver (this thread only)
                 with receiver._changed:
                     receiver.busy -= 1
                 self.send_response(status)
@@ -296,6 +298,31 @@ def test_sigkill_after_the_terminal_commit_still_delivers_after_restart(
     assert hit.headers["webhook-id"] == row["id"]
     assert unwrap(secret, hit).data.id == rid
     restarted.stop()
+
+
+def test_a_sender_killed_mid_attempt_leaves_it_to_the_next_after_its_lease(
+    make_server: Any, receiver: Receiver, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "t.db")
+    _, secret = add_endpoint(db, receiver.url, "response.completed")
+    receiver.delays = [30.0]  # the first attempt hangs: its sender dies meanwhile
+    conf = config(tmp_path, fast(webhook_timeout=1.0))  # a lease of 3 x 1 + 5 s
+    server = make_server("--config", conf, "--scripted-rate", "0", db=db)
+    with server.client() as client:
+        rid = background(client)
+    receiver.wait(lambda hits: len(hits) == 1)
+    server.stop(signal.SIGKILL)
+    [row] = deliveries(db)
+    assert row["state"] == "pending" and row["attempts"] == 0  # never recorded
+    killed = time.monotonic()
+    make_server("--config", conf, db=db)
+    hits = receiver.wait(lambda hits: len(hits) == 2)
+    waited = time.monotonic() - killed
+    print(f"attempted again {waited:.1f}s after the kill (lease 8 s)")
+    # The same event twice (at least once): the receiver can tell by its webhook-id.
+    assert hits[0].headers["webhook-id"] == hits[1].headers["webhook-id"] == row["id"]
+    assert unwrap(secret, hits[1]).data.id == rid
+    assert wait_for(lambda: all_delivered(db), what="delivered")[0]["attempts"] == 1
 
 
 def test_cli_add_list_rotate_remove(make_server: Any, receiver: Receiver, tmp_path: Path) -> None:

@@ -110,6 +110,8 @@ class Sender:
         return claimed
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        """One attempt, in a task of its own; whatever goes wrong stays in it (the
+        delivery is then attempted again when its lease expires)."""
         endpoint = delivery.endpoint_id
         try:
             limiter = self._limits.get(endpoint)
@@ -119,25 +121,9 @@ class Sender:
                 )
             async with limiter:
                 status, error = await self._attempt(client, delivery)
-            now = time.time()
-            delivered = status is not None and 200 <= status < 300
-            next_at = None if delivered else self._next_at(delivery, now)
-            try:
-                await self.hooks.record(delivery.id, self.owner, now, status, error, next_at)
-            except Exception as exc:  # its lease expires: attempted again (at least once)
-                log.warning("recording webhook %s failed: %s", delivery.id, exc)
-                return
-            result = "delivered" if delivered else "retried" if next_at else "gave_up"
-            metrics.webhook_attempt(result)
-            if not delivered:
-                log.info(
-                    "webhook %s to %s: attempt %d failed (%s); %s",
-                    delivery.id,
-                    endpoint,
-                    delivery.attempts + 1,
-                    error,
-                    "given up" if next_at is None else f"next in {next_at - now:.1f}s",
-                )
+            await self._record(delivery, status, error)
+        except Exception:
+            log.exception("webhook %s: the attempt failed unexpectedly", delivery.id)
         finally:
             self._inflight[endpoint] -= 1
             if not self._inflight[endpoint]:
@@ -146,6 +132,28 @@ class Sender:
             if endpoint in self._capped:  # a slot is free, and more may be due
                 self._capped.discard(endpoint)
                 self.wake()
+
+    async def _record(self, delivery: Delivery, status: int | None, error: str | None) -> None:
+        now = time.time()
+        delivered = status is not None and 200 <= status < 300
+        next_at = None if delivered else self._next_at(delivery, now)
+        try:
+            await self.hooks.record(delivery.id, self.owner, now, status, error, next_at)
+        except Exception as exc:  # its lease expires: attempted again (at least once)
+            log.warning("recording webhook %s failed: %s", delivery.id, exc)
+            return
+        result = "delivered" if delivered else "retried" if next_at else "gave_up"
+        metrics.webhook_attempt(result)
+        if not delivered:
+            log.log(
+                logging.INFO if next_at else logging.WARNING,
+                "webhook %s to %s: attempt %d failed (%s); %s",
+                delivery.id,
+                delivery.endpoint_id,
+                delivery.attempts + 1,
+                error,
+                "given up" if next_at is None else f"next in {next_at - now:.1f}s",
+            )
 
     async def _attempt(
         self, client: httpx.AsyncClient, delivery: Delivery
