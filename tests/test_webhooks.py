@@ -262,6 +262,10 @@ def test_a_receiver_down_for_a_while_gets_every_event_with_the_same_ids(
         what="failed attempts",
     )
     assert all(d["state"] == "pending" and "ConnectError" in d["last_error"] for d in rows)
+    wait_for(
+        lambda: "tether_webhooks_pending 6.0" in httpx.get(f"{server.url}/metrics").text,
+        what="the pending gauge",
+    )
     receiver.start()
     try:
         hits = receiver.wait(lambda hits: len({h.headers["webhook-id"] for h in hits}) == 6)

@@ -118,7 +118,7 @@ WEBHOOK_ATTEMPTS = Counter(
 WEBHOOKS_PENDING = Gauge(
     "tether_webhooks_pending",
     "Webhook deliveries in the outbox neither delivered nor given up (every process's; "
-    "counted every few seconds by this process's sender).",
+    "counted every 2 s by this process's sender).",
     registry=REGISTRY,
 )
 WEBHOOK_RESULTS = ("delivered", "retried", "gave_up")

@@ -33,7 +33,7 @@ from tether.webhooks import TargetRefused, body, check_target, headers
 
 log = logging.getLogger("tether.webhooks")
 BATCH = 64  # deliveries claimed at most per round
-PENDING_EVERY = 5.0  # seconds between counts of pending deliveries (/metrics)
+PENDING_EVERY = 2.0  # seconds between counts of pending deliveries (/metrics)
 PURGE_EVERY = 60.0  # seconds between purges of deliveries over for `retention`
 # After a wake-up, wait this long before claiming, so a burst of terminal transitions
 # (or of finished attempts) is one claim, not one each: claims stay off the runs' way.
