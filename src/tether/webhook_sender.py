@@ -38,6 +38,7 @@ PURGE_EVERY = 60.0  # seconds between purges of deliveries over for `retention`
 # After a wake-up, wait this long before claiming, so a burst of terminal transitions
 # (or of finished attempts) is one claim, not one each: claims stay off the runs' way.
 GATHER = 0.01
+REPLY_READ = 64 * 1024  # bytes of a receiver's answer read at most
 
 
 class Sender:
@@ -166,11 +167,17 @@ class Sender:
         payload = body(delivery)
         try:
             with anyio.fail_after(self.settings.webhook_timeout):  # the whole attempt
-                # Streamed and not read: a receiver's reply body is not ours to buffer.
                 async with client.stream(
                     "POST", delivery.url, content=payload, headers=headers(delivery, payload)
                 ) as reply:
                     status = reply.status_code
+                    # A short answer is read so the connection can serve the next attempt;
+                    # a long one is not ours to buffer (its connection is closed instead).
+                    seen = 0
+                    async for chunk in reply.aiter_raw():
+                        seen += len(chunk)
+                        if seen > REPLY_READ:
+                            break
         except (httpx.HTTPError, TimeoutError, OSError) as exc:
             return None, f"{type(exc).__name__}: {exc}"[:500]
         return status, None if 200 <= status < 300 else f"HTTP {status}"
