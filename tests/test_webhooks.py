@@ -338,13 +338,21 @@ def test_cli_add_list_rotate_remove(make_server: Any, receiver: Receiver, tmp_pa
         (endpoint, receiver.url, "response.completed")
     ]
     assert old not in cli("list", "--db", db).stdout  # a hint only, never the secret
-    new = cli("rotate-secret", endpoint, "--db", db).stdout.strip()
+    # Rotated keeping the old secret (OpenAI's keep_old_secret_active_for_24_hours): both
+    # sign, so a receiver still on the old one verifies too.
+    new = cli("rotate-secret", endpoint, "--keep-old", "--db", db).stdout.strip()
     assert new.startswith("whsec_") and new != old
     server = make_server("--config", config(tmp_path, fast()), "--scripted-rate", "0", db=db)
     with server.client() as client:
         background(client)
-    [hit] = receiver.wait(lambda hits: len(hits) == 1)
-    assert _verifies(new, hit) and not _verifies(old, hit)
+        [hit] = receiver.wait(lambda hits: len(hits) == 1)
+        assert _verifies(new, hit) and _verifies(old, hit)
+        assert len(hit.headers["webhook-signature"].split()) == 2
+        # Rotated again, plainly: only the newest signs, from the next attempt on.
+        newest = cli("rotate-secret", endpoint, "--db", db).stdout.strip()
+        background(client)
+        hit = receiver.wait(lambda hits: len(hits) == 2)[1]
+        assert _verifies(newest, hit) and not _verifies(new, hit) and not _verifies(old, hit)
 
     assert "removed" in cli("remove", endpoint, "--db", db).stdout
     assert cli("list", "--db", db, "--json").stdout == ""
@@ -533,9 +541,13 @@ async def test_claims_lease_limit_and_record(kind: str, tmp_path: Path) -> None:
             await insert_due(db, [(f"evt_a{i}", "a") for i in range(5)] + [("evt_b", "b")], now)
             assert await hooks.pending() == 6
 
+            assert await hooks.rotate_secret("b", "whsec_BB==", keep_old_until=now + 1)
+            assert not await hooks.rotate_secret("nope", "whsec_BB==")
             first = await hooks.claim("p1", now, now + 100, per_endpoint=2, limit=10)
             assert sorted(d.id for d in first) == ["evt_a0", "evt_a1", "evt_b"]
             assert {d.url for d in first} == {"http://127.0.0.1/a", "http://127.0.0.1/b"}
+            secrets = {d.endpoint_id: (d.secret, d.old_secret) for d in first}
+            assert secrets == {"a": ("whsec_AA==", ""), "b": ("whsec_BB==", "whsec_AA==")}
             second = await hooks.claim("p2", now, now + 100, per_endpoint=2, limit=10)
             assert sorted(d.id for d in second) == ["evt_a2", "evt_a3"]  # leased ones skipped
             assert await hooks.claim("p2", now, now + 100, 2, 10, busy=["a"]) == []
@@ -553,8 +565,10 @@ async def test_claims_lease_limit_and_record(kind: str, tmp_path: Path) -> None:
             # evt_a0 waits for its retry time; its lease is released.
             later = await hooks.claim("p3", now + 1, now + 100, 5, 10)
             assert sorted(d.id for d in later) == ["evt_a4"]
+            assert await hooks.rotate_secret("a", "whsec_CC==", keep_old_until=now + 1)
             again = await hooks.claim("p3", now + 61, now + 90, 5, 10)
             assert sorted(d.id for d in again) == ["evt_a0"]  # the retry is due
+            assert again[0].old_secret == ""  # the old secret's 24 hours (here 1 s) are over
             expired = await hooks.claim("p4", now + 101, now + 200, 5, 10)  # leases over
             assert sorted(d.id for d in expired) == ["evt_a0", "evt_a2", "evt_a3", "evt_a4"]
 

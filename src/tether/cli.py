@@ -355,13 +355,19 @@ def webhooks_remove(endpoint_id: str, db: str) -> None:
 
 @webhooks.command("rotate-secret")
 @click.argument("endpoint_id")
+@click.option(
+    "--keep-old",
+    is_flag=True,
+    help="Sign with the old secret too for 24 hours (OpenAI's "
+    "keep_old_secret_active_for_24_hours), while receivers switch.",
+)
 @DB_OPTION
-def webhooks_rotate(endpoint_id: str, db: str) -> None:
+def webhooks_rotate(endpoint_id: str, keep_old: bool, db: str) -> None:
     """Give an endpoint a new signing secret and print it (pending deliveries too are
     signed with it from their next attempt)."""
     from tether import webhook_admin
 
-    secret = _admin(webhook_admin.rotate(db, endpoint_id), db)
+    secret = _admin(webhook_admin.rotate(db, endpoint_id, keep_old), db)
     if secret is None:
         raise click.BadParameter(f"no endpoint {endpoint_id!r}", param_hint="ID")
     click.echo(secret)

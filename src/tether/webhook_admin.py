@@ -83,11 +83,16 @@ async def remove(db: str, endpoint_id: str) -> bool:
         return await hooks.remove_endpoint(endpoint_id)
 
 
-async def rotate(db: str, endpoint_id: str) -> str | None:
-    """A new secret for the endpoint (None: no such endpoint)."""
+KEEP_OLD = 24 * 3600.0  # OpenAI's `keep_old_secret_active_for_24_hours`
+
+
+async def rotate(db: str, endpoint_id: str, keep_old: bool = False) -> str | None:
+    """A new secret for the endpoint (None: no such endpoint); `keep_old`: the old one
+    signs too, for 24 hours."""
     secret = new_secret()
+    until = time.time() + KEEP_OLD if keep_old else None
     async with hooks_for(db) as hooks:
-        return secret if await hooks.rotate_secret(endpoint_id, secret) else None
+        return secret if await hooks.rotate_secret(endpoint_id, secret, until) else None
 
 
 async def deliveries(db: str, endpoint_id: str | None, limit: int) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@ endpoint secrets, and which targets may receive them (docs/webhooks.md).
 Signed exactly as OpenAI signs (the `openai` SDK's `webhooks.unwrap` verifies it): the
 headers `webhook-id` (the event id), `webhook-timestamp` (Unix seconds of this attempt)
 and `webhook-signature` (`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}` keyed
-by the secret's base64-decoded bytes after `whsec_`). Every attempt of a delivery carries
+by the secret's base64-decoded bytes after `whsec_`; after a rotation that keeps the old
+secret for 24 hours, a second `v1,...` signature by it, space-separated: the SDK accepts
+either). Every attempt of a delivery carries
 the same id and body, and a fresh timestamp (receivers reject old ones as replays).
 """
 
@@ -61,7 +63,11 @@ def headers(delivery: Delivery, payload: bytes, now: float | None = None) -> dic
         "user-agent": "tether-webhooks",
         "webhook-id": delivery.id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(delivery.secret, delivery.id, timestamp, payload),
+        "webhook-signature": " ".join(
+            sign(secret, delivery.id, timestamp, payload)
+            for secret in (delivery.secret, delivery.old_secret)
+            if secret
+        ),
     }
 
 

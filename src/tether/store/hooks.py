@@ -70,6 +70,7 @@ class Delivery:
     gave_up: bool = False
     url: str = field(default="", repr=False)
     secret: str = field(default="", repr=False)
+    old_secret: str = field(default="", repr=False)  # a rotated-out one still valid
 
     def state(self) -> str:
         if self.delivered_at is not None:
@@ -104,7 +105,7 @@ def to_delivery(row: Any) -> Delivery:
     d = Delivery(*row[:12])
     d.gave_up = bool(d.gave_up)
     if len(row) > 12:
-        d.url, d.secret = row[12], row[13]
+        d.url, d.secret, d.old_secret = row[12], row[13], row[14] or ""
     return d
 
 
@@ -127,8 +128,11 @@ class Webhooks(Protocol):
         """Remove an endpoint and its deliveries (pending ones are never sent)."""
         ...
 
-    async def rotate_secret(self, endpoint_id: str, secret: str) -> bool:
-        """Sign with `secret` from the next attempt on (pending deliveries included)."""
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str, keep_old_until: float | None = None
+    ) -> bool:
+        """Sign with `secret` from the next attempt on (pending deliveries included);
+        with the old secret too until `keep_old_until` (None: the old one is void now)."""
         ...
 
     async def claim(
@@ -143,7 +147,7 @@ class Webhooks(Protocol):
         """Lease up to `limit` due deliveries to `owner` until `lease_until`: at most
         `per_endpoint` of one endpoint, none of the endpoints in `busy`. A delivery is due
         when undelivered, not given up, its `next_at` passed and no lease holds it. Each
-        claimed delivery carries its endpoint's url and secret."""
+        claimed delivery carries its endpoint's url and secret(s)."""
         ...
 
     async def record(

@@ -48,7 +48,8 @@ WITH c AS (
     WHERE d.id = s.id
     RETURNING d.*
 )
-SELECT {", ".join(f"t.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))}, e.url, e.secret
+SELECT {", ".join(f"t.{c.strip()}" for c in DELIVERY_COLUMNS.split(","))}, e.url, e.secret,
+       CASE WHEN e.old_secret_until > $3 THEN e.old_secret END
 FROM t JOIN webhook_endpoints e ON e.id = t.endpoint_id ORDER BY t.next_at
 """
 
@@ -88,12 +89,17 @@ class PgHooks:
             await con.execute("DELETE FROM webhook_deliveries WHERE endpoint_id = $1", endpoint_id)
         return bool(gone)
 
-    async def rotate_secret(self, endpoint_id: str, secret: str) -> bool:
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str, keep_old_until: float | None = None
+    ) -> bool:
         async with self.db.conn() as con:
             done = await con.fetchval(
-                "UPDATE webhook_endpoints SET secret = $2 WHERE id = $1 RETURNING 1",
+                "UPDATE webhook_endpoints SET old_secret = CASE WHEN $3::float8 IS NULL "
+                "THEN NULL ELSE secret END, old_secret_until = $3, secret = $2 "
+                "WHERE id = $1 RETURNING 1",
                 endpoint_id,
                 secret,
+                keep_old_until,
             )
         return bool(done)
 

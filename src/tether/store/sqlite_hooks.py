@@ -79,11 +79,14 @@ class SQLiteHooks:
             db.execute("DELETE FROM webhook_deliveries WHERE endpoint_id = ?", (endpoint_id,))
         return cur.rowcount == 1
 
-    async def rotate_secret(self, endpoint_id: str, secret: str) -> bool:
+    async def rotate_secret(
+        self, endpoint_id: str, secret: str, keep_old_until: float | None = None
+    ) -> bool:
         cur = write(
             self._db(),
-            "UPDATE webhook_endpoints SET secret = ? WHERE id = ?",
-            (secret, endpoint_id),
+            "UPDATE webhook_endpoints SET old_secret = CASE WHEN ?1 IS NULL THEN NULL "
+            "ELSE secret END, old_secret_until = ?1, secret = ?2 WHERE id = ?3",
+            (keep_old_until, secret, endpoint_id),
         )
         return cur.rowcount == 1
 
@@ -107,10 +110,11 @@ class SQLiteHooks:
             if not ids:
                 return []
             rows = db.execute(
-                f"SELECT {_prefixed('d')}, e.url, e.secret FROM webhook_deliveries d "
-                "JOIN webhook_endpoints e ON e.id = d.endpoint_id "
+                f"SELECT {_prefixed('d')}, e.url, e.secret, "
+                "CASE WHEN e.old_secret_until > ? THEN e.old_secret END "
+                "FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id "
                 "WHERE d.id IN (SELECT value FROM json_each(?)) ORDER BY d.next_at",
-                (json.dumps(ids),),
+                (now, json.dumps(ids)),
             ).fetchall()
         return [to_delivery(r) for r in rows]
 

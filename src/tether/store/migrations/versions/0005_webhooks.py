@@ -25,6 +25,9 @@ def upgrade() -> None:
         sa.Column("url", sa.Text, nullable=False),
         sa.Column("events", sa.Text, nullable=False),  # a JSON array of event types
         sa.Column("secret", sa.Text, nullable=False),  # whsec_...: needed to sign
+        # A rotated-out secret still signing (next to the new one) until `old_secret_until`.
+        sa.Column("old_secret", sa.Text),
+        sa.Column("old_secret_until", sa.Float),
         sa.Column("created_at", sa.Float, nullable=False),
     )
     op.create_table(
