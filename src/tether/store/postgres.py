@@ -213,7 +213,8 @@ class PostgresStore:
         _, entries = done
         self._seqs.pop(response_id, None)
         self.live.committed(response_id, entries, terminal=True)
-        self.webhooks.wake()
+        if snapshot.get("background"):  # maybe with deliveries: no need to wait for a poll
+            self.webhooks.wake()
         return True
 
     async def _transition(

@@ -256,7 +256,6 @@ class SQLiteStore:
         if won:
             self._lost.pop(response_id, None)
             self.cache.finished(response_id)
-            self.webhooks.wake()
         return won
 
     def _check_lost(self, response_id: str, run_token: str) -> None:
@@ -284,6 +283,7 @@ class SQLiteStore:
         the usage ledger in that commit, and (`webhooks`) puts a delivery for each
         subscribed endpoint in the outbox, in that commit too (`store/hooks.py`)."""
         db = self.db
+        outboxed = 0  # deliveries put in the outbox
         with _transaction(db):
             row = db.execute(
                 f"UPDATE responses SET {assignments}, last_seq = last_seq + ? "
@@ -304,10 +304,13 @@ class SQLiteStore:
                     (model, status, inp, out, response_id),
                 )
                 if webhooks:
-                    db.execute(SQLITE_OUTBOX, (status, time.time(), response_id))
+                    cur = db.execute(SQLITE_OUTBOX, (status, time.time(), response_id))
+                    outboxed = cur.rowcount
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
+        if outboxed:
+            self.webhooks.wake()  # committed: the sender need not wait for its poll
         return True
 
     def _flush(self) -> None:
