@@ -118,6 +118,17 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     allow_anonymous: bool = False  # serve beyond loopback without keys (you were warned)
     debug_routes: bool = False  # expose the scripted engine's trace (tests, benchmarks)
+    # Webhooks (docs/webhooks.md). The outbox is always written; `webhook_sender` says
+    # whether this process also delivers it (any number of processes may).
+    webhook_sender: bool = True
+    webhook_timeout: float = Field(default=10.0, gt=0)  # seconds one attempt may take
+    webhook_concurrency: int = Field(default=4, ge=1)  # attempts at once per endpoint
+    webhook_poll: float = Field(default=0.5, gt=0)  # seconds between looks for due ones
+    webhook_retry_first: float = Field(default=10.0, gt=0)  # delay before the 1st retry
+    webhook_retry_max_delay: float = Field(default=6 * 3600.0, gt=0)  # the doubling stops
+    webhook_retry_window: float = Field(default=72 * 3600.0, gt=0)  # then it gives up
+    # Hosts (besides loopback) webhooks may be sent to: no SSRF through an endpoint URL.
+    webhook_allowed_hosts: list[str] = []
     log_level: str = "warning"
     log_format: Literal["json", "text"] = "json"
 

@@ -61,6 +61,7 @@ from tether.store.base import (
 )
 from tether.store.owners import OwnerLocks
 from tether.turns import Message
+from tether.webhook_sender import Sender
 from tether.worker import Worker
 
 log = logging.getLogger("tether.lifecycle")
@@ -129,6 +130,9 @@ class Lifecycle:
             self._locks,
         )
         self.runner.daemon(keeper.keep)
+        if self.settings.webhook_sender:  # any process delivers the outbox (docs/webhooks.md)
+            sender = Sender(self.store.webhooks, self.settings, self.owner)
+            self.runner.daemon(sender.run)
 
     async def stop(self) -> None:
         """Graceful shutdown: runs are stopped (`shutdown`) and given `cancel_timeout` +

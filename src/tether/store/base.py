@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tether.store.hooks import Webhooks
 from tether.store.owners import OwnerLocks
 
 
@@ -466,3 +467,5 @@ class Conversations(Protocol):
 
 class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Conversations, Protocol):
     """A store: what a server opens, and what its lifecycle uses (every part above)."""
+
+    webhooks: Webhooks  # endpoints and the webhook outbox (`store/hooks.py`)

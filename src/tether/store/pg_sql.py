@@ -14,6 +14,7 @@ import asyncpg
 
 from tether.store.base import LEDGER_UPSERT, LogEntry
 from tether.store.common import LIVE, Pending, pack
+from tether.store.pg_hooks import OUTBOX
 
 # One round trip for a whole flush. A response's row matches only if the batch's run
 # token is current, the response live, and its `last_seq` the one the batch follows.
@@ -57,7 +58,8 @@ CLAIM = TRANSITION.format(
     ledger="",
 )
 # The terminal transition also counts the response in the usage ledger ($11 model,
-# $12 input, $13 output and $14 reasoning tokens), in the same statement: exactly once.
+# $12 input, $13 output and $14 reasoning tokens), in the same statement: exactly once; and puts its
+# webhooks in the outbox ($15: a background response), in the same statement too.
 FINISH = TRANSITION.format(
     set="status = $8::text, finished_at = $9, lease_until = 0",
     guard="run_token IS NOT DISTINCT FROM $10",
@@ -66,7 +68,7 @@ FINISH = TRANSITION.format(
                               output_tokens, reasoning_tokens)
     SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13, $14 FROM u
     {LEDGER_UPSERT}
-)""",
+){OUTBOX}""",
 )
 
 CREATE = """

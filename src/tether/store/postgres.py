@@ -38,11 +38,13 @@ from tether.store.base import (
 )
 from tether.store.common import LIVE, SELECT, USAGE, USAGE_ORDER, numbered, pack, to_record, unpack
 from tether.store.conversations import turn_of
+from tether.store.hooks import Webhooks
 from tether.store.livelog import LiveLog
 from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_append import RETRYABLE, Appends
 from tether.store.pg_conversations import PostgresConversations, finish_turn
+from tether.store.pg_hooks import PgHooks
 from tether.store.pg_pool import Database
 
 log = logging.getLogger("tether.store")
@@ -61,6 +63,7 @@ class PostgresStore(PostgresConversations):
         self.live = LiveLog(redis_url, prefix, cache_bytes)
         self.appends = Appends(self.db, self.live)
         self._seqs = self.appends.seqs  # response -> (run token, last seq it wrote)
+        self.webhooks: Webhooks = PgHooks(self.db)  # endpoints and the outbox
 
     async def open(self) -> None:
         await self.db.open(sql.migrate)
@@ -196,7 +199,13 @@ class PostgresStore(PostgresConversations):
             # had. Whoever ends it next (cancel, lease reaper) ends it from the log.
             self.appends.check(response_id, run_token)
         statement = sql.FINISH
-        values: tuple[Any, ...] = (status, time.time(), run_token, *ledger_values(snapshot))
+        values: tuple[Any, ...] = (
+            status,
+            time.time(),
+            run_token,
+            *ledger_values(snapshot),
+            bool(snapshot.get("background")),  # webhooks: background responses only
+        )
         cid = turn_of(snapshot)
         if cid is not None:  # a conversation's turn: its items, in the same statement
             statement = finish_turn(8 + len(values))
@@ -209,6 +218,8 @@ class PostgresStore(PostgresConversations):
         _, entries = done
         self._seqs.pop(response_id, None)
         self.live.committed(response_id, entries, terminal=True)
+        if snapshot.get("background"):  # maybe with deliveries: no need to wait for a poll
+            self.webhooks.wake()
         return True
 
     async def _transition(
