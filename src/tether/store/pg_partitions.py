@@ -122,9 +122,13 @@ async def cover(con: asyncpg.Connection, lo: float, hi: float) -> list[str]:
 
 
 async def ahead(con: asyncpg.Connection, now: float) -> list[str]:
-    """Partitions from the current one to `AHEAD` past it exist."""
+    """Partitions from the current one to `AHEAD` past it exist, and none is missing
+    since the last one (if the loop did not run for a while: up to a day back; a
+    response created earlier still gets its partition, from `cover`)."""
     current = math.floor(now / WIDTH) * WIDTH
-    return await cover(con, current, current + (AHEAD + 1) * WIDTH)
+    last = max((p.hi for p in await partitions(con)), default=current)
+    start = max(min(last, current), current - 24 * WIDTH)
+    return await cover(con, start, current + (AHEAD + 1) * WIDTH)
 
 
 async def expired(con: asyncpg.Connection, now: float, before: float) -> list[Partition]:

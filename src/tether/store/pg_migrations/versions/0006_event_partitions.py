@@ -7,7 +7,7 @@ once every response created in its range has been finished for longer than the r
 
 The existing table is not copied: it becomes the partition `events_legacy` as it is (its
 rows, its primary key on `(response_id, first_seq)`), covering every creation time before
-the next whole hour. Its rows get `created_at = 0` by adding the column with a constant
+the migration. Its rows get `created_at = 0` by adding the column with a constant
 default (no rewrite); the one cost that grows with the table is a sequential read of it,
 which checks the new column's `CHECK` so the attach itself needs no second scan. Readers
 look in the partition of 0 as well as the response's own (`pg_sql.READ`), until
@@ -49,13 +49,13 @@ def upgrade() -> None:
         f"CREATE TABLE events ({COLUMNS}, created_at double precision NOT NULL DEFAULT 0) "
         "PARTITION BY RANGE (created_at)"
     )
-    # The bound is the next whole hour at the time the migration runs: computed by the
-    # server, in the transaction, since the SQL is rendered beforehand.
+    # The bound is the time the migration runs (computed by the server: the SQL is
+    # rendered beforehand): responses created since go to time partitions.
     op.execute(
         """
 DO $tether$
 DECLARE
-    cutoff double precision := ceil(extract(epoch FROM now()) / 3600) * 3600;
+    cutoff double precision := extract(epoch FROM now());
 BEGIN
     -- (No format(): Alembic's offline rendering would double its percent signs.)
     EXECUTE 'ALTER TABLE events_legacy ADD COLUMN created_at double precision '
