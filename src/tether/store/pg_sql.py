@@ -92,6 +92,17 @@ WHERE response_id = $1 AND last_seq > $2
   AND created_at = ANY(ARRAY[0, (SELECT created_at FROM responses WHERE id = $1)])
 ORDER BY first_seq
 """
+# The same from a read replica, after a row (-1) only if the response is terminal there
+# (`pg_replica.py`): one statement, so status and events come from one snapshot.
+READ_FINISHED = f"""
+SELECT -1 AS first_seq, NULL AS types, NULL AS data FROM responses
+WHERE id = $1 AND NOT {LIVE}
+UNION ALL
+SELECT first_seq, types, data FROM events
+WHERE response_id = $1 AND last_seq > $2
+  AND created_at = ANY(ARRAY[0, (SELECT created_at FROM responses WHERE id = $1)])
+ORDER BY first_seq
+"""
 
 
 MIGRATION_LOCK = 0x7E7E_0001  # advisory lock key: only tether's migrations take it

@@ -42,6 +42,7 @@ from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_append import RETRYABLE, Appends
 from tether.store.pg_pool import Database
+from tether.store.pg_replica import Replica
 
 log = logging.getLogger("tether.store")
 
@@ -54,8 +55,11 @@ class PostgresStore:
         prefix: str = "tether",
         pool_size: int = 10,
         cache_bytes: int = DEFAULT_BUDGET,
+        read_url: str | None = None,
     ) -> None:
         self.db = Database(url, pool_size)
+        # `--db-read`: a streaming replica that replays finished logs (`pg_replica.py`).
+        self.replica = Replica(read_url, pool_size) if read_url else None
         self.live = LiveLog(redis_url, prefix, cache_bytes)
         self.appends = Appends(self.db, self.live)
         self._seqs = self.appends.seqs  # response -> (run token, last seq it wrote)
@@ -64,6 +68,8 @@ class PostgresStore:
         await self.db.open(sql.migrate)
         async with self.db.conn() as con:  # before any create: its events need one
             await pg_partitions.ahead(con, time.time())
+        if self.replica is not None:
+            await self.replica.open()
         await self.live.open()
         self.appends.start()
 
@@ -71,6 +77,8 @@ class PostgresStore:
         await self.appends.stop()
         await self.live.close()
         await self.db.close()
+        if self.replica is not None:
+            await self.replica.close()
 
     # --- writes ------------------------------------------------------------------------
 
@@ -298,6 +306,10 @@ class PostgresStore:
         return await self.live.read(response_id, after, upto, self._read_durable)
 
     async def _read_durable(self, response_id: str, after: int) -> list[LogEntry]:
+        if self.replica is not None:
+            entries = await self.replica.read_finished(response_id, after)
+            if entries is not None:
+                return entries
         return unpack(await self.db.query("fetch", sql.READ, response_id, after), after)
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
