@@ -5,21 +5,25 @@ upgrades with every event still readable."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from alembic import command
+from alembic.config import Config
 
 import test_store_postgres
 from test_store_postgres import Make, ev, record
 from test_usage_migration import pg_sql_up_to
-from tether.store import postgres
-from tether.store.common import numbered, pack
+from tether.store import pg_sql, postgres
+from tether.store.common import numbered, pack, unpack
 from tether.store.pg_partitions import AHEAD, LEGACY, WIDTH, name_of, partitions
 from tether.store.pg_sql import upgrade_sql
 from tether.store.postgres import PostgresStore
@@ -270,3 +274,62 @@ async def test_a_new_database_drops_its_empty_legacy_partition_after_the_grace(
     assert await store.maintain_partitions(later, later - DAY) == [LEGACY]
     check_log(await durable(store, "resp_new"), "resp_new", 1)
     assert upgrade_sql("0006").strip() == ""  # the newest revision
+
+
+async def test_a_drop_cut_short_is_finished_by_the_next_round(
+    make: Make, pg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await make()
+    now = time.time()
+    assert await store.maintain_partitions(now + 3 * WIDTH, 0) == [LEGACY]
+    old = math.floor(now / WIDTH) * WIDTH - 2 * DAY
+    at(monkeypatch, old + 60)
+    await write_log(store, "resp_old", 2)
+    monkeypatch.undo()
+    # A long transaction still sees `events`: a concurrent detach waits for it, and is
+    # cut short there (a timeout, a killed process) with the partition "detach pending".
+    holder = await asyncpg.connect(pg)
+    detacher = await asyncpg.connect(pg)
+    try:
+        await holder.execute("BEGIN")
+        await holder.fetchval("SELECT count(*) FROM events")
+        await detacher.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await detacher.execute(
+                f"ALTER TABLE events DETACH PARTITION {name_of(old)} CONCURRENTLY"
+            )
+        await holder.execute("ROLLBACK")
+    finally:
+        await holder.close()
+        await detacher.close()
+    async with store.db.conn() as con:
+        assert [p.name for p in await partitions(con) if p.detaching] == [name_of(old)]
+    later = time.time()
+    assert await store.maintain_partitions(later, later - DAY) == [name_of(old)]
+    assert await where(store, "resp_old") == set()
+    async with store.db.conn() as con:
+        assert await con.fetchval("SELECT to_regclass($1)", name_of(old)) is None
+
+
+async def test_0006_goes_back_down_to_one_table_with_every_event(make: Make, pg: str) -> None:
+    store = await make()
+    await write_log(store, "resp_a", 4)
+    await store.close()
+    buffer = io.StringIO()
+    config = Config(output_buffer=buffer)
+    config.attributes["buffer"] = buffer
+    config.set_main_option("script_location", str(Path(pg_sql.__file__).parent / "pg_migrations"))
+    command.downgrade(config, "0006:0003", sql=True)
+    con = await asyncpg.connect(pg)
+    try:
+        async with con.transaction():
+            await con.execute(buffer.getvalue())
+        assert await con.fetchval("SELECT relkind FROM pg_class WHERE relname = 'events'") == b"r"
+        rows = await con.fetch(
+            "SELECT first_seq, types, data FROM events WHERE response_id = 'resp_a' "
+            "ORDER BY first_seq"
+        )
+    finally:
+        await con.close()
+    log = [orjson.loads(e.data) for e in unpack(rows, -1)]
+    check_log(log, "resp_a", 4)
