@@ -24,7 +24,7 @@ from test_store_postgres import Make, ev, record
 from test_usage_migration import pg_sql_up_to
 from tether.store import pg_sql, postgres
 from tether.store.common import numbered, pack, unpack
-from tether.store.pg_partitions import AHEAD, LEGACY, WIDTH, name_of, partitions
+from tether.store.pg_partitions import AHEAD, LEGACY, WIDTH, name_of, partitions, width_for
 from tether.store.pg_sql import upgrade_sql
 from tether.store.postgres import PostgresStore
 
@@ -333,3 +333,20 @@ async def test_0006_goes_back_down_to_one_table_with_every_event(make: Make, pg:
         await con.close()
     log = [orjson.loads(e.data) for e in unpack(rows, -1)]
     check_log(log, "resp_a", 4)
+
+
+async def test_a_long_retention_gets_wider_partitions(make: Make) -> None:
+    """Every replay opens each partition (pruning happens as it runs): about 24 of them
+    per retention, not one an hour for a month."""
+    assert width_for(3600) == width_for(DAY) == WIDTH
+    assert width_for(7 * DAY) == 6 * WIDTH
+    assert width_for(30 * DAY) == 24 * WIDTH
+    store = await make()
+    now = time.time()
+    await store.purge(now - 30 * DAY)
+    async with store.db.conn() as con:
+        parts = [p for p in await partitions(con) if p.name != LEGACY]
+    assert all(a.hi == b.lo for a, b in itertools.pairwise(parts))
+    assert parts[-1].hi >= now + AHEAD * DAY
+    assert parts[-1].hi - parts[-1].lo == DAY  # after the hourly ones made at open
+    assert len(parts) < 2 * (AHEAD + 2)

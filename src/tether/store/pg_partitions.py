@@ -13,8 +13,10 @@ appended, so
   its whole partition does, at most one partition width plus the longest run; the API
   stops serving it at the retention regardless: docs/contract.md §4.5.)
 
-Partitions are `WIDTH` wide, aligned to UTC hours, `AHEAD` of them created ahead of the
-clock at open and by the maintenance loop. There is no DEFAULT partition: one would forbid
+Partitions are an hour wide (`WIDTH`), or wider for a long retention (`width_for`: about
+24 partitions per retention, since every replay opens each partition, pruned or not),
+aligned to UTC hours, `AHEAD` of them created ahead of the clock at open and by the
+maintenance loop. There is no DEFAULT partition: one would forbid
 the concurrent detach, and each new partition would have to scan it. Instead a response
 created where no partition exists yet (a clock far ahead) has its partition created on the
 spot (`cover`), and the store's create is tried again.
@@ -33,7 +35,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-WIDTH = 3600.0  # seconds of creation time a partition holds
+WIDTH = 3600.0  # seconds of creation time a partition holds (at least)
+HOURS = (1, 2, 3, 4, 6, 8, 12, 24, 48, 72, 168)  # the widths `width_for` picks from
 AHEAD = 3  # partitions kept ahead of the clock
 LEGACY = "events_legacy"  # the table before 0006: rows with created_at = 0
 # A process of the previous version writes into `events_legacy` during a rolling upgrade
@@ -79,12 +82,19 @@ async def partitions(con: asyncpg.Connection) -> list[Partition]:
     return sorted(found, key=lambda p: p.lo)
 
 
-def gaps(existing: list[Partition], lo: float, hi: float) -> list[tuple[float, float]]:
-    """The `WIDTH`-aligned ranges in [lo, hi) no partition covers, cut where one does."""
+def width_for(retention: float) -> float:
+    """The partition width for a retention: the widest that keeps ~24 of them."""
+    return 3600.0 * max(h for h in HOURS if h == 1 or h * 3600.0 * 24 <= retention)
+
+
+def gaps(
+    existing: list[Partition], lo: float, hi: float, width: float = WIDTH
+) -> list[tuple[float, float]]:
+    """The `width`-aligned ranges in [lo, hi) no partition covers, cut where one does."""
     out = []
-    start = math.floor(lo / WIDTH) * WIDTH
+    start = math.floor(lo / width) * width
     while start < hi:
-        pieces = [(start, start + WIDTH)]
+        pieces = [(start, start + width)]
         for p in existing:
             pieces = [
                 piece
@@ -93,7 +103,7 @@ def gaps(existing: list[Partition], lo: float, hi: float) -> list[tuple[float, f
                 if piece[0] < piece[1]
             ]
         out.extend(pieces)
-        start += WIDTH
+        start += width
     return out
 
 
@@ -101,12 +111,12 @@ def name_of(lo: float) -> str:
     return "events_" + time.strftime("%Y%m%d_%H%M%S", time.gmtime(lo))
 
 
-async def cover(con: asyncpg.Connection, lo: float, hi: float) -> list[str]:
+async def cover(con: asyncpg.Connection, lo: float, hi: float, width: float = WIDTH) -> list[str]:
     """Create the partitions missing in [lo, hi), in one transaction: their names."""
     created = []
     async with con.transaction():
         await con.execute("SELECT pg_advisory_xact_lock($1)", CREATE_LOCK)
-        for a, b in gaps(await partitions(con), lo, hi):
+        for a, b in gaps(await partitions(con), lo, hi, width):
             name = name_of(a)
             # Created apart and then attached: ATTACH takes a lock on `events` that
             # blocks neither reads nor writes (CREATE ... PARTITION OF would block both).
@@ -121,14 +131,14 @@ async def cover(con: asyncpg.Connection, lo: float, hi: float) -> list[str]:
     return created
 
 
-async def ahead(con: asyncpg.Connection, now: float) -> list[str]:
+async def ahead(con: asyncpg.Connection, now: float, width: float = WIDTH) -> list[str]:
     """Partitions from the current one to `AHEAD` past it exist, and none is missing
     since the last one (if the loop did not run for a while: up to a day back; a
     response created earlier still gets its partition, from `cover`)."""
-    current = math.floor(now / WIDTH) * WIDTH
+    current = math.floor(now / width) * width
     last = max((p.hi for p in await partitions(con)), default=current)
-    start = max(min(last, current), current - 24 * WIDTH)
-    return await cover(con, start, current + (AHEAD + 1) * WIDTH)
+    start = max(min(last, current), current - 24 * width)
+    return await cover(con, start, current + (AHEAD + 1) * width, width)
 
 
 async def expired(con: asyncpg.Connection, now: float, before: float) -> list[Partition]:

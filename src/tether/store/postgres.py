@@ -406,7 +406,8 @@ class PostgresStore:
         """Logs go with their partition, dropped whole once every response created in its
         range is past the retention (`pg_partitions.py`): no DELETE of events. The rows of
         responses that were not stored go as they did."""
-        await self.maintain_partitions(time.time(), before)
+        now = time.time()
+        await self.maintain_partitions(now, before, pg_partitions.width_for(now - before))
         async with self.db.conn(transaction=True) as con:
             gone = await con.fetch(
                 "DELETE FROM responses WHERE NOT stored AND finished_at < $1 RETURNING id", before
@@ -417,12 +418,15 @@ class PostgresStore:
                 await con.execute("DELETE FROM idempotency_keys WHERE response_id = ANY($1)", ids)
         return len(ids)
 
-    async def maintain_partitions(self, now: float, before: float) -> list[str]:
-        """The event partitions' maintenance: those `AHEAD` of `now` made, those past the
-        retention (`before`) dropped (their names). A drop that does not finish in time
-        (a long query still sees the partition) is finished by the next one."""
+    async def maintain_partitions(
+        self, now: float, before: float, width: float = pg_partitions.WIDTH
+    ) -> list[str]:
+        """The event partitions' maintenance: those `AHEAD` of `now` made (`width` wide:
+        `purge` makes them wider for a long retention), those past the retention
+        (`before`) dropped (their names). A drop that does not finish in time (a long
+        query still sees the partition) is finished by the next one."""
         async with self.db.conn() as con:
-            await pg_partitions.ahead(con, now)
+            await pg_partitions.ahead(con, now, width)
             dropped = await pg_partitions.drop(con, now, before)
         if dropped:
             log.info("dropped event partitions past the retention: %s", ", ".join(dropped))
