@@ -307,6 +307,13 @@ async def test_a_drop_cut_short_is_finished_by_the_next_round(
     later = time.time()
     assert await store.maintain_partitions(later, later - DAY) == [name_of(old)]
     assert await where(store, "resp_old") == set()
+    # Detached, and the process stopped before its drop: the next round drops it.
+    at(monkeypatch, old + 60 + WIDTH)
+    await write_log(store, "resp_older", 1)
+    monkeypatch.undo()
+    async with store.db.conn() as con:
+        await con.execute(f"ALTER TABLE events DETACH PARTITION {name_of(old + WIDTH)}")
+    assert await store.maintain_partitions(later, later - DAY) == [name_of(old + WIDTH)]
     async with store.db.conn() as con:
         assert await con.fetchval("SELECT to_regclass($1)", name_of(old)) is None
 

@@ -52,6 +52,13 @@ FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'events'::regclass
 """
 BOUND = re.compile(r"FROM \((.+)\) TO \((.+)\)")
+# Partitions detached whose drop did not follow (the process stopped in between): only
+# `cover` makes tables by this name, and attaches each in the transaction that makes it.
+DETACHED = r"""
+SELECT relname FROM pg_class
+WHERE relname ~ '^events_[0-9]{8}_[0-9]{6}$' AND relkind = 'r' AND NOT relispartition
+  AND relnamespace = current_schema()::regnamespace
+"""
 # Any response created in [$1, $2) that is live, or finished at or after $3?
 IN_USE = """
 SELECT EXISTS (SELECT 1 FROM responses WHERE created_at >= $1 AND created_at < $2
@@ -173,6 +180,9 @@ async def drop(con: asyncpg.Connection, now: float, before: float) -> list[str]:
             await con.execute(f"ALTER TABLE events DETACH PARTITION {p.name} {how}")
             await con.execute(f"DROP TABLE {p.name}")
             dropped.append(p.name)
+        for (name,) in await con.fetch(DETACHED):
+            await con.execute(f"DROP TABLE {name}")
+            dropped.append(name)
     finally:
         await con.execute("SELECT pg_advisory_unlock($1)", DROP_LOCK)
     return dropped
