@@ -5,6 +5,7 @@ upgrades with every event still readable."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import itertools
 import math
@@ -29,6 +30,9 @@ from tether.store.pg_sql import upgrade_sql
 from tether.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
+# (A module whose name starts with a digit: imported by name.)
+MIGRATION = "tether.store.pg_migrations.versions.0006_event_partitions"
+PREPARE = importlib.import_module(MIGRATION).PREPARE
 make, pg, redis = test_store_postgres.make, test_store_postgres.pg, test_store_postgres.redis
 DAY = 86400.0
 
@@ -190,7 +194,12 @@ async def test_a_log_appended_across_a_partition_boundary_stays_in_one(
     assert [e.seq for e in tail] == list(range(5, 10))
 
 
-async def test_a_database_at_0003_upgrades_with_every_event_readable(make: Make, pg: str) -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["as-is", "prepared-online"])
+async def test_a_database_at_0003_upgrades_with_every_event_readable(
+    make: Make, pg: str, prepared: bool
+) -> None:
+    """As it is (the migration reads the table once), or with the column and its check
+    added online beforehand (`PREPARE`, for a very large table: the attach reads nothing)."""
     now = time.time()
     logs = {"resp_done": 7, "resp_running": 4}
     con = await asyncpg.connect(pg)
@@ -227,6 +236,9 @@ async def test_a_database_at_0003_upgrades_with_every_event_readable(make: Make,
                     *pack(batch),
                 )
         table = await con.fetchval("SELECT 'events'::regclass::oid")
+        if prepared:
+            for statement in filter(None, map(str.strip, PREPARE.split(";"))):
+                await con.execute(statement)
     finally:
         await con.close()
 

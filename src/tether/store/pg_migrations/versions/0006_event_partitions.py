@@ -15,6 +15,11 @@ look in the partition of 0 as well as the response's own (`pg_sql.READ`), until
 partitioned table too, so a process of the previous version, still appending during a
 rolling upgrade, writes into `events_legacy` (retention waits `LEGACY_GRACE` more for it).
 
+A very large table can have that read done beforehand, online, while the previous
+version runs (`PREPARE`, docs/architecture.md): the column and a `CHECK (created_at = 0)`
+validated without blocking reads or writes. The migration then finds them, and its attach
+needs no scan at all (0.8 ms for 2 M rows here, against 118 ms for the scan).
+
 Time partitions are created by the store (at open and by the maintenance loop), not here:
 the migration is rendered as SQL ahead of the time it runs.
 
@@ -28,6 +33,14 @@ from alembic import op
 
 revision = "0006"
 down_revision = "0003"
+
+# What an operator may run before upgrading a very large `events` table (each statement
+# on its own; the last reads the table but blocks neither reads nor writes).
+PREPARE = """
+ALTER TABLE events ADD COLUMN created_at double precision NOT NULL DEFAULT 0;
+ALTER TABLE events ADD CONSTRAINT events_legacy_bound CHECK (created_at = 0) NOT VALID;
+ALTER TABLE events VALIDATE CONSTRAINT events_legacy_bound;
+"""
 
 COLUMNS = """
     response_id text NOT NULL,
@@ -57,13 +70,17 @@ DO $tether$
 DECLARE
     cutoff double precision := extract(epoch FROM now());
 BEGIN
-    -- (No format(): Alembic's offline rendering would double its percent signs.)
-    EXECUTE 'ALTER TABLE events_legacy ADD COLUMN created_at double precision '
-            'NOT NULL DEFAULT 0 CONSTRAINT events_legacy_bound CHECK (created_at < '
-            || cutoff || ')';
+    -- Added online beforehand (see PREPARE) or not: the check proves the bound either way.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'events_legacy'::regclass
+                   AND attname = 'created_at' AND NOT attisdropped) THEN
+        -- (No format(): Alembic's offline rendering would double its percent signs.)
+        EXECUTE 'ALTER TABLE events_legacy ADD COLUMN created_at double precision '
+                'NOT NULL DEFAULT 0 CONSTRAINT events_legacy_bound CHECK (created_at < '
+                || cutoff || ')';
+    END IF;
     EXECUTE 'ALTER TABLE events ATTACH PARTITION events_legacy '
             'FOR VALUES FROM (MINVALUE) TO (' || cutoff || ')';
-    EXECUTE 'ALTER TABLE events_legacy DROP CONSTRAINT events_legacy_bound';
+    EXECUTE 'ALTER TABLE events_legacy DROP CONSTRAINT IF EXISTS events_legacy_bound';
 END
 $tether$"""
     )
