@@ -34,12 +34,13 @@ from alembic import op
 revision = "0006"
 down_revision = "0003"
 
-# What an operator may run before upgrading a very large `events` table (each statement
-# on its own; the last reads the table but blocks neither reads nor writes).
+# What an operator may run before upgrading a very large database (each statement on its
+# own; the last two read a table but block neither reads nor writes).
 PREPARE = """
 ALTER TABLE events ADD COLUMN created_at double precision NOT NULL DEFAULT 0;
 ALTER TABLE events ADD CONSTRAINT events_legacy_bound CHECK (created_at = 0) NOT VALID;
 ALTER TABLE events VALIDATE CONSTRAINT events_legacy_bound;
+CREATE INDEX CONCURRENTLY IF NOT EXISTS responses_created ON responses (created_at);
 """
 
 COLUMNS = """
@@ -86,7 +87,8 @@ $tether$"""
     )
     # The retention's question "is any response created in this range still live, or
     # finished within the retention?" reads the responses of one partition's range.
-    op.create_index("responses_created", "responses", ["created_at"])
+    # (IF NOT EXISTS: made online beforehand, `PREPARE`.)
+    op.execute("CREATE INDEX IF NOT EXISTS responses_created ON responses (created_at)")
 
 
 def downgrade() -> None:
