@@ -29,8 +29,8 @@ from test_store_postgres import ev, record
 from tether.store import make_store
 from tether.store.postgres import PostgresStore
 
-from conftest import free_port
-from services import delete_prefix, prefix, redis_url
+from conftest import Server, free_port, wait_for
+from services import delete_prefix, prefix, redis_url, run
 
 pytestmark = pytest.mark.anyio
 
@@ -248,3 +248,57 @@ async def _data_dir(url: str) -> str:
 def test_a_read_replica_needs_postgresql(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="--db-read"):
         make_store(str(tmp_path / "t.db"), read_url="postgresql://replica/tether")
+
+
+def test_tether_serve_with_db_read_replays_a_finished_log_from_the_replica(
+    tmp_path: Any,
+) -> None:
+    with streaming_pair() as pair:
+        name = f"tether_{uuid.uuid4().hex[:12]}"
+        run(_create_database(pair.primary, name))
+        url, key_prefix = redis_url(), prefix()
+        server = Server(
+            pair.db("primary", name),
+            [
+                *("--redis", url, "--redis-prefix", key_prefix, "--engine", "scripted"),
+                *("--scripted-rate", "0", "--scripted-length", "30", "--debug-routes"),
+                *("--log-cache-bytes", "0", "--db-read", pair.db("standby", name)),
+            ],
+            log_dir=tmp_path,
+        )
+        server.start()
+        try:
+            with server.client() as client:
+                rid = client.responses.create(model="scripted", input="hi", background=True).id
+                wait_for(lambda: client.responses.retrieve(rid).status == "completed")
+                run(caught_up(pair))
+                run(delete_prefix(url, key_prefix))  # as its Redis stream expires
+                events = list(client.responses.retrieve(rid, stream=True, starting_after=0))
+            assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+            assert events[-1].type == "response.completed"
+            # The replica answered: the server holds a connection to it.
+            assert run(_clients(pair.db("standby", name))) >= 1
+        finally:
+            server.stop()
+            run(delete_prefix(url, key_prefix))
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+
+
+async def _clients(url: str) -> int:
+    con = await asyncpg.connect(url)
+    try:
+        return int(
+            await con.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+        )
+    finally:
+        await con.close()
