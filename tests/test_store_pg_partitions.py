@@ -269,9 +269,12 @@ async def test_a_database_at_0003_upgrades_with_every_event_readable(
             "VALUES ('resp_done', 7, 7, 'x', 0, '\\x7b7d')"
         )
     assert await where(store, "resp_done") == {LEGACY}
-    # Past the retention (and the rolling upgrade's grace), it goes like any partition.
+    # Once none of its responses is live (after the rolling upgrade's grace), the time is
+    # noted; past the retention from then, it goes like any partition.
     later = time.time() + 2 * DAY
-    assert LEGACY in await store.maintain_partitions(later, later - DAY)
+    assert LEGACY not in await store.maintain_partitions(later, later - DAY)
+    assert LEGACY not in await store.maintain_partitions(later + DAY - 1, later - 1)
+    assert LEGACY in await store.maintain_partitions(later + DAY, later)
     assert await where(store, "resp_done") == set()
 
 

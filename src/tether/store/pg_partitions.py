@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from tether.store.common import LIVE
+
 WIDTH = 3600.0  # seconds of creation time a partition holds (at least)
 HOURS = (1, 2, 3, 4, 6, 8, 12, 24, 48, 72, 168)  # the widths `width_for` picks from
 AHEAD = 3  # partitions kept ahead of the clock
@@ -59,6 +61,8 @@ SELECT relname FROM pg_class
 WHERE relname ~ '^events_[0-9]{8}_[0-9]{6}$' AND relkind = 'r' AND NOT relispartition
   AND relnamespace = current_schema()::regnamespace
 """
+# Any live response created before $1?
+LIVE_BEFORE = f"SELECT EXISTS (SELECT 1 FROM responses WHERE {LIVE} AND created_at < $1)"
 # Any response created in [$1, $2) that is live, or finished at or after $3?
 IN_USE = """
 SELECT EXISTS (SELECT 1 FROM responses WHERE created_at >= $1 AND created_at < $2
@@ -155,17 +159,28 @@ async def expired(con: asyncpg.Connection, now: float, before: float) -> list[Pa
         if p.detaching:
             out.append(p)  # its detach was interrupted: finish it
         elif p.name == LEGACY:
-            hi = p.hi + LEGACY_GRACE
-            if hi > now or await con.fetchval(IN_USE, p.lo, hi, math.inf):
-                continue  # a live response may still append here
-            # Empty (a new database): nothing is retained in it.
-            if not await con.fetchval(f"SELECT EXISTS (SELECT 1 FROM {LEGACY})") or (
-                hi <= before and not await con.fetchval(IN_USE, p.lo, hi, before)
-            ):
+            if await _legacy_expired(con, p.hi + LEGACY_GRACE, now, before):
                 out.append(p)
         elif p.hi <= before and not await con.fetchval(IN_USE, p.lo, p.hi, before):
             out.append(p)
     return out
+
+
+async def _legacy_expired(con: asyncpg.Connection, hi: float, now: float, before: float) -> bool:
+    """`events_legacy` holds the responses of every time before the migration, whose rows
+    are kept for good when stored: asking `IN_USE` of all of them each minute would read
+    them all. Instead: no live response was created before `hi` (the live ones are few, in
+    a partial index), so all of them have finished by `now`, a time noted on the table
+    (a comment); the partition goes once that time is past the retention."""
+    if hi > now or await con.fetchval(LIVE_BEFORE, hi):
+        return False  # a live response may still append here
+    if not await con.fetchval(f"SELECT EXISTS (SELECT 1 FROM {LEGACY})"):
+        return True  # empty (a new database): nothing is retained in it
+    done = await con.fetchval("SELECT obj_description($1::regclass, 'pg_class')", LEGACY)
+    if done is None:
+        await con.execute(f"COMMENT ON TABLE {LEGACY} IS '{now!r}'")
+        return False
+    return float(done) <= before
 
 
 async def drop(con: asyncpg.Connection, now: float, before: float) -> list[str]:
