@@ -12,8 +12,11 @@ the seconds before the drop, during it, and after.
 
 `--delete` also runs the retention this replaced, on a second partition filled the same:
 `DELETE FROM events WHERE response_id IN (responses finished before the retention)`.
+`--hold S` also drops while another transaction that read `events` stays open S seconds:
+the store's concurrent detach waits for it without blocking anyone, where a plain
+`DROP TABLE` of the partition (a lock on all of `events`) queues every reader behind it.
 
-    PYTHONPATH=src python bench/retention.py [--events 1000000] [--readers 8] [--delete]
+    PYTHONPATH=src python bench/retention.py [--events 1000000] [--readers 8] [--delete] [--hold 2]
 """
 
 from __future__ import annotations
@@ -159,6 +162,33 @@ async def measure(
     )
 
 
+def holding(
+    url: str, seconds: float, remove: Callable[[asyncpg.Connection], Coroutine[Any, Any, object]]
+) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, object]]:
+    """`remove`, begun while another connection holds a transaction that read `events`
+    (a long report, a slow client) and keeps it open `seconds`."""
+
+    async def hold(ready: asyncio.Event) -> None:
+        con = await asyncpg.connect(url)
+        try:
+            async with con.transaction():
+                await con.fetchval("SELECT count(*) FROM events WHERE response_id = 'nobody'")
+                ready.set()
+                await asyncio.sleep(seconds)
+        finally:
+            await con.close()
+
+    async def run(c: asyncpg.Connection) -> object:
+        ready = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(hold(ready))
+            await ready.wait()
+            done = await remove(c)
+        return done
+
+    return run
+
+
 async def main(args: argparse.Namespace) -> None:
     name = f"tether_retention_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(args.admin)
@@ -227,6 +257,30 @@ async def main(args: argparse.Namespace) -> None:
                 f"\nDELETE of the same {rows} events (the retention before): {took * 1000:.1f} ms\n"
             )
             print(table(["op", "phase", "n", "p50 ms", "p99 ms", "max ms"], table_rows))
+        if args.hold:
+            for how in ("concurrent", "plain"):
+                await pg_partitions.cover(con, old, old + 1)
+                await fill(con, f"resp_{how}_", old, args.events, args.per_old)
+                await con.execute("VACUUM ANALYZE")
+
+                async def removal(c: asyncpg.Connection, how: str = how) -> object:
+                    if how == "plain":  # what dropping a partition takes without a detach
+                        return await c.execute(f"DROP TABLE {part}")
+                    t = time.time()
+                    return await pg_partitions.drop(c, t, t - DAY)
+
+                took, table_rows = await measure(
+                    url, args, recent, holding(url, args.hold, removal)
+                )
+                what = {
+                    "concurrent": "DETACH CONCURRENTLY + DROP TABLE (the store's)",
+                    "plain": "a plain DROP TABLE of the partition",
+                }[how]
+                print(
+                    f"\n{what}, while a transaction that read `events` stays open "
+                    f"{args.hold:.0f} s: {took * 1000:.1f} ms\n"
+                )
+                print(table(["op", "phase", "n", "p50 ms", "p99 ms", "max ms"], table_rows))
         await con.close()
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -250,5 +304,12 @@ if __name__ == "__main__":
         "--window", type=float, default=3.0, help="seconds measured before and after"
     )
     parser.add_argument("--settle", type=float, default=1.0)
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0,
+        help="also drop while a transaction that read events stays open this long "
+        "(the store's detach, then a plain DROP TABLE)",
+    )
     parser.add_argument("--delete", action="store_true", help="also measure the DELETE it replaced")
     asyncio.run(main(parser.parse_args()))
