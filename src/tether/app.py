@@ -51,7 +51,13 @@ def make_lifecycle(settings: Settings, worker_only: bool = False) -> Lifecycle:
     dispatch: Dispatch = LocalDispatch()
     if settings.redis is not None:
         dispatch = RedisDispatch(settings.redis, settings.redis_prefix, consumer=owner)
-    store = make_store(settings.db, settings.redis, settings.redis_prefix, settings.log_cache_bytes)
+    store = make_store(
+        settings.db,
+        settings.redis,
+        settings.redis_prefix,
+        settings.log_cache_bytes,
+        read_url=settings.db_read,
+    )
     return Lifecycle(store, engine, settings, dispatch, settings.workers, owner=owner)
 
 

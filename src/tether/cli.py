@@ -29,6 +29,11 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
             "postgresql://... to scale out (with --redis).",
         ),
         click.option(
+            "--db-read",
+            help="postgresql://... of a streaming read replica of --db: finished "
+            "logs are replayed from it (a log it has not finished is read from --db).",
+        ),
+        click.option(
             "--redis",
             help="redis://... : run queue, live streams and cancel "
             "signals shared by replicas and workers.",

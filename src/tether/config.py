@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     db: str = "tether.db"  # a SQLite file, or postgresql://... (scaled out, with `redis`)
+    # A streaming replica of the PostgreSQL `db` that replays finished logs (store/pg_replica.py).
+    db_read: str | None = None
     # Scale-out: Redis for the run queue, live event streams and cancel signals.
     redis: str | None = None
     redis_prefix: str = "tether"  # key prefix, so deployments can share one Redis

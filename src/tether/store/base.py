@@ -357,8 +357,9 @@ class Maintenance(Protocol):
         ...
 
     async def purge(self, before: float) -> int:
-        """Drop the logs of responses finished before `before`, and those responses
-        entirely if they were not stored (`store: false`): how many of those went.
+        """Drop the logs of responses finished before `before` (at once, or on PostgreSQL
+        with the time partition holding them, once all of it is that old), and those
+        responses entirely if they were not stored (`store: false`): how many of those went.
 
         :raises StoreFull: the embedded store's disk is full.
         :raises StoreUnavailable: the database cannot be written now."""
