@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, reader, wire, wire_items, wire_output
+from tether import bounds, context, mcp_tools, metrics, reader, wire, wire_items, wire_output
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -167,6 +167,7 @@ class Lifecycle:
         if background:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
+        mcp_tools.check_hosts(spec.mcp, self.settings.mcp_hosts)  # the operator's allow-list
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
         spec = await context.fit(
             self.engine, self.contexts.get(req.model), req.model, spec, req.truncation
@@ -283,7 +284,7 @@ class Lifecycle:
             snap,
             ending,
             progress.items(),
-            [],
+            progress.done(),
             progress.input_tokens,
             progress.output_tokens,
             error,

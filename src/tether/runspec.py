@@ -37,6 +37,8 @@ class RunSpec:
     max_output_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
+    #: the MCP servers the run lists and calls (`mcp_tools.server`)
+    mcp: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, req: wire.CreateRequest, messages: list[Message], echo: dict[str, Any]) -> RunSpec:
@@ -54,6 +56,7 @@ class RunSpec:
             req.max_output_tokens,
             echo["temperature"],
             echo["top_p"],
+            tools.mcp,
         )
 
     def generation(self, response_id: str, model: str, background: bool) -> Generation:
@@ -86,6 +89,7 @@ class RunSpec:
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "mcp": self.mcp,
         }
 
     @classmethod
@@ -103,6 +107,7 @@ class RunSpec:
             run.get("max_output_tokens"),
             _number(run.get("temperature")),
             _number(run.get("top_p")),
+            run.get("mcp") or [],
         )
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from tether import wire_fields, wire_tools
 from tether.errors import APIError, bad_request
+from tether.mcp_tools import McpTool
 from tether.wire_items import (
     IMAGE_PLACEHOLDER,
     ITEM_TYPES,
@@ -110,7 +111,7 @@ class CreateRequest(BaseModel):
     background_options: dict[str, Any] | None = None
     image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
-    tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
+    tools: list[FunctionTool | CustomTool | NamespaceTool | McpTool] | None = None
     tool_choice: ToolChoice | None = None
     text: TextConfig | None = None
     # Refused unless null (wire_fields.REFUSED); typed loosely so a null passes.

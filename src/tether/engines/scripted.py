@@ -4,8 +4,9 @@ It emits one word per token step at `rate` tokens per second (0 = as fast as pos
 and ends naturally after `length` tokens. With tools offered, the prompt directive
 `CALL=name:{"json":"arguments"}` (no spaces) makes it call that function instead (the
 arguments streamed a few characters a token step), unless the last turn is a tool's
-output: then it answers with text, so tool loops end. With `text.format` json_schema or
-json_object it answers with a fixed JSON value of the schema.
+output: then it answers with text, so tool loops end (`CALLS=n`: after n tool outputs).
+With `text.format` json_schema or json_object it answers with a fixed JSON value of the
+schema.
 
 It records, per response, when each token was produced and when the cancel was seen,
 so tests can check that a cancel really stopped it.
@@ -175,7 +176,7 @@ class ScriptedEngine:
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
     """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER,
-    CALL."""
+    CALL, CALLS."""
     at = prompt.find(name + "=")
     if at < 0:
         return None
@@ -199,7 +200,11 @@ def _planned_call(request: Generation, prompt: str) -> tuple[str, str] | None:
         names = [n for n in names if n == choice.get("name")]
         choice = "required"
     last = request.messages[-1].role if request.messages else None
-    if not names or choice == "none" or (last == "tool" and choice != "required"):
+    # `CALLS=n`: a loop of n steps that call the tool (the tool turns so far count them).
+    wanted = _directive(prompt, "CALLS", int) or 1
+    made = sum(m.role == "tool" for m in request.messages)
+    answered = last == "tool" and choice != "required" and made >= wanted
+    if not names or choice == "none" or answered:
         return None
     directive = _directive(prompt, "CALL", str)
     if directive is not None:
