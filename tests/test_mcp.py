@@ -120,7 +120,7 @@ MCP_EVENTS = (
 def test_a_three_step_loop_completes_on_the_scripted_engine(
     make_server: Any, mcp: McpServer
 ) -> None:
-    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "5")
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     before = len(mcp.seen("started", "add"))
     prompt = f"CALLS=3 {call_directive('calc__add', {'a': 2, 'b': 3})} add them"
     with server.client() as client:
@@ -167,7 +167,7 @@ def test_a_three_step_loop_completes_on_the_scripted_engine(
 
 
 def test_a_tool_error_is_an_mcp_call_error(make_server: Any, mcp_http: McpServer) -> None:
-    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "5")
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     prompt = f"{call_directive('calc__fail', {'message': 'no luck'})} try"
     with server.client() as client:
         final = client.responses.create(model="scripted", input=prompt, tools=[tool(mcp_http)])
@@ -182,7 +182,7 @@ def test_a_tool_error_is_an_mcp_call_error(make_server: Any, mcp_http: McpServer
 
 
 def test_max_tool_calls_bounds_the_loop(make_server: Any, mcp_http: McpServer) -> None:
-    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "5")
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     before = len(mcp_http.seen("started", "add"))
     prompt = f"CALLS=5 {call_directive('calc__add', {'a': 1, 'b': 1})} add"
     with server.client() as client:
@@ -199,7 +199,7 @@ def test_max_tool_calls_bounds_the_loop(make_server: Any, mcp_http: McpServer) -
 
 def test_a_big_output_and_a_slow_call_are_bounded(make_server: Any, mcp_http: McpServer) -> None:
     server: Server = make_server(
-        "--scripted-rate", "0", "--scripted-length", "5",
+        "--scripted-rate", "0", "--scripted-length", "40",
         "--mcp-max-output", "100", "--mcp-timeout", "1",
     )  # fmt: skip
     with server.client() as client:
@@ -224,7 +224,7 @@ def test_a_big_output_and_a_slow_call_are_bounded(make_server: Any, mcp_http: Mc
 
 
 def test_a_server_that_needs_a_header(make_server: Any) -> None:
-    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "5")
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     prompt = f"{call_directive('calc__add', {'a': 40, 'b': 2})} add"
     with mcp_server("streamable-http", TOKEN) as mcp, server.client() as client:
         good = client.responses.create(
@@ -279,7 +279,7 @@ def test_an_operator_may_allow_a_host(make_server: Any, mcp_http: McpServer) -> 
 
 
 def test_cancel_during_a_slow_call(make_server: Any, mcp: McpServer) -> None:
-    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "5")
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     before = len(mcp.seen("cancelled", "slow"))
     started = len(mcp.seen("started", "slow"))
     prompt = f"{call_directive('calc__slow', {'seconds': 30})} wait"

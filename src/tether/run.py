@@ -228,7 +228,6 @@ class Progress:
     def next_step(self) -> None:
         """The loop generates again: the counts so far are the next step's base."""
         self.calls = {}
-        self.reason = None
         self.base_input = self.input_tokens
         self.base_output = self.output_tokens
         self.base_reasoning = self.reasoning_tokens

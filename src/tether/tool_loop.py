@@ -82,6 +82,8 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
             mine = [(i, c) for i, c in calls if isinstance(c, McpCallItem)]
             if progress.reason != "stop" or not mine:
                 return
+            # The response is not over: a cancel from here on must end it `cancelled`.
+            progress.reason = None
             text = "".join(progress.message.text) if progress.opened else ""
             await progress.close_text()
             turn = Message("assistant", text)
@@ -105,6 +107,7 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
             if len(mine) != len(calls):
                 # The client's own function calls, or approvals: the response ends here
                 # (with the MCP calls made) and the client answers them.
+                progress.reason = "stop"
                 return
             request.messages = [*request.messages, *turns]
             if loop.max_calls is not None and made >= loop.max_calls:
