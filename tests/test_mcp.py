@@ -241,6 +241,62 @@ def test_a_server_that_needs_a_header(make_server: Any) -> None:
     assert bad.output[0].error
 
 
+# --- (d) approvals ------------------------------------------------------------------------
+
+
+def test_an_approval_round_trip(make_server: Any, mcp_http: McpServer) -> None:
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    before = len(mcp_http.seen("started", "add"))
+    asks = {k: v for k, v in tool(mcp_http).items() if k != "require_approval"}  # default: always
+    prompt = f"{call_directive('calc__add', {'a': 20, 'b': 22})} add"
+    with server.client() as client:
+        first = client.responses.create(model="scripted", input=prompt, tools=[asks], stream=True)
+        events = list(first)
+        one = events[-1].response
+        assert one.status == "completed", one
+        assert [i.type for i in one.output] == ["mcp_list_tools", "mcp_approval_request"]
+        request = one.output[1]
+        assert (request.name, request.server_label) == ("add", "calc")
+        assert request.arguments == '{"a":20,"b":22}'
+        assert len(mcp_http.seen("started", "add")) == before  # nothing called yet
+        answer = {"type": "mcp_approval_response", "approval_request_id": request.id}
+        two = client.responses.create(
+            model="scripted",
+            previous_response_id=one.id,
+            tools=[asks],
+            input=[{**answer, "approve": True}],  # type: ignore[list-item]
+        )
+        assert two.status == "completed", two
+        # The listing is reused (no new mcp_list_tools); the approved call runs first.
+        assert [i.type for i in two.output] == ["mcp_call", "message"]
+        call = two.output[0]
+        assert (call.approval_request_id, call.output, call.status) == (
+            request.id,
+            "42",
+            "completed",
+        )
+        assert len(mcp_http.seen("started", "add")) == before + 1
+        # Refused: nothing is called, the model is told.
+        three = client.responses.create(
+            model="scripted",
+            previous_response_id=one.id,
+            tools=[asks],
+            input=[{**answer, "approve": False, "reason": "not today"}],  # type: ignore[list-item]
+        )
+        assert [i.type for i in three.output] == ["message"]
+        assert len(mcp_http.seen("started", "add")) == before + 1
+        trace = server.trace(three.id)
+        assert "not today" in str(trace["messages"])
+        # An answer to no request is refused.
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(
+                model="scripted",
+                tools=[asks],
+                input=[{**answer, "approval_request_id": "mcpr_nope", "approve": True}],  # type: ignore[list-item]
+            )
+        assert err.value.param == "input"
+
+
 # --- (c) what is refused --------------------------------------------------------------------
 
 

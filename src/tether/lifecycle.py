@@ -29,7 +29,17 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, mcp_tools, metrics, reader, wire, wire_items, wire_output
+from tether import (
+    bounds,
+    context,
+    mcp_tools,
+    metrics,
+    reader,
+    tool_loop,
+    wire,
+    wire_items,
+    wire_output,
+)
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -168,6 +178,9 @@ class Lifecycle:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
         mcp_tools.check_hosts(spec.mcp, self.settings.mcp_hosts)  # the operator's allow-list
+        spec = await tool_loop.chained(  # MCP listings to reuse, approvals to act on
+            spec, items, req.previous_response_id, lambda rid: self.store.get(rid, tenant)
+        )
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
         spec = await context.fit(
             self.engine, self.contexts.get(req.model), req.model, spec, req.truncation

@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx2
 import orjson
 from mcp import Client
 from mcp.client.sse import sse_client
@@ -51,8 +50,8 @@ def _failure(exc: BaseException, what: str) -> McpFailure:
         return McpFailure(
             {"type": "mcp_protocol_error", "code": exc.code, "message": exc.error.message}
         )
-    if isinstance(exc, httpx2.HTTPStatusError):
-        status = exc.response.status_code
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(status, int):  # the SDK's HTTP client's status error
         return McpFailure(
             {"type": "http_error", "code": status, "message": f"{what}: HTTP {status}"}
         )
@@ -73,9 +72,9 @@ async def connect(server: dict[str, Any], timeout: float, max_output: int) -> As
     if url.rstrip("/").endswith("/sse"):
         transport = sse_client(url, headers=headers, timeout=timeout)
     else:
-        http = create_mcp_http_client(
-            headers=headers, timeout=httpx2.Timeout(timeout, read=max(timeout, 300.0))
-        )
+        # (The SDK's HTTP timeouts stay: a request waits at most `timeout` anyway, the
+        # client's `read_timeout_seconds`, counted from the moment it is sent.)
+        http = create_mcp_http_client(headers=headers)
         # A result's event larger than the output limit (and some room for its JSON
         # framing) is refused as it arrives, never buffered whole.
         transport = streamable_http_client(
@@ -169,10 +168,3 @@ def _text(content: list[dict[str, Any]], structured: Any) -> str:
     if not parts and structured is not None:
         return orjson.dumps(structured).decode()
     return "\n".join(parts)
-
-
-def error_text(error: dict[str, Any]) -> str:
-    """What the model reads of a failed call."""
-    if error.get("type") == "mcp_tool_execution_error":
-        return "Error: " + _text(error.get("content") or [], None)
-    return f"Error: {error.get('message', 'the call failed')}"

@@ -161,3 +161,74 @@ def _matches(f: dict[str, Any], name: str, annotations: dict[str, Any] | None) -
         return False
     hint = bool((annotations or {}).get("readOnlyHint"))
     return read_only is None or hint == read_only
+
+
+# --- MCP items as input (an approval's answer; earlier output sent back as context) --------
+
+
+class McpApprovalResponseInput(BaseModel):
+    """`mcp_approval_response`: the answer to an `mcp_approval_request` of an earlier
+    response (`tether.tool_loop` makes the call, when approved, first thing)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp_approval_response"]
+    approval_request_id: StrictStr
+    approve: StrictBool
+    reason: StrictStr | None = None
+    id: StrictStr | None = None
+
+
+class McpApprovalRequestInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp_approval_request"]
+    id: StrictStr
+    server_label: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+
+
+class McpCallInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp_call"]
+    id: StrictStr
+    server_label: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    output: StrictStr | None = None
+    error: Any = None
+    status: StrictStr | None = None
+    approval_request_id: StrictStr | None = None
+
+
+class McpListToolsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp_list_tools"]
+    id: StrictStr
+    server_label: StrictStr
+    tools: list[dict[str, Any]]
+    error: StrictStr | None = None
+
+
+#: input item type -> the prefix of the id a stored one is given when it has none
+INPUT_PREFIXES = {
+    "mcp_approval_response": "mcpa",
+    "mcp_approval_request": "mcpr",
+    "mcp_call": "mcp",
+    "mcp_list_tools": "mcpl",
+}
+
+
+def output_text(call: dict[str, Any]) -> str:
+    """What the model reads of an `mcp_call` item: its output, or its error."""
+    if call.get("output") is not None:
+        return str(call["output"])
+    return error_text(call.get("error") or {})
+
+
+def error_text(error: dict[str, Any]) -> str:
+    """What the model reads of a failed call (OpenAI's `MCPToolCallError` shapes)."""
+    if error.get("type") == "mcp_tool_execution_error":
+        content = error.get("content") or []
+        parts = [c.get("text", "") for c in content if isinstance(c, dict)]
+        return "Error: " + "\n".join(parts)
+    return f"Error: {error.get('message', 'the call failed')}"

@@ -39,6 +39,12 @@ class RunSpec:
     top_p: float = 1.0
     #: the MCP servers the run lists and calls (`mcp_tools.server`)
     mcp: list[dict[str, Any]] = field(default_factory=list)
+    #: MCP servers' tools by label, listed earlier in the conversation (reused, as OpenAI
+    #: does: no new `mcp_list_tools` item for them)
+    listed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: this request's answers to approval requests: `{"approval_request_id", "approve",
+    #: "reason", "server_label", "name", "arguments"}` (`tool_loop.chained`)
+    approved: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, req: wire.CreateRequest, messages: list[Message], echo: dict[str, Any]) -> RunSpec:
@@ -90,6 +96,8 @@ class RunSpec:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "mcp": self.mcp,
+            "listed": self.listed,
+            "approved": self.approved,
         }
 
     @classmethod
@@ -108,6 +116,8 @@ class RunSpec:
             _number(run.get("temperature")),
             _number(run.get("top_p")),
             run.get("mcp") or [],
+            run.get("listed") or {},
+            run.get("approved") or [],
         )
 
 

@@ -17,8 +17,9 @@ to the log as it comes, so a resumed stream replays every step.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,11 @@ import anyio
 
 from tether import mcp_client, mcp_tools
 from tether.engines.base import Engine, Generation, Message, ToolCallSpec
+from tether.errors import bad_request
 from tether.mcp_client import McpFailure
 from tether.run import Progress, Steps
 from tether.runspec import RunSpec
+from tether.store.base import Record
 from tether.wire_mcp import ListToolsItem, McpCallItem
 from tether.wire_tools import flat_name
 
@@ -53,7 +56,7 @@ class ToolLoop:
 
 def steps(spec: RunSpec, settings: Settings) -> Steps | None:
     """The tool loop of a run of `spec`; None: it has no MCP tools (one engine step)."""
-    if not spec.mcp:
+    if not spec.mcp and not spec.approved:
         return None
     loop = ToolLoop(
         spec.mcp,
@@ -61,8 +64,61 @@ def steps(spec: RunSpec, settings: Settings) -> Steps | None:
         settings.mcp_max_output,
         spec.forward.get("max_tool_calls"),
         spec.forward.get("parallel_tool_calls") is not False,
+        spec.listed,
+        spec.approved,
     )
     return partial(run, loop=loop)
+
+
+async def chained(
+    spec: RunSpec,
+    items: list[dict[str, Any]],
+    previous_id: str | None,
+    get: Callable[[str], Awaitable[Record | None]],
+) -> RunSpec:
+    """`spec` with what the conversation says about its MCP servers: listings to reuse
+    (the previous response's, or sent back as input) and this request's answers to
+    approval requests (`mcp_approval_response`), each with the call it approves. An
+    answer to a request the conversation does not hold is refused (400)."""
+    answers = [i for i in items if i.get("type") == "mcp_approval_response"]
+    if not spec.mcp and not answers:
+        return spec
+    prev = await get(previous_id) if previous_id is not None else None
+    listed: dict[str, list[dict[str, Any]]] = {}
+    pool = list(items)
+    if prev is not None:
+        listed.update(RunSpec.decode(prev.run).listed)
+        pool = [*prev.snapshot.get("output", []), *items]
+    requests = {}
+    for item in pool:
+        if item.get("type") == "mcp_list_tools" and not item.get("error"):
+            listed[item["server_label"]] = item["tools"]
+        elif item.get("type") == "mcp_approval_request":
+            requests[item["id"]] = item
+    approved = []
+    for answer in answers:
+        request = requests.get(answer["approval_request_id"])
+        if request is None:
+            raise bad_request(
+                f"No approval request '{answer['approval_request_id']}' in this "
+                "conversation: an mcp_approval_response answers one of the previous "
+                "response's (or the input's) mcp_approval_request items.",
+                "input",
+                "invalid_value",
+            )
+        approved.append(
+            {
+                "approval_request_id": request["id"],
+                "approve": answer["approve"],
+                "reason": answer.get("reason"),
+                "server_label": request["server_label"],
+                "name": request["name"],
+                "arguments": request["arguments"],
+            }
+        )
+    labels = {s["label"] for s in spec.mcp}
+    listed = {label: tools for label, tools in listed.items() if label in labels}
+    return replace(spec, listed=listed, approved=approved)
 
 
 async def run(engine: Engine, request: Generation, progress: Progress, loop: ToolLoop) -> None:
@@ -102,7 +158,7 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
             for (_, call), output in zip(mine, outputs + [None] * len(mine), strict=False):
                 flat = flat_name(call.server_label, call.name)
                 turn.tool_calls.append(ToolCallSpec(call.id, flat, "".join(call.arguments)))
-                shown = output if output is not None else mcp_client.error_text(call.error or {})
+                shown = output if output is not None else mcp_tools.error_text(call.error or {})
                 turns.append(Message("tool", shown, call_id=call.id))
             if len(mine) != len(calls):
                 # The client's own function calls, or approvals: the response ends here
@@ -194,7 +250,7 @@ async def _approved(
             continue
         call = McpCallItem(
             progress.next_index(), call_id, answer["name"], answer["server_label"],
-            arguments=[answer["arguments"]], approval_request_id=call_id,
+            approval_request_id=call_id,
         )  # fmt: skip
         progress.calls[-1 - made] = call  # open (an ending closes it), under no engine index
         events = call.opened()
@@ -205,7 +261,7 @@ async def _approved(
         output = await _call(clients, call, progress, loop)
         await _finish(progress, -1 - made, call)
         made += 1
-        shown = output if output is not None else mcp_client.error_text(call.error or {})
+        shown = output if output is not None else mcp_tools.error_text(call.error or {})
         turns.append(Message("tool", shown, call_id=call_id))
     request.messages = [*request.messages, *turns]
     return made
