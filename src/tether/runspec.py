@@ -95,10 +95,13 @@ class RunSpec:
             "max_output_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "mcp": self.mcp,
-            "listed": self.listed,
-            "approved": self.approved,
-        }
+        } | self._mcp()
+
+    def _mcp(self) -> dict[str, Any]:
+        """The MCP keys, only when there is something to keep: a spec without MCP tools
+        is stored as before them."""
+        keys = {"mcp": self.mcp, "listed": self.listed, "approved": self.approved}
+        return {k: v for k, v in keys.items() if v}
 
     @classmethod
     def decode(cls, run: dict[str, Any]) -> RunSpec:
