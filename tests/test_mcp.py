@@ -9,6 +9,7 @@ every event and response is checked against OpenAI's schema (`tests/spec.py`).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -400,6 +401,60 @@ def test_cancel_while_the_model_generates_between_calls(
     assert len(mcp_http.seen("started", "add")) == before + 1
     trace = server.trace(rid)
     assert not any(t > replied for t in trace["token_times"])  # type: ignore[union-attr]
+
+
+def test_cancel_while_listing_tools(make_server: Any) -> None:
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    # A server that takes the connection and never answers: the listing waits.
+    with socket.socket() as mute, server.client() as client:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}/mcp"
+        stream = client.responses.create(
+            model="scripted",
+            input="hi",
+            tools=[{"type": "mcp", "server_label": "mute", "server_url": url}],
+            stream=True,
+            background=True,
+        )
+        events = []
+        for event in stream:
+            events.append(event)
+            if event.type == "response.mcp_list_tools.in_progress":
+                break
+        started = time.monotonic()
+        reply = client.responses.cancel(events[0].response.id)
+        took = time.monotonic() - started
+        events += list(stream)
+    assert reply.status == "cancelled" and took < 1, took
+    [listing] = reply.output
+    assert listing.type == "mcp_list_tools" and listing.tools == [] and listing.error
+    assert types_of(events)[-2:] == ["response.output_item.done", "response.failed"]
+
+
+def test_a_crash_mid_loop_ends_failed_and_replays(make_server: Any, mcp_http: McpServer) -> None:
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    started = len(mcp_http.seen("started", "slow"))
+    prompt = f"{call_directive('calc__slow', {'seconds': 30})} wait"
+    with server.client() as client:
+        created = client.responses.create(
+            model="scripted", input=prompt, tools=[tool(mcp_http)], background=True
+        )
+    wait_for(lambda: len(mcp_http.seen("started", "slow")) > started, 10, "the slow call")
+    server.kill()
+    server.start()
+    with server.client() as client:
+        final = wait_for(
+            lambda: (r := client.responses.retrieve(created.id)).status != "in_progress" and r,
+            10,
+            "the dead run to end",
+        )
+    assert final.status == "failed"
+    assert [i.type for i in final.output] == ["mcp_list_tools", "mcp_call"]
+    assert final.output[1].status == "incomplete"
+    log = raw_events(server, created.id)
+    assert log[-1]["type"] == "response.failed"
+    assert [e["type"] for e in log].count("response.mcp_call_arguments.done") == 1
 
 
 # --- (e) a real engine path: a chat upstream ----------------------------------------------
