@@ -11,8 +11,9 @@ header); others get a 401. Tools:
 - `fail(message)`: raises (the client sees a tool error);
 - `big(size)`: a text of `size` characters.
 
-`GET /seen` answers what the server saw, in order: `{"event": "started"|"cancelled"|
-"finished", "tool", "at"}` (a `time.time()`), so a test can tell when a cancel arrived.
+`GET /health` answers 200 (bench/_server.py waits for it). `GET /seen` answers what the
+server saw, in order: `{"event": "started"|"cancelled"|"finished", "tool", "at"}` (a
+`time.time()`), so a test can tell when a cancel arrived.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ async def seen(request: Request) -> Response:
     return JSONResponse(SEEN)
 
 
+@server.custom_route("/health", methods=["GET"])
+async def health(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
 class NeedsToken:
     """Refuses MCP requests without `Authorization: Bearer TOKEN`."""
 
@@ -86,7 +92,7 @@ class NeedsToken:
         self.app, self.token = app, token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/seen":
+        if scope["type"] == "http" and scope["path"] not in ("/seen", "/health"):
             headers = dict(scope["headers"])
             if headers.get(b"authorization") != f"Bearer {self.token}".encode():
                 await JSONResponse({"error": "unauthorized"}, 401)(scope, receive, send)

@@ -485,3 +485,51 @@ def test_a_loop_through_a_chat_upstream(
         "content": "42",
     }
     assert all(t in types_of(events) for t in MCP_EVENTS)
+
+
+# --- the Agents SDK's HostedMCPTool ------------------------------------------------------
+
+
+@pytest.mark.parametrize("approval", ["never", "always"])
+def test_the_agents_sdk_hosted_mcp_tool(
+    make_server: Any, mcp_http: McpServer, approval: str
+) -> None:
+    agents = pytest.importorskip("agents")
+    import anyio
+
+    agents.set_tracing_disabled(True)  # the SDK would export traces to OpenAI's servers
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "12")
+    before = len(mcp_http.seen("started", "add"))
+    asked: list[Any] = []
+
+    def approve(request: Any) -> Any:
+        asked.append(request.data)
+        return {"approve": True}
+
+    hosted = agents.HostedMCPTool(
+        tool_config=tool(mcp_http, require_approval=approval),  # type: ignore[arg-type]
+        on_approval_request=approve,
+    )
+    prompt = f"{call_directive('calc__add', {'a': 4, 'b': 5})} add"
+
+    async def run() -> Any:
+        async with server.async_client() as client:
+            agent = agents.Agent(
+                name="tester",
+                instructions="You are a helpful assistant.",
+                model=agents.OpenAIResponsesModel("scripted", client),
+                tools=[hosted],
+            )
+            result = agents.Runner.run_streamed(agent, prompt, max_turns=4)
+            async for _ in result.stream_events():
+                pass
+            return result
+
+    result = anyio.run(run)
+    kinds = [item.type for item in result.new_items]
+    assert "mcp_list_tools_item" in kinds and kinds[-1] == "message_output_item", kinds
+    assert isinstance(result.final_output, str) and result.final_output
+    assert len(mcp_http.seen("started", "add")) == before + 1
+    assert len(asked) == (1 if approval == "always" else 0)
+    calls = [i for r in result.raw_responses for i in r.output if i.type == "mcp_call"]
+    assert [c.output for c in calls] == ["9"]
