@@ -40,7 +40,7 @@ import openai
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import Server, machine, percentile, table, tether_server  # noqa: E402
+from _server import Server, machine, percentile, table, tether_server
 
 REPO = Path(__file__).resolve().parent.parent
 DELTAS = ("response.output_text.delta", "response.mcp_call_arguments.delta")
@@ -51,7 +51,9 @@ def main() -> int:
     parser.add_argument("--responses", type=int, default=200)
     parser.add_argument("--call-seconds", type=float, default=0.3)
     parser.add_argument("--within", type=float, default=1.3)
-    parser.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
+    parser.add_argument(
+        "--transport", choices=["streamable-http", "sse"], default="streamable-http"
+    )
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
@@ -81,7 +83,10 @@ def main() -> int:
         for _ in range(args.responses):
             known = len(http.get(f"{mcp.url}/seen").json())
             created = client.responses.create(
-                model="scripted", input=prompt, tools=[tool], background=True  # type: ignore[list-item]
+                model="scripted",
+                input=prompt,
+                tools=[tool],
+                background=True,  # type: ignore[list-item]
             )
             time.sleep(rng.uniform(0, args.within))
             called = time.time()
@@ -144,7 +149,7 @@ def phase_of(reply: Any, seen: list[dict[str, Any]], replied: float) -> str:
     if len(started) > len(finished):
         return "call in flight"
     kinds = [i.type for i in reply.output]
-    if kinds == [] or kinds == ["mcp_list_tools"] and reply.output[0].error:
+    if kinds == [] or (kinds == ["mcp_list_tools"] and reply.output[0].error):
         return "listing tools (or before)"
     if kinds[-1] == "message":
         return "final answer"
