@@ -9,6 +9,7 @@ every event and response is checked against OpenAI's schema (`tests/spec.py`).
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -488,6 +489,25 @@ def test_a_loop_through_a_chat_upstream(
         "content": "42",
     }
     assert all(t in types_of(events) for t in MCP_EVENTS)
+
+
+def test_a_loop_on_the_embedded_model(make_server: Any, mcp_http: McpServer) -> None:
+    server: Server = make_server(engine="local")
+    with server.client() as client:
+        model = client.models.list().data[0].id
+        final = client.responses.create(
+            model=model,
+            input="Please add the numbers 2 and 3.",
+            tools=[tool(mcp_http, allowed_tools=["add"])],
+            max_output_tokens=60,
+        )
+    kinds = [i.type for i in final.output]
+    assert kinds == ["mcp_list_tools", "mcp_call", "message"], final
+    listing, call = final.output[0], final.output[1]
+    assert [t.name for t in listing.tools] == ["add"]  # allowed_tools
+    args = json.loads(call.arguments)  # a grammar: always valid JSON of the schema
+    assert call.status == "completed" and call.output == str(args["a"] + args["b"])
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
 
 
 # --- the Agents SDK's HostedMCPTool ------------------------------------------------------
