@@ -283,6 +283,8 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif isinstance(choice, dict) and choice.get("type") == "mcp":
+        trimmed["tool_choice"] = "required"  # (an MCP server's tool: OpenAI's vocabulary)
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         trimmed["tool_choice"] = {
             **choice,

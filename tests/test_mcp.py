@@ -243,6 +243,30 @@ def test_a_server_that_needs_a_header(make_server: Any) -> None:
     assert bad.output[0].error
 
 
+def test_tool_choice_names_an_mcp_tool(make_server: Any, mcp_http: McpServer) -> None:
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    prompt = f"{call_directive('calc__add', {'a': 1, 'b': 2})} add"
+    with server.client() as client:
+        final = client.responses.create(
+            model="scripted",
+            input=prompt,
+            tools=[tool(mcp_http)],
+            tool_choice={"type": "mcp", "server_label": "calc", "name": "add"},
+        )
+        # Honoured once, then `auto`: the loop ends with an answer.
+        assert [i.type for i in final.output] == ["mcp_list_tools", "mcp_call", "message"]
+        assert final.output[1].output == "3"
+        assert final.tool_choice.type == "mcp"  # echoed as given
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(
+                model="scripted",
+                input=prompt,
+                tools=[tool(mcp_http)],
+                tool_choice={"type": "mcp", "server_label": "nope"},
+            )
+        assert err.value.param == "tool_choice.server_label"
+
+
 # --- (d) approvals ------------------------------------------------------------------------
 
 

@@ -131,6 +131,7 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
             client = await _listed(connections, server, request, progress, loop)
             if client is not None:
                 clients[server["label"]] = client
+        request.tool_choice = _choice(request.tool_choice, progress)
         made = await _approved(clients, request, progress, loop)
         while True:
             await engine.generate(request, progress.take)
@@ -166,6 +167,8 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
                 progress.reason = "stop"
                 return
             request.messages = [*request.messages, *turns]
+            if _forced(request.tool_choice):
+                request.tool_choice = "auto"  # it was honoured: a forced choice would loop
             if loop.max_calls is not None and made >= loop.max_calls:
                 _withdraw(request, progress)
             progress.next_step()
@@ -320,6 +323,30 @@ async def _finish(progress: Progress, index: int, call: McpCallItem) -> None:
     await progress.put(call.finished())
     progress.calls.pop(index, None)
     progress.close(call, "failed" if call.error is not None else "completed")
+
+
+def _choice(choice: Any, progress: Progress) -> Any:
+    """A `tool_choice` of an MCP server (`{"type": "mcp", "server_label", "name"?}`) as
+    engines take it, now that its tools are known: that tool, or any of the server's."""
+    if not (isinstance(choice, dict) and choice.get("type") == "mcp"):
+        return choice
+    label = choice["server_label"]
+    flats = [f for f, shown in (progress.tool_names or {}).items() if shown.get("mcp") == label]
+    named = flat_name(label, choice["name"]) if choice.get("name") else None
+    if named in flats:
+        return {"type": "function", "name": named}
+    if not flats:
+        return "auto"  # the server could not be listed (its item says why)
+    tools = [{"type": "function", "name": f} for f in flats]
+    return {"type": "allowed_tools", "tools": tools, "mode": "required"}
+
+
+def _forced(choice: Any) -> bool:
+    if choice == "required":
+        return True
+    if isinstance(choice, dict):
+        return choice.get("type") == "function" or choice.get("mode") == "required"
+    return False
 
 
 def _withdraw(request: Generation, progress: Progress) -> None:

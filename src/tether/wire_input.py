@@ -141,8 +141,10 @@ class CreateRequest(BaseModel):
     def engine_tool_choice(self) -> Any:
         """`tool_choice` as engines get it (tool names flattened)."""
         choice = self.tool_choice
+        tools = self.toolset()
+        labels = frozenset(s["label"] for s in tools.mcp)
         return (
-            wire_tools.resolve_choice(choice, self.toolset().names)
+            wire_tools.resolve_choice(choice, tools.names, labels)
             if isinstance(choice, BaseModel)
             else choice
         )

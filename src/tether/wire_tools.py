@@ -91,8 +91,22 @@ class AllowedTools(BaseModel):
     mode: Literal["none", "auto", "required"] = "auto"
 
 
+class ToolChoiceMcp(BaseModel):
+    """`{"type": "mcp", "server_label", "name"?}`: call a tool of that MCP server (the
+    run resolves it once it has listed the server's tools: `tool_loop`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp"]
+    server_label: StrictStr
+    name: StrictStr | None = None
+
+
 ToolChoice = (
-    Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom | AllowedTools
+    Literal["auto", "none", "required"]
+    | ToolChoiceFunction
+    | ToolChoiceCustom
+    | AllowedTools
+    | ToolChoiceMcp
 )
 
 
@@ -244,9 +258,21 @@ def _engine_tool(flat: str, tool: FunctionTool | CustomTool) -> dict[str, Any]:
     }
 
 
-def resolve_choice(choice: Any, names: dict[str, dict[str, Any]]) -> Any:
+def resolve_choice(
+    choice: Any, names: dict[str, dict[str, Any]], labels: frozenset[str] = frozenset()
+) -> Any:
     """`tool_choice` as engines get it (function names flattened), refusing a named tool
-    that is not offered, as OpenAI does."""
+    that is not offered, as OpenAI does. An MCP choice names one of the request's MCP
+    servers (`labels`); the run resolves it (`tool_loop`)."""
+    if isinstance(choice, ToolChoiceMcp):
+        if choice.server_label not in labels:
+            raise bad_request(
+                f"Invalid 'tool_choice.server_label': no mcp tool '{choice.server_label}' "
+                "in 'tools'.",
+                "tool_choice.server_label",
+                "invalid_value",
+            )
+        return choice.model_dump()
     if isinstance(choice, ToolChoiceFunction | ToolChoiceCustom):
         return {"type": "function", "name": _flat_of(choice, names, "tool_choice")}
     if isinstance(choice, AllowedTools):
