@@ -146,7 +146,9 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
             turn = Message("assistant", text)
             turns = [turn]
             budget = len(mine) if loop.max_calls is None else max(0, loop.max_calls - made)
-            for index, call in mine[budget:]:
+            outputs = await _call_all(clients, mine[:budget], progress, loop)
+            made += min(budget, len(mine))
+            for index, call in mine[budget:]:  # (after the others: items close in order)
                 call.error = {
                     "type": "mcp_protocol_error",
                     "code": -32600,
@@ -154,8 +156,6 @@ async def run(engine: Engine, request: Generation, progress: Progress, loop: Too
                     f"({loop.max_calls}).",
                 }
                 await _finish(progress, index, call)
-            made += min(budget, len(mine))
-            outputs = await _call_all(clients, mine[:budget], progress, loop)
             for (_, call), output in zip(mine, outputs + [None] * len(mine), strict=False):
                 flat = flat_name(call.server_label, call.name)
                 turn.tool_calls.append(ToolCallSpec(call.id, flat, "".join(call.arguments)))
@@ -277,21 +277,27 @@ async def _call_all(
     loop: ToolLoop,
 ) -> list[str | None]:
     """Make a step's calls (at once, with `parallel_tool_calls`): their outputs, None
-    for one that failed (its `error` is set)."""
+    for one that failed (its `error` is set). The items close in output order (a
+    response's output is in that order, also when a cancel ends it mid-step: a call
+    that ended after an earlier one still in flight is then `incomplete` too)."""
     outputs: list[str | None] = [None] * len(calls)
+    if not (loop.parallel and len(calls) > 1):
+        for k, (index, call) in enumerate(calls):
+            outputs[k] = await _call(clients, call, progress, loop)
+            await _finish(progress, index, call)
+        return outputs
+    ended = [anyio.Event() for _ in calls]
 
     async def one(k: int) -> None:
-        index, call = calls[k]
-        outputs[k] = await _call(clients, call, progress, loop)
-        await _finish(progress, index, call)
+        outputs[k] = await _call(clients, calls[k][1], progress, loop)
+        ended[k].set()
 
-    if loop.parallel and len(calls) > 1:
-        async with anyio.create_task_group() as group:
-            for k in range(len(calls)):
-                group.start_soon(one, k)
-    else:
+    async with anyio.create_task_group() as group:
         for k in range(len(calls)):
-            await one(k)
+            group.start_soon(one, k)
+        for k, (index, call) in enumerate(calls):
+            await ended[k].wait()
+            await _finish(progress, index, call)
     return outputs
 
 

@@ -4,7 +4,8 @@ It emits one word per token step at `rate` tokens per second (0 = as fast as pos
 and ends naturally after `length` tokens. With tools offered, the prompt directive
 `CALL=name:{"json":"arguments"}` (no spaces) makes it call that function instead (the
 arguments streamed a few characters a token step), unless the last turn is a tool's
-output: then it answers with text, so tool loops end (`CALLS=n`: after n tool outputs).
+output: then it answers with text, so tool loops end (`CALLS=n`: after n tool outputs;
+`PARALLEL=n`: n calls in one step).
 With `text.format` json_schema or json_object it answers with a fixed JSON value of the
 schema.
 
@@ -147,6 +148,10 @@ class ScriptedEngine:
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         call = _planned_call(request, prompt)
         pieces = _pieces(request.text_format) if call is None else _chunks(call[1])
+        per = len(pieces) if pieces else 1  # token steps of one call's arguments
+        if call is not None and pieces is not None:
+            # `PARALLEL=n`: n calls of the tool in one step (call j's arguments after j-1's).
+            pieces = pieces * max(1, _directive(prompt, "PARALLEL", int) or 1)
         if call is not None:
             await out.send(ToolCall(0, f"call_{request.response_id[-20:]}", call[0]))
         for i in range(min(budget, len(pieces)) if pieces is not None else budget):
@@ -164,7 +169,10 @@ class ScriptedEngine:
             if pieces is None:
                 await out.send(Delta(_word(i)))
             elif call is not None:
-                await out.send(ToolCallDelta(0, pieces[i]))
+                j, k = divmod(i, per)
+                if j and not k:
+                    await out.send(ToolCall(j, f"call_{request.response_id[-20:]}_{j}", call[0]))
+                await out.send(ToolCallDelta(j, pieces[i]))
             else:
                 await out.send(Delta(pieces[i]))
         # LINGER seconds between the last token and the end (a window for a cancel).
@@ -176,7 +184,7 @@ class ScriptedEngine:
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
     """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER,
-    CALL, CALLS."""
+    CALL, CALLS, PARALLEL."""
     at = prompt.find(name + "=")
     if at < 0:
         return None
