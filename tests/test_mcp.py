@@ -348,6 +348,10 @@ def test_an_approval_round_trip(make_server: Any, mcp_http: McpServer) -> None:
     ("fields", "param"),
     [
         ({"server_url": "http://example.com/mcp"}, "tools[0].server_url"),
+        ({"server_url": "http://0.0.0.0:8000/mcp"}, "tools[0].server_url"),
+        ({"server_url": "http://localhost.example.com/mcp"}, "tools[0].server_url"),
+        ({"server_url": "http://127.0.0.1/mcp", "tunnel_id": "tunnel_x"}, "tools[0].tunnel_id"),
+        ({"server_url": "http://127.0.0.1/mcp", "server_label": "a b"}, "tools[0].server_label"),
         ({"server_url": None, "connector_id": "connector_gmail"}, "tools[0].connector_id"),
         ({"server_url": "ftp://127.0.0.1/mcp"}, "tools[0].server_url"),
         ({"server_url": None}, "tools[0].server_url"),

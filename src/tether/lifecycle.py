@@ -29,17 +29,7 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import (
-    bounds,
-    context,
-    mcp_tools,
-    metrics,
-    reader,
-    tool_loop,
-    wire,
-    wire_items,
-    wire_output,
-)
+from tether import bounds, context, metrics, reader, tool_loop, wire, wire_items, wire_output
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -177,9 +167,8 @@ class Lifecycle:
         if background:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
-        mcp_tools.check_hosts(spec.mcp, self.settings.mcp_hosts)  # the operator's allow-list
-        spec = await tool_loop.chained(  # MCP listings to reuse, approvals to act on
-            spec, items, req.previous_response_id, lambda rid: self.store.get(rid, tenant)
+        spec = await tool_loop.chained(  # MCP: hosts allowed? listings, approvals
+            spec, items, req, self.settings.mcp_hosts, lambda rid: self.store.get(rid, tenant)
         )
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
         spec = await context.fit(

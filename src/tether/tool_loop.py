@@ -32,6 +32,7 @@ from tether.mcp_client import McpFailure
 from tether.run import Progress, Steps
 from tether.runspec import RunSpec
 from tether.store.base import Record
+from tether.wire_input import CreateRequest
 from tether.wire_mcp import ListToolsItem, McpCallItem
 from tether.wire_tools import flat_name
 
@@ -73,13 +74,17 @@ def steps(spec: RunSpec, settings: Settings) -> Steps | None:
 async def chained(
     spec: RunSpec,
     items: list[dict[str, Any]],
-    previous_id: str | None,
+    req: CreateRequest,
+    hosts: list[str],
     get: Callable[[str], Awaitable[Record | None]],
 ) -> RunSpec:
-    """`spec` with what the conversation says about its MCP servers: listings to reuse
-    (the previous response's, or sent back as input) and this request's answers to
-    approval requests (`mcp_approval_response`), each with the call it approves. An
-    answer to a request the conversation does not hold is refused (400)."""
+    """`spec` of a create (`req`, its input `items`) with what the conversation says
+    about its MCP servers: listings to reuse (the previous response's, or sent back as
+    input) and this request's answers to approval requests (`mcp_approval_response`),
+    each with the call it approves. Refused (400): a server whose host the operator did
+    not allow (`hosts`), an answer to a request the conversation does not hold."""
+    mcp_tools.check_hosts(spec.mcp, hosts)
+    previous_id = req.previous_response_id
     answers = [i for i in items if i.get("type") == "mcp_approval_response"]
     if not spec.mcp and not answers:
         return spec
