@@ -453,6 +453,43 @@ def test_cancel_while_the_model_generates_between_calls(
     assert not any(t > replied for t in trace["token_times"])  # type: ignore[union-attr]
 
 
+def test_cancel_between_steps(make_server: Any, mcp_http: McpServer) -> None:
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    before = len(mcp_http.seen("started", "add"))
+    # Every step reads its prompt for 1 s: the cancel lands after the call completed,
+    # while the next step has produced nothing.
+    prompt = f"PREFILL=1 CALLS=3 {call_directive('calc__add', {'a': 2, 'b': 3})} add"
+    with server.client() as client:
+        stream = client.responses.create(
+            model="scripted", input=prompt, tools=[tool(mcp_http)], stream=True, background=True
+        )
+        events = []
+        for event in stream:
+            events.append(event)
+            if event.type == "response.mcp_call.completed":
+                break
+        reply = client.responses.cancel(events[0].response.id)
+        replied = time.time()
+        events += list(stream)
+    assert reply.status == "cancelled"
+    assert [(i.type, getattr(i, "status", None)) for i in reply.output] == [
+        ("mcp_list_tools", None),
+        ("mcp_call", "completed"),
+    ]
+    # The step that was cancelled added nothing: the call's item closed, then the end.
+    assert types_of(events)[-3:] == [
+        "response.mcp_call.completed",
+        "response.output_item.done",
+        "response.failed",
+    ]
+    assert reply.usage.output_tokens == types_of(events).count("response.mcp_call_arguments.delta")
+    time.sleep(0.3)  # a call made after the reply would show up by now
+    assert len(mcp_http.seen("started", "add")) == before + 1
+    trace = server.trace(reply.id)
+    assert not any(t > replied for t in trace["token_times"])  # type: ignore[union-attr]
+    assert trace["aborted_at"] is not None
+
+
 def test_cancel_while_listing_tools(make_server: Any) -> None:
     server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     # A server that takes the connection and never answers: the listing waits.
