@@ -401,6 +401,11 @@ def test_cancel_during_a_slow_call(make_server: Any, mcp: McpServer) -> None:
                 break
         rid = events[0].response.id
         wait_for(lambda: len(mcp.seen("started", "slow")) > started, 10, "the slow call")
+        live = client.responses.retrieve(rid)  # a live response shows the call in flight
+        assert [(i.type, getattr(i, "status", None)) for i in live.output] == [
+            ("mcp_list_tools", None),
+            ("mcp_call", "calling"),
+        ]
         called = time.time()
         reply = client.responses.cancel(rid)
         replied = time.time()
