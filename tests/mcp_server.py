@@ -1,7 +1,8 @@
 """A real MCP server for the tests (`python tests/mcp_server.py PORT TRANSPORT [TOKEN]`),
 built with the `mcp` SDK's `MCPServer`, served by uvicorn on loopback.
 
-TRANSPORT is `streamable-http` (endpoint `/mcp`) or `sse` (endpoint `/sse`). With TOKEN,
+TRANSPORT is `streamable-http` (endpoint `/mcp`), `sse` (endpoint `/sse`) or `sse-events`
+(SSE at `/events`). With TOKEN,
 every MCP request must carry `Authorization: Bearer TOKEN` (a server that needs a
 header); others get a 401. Tools:
 
@@ -102,7 +103,12 @@ class NeedsToken:
 
 def main() -> None:
     port, transport = int(sys.argv[1]), sys.argv[2]
-    app: ASGIApp = server.sse_app() if transport == "sse" else server.streamable_http_app()
+    if transport == "sse-events":  # SSE at a path that does not say so
+        app: ASGIApp = server.sse_app(sse_path="/events")
+    elif transport == "sse":
+        app = server.sse_app()
+    else:
+        app = server.streamable_http_app()
     if len(sys.argv) > 3:
         app = NeedsToken(app, sys.argv[3])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

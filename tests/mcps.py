@@ -29,7 +29,7 @@ class McpServer:
 
     @property
     def url(self) -> str:
-        path = "/sse" if self.transport == "sse" else "/mcp"
+        path = {"sse": "/sse", "sse-events": "/events"}.get(self.transport, "/mcp")
         return f"http://127.0.0.1:{self.port}{path}"
 
     def seen(self, event: str | None = None, tool: str | None = None) -> list[dict[str, Any]]:

@@ -190,6 +190,16 @@ def test_a_server_that_needs_a_header(make_server: Any) -> None:
     assert bad.output[0].error
 
 
+def test_an_sse_server_at_any_path(make_server: Any) -> None:
+    # Streamable HTTP is tried first; the SSE-only server refuses it; SSE works.
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
+    prompt = f"{call_directive('calc__add', {'a': 3, 'b': 4})} add"
+    with mcp_server("sse-events") as mcp, server.client() as client:
+        final = client.responses.create(model="scripted", input=prompt, tools=[tool(mcp)])
+    assert [i.type for i in final.output] == ["mcp_list_tools", "mcp_call", "message"]
+    assert final.output[1].output == "7"
+
+
 def test_tool_choice_names_an_mcp_tool(make_server: Any, mcp_http: McpServer) -> None:
     server: Server = make_server("--scripted-rate", "0", "--scripted-length", "40")
     prompt = f"{call_directive('calc__add', {'a': 1, 'b': 2})} add"

@@ -16,8 +16,9 @@ stream is that signal) and leaving `connect` closes the connection.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import orjson
@@ -66,10 +67,40 @@ def _failure(exc: BaseException, what: str) -> McpFailure:
 @asynccontextmanager
 async def connect(server: dict[str, Any], timeout: float, max_output: int) -> AsyncIterator[Client]:
     """A connected client of `server` (`mcp_tools.server`); connecting takes at most
-    `timeout` seconds. Raises `McpFailure`."""
+    `timeout` seconds. Raises `McpFailure`.
+
+    A URL whose path ends in `/sse` speaks the older SSE transport. Any other is tried
+    with streamable HTTP first and, when the server answers that with an error (an
+    SSE-only server refuses the POST), with SSE, as OpenAI does; if both fail, the
+    first failure is the one reported."""
+    sse_only = urlsplit(server["url"]).path.rstrip("/").endswith("/sse")
+    async with AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(
+                _session(server, sse_only, timeout, max_output)
+            )
+        except McpFailure as exc:
+            refused = (
+                exc.error["type"] == "mcp_protocol_error" and exc.error["code"] != REQUEST_TIMEOUT
+            )
+            if sse_only or not refused:
+                raise
+            try:
+                client = await stack.enter_async_context(
+                    _session(server, True, timeout, max_output)
+                )
+            except McpFailure:
+                raise exc from None
+        yield client
+
+
+@asynccontextmanager
+async def _session(
+    server: dict[str, Any], sse: bool, timeout: float, max_output: int
+) -> AsyncIterator[Client]:
     url, headers = server["url"], server.get("headers") or {}
     transport: Any
-    if url.rstrip("/").endswith("/sse"):
+    if sse:
         transport = sse_client(url, headers=headers, timeout=timeout)
     else:
         # (The SDK's HTTP timeouts stay: a request waits at most `timeout` anyway, the
