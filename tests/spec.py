@@ -229,10 +229,31 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
 # OpenAI-only vocabulary (custom tools, namespaces): Open Responses defines neither tool
 # type nor the `custom_tool_call` item and its events. They are checked against OpenAI's
 # document only; the rest of the same object against both.
+# MCP (`mcp` tools, their items and events) is OpenAI's vocabulary too.
 OPENAI_ONLY_EVENTS = frozenset(
-    {"response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"}
+    {
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.mcp_call.failed",
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.mcp_list_tools.failed",
+    }
 )
-OPENAI_ONLY_ITEMS = frozenset({"custom_tool_call", "custom_tool_call_output"})
+OPENAI_ONLY_ITEMS = frozenset(
+    {
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "mcp_call",
+        "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
+    }
+)
 # Events the two documents name differently, with the same fields: tether sends OpenAI's
 # name (what the SDKs read); the Open Responses check uses its own name's schema.
 OPEN_RESPONSES_NAMES = {
@@ -262,6 +283,8 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif isinstance(choice, dict) and choice.get("type") == "mcp":
+        trimmed["tool_choice"] = "required"  # (an MCP server's tool: OpenAI's vocabulary)
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         trimmed["tool_choice"] = {
             **choice,

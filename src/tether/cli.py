@@ -105,6 +105,24 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
             "request (default) or drop them with a note.",
         ),
         click.option(
+            "--mcp-host",
+            "mcp_hosts",
+            multiple=True,
+            help="A host whose MCP servers runs may call (repeatable; `loopback`: "
+            "any loopback address, the default; `*`: any host).",
+        ),
+        click.option(
+            "--mcp-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds an MCP connection, tool listing or call may take (default 60).",
+        ),
+        click.option(
+            "--mcp-max-output",
+            type=click.IntRange(min=1),
+            help="Characters of an MCP tool's output a run keeps; more is an error "
+            "(default 1048576).",
+        ),
+        click.option(
             "--keys-file",
             type=click.Path(dir_okay=False),
             help="API keys file (see `tether keys`); every request then needs a "
@@ -134,6 +152,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _settings(options: dict[str, Any]) -> Settings:
     options["upstream"] = list(options["upstream"]) or None
+    options["mcp_hosts"] = list(options.get("mcp_hosts") or ()) or None
     try:
         settings = load_settings(**options)
         settings.all_upstreams()  # a bad --upstream flag fails here, not at startup

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     # Hosted tools tether cannot run (web_search, file_search, ...): `refuse` (400 naming
     # `tools[i].type`) or `drop` (left out, noted in the response; docs/fields.md).
     hosted_tools: Literal["refuse", "drop"] = "refuse"
+    # MCP tools (docs/fields.md, "Tools"): the hosts of the MCP servers a run may call
+    # (`loopback`: any loopback address; `*`: any host), the seconds one call (or one
+    # listing) may take, and the characters of a tool's output kept (more: an error).
+    mcp_hosts: list[str] = ["loopback"]
+    mcp_timeout: float = Field(default=60.0, gt=0)
+    mcp_max_output: int = Field(default=1024 * 1024, gt=0)
     # Slow clients (tether.serving): seconds a request's headers, then its body, may take
     # to arrive before the connection is closed (408).
     header_timeout: float = Field(default=10.0, gt=0)

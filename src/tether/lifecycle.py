@@ -36,6 +36,7 @@ from tether import (
     metrics,
     reader,
     schedule,
+    tool_loop,
     wire,
     wire_items,
     wire_output,
@@ -211,6 +212,9 @@ class Lifecycle:
         if background:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
+        spec = await tool_loop.chained(  # MCP: hosts allowed? listings, approvals
+            spec, items, req, self.settings.mcp_hosts, lambda rid: self.store.get(rid, tenant)
+        )
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
         spec = await context.fit(
             self.engine, self.contexts.get(req.model), req.model, spec, req.truncation
@@ -352,7 +356,7 @@ class Lifecycle:
             snap,
             ending,
             progress.items(),
-            [],
+            progress.done(),
             progress.input_tokens,
             progress.output_tokens,
             error,

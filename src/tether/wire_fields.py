@@ -61,7 +61,7 @@ FIELDS: dict[str, Field] = {
     "frequency_penalty": Field("forwarded", chat="frequency_penalty", responses=True),
     "top_logprobs": Field("forwarded", responses=True),
     "max_tool_calls": Field(
-        "forwarded", responses=True, why="limits hosted-tool calls; tether runs none"
+        "applied", responses=True, why="bounds the MCP calls of a response's tool loop"
     ),
     "truncation": Field("forwarded", responses=True),
     "context_management": Field(

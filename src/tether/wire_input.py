@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from tether import wire_fields, wire_tools
 from tether.errors import APIError, bad_request
+from tether.mcp_tools import McpTool
 from tether.wire_items import (
     IMAGE_PLACEHOLDER,
     ITEM_TYPES,
@@ -119,7 +120,7 @@ class CreateRequest(BaseModel):
     background_options: BackgroundOptions | None = None
     image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
-    tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
+    tools: list[FunctionTool | CustomTool | NamespaceTool | McpTool] | None = None
     tool_choice: ToolChoice | None = None
     text: TextConfig | None = None
     # Refused unless null (wire_fields.REFUSED); typed loosely so a null passes.
@@ -150,8 +151,10 @@ class CreateRequest(BaseModel):
     def engine_tool_choice(self) -> Any:
         """`tool_choice` as engines get it (tool names flattened)."""
         choice = self.tool_choice
+        tools = self.toolset()
+        labels = frozenset(s["label"] for s in tools.mcp)
         return (
-            wire_tools.resolve_choice(choice, self.toolset().names)
+            wire_tools.resolve_choice(choice, tools.names, labels)
             if isinstance(choice, BaseModel)
             else choice
         )

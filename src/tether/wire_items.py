@@ -27,8 +27,14 @@ from pydantic import (
     model_validator,
 )
 
-from tether import compact, turns
+from tether import compact, mcp_tools, turns
 from tether.errors import bad_request
+from tether.mcp_tools import (
+    McpApprovalRequestInput,
+    McpApprovalResponseInput,
+    McpCallInput,
+    McpListToolsInput,
+)
 from tether.turns import Message, Thought, ToolCallSpec
 from tether.wire_tools import flat_name
 
@@ -43,6 +49,7 @@ ITEM_TYPES = (
     "custom_tool_call_output",
     "reasoning",
     "item_reference",
+    *mcp_tools.INPUT_PREFIXES,
 )
 # What engines that cannot see images read where an image was.
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
@@ -311,7 +318,11 @@ InputItem = Annotated[
     | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
     | Annotated[ReasoningInput, Tag("reasoning")]
     | Annotated[ItemReference, Tag("item_reference")]
-    | Annotated[CompactionInput, Tag("compaction")],
+    | Annotated[CompactionInput, Tag("compaction")]
+    | Annotated[McpApprovalResponseInput, Tag("mcp_approval_response")]
+    | Annotated[McpApprovalRequestInput, Tag("mcp_approval_request")]
+    | Annotated[McpCallInput, Tag("mcp_call")]
+    | Annotated[McpListToolsInput, Tag("mcp_list_tools")],
     Discriminator(_item_type),
 ]
 
@@ -341,6 +352,7 @@ def _stored(item: Any) -> dict[str, Any]:
         "custom_tool_call": "ctc",
         "custom_tool_call_output": "ctco",
         "reasoning": "rs",
+        **mcp_tools.INPUT_PREFIXES,
     }[item.type]
     stored: dict[str, Any] = item.model_dump(exclude_none=True)
     stored["id"] = item.id or new_id(prefix)
@@ -458,6 +470,14 @@ def history(items: list[dict[str, Any]]) -> list[Message]:
             out[-1].tool_calls.append(call)
         elif kind in ("function_call_output", "custom_tool_call_output"):
             out.append(Message("tool", _output_text(item["output"]), call_id=item["call_id"]))
+        elif kind == "mcp_call":  # a call the server made: the call, then its result
+            call = ToolCallSpec(
+                item["id"], flat_name(item["server_label"], item["name"]), item["arguments"]
+            )
+            if not out or out[-1].role != "assistant":
+                out.append(Message("assistant", ""))
+            out[-1].tool_calls.append(call)
+            out.append(Message("tool", mcp_tools.output_text(item), call_id=item["id"]))
         elif kind == "compaction":
             out += turns.decode(compact.unseal(item["encrypted_content"]))
         if thoughts and out and out[-1].role == "assistant":

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 from tether.wire_input import new_id
+from tether.wire_mcp import ApprovalRequestItem, McpCallItem, McpItem
+from tether.wire_mcp import replay as replay_mcp
 from tether.wire_reasoning import ReasoningItem as ReasoningItem  # re-exported
 
 
@@ -304,16 +306,20 @@ class InputDecoder:
         return self.raw if not decoded and not self.started else ""
 
 
-OpenItem = MessageItem | ReasoningItem | FunctionCallItem | CustomToolCallItem
+OpenItem = MessageItem | ReasoningItem | FunctionCallItem | CustomToolCallItem | McpItem
+CallItem = FunctionCallItem | CustomToolCallItem | McpCallItem | ApprovalRequestItem
 
 
 def call_item(
     output_index: int, call_id: str, flat: str, names: dict[str, dict[str, Any]] | None
-) -> FunctionCallItem | CustomToolCallItem:
+) -> CallItem:
     """The output item of a call an engine made of tool `flat` (docs/fields.md, "Tools")."""
     shown = (names or {}).get(flat)
     if shown is None:
         return FunctionCallItem(output_index, call_id, flat)
+    if "mcp" in shown:  # a tool of an MCP server the run calls (`tether.tool_loop`)
+        kind = ApprovalRequestItem if shown.get("approval") else McpCallItem
+        return kind(output_index, call_id, shown["name"], shown["mcp"])
     if shown.get("custom"):
         return CustomToolCallItem(
             output_index, call_id, shown["name"], namespace=shown.get("namespace")
@@ -327,7 +333,11 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
     done: list[dict[str, Any]] = []
     for ev in events:
         kind = ev["type"]
-        if kind == "response.output_item.added":
+        if kind.startswith("response.mcp_") or (
+            kind == "response.output_item.added" and ev["item"]["type"].startswith("mcp_")
+        ):
+            replay_mcp(kind, ev, open_items)
+        elif kind == "response.output_item.added":
             item = ev["item"]
             index = ev["output_index"]
             if item["type"] == "function_call":
