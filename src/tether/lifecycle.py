@@ -35,7 +35,6 @@ from tether import (
     conversations,
     metrics,
     reader,
-    schedule,
     tool_loop,
     wire,
     wire_items,
@@ -47,6 +46,7 @@ from tether.dispatch import Dispatch, LocalDispatch
 from tether.engines.base import Engine
 from tether.errors import APIError, bad_request, model_not_found, not_found, previous_not_found
 from tether.leases import LeaseKeeper
+from tether.queueing import Queueing
 from tether.run import Progress
 from tether.runner import Run, Runner, new_token
 from tether.runspec import RunSpec
@@ -99,9 +99,8 @@ class Lifecycle:
         self.models = {m.id for m in engine.models()}
         self.contexts = {m.id: m.context for m in engine.models()}  # tokens, when known
         self.workers = engine.concurrency if workers is None else workers
-        # Responses this process submitted to its local queue and no run took yet: it
-        # keeps their leases (scaled out, nobody does: `_queue_owner`).
-        self.queued: set[str] = set()
+        self.queue = Queueing(self.dispatch, settings, self.owner)
+        self.queued = self.queue.queued  # taken from the queue by `worker`
         self._locks: OwnerLocks | None = None  # the embedded store's owner locks
 
     @property
@@ -227,8 +226,8 @@ class Lifecycle:
             run=spec.encode(),
             input_items=items,
             run_token=None,
-            owner=self._queue_owner(),
-            lease_until=self._queued_lease(spec, snap["created_at"]),
+            owner=self.queue.owner_of_queued(),
+            lease_until=self.queue.lease(spec, snap["created_at"]),
             last_seq=-1,
             input_tokens=0,
             finished_at=None,
@@ -259,7 +258,7 @@ class Lifecycle:
         if created:
             metrics.created()
             try:
-                await self._submit(record)
+                await self.queue.submit(record)
             except StoreUnavailable:
                 # Nobody will run it: end it now rather than leave it waiting for a lease.
                 with contextlib.suppress(Exception):
@@ -292,40 +291,6 @@ class Lifecycle:
         if prev is None:
             raise previous_not_found(previous_id)
         return RunSpec.decode(prev.run).messages + wire.history(prev.snapshot["output"])
-
-    def _queue_owner(self) -> str | None:
-        """Who keeps the lease of a response nobody runs yet: this process when it is
-        the only one; nobody when scaled out, so that an unclaimed response's lease runs
-        out and any process submits it again (a queue entry lost with Redis comes back)."""
-        return None if self.dispatch.remote else self.owner
-
-    def _queued_lease(self, spec: RunSpec, created_at: float) -> float:
-        """The lease of a response nobody runs yet. Scaled out nobody renews it, and
-        whoever finds it run out queues the response again: a deferred one waits in its
-        queue until shortly before its deadline, not one lease at a time."""
-        lease = time.time() + self.settings.lease_timeout
-        start_by = schedule.start_by(created_at, spec.window, self.settings.window_reserve)
-        if start_by is None or not self.dispatch.remote:
-            return lease
-        return max(lease, start_by - self.settings.lease_timeout)
-
-    def start_by(self, run: dict[str, Any], created_at: float) -> float | None:
-        """When a queued response must start at the latest (None: `soonest`)."""
-        window = schedule.window_of(run)
-        return schedule.start_by(created_at, window, self.settings.window_reserve)
-
-    async def _submit(self, record: Record) -> None:
-        """Queue a response for a run, in its completion window's class; locally, this
-        process keeps its lease meanwhile."""
-        rid = record.id
-        if not self.dispatch.remote:
-            self.queued.add(rid)
-        start_by = self.start_by(record.run, record.snapshot["created_at"])
-        try:
-            await self.dispatch.submit(rid, record.tenant, start_by)
-        except BaseException:
-            self.queued.discard(rid)
-            raise
 
     # --- the run (the one writer of a response's log) ------------------------------------
 
@@ -526,9 +491,9 @@ class Lifecycle:
         if rec.run_token is None and rec.status == "queued":
             lease_until = time.time() + self.settings.lease_timeout
             if await self.store.adopt(
-                rec.id, rec.owner, self._queue_owner(), lease_until, owner_gone
+                rec.id, rec.owner, self.queue.owner_of_queued(), lease_until, owner_gone
             ):
-                await self._submit(rec)
+                await self.queue.submit(rec)
             return
         await self.end(
             rec.id,

@@ -15,9 +15,7 @@ from tether import wire_fields, wire_tools
 from tether.errors import APIError, bad_request
 from tether.mcp_tools import McpTool
 from tether.wire_items import (
-    IMAGE_PLACEHOLDER,
     ITEM_TYPES,
-    ImagePart,
     InputItem,
     InputMessage,
     history,
@@ -25,6 +23,7 @@ from tether.wire_items import (
     new_id,
     stored_items,
 )
+from tether.wire_parts import IMAGE_PLACEHOLDER, ImagePart
 from tether.wire_tools import (
     CustomTool,
     FunctionTool,

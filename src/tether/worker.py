@@ -86,7 +86,7 @@ class Worker:
     async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
         lc = self.lc
         spec = RunSpec.decode(record.run)
-        start_by = lc.start_by(record.run, snap["created_at"])
+        start_by = lc.queue.start_by(record.run, snap["created_at"])
         if start_by is not None:
             metrics.deferred_started(time.time() <= start_by)
         request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
