@@ -15,13 +15,12 @@ Each step the scheduler thread:
    only its new part),
 2. drops every response whose channel was stopped (a cancel lands here, at most one
    step after it was asked for; the others go on undisturbed),
-3. takes from each live response its pending `Feed`: one token for a decoding response
-   (only with its consumer's credit), a chunk of its prompt for a prefilling one (all
-   prefills together get about `PREFILL_CHUNK_SECONDS` a step, so a long prompt never
-   stalls the running streams for long, and a cancel during a prefill waits one chunk),
-4. decodes them all in one `llama_decode`, and resumes every response whose feed is
-   complete with its logits row (it samples with its own sampler chain right away, before
-   the next decode overwrites the logits).
+3. decodes the next token of every decoding response (with its consumer's credit) in one
+   `llama_decode`, and resumes each with its logits row (it samples with its own sampler
+   chain right away, before the next decode overwrites the logits),
+4. reads pieces of prompts: all prefills together get about `PREFILL_CHUNK_SECONDS` a
+   step, so a long prompt never stalls the running streams for long, and a cancel during
+   a prefill waits one piece.
 
 A scheduler with nothing to do sleeps on its condition, which every credit, stop, new
 job and close notifies.
@@ -77,7 +76,7 @@ class Scheduler:
             raise EngineError(f"the embedded engine runs 1 to {MAX_SEQUENCES} sequences")
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = sequences * n_ctx_seq
-        params.n_batch = params.n_ubatch = MAX_CHUNK + MIN_PIECE + sequences
+        params.n_batch = params.n_ubatch = max(MAX_CHUNK + MIN_PIECE, sequences)
         params.n_seq_max = sequences
         params.n_threads = params.n_threads_batch = n_threads
         params.kv_unified = False  # a KV cache per sequence (see the module doc)
@@ -132,10 +131,17 @@ class Scheduler:
                     while True:
                         if self._closing:
                             return
+                        if any(chan.stopped for _, chan in self._inbox):
+                            # Cancelled while queued: ended at once, slot or not.
+                            quit_ = [j for j in self._inbox if j[1].stopped]
+                            self._inbox = deque(j for j in self._inbox if not j[1].stopped)
+                        else:
+                            quit_ = []
                         jobs = [
                             self._inbox.popleft()
                             for _ in range(min(len(self._inbox), len(self._free)))
                         ]
+                        jobs += quit_
                         stopped = [r for r in self._live if r.chan.stopped]
                         ready = [r for r in self._live if not r.chan.stopped and self._ready(r)]
                         if jobs or stopped or ready:
@@ -209,31 +215,51 @@ class Scheduler:
         return best
 
     def _step(self, ready: list[Live]) -> None:
-        """One batched decode of every ready response's next tokens."""
-        # How many tokens each takes: a decoding response its one; prompts (and the
-        # engine's own writes: a call's opening) pieces from a budget shared in admission
-        # order, the oldest first and never starved. A piece is MIN_PIECE tokens or the
-        # rest: llama.cpp reads a prompt one token at a time with other rounding than in
-        # pieces, so a response's output would depend on who ran beside it.
+        """One step: a batched decode of every decoding response's next token, then
+        pieces of prompts (and of the engine's own writes: a call's opening) in one
+        decode each, from a budget shared in admission order, the oldest first and
+        never starved.
+
+        Prompt pieces are decoded apart from the one-token rows, and are MIN_PIECE
+        tokens or a prompt's rest: llama.cpp's CPU kernels round differently by a
+        ubatch's shape, and a batch that mixed them would be split by llama.cpp into a
+        ubatch of one token of every sequence and one of the rest (a prompt read partly
+        token by token), so a response's greedy text would depend on its neighbours."""
+        singles = [r for r in ready if len(r.feed.tokens) - r.at == 1]
+        if singles:
+            self._decode(singles, [1] * len(singles))
         budget = self._chunk
-        takes: list[tuple[Live, int]] = []
         first = True
+        started = time.monotonic()
+        read = False
         for r in ready:
             left = len(r.feed.tokens) - r.at
-            if left == 1:
-                take = 1
-            else:
-                take = min(left, max(budget, MIN_PIECE) if first else budget)
-                if take < left and take < MIN_PIECE:
-                    continue  # its piece waits for a later step
-                first = False
-                budget -= take
-            takes.append((r, take))
-        takes.sort(key=lambda rt: rt[0].slot.seq)  # one pass for consecutive ids
+            if left <= 1 or r not in self._live:
+                continue
+            take = min(left, max(budget, MIN_PIECE) if first else budget)
+            if take < left and take < MIN_PIECE:
+                continue  # its piece waits for a later step
+            first, read = False, True
+            budget -= take
+            self._decode([r], [take])
+        if read:
+            # Adapt to this machine and its load: halve the prompt budget of a step whose
+            # pieces took too long, double one that was quick (bounded both ways).
+            took = time.monotonic() - started
+            if took > PREFILL_CHUNK_SECONDS and self._chunk > MIN_PIECE:
+                self._chunk //= 2
+            elif took < PREFILL_CHUNK_SECONDS / 3 and self._chunk < MAX_CHUNK:
+                self._chunk *= 2
+
+    def _decode(self, runs: list[Live], takes: list[int]) -> None:
+        """Evaluate `takes[i]` tokens of `runs[i]`'s feed in one llama_decode; resume each
+        whose feed is then complete (its logits are valid until the next decode)."""
+        order = sorted(range(len(runs)), key=lambda i: runs[i].slot.seq)  # consecutive ids
         batch = self._batch
         n = 0
         rows: list[tuple[Live, int, int]] = []  # (response, tokens taken, logits row)
-        for r, take in takes:
+        for i in order:
+            r, take = runs[i], takes[i]
             tokens, seq, at = r.feed.tokens, r.slot.seq, r.at
             pos = len(r.slot.tokens)
             for j in range(take):
@@ -249,9 +275,7 @@ class Scheduler:
                 batch.logits[row] = 1
             rows.append((r, take, row))
         batch.n_tokens = n
-        started = time.monotonic()
         code = llama_cpp.llama_decode(self._ctx, batch)
-        took = time.monotonic() - started
         if code != 0:
             # No KV slot (1) cannot happen (every slot has its full context); anything
             # else is llama.cpp failing: the responses of this batch fail, their caches go.
@@ -260,15 +284,7 @@ class Scheduler:
                 r.slot.tokens.clear()
                 self._finish(r, EngineError(f"local engine failed: llama_decode returned {code}"))
             return
-        if n > len(rows):
-            # Adapt to this machine and its load: halve a prompt chunk whose step took too
-            # long, double one that was quick (bounded both ways).
-            if took > PREFILL_CHUNK_SECONDS and self._chunk > MIN_PIECE:
-                self._chunk //= 2
-            elif took < PREFILL_CHUNK_SECONDS / 3 and self._chunk < MAX_CHUNK:
-                self._chunk *= 2
-        width = len(rows)
-        # Each samples from its row now: the next decode overwrites every row's logits.
+        width = len(self._live)
         for r, take, row in rows:
             r.slot.tokens.extend(r.feed.tokens[r.at : r.at + take])
             r.at += take
