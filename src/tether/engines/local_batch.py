@@ -15,12 +15,12 @@ Each step the scheduler thread:
    only its new part),
 2. drops every response whose channel was stopped (a cancel lands here, at most one
    step after it was asked for; the others go on undisturbed),
-3. decodes the next token of every decoding response (with its consumer's credit) in one
-   `llama_decode`, and resumes each with its logits row (it samples with its own sampler
-   chain right away, before the next decode overwrites the logits),
-4. reads pieces of prompts: all prefills together get about `PREFILL_CHUNK_SECONDS` a
+3. reads pieces of prompts: all prefills together get about `PREFILL_CHUNK_SECONDS` a
    step, so a long prompt never stalls the running streams for long, and a cancel during
-   a prefill waits one piece.
+   a prefill waits one piece,
+4. decodes the next token of every decoding response (with its consumer's credit) in one
+   `llama_decode`, and resumes each with its logits row (it samples with its own sampler
+   chain right away, before the next decode overwrites the logits).
 
 A scheduler with nothing to do sleeps on its condition, which every credit, stop, new
 job and close notifies.
@@ -66,6 +66,7 @@ class Live:
     feed: Feed = field(default_factory=lambda: Feed([]))
     at: int = 0  # tokens of `feed` already evaluated
     credited: bool = False  # `feed` needed a credit and has it
+    ended: bool = False
 
 
 class Scheduler:
@@ -215,26 +216,23 @@ class Scheduler:
         return best
 
     def _step(self, ready: list[Live]) -> None:
-        """One step: a batched decode of every decoding response's next token, then
-        pieces of prompts (and of the engine's own writes: a call's opening) in one
-        decode each, from a budget shared in admission order, the oldest first and
-        never starved.
+        """One step: pieces of prompts (and of the engine's own writes: a call's
+        opening) in one decode each, from a budget shared in admission order, the oldest
+        first and never starved; then a batched decode of every decoding response's
+        next token.
 
         Prompt pieces are decoded apart from the one-token rows, and are MIN_PIECE
         tokens or a prompt's rest: llama.cpp's CPU kernels round differently by a
         ubatch's shape, and a batch that mixed them would be split by llama.cpp into a
         ubatch of one token of every sequence and one of the rest (a prompt read partly
         token by token), so a response's greedy text would depend on its neighbours."""
-        singles = [r for r in ready if len(r.feed.tokens) - r.at == 1]
-        if singles:
-            self._decode(singles, [1] * len(singles))
         budget = self._chunk
         first = True
         started = time.monotonic()
         read = False
         for r in ready:
             left = len(r.feed.tokens) - r.at
-            if left <= 1 or r not in self._live:
+            if left <= 1 or r.ended:
                 continue
             take = min(left, max(budget, MIN_PIECE) if first else budget)
             if take < left and take < MIN_PIECE:
@@ -250,6 +248,16 @@ class Scheduler:
                 self._chunk //= 2
             elif took < PREFILL_CHUNK_SECONDS / 3 and self._chunk < MAX_CHUNK:
                 self._chunk *= 2
+        # Then the one-token rows. A new response's first token was sampled as its
+        # prompt's last piece was read: one prefill after the step it arrived in. (A
+        # feed that a piece's end just made waits for its credit until the next step.)
+        singles = [
+            r
+            for r in ready
+            if not r.ended and len(r.feed.tokens) - r.at == 1 and (r.credited or not r.feed.credit)
+        ]
+        if singles:
+            self._decode(singles, [1] * len(singles))
 
     def _decode(self, runs: list[Live], takes: list[int]) -> None:
         """Evaluate `takes[i]` tokens of `runs[i]`'s feed in one llama_decode; resume each
@@ -317,6 +325,7 @@ class Scheduler:
         self._finish(r, None)
 
     def _finish(self, r: Live, error: EngineError | None) -> None:
+        r.ended = True
         r.run.close()  # a generation stopped at a yield frees its sampler chain
         if error is not None:
             r.chan.put(error)
