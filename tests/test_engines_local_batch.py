@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import jsonschema
@@ -212,3 +212,45 @@ def test_more_requests_than_sequences_wait_for_a_slot() -> None:
             await eng.close()
 
     asyncio.run(scenario())
+
+
+def test_cancel_one_of_several_streams_through_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Over HTTP with the official SDK: three responses decoded together; a cancel of one
+    replies with exactly the tokens its stream got (none after the reply), the others end
+    by themselves with exact usage."""
+    server = make_server(engine="local")
+    with server.client() as client:
+        streams = [
+            client.responses.create(
+                model="smollm2-135m",
+                input=p,
+                stream=True,
+                background=True,
+                max_output_tokens=40 if i else 400,
+                temperature=0,
+            )
+            for i, p in enumerate(PROMPTS[:3])
+        ]
+        victim, others = streams[0], streams[1:]
+        seen: list[Any] = []
+        for event in victim:
+            seen.append(event)
+            if sum(e.type == "response.output_text.delta" for e in seen) == 3:
+                break
+        rid = seen[0].response.id
+        reply = client.responses.cancel(rid)
+        rest = list(victim)
+        ended = [list(s) for s in others]
+    assert reply.status == "cancelled" and reply.usage is not None
+    got = sum(e.type == "response.output_text.delta" for e in seen + rest)
+    assert reply.usage.output_tokens == got >= 3
+    assert rest[-1].type == "response.failed" and rest[-1].response.status == "cancelled"
+    trace = server.trace(rid)
+    assert trace["produced"] == got and trace["aborted_at"] is not None
+    assert len(cast(list[float], trace["token_times"])) <= got + 1
+    for events in ended:
+        final = events[-1].response
+        assert final.status in ("completed", "incomplete") and final.usage is not None
+        deltas = sum(e.type == "response.output_text.delta" for e in events)
+        assert final.usage.output_tokens == deltas > 0
+    assert max(cast(int, server.trace(e[0].response.id)["batched"]) for e in ended) >= 2
