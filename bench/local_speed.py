@@ -1,27 +1,50 @@
-"""Tokens/s of the embedded SmolLM2 model: llama-cpp driven directly vs through LocalEngine.
+"""Tokens/s of the embedded SmolLM2 model: llama-cpp driven directly vs through LocalEngine,
+and LocalEngine's continuous batching at 1, 2, 4 and 8 concurrent streams.
 
-Run: `PYTHONPATH=src python bench/local_speed.py`. Both paths decode the same chat prompt
-greedily for the same number of tokens; the difference is what LocalEngine adds (worker
-thread, queue hand-off, per-token detokenizing). `measure_direct()` and `measure_engine()`
-are importable so other benchmarks can add rows (e.g. through tether over HTTP).
+Run: `PYTHONPATH=src python bench/local_speed.py` (`--streams-only`: the batching table
+alone; `--plot FILE.png`: also plot it). The single-stream paths decode the same chat
+prompt greedily for the same number of tokens; the difference is what LocalEngine adds
+(scheduler thread, queue hand-off, per-token detokenizing). The batching table runs N
+different prompts at once (`STREAM_TOKENS` each, greedy) and prints aggregate tokens/s,
+time to first token (median and worst of the N), and the time to first token of one more
+request that arrives while N - 1 streams are decoding, beside what one prefill plus one
+step costs (the goal: no more). `measure_direct()`, `measure_engine()` and
+`measure_streams()` are importable so other benchmarks can add rows.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from tether.engines.base import Delta, Finished, Generation, Message, Step
 from tether.engines.local import LocalEngine, find_model_file
+from tether.engines.local_worker import Trace
 
 TOKENS = 128
 RUNS = 5
+STREAM_TOKENS = 96
+STREAMS = (1, 2, 4, 8)
+#: different prompts SmolLM2 answers at length (one per concurrent stream)
+STREAM_PROMPTS = [
+    "Write a long, detailed story about a robot who learns to paint.",
+    "Explain in detail how a bicycle works.",
+    "Describe the life of a honey bee over one summer, at length.",
+    "Tell me the long history of the river Thames.",
+    "Write a long letter to a friend about a trip to the mountains.",
+    "Explain in detail how bread is made, step by step.",
+    "Describe a busy city market in the morning, at length.",
+    "Write a long essay about why people love music.",
+    "Tell a long fairy tale about a fox and a crow.",
+]
 # A prompt SmolLM2 answers at length, so greedy decoding reaches TOKENS without an EOS;
 # measure_engine() checks that it did (the Engine API has no way to suppress EOS).
 PROMPT = "Write a long, detailed story about a robot who learns to paint."
@@ -140,20 +163,177 @@ def measure_http(tokens: int = TOKENS, runs: int = RUNS) -> float:
         srv.cleanup()
 
 
-def main() -> None:
-    rows = [
-        ("llama-cpp directly", measure_direct()),
-        ("LocalEngine.generate", measure_engine()),
-        ("tether over HTTP", measure_http()),
+@dataclass(slots=True)
+class StreamRow:
+    streams: int
+    tokens_per_s: float
+    best_tokens_per_s: float  # the best run: the least disturbed by other load
+    ttft_median: float
+    ttft_worst: float
+    joiner_ttft: float  # one more request, arriving while streams - 1 decode
+    budget: float  # one prefill (alone) + one step at `streams`
+
+
+async def _stream(
+    engine: LocalEngine, rid: str, prompt: str, tokens: int
+) -> tuple[int, float, float]:
+    """(tokens, seconds to the first token, seconds in all) of one greedy stream."""
+    request = Generation(rid, "smollm2-135m", [Message("user", prompt)], tokens, 0.0)
+    started = time.perf_counter()
+    first: float | None = None
+    produced = 0
+
+    async def emit(step: Step) -> None:
+        nonlocal first, produced
+        if isinstance(step, Delta):
+            produced += 1
+            if first is None:
+                first = time.perf_counter() - started
+
+    await engine.generate(request, emit)
+    return produced, first or 0.0, time.perf_counter() - started
+
+
+async def _streams(counts: tuple[int, ...], tokens: int, runs: int) -> list[StreamRow]:
+    engine = LocalEngine(sequences=max(counts))
+    await engine.start()
+    got: dict[int, dict[str, list[float]]] = {
+        n: {"rates": [], "ttfts": [], "joins": [], "steps": [], "prefills": []} for n in counts
+    }
+    try:
+        # Warm up: caches, and every prompt's template prefix.
+        await asyncio.gather(*(_stream(engine, "w", p, 4) for p in STREAM_PROMPTS[:2]))
+        # Rounds of every count in turn, so a burst of other load on this shared machine
+        # spreads over the rows instead of spoiling one.
+        for run in range(runs):
+            for n in counts:
+                m = got[n]
+                # One prefill alone: the last prompt after another (its own part only).
+                await _stream(engine, "x", STREAM_PROMPTS[0], 1)
+                m["prefills"].append((await _stream(engine, "p", STREAM_PROMPTS[-1], 1))[1])
+                started = time.perf_counter()
+                res = await asyncio.gather(
+                    *(_stream(engine, f"s{i}", STREAM_PROMPTS[i], tokens) for i in range(n))
+                )
+                elapsed = time.perf_counter() - started
+                m["rates"].append(sum(g[0] for g in res) / elapsed)
+                m["ttfts"].extend(g[1] for g in res)
+                # A step at n streams: the slowest stream's time per token after its first.
+                m["steps"].append(max((g[2] - g[1]) / max(g[0] - 1, 1) for g in res))
+                m["joins"].append(await _joiner(engine, n, tokens))
+                print(
+                    f"  round {run + 1}/{runs}, {n} streams: {m['rates'][-1]:.1f} tokens/s",
+                    file=sys.stderr,
+                    flush=True,
+                )  # progress on a run of a few minutes
+    finally:
+        await engine.close()
+    med = statistics.median
+    return [
+        StreamRow(
+            n,
+            med(m["rates"]),
+            max(m["rates"]),
+            med(m["ttfts"]),
+            max(m["ttfts"]),
+            med(m["joins"]),
+            med(m["prefills"]) + med(m["steps"]),
+        )
+        for n, m in got.items()
     ]
-    base = rows[0][1]
+
+
+async def _joiner(engine: LocalEngine, n: int, tokens: int) -> float:
+    """TTFT of a request arriving while n - 1 streams are decoding (their first token out)."""
+    if n == 1:
+        return (await _stream(engine, "j", STREAM_PROMPTS[-1], 2))[1]
+    running = [
+        asyncio.ensure_future(_stream(engine, f"r{i}", STREAM_PROMPTS[i], tokens))
+        for i in range(n - 1)
+    ]
+    while any(not engine.traces.get(f"r{i}", Trace()).token_times for i in range(n - 1)):
+        await asyncio.sleep(0.005)  # the bench polls; nothing is asserted on timing
+    _, ttft, _ = await _stream(engine, "j", STREAM_PROMPTS[-1], 2)
+    await asyncio.gather(*running)
+    return ttft
+
+
+def measure_streams(
+    counts: tuple[int, ...] = STREAMS, tokens: int = STREAM_TOKENS, runs: int = 3
+) -> list[StreamRow]:
+    """LocalEngine at each number of concurrent streams (medians of `runs`)."""
+    return asyncio.run(_streams(counts, tokens, runs))
+
+
+def streams_table(rows: list[StreamRow]) -> str:
+    base = rows[0].tokens_per_s
+    lines = [
+        "| streams | aggregate tokens/s | vs 1 stream | best run tokens/s | best vs 1 stream "
+        "| TTFT median s | TTFT worst s | joining request TTFT s | one prefill + one step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    best = rows[0].best_tokens_per_s
+    for r in rows:
+        lines.append(
+            f"| {r.streams} | {r.tokens_per_s:.1f} | {r.tokens_per_s / base:.2f}x "
+            f"| {r.best_tokens_per_s:.1f} | {r.best_tokens_per_s / best:.2f}x "
+            f"| {r.ttft_median:.3f} | {r.ttft_worst:.3f} | {r.joiner_ttft:.3f} | {r.budget:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[StreamRow], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r.streams for r in rows]
+    left.plot(xs, [r.tokens_per_s for r in rows], marker="o")
+    left.set(xlabel="concurrent streams", ylabel="aggregate tokens/s", xticks=xs)
+    right.plot(xs, [r.ttft_median for r in rows], marker="o", label="TTFT median")
+    right.plot(xs, [r.joiner_ttft for r in rows], marker="o", label="joining request")
+    right.plot(xs, [r.budget for r in rows], linestyle="--", label="one prefill + one step")
+    right.set(xlabel="concurrent streams", ylabel="seconds", xticks=xs)
+    right.legend()
+    fig.suptitle("LocalEngine continuous batching (SmolLM2-135M, 2 threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _load() -> str:
     # llama.cpp's 2 threads on a 2-core machine slow down sharply under any other load.
-    load = os.getloadavg()[0]
-    print(f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs")
-    print(f"(1-minute load average {load:.1f} on {os.cpu_count()} CPUs)")
-    print(f"{'path':<24}{'tokens/s':>10}{'vs direct':>11}")
-    for name, rate in rows:
-        print(f"{name:<24}{rate:>10.1f}{rate / base:>10.0%}")
+    return f"1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams-only", action="store_true")
+    parser.add_argument("--plot", metavar="PNG")
+    parser.add_argument("--tokens", type=int, default=STREAM_TOKENS, help="per stream")
+    parser.add_argument("--runs", type=int, default=3, help="runs at each number of streams")
+    args = parser.parse_args()
+    if not args.streams_only:
+        rows = [
+            ("llama-cpp directly", measure_direct()),
+            ("LocalEngine.generate", measure_engine()),
+            ("tether over HTTP", measure_http()),
+        ]
+        base = rows[0][1]
+        print(f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs")
+        print(f"({_load()})")
+        print(f"{'path':<24}{'tokens/s':>10}{'vs direct':>11}")
+        for name, rate in rows:
+            print(f"{name:<24}{rate:>10.1f}{rate / base:>10.0%}")
+        print()
+    before = _load()
+    table = measure_streams(tokens=args.tokens, runs=args.runs)
+    print(f"LocalEngine, N different prompts at once, {args.tokens} tokens each, greedy,")
+    print(f"median of {args.runs} runs ({before} before, {_load()} after)")
+    print(streams_table(table))
+    if args.plot:
+        plot(table, args.plot)
 
 
 if __name__ == "__main__":

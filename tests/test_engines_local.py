@@ -110,7 +110,7 @@ def check_shape(steps: list[Step]) -> tuple[list[Delta], Finished | None]:
 def test_is_an_engine() -> None:
     eng = LocalEngine()
     assert isinstance(eng, Engine)
-    assert eng.concurrency == 1
+    assert eng.concurrency == 8
     assert eng.models() == [ModelInfo(id="smollm2-135m", owned_by="tether", context=8192)]
 
 

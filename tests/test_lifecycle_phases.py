@@ -36,8 +36,8 @@ def check_cancelled(server: Server, client: Any, rid: str, reply: Any, tokens: i
 
 
 def test_cancel_while_queued(make_server) -> None:  # type: ignore[no-untyped-def]
-    # The embedded engine runs one generation at a time: the second response waits queued.
-    server = make_server(engine="local")
+    # One run at a time (the embedded engine batches up to 8): the second response waits queued.
+    server = make_server("--workers", "1", engine="local")
     client = server.client()
     busy = start(client, "Write a long story.", model="smollm2-135m", max_output_tokens=200)
     wait_for(lambda: client.responses.retrieve(busy).status == "in_progress")

