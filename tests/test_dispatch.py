@@ -31,7 +31,7 @@ async def pair() -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str],
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(url)
-    await r.delete(f"{prefix}:runs")
+    await r.delete(f"{prefix}:runs", f"{prefix}:later")
     await r.aclose()
     await a.close()
     await b.close()
@@ -83,7 +83,7 @@ async def test_the_queue_comes_back_after_redis_loses_it(pair) -> None:  # type:
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(redis_url())
-    await r.delete(a._runs)
+    await r.delete(a._layout.runs(0))
     await r.aclose()
     taking = asyncio.create_task(b.take())
     await a.submit("resp_2", "t")
