@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tether import redisconn
 from tether.dispatch import LocalDispatch, RedisDispatch
 from tether.store.base import StoreUnavailable
 
-from tether import redisconn
-
-from services import REDIS_KINDS, delete_prefix, redis_of, redis_url
+from services import REDIS_KINDS, delete_prefix, redis_of
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +26,9 @@ def url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def pair(url: str) -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str], list[str]]]:
+async def pair(
+    url: str,
+) -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str], list[str]]]:
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     cancels: tuple[list[str], list[str]] = ([], [])
     a = RedisDispatch(url, prefix, "a")
@@ -157,7 +158,11 @@ async def test_cluster_shards_spread_over_the_masters_and_a_response_keeps_one_s
     assert key_slot(layout.log("resp_abc").encode()) == key_slot(b"resp_abc")
     single = redisconn.Layout("tether", redisconn.parse("redis://127.0.0.1:6379/0"))
     # One server keeps the names tether always used.
-    assert (single.shards, single.runs(0), single.log("resp_1")) == (1, "tether:runs", "tether:log:resp_1")
+    assert (single.shards, single.runs(0), single.log("resp_1")) == (
+        1,
+        "tether:runs",
+        "tether:log:resp_1",
+    )
 
 
 @pytest.mark.parametrize(

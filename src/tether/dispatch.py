@@ -46,7 +46,8 @@ local entry = reply[1][2][1]
 if not entry then return false end
 local fields, rid, tenant = entry[2], '', ''
 for i = 1, #fields, 2 do
-  if fields[i] == 'r' then rid = fields[i + 1] elseif fields[i] == 't' then tenant = fields[i + 1] end
+  if fields[i] == 'r' then rid = fields[i + 1] end
+  if fields[i] == 't' then tenant = fields[i + 1] end
 end
 return rid .. ' ' .. tenant
 """
@@ -127,7 +128,7 @@ class RedisDispatch:
         self._target = redisconn.parse(url)
         self._layout = layout = redisconn.Layout(prefix, self._target)
         # Short timeouts: a request during a Redis outage gets a 503, never a hang.
-        self._timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        self._timeouts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
         self._redis = redisconn.connect(self._target, **self._timeouts)
         self._consumer = consumer
         self._listener: asyncio.Task[None] | None = None
@@ -162,8 +163,6 @@ class RedisDispatch:
         await self._redis.aclose()
 
     async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
-        from redis.exceptions import RedisError
-
         layout = self._layout
         k = layout.shard(response_id)
         try:
@@ -173,16 +172,17 @@ class RedisDispatch:
                 return
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(
-                    layout.runs(k), {"r": response_id, "t": tenant}, maxlen=100_000, approximate=True
+                    layout.runs(k),
+                    {"r": response_id, "t": tenant},
+                    maxlen=100_000,
+                    approximate=True,
                 )
                 pipe.execute_command(layout.publish, layout.ring(k), str(k))
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except redisconn.ERRORS as exc:
             raise StoreUnavailable(f"run queue unreachable: {exc}") from exc
 
     async def take(self) -> tuple[str, str]:
-        from redis.exceptions import RedisError
-
         every = range(self._layout.shards)
         shards: Iterable[int] = every
         while True:
@@ -199,7 +199,7 @@ class RedisDispatch:
                     if got is not None:
                         return got
                     shards = every
-            except (RedisError, OSError) as exc:
+            except redisconn.ERRORS as exc:
                 log.warning("run queue unreachable (%s); retrying", exc)
                 self._ready.clear()
                 shards = every
@@ -246,22 +246,18 @@ class RedisDispatch:
 
         try:
             # From id 0: entries submitted before the group existed are runs too.
-            await self._redis.xgroup_create(
-                self._layout.runs(k), self.GROUP, id="0", mkstream=True
-            )
+            await self._redis.xgroup_create(self._layout.runs(k), self.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._ready.add(k)
 
     async def cancel(self, response_id: str) -> None:
-        from redis.exceptions import RedisError
-
         layout = self._layout
         channel = layout.cancel(layout.shard(response_id))
         try:
             await self._redis.execute_command(layout.publish, channel, response_id)
-        except (RedisError, OSError) as exc:
+        except redisconn.ERRORS as exc:
             # The canceller fences the run out after its bound instead.
             log.warning("cancel signal for %s not sent: %s", response_id, exc)
 
@@ -279,8 +275,6 @@ class RedisDispatch:
             )
 
     async def _subscribed(self, on_cancel: OnCancel) -> None:
-        from redis.exceptions import RedisError
-
         def heard(channel: str, data: bytes) -> None:
             kind, k = self._channels.get(channel, ("", 0))
             if kind == "cancel":
@@ -300,7 +294,7 @@ class RedisDispatch:
                     lambda: self._closing,
                     self._timeouts,
                 )
-            except* (RedisError, OSError, TimeoutError) as lost:
+            except* (*redisconn.ERRORS, TimeoutError) as lost:
                 log.warning("cancel channel lost (%s); resubscribing", lost.exceptions[0])
             await redisconn.refresh(self._redis)
             await asyncio.sleep(0.5)

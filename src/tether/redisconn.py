@@ -35,8 +35,11 @@ import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+# What a Redis problem raises: redis-py's errors (a cluster's "no node reachable" and
+# "slot not covered" are not `RedisError`s), and the socket's.
+ERRORS = (RedisError, RedisClusterException, OSError)
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 DEFAULT_SHARDS = 8
 Client = aioredis.Redis | RedisCluster
@@ -166,7 +169,7 @@ async def subscribe(
     on_message: OnMessage,
     on_ready: Callable[[], None],
     closing: Callable[[], bool],
-    timeouts: dict[str, float],
+    timeouts: dict[str, Any],
 ) -> None:
     """Deliver messages on `channels` to `on_message(channel, data)` until `closing()`;
     `on_ready()` once every channel is subscribed. Raises (a `RedisError`, an `OSError`,
@@ -182,8 +185,10 @@ async def subscribe(
         assert isinstance(client, RedisCluster)
         await client.initialize()
         for channel in channels:
-            node = client.get_node_from_key(channel)
-            groups.setdefault((node.host, node.port), []).append(channel)
+            owner = client.get_node_from_key(channel)
+            if owner is None:
+                raise Lost(f"no master owns {channel!r}")
+            groups.setdefault((owner.host, int(owner.port)), []).append(channel)
     else:
         groups[("", 0)] = channels
     pending = len(channels)
@@ -237,7 +242,9 @@ async def _listen(
             kind = message["type"]
             if kind in ("message", "smessage"):
                 channel = message["channel"]
-                on_message(channel.decode() if isinstance(channel, bytes) else channel, message["data"])
+                on_message(
+                    channel.decode() if isinstance(channel, bytes) else channel, message["data"]
+                )
             elif kind in ("subscribe", "ssubscribe"):
                 confirmed()
             elif kind == "sunsubscribe":
@@ -256,6 +263,5 @@ async def refresh(client: Client) -> None:
     if isinstance(client, RedisCluster):
         try:
             await client.nodes_manager.initialize()
-        except (RedisError, OSError) as exc:
+        except ERRORS as exc:
             del exc  # the next subscription attempt fails and says why
-

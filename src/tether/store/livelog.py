@@ -32,11 +32,11 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from tether import redisconn
 from tether.store.base import LogEntry
@@ -64,7 +64,7 @@ class LiveLog:
         self.channels = [self.layout.wake(k) for k in range(self.layout.shards)]
         # Short timeouts and no retries: a Redis problem must turn into a Postgres read
         # within a second or two, not into a stalled reader.
-        self._timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
+        self._timeouts: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
         self.redis = redisconn.connect(self.target, **self._timeouts, retry=Retry(NoBackoff(), 0))
         self.stats = {"redis_reads": 0, "durable_reads": 0, "cache_reads": 0, "published": 0}
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
@@ -150,7 +150,7 @@ class LiveLog:
         if not self._down():
             try:
                 await self.redis.delete(self.key(response_id))
-            except (RedisError, OSError):
+            except redisconn.ERRORS:
                 self._mark_down()
 
     # --- reads -----------------------------------------------------------------------
@@ -226,7 +226,7 @@ class LiveLog:
                 pipe.xrange(key, min=f"{after + 1}-0")
                 pipe.exists(key)
                 items, exists = await pipe.execute()
-        except (RedisError, OSError):
+        except redisconn.ERRORS:
             self._mark_down()
             return None
         if not exists:
@@ -326,7 +326,7 @@ class LiveLog:
                     lambda: self._closing,
                     self._timeouts,
                 )
-            except* (RedisError, OSError, TimeoutError) as lost:
+            except* (*redisconn.ERRORS, TimeoutError) as lost:
                 if self._healthy:
                     log.warning("Redis subscription lost (%s); polling", lost.exceptions[0])
             self._set_healthy(False)
@@ -383,7 +383,7 @@ class LiveLog:
                 # A refused XADD (an older id: another process's later batch got
                 # there first) leaves a gap, which readers detect.
                 await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except redisconn.ERRORS as exc:
             log.warning("Redis publish failed (%s); readers use Postgres", exc)
             self._mark_down()
             self._skip(batch)
