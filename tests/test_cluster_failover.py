@@ -30,7 +30,7 @@ from invariants import Seen, check_response
 from services import postgres_url
 
 STREAMS = 50
-LENGTH = 150  # tokens of each response, 20 a second: the kill comes mid-run
+LENGTH = 200  # tokens of each response, 20 a second: the kill comes mid-run
 
 
 def test_a_master_fails_during_50_live_streams_and_every_reader_ends_whole(
@@ -76,6 +76,8 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
     victim = redis.node_of(f"{prefix}:log:{{{ids[0]}}}")
     doomed = [rid for rid in ids if redis.node_of(f"x{{{rid}}}") is victim]
     print(f"killing master :{victim.port}, which holds {len(doomed)} of {STREAMS} live logs")
+    with a.client() as client:  # the first created is still running: so are all
+        assert client.responses.retrieve(ids[0]).status == "in_progress"
     redis.kill(victim)
     killed_at = time.monotonic()
 
