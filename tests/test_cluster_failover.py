@@ -46,7 +46,10 @@ def test_a_master_fails_during_50_live_streams_and_every_reader_ends_whole(
                 db,
                 redis.url,
                 prefix,
-                args=("--scripted-rate", "20", "--scripted-length", str(LENGTH)),
+                args=(
+                    *("--scripted-rate", "20", "--scripted-length", str(LENGTH)),
+                    *("--log-level", "info"),  # (to see the subscriptions come back)
+                ),
                 worker_args=("--workers", str(STREAMS)),
             )
             tether.start()
@@ -101,6 +104,16 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
     assert not errors, errors[:3]
     assert len(seen) == 2 * STREAMS
     print(f"every reader ended {ended_at - killed_at:.1f} s after the kill")
+    # Every process lost its subscriptions (they span all masters) and got them back from
+    # the promoted replica: wake-ups and cancels flow again, no process is left polling.
+    for process in tether.processes:
+        assert process.log is not None
+
+        def back(log: Path = process.log) -> bool:
+            text = log.read_text()
+            return "Redis subscription back" in text and "cancel channel back" in text
+
+        wait_for(back, 30, f"{process.log.name} to subscribe again")
 
     for i, rid in enumerate(ids):
         log = wait_for(lambda rid=rid: _final(tether, rid), 60, "a terminal log")

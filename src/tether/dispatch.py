@@ -283,6 +283,14 @@ class RedisDispatch:
                 self._rung.add(k)
                 self._ring.set()
 
+        lost_at: float | None = None
+
+        def ready() -> None:
+            nonlocal lost_at
+            if lost_at is not None:
+                log.info("cancel channel back after %.1f s", time.monotonic() - lost_at)
+                lost_at = None
+
         while not self._closing:
             try:
                 await redisconn.subscribe(
@@ -290,11 +298,13 @@ class RedisDispatch:
                     self._target,
                     list(self._channels),
                     heard,
-                    lambda: None,
+                    ready,
                     lambda: self._closing,
                     self._timeouts,
                 )
             except* (*redisconn.ERRORS, TimeoutError) as lost:
-                log.warning("cancel channel lost (%s); resubscribing", lost.exceptions[0])
+                if lost_at is None:
+                    log.warning("cancel channel lost (%s); resubscribing", lost.exceptions[0])
+                    lost_at = time.monotonic()
             await redisconn.refresh(self._redis)
             await asyncio.sleep(0.5)

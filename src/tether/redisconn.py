@@ -34,6 +34,8 @@ from urllib.parse import parse_qs, unquote
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -202,7 +204,10 @@ async def subscribe(
     async def one(node: tuple[str, int], names: list[str]) -> None:
         own = None
         if target.cluster:
-            own = aioredis.Redis(host=node[0], port=node[1], **target.options, **timeouts)
+            # No retries of its own: a lost node must end this subscription now (the
+            # caller subscribes again, to whichever master owns the slots then).
+            options = {**target.options, **timeouts, "retry": Retry(NoBackoff(), 0)}
+            own = aioredis.Redis(host=node[0], port=node[1], **options)
             pubsub = own.pubsub()
         else:
             assert isinstance(client, aioredis.Redis)

@@ -311,9 +311,13 @@ class LiveLog:
         """One subscription per process, to every wake channel (one connection per
         master on a cluster)."""
 
+        lost_at: float | None = None
+
         def ready() -> None:
             self._set_healthy(True)
             self._ready.set()
+            if lost_at is not None:
+                log.info("Redis subscription back after %.1f s", time.monotonic() - lost_at)
 
         while not self._closing:
             try:
@@ -329,6 +333,8 @@ class LiveLog:
             except* (*redisconn.ERRORS, TimeoutError) as lost:
                 if self._healthy:
                     log.warning("Redis subscription lost (%s); polling", lost.exceptions[0])
+            if self._healthy:
+                lost_at = time.monotonic()
             self._set_healthy(False)
             if not self._closing:
                 await redisconn.refresh(self.redis)
