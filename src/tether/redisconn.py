@@ -24,6 +24,7 @@ queue. On a cluster:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Callable
@@ -266,7 +267,6 @@ async def refresh(client: Client) -> None:
     """After a failure: on a cluster, learn the current masters (a failover may have
     promoted a replica) before subscribing again. Best effort."""
     if isinstance(client, RedisCluster):
-        try:
+        # A failure here shows again, and is logged, when subscribing fails.
+        with contextlib.suppress(*ERRORS):
             await client.nodes_manager.initialize()
-        except ERRORS as exc:
-            del exc  # the next subscription attempt fails and says why
