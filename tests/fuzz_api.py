@@ -3,13 +3,15 @@
 `DOC` is an OpenAPI 3.1 document of the served API, built from the vendored specs: the
 Open Responses document's request bodies (`CreateResponseBody` as JSON and as a form,
 `CompactResponseMethodPublicBody`) and OpenAI's query parameters for the other routes,
-plus tether's own (`/v1/usage`, `/health`, `/metrics`). Schemathesis turns each operation
-into a strategy of requests, valid ones ("positive") and ones that break the schema
-("negative"); `Fuzzer.send` sends one over real HTTP with httpx, so that every reply is
-also checked against the specs as it passes (tests/spec.py), and returns what is wrong
-with the reply: a 5xx, an error body not in OpenAI's shape, a stack trace, a spec
-violation. Ids in paths are real ones most of the time (a pool of responses the fuzzer
-keeps stocked), so that the routes get past their 404s.
+plus tether's own (`/v1/usage`, `/health`, `/metrics`), and the Conversations API's
+operations (OpenAI's parameters; items as Open Responses' `ItemParam` or simple
+messages). Schemathesis turns each operation into a strategy of requests, valid ones
+("positive") and ones that break the schema ("negative"); `Fuzzer.send` sends one over
+real HTTP with httpx, so that every reply is also checked against the specs as it passes
+(tests/spec.py), and returns what is wrong with the reply: a 5xx, an error body not in
+OpenAI's shape, a stack trace, a spec violation. Ids in paths are real ones most of the
+time (pools of responses and conversations the fuzzer keeps stocked), so that the routes
+get past their 404s.
 
 Used by tests/test_fuzz.py (tens of examples per operation) and bench/fuzz.py (1,000+).
 """
@@ -80,6 +82,13 @@ _SERVED_CREATE = {
             ]
         },
         **{k: _CREATE["properties"][k] for k in _SUPPORTED},
+        # OpenAI's `conversation` (Open Responses has none): an id or `{"id"}`.
+        "conversation": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+            ]
+        },
     },
 }
 _CREATE_BODY = {"anyOf": [_SERVED_CREATE, {"$ref": "#/components/schemas/CreateResponseBody"}]}
@@ -103,6 +112,23 @@ def _path(name: str) -> dict[str, Any]:
 
 _INCLUDE = _query("include", {"type": "array", "items": {"type": "string"}})
 _RID = _path("response_id")
+_CID = _path("conversation_id")
+_ITEM_ID = _path("item_id")
+_CONVERSATION_ITEMS = {
+    "type": "array",
+    "maxItems": 20,
+    "items": {"anyOf": [_MESSAGE, {"$ref": "#/components/schemas/ItemParam"}]},
+}
+_METADATA = {
+    "type": "object",
+    "maxProperties": 16,
+    "additionalProperties": {"type": "string", "maxLength": 512},
+}
+
+
+def _json_body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
 # Every route reads it (tether.logs keeps a caller's sane id, echoes it, logs it): so
@@ -162,6 +188,28 @@ DOC: dict[str, Any] = {
                 _query("after", {"type": "string"}),
             )
         },
+        "/v1/conversations": {
+            "post": _op(body=_json_body({"metadata": _METADATA, "items": _CONVERSATION_ITEMS}, []))
+        },
+        "/v1/conversations/{conversation_id}": {
+            "get": _op(_CID),
+            "post": _op(_CID, body=_json_body({"metadata": _METADATA}, ["metadata"])),
+            "delete": _op(_CID),
+        },
+        "/v1/conversations/{conversation_id}/items": {
+            "post": _op(_CID, _INCLUDE, body=_json_body({"items": _CONVERSATION_ITEMS}, ["items"])),
+            "get": _op(
+                _CID,
+                _INCLUDE,
+                _query("limit", {"type": "integer", "default": 20, "minimum": 1, "maximum": 100}),
+                _query("order", {"type": "string", "enum": ["asc", "desc"]}),
+                _query("after", {"type": "string"}),
+            ),
+        },
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            "get": _op(_CID, _ITEM_ID, _INCLUDE),
+            "delete": _op(_CID, _ITEM_ID),
+        },
         "/v1/models": {"get": _op()},
         "/v1/models/{model_id}": {"get": _op(_path("model_id"))},
         "/v1/usage": {
@@ -217,6 +265,7 @@ class Fuzzer:
         self.url = base_url.rstrip("/")  # http://127.0.0.1:PORT (no /v1)
         self.http = httpx.Client(timeout=60)
         self.pool = [self._create() for _ in range(pool_size)]
+        self.conversations = [self._conversation() for _ in range(pool_size)]
         self.tallies: dict[str, Tally] = {}
 
     def close(self) -> None:
@@ -232,6 +281,17 @@ class Fuzzer:
         r.raise_for_status()
         rid: str = r.json()["id"]
         return rid
+
+    def _conversation(self) -> str:
+        r = self.http.post(
+            f"{self.url}/v1/conversations",
+            json={
+                "items": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+            },
+        )
+        r.raise_for_status()
+        cid: str = r.json()["id"]
+        return cid
 
     def send(self, case: Any, rng: random.Random) -> list[str]:
         """Send `case` (real ids and model most of the time) and return its problems."""
@@ -251,6 +311,9 @@ class Fuzzer:
             rid = case.path_parameters.get("response_id")
             if rid in self.pool:  # keep the pool stocked with live ids
                 self.pool[self.pool.index(rid)] = self._create()
+            cid = case.path_parameters.get("conversation_id")
+            if cid in self.conversations and "item_id" not in case.path_parameters:
+                self.conversations[self.conversations.index(cid)] = self._conversation()
         return self._note(tally, problems, case)
 
     def _note(self, tally: Tally, problems: list[str], case: Any) -> list[str]:
@@ -264,6 +327,17 @@ class Fuzzer:
             params["response_id"] = rng.choice(self.pool)
         if "model_id" in params and rng.random() < 0.5:
             params["model_id"] = MODEL
+        if "conversation_id" in params and rng.random() < 0.75:
+            params["conversation_id"] = rng.choice(self.conversations)
+            if "item_id" in params and rng.random() < 0.6:
+                items = self.http.get(
+                    f"{self.url}/v1/conversations/{params['conversation_id']}/items"
+                ).json()["data"]
+                if items:
+                    params["item_id"] = rng.choice(items)["id"]
+        if isinstance(case.body, dict) and "conversation" in case.body and rng.random() < 0.5:
+            case.body["conversation"] = rng.choice(self.conversations)
+            case.body.pop("previous_response_id", None)
         if isinstance(case.body, dict) and rng.random() < 0.5:
             case.body["model"] = MODEL
         if (

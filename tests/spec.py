@@ -229,10 +229,31 @@ def openai_view(obj: dict[str, Any]) -> dict[str, Any]:
 # OpenAI-only vocabulary (custom tools, namespaces): Open Responses defines neither tool
 # type nor the `custom_tool_call` item and its events. They are checked against OpenAI's
 # document only; the rest of the same object against both.
+# MCP (`mcp` tools, their items and events) is OpenAI's vocabulary too.
 OPENAI_ONLY_EVENTS = frozenset(
-    {"response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"}
+    {
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.mcp_call.failed",
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.mcp_list_tools.failed",
+    }
 )
-OPENAI_ONLY_ITEMS = frozenset({"custom_tool_call", "custom_tool_call_output"})
+OPENAI_ONLY_ITEMS = frozenset(
+    {
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "mcp_call",
+        "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
+    }
+)
 # Events the two documents name differently, with the same fields: tether sends OpenAI's
 # name (what the SDKs read); the Open Responses check uses its own name's schema.
 OPEN_RESPONSES_NAMES = {
@@ -262,6 +283,8 @@ def open_responses_view(obj: dict[str, Any]) -> dict[str, Any] | None:
     choice = response.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "custom":
         trimmed["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif isinstance(choice, dict) and choice.get("type") == "mcp":
+        trimmed["tool_choice"] = "required"  # (an MCP server's tool: OpenAI's vocabulary)
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         trimmed["tool_choice"] = {
             **choice,
@@ -306,6 +329,9 @@ DELETED = jsonschema_rs.Draft202012Validator(
 _RESPONSE = re.compile(r"^/v1/responses/(?!compact$)[^/]+$")
 _CANCEL = re.compile(r"^/v1/responses/[^/]+/cancel$")
 _ITEMS = re.compile(r"^/v1/responses/[^/]+/input_items$")
+_CONVERSATION = re.compile(r"^/v1/conversations/[^/]+$")
+_CONVERSATION_ITEMS = re.compile(r"^/v1/conversations/[^/]+/items$")
+_CONVERSATION_ITEM = re.compile(r"^/v1/conversations/[^/]+/items/[^/]+$")
 
 
 def body_schema(method: str, path: str, status: int) -> str | None:
@@ -326,6 +352,17 @@ def body_schema(method: str, path: str, status: int) -> str | None:
         return "DeletedResponse"
     if method == "GET" and _ITEMS.match(path):
         return "ResponseItemList"
+    # The Conversations API: OpenAI's document only (Open Responses has none).
+    if (method == "POST" and path == "/v1/conversations") or (
+        method in ("GET", "POST") and _CONVERSATION.match(path)
+    ):
+        return "ConversationResource"
+    if method == "DELETE" and _CONVERSATION.match(path):
+        return "DeletedConversationResource"
+    if _CONVERSATION_ITEMS.match(path):
+        return "ConversationItemList"
+    if _CONVERSATION_ITEM.match(path):
+        return "ConversationItem" if method == "GET" else "ConversationResource"
     if method == "GET" and path == "/v1/models":
         return "ListModelsResponse"
     if method == "GET" and path.startswith("/v1/models/"):
@@ -374,6 +411,10 @@ class BodyCheck:
         except ValueError:
             raise violation(f"{self.where}: the body is not JSON") from None
         view = open_responses_view(body) if self.schema == "ResponseResource" else body
+        if self.schema.endswith("ItemList") and body.get("data") == []:
+            # An empty page's `first_id`/`last_id` are null (as OpenAI answers them);
+            # the document types them as strings.
+            view = {**body, "first_id": "", "last_id": ""}
         errors = fast_errors(body_validator(self.schema), view)
         if self.schema == "ResponseResource":  # and OpenAI's Response
             errors += fast_errors(

@@ -250,3 +250,69 @@ async def settled(server: Server, rid: str, timeout: float = 30.0) -> Any:
             assert time.monotonic() < deadline, f"{rid} is still {response.status}"
             await anyio.sleep(0.02)  # poll interval of a wait with a deadline
     return response
+
+
+# --- a conversation session (issue 18) --------------------------------------------------------
+
+
+async def test_openai_conversations_session_runs_two_turns(
+    make_server: Any, openai_client: Any
+) -> None:
+    # The SDK's own session on tether's Conversations API: each run reads the
+    # conversation's items as its history and adds its new items to it.
+    from agents.memory import OpenAIConversationsSession
+
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "6")
+    client = openai_client(server)
+    session = OpenAIConversationsSession(openai_client=client)
+    runner = agent(client, "scripted")
+    first = await Runner.run(runner, "My name is Ada.", session=session)
+    second = await Runner.run(runner, "What is my name?", session=session)
+    assert isinstance(first.final_output, str) and first.final_output
+    prompt = [m["text"] for m in server.trace(second.raw_responses[0].response_id)["messages"]]
+    assert prompt[-3:] == ["My name is Ada.", first.final_output, "What is my name?"]
+    items = await session.get_items()
+    texts = [
+        "".join(p.get("text", "") for p in i["content"]) for i in items if i["type"] == "message"
+    ]
+    assert texts == ["My name is Ada.", first.final_output, "What is my name?", second.final_output]
+    conversation = await client.conversations.retrieve(session.session_id)
+    assert conversation.id == session.session_id
+    await session.clear_session()
+
+
+async def test_server_managed_conversation_runs_two_turns(
+    make_server: Any, openai_client: Any
+) -> None:
+    # `conversation_id=`: the SDK sends `conversation` on each create and sends only the
+    # new input; tether keeps the thread.
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "6")
+    client = openai_client(server)
+    cid = (await client.conversations.create()).id
+    runner = agent(client, "scripted")
+    first = await Runner.run(runner, "My name is Ada.", conversation_id=cid)
+    second = await Runner.run(runner, "What is my name?", conversation_id=cid)
+    rid = second.raw_responses[0].response_id
+    prompt = [m["text"] for m in server.trace(rid)["messages"]]
+    assert prompt[-3:] == ["My name is Ada.", first.final_output, "What is my name?"]
+    assert (await client.responses.retrieve(rid)).conversation.id == cid
+    items = [i async for i in client.conversations.items.list(cid, order="asc")]
+    assert [i.type for i in items] == ["message"] * 4
+
+
+async def test_tool_loop_in_a_server_managed_conversation(
+    make_server: Any, openai_client: Any
+) -> None:
+    # The tool loop's steps are turns of the conversation: the call, its output, the answer.
+    server: Server = make_server("--scripted-rate", "0", "--scripted-length", "6")
+    client = openai_client(server)
+    cid = (await client.conversations.create()).id
+    calls = Calls()
+    runner = agent(client, "scripted", tools=[calls.tool])
+    prompt = f"{call_directive('get_weather', {'city': 'Paris'})} What is the weather?"
+    result = await Runner.run(runner, prompt, conversation_id=cid, max_turns=4)
+    assert calls.cities == ["Paris"] and isinstance(result.final_output, str)
+    items = [i async for i in client.conversations.items.list(cid, order="asc")]
+    kinds = [i.type for i in items]
+    assert kinds == ["message", "function_call", "function_call_output", "message"], kinds
+    assert items[2].output == WEATHER.format(city="Paris")  # type: ignore[union-attr]

@@ -302,9 +302,22 @@ BAD_CREATES: list[tuple[str, dict[str, Any], int, str, object]] = [
         "prompt",
         str,
     ),
+    # An unknown conversation is 404; with `previous_response_id` a 400 (exclusive).
     (
         "conversation",
         {"model": MODEL, "input": "x", "conversation": "conv_123"},
+        404,
+        "conversation",
+        str,
+    ),
+    (
+        "conversation_and_previous",
+        {
+            "model": MODEL,
+            "input": "x",
+            "conversation": {"id": "conv_123"},
+            "previous_response_id": "resp_1",
+        },
         400,
         "conversation",
         str,

@@ -323,7 +323,6 @@ def test_the_completion_window_is_tethers_not_the_upstreams(
 def test_refused_fields_name_themselves_and_null_is_accepted(server: Server) -> None:
     for name, value in (
         ("prompt", {"id": "pmpt_1"}),
-        ("conversation", "conv_1"),
         ("moderation", {"model": "omni-moderation-latest"}),
     ):
         reply = post(server, {"model": "scripted", "input": "x", name: value})
@@ -336,6 +335,17 @@ def test_refused_fields_name_themselves_and_null_is_accepted(server: Server) -> 
         assert post(server, {"model": "scripted", "input": "x", name: None}).status_code == 200
     reply = post(server, {"model": "scripted", "input": "x", "no_such_field": 1})
     assert reply.json()["error"]["code"] == "unknown_parameter"
+
+
+def test_conversation_is_applied_and_echoed(client: openai.OpenAI, fake: FakeUpstream) -> None:
+    # Applied (tests/test_conversations.py has the rest): the upstream gets the
+    # conversation's items before the input; neither `conversation` nor its id is sent on.
+    conv = client.conversations.create(items=[{"role": "user", "content": "earlier"}])
+    reply = create(client, model="fake", input="now", conversation={"id": conv.id})
+    assert reply.conversation.id == conv.id
+    sent = fake.last("/chat/completions").body
+    assert [m["content"] for m in sent["messages"]][-2:] == ["earlier", "now"]
+    assert "conversation" not in sent
 
 
 def test_prompt_cache_prewarm_generates_nothing(client: openai.OpenAI, fake: FakeUpstream) -> None:
@@ -538,7 +548,12 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
         tools=TOOLS,
         input=[
             {"type": "item_reference", "id": first.output[0].id},
-            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "opaque"}],
+            },
             {
                 "role": "user",
                 "content": [
@@ -567,7 +582,8 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
     assert messages[-2]["content"] == "I won't."
     assert messages[-2]["tool_calls"][0]["function"]["name"] == "crm__lookup"
     assert messages[-1]["content"] == "found it"
-    assert "opaque" not in str(messages)  # reasoning is kept, not shown
+    # Kept, not shown: no assistant turn follows it (a user message does) to carry it.
+    assert "opaque" not in str(messages)
     items = client.responses.input_items.list(reply.id, order="asc").data
     kinds = [i.type for i in items]
     assert kinds == [
@@ -579,7 +595,7 @@ def test_every_input_item_type_round_trips(client: openai.OpenAI, fake: FakeUpst
         "function_call_output",
     ]
     assert items[0].id == first.output[0].id  # the referenced item itself
-    assert items[1].encrypted_content == "opaque"  # type: ignore[union-attr]
+    assert items[1].content[0].text == "opaque"  # type: ignore[union-attr]
 
 
 def test_unknown_item_references_and_binary_files_are_refused(server: Server) -> None:

@@ -3,11 +3,16 @@
 Hypothesis drives one `tether serve` process (or, scaled out, two API replicas and two
 workers) through creates in every mode, partial reads, extra readers, resumes at random
 cursors, cancels (repeated, concurrent), disconnects, completions, injected engine failures
-and restarts (graceful or SIGKILL). After every step every response is checked: a finished
-one in full, once (`invariants.check_response`), then for a status or usage that changes;
-a cancel that returned 200 must read `cancelled`. When an example ends, every response is
+and restarts (graceful or SIGKILL); some creates are turns of two shared conversations
+(docs/contract.md §9), between which clients add items. After every step every response
+is checked: a finished one in full, once (`invariants.check_response`), then for a status
+or usage that changes; a cancel that returned 200 must read `cancelled`. When an example
+ends, every response is
 checked again with its readers read to the end and the engine's token trace, and the usage
-ledger must have grown by exactly the example's responses and their reported usage.
+ledger must have grown by exactly the example's responses and their reported usage. And
+each conversation's items must be exactly, in order, the items clients added and its ended
+turns' input and output as their terminal events reported them (a failed turn: nothing),
+each turn's prompt exactly the items before its own (when its engine trace is at hand).
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ class Reader:
         self.seen = seen
         self._cm = httpx.stream(method, url, timeout=15, **kwargs)
         self._response = self._cm.__enter__()
-        self._response.raise_for_status()
+        if self._response.is_error:  # read and closed before it is raised
+            self._response.read()
+            self._cm.__exit__(None, None, None)
+            self._response.raise_for_status()
         self._lines: Iterator[str] = self._response.iter_lines()
 
     def pull(self, k: int) -> None:
@@ -84,6 +92,15 @@ class Tracked:
     cancels: list[Cancel] = field(default_factory=list)
     post_stream: Reader | None = None
     final: tuple[str, Any] | None = None  # status and usage, once checked terminal
+    conversation: str | None = None  # the conversation it is a turn of
+
+
+LOCKED = "conversation_locked"  # a turn (or items) while another turn is in progress
+
+
+def item_texts(items: list[dict[str, Any]]) -> list[str]:
+    """Items as the texts a scripted engine's trace shows for them."""
+    return ["".join(p.get("text", "") for p in i.get("content", [])) for i in items]
 
 
 def pick(data: st.DataObject, pool: list[T]) -> T:
@@ -108,6 +125,13 @@ class Lifecycle(RuleBasedStateMachine):
         self.generation = 0
         self.since_restart = 0
         self.ledger_before = self._ledger()
+        # Two conversations, and what was added to each, in order: ("items", ids) or
+        # ("turn", tracked). One turn at a time (§9.5): the order things were accepted in.
+        self.history: dict[str, list[tuple[str, Any]]] = {}
+        for _ in range(2):
+            r = httpx.post(f"{self.base}/conversations", json={}, timeout=10)
+            assert r.status_code == 200, r.text
+            self.history[r.json()["id"]] = []
 
     @property
     def base(self) -> str:
@@ -120,9 +144,15 @@ class Lifecycle(RuleBasedStateMachine):
         background=st.booleans(),
         fail_at=st.one_of(st.none(), st.none(), st.none(), st.integers(0, LENGTH)),
         budget=st.one_of(st.none(), st.none(), st.integers(1, 10)),
+        turn=st.one_of(st.none(), st.integers(0, 1)),
     )
     def create(
-        self, stream: bool, background: bool, fail_at: int | None, budget: int | None
+        self,
+        stream: bool,
+        background: bool,
+        fail_at: int | None,
+        budget: int | None,
+        turn: int | None,
     ) -> None:
         body: dict[str, Any] = {
             "model": "scripted",
@@ -130,13 +160,27 @@ class Lifecycle(RuleBasedStateMachine):
             "background": background,
             "input": "hi" if fail_at is None else f"FAIL_AT={fail_at}",
         }
+        cid = None
+        if turn is not None:
+            cid = list(self.history)[turn]
+            body["conversation"] = cid
+            # The directive goes in the instructions, which the conversation does not
+            # keep: in its input it would fail every later turn too.
+            body["input"] = f"hi {Lifecycle.created}"
+            if fail_at is not None:
+                body["instructions"] = f"FAIL_AT={fail_at}"
         if not stream and not background:
             budget = min(budget or 3, 3)  # this create blocks until the run ends: keep it short
         if budget is not None:
             body["max_output_tokens"] = budget
         if stream:
             seen = Seen(after=-1)
-            reader = Reader("POST", f"{self.base}/responses", seen, json=body)
+            try:
+                reader = Reader("POST", f"{self.base}/responses", seen, json=body)
+            except httpx.HTTPStatusError as exc:
+                assert cid is not None and exc.response.json()["error"]["code"] == LOCKED
+                self._step("create (conversation_locked)")
+                return
             reader.pull(1)
             tracked = Tracked(
                 seen.events[0]["response"]["id"],
@@ -147,11 +191,29 @@ class Lifecycle(RuleBasedStateMachine):
             )
         else:
             r = httpx.post(f"{self.base}/responses", json=body, timeout=30)
+            if cid is not None and r.status_code == 400 and r.json()["error"]["code"] == LOCKED:
+                self._step("create (conversation_locked)")
+                return
             assert r.status_code == 200, r.text
             tracked = Tracked(r.json()["id"], self.generation, background)
+        tracked.conversation = cid
+        if cid is not None:
+            self.history[cid].append(("turn", tracked))
         self.responses.append(tracked)
         Lifecycle.created += 1
-        self._step("create")
+        self._step("create" if cid is None else "create (turn)")
+
+    @rule(turn=st.integers(0, 1), n=st.integers(1, 3))
+    def add_items(self, turn: int, n: int) -> None:
+        cid = list(self.history)[turn]
+        items = [{"role": "user", "content": f"added {k}"} for k in range(n)]
+        r = httpx.post(f"{self.base}/conversations/{cid}/items", json={"items": items}, timeout=10)
+        if r.status_code == 400 and r.json()["error"]["code"] == LOCKED:
+            self._step("add_items (conversation_locked)")
+            return
+        assert r.status_code == 200, r.text
+        self.history[cid].append(("items", [i["id"] for i in r.json()["data"]]))
+        self._step("add_items")
 
     @precondition(lambda self: self._open_readers())
     @rule(data=st.data(), k=st.integers(1, 8))
@@ -267,6 +329,49 @@ class Lifecycle(RuleBasedStateMachine):
             )
         if hasattr(self, "responses"):
             self._check_ledger()
+            self._check_conversations()
+
+    def _check_conversations(self) -> None:
+        """§9: each conversation's items are exactly, in order, the items clients added
+        and its turns' input and output as their terminal events reported them (a failed
+        turn: none); each turn's prompt was exactly the items before its own."""
+        for cid, history in self.history.items():
+            r = httpx.get(
+                f"{self.base}/conversations/{cid}/items",
+                params={"order": "asc", "limit": 100},
+                timeout=10,
+            )
+            items = r.json()["data"]
+            assert not r.json()["has_more"]
+            expected: list[Any] = []
+            for kind, what in history:
+                if kind == "items":
+                    expected += what
+                    continue
+                tracked: Tracked = what
+                log = raw_events(self.server, tracked.rid)
+                final = log[-1]["response"]
+                assert final["conversation"] == {"id": cid}, tracked.rid
+                before = len(expected)
+                if final["status"] != "failed":
+                    inputs = httpx.get(
+                        f"{self.base}/responses/{tracked.rid}/input_items",
+                        params={"order": "asc"},
+                        timeout=10,
+                    ).json()["data"]
+                    expected += [i["id"] for i in inputs] + [o["id"] for o in final["output"]]
+                    # As the terminal event reported them, field for field.
+                    at = len(expected) - len(final["output"])
+                    assert items[at : len(expected)] == final["output"], tracked.rid
+                if tracked.generation == self.generation:
+                    try:
+                        trace = self.server.trace(tracked.rid)
+                    except httpx.HTTPStatusError:
+                        trace = None  # a cancel beat the claim: no run, no trace
+                    if trace is not None and trace.get("messages"):
+                        prompt = [m["text"] for m in trace["messages"] if m["role"] != "system"]
+                        assert prompt[:-1] == item_texts(items[:before]), tracked.rid
+            assert [i["id"] for i in items] == expected, cid
 
     def _ledger(self) -> Counter[tuple[str, str, str]]:
         """The usage ledger's counts, by model, status and field."""

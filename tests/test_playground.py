@@ -333,3 +333,39 @@ def test_reasoning_streams_apart_from_the_answer(make_server: Any, page: Page) -
     assert page.text_content("#reasoning-text") == scripted_text(3)
     assert page.text_content("#reasoning-tokens") == "· 3 tokens"
     shot(page, "reasoning-done")
+
+
+def test_conversation_picker_shows_its_turns(make_server: Any, page: Page) -> None:
+    # issue 18: a new conversation, two turns of it (the second stopped mid-stream); its
+    # items on the page are the server's, the stopped turn's answer marked incomplete.
+    server: Server = make_server("--scripted-rate", "20", "--scripted-length", "2000")
+    open_page(page, server)
+    page.click("#conversation-new")
+    expect(page.locator("#conversation")).to_have_value(re.compile(r"^conv_"))
+    cid = page.input_value("#conversation")
+    expect(page.locator("#conversation-panel")).to_be_visible()
+    configure(page, stream=True, background=True, max_tokens=3)
+    page.fill("#prompt", "first")
+    page.click("#start")
+    expect(page.locator("#status")).to_have_text("incomplete")
+    expect(page.locator("#conversation-items li")).to_have_count(2)
+    configure(page, stream=True, background=True, max_tokens=None)
+    page.fill("#prompt", "second")
+    page.click("#start")
+    wait_tokens(page, 3)
+    page.click("#stop")
+    expect(page.locator("#status")).to_have_text("cancelled")
+    expect(page.locator("#conversation-items li")).to_have_count(4)
+    shot(page, "conversation")
+    items = httpx.get(
+        f"{server.base_url}/conversations/{cid}/items", params={"order": "asc"}, timeout=5
+    ).json()["data"]
+    shown = page.eval_on_selector_all("#conversation-items li", "lis => lis.map(l => l.dataset.id)")
+    assert shown == [i["id"] for i in items]
+    assert items[3]["status"] == "incomplete"
+    expect(page.locator("#conversation-items li").nth(3)).to_contain_text("(incomplete)")
+    expect(page.locator("#conversation-items li").nth(2)).to_contain_text("second")
+    # The picker is remembered across a reload.
+    page.reload()
+    expect(page.locator("#conversation")).to_have_value(cid)
+    expect(page.locator("#conversation-items li")).to_have_count(4)

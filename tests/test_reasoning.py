@@ -98,11 +98,18 @@ def test_think_tags_leave_plain_text_and_lone_angles_alone() -> None:
 
 def test_a_live_reasoning_item_replays_from_its_log() -> None:
     item = wire_output.ReasoningItem(0)
-    events = [*item.opened(), item.delta("one"), item.delta(" two")]
+    events = [*item.opened(), *item.thinking("one"), *item.thinking(" two")]
+    events += item.summary_delta(0, "s1") + item.summary_delta(1, "s2") + item.summary_delta(1, "!")
     done, still_open = wire_output.replay(events)
     assert done == [] and [i.live() for i in still_open] == [item.live()]
     assert item.live()["content"] == [{"type": "reasoning_text", "text": "one two"}]
-    assert wire_output.reasoning_deltas(events) == 2
+    assert item.live()["summary"] == [
+        {"type": "summary_text", "text": "s1"},
+        {"type": "summary_text", "text": "s2!"},
+    ]
+    assert wire_output.reasoning_deltas(events) == 5
+    # Closed from the replay: the same events as the item itself would close with.
+    assert still_open[0].closed("incomplete") == item.closed("incomplete")
 
 
 # --- through tether -----------------------------------------------------------------------
@@ -309,7 +316,13 @@ async def test_chat_engine_cancel_recounts_thinking_with_the_tokenizer(fake: Fak
     assert report.output_tokens == expected + answer
 
 
-def test_a_next_turn_gets_the_answer_not_the_thinking(tether: Server, fake: FakeUpstream) -> None:
+def test_a_next_turn_gets_the_answer_as_content_and_the_thinking_apart(
+    tether: Server, fake: FakeUpstream
+) -> None:
+    """A `previous_response_id` chain gives the upstream what a `store: false` client
+    sending the items back gives it (tests/test_reasoning_input.py): the answer as the
+    assistant message's content, the thinking never in it but in `reasoning_content`,
+    which the model's chat template shows or drops."""
     with tether.client() as client:
         first = client.responses.create(model="vllm", input="THINK=4 LENGTH=6 go")
         second = client.responses.create(
@@ -318,4 +331,5 @@ def test_a_next_turn_gets_the_answer_not_the_thinking(tether: Server, fake: Fake
     assert second.status == "completed"
     messages = fake.last().body["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert messages[1]["content"].strip() == "echo foxtrot"  # reasoning items stay out
+    assert messages[1]["content"].strip() == "echo foxtrot"
+    assert messages[1]["reasoning_content"].strip() == THOUGHT

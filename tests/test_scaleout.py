@@ -351,3 +351,32 @@ def test_postgres_restart_during_load_loses_nothing(tmp_path: Path, redis_kind: 
             c.stop()
     finally:
         private.cleanup()
+
+
+def test_a_conversation_turn_created_on_a_and_cancelled_on_b(cluster: Cluster) -> None:
+    # issue 18: the same items as in one process (test_conversations.py), across
+    # replicas: the lock, the cancel and the append are decided by PostgreSQL.
+    a, b = (api.client() for api in cluster.apis)
+    conv = a.conversations.create(items=[{"role": "user", "content": "hello"}])
+    stream = a.responses.create(
+        model="scripted", input="tell me", conversation=conv.id, background=True, stream=True
+    )
+    rid, _ = read_deltas(stream, 3)
+    with pytest.raises(openai.BadRequestError) as err:  # one turn at a time, on b too
+        b.responses.create(model="scripted", input="x", conversation=conv.id)
+    assert err.value.code == "conversation_locked"
+    reply = b.responses.cancel(rid)
+    stream.close()
+    assert reply.status == "cancelled" and reply.output[0].status == "incomplete"  # type: ignore[union-attr]
+    items = list(b.conversations.items.list(conv.id, order="asc"))
+    texts = ["".join(p.text for p in i.content) for i in items]  # type: ignore[union-attr]
+    assert texts == ["hello", "tell me", reply.output_text]
+    assert items[2].model_dump() == reply.output[0].model_dump()
+    assert a.responses.retrieve(rid).output_text == reply.output_text
+    nxt = b.responses.create(model="scripted", input="go on", conversation=conv.id, background=True)
+    wait_for(lambda: cluster.trace(nxt.id) is not None, 10, "the next turn runs")
+    trace = cluster.trace(nxt.id)
+    assert trace is not None
+    prompt = [m["text"] for m in trace["messages"]]  # type: ignore[attr-defined]
+    assert prompt == ["hello", "tell me", reply.output_text, "go on"]
+    a.responses.cancel(nxt.id)

@@ -345,30 +345,6 @@ async def test_delete_and_purge(make: Make) -> None:
     assert await store.get("resp_2", "t") is None
 
 
-async def test_purge_reclaims_the_events_space_only_without_autovacuum(make: Make) -> None:
-    store = await make()
-    await store.create(record("resp_1"), [ev("response.created")])
-    assert await store.finish("resp_1", None, "completed", {}, [ev("response.completed")])
-
-    async def vacuumed() -> bool:
-        async with store.db.conn() as con:
-            return (
-                await con.fetchval(
-                    "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables "
-                    "WHERE relname = 'events'"
-                )
-                is True
-            )
-
-    assert not await vacuumed()
-    await store.purge(time.time() + 1)
-    async with store.db.conn() as con:
-        autovacuum = await con.fetchval("SHOW autovacuum") == "on"
-    # Off (as on this machine's PostgreSQL): nothing else would reclaim the deleted
-    # events, so the purge vacuums the table; on: left to autovacuum.
-    assert await vacuumed() is not autovacuum
-
-
 async def test_leases_renew_expire_and_adopt(make: Make) -> None:
     a, b = await make(), await make()
     await a.create(record("resp_q", owner="w1"), [ev("response.created")])

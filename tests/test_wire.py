@@ -8,7 +8,10 @@ import pytest
 
 from tether import wire, wire_output
 from tether.errors import APIError
-from tether.turns import Message, ToolCallSpec
+from tether.turns import Message, Thought, ToolCallSpec
+
+#: a reasoning item's encrypted_content as this process seals it (`Thought.seal`)
+SEALED = Thought("earlier thinking").seal()
 
 
 def refused(body: dict[str, Any]) -> APIError:
@@ -52,7 +55,12 @@ def refused(body: dict[str, Any]) -> APIError:
         ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
         # docs/fields.md: refused where accepting would give a silently wrong result.
         ({"model": "m", "input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
-        ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation"),
+        (
+            {"model": "m", "input": "x", "conversation": "c", "previous_response_id": "r"},
+            "conversation",
+        ),
+        ({"model": "m", "input": "x", "conversation": {"id": 1}}, "conversation"),
+        ({"model": "m", "input": "x", "conversation": {}}, "conversation.id"),
         ({"model": "m", "input": "x", "moderation": {"model": "omni"}}, "moderation"),
         ({"model": "m", "input": "x", "top_logprobs": 21}, "top_logprobs"),
         (
@@ -284,7 +292,7 @@ def test_every_input_item_type_round_trips() -> None:
                     "content": [{"type": "input_file", "filename": "a.txt", "file_data": txt}],
                 },
                 {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
-                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "xyz"},
+                {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": SEALED},
                 {
                     "type": "custom_tool_call",
                     "call_id": "c1",
@@ -316,11 +324,14 @@ def test_every_input_item_type_round_trips() -> None:
         "item_reference",
         "item_reference",
     ]
-    assert items[2]["encrypted_content"] == "xyz"
+    assert items[2]["encrypted_content"] == SEALED
     turns = wire.history(items[:7])
     assert turns[0].text == "[a.txt]\nhello file"
     assert turns[1] == Message(
-        "assistant", "no", [ToolCallSpec("c1", "ns__edit", '{"input":"diff"}')]
+        "assistant",
+        "no",
+        [ToolCallSpec("c1", "ns__edit", '{"input":"diff"}')],
+        reasoning=[Thought("earlier thinking")],  # the item before the call's turn
     )
     assert [t.role for t in turns] == ["user", "assistant", "tool", "assistant", "tool"]
     assert turns[-1] == Message("tool", "part", call_id="c2")

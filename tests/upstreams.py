@@ -20,11 +20,17 @@ directly. Its behaviour is chosen by directives in the last user message:
                    (`GET ?stream=true&starting_after=N`) goes on from there
     THINK=k        the first k tokens are the model's thinking: chat streams them as
                    STYLE says, Responses as a reasoning item's `reasoning_text` deltas
+    SUMMARY=n      (Responses, with THINK) the thinking streams as a reasoning summary
+                   instead (`response.reasoning_summary_*` events), n tokens a summary
+                   part; the reasoning item ends with `encrypted_content` (`sealed-by-
+                   upstream-<id>`) when the request's `include` asks for it
     STYLE=s        (chat) how thinking streams: `vllm` (default: `reasoning_content`,
                    and `completion_tokens_details.reasoning_tokens` in the usage),
                    `ollama` (`reasoning`), `thinking` (`thinking`), `tags` (inline
                    `<think>…</think>` in `content`, the tags split across chunks:
-                   `<thi`, `nk>word`, ..., `</th`, `ink>word`; each chunk a token)
+                   `<thi`, `nk>word`, ..., `</th`, `ink>word`; each chunk a token),
+                   `open` (as `tags`, but the prompt opened the thinking, as
+                   DeepSeek-R1's template does: no `<think>`, only `</think>`)
 
 Each request is recorded (`Call`): the body, headers, when each token was generated,
 whether it was sent, and when the client disconnected.
@@ -408,22 +414,39 @@ class FakeUpstream:
             emit({"type": "response.output_item.added", "output_index": 0, "item": rs})
         else:
             emit({"type": "response.output_item.added", "output_index": 0, "item": item})
+        summary = int(d.get("SUMMARY", "0"))
+        said: list[str] = []  # the summary part being streamed
         async for i in self._tokens(call, d):
             if state["cancelled"]:
                 break
+            word = (" " if i else "") + WORDS[i % len(WORDS)]
             if i < think:
                 state["n"] = state["think"] = i + 1
+                if summary:
+                    said = self._summarize(emit, i, summary, word, said)
+                    continue
                 emit(
                     {
                         "type": "response.reasoning_text.delta",
                         "item_id": "rs_fake",
                         "output_index": 0,
                         "content_index": 0,
-                        "delta": (" " if i else "") + WORDS[i % len(WORDS)],
+                        "delta": word,
                     }
                 )
                 continue
             if think and i == think:
+                if said:
+                    self._summarize(emit, i, summary, "", said)
+                rs_done = {
+                    "id": "rs_fake",
+                    "type": "reasoning",
+                    "summary": [],
+                    "status": "completed",
+                }
+                if "reasoning.encrypted_content" in (call.body.get("include") or ()):
+                    rs_done["encrypted_content"] = f"sealed-by-upstream-{rid}"
+                emit({"type": "response.output_item.done", "output_index": 0, "item": rs_done})
                 emit({"type": "response.output_item.added", "output_index": 1, "item": item})
             if "FAIL_AT" in d and i == int(d["FAIL_AT"]):
                 emit(
@@ -450,6 +473,27 @@ class FakeUpstream:
         state["done"] = True
         state["grow"].set()
 
+    @staticmethod
+    def _summarize(emit: Any, i: int, size: int, word: str, said: list[str]) -> list[str]:
+        """Thinking token `i` as summary text, `size` tokens a summary part (`word` ""
+        at the end of the thinking: the last part closes). Returns what the open part
+        has said so far."""
+        if said and (not word or i % size == 0):  # the part before ends
+            text = "".join(said)
+            ids = {"item_id": "rs_fake", "output_index": 0, "summary_index": (i - 1) // size}
+            emit({"type": "response.reasoning_summary_text.done", **ids, "text": text})
+            part = {"type": "summary_text", "text": text}
+            emit({"type": "response.reasoning_summary_part.done", **ids, "part": part})
+            said = []
+        if not word:
+            return []
+        ids = {"item_id": "rs_fake", "output_index": 0, "summary_index": i // size}
+        if not said:
+            empty = {"type": "summary_text", "text": ""}
+            emit({"type": "response.reasoning_summary_part.added", **ids, "part": empty})
+        emit({"type": "response.reasoning_summary_text.delta", **ids, "delta": word})
+        return [*said, word]
+
     async def _follow(
         self, state: dict[str, Any], after: int, d: dict[str, str], call: Call
     ) -> AsyncIterator[bytes]:
@@ -473,10 +517,10 @@ class FakeUpstream:
 def _thinking_chunk(style: str, i: int, think: int, word: str) -> dict[str, Any] | None:
     """Token `i`'s chunk while the model thinks (the first `think` tokens), or None for a
     plain answer token (the `tags` style closes its tag in the two tokens after)."""
-    if style == "tags":
-        if i == 0:
+    if style in ("tags", "open"):
+        if i == 0 and style == "tags":
             return {"content": "<thi"}
-        if i == 1:
+        if i == 1 and style == "tags":
             return {"content": "nk>" + word.lstrip()}
         if i == think:
             return {"content": "</th"}

@@ -16,6 +16,7 @@ from starlette.routing import Match
 
 from tether import compact, routes
 from tether.auth import AuthMiddleware, KeyRing
+from tether.bodies import JSON
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch, RedisDispatch
 from tether.engines import make_engine
@@ -50,7 +51,13 @@ def make_lifecycle(settings: Settings, worker_only: bool = False) -> Lifecycle:
     dispatch: Dispatch = LocalDispatch()
     if settings.redis is not None:
         dispatch = RedisDispatch(settings.redis, settings.redis_prefix, consumer=owner)
-    store = make_store(settings.db, settings.redis, settings.redis_prefix, settings.log_cache_bytes)
+    store = make_store(
+        settings.db,
+        settings.redis,
+        settings.redis_prefix,
+        settings.log_cache_bytes,
+        read_url=settings.db_read,
+    )
     return Lifecycle(store, engine, settings, dispatch, settings.workers, owner=owner)
 
 
@@ -95,7 +102,7 @@ def create_app(
 
 
 def _render(error: APIError) -> Response:
-    return routes.JSON(error.body(), status_code=error.status, headers=error.headers)
+    return JSON(error.body(), status_code=error.status, headers=error.headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

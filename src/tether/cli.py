@@ -29,6 +29,11 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
             "postgresql://... to scale out (with --redis).",
         ),
         click.option(
+            "--db-read",
+            help="postgresql://... of a streaming read replica of --db: finished "
+            "logs are replayed from it (a log it has not finished is read from --db).",
+        ),
+        click.option(
             "--redis",
             help="redis://... (one server) or redis+cluster://host:port,host:port,... "
             "(a Redis Cluster): run queue, live streams and cancel signals shared by "
@@ -101,6 +106,24 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
             "request (default) or drop them with a note.",
         ),
         click.option(
+            "--mcp-host",
+            "mcp_hosts",
+            multiple=True,
+            help="A host whose MCP servers runs may call (repeatable; `loopback`: "
+            "any loopback address, the default; `*`: any host).",
+        ),
+        click.option(
+            "--mcp-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Seconds an MCP connection, tool listing or call may take (default 60).",
+        ),
+        click.option(
+            "--mcp-max-output",
+            type=click.IntRange(min=1),
+            help="Characters of an MCP tool's output a run keeps; more is an error "
+            "(default 1048576).",
+        ),
+        click.option(
             "--keys-file",
             type=click.Path(dir_okay=False),
             help="API keys file (see `tether keys`); every request then needs a "
@@ -130,6 +153,7 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _settings(options: dict[str, Any]) -> Settings:
     options["upstream"] = list(options["upstream"]) or None
+    options["mcp_hosts"] = list(options.get("mcp_hosts") or ()) or None
     try:
         settings = load_settings(**options)
         settings.all_upstreams()  # a bad --upstream flag fails here, not at startup
@@ -281,6 +305,129 @@ def usage(db: str, tenant: str | None, as_json: bool) -> None:
         total: dict[str, Any] = {"tenant": "total", "key_id": "", "model": "", "status": ""}
         rows = [*rows, total | {c: sum(r[c] for r in rows) for c in counts}]
     _table(rows, ["tenant", "key_id", "model", "status", *counts], as_json)
+
+
+DB_OPTION = click.option(
+    "--db",
+    envvar="TETHER_DB",
+    default="tether.db",
+    show_default=True,
+    help="The server's database: a SQLite file or postgresql://...",
+)
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhook endpoints of tenants, and their deliveries (docs/webhooks.md)."""
+
+
+def _admin(call: Any, db: str) -> Any:
+    """Run a `webhook_admin` call; a database that cannot be reached is a message."""
+    import asyncio
+
+    try:
+        return asyncio.run(call)
+    except (ValueError, click.ClickException):
+        raise
+    except Exception as exc:
+        raise click.ClickException(f"cannot use the database {db}: {exc}") from None
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option(
+    "--events",
+    required=True,
+    help="Comma-separated: response.completed, response.failed, response.incomplete, "
+    "response.cancelled.",
+)
+@click.option("--tenant", default="default", show_default=True, help="Whose responses.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file.")
+@DB_OPTION
+def webhooks_add(url: str, events: str, tenant: str, config: str | None, db: str) -> None:
+    """Add an endpoint and print its signing secret (shown only this once)."""
+    from tether import webhook_admin
+    from tether.webhooks import TargetRefused
+
+    allowed = load_settings(config).webhook_allowed_hosts
+    try:
+        endpoint = _admin(webhook_admin.add(db, url, events, tenant, allowed), db)
+    except TargetRefused as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--events") from None
+    click.echo(f"{endpoint.id}  tenant={endpoint.tenant}  {endpoint.url}")
+    click.echo(endpoint.secret)
+
+
+@webhooks.command("list")
+@click.option("--tenant", help="Only this tenant's endpoints.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@DB_OPTION
+def webhooks_list(tenant: str | None, as_json: bool, db: str) -> None:
+    """List endpoints (a hint of each secret, never the secret)."""
+    from tether import webhook_admin
+
+    rows = _admin(webhook_admin.listing(db, tenant), db)
+    _table(rows, ["id", "tenant", "url", "events", "secret", "created_at"], as_json)
+
+
+@webhooks.command("remove")
+@click.argument("endpoint_id")
+@DB_OPTION
+def webhooks_remove(endpoint_id: str, db: str) -> None:
+    """Remove an endpoint; its pending deliveries are dropped."""
+    from tether import webhook_admin
+
+    if not _admin(webhook_admin.remove(db, endpoint_id), db):
+        raise click.BadParameter(f"no endpoint {endpoint_id!r}", param_hint="ID")
+    click.echo(f"removed {endpoint_id}")
+
+
+@webhooks.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option(
+    "--keep-old",
+    is_flag=True,
+    help="Sign with the old secret too for 24 hours (OpenAI's "
+    "keep_old_secret_active_for_24_hours), while receivers switch.",
+)
+@DB_OPTION
+def webhooks_rotate(endpoint_id: str, keep_old: bool, db: str) -> None:
+    """Give an endpoint a new signing secret and print it (pending deliveries too are
+    signed with it from their next attempt)."""
+    from tether import webhook_admin
+
+    secret = _admin(webhook_admin.rotate(db, endpoint_id, keep_old), db)
+    if secret is None:
+        raise click.BadParameter(f"no endpoint {endpoint_id!r}", param_hint="ID")
+    click.echo(secret)
+
+
+@webhooks.command("deliveries")
+@click.option("--endpoint", "endpoint_id", help="Only this endpoint's deliveries.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+@DB_OPTION
+def webhooks_deliveries(endpoint_id: str | None, limit: int, as_json: bool, db: str) -> None:
+    """The newest deliveries: state (pending, delivered, gave_up), attempts, last result."""
+    from tether import webhook_admin
+
+    rows = _admin(webhook_admin.deliveries(db, endpoint_id, limit), db)
+    _table(
+        rows,
+        [
+            "id",
+            "endpoint_id",
+            "response_id",
+            "type",
+            "state",
+            "attempts",
+            "last_status",
+            "last_error",
+        ],
+        as_json,
+    )
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:

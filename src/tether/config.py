@@ -39,7 +39,17 @@ class UpstreamConfig(BaseModel):
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     # Chat kind: `<think>...</think>` inside `content` is the model's reasoning, for
     # servers that do not split it out (`reasoning_content`, `reasoning`, `thinking`).
-    think_tags: bool = False
+    # `open`: the prompt's template already opened `<think>` (DeepSeek-R1 and its
+    # distills), so the stream starts inside the thinking and only `</think>` comes.
+    think_tags: bool | Literal["open"] = False
+    # Chat kind: the field of an assistant message that gives the model its earlier
+    # thinking back (reasoning items of the conversation): `reasoning_content` (vLLM,
+    # llama.cpp), `reasoning` (Ollama's OpenAI-compatible API), `thinking`; `none` leaves
+    # it out, for servers that refuse unknown message fields. Chat templates
+    # decide whether the model sees it.
+    reasoning_field: Literal["reasoning_content", "reasoning", "thinking", "none"] = (
+        "reasoning_content"
+    )
 
     @property
     def api_key(self) -> str | None:
@@ -72,6 +82,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     db: str = "tether.db"  # a SQLite file, or postgresql://... (scaled out, with `redis`)
+    # A streaming replica of the PostgreSQL `db` that replays finished logs (store/pg_replica.py).
+    db_read: str | None = None
     # Scale-out: Redis for the run queue, live event streams and cancel signals.
     redis: str | None = None
     redis_prefix: str = "tether"  # key prefix, so deployments can share one Redis
@@ -95,6 +107,12 @@ class Settings(BaseSettings):
     # Hosted tools tether cannot run (web_search, file_search, ...): `refuse` (400 naming
     # `tools[i].type`) or `drop` (left out, noted in the response; docs/fields.md).
     hosted_tools: Literal["refuse", "drop"] = "refuse"
+    # MCP tools (docs/fields.md, "Tools"): the hosts of the MCP servers a run may call
+    # (`loopback`: any loopback address; `*`: any host), the seconds one call (or one
+    # listing) may take, and the characters of a tool's output kept (more: an error).
+    mcp_hosts: list[str] = ["loopback"]
+    mcp_timeout: float = Field(default=60.0, gt=0)
+    mcp_max_output: int = Field(default=1024 * 1024, gt=0)
     # Slow clients (tether.serving): seconds a request's headers, then its body, may take
     # to arrive before the connection is closed (408).
     header_timeout: float = Field(default=10.0, gt=0)
@@ -108,6 +126,17 @@ class Settings(BaseSettings):
     api_keys: str | None = None
     allow_anonymous: bool = False  # serve beyond loopback without keys (you were warned)
     debug_routes: bool = False  # expose the scripted engine's trace (tests, benchmarks)
+    # Webhooks (docs/webhooks.md). The outbox is always written; `webhook_sender` says
+    # whether this process also delivers it (any number of processes may).
+    webhook_sender: bool = True
+    webhook_timeout: float = Field(default=10.0, gt=0)  # seconds one attempt may take
+    webhook_concurrency: int = Field(default=4, ge=1)  # attempts at once per endpoint
+    webhook_poll: float = Field(default=0.5, gt=0)  # seconds between looks for due ones
+    webhook_retry_first: float = Field(default=10.0, gt=0)  # delay before the 1st retry
+    webhook_retry_max_delay: float = Field(default=6 * 3600.0, gt=0)  # the doubling stops
+    webhook_retry_window: float = Field(default=72 * 3600.0, gt=0)  # then it gives up
+    # Hosts (besides loopback) webhooks may be sent to: no SSRF through an endpoint URL.
+    webhook_allowed_hosts: list[str] = []
     log_level: str = "warning"
     log_format: Literal["json", "text"] = "json"
 

@@ -29,7 +29,18 @@ from typing import Any, TypeVar
 import anyio
 import orjson
 
-from tether import bounds, context, metrics, reader, schedule, wire, wire_items, wire_output
+from tether import (
+    bounds,
+    context,
+    conversations,
+    metrics,
+    reader,
+    schedule,
+    tool_loop,
+    wire,
+    wire_items,
+    wire_output,
+)
 from tether.closing import Ending, closing
 from tether.config import Settings
 from tether.dispatch import Dispatch, LocalDispatch
@@ -40,6 +51,9 @@ from tether.run import Progress
 from tether.runner import Run, Runner, new_token
 from tether.runspec import RunSpec
 from tether.store.base import (
+    ConversationChanged,
+    ConversationLocked,
+    ConversationState,
     IdempotencyConflict,
     LogEntry,
     Record,
@@ -48,10 +62,14 @@ from tether.store.base import (
 )
 from tether.store.owners import OwnerLocks
 from tether.turns import Message
+from tether.webhook_sender import Sender
 from tether.worker import Worker
 
 log = logging.getLogger("tether.lifecycle")
 T = TypeVar("T")
+# Reads of a conversation a turn's create makes at most while its items keep changing
+# under it (items added or deleted between the read and the store's create).
+MAX_TURN_READS = 20
 
 
 class Lifecycle:
@@ -113,6 +131,9 @@ class Lifecycle:
             self._locks,
         )
         self.runner.daemon(keeper.keep)
+        if self.settings.webhook_sender:  # any process delivers the outbox (docs/webhooks.md)
+            sender = Sender(self.store.webhooks, self.settings, self.owner)
+            self.runner.daemon(sender.run)
 
     async def stop(self) -> None:
         """Graceful shutdown: runs are stopped (`shutdown`) and given `cancel_timeout` +
@@ -159,7 +180,29 @@ class Lifecycle:
     ) -> Record:
         if req.model not in self.models:
             raise model_not_found(req.model)
-        messages, items = await self.turns(req, tenant)
+        cid = req.conversation_id()
+        if cid is None:
+            return await self._create(req, tenant, idempotency_key, key_id, generate, None)
+        # A turn of a conversation starts from its items as they are when it is stored:
+        # if they changed between the read and the store's create, read them again.
+        for _ in range(MAX_TURN_READS):
+            state = await conversations.state(self.store, cid, tenant)
+            try:
+                return await self._create(req, tenant, idempotency_key, key_id, generate, state)
+            except ConversationChanged:
+                continue
+        raise conversations.locked("conversation")
+
+    async def _create(
+        self,
+        req: wire.CreateRequest,
+        tenant: str,
+        idempotency_key: str | None,
+        key_id: str | None,
+        generate: bool,
+        state: ConversationState | None,
+    ) -> Record:
+        messages, items = await self.turns(req, tenant, state)
         background = bool(req.background)
         status = "queued" if background else "in_progress"
         rid = wire.new_id("resp")
@@ -169,6 +212,9 @@ class Lifecycle:
         if background:
             events.append(wire.lifecycle_event("queued", snap))
         spec = RunSpec.of(req, messages, echo)
+        spec = await tool_loop.chained(  # MCP: hosts allowed? listings, approvals
+            spec, items, req, self.settings.mcp_hosts, lambda rid: self.store.get(rid, tenant)
+        )
         # Before anything is stored: a prompt that does not fit is refused (or truncated).
         spec = await context.fit(
             self.engine, self.contexts.get(req.model), req.model, spec, req.truncation
@@ -192,8 +238,11 @@ class Lifecycle:
         if idempotency_key:
             # Any body, however deep or whatever its numbers, hashes (bounds.digest).
             idem = (idempotency_key, bounds.digest(req.model_dump(exclude_unset=True)))
+        turn = None if state is None else (str(req.conversation_id()), state.version)
         try:
-            record, created = await self.store.create(record, events, idem)
+            record, created = await self.store.create(record, events, idem, turn)
+        except ConversationLocked:
+            raise conversations.locked("conversation") from None
         except IdempotencyConflict:
             raise APIError(
                 409,
@@ -219,11 +268,15 @@ class Lifecycle:
         return record
 
     async def turns(
-        self, req: wire.CreateRequest, tenant: str
+        self, req: wire.CreateRequest, tenant: str, state: ConversationState | None = None
     ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The conversation a create with `req` gives the engine (the previous response's
-        context, then this request's items with their references resolved), and the
-        request's own input items."""
+        context, or the conversation's items: `state`, else read now; then this request's
+        items with their references resolved), and the request's own input items."""
+        cid = req.conversation_id()
+        if cid is not None:  # a turn of a conversation (docs/contract.md §9)
+            state = state or await conversations.state(self.store, cid, tenant)
+            return conversations.turn(state, wire.input_items(req))
         messages = await self.conversation(req.previous_response_id, tenant)
         items = await wire_items.resolve_references(
             wire.input_items(req), req.previous_response_id, lambda rid: self.store.get(rid, tenant)
@@ -303,7 +356,7 @@ class Lifecycle:
             snap,
             ending,
             progress.items(),
-            [],
+            progress.done(),
             progress.input_tokens,
             progress.output_tokens,
             error,

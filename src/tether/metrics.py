@@ -114,6 +114,20 @@ UPSTREAM_ERRORS = Counter(
     ["engine"],
     registry=REGISTRY,
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "tether_webhook_attempts",
+    "Webhook delivery attempts by this process, by result: delivered, retried (failed, "
+    "tried again later) or gave_up (failed past the retry window).",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOKS_PENDING = Gauge(
+    "tether_webhooks_pending",
+    "Webhook deliveries in the outbox neither delivered nor given up (every process's; "
+    "counted every 2 s by this process's sender).",
+    registry=REGISTRY,
+)
+WEBHOOK_RESULTS = ("delivered", "retried", "gave_up")
 
 QUEUED_RUNS = Gauge(
     "tether_queued_runs",
@@ -140,6 +154,7 @@ _readers_inc = ACTIVE_READERS.inc
 _readers_dec = ACTIVE_READERS.dec
 _cancel_observe = CANCEL_SECONDS.observe
 _append_observe = APPEND_SECONDS.observe
+_webhook = {result: WEBHOOK_ATTEMPTS.labels(result) for result in WEBHOOK_RESULTS}
 
 
 # --- hooks ---------------------------------------------------------------------------------
@@ -168,6 +183,15 @@ def after_stop(step: Step) -> None:
     case (the caller checks the run's stop reason), so the token loop pays one check."""
     if type(step) is Delta or type(step) is ToolCallDelta or type(step) is ReasoningDelta:
         TOKENS_AFTER_CANCEL.inc(step.tokens)
+
+
+def webhook_attempt(result: str) -> None:
+    """A webhook delivery attempt was recorded (`webhook_sender`)."""
+    _webhook[result].inc()
+
+
+def webhooks_pending(count: int) -> None:
+    WEBHOOKS_PENDING.set(count)
 
 
 def upstream_error(kind: str) -> None:

@@ -7,26 +7,29 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import orjson
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from tether import bounds, compact, context, metrics, playground, usage, wire, wire_form, wire_items
+from tether import (
+    bounds,
+    compact,
+    context,
+    conversation_routes,
+    metrics,
+    playground,
+    usage,
+    wire,
+    wire_items,
+)
 from tether.auth import principal
+from tether.bodies import JSON, json_body
 from tether.engines.base import Traced
 from tether.errors import APIError, bad_request, model_not_found
 from tether.lifecycle import Lifecycle
 from tether.runspec import RunSpec
 from tether.websocket import responses_socket
-
-
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 def lifecycle(request: Request) -> Lifecycle:
@@ -36,7 +39,7 @@ def lifecycle(request: Request) -> Lifecycle:
 
 async def create_response(request: Request) -> Response:
     lc = lifecycle(request)
-    body = await _json_body(request, lc.settings.max_body_bytes)
+    body = await json_body(request, lc.settings.max_body_bytes)
     req = wire.parse_create(body, lc.settings.hosted_tools)
     who = principal(request)
     key = bounds.header_param(request.headers.get("idempotency-key"), "Idempotency-Key")
@@ -52,7 +55,7 @@ async def compact_response(request: Request) -> Response:
     """`POST /v1/responses/compact`: the conversation (a previous response's, then
     `input`) as one compaction item a later create can take as input (`tether.compact`)."""
     lc = lifecycle(request)
-    req = wire.parse_compact(await _json_body(request, lc.settings.max_body_bytes))
+    req = wire.parse_compact(await json_body(request, lc.settings.max_body_bytes))
     if req.model not in lc.models:
         raise model_not_found(req.model)
     tenant = principal(request).tenant
@@ -71,7 +74,7 @@ async def count_input_tokens(request: Request) -> Response:
     the engine, counted with the engine's own tokenizer (`tether.context`); an engine
     that cannot count gets tether's estimate (`compact.estimate_tokens`)."""
     lc = lifecycle(request)
-    body = await _json_body(request, lc.settings.max_body_bytes)
+    body = await json_body(request, lc.settings.max_body_bytes)
     if isinstance(body, dict):
         body = {"input": [], **body}
     req = wire.parse_create(body)
@@ -203,61 +206,6 @@ def _model(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
 # --- helpers -------------------------------------------------------------------------------
 
 
-async def _json_body(request: Request, limit: int) -> Any:
-    """The body as JSON (or a form, as the JSON it stands for), at most `limit` bytes and
-    `bounds.MAX_DEPTH` levels deep, before anything else looks at it."""
-    kind = _body_kind(request)
-    raw = await _read_body(request, limit)
-    if kind == "application/x-www-form-urlencoded":
-        body = wire_form.parse_form(raw)
-    else:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            if "recursion" in str(exc):  # deeper than orjson's own limit (1,024)
-                bounds.too_deep(None)
-            raise bad_request("The request body is not valid JSON.", None, "invalid_json") from None
-    bounds.check_depth(body)
-    return body
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks = []
-    size = 0
-    # A client that hangs up meanwhile raises starlette's ClientDisconnect: the app
-    # answers it quietly (nobody is there to read it), not as an unhandled error.
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _body_kind(request: Request) -> str:
-    """JSON (also when no type is given, as before), or a form (the Open Responses spec
-    allows `application/x-www-form-urlencoded` create bodies); anything else is 415."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind in ("", "application/json", "application/x-www-form-urlencoded"):
-        return kind or "application/json"
-    raise APIError(
-        415,
-        f"Unsupported Content-Type '{kind}': send application/json or "
-        "application/x-www-form-urlencoded.",
-        param="Content-Type",
-        code="unsupported_media_type",
-    )
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413, f"The request body is larger than {limit} bytes.", code="request_too_large"
-    )
-
-
 def _event_stream(
     lc: Lifecycle, tenant: str, rid: str, after: int, *, cancel_on_disconnect: bool
 ) -> EventSourceResponse:
@@ -325,6 +273,7 @@ routes: list[BaseRoute] = [
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
     Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
     Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+    *conversation_routes.routes,  # the Conversations API (issue 18)
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/usage", get_usage, methods=["GET"]),
     Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),

@@ -39,6 +39,14 @@ class RunSpec:
     top_p: float = 1.0
     #: `background_options.completion_window` (`tether.schedule`)
     window: str = "soonest"
+    #: the MCP servers the run lists and calls (`mcp_tools.server`)
+    mcp: list[dict[str, Any]] = field(default_factory=list)
+    #: MCP servers' tools by label, listed earlier in the conversation (reused, as OpenAI
+    #: does: no new `mcp_list_tools` item for them)
+    listed: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: this request's answers to approval requests: `{"approval_request_id", "approve",
+    #: "reason", "server_label", "name", "arguments"}` (`tool_loop.chained`)
+    approved: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, req: wire.CreateRequest, messages: list[Message], echo: dict[str, Any]) -> RunSpec:
@@ -57,6 +65,7 @@ class RunSpec:
             echo["temperature"],
             echo["top_p"],
             req.window(),
+            tools.mcp,
         )
 
     def generation(self, response_id: str, model: str, background: bool) -> Generation:
@@ -91,7 +100,13 @@ class RunSpec:
             "top_p": self.top_p,
             # Only when deferred: a `soonest` spec stays what earlier versions stored.
             **({} if self.window == "soonest" else {"window": self.window}),
-        }
+        } | self._mcp()
+
+    def _mcp(self) -> dict[str, Any]:
+        """The MCP keys, only when there is something to keep: a spec without MCP tools
+        is stored as before them."""
+        keys = {"mcp": self.mcp, "listed": self.listed, "approved": self.approved}
+        return {k: v for k, v in keys.items() if v}
 
     @classmethod
     def decode(cls, run: dict[str, Any]) -> RunSpec:
@@ -109,6 +124,9 @@ class RunSpec:
             _number(run.get("temperature")),
             _number(run.get("top_p")),
             schedule.window_of(run),
+            run.get("mcp") or [],
+            run.get("listed") or {},
+            run.get("approved") or [],
         )
 
 

@@ -88,6 +88,7 @@ def echo_fields(req: CreateRequest) -> dict[str, Any]:
         }
         | ({"user": req.user} if req.user is not None else {})
         | _cache_echo(req)
+        | _conversation_echo(req)
         | _notes(req)
     )
 
@@ -105,6 +106,13 @@ def _cache_echo(req: CreateRequest) -> dict[str, Any]:
             "mode": options.get("mode", "implicit"),
         }
     return echo
+
+
+def _conversation_echo(req: CreateRequest) -> dict[str, Any]:
+    """`conversation: {"id"}` for a turn of a conversation (OpenAI's Response has it; the
+    store reads it at the terminal transition: `store.conversations.turn_of`)."""
+    cid = req.conversation_id()
+    return {"conversation": {"id": cid}} if cid is not None else {}
 
 
 def _notes(req: CreateRequest) -> dict[str, Any]:

@@ -29,6 +29,7 @@ FIELDS: dict[str, Field] = {
     "input": Field("applied"),
     "instructions": Field("applied"),
     "previous_response_id": Field("applied"),
+    "conversation": Field("applied"),
     "max_output_tokens": Field("applied"),
     "temperature": Field("applied"),
     "top_p": Field("applied"),
@@ -41,7 +42,9 @@ FIELDS: dict[str, Field] = {
     "tool_choice": Field("applied"),
     "text": Field("applied", why="format applied; verbosity forwarded (chat: `verbosity`)"),
     "include": Field(
-        "applied", responses=True, why="logprobs arrays always present; reasoning not encrypted yet"
+        "applied",
+        responses=True,
+        why="logprobs arrays always present; reasoning items sealed on request",
     ),
     "parallel_tool_calls": Field("forwarded", chat="parallel_tool_calls", responses=True),
     "user": Field("forwarded", chat="user", responses=True),
@@ -58,7 +61,7 @@ FIELDS: dict[str, Field] = {
     "frequency_penalty": Field("forwarded", chat="frequency_penalty", responses=True),
     "top_logprobs": Field("forwarded", responses=True),
     "max_tool_calls": Field(
-        "forwarded", responses=True, why="limits hosted-tool calls; tether runs none"
+        "applied", responses=True, why="bounds the MCP calls of a response's tool loop"
     ),
     "truncation": Field("forwarded", responses=True),
     "context_management": Field(
@@ -81,10 +84,6 @@ FIELDS: dict[str, Field] = {
         "refused",
         why="a stored prompt template tether cannot resolve: its "
         "instructions would be silently missing",
-    ),
-    "conversation": Field(
-        "refused",
-        why="conversations are not built yet: the conversation's items would be silently missing",
     ),
     "moderation": Field(
         "refused", why="tether runs no moderation: unmoderated output would pass as moderated"

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from tether import wire_fields, wire_tools
 from tether.errors import APIError, bad_request
+from tether.mcp_tools import McpTool
 from tether.wire_items import (
     IMAGE_PLACEHOLDER,
     ITEM_TYPES,
@@ -119,13 +120,14 @@ class CreateRequest(BaseModel):
     background_options: BackgroundOptions | None = None
     image: dict[str, Any] | None = None
     client_metadata: dict[str, Any] | None = None
-    tools: list[FunctionTool | CustomTool | NamespaceTool] | None = None
+    tools: list[FunctionTool | CustomTool | NamespaceTool | McpTool] | None = None
     tool_choice: ToolChoice | None = None
     text: TextConfig | None = None
     # Refused unless null (wire_fields.REFUSED); typed loosely so a null passes.
     prompt: None = None
-    conversation: None = None
     moderation: None = None
+    #: a conversation id, or `{"id": ...}` (checked by `parse_create`: `conversation_id`)
+    conversation: StrictStr | dict[str, Any] | None = None
     #: derived at parse time: the tools as echoed and as engines get them
     _toolset: Toolset | None = None
     #: the body's forwardable fields (wire_fields.forwarded)
@@ -149,8 +151,10 @@ class CreateRequest(BaseModel):
     def engine_tool_choice(self) -> Any:
         """`tool_choice` as engines get it (tool names flattened)."""
         choice = self.tool_choice
+        tools = self.toolset()
+        labels = frozenset(s["label"] for s in tools.mcp)
         return (
-            wire_tools.resolve_choice(choice, self.toolset().names)
+            wire_tools.resolve_choice(choice, tools.names, labels)
             if isinstance(choice, BaseModel)
             else choice
         )
@@ -167,6 +171,11 @@ class CreateRequest(BaseModel):
         """The completion window: `soonest`, `2h` or `8h` (`tether.schedule`)."""
         options = self.background_options
         return (options.completion_window if options is not None else None) or "soonest"
+
+    def conversation_id(self) -> str | None:
+        """The conversation this response is a turn of (`tether.conversations`)."""
+        value = self.conversation
+        return value.get("id") if isinstance(value, dict) else value
 
 
 def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateRequest:
@@ -207,6 +216,7 @@ def parse_create(body: Any, hosted_tools: HostedRule = "refuse") -> CreateReques
             "Invalid 'metadata': keys are at most 64 characters.", "metadata", "invalid_value"
         )
     _check_messages(req.input)
+    _check_conversation(req)
     req._toolset = wire_tools.toolset(req.tools, dropped)
     req.engine_tool_choice()  # a named tool must be offered (OpenAI refuses it otherwise)
     _check_text_format(req)
@@ -256,6 +266,30 @@ def _check_window(req: CreateRequest) -> None:
             f"The '{window}' completion window cannot be used with 'stream': true.",
             param,
             "invalid_value",
+        )
+
+
+def _check_conversation(req: CreateRequest) -> None:
+    """`conversation`: an id or `{"id"}`; never with `previous_response_id` (OpenAI's
+    400: the two are exclusive ways to give the context)."""
+    value = req.conversation
+    if value is None:
+        return
+    if isinstance(value, dict) and not (set(value) == {"id"} and isinstance(value["id"], str)):
+        param = "conversation.id" if "id" not in value else "conversation"
+        raise bad_request(
+            "Invalid 'conversation': expected a conversation id or an object with its 'id'.",
+            param,
+            "invalid_value",
+        )
+    if not req.conversation_id():
+        raise bad_request("Invalid 'conversation': empty id.", "conversation", "invalid_value")
+    if req.previous_response_id is not None:
+        raise bad_request(
+            "Mutually exclusive parameters: Ensure you are only providing one of: "
+            "'previous_response_id' or 'conversation'.",
+            "conversation",
+            "mutually_exclusive_parameters",
         )
 
 

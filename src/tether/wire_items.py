@@ -2,15 +2,16 @@
 
 Every item type of the spec round-trips (docs/fields.md, "Input items"): messages (text,
 images, text files, refusals), function and custom tool calls and their outputs (a string
-or content parts), reasoning items (kept, never shown to engines: none of them can use
-another model's reasoning), item references (resolved by the lifecycle from stored
-items), compaction items.
+or content parts), reasoning items (the thinking of the assistant turn that follows them:
+their `encrypted_content` when tether sealed it, else their `content` and `summary` as
+given), item references (resolved by the lifecycle from stored items), compaction items.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -26,9 +27,15 @@ from pydantic import (
     model_validator,
 )
 
-from tether import compact, turns
+from tether import compact, mcp_tools, turns
 from tether.errors import bad_request
-from tether.turns import Message, ToolCallSpec
+from tether.mcp_tools import (
+    McpApprovalRequestInput,
+    McpApprovalResponseInput,
+    McpCallInput,
+    McpListToolsInput,
+)
+from tether.turns import Message, Thought, ToolCallSpec
 from tether.wire_tools import flat_name
 
 # Item types an input list may hold; anything else is validated as a message (and its
@@ -42,6 +49,7 @@ ITEM_TYPES = (
     "custom_tool_call_output",
     "reasoning",
     "item_reference",
+    *mcp_tools.INPUT_PREFIXES,
 )
 # What engines that cannot see images read where an image was.
 IMAGE_PLACEHOLDER = "[image omitted: this model cannot see images]"
@@ -247,7 +255,10 @@ class CustomToolCallOutputInput(BaseModel):
 
 
 class ReasoningInput(BaseModel):
-    """A reasoning item from an earlier turn (kept as given, encrypted content included)."""
+    """A reasoning item from an earlier turn (kept as given). Its `encrypted_content`, when
+    set, must be one tether sealed (`include: ["reasoning.encrypted_content"]`): checked
+    here, so an altered or foreign one is refused (400, `input[i].encrypted_content`)
+    before anything runs."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["reasoning"]
@@ -256,6 +267,13 @@ class ReasoningInput(BaseModel):
     content: list[dict[str, Any]] | None = None
     encrypted_content: StrictStr | None = None
     status: StrictStr | None = None
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _sealed(cls, token: str | None) -> str | None:
+        if token is not None:
+            Thought.unseal(token)
+        return token
 
 
 class ItemReference(BaseModel):
@@ -300,7 +318,11 @@ InputItem = Annotated[
     | Annotated[CustomToolCallOutputInput, Tag("custom_tool_call_output")]
     | Annotated[ReasoningInput, Tag("reasoning")]
     | Annotated[ItemReference, Tag("item_reference")]
-    | Annotated[CompactionInput, Tag("compaction")],
+    | Annotated[CompactionInput, Tag("compaction")]
+    | Annotated[McpApprovalResponseInput, Tag("mcp_approval_response")]
+    | Annotated[McpApprovalRequestInput, Tag("mcp_approval_request")]
+    | Annotated[McpCallInput, Tag("mcp_call")]
+    | Annotated[McpListToolsInput, Tag("mcp_list_tools")],
     Discriminator(_item_type),
 ]
 
@@ -330,6 +352,7 @@ def _stored(item: Any) -> dict[str, Any]:
         "custom_tool_call": "ctc",
         "custom_tool_call_output": "ctco",
         "reasoning": "rs",
+        **mcp_tools.INPUT_PREFIXES,
     }[item.type]
     stored: dict[str, Any] = item.model_dump(exclude_none=True)
     stored["id"] = item.id or new_id(prefix)
@@ -418,10 +441,16 @@ def history(items: list[dict[str, Any]]) -> list[Message]:
     """Stored items (input items, or a previous response's output) as the turns a run
     is given: an assistant turn carries the tool calls it made (`tool_calls`), a `tool`
     turn a call's output (`call_id`), a turn with images its `parts`. A compaction item
-    is the conversation it carries; reasoning items are not shown."""
+    is the conversation it carries. A reasoning item is the thinking of the assistant turn
+    it precedes (`Message.reasoning`); one that no assistant turn follows (a reply that
+    never came) is left out: a chat message cannot carry thinking alone."""
     out: list[Message] = []
+    thoughts: list[Thought] = []  # reasoning items waiting for their assistant turn
     for item in items:
         kind = item.get("type")
+        if kind == "reasoning":
+            thoughts.append(thought_of(item))
+            continue
         if kind == "message":
             images = any(p.get("type") == "input_image" for p in item.get("content", []))
             out.append(
@@ -441,9 +470,33 @@ def history(items: list[dict[str, Any]]) -> list[Message]:
             out[-1].tool_calls.append(call)
         elif kind in ("function_call_output", "custom_tool_call_output"):
             out.append(Message("tool", _output_text(item["output"]), call_id=item["call_id"]))
+        elif kind == "mcp_call":  # a call the server made: the call, then its result
+            call = ToolCallSpec(
+                item["id"], flat_name(item["server_label"], item["name"]), item["arguments"]
+            )
+            if not out or out[-1].role != "assistant":
+                out.append(Message("assistant", ""))
+            out[-1].tool_calls.append(call)
+            out.append(Message("tool", mcp_tools.output_text(item), call_id=item["id"]))
         elif kind == "compaction":
             out += turns.decode(compact.unseal(item["encrypted_content"]))
+        if thoughts and out and out[-1].role == "assistant":
+            out[-1].reasoning += thoughts
+        thoughts = []
     return out
+
+
+def thought_of(item: dict[str, Any]) -> Thought:
+    """A reasoning item's thinking: what tether sealed in its `encrypted_content`, else
+    its `content` and `summary` as given. (A request's tokens were checked when it was
+    parsed; a stored item's may predate a new install key: its content is the same.)"""
+    token = item.get("encrypted_content")
+    if isinstance(token, str):
+        with contextlib.suppress(ValueError):
+            return Thought.unseal(token)
+    text = "".join(p.get("text", "") for p in item.get("content") or () if isinstance(p, dict))
+    summary = [p.get("text", "") for p in item.get("summary") or () if isinstance(p, dict)]
+    return Thought(text, summary)
 
 
 async def resolve_references(

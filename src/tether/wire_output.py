@@ -1,9 +1,10 @@
 """Output items a run streams, and how a log is replayed into them.
 
-`MessageItem`, `ReasoningItem`, `FunctionCallItem` and `CustomToolCallItem` build the events
-of one output item in order (added, deltas, done) as a run produces it; `replay` rebuilds
-the items of a log (finished ones as dicts, open ones as these classes), for a retrieve of
-a live response and for whoever ends a response from its log.
+`MessageItem`, `ReasoningItem` (`tether.wire_reasoning`), `FunctionCallItem` and
+`CustomToolCallItem` build the events of one output item in order (added, deltas, done)
+as a run produces it; `replay` rebuilds the items of a log (finished ones as dicts, open
+ones as these classes), for a retrieve of a live response and for whoever ends a response
+from its log.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import orjson
 
 from tether.wire_input import new_id
+from tether.wire_mcp import ApprovalRequestItem, McpCallItem, McpItem
+from tether.wire_mcp import replay as replay_mcp
+from tether.wire_reasoning import ReasoningItem as ReasoningItem  # re-exported
 
 
 @dataclass(slots=True)
@@ -95,90 +99,6 @@ class MessageItem:
                 "content_index": 0,
                 "text": part["text"],
                 "logprobs": part["logprobs"],
-            },
-            {
-                "type": "response.content_part.done",
-                "item_id": self.id,
-                "output_index": self.output_index,
-                "content_index": 0,
-                "part": part,
-            },
-            {
-                "type": "response.output_item.done",
-                "output_index": self.output_index,
-                "item": self.item(status),
-            },
-        ]
-
-
-@dataclass(slots=True)
-class ReasoningItem:
-    """The model's thinking, streamed as one `reasoning_text` part.
-
-    Its deltas are OpenAI's `response.reasoning_text.delta/done` (what the SDKs and
-    Codex read); Open Responses names the same events `response.reasoning.delta/done`
-    with the same fields. The part is announced with `content_part.added/done`, which
-    both specs allow for `reasoning_text`. No `encrypted_content` yet."""
-
-    output_index: int = 0
-    id: str = field(default_factory=lambda: new_id("rs"))
-    text: list[str] = field(default_factory=list)
-
-    def item(self, status: str) -> dict[str, Any]:
-        content = [] if status == "in_progress" else [self.part()]
-        return {
-            "id": self.id,
-            "type": "reasoning",
-            "status": status,
-            "summary": [],
-            "content": content,
-        }
-
-    def part(self) -> dict[str, Any]:
-        return {"type": "reasoning_text", "text": "".join(self.text)}
-
-    def opened(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "type": "response.output_item.added",
-                "output_index": self.output_index,
-                "item": self.item("in_progress"),
-            },
-            {
-                "type": "response.content_part.added",
-                "item_id": self.id,
-                "output_index": self.output_index,
-                "content_index": 0,
-                "part": {"type": "reasoning_text", "text": ""},
-            },
-        ]
-
-    def delta(self, text: str) -> dict[str, Any]:
-        self.text.append(text)
-        return {
-            "type": "response.reasoning_text.delta",
-            "item_id": self.id,
-            "output_index": self.output_index,
-            "content_index": 0,
-            "delta": text,
-        }
-
-    def undo(self) -> None:
-        """Take back the last `delta` (it never reached the log)."""
-        self.text.pop()
-
-    def live(self) -> dict[str, Any]:
-        return self.item("in_progress") | {"content": [self.part()]}
-
-    def closed(self, status: str) -> list[dict[str, Any]]:
-        part = self.part()
-        return [
-            {
-                "type": "response.reasoning_text.done",
-                "item_id": self.id,
-                "output_index": self.output_index,
-                "content_index": 0,
-                "text": part["text"],
             },
             {
                 "type": "response.content_part.done",
@@ -386,16 +306,20 @@ class InputDecoder:
         return self.raw if not decoded and not self.started else ""
 
 
-OpenItem = MessageItem | ReasoningItem | FunctionCallItem | CustomToolCallItem
+OpenItem = MessageItem | ReasoningItem | FunctionCallItem | CustomToolCallItem | McpItem
+CallItem = FunctionCallItem | CustomToolCallItem | McpCallItem | ApprovalRequestItem
 
 
 def call_item(
     output_index: int, call_id: str, flat: str, names: dict[str, dict[str, Any]] | None
-) -> FunctionCallItem | CustomToolCallItem:
+) -> CallItem:
     """The output item of a call an engine made of tool `flat` (docs/fields.md, "Tools")."""
     shown = (names or {}).get(flat)
     if shown is None:
         return FunctionCallItem(output_index, call_id, flat)
+    if "mcp" in shown:  # a tool of an MCP server the run calls (`tether.tool_loop`)
+        kind = ApprovalRequestItem if shown.get("approval") else McpCallItem
+        return kind(output_index, call_id, shown["name"], shown["mcp"])
     if shown.get("custom"):
         return CustomToolCallItem(
             output_index, call_id, shown["name"], namespace=shown.get("namespace")
@@ -409,7 +333,11 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
     done: list[dict[str, Any]] = []
     for ev in events:
         kind = ev["type"]
-        if kind == "response.output_item.added":
+        if kind.startswith("response.mcp_") or (
+            kind == "response.output_item.added" and ev["item"]["type"].startswith("mcp_")
+        ):
+            replay_mcp(kind, ev, open_items)
+        elif kind == "response.output_item.added":
             item = ev["item"]
             index = ev["output_index"]
             if item["type"] == "function_call":
@@ -432,6 +360,18 @@ def replay(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Ope
                 open_items[item["id"]] = ReasoningItem(index, item["id"])
             else:
                 open_items[item["id"]] = MessageItem(index, item["id"])
+        elif kind == "response.content_part.added":
+            thinking = open_items.get(ev["item_id"])
+            if isinstance(thinking, ReasoningItem):
+                thinking.part = True
+        elif kind == "response.reasoning_summary_text.delta":
+            summarized = open_items[ev["item_id"]]
+            assert isinstance(summarized, ReasoningItem)
+            summarized.summary_delta(ev["summary_index"], ev["delta"])
+        elif kind == "response.reasoning_summary_part.done":
+            summarized = open_items[ev["item_id"]]
+            assert isinstance(summarized, ReasoningItem)
+            summarized.summary_open = False
         elif kind == "response.output_text.delta":
             msg = open_items[ev["item_id"]]
             assert isinstance(msg, MessageItem)
@@ -461,7 +401,8 @@ def reasoning_deltas(events: list[dict[str, Any]]) -> int:
     the number of its reasoning deltas. The log keeps token counts per append, not per
     kind, so this is the one place `reasoning_tokens` is a count of deltas (exact for
     engines that emit a token a delta; an upstream's late report is not in the log)."""
-    return sum(1 for ev in events if ev["type"] == "response.reasoning_text.delta")
+    kinds = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
+    return sum(1 for ev in events if ev["type"] in kinds)
 
 
 # --- SSE ---------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Engines know only function tools. So:
   `function_call` item with `name` and `namespace` (as OpenAI returns it);
 - a `custom` (freeform) tool is a function with one string parameter `input`; a call of
   it comes back as a `custom_tool_call` item whose `input` is that string;
-- hosted tools tether cannot run (web search, file search, code interpreter, MCP, ...)
+- an `mcp` tool is a server the run calls itself (`tether.mcp_tools`): engines get its
+  tools as functions named `LABEL__TOOL` once the run has listed them (`tether.tool_loop`);
+- hosted tools tether cannot run (web search, file search, code interpreter, ...)
   follow the `hosted_tools` setting: refused with a 400 naming `tools[i].type`, or
   dropped (the response then lists only the tools the model had).
 """
@@ -19,7 +21,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
+from tether import mcp_tools
 from tether.errors import bad_request
+from tether.mcp_tools import McpTool
 
 HostedRule = Literal["refuse", "drop"]
 #: the one parameter of the function a custom tool is given to engines as
@@ -87,8 +91,22 @@ class AllowedTools(BaseModel):
     mode: Literal["none", "auto", "required"] = "auto"
 
 
+class ToolChoiceMcp(BaseModel):
+    """`{"type": "mcp", "server_label", "name"?}`: call a tool of that MCP server (the
+    run resolves it once it has listed the server's tools: `tool_loop`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["mcp"]
+    server_label: StrictStr
+    name: StrictStr | None = None
+
+
 ToolChoice = (
-    Literal["auto", "none", "required"] | ToolChoiceFunction | ToolChoiceCustom | AllowedTools
+    Literal["auto", "none", "required"]
+    | ToolChoiceFunction
+    | ToolChoiceCustom
+    | AllowedTools
+    | ToolChoiceMcp
 )
 
 
@@ -108,18 +126,25 @@ class Toolset:
     #: flat name -> how a call of it is shown: {"name", "namespace"?, "custom"?}
     names: dict[str, dict[str, Any]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # hosted tool types left out
+    #: the MCP servers the run calls (`mcp_tools.server`)
+    mcp: list[dict[str, Any]] = field(default_factory=list)
 
 
-def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool | NamespaceTool]:
+AnyTool = FunctionTool | CustomTool | NamespaceTool | McpTool
+RUNNABLE = ("function", "custom", "namespace", "mcp")
+
+
+def parse_tools(raw: Any, hosted: HostedRule) -> list[AnyTool]:
     """`tools` as models; hosted tools refused or dropped per `hosted` (the raw dicts of
     dropped ones are not returned: see `dropped_types`)."""
     if not isinstance(raw, list):
         raise bad_request("Invalid value for 'tools': expected an array.", "tools", "invalid_value")
-    tools: list[FunctionTool | CustomTool | NamespaceTool] = []
-    kinds: dict[str, type[FunctionTool | CustomTool | NamespaceTool]] = {
+    tools: list[AnyTool] = []
+    kinds: dict[str, type[AnyTool]] = {
         "function": FunctionTool,
         "custom": CustomTool,
         "namespace": NamespaceTool,
+        "mcp": McpTool,
     }
     for i, tool in enumerate(raw):
         kind = tool.get("type") if isinstance(tool, dict) else None
@@ -135,7 +160,7 @@ def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool 
                 continue
             raise bad_request(
                 f"Invalid value for 'tools[{i}].type': tool type '{kind}' cannot run on "
-                "this server (only function, custom and namespace tools do; see the "
+                "this server (only function, custom, namespace and mcp tools do; see the "
                 "hosted_tools setting).",
                 f"tools[{i}].type",
                 "unsupported_tool",
@@ -155,24 +180,24 @@ def parse_tools(raw: Any, hosted: HostedRule) -> list[FunctionTool | CustomTool 
                 f"tools[{i}]{where}",
                 "invalid_value",
             ) from None
+        if isinstance(tools[-1], McpTool):
+            mcp_tools.check(tools[-1], i)
     return tools
 
 
 def dropped_types(raw: Any) -> list[str]:
     if not isinstance(raw, list):
         return []
-    return [
-        t["type"]
-        for t in raw
-        if isinstance(t, dict) and t.get("type") not in ("function", "custom", "namespace")
-    ]
+    return [t["type"] for t in raw if isinstance(t, dict) and t.get("type") not in RUNNABLE]
 
 
-def toolset(
-    tools: list[FunctionTool | CustomTool | NamespaceTool] | None, dropped: list[str]
-) -> Toolset:
+def toolset(tools: list[AnyTool] | None, dropped: list[str]) -> Toolset:
     out = Toolset(dropped=dropped)
-    for tool in tools or []:
+    for i, tool in enumerate(tools or []):
+        if isinstance(tool, McpTool):
+            out.echo.append(mcp_tools.echo(tool))
+            out.mcp.append(mcp_tools.server(tool, i))
+            continue
         out.echo.append(_echo(tool))
         members = tool.tools if isinstance(tool, NamespaceTool) else [tool]
         namespace = tool.name if isinstance(tool, NamespaceTool) else None
@@ -233,9 +258,21 @@ def _engine_tool(flat: str, tool: FunctionTool | CustomTool) -> dict[str, Any]:
     }
 
 
-def resolve_choice(choice: Any, names: dict[str, dict[str, Any]]) -> Any:
+def resolve_choice(
+    choice: Any, names: dict[str, dict[str, Any]], labels: frozenset[str] = frozenset()
+) -> Any:
     """`tool_choice` as engines get it (function names flattened), refusing a named tool
-    that is not offered, as OpenAI does."""
+    that is not offered, as OpenAI does. An MCP choice names one of the request's MCP
+    servers (`labels`); the run resolves it (`tool_loop`)."""
+    if isinstance(choice, ToolChoiceMcp):
+        if choice.server_label not in labels:
+            raise bad_request(
+                f"Invalid 'tool_choice.server_label': no mcp tool '{choice.server_label}' "
+                "in 'tools'.",
+                "tool_choice.server_label",
+                "invalid_value",
+            )
+        return choice.model_dump()
     if isinstance(choice, ToolChoiceFunction | ToolChoiceCustom):
         return {"type": "function", "name": _flat_of(choice, names, "tool_choice")}
     if isinstance(choice, AllowedTools):

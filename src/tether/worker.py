@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from tether import metrics, wire
+from tether import metrics, tool_loop, wire
 from tether.run import Progress, drive
 from tether.runner import Run, new_token
 from tether.runspec import RunSpec
@@ -90,10 +90,11 @@ class Worker:
         if start_by is not None:
             metrics.deferred_started(time.time() <= start_by)
         request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
-        progress = Progress(lc.store, record.id, token, run, spec.tool_names)
+        progress = Progress(lc.store, record.id, token, run, dict(spec.tool_names))
+        progress.sealed = "reasoning.encrypted_content" in (spec.forward.get("include") or ())
         crash: Exception | None = None
         try:
-            await drive(lc.engine, request, progress)
+            await drive(lc.engine, request, progress, tool_loop.steps(spec, lc.settings))
         except Exception as exc:
             crash = exc
         finally:

@@ -71,6 +71,26 @@ class ReasoningDelta:
 
 
 @dataclass(slots=True)
+class SummaryDelta:
+    """Reasoning summary text (an upstream that summarizes its thinking: a Responses
+    upstream with `reasoning.summary`), for summary part `part` (0, 1, ... in order),
+    produced by `tokens` token steps: counted as reasoning tokens, like thinking."""
+
+    text: str
+    part: int = 0
+    tokens: int = 1
+
+
+@dataclass(slots=True)
+class ReasoningSource:
+    """The upstream's own fields of the reasoning item (`id`, `encrypted_content`):
+    sealed into tether's `encrypted_content`, so the upstream gets them back when a
+    client sends the item back."""
+
+    fields: dict[str, str]
+
+
+@dataclass(slots=True)
 class Finished:
     """The engine stopped by itself: `stop` (natural end) or `length` (token budget)."""
 
@@ -111,7 +131,17 @@ class Report:
     reasoning_tokens: int | None = None
 
 
-Step = PromptRead | Delta | ReasoningDelta | Finished | ToolCall | ToolCallDelta | Report
+Step = (
+    PromptRead
+    | Delta
+    | ReasoningDelta
+    | SummaryDelta
+    | ReasoningSource
+    | Finished
+    | ToolCall
+    | ToolCallDelta
+    | Report
+)
 
 
 @dataclass(slots=True)
@@ -147,7 +177,8 @@ class Engine(Protocol):
 
     `generate(request, emit)` runs one generation, awaiting `emit(step)` for each step in
     order: one `PromptRead` first, then `Delta`s and `ReasoningDelta`s (and, for engines
-    that call tools, `ToolCall`/`ToolCallDelta`s), `Report`s at any time after the
+    that call tools, `ToolCall`/`ToolCallDelta`s; for upstreams that summarize their
+    thinking, `SummaryDelta`s and a `ReasoningSource`), `Report`s at any time after the
     `PromptRead`, and a `Finished` when the engine ended by itself (end of turn, or its
     token budget); then it returns. It raises `EngineError` on failure (the steps emitted
     before stand).

@@ -5,7 +5,8 @@ The request goes out with `stream: true` and `stream_options.include_usage`; eac
 content chunk becomes a `Delta`, each tool-call chunk a `ToolCall`/`ToolCallDelta`, each
 thinking chunk (`reasoning_content`: vLLM, llama.cpp; `reasoning` or `thinking`: Ollama
 and others; `<think>…</think>` inside `content` with the upstream's `think_tags`) a
-`ReasoningDelta`.
+`ReasoningDelta`. The conversation's earlier thinking (reasoning items) goes back on its
+assistant message, in the field the upstream's `reasoning_field` names.
 A cancel closes the upstream connection at once (see `upstream`): that is the only
 stop signal chat-completions servers understand.
 
@@ -99,9 +100,14 @@ def _text_of(content: Any) -> str:
     return content or ""
 
 
-def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
+def chat_messages(
+    messages: list[Message], reasoning_field: str = "reasoning_content"
+) -> list[dict[str, Any]]:
+    """Turns as chat messages; an assistant turn's earlier thinking goes in
+    `reasoning_field` (`none`: left out)."""
     out: list[dict[str, Any]] = []
     for m in messages:
+        size = len(out)
         if m.role == "tool":
             out.append({"role": "tool", "tool_call_id": m.call_id, "content": m.text})
         elif m.role == "assistant" and m.tool_calls:
@@ -135,6 +141,10 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
             # `developer` is the Responses API's name for a system message; most
             # chat-completions servers know only `system`.
             out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text})
+        if m.reasoning and reasoning_field != "none" and len(out) > size:
+            thinking = "\n\n".join(t.text for t in m.reasoning if t.text)
+            if thinking:
+                out[-1][reasoning_field] = thinking
     return out
 
 
@@ -271,7 +281,7 @@ class ChatEngine:
     def body(self, request: Generation) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.spec.upstream_model or self.spec.model,
-            "messages": chat_messages(request.messages),
+            "messages": chat_messages(request.messages, self.spec.reasoning_field),
             "stream": True,
             "stream_options": {"include_usage": True},
             # Always sent: servers' own defaults differ (llama.cpp 0.8, vLLM the model's),
@@ -298,7 +308,8 @@ class ChatEngine:
 
     async def generate(self, request: Generation, emit: Emit) -> None:
         body = self.body(request)
-        got = _Received(think=Splitter() if self.spec.think_tags else None)
+        tags = self.spec.think_tags
+        got = _Received(think=Splitter(opened=tags == "open") if tags else None)
         out = Outbox(emit)
         try:
             await self._stream(body, got, out)
@@ -403,7 +414,11 @@ class ChatEngine:
     def _input_tokens(self, body: dict[str, Any]) -> int:
         if self._tokenizer is not None:
             return self._tokenizer.count_prompt(body["messages"])
-        return estimate_tokens("".join(str(m.get("content") or "") for m in body["messages"]))
+        # Earlier thinking given back counts too (the template may show it).
+        field = self.spec.reasoning_field
+        return estimate_tokens(
+            "".join(str(m.get("content") or "") + (m.get(field) or "") for m in body["messages"])
+        )
 
     def _report(self, got: _Received) -> Report:
         usage = got.usage

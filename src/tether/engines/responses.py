@@ -42,8 +42,10 @@ from tether.engines.base import (
     Outbox,
     PromptRead,
     ReasoningDelta,
+    ReasoningSource,
     Report,
     Step,
+    SummaryDelta,
     ToolCall,
     ToolCallDelta,
 )
@@ -70,9 +72,26 @@ def _code(code: object) -> str:
     return code if isinstance(code, str) and code in _CODES else "server_error"
 
 
+def reasoning_items(m: Message) -> list[dict[str, Any]]:
+    """An assistant turn's earlier thinking as the reasoning items it came from: the
+    upstream's own (`id`, `encrypted_content`) when it made them, with the summary, and
+    the thinking text as `content` when there is any."""
+    items = []
+    for thought in m.reasoning:
+        item: dict[str, Any] = {
+            "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": t} for t in thought.summary],
+        }
+        if thought.text:
+            item["content"] = [{"type": "reasoning_text", "text": thought.text}]
+        items.append(item | (thought.upstream or {}))
+    return items
+
+
 def input_items(messages: list[Message]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for m in messages:
+        items += reasoning_items(m)
         if m.role == "tool":
             items.append({"type": "function_call_output", "call_id": m.call_id, "output": m.text})
             continue
@@ -123,6 +142,10 @@ class _Run:
     deltas: int = 0
     prompt_read: bool = False
     ended: bool = False
+    #: summary parts of the upstream's earlier reasoning items (tether shows one item,
+    #: so a later upstream item's parts are numbered after them), and of the current one
+    summary_base: int = 0
+    summary_parts: int = 0
 
 
 class ResponsesEngine:
@@ -259,10 +282,23 @@ class ResponsesEngine:
             run.deltas += 1
             steps.append(Delta(ev.get("delta", ""), 1, logprob_objects(ev.get("logprobs"))))
         elif kind == "response.reasoning_text.delta":
-            # The upstream's reasoning items become tether's (one item; the upstream's
-            # summaries, `response.reasoning_summary_text.*`, are not relayed yet).
+            # The upstream's reasoning items become tether's one reasoning item.
             run.deltas += 1
             steps.append(ReasoningDelta(ev.get("delta", ""), 1))
+        elif kind == "response.reasoning_summary_text.delta":
+            run.deltas += 1
+            index = ev.get("summary_index")
+            index = index if isinstance(index, int) and index >= 0 else 0
+            run.summary_parts = max(run.summary_parts, index + 1)
+            steps.append(SummaryDelta(ev.get("delta", ""), run.summary_base + index, 1))
+        elif kind == "response.output_item.done" and ev["item"].get("type") == "reasoning":
+            item = ev["item"]
+            run.summary_base, run.summary_parts = run.summary_base + run.summary_parts, 0
+            # Its id only with its encrypted content: an id alone names an item the
+            # upstream may not keep (`store: false`), which it would refuse later.
+            if isinstance(item.get("encrypted_content"), str) and isinstance(item.get("id"), str):
+                fields = {"id": item["id"], "encrypted_content": item["encrypted_content"]}
+                steps.append(ReasoningSource(fields))
         elif kind == "response.output_item.added" and ev["item"].get("type") == "function_call":
             item = ev["item"]
             steps.append(ToolCall(ev["output_index"], item["call_id"], item["name"]))

@@ -4,10 +4,10 @@ It emits one word per token step at `rate` tokens per second (0 = as fast as pos
 and ends naturally after `length` tokens. With tools offered, the prompt directive
 `CALL=name:{"json":"arguments"}` (no spaces) makes it call that function instead (the
 arguments streamed a few characters a token step), unless the last turn is a tool's
-output: then it answers with text, so tool loops end. With `text.format` json_schema or
-json_object it answers with a fixed JSON value of the schema. `THINK=n` makes it think
-first: n token steps of reasoning (the same words) before the answer, all within the
-output budget.
+output: then it answers with text, so tool loops end (`CALLS=n`: after n tool outputs;
+`PARALLEL=n`: n calls in one step). With `text.format` json_schema or json_object it
+answers with a fixed JSON value of the schema. `THINK=n` makes it think first: n token
+steps of reasoning (the same words) before the answer, all within the output budget.
 
 It records, per response, when each token was produced and when the cancel was seen,
 so tests can check that a cancel really stopped it.
@@ -160,6 +160,10 @@ class ScriptedEngine:
             await out.send(ReasoningDelta(_word(i)))
         thought = min(think, budget)
         budget -= thought
+        per = len(pieces) if pieces else 1  # token steps of one call's arguments
+        if call is not None and pieces is not None:
+            # `PARALLEL=n`: n calls of the tool in one step (call j's arguments after j-1's).
+            pieces = pieces * max(1, _directive(prompt, "PARALLEL", int) or 1)
         if call is not None and (budget > 0 or not think):
             await out.send(ToolCall(0, f"call_{request.response_id[-20:]}", call[0]))
         for i in range(min(budget, len(pieces)) if pieces is not None else budget):
@@ -177,7 +181,10 @@ class ScriptedEngine:
             if pieces is None:
                 await out.send(Delta(_word(i)))
             elif call is not None:
-                await out.send(ToolCallDelta(0, pieces[i]))
+                j, k = divmod(i, per)
+                if j and not k:
+                    await out.send(ToolCall(j, f"call_{request.response_id[-20:]}_{j}", call[0]))
+                await out.send(ToolCallDelta(j, pieces[i]))
             else:
                 await out.send(Delta(pieces[i]))
         # LINGER seconds between the last token and the end (a window for a cancel).
@@ -200,7 +207,7 @@ async def _pace(i: int, interval: float, fail_at: int | None) -> None:
 
 def _directive(prompt: str, name: str, kind: type[T]) -> T | None:
     """`NAME=value` in the prompt steers the engine (tests): FAIL_AT, PREFILL, LINGER,
-    CALL, THINK."""
+    CALL, CALLS, PARALLEL, THINK."""
     at = prompt.find(name + "=")
     if at < 0:
         return None
@@ -224,7 +231,11 @@ def _planned_call(request: Generation, prompt: str) -> tuple[str, str] | None:
         names = [n for n in names if n == choice.get("name")]
         choice = "required"
     last = request.messages[-1].role if request.messages else None
-    if not names or choice == "none" or (last == "tool" and choice != "required"):
+    # `CALLS=n`: a loop of n steps that call the tool (the tool turns so far count them).
+    wanted = _directive(prompt, "CALLS", int) or 1
+    made = sum(m.role == "tool" for m in request.messages)
+    answered = last == "tool" and choice != "required" and made >= wanted
+    if not names or choice == "none" or answered:
         return None
     directive = _directive(prompt, "CALL", str)
     if directive is not None:

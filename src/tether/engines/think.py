@@ -6,6 +6,12 @@ back until the next chunk says. Token accounting (`Splitter.steps`): a chunk is 
 step; its token goes to the first step the chunk yields, and a chunk that yields none (a
 tag, a held-back piece) hands its token to the next step, so the steps' tokens add up to
 the chunks (`ChatEngine` reports the chunk count at the end, covering a trailing tag).
+
+`opened` (an upstream's `think_tags = "open"`): the prompt already opened the thinking
+(DeepSeek-R1's template ends with `<think>\n`), so the stream starts inside it and only
+`</think>` comes. A stream that opens `<think>` anyway (another version of the template)
+has that leading tag dropped. A reply with no `</think>` at all is thinking throughout:
+the mode must match the model's template.
 """
 
 from __future__ import annotations
@@ -24,17 +30,26 @@ def _held(text: str, tag: str) -> int:
 
 
 class Splitter:
-    __slots__ = ("buffer", "owed", "thinking")
+    __slots__ = ("buffer", "lead", "owed", "thinking")
 
-    def __init__(self) -> None:
+    def __init__(self, opened: bool = False) -> None:
         self.buffer = ""  # text held back: it may be the start of a tag
-        self.thinking = False
+        self.thinking = opened
+        self.lead = opened  # at the start of an opened stream: a `<think>` is dropped
         self.owed = 0  # tokens of chunks that yielded no step yet
 
     def steps(self, text: str, tokens: int = 1) -> list[Delta | ReasoningDelta]:
         """The steps of one content chunk."""
         self.owed += tokens
         self.buffer += text
+        if self.lead:
+            start = self.buffer.lstrip()
+            if start.startswith(OPEN):
+                self.buffer, self.lead = start[len(OPEN) :], False
+            elif OPEN.startswith(start):
+                return []  # whitespace or the start of a tag so far: wait
+            else:
+                self.lead = False
         pieces: list[tuple[bool, str]] = []
         while True:
             tag = CLOSE if self.thinking else OPEN

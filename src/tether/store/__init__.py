@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tether.store.base import (
+    Conversations,
     EventLog,
     IdempotencyConflict,
     Leases,
@@ -12,17 +13,23 @@ from tether.store.base import (
     Store,
     StoreUnavailable,
     Transitions,
+    UnknownItem,
 )
 from tether.store.logcache import DEFAULT_BUDGET
 
 
 def make_store(
-    url: str, redis: str | None = None, prefix: str = "tether", cache_bytes: int = DEFAULT_BUDGET
+    url: str,
+    redis: str | None = None,
+    prefix: str = "tether",
+    cache_bytes: int = DEFAULT_BUDGET,
+    read_url: str | None = None,
 ) -> Store:
     """A store for `--db`: a SQLite file path (the default) or `sqlite:///path`; or a
     `postgresql://` URL, scaled out: PostgreSQL for durable records and Redis (`redis`,
     required then) for live event streams and wake-ups, its keys under `prefix:`. Either
-    keeps at most about `cache_bytes` of event logs in memory (`logcache.py`)."""
+    keeps at most about `cache_bytes` of event logs in memory (`logcache.py`). `read_url`
+    (`--db-read`, PostgreSQL only): a streaming replica that replays finished logs."""
     if url.startswith(("postgresql://", "postgres://")):
         if not redis:
             raise ValueError(
@@ -31,7 +38,9 @@ def make_store(
             )
         from tether.store.postgres import PostgresStore
 
-        return PostgresStore(url, redis, prefix, cache_bytes=cache_bytes)
+        return PostgresStore(url, redis, prefix, cache_bytes=cache_bytes, read_url=read_url)
+    if read_url:
+        raise ValueError("--db-read (a read replica) needs --db postgresql://...")
     from tether.store.sqlite import SQLiteStore
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
@@ -39,6 +48,7 @@ def make_store(
 
 
 __all__ = [
+    "Conversations",
     "EventLog",
     "IdempotencyConflict",
     "Leases",
@@ -48,5 +58,6 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "Transitions",
+    "UnknownItem",
     "make_store",
 ]

@@ -1,7 +1,7 @@
 """The store's interface: what it keeps (`Record`, `LogEntry`), what it raises, and its
 protocols, split by what their callers need (`Transitions`, `EventLog`, `Leases`,
-`Maintenance`; `Store` is all of them). Implementations: `sqlite.py`, `postgres.py`; what
-they share: `common.py`.
+`Maintenance`, `Conversations`; `Store` is all of them). Implementations: `sqlite.py`,
+`postgres.py`; what they share: `common.py` (conversations: `conversations.py`).
 
 Two operations decide every race (docs/contract.md §1.1, §2.3):
 - `append` adds events unless the response is terminal or the caller's run token is stale;
@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tether.store.hooks import Webhooks
 from tether.store.owners import OwnerLocks
 
 
@@ -131,7 +132,8 @@ class WriteLost(Exception):
 # Grouped by what their callers need: the run and the request handlers change states
 # (`Transitions`; a run needs only `append`), readers follow logs (`EventLog`), the lease
 # reaper takes over the responses of processes gone (`Leases`), operators and the reaper
-# keep the database (`Maintenance`), and the server opens and closes it (`Lifespan`).
+# keep the database (`Maintenance`), conversations keep their items (`Conversations`), and
+# the server opens and closes it (`Lifespan`).
 # `Store` is all of them (`make_store` checks both implementations against it).
 
 
@@ -163,12 +165,18 @@ class Transitions(Protocol):
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         """Insert a response with its first events; True with it. With `(key,
         body_hash)`, a second create with the same key returns the first record and
-        False instead.
+        False instead. With `turn` (a conversation of the record's tenant and the version
+        its items were read at: `Conversations.conversation_state`), the response becomes
+        that conversation's turn in progress, in the same commit.
 
         :raises IdempotencyConflict: the key was used before with a different body.
+        :raises ConversationLocked: (`turn`) another turn of it is in progress.
+        :raises ConversationChanged: (`turn`) its items changed since that version, or it
+            is gone (nothing was written: read them again).
         :raises StoreFull: the embedded store's disk is full (nothing was written).
         :raises StoreUnavailable: the database cannot be written now."""
         ...
@@ -241,8 +249,10 @@ class Transitions(Protocol):
         tokens: int = 0,
     ) -> bool:
         """The one terminal transition: set `status` and `snapshot`, append the closing
-        `events` and count the response in the usage ledger, in one commit, after the
-        run's pending appends. True if this call won it; False if the response was
+        `events`, count the response in the usage ledger and, for a turn of a
+        conversation (`snapshot["conversation"]`), add its input and output items to that
+        conversation (`Conversations`), in one commit, after the run's pending appends.
+        True if this call won it; False if the response was
         already terminal, or `run_token` is not its current token. `run_token=None`: a
         response no run has claimed (to end one a run holds, `fence` it first and pass
         the new token: its run can then write no more).
@@ -347,13 +357,116 @@ class Maintenance(Protocol):
         ...
 
     async def purge(self, before: float) -> int:
-        """Drop the logs of responses finished before `before`, and those responses
-        entirely if they were not stored (`store: false`): how many of those went.
+        """Drop the logs of responses finished before `before` (at once, or on PostgreSQL
+        with the time partition holding them, once all of it is that old), and those
+        responses entirely if they were not stored (`store: false`): how many of those went.
 
         :raises StoreFull: the embedded store's disk is full.
         :raises StoreUnavailable: the database cannot be written now."""
         ...
 
 
-class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Protocol):
+class UnknownItem(LookupError):
+    """A conversation item named as a cursor (`after`) is not in the conversation."""
+
+
+class ConversationLocked(Exception):
+    """A turn of the conversation is in progress (OpenAI's 400 `conversation_locked`)."""
+
+
+class ConversationChanged(Exception):
+    """The conversation's items are not those of the version a turn was read at."""
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """A conversation's items, its version (moved by every change of its items), and its
+    turn in progress (a response id) if any."""
+
+    items: list[dict[str, Any]]
+    version: int
+    turn: str | None
+
+
+class Conversations(Protocol):
+    """Conversations (issue 18): durable threads of items, scoped to a tenant like
+    responses (another tenant's id is unknown). A conversation is `{"id", "object",
+    "created_at", "metadata"}`; its items are kept in the order they were added.
+
+    The items of a *turn* (a response whose snapshot names a conversation) are not added
+    here: `finish` adds them, in the commit of the response's terminal transition, so
+    exactly once (`store.conversations.turn_items`: a `failed` turn adds none), and
+    ends the turn. One turn at a time: `create` with `turn` refuses a second
+    (`ConversationLocked`), and so do `conversation_add` and `conversation_remove`
+    while one is in progress: a turn's output always follows the items it was given.
+
+    Every method raises `StoreUnavailable` (and, for writes, the embedded store's
+    `StoreFull`) as `Transitions` does."""
+
+    async def conversation_create(
+        self, conversation: dict[str, Any], tenant: str, items: list[dict[str, Any]]
+    ) -> None:
+        """Insert a new conversation with its first `items` (each with its `id`)."""
+        ...
+
+    async def conversation_get(self, conversation_id: str, tenant: str) -> dict[str, Any] | None:
+        """The conversation object; None if unknown (or another tenant's)."""
+        ...
+
+    async def conversation_update(
+        self, conversation_id: str, tenant: str, metadata: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """Replace its metadata; the conversation as updated, or None if unknown."""
+        ...
+
+    async def conversation_delete(self, conversation_id: str, tenant: str) -> bool:
+        """Delete a conversation and its items. False: unknown. A turn still running on
+        it then adds nothing when it ends."""
+        ...
+
+    async def conversation_add(
+        self, conversation_id: str, tenant: str, items: list[dict[str, Any]]
+    ) -> bool:
+        """Append `items` (each with its `id`) in one commit. False: unknown conversation.
+
+        :raises ConversationLocked: a turn of it is in progress."""
+        ...
+
+    async def conversation_state(
+        self, conversation_id: str, tenant: str
+    ) -> ConversationState | None:
+        """All its items (in order), its version and turn in progress, read at once.
+        None: unknown conversation."""
+        ...
+
+    async def conversation_items(
+        self,
+        conversation_id: str,
+        tenant: str,
+        after: str | None = None,
+        limit: int | None = None,
+        descending: bool = False,
+    ) -> list[dict[str, Any]] | None:
+        """Its items in order (newest first if `descending`), after the item `after`
+        (in that order), at most `limit`. None: unknown conversation.
+
+        :raises UnknownItem: `after` is not one of its items."""
+        ...
+
+    async def conversation_item(
+        self, conversation_id: str, tenant: str, item_id: str
+    ) -> dict[str, Any] | None:
+        """One item; None if it, or the conversation, is unknown."""
+        ...
+
+    async def conversation_remove(self, conversation_id: str, tenant: str, item_id: str) -> bool:
+        """Delete one item. False: it, or the conversation, is unknown.
+
+        :raises ConversationLocked: a turn of it is in progress."""
+        ...
+
+
+class Store(Lifespan, Transitions, EventLog, Leases, Maintenance, Conversations, Protocol):
     """A store: what a server opens, and what its lifecycle uses (every part above)."""
+
+    webhooks: Webhooks  # endpoints and the webhook outbox (`store/hooks.py`)

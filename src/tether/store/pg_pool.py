@@ -49,14 +49,16 @@ class Database:
         assert self._pool is not None, "store is not open"
         return self._pool
 
-    async def open(self, migrate: Callable[[asyncpg.Connection], Awaitable[None]]) -> None:
-        """Migrate the schema on a connection of its own, then open the pool."""
+    async def open(self, migrate: Callable[[asyncpg.Connection], Awaitable[None]] | None) -> None:
+        """Migrate the schema on a connection of its own, then open the pool. No
+        `migrate` (a read replica): the pool connects when it is first used."""
         try:
-            con = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
-            try:
-                await asyncio.wait_for(migrate(con), 60)  # waits for another process's
-            finally:
-                con.terminate()  # no goodbye: a hung server must not hang the open
+            if migrate is not None:
+                con = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+                try:
+                    await asyncio.wait_for(migrate(con), 60)  # waits for another process's
+                finally:
+                    con.terminate()  # no goodbye: a hung server must not hang the open
             self._pool = await asyncpg.create_pool(
                 self.url,
                 min_size=0,

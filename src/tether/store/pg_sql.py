@@ -14,6 +14,7 @@ import asyncpg
 
 from tether.store.base import LEDGER_UPSERT, LogEntry
 from tether.store.common import LIVE, Pending, pack
+from tether.store.pg_hooks import OUTBOX
 
 # One round trip for a whole flush. A response's row matches only if the batch's run
 # token is current, the response live, and its `last_seq` the one the batch follows.
@@ -27,10 +28,11 @@ WITH b AS (
                            input_tokens = COALESCE(b.input_tokens, r.input_tokens)
     FROM b
     WHERE r.id = b.id AND r.run_token = b.token AND r.{LIVE} AND r.last_seq = b.first_seq - 1
-    RETURNING r.id
+    RETURNING r.id, r.created_at
 ), i AS (
-    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
-    SELECT b.id, b.first_seq, b.last_seq, b.types, b.tokens, b.data FROM b JOIN u ON u.id = b.id
+    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data, created_at)
+    SELECT b.id, b.first_seq, b.last_seq, b.types, b.tokens, b.data, u.created_at
+    FROM b JOIN u ON u.id = b.id
     WHERE b.last_seq >= b.first_seq
 )
 SELECT id FROM u
@@ -42,12 +44,12 @@ TRANSITION = f"""
 WITH u AS (
     UPDATE responses SET {{set}}, last_seq = $3, output_tokens = output_tokens + $4
     WHERE id = $1 AND last_seq = $2 AND {LIVE} AND {{guard}}
-    RETURNING id, tenant, key_id
+    RETURNING id, tenant, key_id, created_at
 ), s AS (
     UPDATE response_bodies SET snapshot = $5 FROM u WHERE response_bodies.id = u.id
 ), i AS (
-    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
-    SELECT u.id, $2 + 1, $3, $6, $4, $7 FROM u WHERE $3 > $2
+    INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data, created_at)
+    SELECT u.id, $2 + 1, $3, $6, $4, $7, u.created_at FROM u WHERE $3 > $2
 ){{ledger}}
 SELECT count(*) FROM u
 """
@@ -57,7 +59,8 @@ CLAIM = TRANSITION.format(
     ledger="",
 )
 # The terminal transition also counts the response in the usage ledger ($11 model,
-# $12 input, $13 output and $14 reasoning tokens), in the same statement: exactly once.
+# $12 input, $13 output and $14 reasoning tokens), in the same statement: exactly once;
+# and puts its webhooks in the outbox ($15: a background response), in that statement too.
 FINISH = TRANSITION.format(
     set="status = $8::text, finished_at = $9, lease_until = 0",
     guard="run_token IS NOT DISTINCT FROM $10",
@@ -66,7 +69,7 @@ FINISH = TRANSITION.format(
                               output_tokens, reasoning_tokens)
     SELECT u.tenant, u.key_id, $11, $8::text, 1, $12, $13, $14 FROM u
     {LEDGER_UPSERT}
-)""",
+){OUTBOX}""",
 )
 
 CREATE = """
@@ -77,8 +80,30 @@ WITH r AS (
 ), b AS (
     INSERT INTO response_bodies VALUES ($1, $9, $10, $11)
 )
-INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data)
-SELECT $1, 0, $6, $12, 0, $13 WHERE $6 >= 0
+INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data, created_at)
+SELECT $1, 0, $6, $12, 0, $13, $8 WHERE $6 >= 0
+"""
+
+# A log's events after $2, from the partition of its response's creation time (`events` is
+# partitioned by it: `pg_partitions.py`), or of 0 (`events_legacy`, rows from before
+# migration 0006): the others are pruned when the statement runs, so a replay is one range
+# scan of a partition's primary key (two while `events_legacy` exists).
+READ = """
+SELECT first_seq, types, data FROM events
+WHERE response_id = $1 AND last_seq > $2
+  AND created_at = ANY(ARRAY[0, (SELECT created_at FROM responses WHERE id = $1)])
+ORDER BY first_seq
+"""
+# The same from a read replica, after a row (-1) only if the response is terminal there
+# (`pg_replica.py`): one statement, so status and events come from one snapshot.
+READ_FINISHED = f"""
+SELECT -1 AS first_seq, NULL AS types, NULL AS data FROM responses
+WHERE id = $1 AND NOT {LIVE}
+UNION ALL
+SELECT first_seq, types, data FROM events
+WHERE response_id = $1 AND last_seq > $2
+  AND created_at = ANY(ARRAY[0, (SELECT created_at FROM responses WHERE id = $1)])
+ORDER BY first_seq
 """
 
 

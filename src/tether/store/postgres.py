@@ -27,26 +27,31 @@ from typing import Any
 import asyncpg
 import orjson
 
+from tether.store import pg_partitions
 from tether.store import pg_sql as sql
 from tether.store.base import (
     IdempotencyConflict,
     LogEntry,
     Record,
-    StoreUnavailable,
     ledger_row,
     ledger_values,
 )
 from tether.store.common import LIVE, SELECT, USAGE, USAGE_ORDER, numbered, pack, to_record, unpack
+from tether.store.conversations import turn_of
+from tether.store.hooks import Webhooks
 from tether.store.livelog import LiveLog
 from tether.store.logcache import DEFAULT_BUDGET
 from tether.store.owners import OwnerLocks
 from tether.store.pg_append import RETRYABLE, Appends
+from tether.store.pg_conversations import PostgresConversations, finish_turn
+from tether.store.pg_hooks import PgHooks
 from tether.store.pg_pool import Database
+from tether.store.pg_replica import Replica
 
 log = logging.getLogger("tether.store")
 
 
-class PostgresStore:
+class PostgresStore(PostgresConversations):
     def __init__(
         self,
         url: str,
@@ -54,14 +59,22 @@ class PostgresStore:
         prefix: str = "tether",
         pool_size: int = 10,
         cache_bytes: int = DEFAULT_BUDGET,
+        read_url: str | None = None,
     ) -> None:
         self.db = Database(url, pool_size)
+        # `--db-read`: a streaming replica that replays finished logs (`pg_replica.py`).
+        self.replica = Replica(read_url, pool_size) if read_url else None
         self.live = LiveLog(redis_url, prefix, cache_bytes)
         self.appends = Appends(self.db, self.live)
         self._seqs = self.appends.seqs  # response -> (run token, last seq it wrote)
+        self.webhooks: Webhooks = PgHooks(self.db)  # endpoints and the outbox
 
     async def open(self) -> None:
         await self.db.open(sql.migrate)
+        async with self.db.conn() as con:  # before any create: its events need one
+            await pg_partitions.ahead(con, time.time())
+        if self.replica is not None:
+            await self.replica.open()
         await self.live.open()
         self.appends.start()
 
@@ -69,6 +82,8 @@ class PostgresStore:
         await self.appends.stop()
         await self.live.close()
         await self.db.close()
+        if self.replica is not None:
+            await self.replica.close()
 
     # --- writes ------------------------------------------------------------------------
 
@@ -77,9 +92,30 @@ class PostgresStore:
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         entries = numbered(0, events)
-        last = len(events) - 1
+        created = time.time()
+        try:
+            return await self._create(record, entries, idempotency, created, turn)
+        except asyncpg.CheckViolationError as exc:
+            # No partition for this creation time (a clock far ahead of the partitions
+            # made ahead; `pg_partitions.py`): make it, and create once more.
+            if "no partition" not in str(exc):
+                raise
+            async with self.db.conn() as con:
+                await pg_partitions.cover(con, created, created + 1)
+            return await self._create(record, entries, idempotency, created, turn)
+
+    async def _create(
+        self,
+        record: Record,
+        entries: list[LogEntry],
+        idempotency: tuple[str, str] | None,
+        created: float,
+        turn: tuple[str, int] | None,
+    ) -> tuple[Record, bool]:
+        last = len(entries) - 1
         async with self.db.conn(transaction=True) as con:
             if idempotency is not None:
                 key, body_hash = idempotency
@@ -114,6 +150,8 @@ class PostgresStore:
                         record.id,
                         time.time(),
                     )
+            if turn is not None:
+                await self.begin_turn(con, record.id, record.tenant, turn)
             await con.execute(
                 sql.CREATE,
                 record.id,
@@ -123,7 +161,7 @@ class PostgresStore:
                 record.lease_until,
                 last,
                 bool(record.snapshot.get("store", True)),
-                time.time(),
+                created,
                 orjson.dumps(record.snapshot),
                 orjson.dumps(record.run),
                 orjson.dumps(record.input_items),
@@ -190,20 +228,28 @@ class PostgresStore:
             # Some of this run's events never reached the log? It must not end as if they
             # had. Whoever ends it next (cancel, lease reaper) ends it from the log.
             self.appends.check(response_id, run_token)
-        done = await self._transition(
-            sql.FINISH,
-            response_id,
+        statement = sql.FINISH
+        values: tuple[Any, ...] = (
+            status,
+            time.time(),
             run_token,
-            snapshot,
-            events,
-            tokens,
-            (status, time.time(), run_token, *ledger_values(snapshot)),
+            *ledger_values(snapshot),
+            bool(snapshot.get("background")),  # webhooks: background responses only
+        )
+        cid = turn_of(snapshot)
+        if cid is not None:  # a conversation's turn: its items, in the same statement
+            statement = finish_turn(8 + len(values))
+            values += await self.turn_values(response_id, cid, snapshot, status)
+        done = await self._transition(
+            statement, response_id, run_token, snapshot, events, tokens, values
         )
         if done is None:
             return False
         _, entries = done
         self._seqs.pop(response_id, None)
         self.live.committed(response_id, entries, terminal=True)
+        if snapshot.get("background"):  # maybe with deliveries: no need to wait for a poll
+            self.webhooks.wake()
         return True
 
     async def _transition(
@@ -277,16 +323,11 @@ class PostgresStore:
         return await self.live.read(response_id, after, upto, self._read_durable)
 
     async def _read_durable(self, response_id: str, after: int) -> list[LogEntry]:
-        return unpack(
-            await self.db.query(
-                "fetch",
-                "SELECT first_seq, types, data FROM events "
-                "WHERE response_id = $1 AND last_seq > $2 ORDER BY first_seq",
-                response_id,
-                after,
-            ),
-            after,
-        )
+        if self.replica is not None:
+            entries = await self.replica.read_finished(response_id, after)
+            if entries is not None:
+                return entries
+        return unpack(await self.db.query("fetch", sql.READ, response_id, after), after)
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         await self.live.wait(response_id, after, timeout)
@@ -302,14 +343,20 @@ class PostgresStore:
 
     async def delete(self, response_id: str, tenant: str) -> bool:
         async with self.db.conn(transaction=True) as con:
-            deleted = await con.fetchval(
-                "DELETE FROM responses WHERE id = $1 AND tenant = $2 RETURNING 1",
+            created = await con.fetchval(
+                "DELETE FROM responses WHERE id = $1 AND tenant = $2 RETURNING created_at",
                 response_id,
                 tenant,
             )
+            deleted = created is not None
             if deleted:
                 await con.execute("DELETE FROM response_bodies WHERE id = $1", response_id)
-                await con.execute("DELETE FROM events WHERE response_id = $1", response_id)
+                await con.execute(  # in its partition only (`pg_sql.READ`)
+                    "DELETE FROM events WHERE response_id = $1 "
+                    "AND created_at = ANY(ARRAY[0, $2::double precision])",
+                    response_id,
+                    created,
+                )
                 await con.execute(
                     "DELETE FROM idempotency_keys WHERE response_id = $1", response_id
                 )
@@ -373,12 +420,12 @@ class PostgresStore:
         return None  # processes on many machines: only the lease clock tells who is gone
 
     async def purge(self, before: float) -> int:
+        """Logs go with their partition, dropped whole once every response created in its
+        range is past the retention (`pg_partitions.py`): no DELETE of events. The rows of
+        responses that were not stored go as they did."""
+        now = time.time()
+        await self.maintain_partitions(now, before, pg_partitions.width_for(now - before))
         async with self.db.conn(transaction=True) as con:
-            deleted = await con.execute(
-                "DELETE FROM events WHERE response_id IN "
-                "(SELECT id FROM responses WHERE finished_at < $1)",
-                before,
-            )
             gone = await con.fetch(
                 "DELETE FROM responses WHERE NOT stored AND finished_at < $1 RETURNING id", before
             )
@@ -386,20 +433,18 @@ class PostgresStore:
             if ids:
                 await con.execute("DELETE FROM response_bodies WHERE id = ANY($1)", ids)
                 await con.execute("DELETE FROM idempotency_keys WHERE response_id = ANY($1)", ids)
-        if deleted != "DELETE 0":
-            await self._reclaim()
         return len(ids)
 
-    async def _reclaim(self) -> None:
-        """Make the purged events' space reusable when nothing else will: the events
-        table is the one that churns (every response's log, deleted after `retention`),
-        and with the server's autovacuum off it would grow without bound (bench/soak.py
-        --scaled measured +22 MB a minute). With autovacuum on, it is left to it."""
-        try:
-            async with self.db.conn() as con:
-                if await con.fetchval("SHOW autovacuum") != "on":
-                    # Not in a transaction (VACUUM refuses one); another process's
-                    # vacuum of the table already does the work.
-                    await con.execute("VACUUM (SKIP_LOCKED) events")
-        except StoreUnavailable as exc:
-            log.warning("vacuuming purged events failed (retried after the next purge): %s", exc)
+    async def maintain_partitions(
+        self, now: float, before: float, width: float = pg_partitions.WIDTH
+    ) -> list[str]:
+        """The event partitions' maintenance: those `AHEAD` of `now` made (`width` wide:
+        `purge` makes them wider for a long retention), those past the retention
+        (`before`) dropped (their names). A drop that does not finish in time (a long
+        query still sees the partition) is finished by the next one."""
+        async with self.db.conn() as con:
+            await pg_partitions.ahead(con, now, width)
+            dropped = await pg_partitions.drop(con, now, before)
+        if dropped:
+            log.info("dropped event partitions past the retention: %s", ", ".join(dropped))
+        return dropped

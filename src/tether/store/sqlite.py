@@ -47,8 +47,11 @@ from tether.store.common import (
     to_record,
     unpack,
 )
+from tether.store.hooks import SQLITE_OUTBOX, Webhooks
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
 from tether.store.owners import OwnerLocks
+from tether.store.sqlite_conversations import SQLiteConversations, begin_turn, end_turn
+from tether.store.sqlite_hooks import SQLiteHooks
 from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
@@ -70,7 +73,7 @@ def migrate(path: str) -> None:
     command.upgrade(config, "head")
 
 
-class SQLiteStore:
+class SQLiteStore(SQLiteConversations):
     def __init__(self, path: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -82,6 +85,7 @@ class SQLiteStore:
         # Runs (response -> run token) an append of which could not be written, and why.
         self._lost: dict[str, tuple[str, BaseException]] = {}
         self._appends = Trouble("appending to the event log")
+        self.webhooks: Webhooks = SQLiteHooks(lambda: self.db)  # endpoints and the outbox
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -121,6 +125,7 @@ class SQLiteStore:
         record: Record,
         events: list[dict[str, Any]],
         idempotency: tuple[str, str] | None = None,
+        turn: tuple[str, int] | None = None,
     ) -> tuple[Record, bool]:
         db = self.db
         with _transaction(db):
@@ -145,6 +150,8 @@ class SQLiteStore:
                     "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
                     (record.tenant, key, body_hash, record.id, time.time()),
                 )
+            if turn is not None:
+                begin_turn(db, record.id, record.tenant, turn)
             db.execute(
                 "INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, "
                 "stored, created_at, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -248,6 +255,7 @@ class SQLiteStore:
             events,
             tokens,
             ledger=(status, *ledger_values(snapshot)),
+            webhooks=bool(snapshot.get("background")),  # OpenAI's: background responses
         )
         if won:
             self._lost.pop(response_id, None)
@@ -272,11 +280,15 @@ class SQLiteStore:
         events: list[dict[str, Any]],
         tokens: int = 0,
         ledger: tuple[str, str, int, int, int] | None = None,
+        webhooks: bool = False,
     ) -> bool:
         """Compare-and-set on a live response, appending `events` in the same commit;
         a terminal one (`ledger`: status, model, input, output and reasoning tokens) also
-        counts in the usage ledger in that commit."""
+        counts in the usage ledger in that commit, adds a conversation turn's items, and
+        (`webhooks`) puts a delivery for each subscribed endpoint in the outbox, in that
+        commit too (`store/hooks.py`)."""
         db = self.db
+        outboxed = 0  # deliveries put in the outbox
         with _transaction(db):
             row = db.execute(
                 f"UPDATE responses SET {assignments}, last_seq = last_seq + ? "
@@ -298,9 +310,15 @@ class SQLiteStore:
                     f"FROM responses WHERE id = ? {LEDGER_UPSERT}",
                     (model, status, inp, out, reasoning, response_id),
                 )
+                end_turn(db, response_id, status, snapshot)  # a conversation's turn
+                if webhooks:
+                    cur = db.execute(SQLITE_OUTBOX, (status, time.time(), response_id))
+                    outboxed = cur.rowcount
             first = row[0] - len(events) + 1
             entries = self._insert(response_id, first, events, tokens)
         self._publish(response_id, entries)
+        if outboxed:
+            self.webhooks.wake()  # committed: the sender need not wait for its poll
         return True
 
     def _flush(self) -> None:

@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const STORE = { key: "tether.apiKey", model: "tether.model", recent: "tether.recent",
-                live: "tether.live" };
+                live: "tether.live", conversation: "tether.conversation" };
 const RECENT_MAX = 20;
 const TERMINAL_EVENTS = new Set(["response.completed", "response.incomplete", "response.failed"]);
 const TERMINAL = new Set(["completed", "incomplete", "failed", "cancelled"]);
@@ -134,6 +134,7 @@ function finish() {
   clearTimeout(saveTimer);
   sessionStorage.removeItem(STORE.live);
   refreshRecent();
+  loadConversation();  // the turn's items were added with its terminal event
 }
 
 function addRow(seq, type, ms, gap) {
@@ -262,6 +263,7 @@ async function drive(task, owns) {
     run = null;
     setRunning(false);
     refreshRecent();
+    loadConversation();
   }
 }
 
@@ -273,6 +275,8 @@ async function start(event) {
                     background: $("background").checked };
   const max = parseInt($("max-tokens").value, 10);
   if (max > 0) request.max_output_tokens = max;
+  const conversation = $("conversation").value.trim();
+  if (conversation) request.conversation = conversation;
   localStorage.setItem(STORE.model, model);
   sessionStorage.removeItem(STORE.live);
   view = newView({ background: request.background, stream: request.stream, status: "starting" });
@@ -448,6 +452,52 @@ function button(kind, label, onClick, disabled) {
   return b;
 }
 
+// --- the conversation (issue 18) ---------------------------------------------------------------
+
+async function newConversation() {
+  try {
+    const conversation = await json("/v1/conversations", { method: "POST", body: {} });
+    $("conversation").value = conversation.id;
+    conversationChanged();
+  } catch (err) {
+    showError(`Conversation: ${err.message}`);
+  }
+}
+
+function conversationChanged() {
+  localStorage.setItem(STORE.conversation, $("conversation").value.trim());
+  showError("");
+  loadConversation();
+}
+
+// Its items, oldest first (at most the last 100).
+async function loadConversation() {
+  const id = $("conversation").value.trim();
+  $("conversation-panel").hidden = !id;
+  if (!id) return;
+  try {
+    const path = `/v1/conversations/${encodeURIComponent(id)}/items?order=desc&limit=100`;
+    const { data, has_more: more } = await json(path);
+    data.reverse();
+    $("conversation-items").replaceChildren(...data.map(itemRow));
+    $("conversation-count").textContent = `· ${data.length}${more ? "+" : ""} item${data.length === 1 ? "" : "s"}`;
+  } catch (err) {
+    $("conversation-items").replaceChildren();
+    $("conversation-count").textContent = `· ${err.message}`;
+  }
+}
+
+function itemRow(item) {
+  const li = document.createElement("li");
+  li.dataset.id = item.id;
+  li.dataset.status = item.status || "";
+  const who = item.type === "message" ? item.role : item.type;
+  const text = (item.content || []).map((part) => part.text || "").join("");
+  li.append(span("role", who), text);
+  if (item.status === "incomplete") li.append(span("incomplete", "(incomplete)"));
+  return li;
+}
+
 // --- start-up ---------------------------------------------------------------------------------
 
 async function loadModels() {
@@ -473,9 +523,13 @@ function init() {
   $("form").addEventListener("submit", start);
   $("stop").addEventListener("click", stop);
   $("recent-refresh").addEventListener("click", refreshRecent);
+  $("conversation").value = localStorage.getItem(STORE.conversation) || "";
+  $("conversation").addEventListener("change", conversationChanged);
+  $("conversation-new").addEventListener("click", newConversation);
   window.addEventListener("pagehide", save);
   loadModels();
   refreshRecent();
+  loadConversation();
   const saved = JSON.parse(sessionStorage.getItem(STORE.live) || "null");
   if (saved && saved.id && !saved.terminal) {
     // A reload while a background stream ran: show what we had, continue after it.
