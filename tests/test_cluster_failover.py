@@ -30,7 +30,7 @@ from invariants import Seen, check_response
 from services import postgres_url
 
 STREAMS = 50
-LENGTH = 200  # tokens of each response, 20 a second: the kill comes mid-run
+LENGTH = 150  # tokens of each response, 10 a second: the kill comes mid-run
 
 
 def test_a_master_fails_during_50_live_streams_and_every_reader_ends_whole(
@@ -47,7 +47,7 @@ def test_a_master_fails_during_50_live_streams_and_every_reader_ends_whole(
                 redis.url,
                 prefix,
                 args=(
-                    *("--scripted-rate", "20", "--scripted-length", str(LENGTH)),
+                    *("--scripted-rate", "10", "--scripted-length", str(LENGTH)),
                     *("--log-level", "info"),  # (to see the subscriptions come back)
                 ),
                 worker_args=("--workers", str(STREAMS)),
@@ -79,8 +79,10 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
     victim = redis.node_of(f"{prefix}:log:{{{ids[0]}}}")
     doomed = [rid for rid in ids if redis.node_of(f"x{{{rid}}}") is victim]
     print(f"killing master :{victim.port}, which holds {len(doomed)} of {STREAMS} live logs")
-    with a.client() as client:  # the first created is still running: so are all
-        assert client.responses.retrieve(ids[0]).status == "in_progress"
+    with a.client() as client:  # most are still running (creating 50 takes a while here)
+        running = [r for r in ids if client.responses.retrieve(r).status == "in_progress"]
+    assert len(running) >= STREAMS // 2, len(running)
+    print(f"{len(running)} of {STREAMS} responses running at the kill")
     redis.kill(victim)
     killed_at = time.monotonic()
 
