@@ -113,13 +113,32 @@ def prefix() -> str:
 
 
 async def delete_prefix(url: str, key_prefix: str) -> None:
-    """Remove every key under `key_prefix:` (a test's cleanup)."""
-    import redis.asyncio as aioredis
+    """Remove every key under `key_prefix:` (a test's cleanup); on a cluster, on every
+    master, including the shards' keys (`{key_prefix:qN}:...`)."""
+    from tether import redisconn
 
-    client = aioredis.Redis.from_url(url, socket_timeout=5)
+    client = redisconn.connect(redisconn.parse(url), socket_timeout=5)
     try:
-        keys = [k async for k in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
+        for match in (f"{key_prefix}:*", f"{{{key_prefix}:q*"):
+            keys = [k async for k in client.scan_iter(match=match, count=1000)]
+            for key in keys:  # one by one: on a cluster, keys of one call share a slot
+                await client.delete(key)
     finally:
         await client.aclose()
+
+
+# The kinds of Redis the scale-out tests run on: `one` server (the shared one) and
+# `cluster` (a private 3-master Redis Cluster, `redis_cluster.shared_cluster`).
+REDIS_KINDS = ("one", "cluster")
+
+
+def redis_of(kind: str) -> str:
+    """The URL of a kind of `REDIS_KINDS`."""
+    if kind == "one":
+        return redis_url()
+    from redis_cluster import shared_cluster
+
+    try:
+        return shared_cluster().url
+    except Exception as exc:
+        missing("a private Redis Cluster (redis-server, redis-cli)", exc)

@@ -1,4 +1,5 @@
-"""The run queue and cancel signals between processes (`RedisDispatch`), on the real Redis.
+"""The run queue and cancel signals between processes (`RedisDispatch`), on the real Redis:
+one server, and a Redis Cluster of 3 masters (the queue in shards).
 
 Two dispatch objects stand for two processes; each has its own Redis connections."""
 
@@ -10,17 +11,24 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tether import redisconn
 from tether.dispatch import LocalDispatch, RedisDispatch
 from tether.store.base import StoreUnavailable
 
-from services import redis_url
+from services import REDIS_KINDS, delete_prefix, redis_of
 
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=REDIS_KINDS)
+def url(request: pytest.FixtureRequest) -> str:
+    return redis_of(request.param)
+
+
 @pytest.fixture
-async def pair() -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str], list[str]]]:
-    url = redis_url()
+async def pair(
+    url: str,
+) -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str], list[str]]]:
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     cancels: tuple[list[str], list[str]] = ([], [])
     a = RedisDispatch(url, prefix, "a")
@@ -28,11 +36,7 @@ async def pair() -> AsyncIterator[tuple[RedisDispatch, RedisDispatch, list[str],
     await a.open(cancels[0].append)
     await b.open(cancels[1].append)
     yield a, b, *cancels
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(url)
-    await r.delete(f"{prefix}:runs")
-    await r.aclose()
+    await delete_prefix(url, prefix)
     await a.close()
     await b.close()
 
@@ -75,15 +79,14 @@ async def test_a_cancel_signal_reaches_the_other_process(pair) -> None:  # type:
     assert "resp_x" in seen_b
 
 
-async def test_the_queue_comes_back_after_redis_loses_it(pair) -> None:  # type: ignore[no-untyped-def]
-    # A Redis restart loses the stream and its group; taking makes them again.
+async def test_the_queue_comes_back_after_redis_loses_it(pair, url: str) -> None:  # type: ignore[no-untyped-def]
+    # A Redis restart loses the streams and their groups; taking makes them again.
     a, b, _, _ = pair
     await a.submit("resp_1", "t")
     assert await asyncio.wait_for(b.take(), 10) == ("resp_1", "t")
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_url())
-    await r.delete(a._runs)
+    r = redisconn.connect(redisconn.parse(url))
+    for k in range(a._layout.shards):
+        await r.delete(a._layout.runs(k))
     await r.aclose()
     taking = asyncio.create_task(b.take())
     await a.submit("resp_2", "t")
@@ -111,10 +114,10 @@ async def test_local_dispatch_is_a_queue_and_a_call() -> None:
 
 
 async def test_a_failing_listener_is_logged_when_it_fails_and_close_still_closes(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, url: str
 ) -> None:
     # open() and close() from different tasks, as the lifecycle may call them.
-    d = RedisDispatch(redis_url(), f"test-{uuid.uuid4().hex[:8]}", "c")
+    d = RedisDispatch(url, f"test-{uuid.uuid4().hex[:8]}", "c")
     failed = asyncio.Event()
 
     def on_cancel(rid: str) -> None:
@@ -136,3 +139,48 @@ async def test_a_failing_listener_is_logged_when_it_fails_and_close_still_closes
     assert "bug handling resp_x" in caplog.text
     await asyncio.wait_for(asyncio.create_task(d.close()), 10)  # raises nothing of it
     assert d._listener is None
+
+
+async def test_cluster_shards_spread_over_the_masters_and_a_response_keeps_one_slot() -> None:
+    from redis.crc import key_slot
+
+    from redis_cluster import shared_cluster
+
+    cluster = shared_cluster()
+    layout = redisconn.Layout("tether", redisconn.parse(cluster.url))
+    assert layout.shards == redisconn.DEFAULT_SHARDS
+    owners = [cluster.node_of(layout.runs(k)).port for k in range(layout.shards)]
+    # 8 shards over 3 even slot ranges: 3, 3 and 2 (never all on one master).
+    assert sorted(owners.count(p) for p in set(owners)) == [2, 3, 3]
+    for k in range(layout.shards):  # a shard's keys and channels share its slot
+        names = [layout.runs(k), layout.later(k), layout.cancel(k), layout.ring(k), layout.wake(k)]
+        assert len({key_slot(n.encode()) for n in names}) == 1
+    assert key_slot(layout.log("resp_abc").encode()) == key_slot(b"resp_abc")
+    single = redisconn.Layout("tether", redisconn.parse("redis://127.0.0.1:6379/0"))
+    # One server keeps the names tether always used.
+    assert (single.shards, single.runs(0), single.log("resp_1")) == (
+        1,
+        "tether:runs",
+        "tether:log:resp_1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis+cluster://", "host:port"),
+        ("redis+cluster://a:1,b", "host:port"),
+        ("redis+cluster://a:1/3", "database 0"),
+        ("redis+cluster://a:1?shards=0", "shards=N"),
+        ("redis+cluster://a:1?bogus=1", "shards=N"),
+    ],
+)
+def test_bad_cluster_urls_say_what_is_wrong(url: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        redisconn.parse(url)
+
+
+def test_cluster_url_parts() -> None:
+    t = redisconn.parse("rediss+cluster://u:p%40ss@h1:7000,[::1]:7001/?shards=4")
+    assert t.cluster and t.nodes == (("h1", 7000), ("::1", 7001)) and t.shards == 4
+    assert t.options == {"ssl": True, "username": "u", "password": "p@ss"}

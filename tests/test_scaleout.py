@@ -3,6 +3,9 @@
 The end-to-end tests of test_lifecycle.py run here unchanged, against two API replicas
 behind a round-robin client and two workers; then the failures only a cluster has:
 a worker killed or paused mid-run, Redis or PostgreSQL restarting under load.
+
+Every test runs twice (issue 21): on one Redis server (`one`) and on a Redis Cluster of 3
+masters (`cluster`: `redis+cluster://`, the queue, cancels and wake-ups in shards).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import httpx
 import openai
 import pytest
 
+from redis_cluster import PrivateRedisCluster
 from test_lifecycle import (  # noqa: F401  (collected again here, against the cluster)
     test_every_reader_gets_the_terminal_event,
     test_motivating_scenario_background_stream_cancel,
@@ -28,7 +32,7 @@ from test_lifecycle import (  # noqa: F401  (collected again here, against the c
 
 from cluster import Cluster, PrivatePostgres, PrivateRedis
 from conftest import raw_events, read_deltas, wait_for
-from services import postgres_url, redis_url
+from services import REDIS_KINDS, postgres_url, redis_of
 
 LEASE = 2.0  # seconds: short, so lost runs end quickly in these tests
 
@@ -39,10 +43,33 @@ def make_cluster(tmp: Path, db: str, redis: str, **kwargs: Any) -> Cluster:
     return cluster
 
 
+@pytest.fixture(params=REDIS_KINDS)
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def private_redis(tmp_path: Path, redis_kind: str) -> Iterator[PrivateRedis | PrivateRedisCluster]:
+    """A Redis of the test's own (to stop and restart), of the kind under test."""
+    if redis_kind == "one":
+        one = PrivateRedis(tmp_path)
+        try:
+            yield one
+        finally:
+            one.stop()
+    else:
+        several = PrivateRedisCluster(tmp_path)
+        try:
+            yield several
+        finally:
+            several.cleanup()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, redis_kind: str) -> Iterator[Cluster]:
     with postgres_url() as db:
-        c = make_cluster(tmp_path, db, redis_url(), args=("--lease-timeout", str(LEASE)))
+        redis = redis_of(redis_kind)
+        c = make_cluster(tmp_path, db, redis, args=("--lease-timeout", str(LEASE)))
         try:
             yield c
         finally:
@@ -194,9 +221,11 @@ def test_paused_worker_cannot_append_after_losing_its_lease(cluster: Cluster) ->
     assert final.usage is not None and final.usage.output_tokens == deltas
 
 
-def test_requests_without_redis_get_503_not_a_hang(tmp_path: Path) -> None:
+def test_requests_without_redis_get_503_not_a_hang(
+    tmp_path: Path, private_redis: PrivateRedis | PrivateRedisCluster
+) -> None:
     # issue 5: a clear error during an outage
-    private = PrivateRedis(tmp_path)
+    private = private_redis
     private.start()
     with postgres_url() as db:
         c = make_cluster(tmp_path, db, private.url, apis=1, workers=1)
@@ -263,9 +292,12 @@ def _final_log(cluster: Cluster, rid: str) -> list[dict[str, Any]] | None:
     return log if log and log[-1]["type"].startswith("response.") else None
 
 
-def test_redis_restart_during_load_loses_nothing(tmp_path: Path) -> None:
-    # issue 5 acceptance: the streams live in Redis, the truth in PostgreSQL
-    private = PrivateRedis(tmp_path)
+def test_redis_restart_during_load_loses_nothing(
+    tmp_path: Path, private_redis: PrivateRedis | PrivateRedisCluster
+) -> None:
+    # issue 5 acceptance: the streams live in Redis, the truth in PostgreSQL (on a
+    # cluster: every node restarts, empty, and the cluster forms again from nodes.conf)
+    private = private_redis
     private.start()
     with postgres_url() as db:
         c = make_cluster(
@@ -289,7 +321,7 @@ def test_redis_restart_during_load_loses_nothing(tmp_path: Path) -> None:
             private.stop()
 
 
-def test_postgres_restart_during_load_loses_nothing(tmp_path: Path) -> None:
+def test_postgres_restart_during_load_loses_nothing(tmp_path: Path, redis_kind: str) -> None:
     # issue 5 acceptance: a database restart is an outage, not a loss. The batch of
     # events in flight when the database went away is resolved against the log once it
     # is back (written or not, never twice), and the runs go on.
@@ -299,7 +331,7 @@ def test_postgres_restart_during_load_loses_nothing(tmp_path: Path) -> None:
         c = make_cluster(
             tmp_path,
             private.url,
-            redis_url(),
+            redis_of(redis_kind),
             apis=2,
             workers=1,
             args=("--scripted-rate", "50", "--scripted-length", "150"),

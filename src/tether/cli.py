@@ -35,8 +35,9 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--redis",
-            help="redis://... : run queue, live streams and cancel "
-            "signals shared by replicas and workers.",
+            help="redis://... (one server) or redis+cluster://host:port,host:port,... "
+            "(a Redis Cluster): run queue, live streams and cancel signals shared by "
+            "replicas and workers.",
         ),
         click.option("--redis-prefix", help="Key prefix in Redis (default tether)."),
         click.option(

@@ -3,8 +3,9 @@ reaches the process running it.
 
 `LocalDispatch` is the default: one process holds both roles, so the queue is an
 `schedule.RunQueue` and a cancel signal is a function call. `RedisDispatch` joins API replicas
-and workers (`tether worker`) through Redis: a Redis Stream with one consumer group is the
-run queue, and a pub/sub channel carries cancel signals.
+and workers (`tether worker`) through Redis (one server or a cluster: `tether.redisconn`):
+Redis Streams with one consumer group each are the run queue, and pub/sub channels carry
+cancel signals and wake idle workers.
 
 Neither is a source of truth. The store decides who runs a response (`Store.claim` is a
 compare-and-set) and leases bring back what a queue loses (docs/contract.md §6.2): a response that
@@ -19,19 +20,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from tether import redisconn
 from tether.schedule import RunQueue
 from tether.store.base import StoreUnavailable
 
 log = logging.getLogger("tether.dispatch")
-# The earliest deferred entry whose deadline is at most ARGV[1], removed in the same
-# step (a script runs atomically: two workers never take the same entry).
-_TAKE_LATER = """
+# One take from one shard, in one step (a script runs atomically: two workers never take
+# the same entry): the deferred entry with the earliest deadline at most ARGV[1], removed;
+# else (if ARGV[4] is '1') the next stream entry for group ARGV[2], read without a pending
+# entry (NOACK: from here the store's claim and the lease count). `id tenant`, or false.
+_TAKE = """
 local first = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)[1]
-if first then redis.call('ZREM', KEYS[1], first) end
-return first
+if first then
+  redis.call('ZREM', KEYS[1], first)
+  return first
+end
+if ARGV[4] ~= '1' then return false end
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', 1, 'NOACK',
+  'STREAMS', KEYS[2], '>')
+if not reply then return false end
+local entry = reply[1][2][1]
+if not entry then return false end
+local fields, rid, tenant = entry[2], '', ''
+for i = 1, #fields, 2 do
+  if fields[i] == 'r' then rid = fields[i + 1] end
+  if fields[i] == 't' then tenant = fields[i + 1] end
+end
+return rid .. ' ' .. tenant
 """
 OnCancel = Callable[[str], None]
 
@@ -88,30 +106,41 @@ class LocalDispatch:
 
 
 class RedisDispatch:
-    """API replicas and workers joined by Redis.
+    """API replicas and workers joined by Redis, in `shards` (`redisconn.Layout`: 1 on one
+    server, 8 by default on a cluster, each on a hash slot of its own so no master carries
+    all of the queue).
 
-    Keys: `{prefix}:runs` (a stream; group `workers`; entries `r`=id, `t`=tenant), the
-    deferred class `{prefix}:later` (a sorted set of `id tenant` by `start_by`: a
-    member is taken once, by whoever removes it) and the channel `{prefix}:cancel`
-    (message = response id). A worker takes one entry per free
-    run slot and acknowledges it at once: from then on the store's claim and the lease
-    are what count, so nothing waits in a pending list for a worker that died.
+    Shard k has a stream `runs(k)` (group `workers`; entries `r`=id, `t`=tenant), the
+    deferred class `later(k)` (a sorted set of `id tenant` by `start_by`: a member is taken
+    once, by whoever removes it), and the channels `cancel(k)` (message = response id) and
+    `ring(k)` (a `soonest` entry was just added). A response goes to the shard of its id.
+    A worker takes one entry per free run slot: it sweeps the shards (from a rotating
+    start, so none starves), and when all are empty waits for a ring, at most a second,
+    before sweeping again (a ring lost in an outage costs that second). Any process hears
+    every cancel and ring (one connection per master).
     """
 
     remote = True
     GROUP = "workers"
+    WAIT = 1.0  # seconds an idle worker waits for a ring before sweeping every shard
 
     def __init__(self, url: str, prefix: str, consumer: str) -> None:
-        import redis.asyncio as aioredis
-
+        self._target = redisconn.parse(url)
+        self._layout = layout = redisconn.Layout(prefix, self._target)
         # Short timeouts: a request during a Redis outage gets a 503, never a hang.
-        self._redis = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self._runs = f"{prefix}:runs"
-        self._later = f"{prefix}:later"
-        self._channel = f"{prefix}:cancel"
+        self._timeouts: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        self._redis = redisconn.connect(self._target, **self._timeouts)
         self._consumer = consumer
         self._listener: asyncio.Task[None] | None = None
-        self._group_ready = False
+        self._closing = False
+        self._ready: set[int] = set()  # shards whose group this process has made
+        self._next = 0  # the shard a sweep starts from
+        self._rung: set[int] = set()
+        self._ring = asyncio.Event()
+        self._channels: dict[str, tuple[str, int]] = {}
+        for k in range(layout.shards):
+            self._channels[layout.cancel(k)] = ("cancel", k)
+            self._channels[layout.ring(k)] = ("ring", k)
 
     async def open(self, on_cancel: OnCancel) -> None:
         # A task owned by this object, not a task group: open() and close() may run in
@@ -123,6 +152,9 @@ class RedisDispatch:
 
     async def close(self) -> None:
         listener, self._listener = self._listener, None
+        # redis-py can swallow a cancellation (one landing in a connect attempt): the
+        # listener's loops also stop on `_closing`.
+        self._closing = True
         if listener is not None:
             listener.cancel()
             # asyncio.wait raises nothing of the listener's own: the only cancellation
@@ -131,77 +163,101 @@ class RedisDispatch:
         await self._redis.aclose()
 
     async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
-        from redis.exceptions import RedisError
-
+        layout = self._layout
+        k = layout.shard(response_id)
         try:
             if start_by is not None:
                 # A member once: queued again (lease recovery), it keeps one entry.
-                await self._redis.zadd(self._later, {f"{response_id} {tenant}": start_by})
+                await self._redis.zadd(layout.later(k), {f"{response_id} {tenant}": start_by})
                 return
-            await self._redis.xadd(
-                self._runs, {"r": response_id, "t": tenant}, maxlen=100_000, approximate=True
-            )
-        except (RedisError, OSError) as exc:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    layout.runs(k),
+                    {"r": response_id, "t": tenant},
+                    maxlen=100_000,
+                    approximate=True,
+                )
+                pipe.execute_command(layout.publish, layout.ring(k), str(k))
+                await pipe.execute()
+        except redisconn.ERRORS as exc:
             raise StoreUnavailable(f"run queue unreachable: {exc}") from exc
 
     async def take(self) -> tuple[str, str]:
-        from redis.exceptions import RedisError, ResponseError
-
+        every = range(self._layout.shards)
+        shards: Iterable[int] = every
         while True:
             try:
-                if not self._group_ready:
-                    await self._create_group()
-                due = await self._take_later(time.time())
-                if due is not None:
-                    return due  # a deferred response at its deadline goes first
-                reply: Any = await self._redis.xreadgroup(
-                    self.GROUP, self._consumer, {self._runs: ">"}, count=1, block=1000
+                self._rung.clear()  # rings heard from here on count
+                self._ring.clear()
+                got = await self._sweep(shards, time.time(), soonest=True)
+                if got is not None:
+                    return got
+                shards = await self._rang(self.WAIT)
+                if not shards:
+                    # No `soonest` work came for a second: a deferred response may run.
+                    got = await self._sweep(every, None, soonest=False)
+                    if got is not None:
+                        return got
+                    shards = every
+            except redisconn.ERRORS as exc:
+                log.warning("run queue unreachable (%s); retrying", exc)
+                self._ready.clear()
+                shards = every
+                await asyncio.sleep(0.5)
+
+    async def _sweep(
+        self, shards: Iterable[int], due: float | None, soonest: bool
+    ) -> tuple[str, str] | None:
+        """One take from the first of `shards` (from the rotating start) that has work:
+        a deferred entry due by `due` (any, if None), else (if `soonest`) a stream entry."""
+        from redis.exceptions import ResponseError
+
+        order = sorted(shards, key=lambda k: (k - self._next) % self._layout.shards)
+        self._next = (self._next + 1) % self._layout.shards
+        layout = self._layout
+        for k in order:
+            if soonest and k not in self._ready:
+                await self._create_group(k)
+            args = ("+inf" if due is None else repr(due), self.GROUP, self._consumer)
+            try:
+                popped: Any = await self._redis.eval(
+                    _TAKE, 2, layout.later(k), layout.runs(k), *args, "1" if soonest else "0"
                 )
-                for _, entries in reply or ():
-                    for entry_id, fields in entries:
-                        await self._redis.xack(self._runs, self.GROUP, entry_id)
-                        return fields[b"r"].decode(), fields[b"t"].decode()
-                # No `soonest` work came for a second: a deferred response may run.
-                spare = await self._take_later(None)
-                if spare is not None:
-                    return spare
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                self._group_ready = False  # Redis restarted empty: make the group again
-            except (RedisError, OSError) as exc:
-                log.warning("run queue unreachable (%s); retrying", exc)
-                self._group_ready = False
-                await asyncio.sleep(0.5)
+                self._ready.discard(k)  # Redis restarted empty: make the group again
+                continue
+            if popped:
+                rid, tenant = popped.decode().split(" ", 1)
+                return rid, tenant
+        return None
 
-    async def _take_later(self, due: float | None) -> tuple[str, str] | None:
-        """Remove and return the deferred entry with the earliest deadline (only if that
-        deadline is at or before `due`, when given); None if there is none."""
-        popped: Any = await self._redis.eval(
-            _TAKE_LATER, 1, self._later, "+inf" if due is None else repr(due)
-        )
-        if not popped:
-            return None
-        rid, tenant = popped.decode().split(" ", 1)
-        return rid, tenant
+    async def _rang(self, timeout: float) -> set[int]:
+        """The shards rung since the last sweep began, waiting up to `timeout` for one."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ring.wait(), timeout)
+        rung, self._rung = self._rung, set()
+        self._ring.clear()
+        return rung
 
-    async def _create_group(self) -> None:
+    async def _create_group(self, k: int) -> None:
         from redis.exceptions import ResponseError
 
         try:
             # From id 0: entries submitted before the group existed are runs too.
-            await self._redis.xgroup_create(self._runs, self.GROUP, id="0", mkstream=True)
+            await self._redis.xgroup_create(self._layout.runs(k), self.GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        self._group_ready = True
+        self._ready.add(k)
 
     async def cancel(self, response_id: str) -> None:
-        from redis.exceptions import RedisError
-
+        layout = self._layout
+        channel = layout.cancel(layout.shard(response_id))
         try:
-            await self._redis.publish(self._channel, response_id)
-        except (RedisError, OSError) as exc:
+            await self._redis.execute_command(layout.publish, channel, response_id)
+        except redisconn.ERRORS as exc:
             # The canceller fences the run out after its bound instead.
             log.warning("cancel signal for %s not sent: %s", response_id, exc)
 
@@ -219,20 +275,36 @@ class RedisDispatch:
             )
 
     async def _subscribed(self, on_cancel: OnCancel) -> None:
-        from redis.exceptions import RedisError
+        def heard(channel: str, data: bytes) -> None:
+            kind, k = self._channels.get(channel, ("", 0))
+            if kind == "cancel":
+                on_cancel(data.decode())
+            elif kind == "ring":
+                self._rung.add(k)
+                self._ring.set()
 
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        lost_at: float | None = None
+
+        def ready() -> None:
+            nonlocal lost_at
+            if lost_at is not None:
+                log.info("cancel channel back after %.1f s", time.monotonic() - lost_at)
+                lost_at = None
+
+        while not self._closing:
             try:
-                await pubsub.subscribe(self._channel)
-                while True:
-                    # A bounded wait: a read with no timeout would hit the socket timeout.
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        on_cancel(message["data"].decode())
-            except (RedisError, OSError) as exc:
-                log.warning("cancel channel lost (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await redisconn.subscribe(
+                    self._redis,
+                    self._target,
+                    list(self._channels),
+                    heard,
+                    ready,
+                    lambda: self._closing,
+                    self._timeouts,
+                )
+            except* (*redisconn.ERRORS, TimeoutError) as lost:
+                if lost_at is None:
+                    log.warning("cancel channel lost (%s); resubscribing", lost.exceptions[0])
+                    lost_at = time.monotonic()
+            await redisconn.refresh(self._redis)
+            await asyncio.sleep(0.5)

@@ -3,20 +3,25 @@
 PostgreSQL holds every event durably; this module only makes them fast to follow from any
 process. After each Postgres commit the writer calls `committed()`: the batch goes into
 the process's cache at once (local readers wake without a round trip) and, in the
-background, to Redis — one stream entry per batch at `{prefix}:log:{id}` (entry id
-`{last_seq}-1`, fields `f` first seq, `t` "\n"-joined types, `d` "\n"-joined JSON), then
-one `PUBLISH {prefix}:wake {"id": last_seq, ...}` per flush, all in one pipeline.
+background, to Redis — one stream entry per batch at `Layout.log(id)` (`{prefix}:log:{id}`;
+on a Redis Cluster the id is a hash tag, so a response's log lives on one master; entry id
+`{last_seq}-1`, fields `f` first seq, `t` "\n"-joined types, `d` "\n"-joined JSON), then one
+wake-up `{"id": last_seq, ...}` per flush and wake shard (`Layout.wake(k)`, the shard of each
+id: one channel on one server, `PUBLISH`; `shards` channels on a cluster, `SPUBLISH`, so no
+master carries every wake-up), all in one pipeline. Every process subscribes to every wake
+channel (`redisconn.subscribe`: one connection per master).
 
 Nothing here is needed for correctness, only for speed: a read that Redis cannot prove
 complete (stream missing, a gap, shorter than `upto`) is served from Postgres, and while
-Redis or the subscription is down, waits turn into polls. So a Redis restart or `FLUSHALL`
-costs latency, never an event.
+Redis or the subscription is down, waits turn into polls. So a Redis restart, `FLUSHALL`
+or the failover of a cluster master (whose replica may lack the last batches it
+acknowledged: a gap, or a stream shorter than the record) costs latency, never an event.
 
 The cache (`logcache.py`: per response, contiguous, bounded in bytes) lets N local
 readers of one response cost one Redis call per batch. A caught-up reader is answered
-"nothing new" without a call only while the cache is *trusted*: the subscription has been
-up without a break since the tail was last fetched (same `_epoch`), and no wake-up
-announced a later seq (`_known`).
+"nothing new" without a call only while the cache is *trusted*: the subscription (to every
+wake channel) has been up without a break since the tail was last fetched (same `_epoch`),
+and no wake-up announced a later seq (`_known`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
+from tether import redisconn
 from tether.store.base import LogEntry
 from tether.store.common import Waiters, start, stop
 from tether.store.logcache import DEFAULT_BUDGET, LogCache, Tail
@@ -45,8 +50,6 @@ LIVE_TTL = 3600  # seconds a live response's stream outlives its last append
 FINISHED_TTL = 300  # seconds a finished log stays in Redis (Postgres keeps it for retention)
 POLL = 0.25  # seconds between polls while wake-ups cannot be trusted
 DOWN_FOR = 1.0  # after a Redis error, seconds to go straight to Postgres
-PING_EVERY = 1.0  # idle subscription: ping so a silent (hung) Redis is noticed
-DEAD_AFTER = 3.0  # no reply on the subscription for this long: it is down
 CLOSE_WITHIN = 5.0  # seconds `close` waits for its tasks (a round of theirs: see `close`)
 
 Durable = Callable[[str, int], Awaitable[list[LogEntry]]]
@@ -56,12 +59,13 @@ class LiveLog:
     def __init__(self, url: str, prefix: str, cache_bytes: int = DEFAULT_BUDGET) -> None:
         self.url = url
         self.prefix = prefix
-        self.channel = f"{prefix}:wake"
+        self.target = redisconn.parse(url)
+        self.layout = redisconn.Layout(prefix, self.target)
+        self.channels = [self.layout.wake(k) for k in range(self.layout.shards)]
         # Short timeouts and no retries: a Redis problem must turn into a Postgres read
         # within a second or two, not into a stalled reader.
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
-        )
+        self._timeouts: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
+        self.redis = redisconn.connect(self.target, **self._timeouts, retry=Retry(NoBackoff(), 0))
         self.stats = {"redis_reads": 0, "durable_reads": 0, "cache_reads": 0, "published": 0}
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
         self.cache = LogCache(cache_bytes, on_evict=self._unknown)
@@ -80,7 +84,7 @@ class LiveLog:
         self._closing = False
 
     def key(self, response_id: str) -> str:
-        return f"{self.prefix}:log:{response_id}"
+        return self.layout.log(response_id)
 
     @property
     def healthy(self) -> bool:
@@ -146,7 +150,7 @@ class LiveLog:
         if not self._down():
             try:
                 await self.redis.delete(self.key(response_id))
-            except (RedisError, OSError):
+            except redisconn.ERRORS:
                 self._mark_down()
 
     # --- reads -----------------------------------------------------------------------
@@ -222,7 +226,7 @@ class LiveLog:
                 pipe.xrange(key, min=f"{after + 1}-0")
                 pipe.exists(key)
                 items, exists = await pipe.execute()
-        except (RedisError, OSError):
+        except redisconn.ERRORS:
             self._mark_down()
             return None
         if not exists:
@@ -304,39 +308,37 @@ class LiveLog:
             self._waiters.wake_all()
 
     async def _listen(self) -> None:
-        """One subscriber connection per process, on one channel for every response."""
+        """One subscription per process, to every wake channel (one connection per
+        master on a cluster)."""
+
+        lost_at: float | None = None
+
+        def ready() -> None:
+            self._set_healthy(True)
+            self._ready.set()
+            if lost_at is not None:
+                log.info("Redis subscription back after %.1f s", time.monotonic() - lost_at)
+
         while not self._closing:
-            pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                heard = time.monotonic()
-                pinged = heard
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=PING_EVERY)
-                    now = time.monotonic()
-                    if message is not None:
-                        heard = now
-                        kind = message["type"]
-                        if kind == "subscribe":
-                            self._set_healthy(True)
-                            self._ready.set()
-                        elif kind == "message":
-                            self._heard(message["data"])
-                    elif now - heard > DEAD_AFTER:
-                        raise TimeoutError("Redis subscription silent")
-                    if now - pinged > PING_EVERY and now - heard > PING_EVERY:
-                        await pubsub.ping()
-                        pinged = now
-            except (RedisError, OSError, TimeoutError) as exc:
+                await redisconn.subscribe(
+                    self.redis,
+                    self.target,
+                    self.channels,
+                    lambda _, data: self._heard(data),
+                    ready,
+                    lambda: self._closing,
+                    self._timeouts,
+                )
+            except* (*redisconn.ERRORS, TimeoutError) as lost:
                 if self._healthy:
-                    log.warning("Redis subscription lost (%s); polling", exc)
-                self._set_healthy(False)
-            finally:
-                try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
-                except (RedisError, OSError, TimeoutError) as exc:  # it is gone either way
-                    log.debug("closing the Redis subscription failed: %s", exc)
-            await asyncio.sleep(POLL)  # reconnect interval
+                    log.warning("Redis subscription lost (%s); polling", lost.exceptions[0])
+            if self._healthy:
+                lost_at = time.monotonic()
+            self._set_healthy(False)
+            if not self._closing:
+                await redisconn.refresh(self.redis)
+                await asyncio.sleep(POLL)  # reconnect interval
 
     async def _publish(self) -> None:
         """Move committed batches to Redis in order, one pipeline per round."""
@@ -359,7 +361,10 @@ class LiveLog:
             self._skip(batch)
             return
         resync = dict(self._unsynced)
-        wake = dict(resync)
+        layout = self.layout
+        wakes: dict[int, dict[str, int]] = {}
+        for response_id, last in resync.items():
+            wakes.setdefault(layout.shard(response_id), {})[response_id] = last
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 # A stream that missed a batch goes: readers then take the log from
@@ -378,12 +383,13 @@ class LiveLog:
                         id=f"{entries[-1].seq}-1",
                     )
                     pipe.expire(key, FINISHED_TTL if terminal else LIVE_TTL)
-                    wake[response_id] = entries[-1].seq
-                pipe.publish(self.channel, orjson.dumps(wake))
+                    wakes.setdefault(layout.shard(response_id), {})[response_id] = entries[-1].seq
+                for k, wake in wakes.items():
+                    pipe.execute_command(layout.publish, layout.wake(k), orjson.dumps(wake))
                 # A refused XADD (an older id: another process's later batch got
                 # there first) leaves a gap, which readers detect.
                 await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except redisconn.ERRORS as exc:
             log.warning("Redis publish failed (%s); readers use Postgres", exc)
             self._mark_down()
             self._skip(batch)
