@@ -254,3 +254,22 @@ def test_cancel_one_of_several_streams_through_the_server(make_server) -> None: 
         deltas = sum(e.type == "response.output_text.delta" for e in events)
         assert final.usage.output_tokens == deltas > 0
     assert max(cast(int, server.trace(e[0].response.id)["batched"]) for e in ended) >= 2
+
+
+def test_a_deferred_response_waits_while_an_interactive_one_decodes(engine: LocalEngine) -> None:
+    # issue 19: a `2h` response (defer_until ahead) decodes only when nothing else does;
+    # once its deadline has passed it is batched like any other.
+    import time
+
+    for late, rid in ((False, "deferred-waits"), (True, "deferred-due")):
+        interactive = gen(f"{rid}-interactive", PROMPTS[0], 40)
+        until = time.time() + (-1 if late else 3600)
+        deferred = gen(rid, PROMPTS[1], 10, defer_until=until)
+        got = together(engine, [deferred, interactive])
+        assert [tokens(g.steps) for g in got] == [10, 40]
+        mine = engine.traces[rid].token_times
+        theirs = engine.traces[interactive.response_id].token_times
+        if late:
+            assert min(mine) < max(theirs)  # decoded together
+        else:
+            assert min(mine) >= max(theirs)  # every token after the interactive one's last

@@ -103,6 +103,20 @@ def test_random_schedules_start_every_deferred_response_in_time() -> None:
         clock.now += rng.uniform(1, run_max)  # the run holds the one slot
 
 
+def test_deferred_work_past_its_share_of_slots_waits_unless_due() -> None:
+    clock = Clock()
+    q = RunQueue(clock)
+    share = {"free": False}
+    q.may_defer = lambda: share["free"]
+    q.put("d1", "t", clock.now + 100)
+    q.put("d2", "t", clock.now + 50)
+    assert q.take_nowait() is None  # its share is used: nothing to take now
+    clock.now += 50
+    assert q.take_nowait() == ("d2", "t")  # due: taken all the same
+    share["free"] = True
+    assert q.take_nowait() == ("d1", "t")
+
+
 @pytest.mark.anyio
 async def test_local_dispatch_takes_by_class() -> None:
     d = LocalDispatch()
@@ -246,3 +260,39 @@ def test_one_slot_runs_interactive_work_before_the_backlog(make_server: Any) -> 
         events = list(client.responses.retrieve(backlog[0].id, stream=True))
         assert events[-1].type == "response.completed"
         assert client.responses.retrieve(backlog[2].id).status == "cancelled"
+
+
+def test_deferred_runs_leave_interactive_work_a_free_slot(make_server: Any) -> None:
+    """Two run slots: deferred responses hold at most one (half), so a `soonest` one
+    starts at once beside a deferred backlog, whose runs go one at a time."""
+    server: Server = make_server(
+        "--workers", "2", "--scripted-rate", "50", "--scripted-length", "50"
+    )
+    with server.client() as client:
+        backlog = [
+            client.responses.create(
+                model="scripted",
+                input=f"deferred {i}",
+                background=True,
+                background_options={"completion_window": "8h"},
+            )
+            for i in range(3)
+        ]
+        wait_for(lambda: started(server, backlog[0].id), 10, "the first deferred run")
+        interactive = client.responses.create(model="scripted", input="now", background=True)
+        wait_for(lambda: started(server, interactive.id), 10, "the interactive run")
+        # It started while the first deferred run still ran; the second had not started.
+        assert client.responses.retrieve(backlog[0].id).status == "in_progress"
+        assert started(server, backlog[1].id) is None
+        for r in backlog:
+            wait_for(
+                lambda r=r: client.responses.retrieve(r.id).status == "completed",
+                30,
+                f"{r.id} completed",
+            )
+        runs = sorted(
+            (server.trace(r.id)["prompt_read_at"], server.trace(r.id)["token_times"][-1])  # type: ignore[index]
+            for r in backlog
+        )
+        # One at a time: each began after the one before had produced its last token.
+        assert all(runs[i + 1][0] >= runs[i][1] for i in range(len(runs) - 1))

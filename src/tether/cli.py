@@ -71,6 +71,11 @@ def _common(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cancel-timeout", type=float, help="Seconds a cancel waits for the run."),
         click.option("--lease-timeout", type=float, help="Seconds before a lost run is ended."),
         click.option(
+            "--deferred-slots",
+            type=int,
+            help="Run slots 2h/8h responses may hold at once (default: half).",
+        ),
+        click.option(
             "--window-reserve",
             type=float,
             help="Seconds a 2h/8h response keeps for its run before its window ends.",

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # Completion windows (tether.schedule): a `2h`/`8h` response starts at the latest
     # this many seconds before its window ends, kept for the run itself.
     window_reserve: float = Field(default=1800.0, ge=0)
+    # Run slots deferred (`2h`/`8h`) responses may hold at once; None: half of them.
+    deferred_slots: int | None = Field(default=None, ge=1)
     keepalive: float = 15.0  # docs/contract.md §4.2
     retention: float = 24 * 3600.0  # docs/contract.md §4.5
     websocket_limit: float = 3600.0  # seconds a WebSocket connection lives (the spec: 60 min)

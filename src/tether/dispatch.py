@@ -57,6 +57,9 @@ OnCancel = Callable[[str], None]
 class Dispatch(Protocol):
     # True when other processes may run responses (a cancel must be signalled to them).
     remote: bool
+    # Whether `take` may now return a deferred response that is not yet due (the
+    # worker's cap on deferred runs; `tether.schedule`). Set by the worker.
+    may_defer: Callable[[], bool]
 
     async def open(self, on_cancel: OnCancel) -> None:
         """Connect; `on_cancel(response_id)` is called in this process for every cancel
@@ -79,6 +82,10 @@ class Dispatch(Protocol):
         """Ask whichever process runs `response_id` to stop it (best effort)."""
         ...
 
+    def nudge(self) -> None:
+        """`may_defer` may say otherwise now: a waiting `take` looks again."""
+        ...
+
 
 class LocalDispatch:
     """One process: a queue in memory."""
@@ -88,6 +95,14 @@ class LocalDispatch:
     def __init__(self) -> None:
         self.queue = RunQueue()
         self._on_cancel: OnCancel = lambda _: None
+
+    @property
+    def may_defer(self) -> Callable[[], bool]:
+        return self.queue.may_defer
+
+    @may_defer.setter
+    def may_defer(self, rule: Callable[[], bool]) -> None:
+        self.queue.may_defer = rule
 
     async def open(self, on_cancel: OnCancel) -> None:
         self._on_cancel = on_cancel
@@ -100,6 +115,9 @@ class LocalDispatch:
 
     async def take(self) -> tuple[str, str]:
         return await self.queue.take()
+
+    def nudge(self) -> None:
+        self.queue.nudge()
 
     async def cancel(self, response_id: str) -> None:
         self._on_cancel(response_id)
@@ -138,6 +156,7 @@ class RedisDispatch:
         self._rung: set[int] = set()
         self._ring = asyncio.Event()
         self._channels: dict[str, tuple[str, int]] = {}
+        self.may_defer: Callable[[], bool] = lambda: True
         for k in range(layout.shards):
             self._channels[layout.cancel(k)] = ("cancel", k)
             self._channels[layout.ring(k)] = ("ring", k)
@@ -194,10 +213,12 @@ class RedisDispatch:
                     return got
                 shards = await self._rang(self.WAIT)
                 if not shards:
-                    # No `soonest` work came for a second: a deferred response may run.
-                    got = await self._sweep(every, None, soonest=False)
-                    if got is not None:
-                        return got
+                    # No `soonest` work came for a second: a deferred response may run
+                    # (unless this process's deferred runs hold their share of slots).
+                    if self.may_defer():
+                        got = await self._sweep(every, None, soonest=False)
+                        if got is not None:
+                            return got
                     shards = every
             except redisconn.ERRORS as exc:
                 log.warning("run queue unreachable (%s); retrying", exc)
@@ -251,6 +272,9 @@ class RedisDispatch:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._ready.add(k)
+
+    def nudge(self) -> None:
+        pass  # an idle take sweeps every shard each `WAIT` anyway
 
     async def cancel(self, response_id: str) -> None:
         layout = self._layout

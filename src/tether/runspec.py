@@ -68,7 +68,13 @@ class RunSpec:
             tools.mcp,
         )
 
-    def generation(self, response_id: str, model: str, background: bool) -> Generation:
+    def generation(
+        self,
+        response_id: str,
+        model: str,
+        background: bool,
+        defer_until: float | None = None,
+    ) -> Generation:
         """The request an engine is given: the instructions lead as a system turn."""
         lead = [Message("system", self.instructions)] if self.instructions else []
         return Generation(
@@ -83,6 +89,7 @@ class RunSpec:
             self.text_format,
             background,
             self.forward,
+            defer_until,
         )
 
     def encode(self) -> dict[str, Any]:

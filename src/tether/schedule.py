@@ -12,6 +12,11 @@ itself (`Settings.window_reserve`). It is computed from the stored record (`star
 so any process that queues the response again (lease recovery, a restart) gives it the
 same deadline.
 
+A process also caps the run slots deferred responses hold at once (`Settings.deferred_slots`,
+by default half of them), so that interactive work always finds a free slot; the
+embedded engine pauses a deferred response's decoding while an interactive one decodes
+(`Generation.defer_until`), so a deferred run that holds a slot does not slow it.
+
 `RunQueue` is the in-memory queue of one process (`dispatch.LocalDispatch`); scaled out,
 `dispatch.RedisDispatch` keeps the deferred class in a sorted set by the same rule.
 """
@@ -55,6 +60,9 @@ class RunQueue:
         self._deferred: list[tuple[float, int, str, str]] = []  # a heap by deadline
         self._order = 0  # ties keep submission order
         self._ready = asyncio.Event()
+        #: whether a deferred entry that is not due may be taken now (the worker's cap
+        #: on the run slots deferred responses hold: `worker.Worker`)
+        self.may_defer: Callable[[], bool] = lambda: True
 
     def put(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
         if start_by is None:
@@ -65,14 +73,20 @@ class RunQueue:
         self._ready.set()
 
     def take_nowait(self) -> tuple[str, str] | None:
-        """The next entry, or None when the queue is empty."""
+        """The next entry, or None when there is none to take now."""
         deferred = self._deferred
-        if deferred and (not self._soonest or deferred[0][0] <= self._clock()):
+        if deferred and (
+            deferred[0][0] <= self._clock() or (not self._soonest and self.may_defer())
+        ):
             _, _, rid, tenant = heapq.heappop(deferred)
             return rid, tenant
         if self._soonest:
             return self._soonest.popleft()
         return None
+
+    def nudge(self) -> None:
+        """Look again: what `may_defer` says may have changed."""
+        self._ready.set()
 
     async def take(self) -> tuple[str, str]:
         while True:

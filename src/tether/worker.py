@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from tether import metrics, tool_loop, wire
+from tether import metrics, schedule, tool_loop, wire
 from tether.run import Progress, drive
 from tether.runner import Run, new_token
 from tether.runspec import RunSpec
@@ -31,7 +31,13 @@ log = logging.getLogger("tether.worker")
 class Worker:
     def __init__(self, lc: Lifecycle) -> None:
         self.lc = lc
-        self._slots = anyio.Semaphore(max(lc.workers, 1))
+        slots = max(lc.workers, 1)
+        self._slots = anyio.Semaphore(slots)
+        # Deferred runs (`2h`/`8h`) hold at most this many slots, so that interactive
+        # work finds one free (`tether.schedule`); one at least, or none would run.
+        self._deferred_cap = lc.settings.deferred_slots or max(1, slots // 2)
+        self._deferred: set[str] = set()
+        lc.dispatch.may_defer = lambda: len(self._deferred) < self._deferred_cap
 
     async def work(self) -> None:
         """Take responses from the dispatch, one per free run slot, until cancelled."""
@@ -46,7 +52,11 @@ class Worker:
                 lc.queued.discard(rid)
                 record = await lc.store.get(rid, tenant)
                 if record is not None and record.status in wire.LIVE_STATES:
+                    if schedule.window_of(record.run) != "soonest":
+                        self._deferred.add(rid)  # before the next take counts them
                     started = lc.runner.start(rid, partial(self._run, record)) is not None
+                if not started:
+                    self._deferred.discard(rid)
             except Exception:
                 log.exception("taking a run failed; retrying")
                 await anyio.sleep(0.5)
@@ -82,6 +92,9 @@ class Worker:
                 await self._drive(record, run, token, snap)
         finally:
             self._slots.release()
+            if record.id in self._deferred:
+                self._deferred.discard(record.id)
+                self.lc.dispatch.nudge()  # a deferred one may be taken again
 
     async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
         lc = self.lc
@@ -89,7 +102,7 @@ class Worker:
         start_by = lc.queue.start_by(record.run, snap["created_at"])
         if start_by is not None:
             metrics.deferred_started(time.time() <= start_by)
-        request = spec.generation(record.id, snap["model"], bool(snap.get("background")))
+        request = spec.generation(record.id, snap["model"], bool(snap.get("background")), start_by)
         progress = Progress(lc.store, record.id, token, run, dict(spec.tool_names))
         progress.sealed = "reasoning.encrypted_content" in (spec.forward.get("include") or ())
         crash: Exception | None = None

@@ -40,6 +40,10 @@ class Generation:
     #: `prompt_cache_key`, `safety_identifier`, `user`, `parallel_tool_calls`,
     #: `reasoning`, `verbosity` (`text.verbosity`), penalties, `include`, ...
     forward: dict[str, Any] = field(default_factory=dict)
+    #: a deferred response (`2h`/`8h` completion window, `tether.schedule`): until this
+    #: time an engine that schedules its own work may hold it back for interactive work
+    #: (the embedded engine pauses it while any other response decodes). None: never.
+    defer_until: float | None = None
 
 
 @dataclass(slots=True)

@@ -67,6 +67,9 @@ class Live:
     at: int = 0  # tokens of `feed` already evaluated
     credited: bool = False  # `feed` needed a credit and has it
     ended: bool = False
+    #: a deferred response: held back while interactive ones run, until then
+    #: (`Generation.defer_until`)
+    defer_until: float | None = None
 
 
 class Scheduler:
@@ -145,6 +148,7 @@ class Scheduler:
                         jobs += quit_
                         stopped = [r for r in self._live if r.chan.stopped]
                         ready = [r for r in self._live if not r.chan.stopped and self._ready(r)]
+                        ready = self._yielding(ready)
                         if jobs or stopped or ready:
                             break
                         self.cond.wait()
@@ -154,6 +158,7 @@ class Scheduler:
                     admitted = self._admit(request, chan)
                     if admitted is not None:
                         ready.append(admitted)  # a first feed needs no credit
+                ready = self._yielding(ready)
                 if ready:
                     self._step(ready)
         except Exception as exc:  # a bug or a llama.cpp failure: fail what runs, loudly
@@ -170,6 +175,21 @@ class Scheduler:
                 chan.put(EngineError(failure))
                 chan.end()
             self._free_context()
+
+    def _yielding(self, ready: list[Live]) -> list[Live]:
+        """`ready` without the deferred responses while an interactive one is in the
+        engine: a `2h`/`8h` response decodes only when nothing else does (strict priority:
+        a step of 8 costs nearly 8 steps' compute on a CPU, so sharing it would slow the
+        interactive one). Once its `defer_until` has passed it is interactive too, so it
+        is never held back past its deadline (`tether.schedule`)."""
+        now = time.time()
+        if not any(r.defer_until is not None and now < r.defer_until for r in ready):
+            return ready
+        if not any(
+            not r.ended and (r.defer_until is None or now >= r.defer_until) for r in self._live
+        ):
+            return ready
+        return [r for r in ready if r.defer_until is None or now >= r.defer_until]
 
     def _ready(self, r: Live) -> bool:
         """(holding the condition) Whether `r` can take part in the next step."""
@@ -197,7 +217,12 @@ class Scheduler:
         if cached < len(slot.tokens):
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, cached, -1)
             del slot.tokens[cached:]
-        live = Live(slot, chan, self._worker.generation(job, chan, cached))
+        live = Live(
+            slot,
+            chan,
+            self._worker.generation(job, chan, cached),
+            defer_until=request.defer_until,
+        )
         self._live.append(live)
         return live if self._advance(live, None) else None
 
