@@ -351,6 +351,33 @@ def test_a_loop_through_a_chat_upstream(
     assert all(t in types_of(events) for t in MCP_EVENTS)
 
 
+def test_a_three_step_loop_through_a_chat_upstream(
+    make_server: Any, mcp_http: McpServer, fake: FakeUpstream
+) -> None:
+    server: Server = make_server("--upstream", f"fake={fake.url}", engine="none")
+    fake.call_arguments = ['{"a": 20,', ' "b": 22}']
+    before = len(fake.calls)
+    with server.client() as client:
+        events = list(
+            client.responses.create(
+                model="fake",
+                input="CALLS=3 CALL=calc__add go",
+                tools=[tool(mcp_http)],
+                stream=True,
+            )
+        )
+    final = events[-1].response
+    assert final.status == "completed", final
+    assert [i.type for i in final.output] == ["mcp_list_tools", *["mcp_call"] * 3, "message"]
+    assert [i.output for i in final.output[1:4]] == ["42", "42", "42"]
+    bodies = [c.body for c in fake.calls[before:]]
+    assert len(bodies) == 4  # one generation a step, then the answer
+    assert [sum(m["role"] == "tool" for m in b["messages"]) for b in bodies] == [0, 1, 2, 3]
+    # Every step's tokens as the upstream reported them: a call is its opening chunk and
+    # its two argument pieces (3), the answer "The result is 42" four words.
+    assert final.usage.output_tokens == 3 * 3 + 4
+
+
 def test_a_loop_on_the_embedded_model(make_server: Any, mcp_http: McpServer) -> None:
     server: Server = make_server(engine="local")
     with server.client() as client:

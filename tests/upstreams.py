@@ -16,6 +16,8 @@ directly. Its behaviour is chosen by directives in the last user message:
     CALL=name      stream a call of function `name` instead of text
                    (its arguments: the chunks of `FakeUpstream.call_arguments`;
                    a request whose last message is a tool output gets text, at RATE)
+    CALLS=n        (chat, with CALL) call again until the conversation holds n tool
+                   outputs, then answer: a loop of n steps
     BREAK_AT=n     (Responses, background) break the stream after n deltas; a resume
                    (`GET ?stream=true&starting_after=N`) goes on from there
     THINK=k        the first k tokens are the model's thinking: chat streams them as
@@ -248,7 +250,8 @@ class FakeUpstream:
         yield chunk({"role": "assistant", "content": ""})
         n = 0
         messages = call.body.get("messages") or []
-        if messages and messages[-1].get("role") == "tool":
+        outputs = sum(m.get("role") == "tool" for m in messages)
+        if messages and messages[-1].get("role") == "tool" and outputs >= int(d.get("CALLS", 1)):
             # Answer a function call's output: say it back (at RATE words per second).
             for word in f"The result is {messages[-1]['content']}".split(" "):
                 if "RATE" in d:
@@ -264,7 +267,7 @@ class FakeUpstream:
                     "tool_calls": [
                         {
                             "index": 0,
-                            "id": "call_fake1",
+                            "id": f"call_fake{outputs + 1}",
                             "type": "function",
                             "function": {"name": d["CALL"], "arguments": ""},
                         }
