@@ -273,3 +273,17 @@ def test_a_deferred_response_waits_while_an_interactive_one_decodes(engine: Loca
             assert min(mine) < max(theirs)  # decoded together
         else:
             assert min(mine) >= max(theirs)  # every token after the interactive one's last
+
+
+def test_deferred_responses_alone_decode_in_turn(engine: LocalEngine) -> None:
+    # With only deferred work, each step decodes one of them in turn (short steps: an
+    # interactive request that arrives waits for less), and all of them finish.
+    import time
+
+    until = time.time() + 3600
+    requests = [gen(f"alone-deferred-{i}", PROMPTS[i], 12, defer_until=until) for i in range(3)]
+    got = together(engine, requests)
+    assert [tokens(g.steps) for g in got] == [12, 12, 12]
+    # In turn: none waits for another to finish (each started before the others ended).
+    times = [engine.traces[r.response_id].token_times for r in requests]
+    assert all(min(t) < min(max(u) for u in times) for t in times)

@@ -176,6 +176,8 @@ class Scheduler:
                 chan.end()
             self._free_context()
 
+    _turn = 0  # whose turn it is among deferred responses decoding alone
+
     def _yielding(self, ready: list[Live]) -> list[Live]:
         """`ready` without the deferred responses while an interactive one is in the
         engine: a `2h`/`8h` response decodes only when nothing else does (strict priority:
@@ -183,13 +185,16 @@ class Scheduler:
         interactive one). Once its `defer_until` has passed it is interactive too, so it
         is never held back past its deadline (`tether.schedule`)."""
         now = time.time()
-        if not any(r.defer_until is not None and now < r.defer_until for r in ready):
+        held = [r for r in ready if r.defer_until is not None and now < r.defer_until]
+        if not held:
             return ready
-        if not any(
-            not r.ended and (r.defer_until is None or now >= r.defer_until) for r in self._live
-        ):
-            return ready
-        return [r for r in ready if r.defer_until is None or now >= r.defer_until]
+        if any(not r.ended and (r.defer_until is None or now >= r.defer_until) for r in self._live):
+            return [r for r in ready if r not in held]
+        # Only deferred work: one response a step, in turn. A step's cost grows with its
+        # rows, and an interactive request that arrives waits for the step in progress;
+        # on a CPU batching gains little, so short steps cost the backlog little.
+        self._turn += 1
+        return [held[self._turn % len(held)]]
 
     def _ready(self, r: Live) -> bool:
         """(holding the condition) Whether `r` can take part in the next step."""
