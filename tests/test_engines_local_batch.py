@@ -4,6 +4,7 @@ decoded together in one llama.cpp context (issue 20)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any, cast
@@ -284,6 +285,11 @@ def test_deferred_responses_alone_decode_in_turn(engine: LocalEngine) -> None:
     requests = [gen(f"alone-deferred-{i}", PROMPTS[i], 12, defer_until=until) for i in range(3)]
     got = together(engine, requests)
     assert [tokens(g.steps) for g in got] == [12, 12, 12]
-    # In turn: none waits for another to finish (each started before the others ended).
+    # In turn: none waits for another to finish (each started before the others ended),
+    # and no two share a step (rows of one batched step are microseconds apart; steps
+    # are a decode apart, milliseconds).
     times = [engine.traces[r.response_id].token_times for r in requests]
     assert all(min(t) < min(max(u) for u in times) for t in times)
+    merged = sorted((at, i) for i, t in enumerate(times) for at in t)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(merged) if a[1] != b[1]]
+    assert min(gaps) > 0.001

@@ -35,7 +35,8 @@ from tether.lifecycle import Lifecycle
 from tether.run import Progress
 from tether.runner import Run
 from tether.store.sqlite import SQLiteStore
-from tether.wire import CreateRequest
+from tether.turns import Thought
+from tether.wire_input import parse_create
 from upstreams import FakeUpstream, fake_upstream, smollm2_gguf
 
 from conftest import Server, served
@@ -282,7 +283,13 @@ async def test_a_response_ended_from_its_log_counts_its_reasoning(tmp_path: Path
     lc = Lifecycle(store, engine, Settings(db=store.path, cancel_timeout=0.2))
     await lc.start()
     try:
-        rec = await lc.create(CreateRequest(model="scripted", input="x", background=True), "t")
+        body = {
+            "model": "scripted",
+            "input": "x",
+            "background": True,
+            "include": ["reasoning.encrypted_content"],
+        }
+        rec = await lc.create(parse_create(body), "t")
         with anyio.fail_after(10):
             await engine.thought.wait()
         reply = await lc.cancel(rec.id, "t")  # the run does not answer: fenced out
@@ -292,6 +299,8 @@ async def test_a_response_ended_from_its_log_counts_its_reasoning(tmp_path: Path
         [thought] = reply["output"]
         assert (thought["type"], thought["status"]) == ("reasoning", "incomplete")
         assert thought["content"] == [{"type": "reasoning_text", "text": "one two three"}]
+        # Sealed as the run would have sealed it (`include`): it reads back.
+        assert Thought.unseal(thought["encrypted_content"]).text == "one two three"
     finally:
         engine.release.set()
         await lc.stop()

@@ -347,6 +347,11 @@ class Lifecycle:
             rec = await self.store.get(rid, tenant) or rec
         events = [orjson.loads(e.data) for e in await self.store.read(rid, -1, rec.last_seq)]
         done, still_open = wire_output.replay(events)
+        for item in still_open:  # sealed as its run would have (`include`)
+            if isinstance(item, wire_output.ReasoningItem):
+                item.sealed = "reasoning.encrypted_content" in (
+                    (rec.run.get("forward") or {}).get("include") or ()
+                )
         snap = {**rec.snapshot, "status": "in_progress"}
         output_tokens = await self.store.output_tokens(rid)
         reasoning = wire_output.reasoning_deltas(events)  # a count of deltas (its docstring)
