@@ -124,7 +124,9 @@ async def _session(
                 body_failed = True
                 raise
     except BaseException as exc:
-        if body_failed or isinstance(exc, anyio.get_cancelled_exc_class()):
+        # A cancellation (and anything else not an Exception) always goes on, never
+        # swallowed; so does what the caller's own body raised.
+        if body_failed or not isinstance(exc, Exception):
             raise
         if not entered:
             raise _failure(exc, f"connecting to {server['label']}") from None
