@@ -1,11 +1,13 @@
 """What every benchmark gives besides its printed tables: progress while it runs, and its
 main figures saved as a markdown table and a PNG plot side by side.
 
-    from _report import Chart, progress, save
+    from _report import Chart, Transcript, progress, save
 
-    for n in progress(range(200), desc="responses"):
-        ...
-    save("cancel", markdown, Chart("cancel → reply", "ms", ["p50", "p99"], {"tether": [3, 9]}))
+    with Transcript() as printed:          # stdout, also kept: the markdown to save
+        for n in progress(range(200), desc="responses"):
+            ...
+        print(table)
+    save("cancel", printed.text, Chart("cancel → reply", "ms", ["p50", "p99"], {"tether": [3, 9]}))
 
 Files go to `bench/out/NAME.md` and `bench/out/NAME.png` (`TETHER_BENCH_OUT` moves them).
 Progress bars write to stderr, so stdout stays the tables alone.
@@ -13,16 +15,24 @@ Progress bars write to stderr, so stdout stays the tables alone.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Literal, TextIO, TypeVar
 
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm is in the `test` extra; without it, a plain line now and then
+    tqdm = None
 
 T = TypeVar("T")
+# Bars this many or fewer get their value written on them (more would be unreadable).
+LABELLED_BARS = 16
 
 
 def progress(
@@ -31,8 +41,10 @@ def progress(
     total: float | None = None,
     desc: str = "",
     unit: str = "it",
-) -> tqdm[T]:
+) -> Any:
     """A progress bar on stderr (use as an iterable wrapper, or `.update(n)` by hand)."""
+    if tqdm is None:
+        return _Plain(iterable, total=total, desc=desc, unit=unit)
     return tqdm(
         iterable,
         total=total,
@@ -45,9 +57,87 @@ def progress(
     )
 
 
+class _Plain:
+    """What `progress` gives without tqdm: the same calls, a line on stderr every 5 s."""
+
+    def __init__(
+        self, iterable: Iterable[Any] | None, *, total: float | None, desc: str, unit: str
+    ) -> None:
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.n = 0.0
+        self._shown = time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        assert self.iterable is not None
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._shown >= 5:
+            self._shown = time.monotonic()
+            of = f"/{self.total:g}" if self.total else ""
+            print(f"{self.desc}: {self.n:g}{of} {self.unit}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Plain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class Transcript:
+    """While active, what is printed to stdout still goes there and is also kept in `text`:
+    the markdown `save` writes is then exactly the tables the benchmark printed."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._stdout: TextIO | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    def write(self, s: str) -> int:
+        assert self._stdout is not None
+        self._parts.append(s)
+        return self._stdout.write(s)
+
+    def flush(self) -> None:
+        if self._stdout is not None:
+            self._stdout.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding...: the real stdout
+        return getattr(self._stdout or sys.__stdout__, name)
+
+    def __enter__(self) -> Transcript:
+        self._stdout = sys.stdout
+        sys.stdout = self  # type: ignore[assignment]
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        sys.stdout = self._stdout  # type: ignore[assignment]
+        self._stdout = None
+
+
 @dataclass
 class Chart:
-    """One plot: a value per category for each series, as grouped bars or lines."""
+    """One plot: a value per category for each series, as grouped bars or lines.
+
+    Lines over numeric categories (times, sizes) are drawn at their values, not evenly;
+    `horizontal` bars suit many or long category names (operations, routes)."""
 
     title: str
     ylabel: str
@@ -58,6 +148,7 @@ class Chart:
     log: bool = False
     # Horizontal reference lines (a goal, a baseline): label -> y.
     marks: dict[str, float] = field(default_factory=dict)
+    horizontal: bool = False
 
 
 def out_dir() -> Path:
@@ -83,32 +174,111 @@ def plot(path: Path, charts: Sequence[Chart]) -> None:
     import matplotlib.pyplot as plt
 
     panels = max(1, len(charts))
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    for ax, chart in zip(axes[0], charts, strict=False):
+    # Up to three panels side by side; more wrap onto rows of two.
+    cols = panels if panels <= 3 else 2
+    rows = math.ceil(panels / cols)
+    width = max((_width(c) for c in charts), default=5.5)
+    height = max((_height(c) for c in charts), default=4.2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, chart in zip(flat, charts, strict=False):
         _draw(ax, chart)
+    for ax in flat[len(charts) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _width(chart: Chart) -> float:
+    """Inches for one panel: room for the bars and their names."""
+    if chart.horizontal:
+        return 8.0
+    if chart.kind == "bar":
+        return max(5.5, 0.25 * len(chart.categories) * max(1, len(chart.series)))
+    return 5.5
+
+
+def _height(chart: Chart) -> float:
+    if chart.horizontal:
+        return max(4.2, 0.12 * len(chart.categories) * (1 + len(chart.series)) + 1.5)
+    return 4.2
+
+
+def _numeric(values: Sequence[Any]) -> bool:
+    return bool(values) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    )
+
+
 def _draw(ax: Any, chart: Chart) -> None:
     labels = [str(c) for c in chart.categories]
-    xs = list(range(len(labels)))
     names = list(chart.series)
+    at_values = chart.kind == "line" and _numeric(chart.categories)
+    xs = [float(c) for c in chart.categories] if at_values else list(range(len(labels)))
     if chart.kind == "bar":
         width = 0.8 / max(1, len(names))
+        draw = ax.barh if chart.horizontal else ax.bar
         for i, name in enumerate(names):
+            # Horizontal (y axis inverted): the first series on top, as a table reads.
             offset = (i - (len(names) - 1) / 2) * width
-            ax.bar([x + offset for x in xs], list(chart.series[name]), width, label=name)
+            bars = draw([x + offset for x in xs], list(chart.series[name]), width, label=name)
+            if len(xs) * len(names) <= LABELLED_BARS or chart.horizontal:
+                ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
     else:
+        marker = "o" if len(xs) <= 30 else None
         for name in names:
-            ax.plot(xs, list(chart.series[name]), marker="o", label=name)
+            ax.plot(xs, list(chart.series[name]), marker=marker, label=name)
     for label, y in chart.marks.items():
+        if chart.horizontal:
+            ax.axvline(y, linestyle="--", color="gray", linewidth=1)
+            ax.annotate(
+                label,
+                (y, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(3, -10),
+            )
+            continue
         ax.axhline(y, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(label, (0, y), textcoords="offset points", xytext=(2, 3), fontsize=8)
-    ax.set_xticks(xs, labels)
+        ax.annotate(
+            label,
+            (0, y),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(2, 3),
+            fontsize=8,
+        )
+    if chart.horizontal:
+        ax.set_yticks(xs, labels, fontsize=8)
+        ax.invert_yaxis()  # the first category on top
+        ax.set(title=chart.title, xlabel=chart.ylabel, ylabel=chart.xlabel)
+        ax.title.set_fontsize(10)
+        ax.grid(axis="x", alpha=0.3)
+        if chart.log:
+            ax.set_xscale("log")
+        if len(names) > 1:
+            ax.legend(fontsize=8)
+        return
+    if not at_values:
+        ax.set_xticks(xs, labels)
+        # Long or many labels are tilted so that they do not run into each other.
+        if sum(len(s) for s in labels) > 40:
+            ax.tick_params(axis="x", labelrotation=25)
+            for tick in ax.get_xticklabels():
+                tick.set_horizontalalignment("right")
     ax.set(title=chart.title, ylabel=chart.ylabel, xlabel=chart.xlabel)
+    ax.title.set_fontsize(10)
+    ax.grid(axis="y", alpha=0.3)
     if chart.log:
         ax.set_yscale("log")
     if len(names) > 1:
         ax.legend(fontsize=8)
+
+
+def _label(value: float) -> str:
+    """A bar's value, short: 3 significant digits."""
+    if math.isnan(value):
+        return ""
+    return f"{value:.3g}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import jsonschema
 import openai
 
+from _report import Chart, Transcript, progress, save
 from _server import run, tether_server
 
 MODEL = "smollm2-135m"
@@ -147,8 +149,11 @@ SCHEMAS = [
 ]
 
 
-async def _call(client: openai.AsyncOpenAI, **kwargs: Any) -> Any:
-    return await client.responses.create(model=MODEL, **kwargs)
+async def _call(client: openai.AsyncOpenAI, bar: Any, **kwargs: Any) -> Any:
+    try:
+        return await client.responses.create(model=MODEL, **kwargs)
+    finally:
+        bar.update(1)
 
 
 def _calls(resp: Any) -> list[Any]:
@@ -166,11 +171,11 @@ def _valid_call(call: Any, tools: dict[str, dict[str, Any]]) -> bool:
     return True
 
 
-async def auto(client: openai.AsyncOpenAI, n: int) -> list[str]:
+async def auto(client: openai.AsyncOpenAI, n: int, bar: Any) -> list[str]:
     right = valid = 0
     for i, (key, prompt) in enumerate(TOOL_PROMPTS[:n]):
         offered = _offer(i, key)
-        resp = await _call(client, input=prompt, tools=offered, tool_choice="auto")
+        resp = await _call(client, bar, input=prompt, tools=offered, tool_choice="auto")
         calls = _calls(resp)
         right += bool(calls) and calls[0].name == TOOLS[key]["name"]
         valid += bool(calls) and _valid_call(calls[0], {t["name"]: t for t in offered})
@@ -189,7 +194,7 @@ def _offer(i: int, key: str) -> list[dict[str, Any]]:
     return [TOOLS[k] for k in chosen[i % 3 :] + chosen[: i % 3]]
 
 
-async def forced(client: openai.AsyncOpenAI, n: int) -> list[str]:
+async def forced(client: openai.AsyncOpenAI, n: int, bar: Any) -> list[str]:
     rows = []
     for label in ("required", "named"):
         ok = 0
@@ -200,7 +205,7 @@ async def forced(client: openai.AsyncOpenAI, n: int) -> list[str]:
                 if label == "required"
                 else {"type": "function", "name": TOOLS[key]["name"]}
             )
-            resp = await _call(client, input=prompt, tools=offered, tool_choice=choice)
+            resp = await _call(client, bar, input=prompt, tools=offered, tool_choice=choice)
             calls = _calls(resp)
             ok += (
                 resp.status == "completed"
@@ -213,7 +218,7 @@ async def forced(client: openai.AsyncOpenAI, n: int) -> list[str]:
     return rows
 
 
-async def structured(client: openai.AsyncOpenAI, n: int) -> list[str]:
+async def structured(client: openai.AsyncOpenAI, n: int, bar: Any) -> list[str]:
     ok = 0
     for i in range(n):
         name, props, prompt = SCHEMAS[i % len(SCHEMAS)]
@@ -225,6 +230,7 @@ async def structured(client: openai.AsyncOpenAI, n: int) -> list[str]:
         }
         resp = await _call(
             client,
+            bar,
             input=prompt,
             text={
                 "format": {"type": "json_schema", "name": name, "schema": schema, "strict": True}
@@ -239,10 +245,10 @@ async def structured(client: openai.AsyncOpenAI, n: int) -> list[str]:
     return [f"json_schema: answers that validate | {ok}/{n} ({ok / n:.0%}) | 100%"]
 
 
-async def endings(client: openai.AsyncOpenAI, n: int) -> list[str]:
+async def endings(client: openai.AsyncOpenAI, n: int, bar: Any) -> list[str]:
     ended, lengths = 0, []
     for prompt in ORDINARY[:n]:
-        resp = await _call(client, input=prompt)
+        resp = await _call(client, bar, input=prompt)
         tokens = resp.usage.output_tokens
         lengths.append(tokens)
         ended += resp.status == "completed" and tokens <= 512
@@ -254,7 +260,32 @@ async def endings(client: openai.AsyncOpenAI, n: int) -> list[str]:
     ]
 
 
-async def main(parts: list[str], n: int) -> None:
+def calls(parts: list[str], n: int) -> int:
+    """How many responses the chosen parts create (for the progress bar)."""
+    tools, ordinary = min(n, len(TOOL_PROMPTS)), min(n, len(ORDINARY))
+    per = {"auto": tools, "forced": 2 * tools, "json": n, "endings": ordinary}
+    return sum(per[p] for p in parts if p in per)
+
+
+def chart(rows: list[str]) -> Chart:
+    """Each measure's share (from its `k/n`) beside its goal."""
+    names, shares, goals = [], [], []
+    for row in rows[2:]:
+        name, result, goal = (part.strip() for part in row.split("|"))
+        fraction = re.search(r"(\d+)/(\d+)", result)
+        if fraction is None or not int(fraction[2]):
+            continue  # not a share (token counts)
+        names.append(name.replace(": ", ":\n", 1))
+        shares.append(100 * int(fraction[1]) / int(fraction[2]))
+        wanted = re.search(r"(\d+)%", goal)
+        goals.append(float(wanted[1]) if wanted else float("nan"))
+    return Chart(
+        "embedded model as an agent's engine", "%", names, {"result": shares, "goal": goals}
+    )
+
+
+async def main(parts: list[str], n: int) -> list[str]:
+    bar = progress(total=calls(parts, n), desc="responses", unit="resp")
     with tether_server(engine="local") as srv:
         client = openai.AsyncOpenAI(
             base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600
@@ -268,11 +299,13 @@ async def main(parts: list[str], n: int) -> None:
         ):
             if part in parts:
                 started = time.monotonic()
-                new = await fn(client, n)
+                new = await fn(client, n, bar)
                 new[-1] += f" ({time.monotonic() - started:.0f} s)"
                 rows += new
                 print(*new, sep="\n", flush=True)
+        bar.close()
         print("\n" + "\n".join(f"| {r} |" for r in rows))
+    return rows
 
 
 if __name__ == "__main__":
@@ -280,4 +313,6 @@ if __name__ == "__main__":
     parser.add_argument("--only", default="auto,forced,json,endings")
     parser.add_argument("--n", type=int, default=30)
     args = parser.parse_args()
-    run(main(args.only.split(","), args.n))
+    with Transcript() as printed:
+        rows = run(main(args.only.split(","), args.n))
+    save("agents", printed.text, chart(rows))

@@ -72,6 +72,7 @@ import openai
 import orjson
 
 import _server
+from _report import Chart, Transcript, progress, save
 
 try:  # the SDK's HTTP library: httpx2 for openai 3.x, httpx before
     import httpx2 as sdk_httpx
@@ -377,7 +378,9 @@ def _ms(values: list[float]) -> list[object]:
     ]
 
 
-async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> int:
+async def bench(
+    url: str, args: argparse.Namespace, server_pid: int | None
+) -> tuple[int, list[Chart]]:
     rng = random.Random(args.seed)
     results = [
         Result(i, rng.randint(args.min_deltas, args.max_deltas)) for i in range(args.responses)
@@ -412,10 +415,12 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
         ),
     )
     slots = asyncio.Semaphore(args.concurrency)
+    bar = progress(total=args.responses, desc="responses cancelled", unit="resp")
 
     async def limited(res: Result) -> None:
         async with slots:
             await one(client, debug, res, args.sdk_events, by_id, model)
+        bar.update(1)
 
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as debug, client:
         # Warm-up, not measured: the SDK imports modules and builds its pydantic models
@@ -432,6 +437,7 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
             await asyncio.gather(*(limited(r) for r in results))
         finally:
             gc.enable()
+            bar.close()
         wall = time.perf_counter() - started
         client_cpu = _server.cpu_seconds() - cpu0
         server_cpu = _server_cpu(server_pid) - server_cpu0
@@ -507,7 +513,41 @@ async def bench(url: str, args: argparse.Namespace, server_pid: int | None) -> i
         f"\nwall time {wall:.1f} s for {len(results)} responses; CPU busy: client "
         f"{client_cpu / wall:.0%}, server {server_cpu / wall:.0%} of one core"
     )
-    return 1 if failed else 0
+    return 1 if failed else 0, charts(latency_rows, token_rows)
+
+
+def charts(latency_rows: list[list[object]], token_rows: list[list[object]]) -> list[Chart]:
+    """Latency p50 / p99 / max per measure, and the token counts, of all responses."""
+    short = ["reply", "HTTP", "engine abort", "terminal", "slowest\nterminal", "terminal\n− reply"]
+    lat = [r for r in latency_rows if not str(r[0]).startswith(("running", "queued"))]
+    names = [s for s, r in zip(short, lat, strict=False) if r[1]]
+    shown = [r for r in lat if r[1]]
+    tok = [r for r in token_rows if not str(r[0]).startswith(("running", "queued"))]
+    return [
+        Chart(
+            "cancel latency (ms)",
+            "ms",
+            names,
+            {
+                stat: [float(r[i]) for r in shown]  # type: ignore[arg-type]
+                for i, stat in ((2, "p50"), (3, "p99"), (4, "max"))
+            },
+        ),
+        Chart(
+            "tokens after the cancel (goal: 0 after the reply)",
+            "tokens",
+            ["engine tokens\nafter reply", "engine tokens\ncall → reply", "deltas\nafter reply"],
+            {
+                "max": [_num(r[2]) for r in tok],
+                "total": [_num(r[3]) for r in tok],
+                "responses > 0": [_num(r[4]) for r in tok],
+            },
+        ),
+    ]
+
+
+def _num(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def latency(prefix: str, group: list[Result]) -> list[list[object]]:
@@ -564,7 +604,7 @@ def tokens(prefix: str, group: list[Result]) -> list[list[object]]:
     ]
 
 
-def main() -> int:
+def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -618,6 +658,10 @@ def main() -> int:
         args.seed = random.SystemRandom().randrange(1_000_000)
     if args.engine == "scripted" and args.max_deltas >= args.length:
         p.error("--max-deltas must be below --length, or responses complete before the cancel")
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[int, list[Chart]]:
     print("# tether cancel benchmark")
     print(
         _server.table(
@@ -660,6 +704,14 @@ def main() -> int:
         return _server.run(bench(args.url.rstrip("/"), args, None))
     with _server.tether_server(rate=args.rate, length=args.length, engine=args.engine) as srv:
         return _server.run(bench(srv.url, args, srv.pid))
+
+
+def main() -> int:
+    args = parse()
+    with Transcript() as printed:
+        code, figures = measure(args)
+    save("cancel" if args.engine == "scripted" else "cancel-local", printed.text, *figures)
+    return code
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests")]
 
 import fuzz_api  # noqa: E402
 import spec  # noqa: E402
+from _report import Chart, Transcript, progress, save  # noqa: E402
 from _server import machine, table, tether_server  # noqa: E402
 
 
@@ -32,15 +34,46 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1414)
     args = parser.parse_args()
+    with Transcript() as printed:
+        rows = measure(args)
+    save("fuzz", printed.text, *charts(rows))
+
+
+def charts(rows: list[list[Any]]) -> list[Chart]:
+    """Per operation: replies by status class, and the problems (goal: 0)."""
+    names = [r[0] for r in rows]
+    classes: dict[str, list[float]] = {"2xx": [], "4xx": [], "5xx": []}
+    for r in rows:
+        statuses = [tuple(map(int, part.split(":"))) for part in r[4].split()]
+        for cls in classes:
+            classes[cls].append(sum(n for s, n in statuses if str(s)[0] == cls[0]))
+    return [
+        Chart("replies by status, per operation", "replies", names, classes, horizontal=True),
+        Chart(
+            "problems per operation (goal: 0)",
+            "count",
+            names,
+            {"problems": [r[3] for r in rows], "5xx": [r[2] for r in rows]},
+            horizontal=True,
+        ),
+    ]
+
+
+def measure(args: argparse.Namespace) -> list[list[Any]]:
     print(f"examples per operation: {args.examples}, seed {args.seed}; {machine()}")
     spec.install()
-    rows, problems = [], []
+    rows: list[list[Any]] = []
+    problems = []
     started = time.monotonic()
     with tether_server(rate=100, length=10) as srv:
         spec.TETHER_PORTS.add(srv.port)
         fuzzer = fuzz_api.Fuzzer(srv.url)
+        operations = fuzz_api.operations()
+        bar = progress(total=len(operations) * args.examples, desc="examples", unit="req")
+        counted(fuzzer, bar)
         try:
-            for operation in fuzz_api.operations():
+            for i, operation in enumerate(operations):
+                bar.set_postfix_str(operation.label)
                 t0 = time.monotonic()
                 tally = fuzz_api.fuzz(
                     fuzzer, operation, args.examples, args.seed, stop_on_problem=False
@@ -58,6 +91,7 @@ def main() -> None:
                     ]
                 )
                 problems += tally.problems
+                bar.update((i + 1) * args.examples - bar.n)  # an operation may stop short
                 print(
                     f"  {operation.label}: {tally.examples} examples, "
                     f"{len(tally.problems)} problems",
@@ -65,6 +99,7 @@ def main() -> None:
                 )
         finally:
             fuzzer.close()
+            bar.close()
     print()
     print(table(["operation", "examples", "5xx", "problems", "statuses", "seconds"], rows))
     total = sum(r[1] for r in rows)  # type: ignore[misc]
@@ -74,6 +109,20 @@ def main() -> None:
     )
     for problem in problems[:10]:
         print(" -", problem)
+    return rows
+
+
+def counted(fuzzer: fuzz_api.Fuzzer, bar: Any) -> None:
+    """Advance `bar` at each request the fuzzer sends (at most its operation's share)."""
+    send = fuzzer.send
+
+    def send_counted(case: Any, rng: Any) -> list[str]:
+        try:
+            return send(case, rng)
+        finally:
+            bar.update(1)
+
+    fuzzer.send = send_counted  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

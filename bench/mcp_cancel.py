@@ -40,6 +40,7 @@ import openai
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import Chart, Transcript, progress, save
 from _server import Server, machine, percentile, table, tether_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +57,13 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
+    with Transcript() as printed:
+        code, figures = measure(args)
+    save("mcp_cancel", printed.text, *figures)
+    return code
+
+
+def measure(args: argparse.Namespace) -> tuple[int, list[Chart]]:
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"seed {seed}, {args.responses} responses, transport {args.transport}, {machine()}")
@@ -80,7 +88,7 @@ def main() -> int:
         openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0) as client,
         httpx.Client() as http,
     ):
-        for _ in range(args.responses):
+        for _ in progress(range(args.responses), desc="responses cancelled", unit="resp"):
             known = len(http.get(f"{mcp.url}/seen").json())
             created = client.responses.create(
                 model="scripted",
@@ -129,7 +137,39 @@ def main() -> int:
     print(table(["check", "result"], checks))
     for problem in failed[:20]:
         print("  ", problem)
-    return 0 if ok and not failed and started_after == 0 else 1
+    code = 0 if ok and not failed and started_after == 0 else 1
+    return code, charts(replies, seen_after, phases)
+
+
+def charts(replies: list[float], seen_after: list[float], phases: dict[str, int]) -> list[Chart]:
+    """Latency p50 / p99 / max of the reply and of the MCP server seeing the cancel; phases."""
+    measured = [
+        (n, v)
+        for n, v in (
+            ("cancel call\n→ reply", replies),
+            ("reply → MCP server\nsaw the cancel", seen_after),
+        )
+        if v
+    ]
+    return [
+        Chart(
+            "cancel in an MCP tool loop (ms)",
+            "ms",
+            [n for n, _ in measured],
+            {
+                "p50": [percentile(v, 50) for _, v in measured],
+                "p99": [percentile(v, 99) for _, v in measured],
+                "max": [max(v) for _, v in measured],
+            },
+            marks={"goal: p99 ≤ 50 ms": 50.0},
+        ),
+        Chart(
+            "phase at the cancel",
+            "responses",
+            [k.replace(" (", "\n(") for k in sorted(phases)],
+            {"responses": [phases[k] for k in sorted(phases)]},
+        ),
+    ]
 
 
 def _stats(values: list[float]) -> list[object]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 import _server
+from _report import Chart, Transcript, progress, save
 
 MIB = 1024 * 1024
 
@@ -57,8 +58,9 @@ async def stream_one(http: httpx.AsyncClient, base_url: str) -> int:
     return received
 
 
-async def burst(base_url: str, n: int, at_once: int) -> float:
+async def burst(base_url: str, n: int, at_once: int, stage: str) -> float:
     """`n` streamed responses, `at_once` at a time; the seconds it took."""
+    bar = progress(total=n, desc=stage, unit="resp")
     start = time.monotonic()
     todo = iter(range(n))
     # No keep-alive: a pooled connection the server closes as it is reused fails a POST.
@@ -68,12 +70,37 @@ async def burst(base_url: str, n: int, at_once: int) -> float:
         async def worker() -> None:
             for _ in todo:
                 await stream_one(http, base_url)
+                bar.update(1)
 
         await asyncio.gather(*(worker() for _ in range(at_once)))
+    bar.close()
     return time.monotonic() - start
 
 
 def main() -> None:
+    with Transcript() as printed:
+        rows, base = measure()
+    stages = [r[0] for r in rows]
+    save(
+        "memory",
+        printed.text,
+        Chart(
+            "server memory after each stage (MiB)",
+            "MiB",
+            stages,
+            {
+                "RSS": [r[3] for r in rows],
+                "peak RSS": [r[4] for r in rows],
+                "log cache": [r[5] for r in rows],
+            },
+            marks={"warm-up + 256 MiB (goal)": base / MIB + 256},
+        ),
+    )
+
+
+def measure() -> tuple[list[list[object]], int]:
+    """The table's rows (stage, responses, seconds, RSS, peak, cache, tasks) and the RSS
+    after the warm-up, in bytes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=int, default=2000)
     parser.add_argument("--tokens", type=int, default=500)
@@ -85,7 +112,7 @@ def main() -> None:
     extra = [] if args.budget is None else ["--log-cache-bytes", str(args.budget)]
     print(_server.machine())
     with _server.tether_server(rate=0, length=args.tokens, extra=extra) as srv:
-        rows = []
+        rows: list[list[object]] = []
 
         def sample(stage: str, n: int, seconds: float) -> None:
             page = httpx.get(f"{srv.url}/metrics", timeout=10).text
@@ -103,13 +130,12 @@ def main() -> None:
             )
 
         sample("start", 0, 0.0)
-        sample("warm-up", args.warmup, _server.run(burst(srv.base_url, args.warmup, args.at_once)))
-        base = vm(srv.pid, "VmRSS")
-        sample(
-            "burst", args.responses, _server.run(burst(srv.base_url, args.responses, args.at_once))
-        )
-        after_burst = vm(srv.pid, "VmRSS")
-        sample("more", args.more, _server.run(burst(srv.base_url, args.more, args.at_once)))
+        for stage, n in (("warm-up", args.warmup), ("burst", args.responses), ("more", args.more)):
+            sample(stage, n, _server.run(burst(srv.base_url, n, args.at_once, stage)))
+            if stage == "warm-up":
+                base = vm(srv.pid, "VmRSS")
+            elif stage == "burst":
+                after_burst = vm(srv.pid, "VmRSS")
         print(
             _server.table(
                 [
@@ -131,6 +157,7 @@ def main() -> None:
             f"(peak +{(peak - base) / MIB:.0f} MiB); {args.more} more: "
             f"+{(vm(srv.pid, 'VmRSS') - after_burst) / MIB:.0f} MiB"
         )
+    return rows, base
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 import httpx
 import openai
 
+from _report import Chart, Transcript, progress, save
 from _server import machine, run, table, tether_server
 
 
@@ -47,11 +48,14 @@ async def round_trip(
     return cancel_ms, next_ms, bool(trace.get("aborted_in_prefill"))
 
 
-async def main(rounds: int, words: int, after: float) -> None:
+async def main(rounds: int, words: int, after: float) -> list[Chart]:
     with tether_server(engine="local", extra=["--cancel-timeout", "5"]) as srv:
         client = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-            results = [await round_trip(client, http, words, after, i) for i in range(rounds)]
+            results = [
+                await round_trip(client, http, words, after, i)
+                for i in progress(range(rounds), desc="rounds", unit="round")
+            ]
     cancels = [r[0] for r in results]
     nexts = [r[1] for r in results]
     print(machine())
@@ -65,6 +69,27 @@ async def main(rounds: int, words: int, after: float) -> None:
         )
     )
     print(f"aborted during prefill: {sum(r[2] for r in results)} of {rounds}")
+    measures = ["cancel reply", "next response's\nfirst delta"]
+    return [
+        Chart(
+            "cancel during prefill (ms)",
+            "ms",
+            measures,
+            {
+                "p50": [statistics.median(cancels), statistics.median(nexts)],
+                "max": [max(cancels), max(nexts)],
+            },
+            marks={"cancel fence 5 s": 5000.0} if max(cancels) > 2500 else {},
+        ),
+        Chart(
+            "per round (ms)",
+            "ms",
+            list(range(1, rounds + 1)),
+            {"cancel reply": cancels, "next first delta": nexts},
+            kind="line",
+            xlabel="round",
+        ),
+    ]
 
 
 if __name__ == "__main__":
@@ -73,4 +98,6 @@ if __name__ == "__main__":
     parser.add_argument("--words", type=int, default=1100)
     parser.add_argument("--after", type=float, default=0.05)
     args = parser.parse_args()
-    run(main(args.rounds, args.words, args.after))
+    with Transcript() as printed:
+        figures = run(main(args.rounds, args.words, args.after))
+    save("prefill_cancel", printed.text, *figures)

@@ -48,6 +48,7 @@ import httpx
 import orjson
 
 import _server
+from _report import Chart, Transcript, progress, save
 
 BENCH = Path(__file__).resolve().parent
 MARK = b"\ndata: "
@@ -249,6 +250,7 @@ async def run_case(
     args: argparse.Namespace,
     expected: int,
     helpers: Helpers | None,
+    bar: Any = None,
 ) -> Case:
     rounds = []
     for _ in range(args.repeats):
@@ -278,6 +280,8 @@ async def run_case(
                 problems,
             )
         )
+        if bar is not None:
+            bar.update(1)
         await asyncio.sleep(0.2)  # let the server settle (group commits, evictions)
     rounds.sort(key=lambda c: c.aggregate)
     median = rounds[len(rounds) // 2]
@@ -356,9 +360,13 @@ async def bench(
 ) -> list[Case]:
     expected = args.length + HEADER_EVENTS
     cases = []
+    bar = progress(
+        total=len(servers) * len(args.readers) * (args.repeats + 1), desc="rounds", unit="round"
+    )
     for name, srv in servers:
         for readers in args.readers:
             await one_round(srv.url, readers, args.mode, helpers)  # warm-up, not measured
+            bar.update(1)
             prof = (
                 Profiler(srv.pid, profile / f"{name}-{readers}.txt")
                 if profile is not None and name == "tether" and readers == max(args.readers)
@@ -366,16 +374,54 @@ async def bench(
             )
             try:
                 cases.append(
-                    await run_case(name, srv.url, srv.pid, readers, args, expected, helpers)
+                    await run_case(name, srv.url, srv.pid, readers, args, expected, helpers, bar)
                 )
             finally:
                 if prof is not None:
                     prof.stop()
                     prof.report()
+    bar.close()
     return cases
 
 
 def main() -> int:
+    with Transcript() as printed:
+        code, cases = measure()
+    save("relay", printed.text, *charts(cases))
+    return code
+
+
+def charts(cases: list[Case]) -> list[Chart]:
+    """Aggregate and per-reader events/s per reader count, one series per server."""
+    readers = sorted({c.readers for c in cases})
+    servers = list(dict.fromkeys(c.server for c in cases))
+    by = {(c.server, c.readers): c for c in cases}
+
+    def series(attr: str) -> dict[str, list[float]]:
+        return {
+            s: [getattr(by[s, n], attr) if (s, n) in by else float("nan") for n in readers]
+            for s in servers
+        }
+
+    return [
+        Chart(
+            "aggregate events/s (all readers)",
+            "events/s",
+            readers,
+            series("aggregate"),
+            xlabel="readers of one response",
+        ),
+        Chart(
+            "per-reader events/s (median reader)",
+            "events/s",
+            readers,
+            series("per_reader"),
+            xlabel="readers of one response",
+        ),
+    ]
+
+
+def measure() -> tuple[int, list[Case]]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -546,7 +592,7 @@ def main() -> int:
         for problem in c.problems[:5]:
             print(f"  {c.server} x{c.readers}: {problem}")
             failed = True
-    return 1 if failed else 0
+    return 1 if failed else 0, cases
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from _report import Chart, Transcript, progress, save
 from _server import Server, machine, percentile, table, tether_cmd
 
 LIVE = ("queued", "in_progress")
@@ -81,12 +83,39 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--queued", type=int, default=20)
     args = parser.parse_args()
+    with Transcript() as printed:
+        rows = measure(args)
+    columns = list(zip(*[r[1:] for r in rows[: args.rounds]], strict=True))
+    save(
+        "restart",
+        printed.text,
+        Chart(
+            "after SIGKILL: seconds from the new process's spawn",
+            "s",
+            [
+                "/health",
+                "lock held",
+                "orphan\nended",
+                "first queued\nended",
+                f"all {args.queued}\nqueued ended",
+                "all ended\n− lock held",
+            ],
+            {
+                "p50": [percentile(list(c), 50) for c in columns],
+                "max": [max(c) for c in columns],
+            },
+            marks={"2 s (contract §8.7)": 2.0},
+        ),
+    )
+
+
+def measure(args: argparse.Namespace) -> list[list[Any]]:
     print(
         f"{args.rounds} rounds, 1 running + {args.queued} queued responses, "
         f"lease 30 s; {machine()}\n"
     )
-    rows = []
-    for i in range(args.rounds):
+    rows: list[list[Any]] = []
+    for i in progress(range(args.rounds), desc="restarts", unit="round"):
         with tempfile.TemporaryDirectory(prefix="tether-bench-restart-") as tmp:
             rows.append([i + 1, *one_round(Path(tmp), args.queued)])
     columns = list(zip(*[r[1:] for r in rows], strict=True))
@@ -110,6 +139,7 @@ def main() -> None:
         "\nSeconds from the new process's spawn (python start-up and migrations "
         "included), except the last column."
     )
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from _report import Chart, Transcript, progress, save
 from _server import machine, percentile, table
 from tether.store import pg_partitions, pg_sql
 
@@ -189,7 +190,40 @@ def holding(
     return run
 
 
-async def main(args: argparse.Namespace) -> None:
+Removal = tuple[str, float, list[list[object]]]  # what, seconds, latency rows
+
+
+def charts(removals: list[Removal]) -> list[Chart]:
+    """Readers' and writers' p99 / max by phase for each removal, and how long each took."""
+    out = []
+    for what, _, rows in removals[:2]:
+        phases = list(dict.fromkeys(str(r[1]) for r in rows))
+        series: dict[str, list[float]] = {}
+        for op in ("read", "append"):
+            for stat, col in (("p99", 4), ("max", 5)):
+                by = {r[1]: r[col] for r in rows if r[0] == op}
+                series[f"{op} {stat}"] = [float(by[p]) for p in phases]  # type: ignore[arg-type]
+        out.append(Chart(f"latency around the {what} (ms)", "ms", phases, series))
+    out.append(
+        Chart(
+            "removal took (ms)",
+            "ms",
+            [what for what, _, _ in removals],
+            {"ms": [took * 1000 for _, took, _ in removals]},
+            log=True,
+        )
+    )
+    return out
+
+
+def stages(args: argparse.Namespace) -> int:
+    """Fills and measured removals of a run, for the progress bar."""
+    return 3 + 2 * bool(args.delete) + 4 * bool(args.hold)
+
+
+async def main(args: argparse.Namespace) -> list[Removal]:
+    removals: list[Removal] = []
+    bar = progress(total=stages(args), desc="fill / measure", unit="stage")
     name = f"tether_retention_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(args.admin)
     await admin.execute(f"CREATE DATABASE {name}")
@@ -206,10 +240,14 @@ async def main(args: argparse.Namespace) -> None:
         old = now - 2 * DAY
         await pg_partitions.cover(con, old, old + 1)
         began = time.perf_counter()
+        bar.set_postfix_str("fill the old partition")
         await fill(con, "resp_old_", old, args.events, args.per_old)
+        bar.update(1)
         filled = time.perf_counter() - began
+        bar.set_postfix_str("fill the current one")
         await fill(con, "resp_recent_", now, args.recent * args.per_log, args.per_log)
         await con.execute("VACUUM ANALYZE")
+        bar.update(1)
         part = pg_partitions.name_of(pg_partitions.WIDTH * (old // pg_partitions.WIDTH))
         size = await con.fetchval(f"SELECT pg_total_relation_size('{part}')")
         rows = await con.fetchval(f"SELECT count(*) FROM {part}")
@@ -232,7 +270,10 @@ async def main(args: argparse.Namespace) -> None:
             assert dropped == [part], dropped
             return dropped
 
+        bar.set_postfix_str("drop, under load")
         took, table_rows = await measure(url, args, recent, drop)
+        bar.update(1)
+        removals.append(("partition drop", took, table_rows))
         assert not await con.fetchval("SELECT to_regclass($1) IS NOT NULL", part)
         print(
             f"\nDROP of a partition of {rows} events: {took * 1000:.1f} ms "
@@ -242,8 +283,10 @@ async def main(args: argparse.Namespace) -> None:
 
         if args.delete:
             await pg_partitions.cover(con, old, old + 1)
+            bar.set_postfix_str("fill for the DELETE")
             await fill(con, "resp_older_", old, args.events, args.per_old)
             await con.execute("VACUUM ANALYZE")
+            bar.update(1)
 
             async def delete(c: asyncpg.Connection) -> object:
                 return await c.execute(
@@ -252,7 +295,10 @@ async def main(args: argparse.Namespace) -> None:
                     time.time() - DAY,
                 )
 
+            bar.set_postfix_str("DELETE, under load")
             took, table_rows = await measure(url, args, recent, delete)
+            bar.update(1)
+            removals.append(("DELETE", took, table_rows))
             print(
                 f"\nDELETE of the same {rows} events (the retention before): {took * 1000:.1f} ms\n"
             )
@@ -260,8 +306,10 @@ async def main(args: argparse.Namespace) -> None:
         if args.hold:
             for how in ("concurrent", "plain"):
                 await pg_partitions.cover(con, old, old + 1)
+                bar.set_postfix_str(f"fill for the {how} drop")
                 await fill(con, f"resp_{how}_", old, args.events, args.per_old)
                 await con.execute("VACUUM ANALYZE")
+                bar.update(1)
 
                 async def removal(c: asyncpg.Connection, how: str = how) -> object:
                     if how == "plain":  # what dropping a partition takes without a detach
@@ -269,9 +317,12 @@ async def main(args: argparse.Namespace) -> None:
                     t = time.time()
                     return await pg_partitions.drop(c, t, t - DAY)
 
+                bar.set_postfix_str(f"{how} drop, a reader holding")
                 took, table_rows = await measure(
                     url, args, recent, holding(url, args.hold, removal)
                 )
+                bar.update(1)
+                removals.append((f"{how} drop, held", took, table_rows))
                 what = {
                     "concurrent": "DETACH CONCURRENTLY + DROP TABLE (the store's)",
                     "plain": "a plain DROP TABLE of the partition",
@@ -283,8 +334,10 @@ async def main(args: argparse.Namespace) -> None:
                 print(table(["op", "phase", "n", "p50 ms", "p99 ms", "max ms"], table_rows))
         await con.close()
     finally:
+        bar.close()
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+    return removals
 
 
 if __name__ == "__main__":
@@ -312,4 +365,6 @@ if __name__ == "__main__":
         "(the store's detach, then a plain DROP TABLE)",
     )
     parser.add_argument("--delete", action="store_true", help="also measure the DELETE it replaced")
-    asyncio.run(main(parser.parse_args()))
+    with Transcript() as printed:
+        removals = asyncio.run(main(parser.parse_args()))
+    save("retention", printed.text, *charts(removals))

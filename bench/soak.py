@@ -7,8 +7,10 @@ afterwards). `--minutes` sets the length; `--rate` the operations per second. Ev
 `--every` seconds (10) it samples `/proc/PID/status` VmRSS, `/proc/PID/fd`, the
 `tether_tasks` and `tether_log_cache_bytes` gauges of `/metrics`, and the database size
 (the SQLite file with its WAL, or `pg_database_size`). At the end it prints the samples as
-a table, writes them to a CSV and plots them to a PNG (matplotlib), and says whether RSS,
-fds and tasks stayed flat after the warm-up (the first `--warmup` fraction of the run).
+a table, writes them to `bench/out/soak.csv` and, with the table, to `soak.md` and
+`soak.png` (`soak-scaled.*` with `--scaled`; `--out DIR` or `TETHER_BENCH_OUT` moves them),
+and says whether RSS, fds and tasks stayed flat after the warm-up (the first `--warmup`
+fraction of the run). A progress bar on stderr shows the minutes gone.
 
 Operations, drawn at random at a steady rate (weights in `OPS`):
 - `stream`: create with `stream: true`, read to `[DONE]`;
@@ -45,7 +47,9 @@ from typing import Any
 import httpx
 import orjson
 
+import _report
 import _server
+from _report import Chart, Transcript, progress, save
 
 sys.path.insert(0, str(_server.REPO / "tests"))
 from invariants import Cancel, Seen, check_response  # tests/invariants.py
@@ -373,10 +377,15 @@ class Soak:
         checker = asyncio.create_task(self.checker())
         interval = 1.0 / self.args.rate
         tick = start
+        bar = progress(total=round(self.args.minutes * 60), desc="soak", unit="s")
         while time.monotonic() < end:
             self.start_op()
             tick += interval
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
+            if (gone := int(time.monotonic() - start)) > bar.n:
+                bar.update(min(gone, bar.total) - bar.n)
+                bar.set_postfix_str(f"checked {self.checked}, violations {len(self.violations)}")
+        bar.close()
         if self.tasks:  # let running operations end (a stream ends with its response)
             await asyncio.wait(set(self.tasks), timeout=STUCK_AFTER)
         deadline = time.monotonic() + STUCK_AFTER
@@ -408,7 +417,14 @@ def gauge(page: str, name: str) -> float:
 # --- report ----------------------------------------------------------------------------------
 
 
-def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
+def report(soak: Soak, args: argparse.Namespace, name: str) -> None:
+    with Transcript() as printed:
+        tables(soak, args, name)
+    save(name, f"{args.header}\n{printed.text}", *charts(soak.samples))
+    print(f"samples: {_report.out_dir() / name}.csv")
+
+
+def tables(soak: Soak, args: argparse.Namespace, name: str) -> None:
     samples = soak.samples
     step = max(1, len(samples) // 30)
     shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
@@ -446,7 +462,7 @@ def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
             ],
         )
     )
-    with (out.with_suffix(".csv")).open("w") as f:
+    with (_report.out_dir() / f"{name}.csv").open("w") as f:
         f.write("t,cpu_pct,rss_mib,fds,tasks,cache_mib,db_mib,wal_mib,ops,checked,violations\n")
         for s in samples:
             f.write(
@@ -454,7 +470,6 @@ def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
                 f"{s.wal:.2f},"
                 f"{s.ops},{s.checked},{s.violations}\n"
             )
-    plot(samples, args, mode, out.with_suffix(".png"))
     warm = [s for s in samples if s.t >= args.warmup * args.minutes * 60] or samples
     first, last = warm[0], samples[-1]
     print(f"\nops: {dict(soak.ops)}; checked {soak.checked} responses")
@@ -472,41 +487,36 @@ def report(soak: Soak, args: argparse.Namespace, mode: str, out: Path) -> None:
     print(f"violations: {len(soak.violations)}")
     for v in soak.violations[:20]:
         print(f"  {v}")
-    print(f"plot: {out.with_suffix('.png')}\nsamples: {out.with_suffix('.csv')}")
 
 
-def plot(samples: list[Sample], args: argparse.Namespace, mode: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = [s.t / 60 for s in samples]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
-    axes[0].plot(t, [s.rss for s in samples], label="RSS")
-    axes[0].plot(t, [s.cache for s in samples], label="log cache (counted)")
-    axes[0].set_ylabel("MiB")
-    axes[0].legend(loc="upper left")
-    axes[1].plot(t, [s.fds for s in samples])
-    axes[1].set_ylabel("open fds")
-    axes[2].plot(t, [s.tasks for s in samples])
-    axes[2].set_ylabel("asyncio tasks")
-    axes[3].plot(t, [s.db for s in samples], label="database")
+def charts(samples: list[Sample]) -> list[Chart]:
+    """The samples over time: memory, fds, tasks, database size."""
+    t = [round(s.t / 60, 2) for s in samples]
+    db = {"database": [s.db for s in samples]}
     if any(s.wal for s in samples):
-        axes[3].plot(t, [s.wal for s in samples], label="WAL")
-        axes[3].legend(loc="upper left")
-    axes[3].set_ylabel("MiB")
-    axes[3].set_xlabel("minutes")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-    fig.suptitle(
-        f"tether soak ({mode}): {args.rate:g} ops/s, {args.minutes:g} min, "
-        f"{args.length} tokens at {args.tokens_per_s:g}/s"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        db["WAL"] = [s.wal for s in samples]
+    return [
+        Chart(
+            "server memory",
+            "MiB",
+            t,
+            {"RSS": [s.rss for s in samples], "log cache (counted)": [s.cache for s in samples]},
+            kind="line",
+            xlabel="minutes",
+        ),
+        Chart(
+            "open fds", "fds", t, {"fds": [s.fds for s in samples]}, kind="line", xlabel="minutes"
+        ),
+        Chart(
+            "asyncio tasks",
+            "tasks",
+            t,
+            {"tasks": [s.tasks for s in samples]},
+            kind="line",
+            xlabel="minutes",
+        ),
+        Chart("database size", "MiB", t, db, kind="line", xlabel="minutes"),
+    ]
 
 
 # --- servers -------------------------------------------------------------------------------
@@ -610,7 +620,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=200.0, help="scripted rate")
     parser.add_argument("--retention", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--out", default=None, help="path stem of the PNG and CSV")
+    parser.add_argument(
+        "--out", default=None, help="directory of soak.md, .png and .csv (bench/out)"
+    )
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--extra", nargs="*", default=[], help="more `tether serve` flags")
@@ -618,12 +630,17 @@ def main() -> None:
     if args.seed is None:
         args.seed = secrets.randbelow(2**32)
     mode = "postgres+redis" if args.scaled else "sqlite"
-    out = Path(args.out or f"/tmp/tether-soak-{mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"{_server.machine()}; mode {mode}; seed {args.seed}")
+    if args.out:
+        os.environ["TETHER_BENCH_OUT"] = args.out
+    args.header = (
+        f"{_server.machine()}; mode {mode}; seed {args.seed}; {args.rate:g} ops/s, "
+        f"{args.minutes:g} min, {args.length} tokens at {args.tokens_per_s:g}/s"
+    )
+    print(args.header)
     with (scaled_server if args.scaled else sqlite_server)(args) as (srv, size):
         soak = Soak(srv, args, size)
         _server.run(soak.run())
-        report(soak, args, mode, out)
+        report(soak, args, "soak-scaled" if args.scaled else "soak")
     sys.exit(1 if soak.violations else 0)
 
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue
 import random
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -39,18 +41,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _server
+from _report import Chart, Transcript, progress, save
 
 
 def job(
-    index: int, seed: int, steps: int, args: argparse.Namespace, deadline: float
+    index: int,
+    seed: int,
+    steps: int,
+    args: argparse.Namespace,
+    deadline: float,
+    done: queue.Queue[tuple[int, int]],
 ) -> dict[str, Any]:
-    """One independent run of the machine (in its own process)."""
+    """One independent run of the machine (in its own process); its step count goes to
+    `done` every half second, for the parent's progress bar."""
     import test_lifecycle_stateful as machine
 
     machine.Lifecycle.restart_gap = args.restart_gap
     started = time.monotonic()
     violation = None
     batch = 0
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(0.5):
+            done.put((index, machine.Lifecycle.steps))
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
     with tempfile.TemporaryDirectory() as tmp:
         while machine.Lifecycle.steps < steps and time.time() < deadline:
             folder = Path(tmp) / str(batch)
@@ -78,6 +95,8 @@ def job(
                 f"{time.monotonic() - started:.0f} s",
                 flush=True,
             )
+    stop.set()
+    reporter.join()
     return {
         "job": index,
         "seed": seed,
@@ -92,6 +111,49 @@ def job(
 
 
 def main() -> int:
+    with Transcript() as printed:
+        code, results = measure()
+    save("stateful", printed.text, *charts(results))
+    return code
+
+
+def charts(results: list[dict[str, Any]]) -> list[Chart]:
+    """Steps per rule (what the run exercised), and steps / responses / violations per job."""
+    rules: Counter[str] = Counter()
+    for r in results:
+        rules.update(r["rules"])
+    names = sorted(rules)
+    jobs = [r["job"] for r in results]
+    return [
+        Chart("steps per rule", "steps", names, {"steps": [rules[n] for n in names]}),
+        Chart(
+            "per job (goal: 0 violations)",
+            "count",
+            jobs,
+            {
+                "steps": [r["steps"] for r in results],
+                "responses": [r["responses"] for r in results],
+                "violations": [1 if r["violation"] else 0 for r in results],
+            },
+            xlabel="job",
+        ),
+    ]
+
+
+def wait(pending: list[Any], done: queue.Queue[tuple[int, int]], total: int) -> None:
+    """Show the jobs' steps (as they report them) until every job has ended."""
+    counts: dict[int, int] = {}
+    with progress(total=total, desc="steps", unit="step") as bar:
+        while not all(p.ready() for p in pending):
+            try:
+                index, steps = done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            counts[index] = steps
+            bar.update(min(total, sum(counts.values())) - bar.n)
+
+
+def measure() -> tuple[int, list[dict[str, Any]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500, help="total steps (500)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel runs sharing the steps")
@@ -123,11 +185,14 @@ def main() -> int:
     print(f"job seeds: {seeds}; {_server.machine()}", flush=True)
     started = time.monotonic()
     deadline = time.time() + 60 * args.max_minutes
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ctx.Pool(args.jobs) as pool:
+        done = manager.Queue()
         pending = [
-            pool.apply_async(job, (j, seeds[j], shares[j], args, deadline))
+            pool.apply_async(job, (j, seeds[j], shares[j], args, deadline, done))
             for j in range(args.jobs)
         ]
+        wait(pending, done, args.steps)
         results = [p.get() for p in pending]
     wall = time.monotonic() - started
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -176,7 +241,7 @@ def main() -> int:
     for r in results:
         if r["violation"]:
             print(f"job {r['job']}: {r['violation']}")
-    return 1 if any(r["violation"] for r in results) else 0
+    return 1 if any(r["violation"] for r in results) else 0, results
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from _report import Chart, Transcript, progress, save
 from _server import (
     Server,
     _env,
@@ -73,8 +74,11 @@ class Receiver:
             return len(self.arrivals)
 
 
-def one_round(n: int, clients: int, receiver: Receiver | None, pace: float = 0.0) -> dict[str, Any]:
-    """`pace`: responses created per second (0: as fast as the clients go)."""
+def one_round(
+    n: int, clients: int, receiver: Receiver | None, pace: float = 0.0, bar: Any = None
+) -> dict[str, Any]:
+    """`pace`: responses created per second (0: as fast as the clients go); `bar` counts
+    the creates."""
     srv = Server(tether_cmd(rate=0, length=20), name="tether")
     db = srv.workdir / "bench.db"
     if receiver is not None:
@@ -96,6 +100,8 @@ def one_round(n: int, clients: int, receiver: Receiver | None, pace: float = 0.0
                     json={"model": "scripted", "input": f"n{i}", "background": True},
                 )
                 r.raise_for_status()
+                if bar is not None:
+                    bar.update(1)
                 return str(r.json()["id"])
 
             with ThreadPoolExecutor(clients) as pool:
@@ -145,20 +151,56 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--pace", type=float, default=50.0, help="third round's creates/s")
     args = parser.parse_args()
+    with Transcript() as printed:
+        rows = measure(args)
+    save("webhooks", printed.text, *charts(rows))
+
+
+def charts(rows: list[dict[str, Any]]) -> list[Chart]:
+    """Responses/s and CPU per response per round; the delivery lag with the endpoint."""
+    names = [str(r["round"]).replace(", ", ",\n") for r in rows]
+    hooked = [r for r in rows if "lag p50 ms" in r]
+    return [
+        Chart(
+            "responses ended per second",
+            "responses/s",
+            names,
+            {"responses/s": [float(r["responses/s"]) for r in rows]},
+        ),
+        Chart(
+            "server CPU per response",
+            "ms",
+            names,
+            {"CPU ms": [float(r["server CPU ms/response"]) for r in rows]},
+        ),
+        Chart(
+            "response end → webhook event received",
+            "ms",
+            [str(r["round"]).replace("one endpoint, ", "") for r in hooked],
+            {stat: [float(r[f"lag {stat} ms"]) for r in hooked] for stat in ("p50", "p99", "max")},
+            marks={"webhook_poll 500 ms": 500.0},
+        ),
+    ]
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(machine())
     print(f"{args.responses} background responses, {args.clients} clients, scripted rate 0\n")
     rows = []
     receiver = Receiver()
+    bar = progress(total=4 * args.responses, desc="responses created", unit="resp")
     for pace in (0.0, args.pace):
         label = f", {pace:g} responses/s" if pace else ", burst"
         for hooked in (None, receiver):
             receiver.arrivals.clear()
-            result = one_round(args.responses, args.clients, hooked, pace)
+            result = one_round(args.responses, args.clients, hooked, pace, bar)
             rows.append({"round": ("one endpoint" if hooked else "no endpoint") + label, **result})
+    bar.close()
     receiver.server.shutdown()
     columns = ["round", "responses/s", "server CPU ms/response", "delivered", "duplicates",
                "lag p50 ms", "lag p99 ms", "lag max ms"]  # fmt: skip
     print(table(columns, [[r.get(c, "-") for c in columns] for r in rows]))
+    return rows
 
 
 if __name__ == "__main__":
