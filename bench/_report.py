@@ -177,9 +177,19 @@ def plot(path: Path, charts: Sequence[Chart]) -> None:
     # Up to three panels side by side; more wrap onto rows of two.
     cols = panels if panels <= 3 else 2
     rows = math.ceil(panels / cols)
-    width = max((_width(c) for c in charts), default=5.5)
-    height = max((_height(c) for c in charts), default=4.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    # Each column as wide as its widest panel needs, each row as tall as its tallest.
+    widths = [max((_width(c) for c in charts[i::cols]), default=5.5) for i in range(cols)]
+    heights = [
+        max((_height(c) for c in charts[r * cols : (r + 1) * cols]), default=4.2)
+        for r in range(rows)
+    ]
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(sum(widths), sum(heights)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths, "height_ratios": heights},
+    )
     flat = list(axes.flat)
     for ax, chart in zip(flat, charts, strict=False):
         _draw(ax, chart)
@@ -195,8 +205,14 @@ def _width(chart: Chart) -> float:
     if chart.horizontal:
         return 8.0
     if chart.kind == "bar":
-        return max(5.5, 0.25 * len(chart.categories) * max(1, len(chart.series)))
+        bars = 0.25 * len(chart.categories) * max(1, len(chart.series))
+        return min(12.0, max(5.5, bars, _text_width(chart.categories) + 1.5))
     return 5.5
+
+
+def _text_width(categories: Sequence[Any]) -> float:
+    """Inches the x tick labels take side by side (their longest lines, at 8 pt)."""
+    return 0.075 * sum(max(len(line) for line in str(c).split("\n")) + 2 for c in categories)
 
 
 def _height(chart: Chart) -> float:
@@ -212,69 +228,62 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 
 def _draw(ax: Any, chart: Chart) -> None:
-    labels = [str(c) for c in chart.categories]
-    names = list(chart.series)
     at_values = chart.kind == "line" and _numeric(chart.categories)
-    xs = [float(c) for c in chart.categories] if at_values else list(range(len(labels)))
+    xs = [float(c) for c in chart.categories] if at_values else list(range(len(chart.categories)))
     if chart.kind == "bar":
-        width = 0.8 / max(1, len(names))
-        draw = ax.barh if chart.horizontal else ax.bar
-        for i, name in enumerate(names):
-            # Horizontal (y axis inverted): the first series on top, as a table reads.
-            offset = (i - (len(names) - 1) / 2) * width
-            bars = draw([x + offset for x in xs], list(chart.series[name]), width, label=name)
-            if len(xs) * len(names) <= LABELLED_BARS or chart.horizontal:
-                ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
+        _bars(ax, chart, xs)
     else:
         marker = "o" if len(xs) <= 30 else None
-        for name in names:
-            ax.plot(xs, list(chart.series[name]), marker=marker, label=name)
-    for label, y in chart.marks.items():
-        if chart.horizontal:
-            ax.axvline(y, linestyle="--", color="gray", linewidth=1)
-            ax.annotate(
-                label,
-                (y, 1),
-                xycoords=("data", "axes fraction"),
-                fontsize=8,
-                textcoords="offset points",
-                xytext=(3, -10),
-            )
-            continue
-        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(
-            label,
-            (0, y),
-            xycoords=("axes fraction", "data"),
-            textcoords="offset points",
-            xytext=(2, 3),
-            fontsize=8,
-        )
+        for name, values in chart.series.items():
+            ax.plot(xs, list(values), marker=marker, label=name)
+    _marks(ax, chart)
+    # Horizontal bars swap the axes: categories down the y axis, values along x.
+    value_axis, category_axis = ("x", "y") if chart.horizontal else ("y", "x")
+    labels = [str(c) for c in chart.categories]
     if chart.horizontal:
         ax.set_yticks(xs, labels, fontsize=8)
-        ax.invert_yaxis()  # the first category on top
-        ax.set(title=chart.title, xlabel=chart.ylabel, ylabel=chart.xlabel)
-        ax.title.set_fontsize(10)
-        ax.grid(axis="x", alpha=0.3)
-        if chart.log:
-            ax.set_xscale("log")
-        if len(names) > 1:
-            ax.legend(fontsize=8)
-        return
-    if not at_values:
-        ax.set_xticks(xs, labels)
-        # Long or many labels are tilted so that they do not run into each other.
-        if sum(len(s) for s in labels) > 40:
+        ax.invert_yaxis()  # the first category on top, as a table reads
+    elif not at_values:
+        ax.set_xticks(xs, labels, fontsize=8)
+        # Labels wider than the panel are tilted so that they do not run into each other.
+        if _text_width(labels) > 0.8 * _width(chart):
             ax.tick_params(axis="x", labelrotation=25)
             for tick in ax.get_xticklabels():
                 tick.set_horizontalalignment("right")
-    ax.set(title=chart.title, ylabel=chart.ylabel, xlabel=chart.xlabel)
+    ax.set(title=chart.title)
+    ax.set(**{f"{value_axis}label": chart.ylabel, f"{category_axis}label": chart.xlabel})
     ax.title.set_fontsize(10)
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis=value_axis, alpha=0.3)
     if chart.log:
-        ax.set_yscale("log")
-    if len(names) > 1:
+        ax.set(**{f"{value_axis}scale": "log"})
+    if len(chart.series) > 1:
         ax.legend(fontsize=8)
+
+
+def _bars(ax: Any, chart: Chart, xs: list[float]) -> None:
+    """Grouped bars, a series beside the other in each category; values written on them."""
+    names = list(chart.series)
+    width = 0.8 / max(1, len(names))
+    draw = ax.barh if chart.horizontal else ax.bar
+    for i, name in enumerate(names):
+        offset = (i - (len(names) - 1) / 2) * width
+        bars = draw([x + offset for x in xs], list(chart.series[name]), width, label=name)
+        if len(xs) * len(names) <= LABELLED_BARS or chart.horizontal:
+            ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
+
+
+def _marks(ax: Any, chart: Chart) -> None:
+    """Reference lines across the values' axis, each labelled at its start."""
+    for label, value in chart.marks.items():
+        if chart.horizontal:
+            ax.axvline(value, linestyle="--", color="gray", linewidth=1)
+            at, coords, shift = (value, 1), ("data", "axes fraction"), (3, -10)
+        else:
+            ax.axhline(value, linestyle="--", color="gray", linewidth=1)
+            at, coords, shift = (0, value), ("axes fraction", "data"), (2, 3)
+        ax.annotate(
+            label, at, xycoords=coords, textcoords="offset points", xytext=shift, fontsize=8
+        )
 
 
 def _label(value: float) -> str:

@@ -260,7 +260,7 @@ async def endings(client: openai.AsyncOpenAI, n: int, bar: Any) -> list[str]:
     ]
 
 
-def calls(parts: list[str], n: int) -> int:
+def planned(parts: list[str], n: int) -> int:
     """How many responses the chosen parts create (for the progress bar)."""
     tools, ordinary = min(n, len(TOOL_PROMPTS)), min(n, len(ORDINARY))
     per = {"auto": tools, "forced": 2 * tools, "json": n, "endings": ordinary}
@@ -285,7 +285,7 @@ def chart(rows: list[str]) -> Chart:
 
 
 async def main(parts: list[str], n: int) -> list[str]:
-    bar = progress(total=calls(parts, n), desc="responses", unit="resp")
+    bar = progress(total=planned(parts, n), desc="responses", unit="resp")
     with tether_server(engine="local") as srv:
         client = openai.AsyncOpenAI(
             base_url=srv.base_url, api_key="bench", max_retries=0, timeout=600

@@ -535,7 +535,7 @@ def charts(latency_rows: list[list[object]], token_rows: list[list[object]]) -> 
         ),
         Chart(
             "tokens after the cancel (goal: 0 after the reply)",
-            "tokens",
+            "tokens (responses > 0: responses)",
             ["engine tokens\nafter reply", "engine tokens\ncall → reply", "deltas\nafter reply"],
             {
                 "max": [_num(r[2]) for r in tok],
