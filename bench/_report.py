@@ -228,6 +228,8 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 
 def _draw(ax: Any, chart: Chart) -> None:
+    from matplotlib.ticker import FuncFormatter
+
     at_values = chart.kind == "line" and _numeric(chart.categories)
     xs = [float(c) for c in chart.categories] if at_values else list(range(len(chart.categories)))
     if chart.kind == "bar":
@@ -256,6 +258,8 @@ def _draw(ax: Any, chart: Chart) -> None:
     ax.grid(axis=value_axis, alpha=0.3)
     if chart.log:
         ax.set(**{f"{value_axis}scale": "log"})
+    else:
+        getattr(ax, f"{value_axis}axis").set_major_formatter(FuncFormatter(_label))
     if len(chart.series) > 1:
         ax.legend(fontsize=8)
 
@@ -286,8 +290,15 @@ def _marks(ax: Any, chart: Chart) -> None:
         )
 
 
-def _label(value: float) -> str:
-    """A bar's value, short: 3 significant digits."""
+def _label(value: float, _position: object = None) -> str:
+    """A value, short: 3 significant digits, k / M for thousands and millions (not 8.5e+04)."""
     if math.isnan(value):
         return ""
+    size = abs(value)
+    if size >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    if size >= 1e4:
+        return f"{value / 1e3:.3g}k"
+    if size >= 100:
+        return f"{value:.0f}"
     return f"{value:.3g}"

@@ -113,7 +113,7 @@ def measure(args: argparse.Namespace) -> list[list[Any]]:
 
 
 def counted(fuzzer: fuzz_api.Fuzzer, bar: Any) -> None:
-    """Advance `bar` at each request the fuzzer sends (at most its operation's share)."""
+    """Advance `bar` at each request the fuzzer sends (set right as each operation ends)."""
     send = fuzzer.send
 
     def send_counted(case: Any, rng: Any) -> list[str]:
