@@ -203,7 +203,7 @@ def plot(path: Path, charts: Sequence[Chart]) -> None:
 def _width(chart: Chart) -> float:
     """Inches for one panel: room for the bars and their names."""
     if chart.horizontal:
-        return 8.0
+        return 9.0
     if chart.kind == "bar":
         bars = 0.25 * len(chart.categories) * max(1, len(chart.series))
         return min(12.0, max(5.5, bars, _text_width(chart.categories) + 1.5))
@@ -274,6 +274,11 @@ def _bars(ax: Any, chart: Chart, xs: list[float]) -> None:
         bars = draw([x + offset for x in xs], list(chart.series[name]), width, label=name)
         if len(xs) * len(names) <= LABELLED_BARS or chart.horizontal:
             ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
+    values = [v for vs in chart.series.values() for v in vs if not math.isnan(v)]
+    if values and min(values) >= 0 and not chart.log:
+        # From 0, and all zeros (no problem found) as flat bars, not around a centred 0.
+        top = None if max(values) > 0 else 1
+        (ax.set_xlim if chart.horizontal else ax.set_ylim)(0, top)
 
 
 def _marks(ax: Any, chart: Chart) -> None:
