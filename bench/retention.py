@@ -204,14 +204,10 @@ def charts(removals: list[Removal]) -> list[Chart]:
                 by = {r[1]: r[col] for r in rows if r[0] == op}
                 series[f"{op} {stat}"] = [float(by[p]) for p in phases]  # type: ignore[arg-type]
         out.append(Chart(f"latency around the {what} (ms)", "ms", phases, series))
+    took = [t * 1000 for _, t, _ in removals]
+    wide = min(took) > 0 and max(took) / min(took) > 20  # a log axis only for a wide spread
     out.append(
-        Chart(
-            "removal took (ms)",
-            "ms",
-            [what for what, _, _ in removals],
-            {"ms": [took * 1000 for _, took, _ in removals]},
-            log=True,
-        )
+        Chart("removal took (ms)", "ms", [what for what, _, _ in removals], {"ms": took}, log=wide)
     )
     return out
 
