@@ -228,7 +228,7 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 
 def _draw(ax: Any, chart: Chart) -> None:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     at_values = chart.kind == "line" and _numeric(chart.categories)
     xs = [float(c) for c in chart.categories] if at_values else list(range(len(chart.categories)))
@@ -239,6 +239,7 @@ def _draw(ax: Any, chart: Chart) -> None:
         for name, values in chart.series.items():
             ax.plot(xs, list(values), marker=marker, label=name)
     _marks(ax, chart)
+    _from_zero(ax, chart)
     # Horizontal bars swap the axes: categories down the y axis, values along x.
     value_axis, category_axis = ("x", "y") if chart.horizontal else ("y", "x")
     labels = [str(c) for c in chart.categories]
@@ -247,6 +248,8 @@ def _draw(ax: Any, chart: Chart) -> None:
         ax.invert_yaxis()  # the first category on top, as a table reads
     elif not at_values:
         ax.set_xticks(xs, labels, fontsize=8)
+    elif all(isinstance(c, int) for c in chart.categories):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, jobs: no 1.25
         # Labels wider than the panel are tilted so that they do not run into each other.
         if _text_width(labels) > 0.8 * _width(chart):
             ax.tick_params(axis="x", labelrotation=25)
@@ -274,11 +277,17 @@ def _bars(ax: Any, chart: Chart, xs: list[float]) -> None:
         bars = draw([x + offset for x in xs], list(chart.series[name]), width, label=name)
         if len(xs) * len(names) <= LABELLED_BARS or chart.horizontal:
             ax.bar_label(bars, fmt=_label, fontsize=7, padding=1)
+
+
+def _from_zero(ax: Any, chart: Chart) -> None:
+    """Counts, sizes and times start at 0 (a flat line is then seen as flat), and all
+    zeros (no problem found) show as such, not around a centred 0."""
     values = [v for vs in chart.series.values() for v in vs if not math.isnan(v)]
-    if values and min(values) >= 0 and not chart.log:
-        # From 0, and all zeros (no problem found) as flat bars, not around a centred 0.
-        top = None if max(values) > 0 else 1
-        (ax.set_xlim if chart.horizontal else ax.set_ylim)(0, top)
+    values += list(chart.marks.values())
+    if chart.log or not values or min(values) < 0:
+        return
+    top = 1.08 * max(values) if max(values) > 0 else 1  # room for the values on bars
+    (ax.set_xlim if chart.horizontal else ax.set_ylim)(0, top)
 
 
 def _marks(ax: Any, chart: Chart) -> None:
