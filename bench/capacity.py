@@ -52,31 +52,32 @@ class Costs:
     measured_at: str = ""
 
 
-# `python bench/scale_cluster.py` (bench/README.md, scale_cluster section), K=1 calibration.
+# `flock /tmp/bench.lock python bench/scale_cluster.py`, 2026-12-06 (bench/README.md, scale.py
+# section; docs/capacity.md): K=1's best step.
 MEASURED = Costs(
-    api_us=116.7,
-    worker_us=114.8,
-    hear_us=13.8,
-    redis_us=14.7,
-    pg_us=36.8,
-    client_us=9.556,
-    idle_cores={"api": 0.006, "worker": 0.023, "listener": 0.003, "redis": 0.002},
-    redis_commands=2.227,
+    api_us=112.7,
+    worker_us=115.4,
+    hear_us=12.4,
+    redis_us=14.1,
+    pg_us=40.7,
+    client_us=10.1,
+    idle_cores={"api": 0.003, "worker": 0.007, "listener": 0.003, "redis": 0.002},
+    redis_commands=2.292,
     redis_by_command={
-        "EXEC": 0.041,
-        "EXPIRE": 0.964,
-        "XADD": 0.964,
-        "SPUBLISH": 0.124,
-        "MULTI": 0.041,
-        "XRANGE": 0.041,
-        "EXISTS": 0.041,
+        "XRANGE": 0.038,
+        "XADD": 1.002,
+        "MULTI": 0.038,
+        "EXISTS": 0.038,
+        "EXEC": 0.038,
+        "SPUBLISH": 0.127,
+        "EXPIRE": 1.002,
     },
-    redis_bytes_in=551.6,
-    redis_bytes_out=489.8,
-    pg_transactions=0.033,
-    pg_rows=1.812,
-    pg_wal_bytes=653.4,
-    measured_at="K=1, 200 streams x 20 tokens/s, 3,472 events/s, 2026-12-06",
+    redis_bytes_in=571.5,
+    redis_bytes_out=465.5,
+    pg_transactions=0.049,
+    pg_rows=2.397,
+    pg_wal_bytes=654.5,
+    measured_at="K=1, 220 streams x 20 tokens/s, 3,873 events/s, 2026-12-06",
 )
 
 
