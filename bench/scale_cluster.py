@@ -471,7 +471,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream (20)")
     p.add_argument("--length", type=int, default=4000, help="tokens per response (4000)")
     p.add_argument("--ramp-step", type=int, default=20, help="streams added per step (20)")
-    p.add_argument("--ramp-max", type=int, default=280, help="most streams (280)")
+    p.add_argument("--ramp-max", type=int, default=400, help="most streams (400)")
     p.add_argument("--ramp-start", type=int, default=60, help="streams of the first step (60)")
     p.add_argument("--ramp-window", type=float, default=3.0, help="seconds per step (3)")
     p.add_argument("--ramp-settle", type=float, default=1.0, help="seconds before (1)")

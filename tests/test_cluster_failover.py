@@ -2,14 +2,14 @@
 
 3 masters + 3 replicas (cluster-node-timeout 1 s), 2 API replicas and 2 workers, 200 live
 background streams with two readers each (the creating stream on one API replica, a resume on
-the other). Streams are created, and checked, from a pool of threads; each runs a minute
-(4 tokens a second), so the kill lands mid-run even when creating them is slow on the 2-core
-test machine. The master that holds the first response's live log
-is SIGKILLed mid-run; its replica takes over. Then: every reader ends with its terminal event,
-with no gap and no duplicate (exactly the log after its cursor); every response completes
-(the runs write to PostgreSQL, so losing a Redis master costs them nothing: they continue, as
-the contract says a run does while its lease is renewed), with exact usage; and the queue on
-the new master takes new work.
+the other), created and checked from a pool of threads. Each runs a minute (4 tokens a
+second), so the kill lands mid-run even when creating them is slow on the 2-core test
+machine. The master that holds the first response's live log is SIGKILLed mid-run (it holds
+about a third of the live logs: responses running on the failed shard); its replica takes
+over. Then: every reader ends with its terminal event, with no gap and no duplicate (exactly
+the log after its cursor); every response completes (the runs write to PostgreSQL, so losing
+a Redis master costs them nothing: they continue, as the contract says a run does while its
+lease is renewed), with exact usage; and the queue on the new master takes new work.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
     assert len(running) >= STREAMS // 2, len(running)
     on_victim = len(set(running) & set(doomed))
     print(f"{len(running)} of {STREAMS} responses running at the kill, {on_victim} on its shard")
+    assert on_victim > 0
     redis.kill(victim)
     killed_at = time.monotonic()
 
