@@ -2,14 +2,16 @@
 
 3 masters + 3 replicas (cluster-node-timeout 1 s), 2 API replicas and 2 workers, 200 live
 background streams with two readers each (the creating stream on one API replica, a resume on
-the other), created and checked from a pool of threads. Each runs a minute (4 tokens a
-second), so the kill lands mid-run even when creating them is slow on the 2-core test
-machine. The master that holds the first response's live log is SIGKILLed mid-run (it holds
-about a third of the live logs: responses running on the failed shard); its replica takes
-over. Then: every reader ends with its terminal event, with no gap and no duplicate (exactly
-the log after its cursor); every response completes (the runs write to PostgreSQL, so losing
-a Redis master costs them nothing: they continue, as the contract says a run does while its
-lease is renewed), with exact usage; and the queue on the new master takes new work.
+the other), opened and checked from a pool of threads. The runs would outlast the test (5
+tokens a second, 100,000 tokens), so every one is live at the kill however slowly 200 streams
+open on the 2-core test machine. The master that holds the first response's live log is
+SIGKILLed (it holds about a third of the live logs: responses running on the failed shard);
+its replica takes over. Then: every process subscribes again; every run goes on (each stream
+gets more deltas after the failover: the runs write to PostgreSQL and renew their leases
+there, so losing a Redis master costs them nothing, as the contract says); the test cancels
+them all, and every reader ends with its terminal event, with no gap and no duplicate
+(exactly the log after its cursor), usage exact (= deltas = the engine's tokens = the cancel
+reply's); and the queue on the new master takes new work.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from test_scaleout import Events
 
 from cluster import Cluster
 from conftest import raw_events, wait_for
-from invariants import Seen, check_response
+from invariants import Cancel, Seen, check_response
 from services import postgres_url
 
 STREAMS = 200
-RATE = 4  # tokens a second: each response runs for a minute, so the kill comes mid-run
-LENGTH = 240  # even when creating 200 streams takes half a minute on a loaded machine
+RATE = 5  # tokens a second
+LENGTH = 100_000  # a run outlasts the test however slowly its streams open: the test ends it
+MORE = 5  # deltas every stream must get after the failover before the test cancels it
 SHORT = 16  # tokens of the new work after the failover: 4 s each
+RETRIES = 5  # a 503 (the store busy past its wait: 200 streams opening on 2 loaded cores)
 POOL = 32  # threads that create (and later check) the streams
 
 
@@ -88,10 +92,11 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
     victim = redis.node_of(f"{prefix}:log:{{{ids[0]}}}")
     doomed = [rid for rid in ids if redis.node_of(f"x{{{rid}}}") is victim]
     print(f"killing master :{victim.port}, which holds {len(doomed)} of {STREAMS} live logs")
-    with a.client() as client, ThreadPoolExecutor(POOL) as pool:
+    with a.client() as strict, ThreadPoolExecutor(POOL) as pool:
+        client = strict.with_options(max_retries=RETRIES)  # a 503 is retried, as by default
         statuses = list(pool.map(lambda r: client.responses.retrieve(r).status, ids))
     running = [r for r, status in zip(ids, statuses, strict=True) if status == "in_progress"]
-    assert len(running) >= STREAMS // 2, len(running)
+    assert len(running) == STREAMS, len(running)
     on_victim = len(set(running) & set(doomed))
     print(f"{len(running)} of {STREAMS} responses running at the kill, {on_victim} on its shard")
     assert on_victim > 0
@@ -112,12 +117,6 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
         t.start()
     wait_failover(redis, victim)
     print(f"a replica took over {time.monotonic() - killed_at:.1f} s after the kill")
-    for t in threads:
-        t.join(120)
-    ended_at = time.monotonic()
-    assert not errors, errors[:3]
-    assert len(seen) == 2 * STREAMS
-    print(f"every reader ended {ended_at - killed_at:.1f} s after the kill")
     # Every process lost its subscriptions (they span all masters) and got them back from
     # the promoted replica: wake-ups and cancels flow again, no process is left polling.
     for process in tether.processes:
@@ -128,24 +127,52 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
             return "Redis subscription back" in text and "cancel channel back" in text
 
         wait_for(back, 30, f"{process.log.name} to subscribe again")
+    # Every run goes on after the failover (those whose log was on the failed master too)
+    # and its readers see it; then the test ends the runs (they would outlast it).
+    marks = [_deltas(stream) for stream in creators]
+    wait_for(
+        lambda: all(_deltas(s) >= m + MORE for s, m in zip(creators, marks, strict=True)),
+        60,
+        f"every stream to get {MORE} more deltas after the failover",
+    )
+    print(f"every stream went on after the failover, {time.monotonic() - killed_at:.1f} s")
+
+    def cancel(i: int) -> Cancel:
+        url = f"{(b, a)[i % 2].base_url}/responses/{ids[i]}/cancel"
+        for _ in range(RETRIES):
+            reply = httpx.post(url, timeout=120)
+            if reply.status_code != 503:
+                break
+            time.sleep(1.0)  # the reply's retry-after
+        return Cancel(reply.status_code, reply.json(), time.time())
+
+    with ThreadPoolExecutor(POOL) as pool:
+        cancels = list(pool.map(cancel, range(STREAMS)))
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(seen) == 2 * STREAMS
+    print(f"every reader ended {time.monotonic() - killed_at:.1f} s after the kill")
 
     def check(i: int) -> None:
         rid = ids[i]
         log = wait_for(lambda: _final(tether, rid), 60, "a terminal log")
         done = creators[i].done and resumers[i].done  # each saw `data: [DONE]`
         readers = [Seen(-1, seen[(0, i)], done), Seen(-1, seen[(1, i)], done)]
-        check_response(a.base_url, rid, log, readers, [], tether.trace(rid))
-        assert log[-1]["type"] == "response.completed", (rid, log[-1]["type"])
+        # (exact usage, text = deltas, the reply's usage = the log's, produced = deltas)
+        check_response(a.base_url, rid, log, readers, [cancels[i]], tether.trace(rid))
+        assert cancels[i].status == 200, (rid, cancels[i].body)
+        assert log[-1]["response"]["status"] == "cancelled", (rid, log[-1]["type"])
         deltas = sum(e["type"] == "response.output_text.delta" for e in log)
-        assert log[-1]["response"]["usage"]["output_tokens"] == deltas == LENGTH
+        assert deltas >= marks[i] + MORE
 
     with ThreadPoolExecutor(POOL) as pool:
         list(pool.map(check, range(STREAMS)))  # (re-raises the first failed check)
 
     # The queue and the live logs work on the promoted master: new work runs and streams.
     def after(n: int) -> None:
-        with tether.client() as client:
-            done = client.responses.create(
+        with tether.client() as strict:
+            done = strict.with_options(max_retries=RETRIES).responses.create(
                 model="scripted", input=f"after {n}", max_output_tokens=SHORT
             )
             assert done.usage is not None and done.usage.output_tokens == SHORT
@@ -157,7 +184,7 @@ def _run(redis: PrivateRedisCluster, tether: Cluster, prefix: str) -> None:
 def _open(method: str, url: str, **kwargs: Any) -> Events:
     """A stream, opened as the SDK would: a 503 (the store busy past its wait, here from
     200 streams opening at once on 2 cores; `x-should-retry: true`) is tried again."""
-    for _ in range(4):
+    for _ in range(RETRIES):
         try:
             return Events(method, url, **kwargs)
         except httpx.HTTPStatusError as exc:
@@ -166,6 +193,11 @@ def _open(method: str, url: str, **kwargs: Any) -> Events:
                 raise
             time.sleep(1.0)  # the reply's retry-after
     return Events(method, url, **kwargs)
+
+
+def _deltas(stream: Events) -> int:
+    """Deltas a stream's reading thread has received so far."""
+    return sum(e["type"] == "response.output_text.delta" for e in list(stream.events))
 
 
 def _final(tether: Cluster, rid: str) -> list[dict[str, Any]] | None:
