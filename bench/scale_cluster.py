@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import capacity
 import scale
-from _report import Chart, progress, save
+from _report import Chart, out_dir, progress, save
 from _server import machine, run, table
 from cluster_probe import Probe, Window
 from redis_cluster import PrivateRedisCluster
@@ -397,9 +397,7 @@ def main() -> int:
         print(capacity.costs_table(c))
     ratios, check = report(args, results, costs)
     print("\n" + check)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "capacity_costs.json").write_text(json.dumps(asdict(costs), indent=2) + "\n")
+    (out_dir() / "capacity_costs.json").write_text(json.dumps(asdict(costs), indent=2) + "\n")
     md = f"{check}\n\n## measured costs (K={results[0].k})\n\n{capacity.costs_table(costs)}"
     save(
         "scale_cluster",
