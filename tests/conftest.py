@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +18,10 @@ import openai
 import pytest
 
 import spec
+from waiting import free_port as free_port
+from waiting import wait_for as wait_for  # (re-exported: tests import both from here)
 
 spec.install()  # every reply of every tether server the tests start meets the specs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy: server state has no push API."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # poll interval of a wait with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def read_deltas(stream: Any, n: int) -> tuple[str, list[Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from conftest import free_port, wait_for
+from waiting import free_port, wait_for
 
 NODE_TIMEOUT_MS = 1000
 
