@@ -1,8 +1,10 @@
-"""A streaming load client cheap enough to outrun the gateways it measures.
+"""A streaming load client cheap enough to outrun the gateways it measures, and the
+figures of a load phase (bench/upstream.py).
 
     conn = await Conn.open("127.0.0.1", port)
     got = await conn.stream(body)          # one streamed POST /v1/responses
     got.deltas, got.ttfd                   # delta events, seconds to the first one
+    one, many = await load(...)            # 1 stream, then rounds of N: deltas/s, TTFD, CPU
 
 Raw HTTP/1.1 over asyncio streams on a keep-alive connection: the request is written as
 bytes, the response's delta events are counted in the raw bytes (`event:
@@ -15,9 +17,16 @@ before the gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+import _server
+from _report import progress
 
 MARK = b"event: response.output_text.delta\n"
 END = b"\r\n0\r\n\r\n"  # a chunked body's terminating chunk (sizes have no leading 0)
@@ -125,3 +134,79 @@ async def rounds(
     finally:
         for c in conns:
             await c.close()
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load phase against one gateway."""
+
+    rate: float  # deltas/s over the phase
+    p50: float  # time to first delta, ms
+    p99: float
+    cpu: float  # gateway CPU ms per 1,000 deltas
+    core: float  # gateway CPU / wall: 1.0 is its core saturated
+    busy: float  # the load side's CPU (this client + the upstream) / wall
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its live descendants (a gateway may fork workers)."""
+    total = _server.cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for child in task.read_text().split():
+                total += tree_cpu(int(child))
+    return total
+
+
+async def measure(
+    gateway_pid: int,
+    upstream_pid: int,
+    phase: Awaitable[tuple[list[Stream], float]],
+    deltas_each: int,
+) -> Load:
+    """Run one load phase, with the CPU the gateway and the load side spent on it."""
+
+    def side() -> float:
+        return time.process_time() + _server.cpu_seconds(upstream_pid)
+
+    gateway, load_side = tree_cpu(gateway_pid), side()
+    got, wall = await phase
+    gateway, load_side = tree_cpu(gateway_pid) - gateway, side() - load_side
+    short = [s.deltas for s in got if s.deltas != deltas_each]
+    assert not short, f"streams with {short[:5]} deltas, not {deltas_each}"
+    deltas = sum(s.deltas for s in got)
+    ttfd = [s.ttfd * 1e3 for s in got]
+    return Load(
+        rate=deltas / wall,
+        p50=_server.percentile(ttfd, 50),
+        p99=_server.percentile(ttfd, 99),
+        cpu=gateway / deltas * 1e6,
+        core=gateway / wall,
+        busy=load_side / wall,
+    )
+
+
+async def load(
+    name: str,
+    port: int,
+    pids: tuple[int, int],
+    tokens: int,
+    singles_n: int,
+    streams: int,
+    rounds_n: int,
+) -> tuple[Load, Load]:
+    """(1 stream, `streams` streams) of `tokens`-token responses of the model `fast`, after
+    a warm-up; `pids` are the gateway's and the upstream's."""
+    host = _server.HOST
+
+    def body(n: int) -> bytes:
+        return orjson.dumps({"model": "fast", "input": f"LENGTH={n}", "stream": True})
+
+    await rounds(host, port, body(20), streams, 2, lambda _: None)
+    with progress(total=singles_n, desc=f"{name}: 1 stream", unit="response") as bar:
+        one = await measure(*pids, singles(host, port, body(tokens), singles_n, bar.update), tokens)
+    total = rounds_n * streams
+    with progress(total=total, desc=f"{name}: {streams} streams", unit="response") as bar:
+        phase = rounds(host, port, body(tokens), streams, rounds_n, bar.update)
+        many = await measure(*pids, phase, tokens)
+    return one, many
