@@ -287,7 +287,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=200, help="tokens (deltas) a response")
     parser.add_argument("--singles", type=int, default=100, help="responses at 1 stream")
     parser.add_argument("--streams", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of --streams streams")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of --streams streams")
     parser.add_argument(
         "--repeats", type=int, default=2, help="load repeats per gateway (the best is shown)"
     )
@@ -323,7 +323,7 @@ def main() -> None:
     pin = ["taskset", "-c", "0"] if args.pin else []
     if args.pin:
         os.sched_setaffinity(0, {1})
-    machine = _server.machine()
+    machine, started = _server.machine(), time.monotonic()
     print(f"# bench/upstream.py — {machine}")
     print(setup(args) + "\n")
     py, side = sys.executable, ["taskset", "-c", "1"] if args.pin else []
@@ -360,6 +360,7 @@ def main() -> None:
             rows[name]["one"], rows[name]["many"] = max(runs, key=lambda r: r[1].rate)
             rows[name]["repeats"] = [r[1].rate for r in runs]
         report(rows, direct, machine, args)
+        print(f"took {time.monotonic() - started:.0f} s")
     finally:
         for srv in [*servers.values(), fast, paced]:
             srv.stop()
