@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -146,6 +147,7 @@ class Load:
     cpu: float  # gateway CPU ms per 1,000 deltas
     core: float  # gateway CPU / wall: 1.0 is its core saturated
     busy: float  # the load side's CPU (this client + the upstream) / wall
+    others: float  # CPU of other processes on the gateway's core(s) / wall
 
 
 def tree_cpu(pid: int) -> float:
@@ -156,6 +158,17 @@ def tree_cpu(pid: int) -> float:
             for child in task.read_text().split():
                 total += tree_cpu(int(child))
     return total
+
+
+def cores_busy(cores: set[int]) -> float:
+    """CPU seconds the machine's `cores` spent busy (not idle or waiting), from /proc/stat."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+            total += user + nice + system + irq + softirq + steal
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(
@@ -169,9 +182,11 @@ async def measure(
     def side() -> float:
         return time.process_time() + _server.cpu_seconds(upstream_pid)
 
-    gateway, load_side = tree_cpu(gateway_pid), side()
+    cores = os.sched_getaffinity(gateway_pid)
+    gateway, load_side, busy = tree_cpu(gateway_pid), side(), cores_busy(cores)
     got, wall = await phase
     gateway, load_side = tree_cpu(gateway_pid) - gateway, side() - load_side
+    others = cores_busy(cores) - busy - gateway
     short = [s.deltas for s in got if s.deltas != deltas_each]
     assert not short, f"streams with {short[:5]} deltas, not {deltas_each}"
     deltas = sum(s.deltas for s in got)
@@ -183,6 +198,7 @@ async def measure(
         cpu=gateway / deltas * 1e6,
         core=gateway / wall,
         busy=load_side / wall,
+        others=max(0.0, others) / wall,
     )
 
 

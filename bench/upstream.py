@@ -168,7 +168,7 @@ def load_table(rows: dict[str, dict[str, Any]], streams: int) -> str:
             f"TTFD p50 / p99 ms, {streams} streams",
             "gateway CPU ms / 1,000 deltas, 1 stream",
             f"{streams} streams",
-            f"gateway / load core busy, {streams} streams",
+            f"gateway / others on its core / load core, CPU % at {streams} streams",
         ],
         [
             [
@@ -179,7 +179,7 @@ def load_table(rows: dict[str, dict[str, Any]], streams: int) -> str:
                 f"{_server._fmt(r['many'].p50)} / {_server._fmt(r['many'].p99)}",
                 r["one"].cpu,
                 r["many"].cpu,
-                f"{r['many'].core:.0%} / {r['many'].busy:.0%}",
+                f"{r['many'].core:.0%} / {r['many'].others:.0%} / {r['many'].busy:.0%}",
             ]
             for name, r in rows.items()
         ],
@@ -210,8 +210,8 @@ def warnings(rows: dict[str, dict[str, Any]]) -> list[str]:
         many: Load = r["many"]
         if many.core < 0.9:
             out.append(
-                f"warning: {name} used {many.core:.0%} of its core under load: other "
-                "processes shared it (see the load average), or it waited on the load side."
+                f"warning: {name} used {many.core:.0%} of its core under load (other "
+                f"processes: {many.others:.0%}); its deltas/s are not its own speed."
             )
         if many.busy > 0.9:
             out.append(f"warning: the load core was {many.busy:.0%} busy under {name}.")
