@@ -111,7 +111,7 @@ async def one_cancel(
             replied = time.time()
             assert reply.json()["status"] == "cancelled", reply.text
     record: dict[str, Any] | None = None
-    for _ in range(100):  # the upstream notices the disconnect a moment later
+    for _ in range(250):  # the upstream notices the disconnect a moment later (5 s at most)
         record = (await c.get(f"{upstream}/records/{run}")).json()
         if record and record["disconnected"]:
             break
