@@ -19,8 +19,10 @@ core 1 (`--no-pin`: nothing pinned). Measured, per gateway:
    stream): deltas/s (all deltas / wall time), time to first delta (request written →
    first delta event read) p50/p99, and gateway CPU (its processes' user + system time
    over the phase) per 1,000 deltas. The load client (bench/_sse_load.py) is raw
-   HTTP/1.1 and counts delta events in the bytes; the load core's busy share (client +
-   fast upstream CPU / wall) is printed so a saturated load side shows;
+   HTTP/1.1 and counts delta events in the bytes. The CPU shares of the gateway, of other
+   processes on its core, and of the load side (client + fast upstream) are printed, so
+   a shared or saturated core shows. `--repeats` 2: gateways alternate, each row is the
+   gateway's best repeat by deltas/s at 50 streams;
 2. time to first token: direct to the upstream, and through each gateway (the added time
    is the difference of medians), `--ttft` sequential requests of 5 tokens (httpx);
 3. cancels through the paced upstream, `--cancels` streams, 10 at a time, each cancelled
