@@ -3,7 +3,7 @@ the first token, and reading an upstream's SSE reply so that a cancel closes the
 connection at once.
 
 A cancel of the run's scope lands in the read of the upstream's body (even one waiting on
-a stalled upstream). It leaves `sse_events`' `httpx` stream context, which closes the
+a stalled upstream). It leaves `sse_batches`' `httpx` stream context, which closes the
 connection (httpx never returns an unfinished body to the pool, and closes it shielded
 from the cancel), and that is what makes a chat-completions server (vLLM, llama.cpp, ...)
 stop generating. Callers close the generator with `contextlib.aclosing`, so this holds
@@ -18,12 +18,13 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
-from httpx_sse import EventSource
 
 from tether.config import UpstreamConfig
 from tether.engines.base import EngineError
+from tether.engines.sse import Event, SSEParser
 
 log = logging.getLogger("tether.upstream")
 
@@ -113,22 +114,39 @@ async def backoff(attempt: int, exc: EngineError) -> None:
 #: the first pair `sse_events` yields: the upstream accepted the request (2xx headers).
 OPENED = ("tether.opened", "")
 
+#: events handed on per loop turn at most: a stream whose upstream is far ahead (a read
+#: of 64 KiB holds hundreds of events) yields to the others between slices, so that a new
+#: stream's first token does not wait for every old stream's whole backlog.
+TURN_EVENTS = 32
 
-async def sse_events(
+
+async def sse_batches(
     client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
-) -> AsyncGenerator[tuple[str, str], None]:
-    """`OPENED`, then the (event, data) pairs of an upstream SSE reply. HTTP errors,
-    transport failures and any other failure of the reader become EngineErrors (a
-    parsing bug must fail the run, never hang it); a cancel goes through as it is."""
+) -> AsyncGenerator[list[Event], None]:
+    """An empty batch once the upstream accepted the request (2xx headers), then the
+    events of an upstream SSE reply, a batch per network read (`TURN_EVENTS` at most, a
+    loop turn apart). HTTP errors, transport failures and any other failure of the
+    reader become EngineErrors (a parsing bug must fail the run, never hang it); a
+    cancel goes through as it is."""
     content = orjson.dumps(body) if body is not None else None
     headers = {"content-type": "application/json"} if body is not None else None
     try:
         async with client.stream(method, path, content=content, headers=headers) as resp:
             if resp.status_code >= 400:
                 raise await error_of(resp)
-            yield OPENED
-            async for sse in EventSource(resp).aiter_sse():
-                yield sse.event, sse.data
+            kind = resp.headers.get("content-type", "").partition(";")[0]
+            if "text/event-stream" not in kind.lower():
+                raise EngineError(f"Upstream did not stream: its content-type is {kind!r}")
+            yield []
+            parser = SSEParser()
+            async for data in resp.aiter_bytes():
+                events = parser.feed(data)
+                while len(events) > TURN_EVENTS:
+                    yield events[:TURN_EVENTS]
+                    events = events[TURN_EVENTS:]
+                    await anyio.lowlevel.checkpoint()
+                if events:
+                    yield events
     except httpx.ConnectError as exc:
         raise UpstreamGone(
             f"Upstream unreachable: {exc or type(exc).__name__}", retryable=True
@@ -146,6 +164,20 @@ async def sse_events(
         raise
     except Exception as exc:
         raise EngineError(f"Upstream reader failed: {type(exc).__name__}: {exc}") from None
+
+
+async def sse_events(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+) -> AsyncGenerator[tuple[str, str], None]:
+    """`OPENED`, then the (event, data) pairs of an upstream SSE reply, one at a time
+    (`sse_batches`, data decoded), with the same errors."""
+    batches = sse_batches(client, method, path, body)
+    async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
+        async for batch in batches:
+            if not batch:
+                yield OPENED
+            for event, data in batch:
+                yield event, data.decode("utf-8", "replace")
 
 
 def estimate_tokens(text: str) -> int:
