@@ -111,7 +111,8 @@ def main() -> None:
         cmd = [py, str(BENCH / "bare_upstream_relay.py"), "--port", "{port}"]
         cmd += [f"--upstream=fast={fast.base_url}"]
     else:
-        cmd = [py, *([str(BENCH / "_profiled.py"), str(prof)] if args.profile else ["-m", "tether"])]
+        run = [str(BENCH / "_profiled.py"), str(prof)] if args.profile else ["-m", "tether"]
+        cmd = [py, *run]
         cmd += ["serve", "--engine", "none", "--db", "bench.db"]
         cmd += ["--port", "{port}", "--upstream", f"fast={fast.base_url}"]
     srv = _server.Server([*pin, *cmd], name=args.target)

@@ -54,12 +54,12 @@ from tether.engines.base import (
 )
 from tether.engines.think import Splitter
 from tether.engines.upstream import (
+    Clients,
     UpstreamGone,
     backoff,
     estimate_tokens,
     is_retryable,
     logprob_objects,
-    make_client,
     sse_batches,
 )
 
@@ -263,7 +263,7 @@ class ChatEngine:
     def __init__(self, spec: UpstreamConfig) -> None:
         self.spec = spec
         self.concurrency = spec.concurrency
-        self._client = make_client(spec)
+        self._clients = Clients(spec)
         self._tokenizer: Tokenizer | None = None
 
     def models(self) -> list[ModelInfo]:
@@ -275,7 +275,7 @@ class ChatEngine:
             self._tokenizer = await asyncio.to_thread(Tokenizer, self.spec.tokenizer)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._clients.aclose()
 
     def body(self, request: Generation) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -348,7 +348,7 @@ class ChatEngine:
                 await backoff(attempt, exc)
 
     async def _relay(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
-        batches = sse_batches(self._client, "POST", "chat/completions", body)
+        batches = sse_batches(self._clients(), "POST", "chat/completions", body)
         async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
             async for batch in batches:
                 if not batch:  # the upstream accepted the request
