@@ -2,9 +2,9 @@
 
 Run: `python bench/profile_relay.py [--profile] [--streams 50] [--length 200] [--seconds 10]`.
 
-Starts `bench/scripted_upstream.py` (as fast as it can) and tether with
-`--engine none --upstream fast=...` (temp SQLite database), optionally under cProfile
-(`--profile`: the top functions by own and cumulative time are printed, and the raw
+Starts `bench/scripted_upstream.py` (as fast as it can, `--batch` chunks a write) and
+tether with `--engine none --upstream fast=...` (temp SQLite database), optionally under
+cProfile (`--profile`: the top functions by own and cumulative time are printed, and the raw
 profile is kept in `bench/out/profile_relay.prof`); `--target bare` measures
 `bench/bare_upstream_relay.py` instead. Load: `--streams` clients, each creating
 streamed responses of `--length` tokens one after another for `--seconds` seconds.
@@ -99,11 +99,13 @@ def main() -> None:
     parser.add_argument("--target", choices=["tether", "bare"], default="tether")
     parser.add_argument("--cpu", type=int, default=None)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=1, help="chunks the upstream writes at once")
     args = parser.parse_args()
     print(f"# bench/profile_relay.py — {_server.machine()}")
     py = sys.executable
     fast = _server.Server(
-        [py, str(BENCH / "scripted_upstream.py"), "--port", "{port}"], name="fast-upstream"
+        [py, str(BENCH / "scripted_upstream.py"), "--port", "{port}", "--batch", str(args.batch)],
+        name="fast-upstream",
     ).start()
     prof = out_dir() / "profile_relay.prof"
     pin = ["taskset", "-c", str(args.cpu)] if args.cpu is not None else []

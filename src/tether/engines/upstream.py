@@ -142,20 +142,32 @@ OPENED = ("tether.opened", "")
 
 #: events handed on per loop turn at most: a stream whose upstream is far ahead (a read
 #: of 64 KiB holds hundreds of events) yields to the others between slices, so that a new
-#: stream's first token does not wait for every old stream's whole backlog.
+#: stream's first token does not wait for every old stream's whole backlog. While some
+#: stream waits for its first event, the slices are `STARTING_TURN_EVENTS`: a loop turn
+#: is then short, and the new stream's few steps (its create, claim, upstream request,
+#: first read, commit, reader) each wait one turn.
 TURN_EVENTS = 32
+STARTING_TURN_EVENTS = 4
+
+
+class _Starting:
+    """How many upstream streams of this process wait for their first event."""
+
+    count = 0
 
 
 async def sse_batches(
     client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
 ) -> AsyncGenerator[list[Event], None]:
     """An empty batch once the upstream accepted the request (2xx headers), then the
-    events of an upstream SSE reply, a batch per network read (`TURN_EVENTS` at most, a
-    loop turn apart). HTTP errors, transport failures and any other failure of the
+    events of an upstream SSE reply, a batch per network read (`turn_events()` at most,
+    a loop turn apart). HTTP errors, transport failures and any other failure of the
     reader become EngineErrors (a parsing bug must fail the run, never hang it); a
     cancel goes through as it is."""
     content = orjson.dumps(body) if body is not None else None
     headers = {"content-type": "application/json"} if body is not None else None
+    _Starting.count += 1
+    waiting = True
     try:
         async with client.stream(method, path, content=content, headers=headers) as resp:
             if resp.status_code >= 400:
@@ -167,9 +179,12 @@ async def sse_batches(
             parser = SSEParser()
             async for data in resp.aiter_bytes():
                 events = parser.feed(data)
-                while len(events) > TURN_EVENTS:
-                    yield events[:TURN_EVENTS]
-                    events = events[TURN_EVENTS:]
+                if events and waiting:
+                    waiting = False
+                    _Starting.count -= 1
+                while len(events) > (n := turn_events()):
+                    yield events[:n]
+                    events = events[n:]
                     await anyio.lowlevel.checkpoint()
                 if events:
                     yield events
@@ -190,6 +205,14 @@ async def sse_batches(
         raise
     except Exception as exc:
         raise EngineError(f"Upstream reader failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if waiting:
+            _Starting.count -= 1
+
+
+def turn_events() -> int:
+    """Events a stream hands on per loop turn now."""
+    return STARTING_TURN_EVENTS if _Starting.count else TURN_EVENTS
 
 
 async def sse_events(
