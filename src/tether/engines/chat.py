@@ -394,27 +394,44 @@ class ChatEngine:
             if choice.get("index", 0) != 0:
                 continue  # n > 1 is never asked for
             delta = choice.get("delta") or {}
-            thought = thinking_of(delta)
-            if thought is not None:
-                got.reasoning.append(thought)
-                got.chunks += 1
-                steps.append(ReasoningDelta(thought, 1))
             text = delta.get("content")
-            if text:
-                logprobs = logprob_objects((choice.get("logprobs") or {}).get("content"))
-                steps += got.content(text, logprobs)
-            for call in delta.get("tool_calls") or []:
-                index = int(call.get("index", 0))
-                fn = call.get("function") or {}
-                if index not in got.calls:
-                    got.calls[index] = call.get("id") or f"call_{chunk.get('id', '')}_{index}"
-                    steps.append(ToolCall(index, got.calls[index], fn.get("name") or ""))
-                if fn.get("arguments"):
-                    got.text.append(fn["arguments"])
-                    got.chunks += 1
-                    steps.append(ToolCallDelta(index, fn["arguments"], 1))
+            if text and len(delta) == 1 and got.think is None and not choice.get("logprobs"):
+                got.chunks += 1  # the chunk of almost every token: its text alone
+                got.text.append(text)
+                steps.append(Delta(text))
+            else:
+                self._delta(chunk, choice, delta, got, steps)
             if choice.get("finish_reason"):
                 got.finish = choice["finish_reason"]
+
+    def _delta(
+        self,
+        chunk: dict[str, Any],
+        choice: dict[str, Any],
+        delta: dict[str, Any],
+        got: _Received,
+        steps: list[Step],
+    ) -> None:
+        """The steps of a choice's `delta`: thinking, text, tool calls."""
+        thought = thinking_of(delta)
+        if thought is not None:
+            got.reasoning.append(thought)
+            got.chunks += 1
+            steps.append(ReasoningDelta(thought, 1))
+        text = delta.get("content")
+        if text:
+            logprobs = logprob_objects((choice.get("logprobs") or {}).get("content"))
+            steps += got.content(text, logprobs)
+        for call in delta.get("tool_calls") or []:
+            index = int(call.get("index", 0))
+            fn = call.get("function") or {}
+            if index not in got.calls:
+                got.calls[index] = call.get("id") or f"call_{chunk.get('id', '')}_{index}"
+                steps.append(ToolCall(index, got.calls[index], fn.get("name") or ""))
+            if fn.get("arguments"):
+                got.text.append(fn["arguments"])
+                got.chunks += 1
+                steps.append(ToolCallDelta(index, fn["arguments"], 1))
 
     async def count_tokens(self, request: Generation) -> int:
         """The prompt as `generate` sends it, counted like its input before the
