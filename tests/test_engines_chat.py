@@ -33,6 +33,7 @@ from tether.engines.base import (
     Report,
 )
 from tether.engines.chat import ChatEngine
+from tether.engines import upstream
 from tether.engines.upstream import UpstreamGone, backoff
 from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
 
@@ -166,6 +167,26 @@ async def test_engine_retries_before_the_first_token_only(fake: FakeUpstream) ->
         with pytest.raises(UpstreamGone):
             await collect(engine, ask("FAIL_AT=3 go"))
         assert len(fake.calls) == 6  # never retried after the first token
+
+
+@pytest.mark.anyio
+async def test_streams_waiting_for_their_first_token_are_counted(fake: FakeUpstream) -> None:
+    """While a stream waits for its first token, the others hand on short slices
+    (`upstream.turn_events`); the count is right again whatever way a stream ends."""
+    seen: list[int] = []
+
+    def waiting(steps: list[Any]) -> bool:
+        seen.append(upstream.turn_events())
+        return isinstance(steps[-1], PromptRead)
+
+    async with chat_engine(fake) as engine:
+        await collect(engine, ask("STALL_AFTER=0 LENGTH=5 go"), waiting, "task")
+        assert seen == [upstream.STARTING_TURN_EVENTS]
+        assert upstream.turn_events() == upstream.TURN_EVENTS
+        await collect(engine, ask("LENGTH=3 go"))
+        with pytest.raises(EngineError):
+            await collect(engine, ask("STATUS=429 go"))
+    assert upstream.turn_events() == upstream.TURN_EVENTS
 
 
 @pytest.mark.anyio

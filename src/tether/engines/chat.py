@@ -54,14 +54,13 @@ from tether.engines.base import (
 )
 from tether.engines.think import Splitter
 from tether.engines.upstream import (
-    OPENED,
+    Clients,
     UpstreamGone,
     backoff,
     estimate_tokens,
     is_retryable,
     logprob_objects,
-    make_client,
-    sse_events,
+    sse_batches,
 )
 
 log = logging.getLogger("tether.engines.chat")
@@ -264,7 +263,7 @@ class ChatEngine:
     def __init__(self, spec: UpstreamConfig) -> None:
         self.spec = spec
         self.concurrency = spec.concurrency
-        self._client = make_client(spec)
+        self._clients = Clients(spec)
         self._tokenizer: Tokenizer | None = None
 
     def models(self) -> list[ModelInfo]:
@@ -276,7 +275,7 @@ class ChatEngine:
             self._tokenizer = await asyncio.to_thread(Tokenizer, self.spec.tokenizer)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._clients.aclose()
 
     def body(self, request: Generation) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -349,61 +348,90 @@ class ChatEngine:
                 await backoff(attempt, exc)
 
     async def _relay(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
-        events = sse_events(self._client, "POST", "chat/completions", body)
-        async with contextlib.aclosing(events):  # closed (the connection too) on any exit
-            async for event, data in events:
-                if (event, data) == OPENED:
+        batches = sse_batches(self._clients(), "POST", "chat/completions", body)
+        async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
+            async for batch in batches:
+                if not batch:  # the upstream accepted the request
                     if not got.prompt_read:
                         got.prompt_read = True
                         await out.send(PromptRead(self._input_tokens(body)))
                     continue
-                if data == "[DONE]":
-                    got.done = True
-                    continue
+                # A network read's chunks are emitted together: one call for all.
+                steps: list[Step] = []
                 try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamGone(
-                        f"Upstream sent invalid JSON: {data[:200]!r}", retryable=False
-                    ) from None
-                if not isinstance(chunk, dict):
-                    continue
-                if chunk.get("error"):
-                    err = chunk["error"]
-                    message = err.get("message") if isinstance(err, dict) else str(err)
-                    raise EngineError(f"Upstream error: {message}")
-                if chunk.get("usage"):
-                    got.usage = chunk["usage"]
-                await out.send(*self._steps(chunk, got))
+                    for _, data in batch:
+                        self._chunk(data, got, steps)
+                except EngineError:  # an error chunk: what came before it stands
+                    await out.send(*steps)
+                    raise
+                if steps:
+                    await out.send(*steps)
 
-    def _steps(self, chunk: dict[str, Any], got: _Received) -> list[Step]:
-        steps: list[Step] = []
+    def _chunk(self, data: bytes, got: _Received, steps: list[Step]) -> None:
+        """Add one upstream chunk's steps to `steps`."""
+        if data == b"[DONE]":
+            got.done = True
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamGone(
+                f"Upstream sent invalid JSON: {data[:200].decode('utf-8', 'replace')!r}",
+                retryable=False,
+            ) from None
+        if not isinstance(chunk, dict):
+            return
+        if chunk.get("error"):
+            err = chunk["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise EngineError(f"Upstream error: {message}")
+        if chunk.get("usage"):
+            got.usage = chunk["usage"]
+        self._steps(chunk, got, steps)
+
+    def _steps(self, chunk: dict[str, Any], got: _Received, steps: list[Step]) -> None:
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue  # n > 1 is never asked for
             delta = choice.get("delta") or {}
-            thought = thinking_of(delta)
-            if thought is not None:
-                got.reasoning.append(thought)
-                got.chunks += 1
-                steps.append(ReasoningDelta(thought, 1))
             text = delta.get("content")
-            if text:
-                logprobs = logprob_objects((choice.get("logprobs") or {}).get("content"))
-                steps += got.content(text, logprobs)
-            for call in delta.get("tool_calls") or []:
-                index = int(call.get("index", 0))
-                fn = call.get("function") or {}
-                if index not in got.calls:
-                    got.calls[index] = call.get("id") or f"call_{chunk.get('id', '')}_{index}"
-                    steps.append(ToolCall(index, got.calls[index], fn.get("name") or ""))
-                if fn.get("arguments"):
-                    got.text.append(fn["arguments"])
-                    got.chunks += 1
-                    steps.append(ToolCallDelta(index, fn["arguments"], 1))
+            if text and len(delta) == 1 and got.think is None and not choice.get("logprobs"):
+                got.chunks += 1  # the chunk of almost every token: its text alone
+                got.text.append(text)
+                steps.append(Delta(text))
+            else:
+                self._delta(chunk, choice, delta, got, steps)
             if choice.get("finish_reason"):
                 got.finish = choice["finish_reason"]
-        return steps
+
+    def _delta(
+        self,
+        chunk: dict[str, Any],
+        choice: dict[str, Any],
+        delta: dict[str, Any],
+        got: _Received,
+        steps: list[Step],
+    ) -> None:
+        """The steps of a choice's `delta`: thinking, text, tool calls."""
+        thought = thinking_of(delta)
+        if thought is not None:
+            got.reasoning.append(thought)
+            got.chunks += 1
+            steps.append(ReasoningDelta(thought, 1))
+        text = delta.get("content")
+        if text:
+            logprobs = logprob_objects((choice.get("logprobs") or {}).get("content"))
+            steps += got.content(text, logprobs)
+        for call in delta.get("tool_calls") or []:
+            index = int(call.get("index", 0))
+            fn = call.get("function") or {}
+            if index not in got.calls:
+                got.calls[index] = call.get("id") or f"call_{chunk.get('id', '')}_{index}"
+                steps.append(ToolCall(index, got.calls[index], fn.get("name") or ""))
+            if fn.get("arguments"):
+                got.text.append(fn["arguments"])
+                got.chunks += 1
+                steps.append(ToolCallDelta(index, fn["arguments"], 1))
 
     async def count_tokens(self, request: Generation) -> int:
         """The prompt as `generate` sends it, counted like its input before the

@@ -51,12 +51,12 @@ from tether.engines.base import (
 )
 from tether.engines.upstream import (
     OPENED,
+    Clients,
     UpstreamGone,
     backoff,
     estimate_tokens,
     is_retryable,
     logprob_objects,
-    make_client,
     sse_events,
 )
 
@@ -154,7 +154,7 @@ class ResponsesEngine:
     def __init__(self, spec: UpstreamConfig) -> None:
         self.spec = spec
         self.concurrency = spec.concurrency
-        self._client = make_client(spec)
+        self._clients = Clients(spec)
 
     def models(self) -> list[ModelInfo]:
         # Upstreams apply function tools and `text.format` themselves.
@@ -164,7 +164,7 @@ class ResponsesEngine:
         return None
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._clients.aclose()
 
     def body(self, request: Generation) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -214,10 +214,10 @@ class ResponsesEngine:
         attempt = 0
         while not run.ended:
             if run.upstream_id is None:
-                source = sse_events(self._client, "POST", "responses", body)
+                source = sse_events(self._clients(), "POST", "responses", body)
             else:  # resume the background upstream response where its stream broke
                 source = sse_events(
-                    self._client,
+                    self._clients(),
                     "GET",
                     f"responses/{run.upstream_id}?stream=true&starting_after={run.last_seq}",
                     None,
@@ -355,7 +355,7 @@ class ResponsesEngine:
         resp: httpx.Response | None = None
         try:
             with anyio.move_on_after(CANCEL_CALL_TIMEOUT):
-                resp = await self._client.post(f"responses/{run.upstream_id}/cancel")
+                resp = await self._clients().post(f"responses/{run.upstream_id}/cancel")
         except httpx.HTTPError as exc:
             log.warning("upstream cancel of %s failed: %s", run.upstream_id, exc)
             return Report(notes=notes)

@@ -3,7 +3,7 @@ the first token, and reading an upstream's SSE reply so that a cancel closes the
 connection at once.
 
 A cancel of the run's scope lands in the read of the upstream's body (even one waiting on
-a stalled upstream). It leaves `sse_events`' `httpx` stream context, which closes the
+a stalled upstream). It leaves `sse_batches`' `httpx` stream context, which closes the
 connection (httpx never returns an unfinished body to the pool, and closes it shielded
 from the cancel), and that is what makes a chat-completions server (vLLM, llama.cpp, ...)
 stop generating. Callers close the generator with `contextlib.aclosing`, so this holds
@@ -18,12 +18,13 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
-from httpx_sse import EventSource
 
 from tether.config import UpstreamConfig
 from tether.engines.base import EngineError
+from tether.engines.sse import Event, SSEParser
 
 log = logging.getLogger("tether.upstream")
 
@@ -54,7 +55,14 @@ class UpstreamGone(EngineError):
         self.retryable = retryable
 
 
-def make_client(spec: UpstreamConfig) -> httpx.AsyncClient:
+#: httpx clients (connection pools) per upstream. httpx's pool looks at every one of its
+#: connections at each request and each release, polling each idle one: with one pool
+#: for 50 streams that was a third of what tether spent per upstream request. Requests
+#: go to the pools in turn, so each holds a few connections.
+POOLS = 8
+
+
+def make_client(spec: UpstreamConfig, keepalive: int = 32) -> httpx.AsyncClient:
     headers = {"accept": "text/event-stream"}
     key = spec.api_key
     if key:
@@ -66,8 +74,8 @@ def make_client(spec: UpstreamConfig) -> httpx.AsyncClient:
         write=spec.connect_timeout,
         pool=spec.connect_timeout,
     )
-    # No keep-alive limit worth mentioning: each generation holds one connection.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+    # No connection limit worth having: each generation holds one connection.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=keepalive)
     return httpx.AsyncClient(
         base_url=spec.url.rstrip("/") + "/",
         headers=headers,
@@ -75,6 +83,25 @@ def make_client(spec: UpstreamConfig) -> httpx.AsyncClient:
         limits=limits,
         trust_env=False,
     )
+
+
+class Clients:
+    """An upstream's `POOLS` httpx clients: `clients()` is the next one in turn. Each
+    keeps alive as many connections as it may hold at once (the engine's concurrency
+    shared out), so that a busy upstream's requests seldom open a new connection."""
+
+    def __init__(self, spec: UpstreamConfig) -> None:
+        keepalive = max(4, -(-spec.concurrency // POOLS))
+        self._all = [make_client(spec, keepalive) for _ in range(POOLS)]
+        self._turn = 0
+
+    def __call__(self) -> httpx.AsyncClient:
+        self._turn = (self._turn + 1) % POOLS
+        return self._all[self._turn]
+
+    async def aclose(self) -> None:
+        for client in self._all:
+            await client.aclose()
 
 
 async def error_of(resp: httpx.Response) -> UpstreamHTTPError:
@@ -113,22 +140,54 @@ async def backoff(attempt: int, exc: EngineError) -> None:
 #: the first pair `sse_events` yields: the upstream accepted the request (2xx headers).
 OPENED = ("tether.opened", "")
 
+#: events handed on per loop turn at most: a stream whose upstream is far ahead (a read
+#: of 64 KiB holds hundreds of events) yields to the others between slices, so that a new
+#: stream's first token does not wait for every old stream's whole backlog. While some
+#: stream waits for its first event, the slices are `STARTING_TURN_EVENTS`: a loop turn
+#: is then short, and the new stream's few steps (its create, claim, upstream request,
+#: first read, commit, reader) each wait one turn.
+TURN_EVENTS = 32
+STARTING_TURN_EVENTS = 4
 
-async def sse_events(
+
+class _Starting:
+    """How many upstream streams of this process wait for their first event."""
+
+    count = 0
+
+
+async def sse_batches(
     client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
-) -> AsyncGenerator[tuple[str, str], None]:
-    """`OPENED`, then the (event, data) pairs of an upstream SSE reply. HTTP errors,
-    transport failures and any other failure of the reader become EngineErrors (a
-    parsing bug must fail the run, never hang it); a cancel goes through as it is."""
+) -> AsyncGenerator[list[Event], None]:
+    """An empty batch once the upstream accepted the request (2xx headers), then the
+    events of an upstream SSE reply, a batch per network read (`turn_events()` at most,
+    a loop turn apart). HTTP errors, transport failures and any other failure of the
+    reader become EngineErrors (a parsing bug must fail the run, never hang it); a
+    cancel goes through as it is."""
     content = orjson.dumps(body) if body is not None else None
     headers = {"content-type": "application/json"} if body is not None else None
+    _Starting.count += 1
+    waiting = True
     try:
         async with client.stream(method, path, content=content, headers=headers) as resp:
             if resp.status_code >= 400:
                 raise await error_of(resp)
-            yield OPENED
-            async for sse in EventSource(resp).aiter_sse():
-                yield sse.event, sse.data
+            kind = resp.headers.get("content-type", "").partition(";")[0]
+            if "text/event-stream" not in kind.lower():
+                raise EngineError(f"Upstream did not stream: its content-type is {kind!r}")
+            yield []
+            parser = SSEParser()
+            async for data in resp.aiter_bytes():
+                events = parser.feed(data)
+                if events and waiting:
+                    waiting = False
+                    _Starting.count -= 1
+                while len(events) > (n := turn_events()):
+                    yield events[:n]
+                    events = events[n:]
+                    await anyio.lowlevel.checkpoint()
+                if events:
+                    yield events
     except httpx.ConnectError as exc:
         raise UpstreamGone(
             f"Upstream unreachable: {exc or type(exc).__name__}", retryable=True
@@ -146,6 +205,28 @@ async def sse_events(
         raise
     except Exception as exc:
         raise EngineError(f"Upstream reader failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if waiting:
+            _Starting.count -= 1
+
+
+def turn_events() -> int:
+    """Events a stream hands on per loop turn now."""
+    return STARTING_TURN_EVENTS if _Starting.count else TURN_EVENTS
+
+
+async def sse_events(
+    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+) -> AsyncGenerator[tuple[str, str], None]:
+    """`OPENED`, then the (event, data) pairs of an upstream SSE reply, one at a time
+    (`sse_batches`, data decoded), with the same errors."""
+    batches = sse_batches(client, method, path, body)
+    async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
+        async for batch in batches:
+            if not batch:
+                yield OPENED
+            for event, data in batch:
+                yield event, data.decode("utf-8", "replace")
 
 
 def estimate_tokens(text: str) -> int:

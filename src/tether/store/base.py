@@ -51,6 +51,22 @@ class LogEntry:
 _PREFIXES: dict[str, bytes] = {}  # `event: TYPE\ndata: ` by type: a few dozen types
 
 
+def framed(seq: int, type: str, data: bytes) -> LogEntry:
+    """`LogEntry(seq, type, data)` without a call of `__init__` (the per-event path of
+    an append)."""
+    entry = _new_entry(LogEntry)
+    entry.seq = seq
+    entry.type = type
+    prefix = _PREFIXES.get(type)
+    if prefix is None:
+        prefix = _PREFIXES[type] = b"event: " + type.encode() + b"\ndata: "
+    entry.frame = b"".join((prefix, data, b"\n\n"))
+    return entry
+
+
+_new_entry = object.__new__
+
+
 @dataclass(slots=True)
 class Record:
     """A stored response: its current snapshot plus what the lifecycle needs to run it."""

@@ -42,8 +42,7 @@ from tether.store.common import (
     Pending,
     Recent,
     Waiters,
-    numbered,
-    pack,
+    packed,
     to_record,
     unpack,
 )
@@ -56,6 +55,8 @@ from tether.store.sqlite_io import Checkpointer, Trouble, store_error, write
 from tether.store.sqlite_io import transaction as _transaction
 
 log = logging.getLogger("tether.store")
+
+INSERT_EVENTS = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)"
 
 # The WAL is cut back to this size when it restarts: what it grew to in a burst (or while
 # a full disk stopped checkpoints) goes back to the filesystem.
@@ -346,6 +347,7 @@ class SQLiteStore(SQLiteConversations):
     def _commit(self, pending: dict[str, Pending]) -> list[tuple[str, list[LogEntry]]]:
         db = self.db
         published = []
+        rows = []  # the batch's `events` rows, inserted together
         with _transaction(db):
             for response_id, p in pending.items():
                 row = db.execute(
@@ -357,9 +359,14 @@ class SQLiteStore(SQLiteConversations):
                 if row is None:
                     self._fenced.add((response_id, p.run_token))
                     continue
-                first = row[0] - len(p.events) + 1
-                entries = self._insert(response_id, first, p.events, p.tokens)
-                published.append((response_id, entries))
+                entries: list[LogEntry] = []
+                if p.events:
+                    first = row[0] - len(p.events) + 1
+                    entries, types, data = packed(first, p.events)
+                    rows.append((response_id, first, entries[-1].seq, types, p.tokens, data))
+                published.append((response_id, entries))  # every change wakes its readers
+            if rows:
+                db.executemany(INSERT_EVENTS, rows)
         return published
 
     def _insert(
@@ -367,12 +374,8 @@ class SQLiteStore(SQLiteConversations):
     ) -> list[LogEntry]:
         if not events:
             return []
-        entries = numbered(first, events)
-        types, data = pack(entries)
-        self.db.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-            (response_id, first, entries[-1].seq, types, tokens, data),
-        )
+        entries, types, data = packed(first, events)
+        self.db.execute(INSERT_EVENTS, (response_id, first, entries[-1].seq, types, tokens, data))
         return entries
 
     def _publish(self, response_id: str, entries: list[LogEntry]) -> None:
