@@ -56,6 +56,8 @@ class Trace:
     delivered (at most one, after a cancel); `produced` counts delivered tokens."""
 
     started_at: float = field(default_factory=time.time)
+    #: when the scheduler gave it a sequence and began reading its prompt
+    admitted_at: float | None = None
     prompt_read_at: float | None = None
     produced: int = 0
     token_times: array[float] = field(default_factory=lambda: array("d"))
@@ -69,6 +71,7 @@ class Trace:
     def as_dict(self) -> dict[str, object]:
         return {
             "started_at": self.started_at,
+            "admitted_at": self.admitted_at,
             "prompt_read_at": self.prompt_read_at,
             "produced": self.produced,
             "token_times": self.token_times.tolist(),
