@@ -344,3 +344,20 @@ def test_an_announced_interactive_response_aborts_a_deferred_step() -> None:
         sched.close()
         llm.close()
         loop.close()
+
+
+def test_greedy_in_numpy_chooses_as_llama_cpp_does(engine: LocalEngine) -> None:
+    # issue 20: greedy free text is sampled in numpy (`ModelWorker._greedy`); the text
+    # is the one llama.cpp's penalties + greedy chain gives, repetition penalty included.
+    worker = engine._worker
+    assert worker is not None
+    texts = []
+    for fast in (True, False):
+        worker.fast_greedy = fast
+        try:
+            got = alone(engine, gen(f"greedy-{fast}", PROMPTS[2], 120))
+        finally:
+            worker.fast_greedy = True
+        assert tokens(got.steps) > 50
+        texts.append(got.text)
+    assert texts[0] == texts[1]
