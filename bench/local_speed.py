@@ -2,9 +2,10 @@
 and LocalEngine's continuous batching at 1, 2, 4 and 8 concurrent streams.
 
 Run: `PYTHONPATH=src python bench/local_speed.py` (`--streams-only`: the batching table
-alone; `--plot FILE.png`: also plot it). The single-stream paths decode the same chat
-prompt greedily for the same number of tokens; the difference is what LocalEngine adds
-(scheduler thread, queue hand-off, per-token detokenizing). The batching table runs N
+alone; tables and plots also go to bench/out/local_speed.md and .png). The single-stream
+paths decode the same chat prompt greedily for the same number of tokens; the difference
+is what LocalEngine adds (scheduler thread, queue hand-off, per-token detokenizing;
+measure_raw() gives what llama.cpp alone does with N sequences). The batching table runs N
 different prompts at once (`STREAM_TOKENS` each, greedy) and prints aggregate tokens/s,
 time to first token (median and worst of the N), and the time to first token of one more
 request that arrives while N - 1 streams are decoding, beside what one prefill plus one
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from _report import Chart, save
 from tether.engines.base import Delta, Finished, Generation, Message, Step
 from tether.engines.local import LocalEngine, find_model_file
 from tether.engines.local_worker import Trace
@@ -282,24 +284,70 @@ def streams_table(rows: list[StreamRow]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[StreamRow], path: str) -> None:
-    import matplotlib
+def measure_raw(counts: tuple[int, ...] = STREAMS, steps: int = 32) -> dict[int, float]:
+    """What llama.cpp alone gives: aggregate tokens/s of one `llama_decode` of one token
+    for each of n sequences (one context, a KV cache per sequence), best of 3 rounds. The
+    ceiling for LocalEngine's batching on this machine."""
+    llm = llama_cpp.Llama(str(find_model_file()), n_ctx=256, n_threads=2, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    top = max(counts)
+    params.n_ctx, params.n_seq_max, params.kv_unified = top * 1024, top, False
+    params.n_batch = params.n_ubatch = max(top, 8)
+    params.n_threads = params.n_threads_batch = 2
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    mem = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    token = llm.tokenize(b"Hello", add_bos=False)[0]
+    rates: dict[int, float] = {}
+    try:
+        for n in counts:
+            best = 0.0
+            for _ in range(3):
+                llama_cpp.llama_memory_clear(mem, True)
+                started = time.perf_counter()
+                for pos in range(steps):
+                    for seq in range(n):
+                        batch.token[seq], batch.pos[seq], batch.n_seq_id[seq] = token, pos, 1
+                        batch.seq_id[seq][0], batch.logits[seq] = seq, 1
+                    batch.n_tokens = n
+                    llama_cpp.llama_decode(ctx, batch)
+                best = max(best, n * steps / (time.perf_counter() - started))
+            rates[n] = best
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+    return rates
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+def charts(rows: list[StreamRow], raw: dict[int, float]) -> list[Chart]:
     xs = [r.streams for r in rows]
-    left.plot(xs, [r.tokens_per_s for r in rows], marker="o")
-    left.set(xlabel="concurrent streams", ylabel="aggregate tokens/s", xticks=xs)
-    right.plot(xs, [r.ttft_median for r in rows], marker="o", label="TTFT median")
-    right.plot(xs, [r.joiner_ttft for r in rows], marker="o", label="joining request")
-    right.plot(xs, [r.budget for r in rows], linestyle="--", label="one prefill + one step")
-    right.set(xlabel="concurrent streams", ylabel="seconds", xticks=xs)
-    right.legend()
-    fig.suptitle("LocalEngine continuous batching (SmolLM2-135M, 2 threads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return [
+        Chart(
+            "aggregate tokens/s",
+            "tokens/s",
+            xs,
+            {
+                "LocalEngine (median)": [r.tokens_per_s for r in rows],
+                "LocalEngine (best run)": [r.best_tokens_per_s for r in rows],
+                "llama.cpp alone (best)": [raw.get(n, 0.0) for n in xs],
+            },
+            kind="line",
+            xlabel="concurrent streams",
+        ),
+        Chart(
+            "time to first token",
+            "seconds",
+            xs,
+            {
+                "TTFT median": [r.ttft_median for r in rows],
+                "joining request": [r.joiner_ttft for r in rows],
+                "one prefill + one step": [r.budget for r in rows],
+            },
+            kind="line",
+            xlabel="concurrent streams",
+        ),
+    ]
 
 
 def _load() -> str:
@@ -310,10 +358,10 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams-only", action="store_true")
-    parser.add_argument("--plot", metavar="PNG")
     parser.add_argument("--tokens", type=int, default=STREAM_TOKENS, help="per stream")
     parser.add_argument("--runs", type=int, default=3, help="runs at each number of streams")
     args = parser.parse_args()
+    markdown = ""
     if not args.streams_only:
         rows = [
             ("llama-cpp directly", measure_direct()),
@@ -321,19 +369,24 @@ def main() -> None:
             ("tether over HTTP", measure_http()),
         ]
         base = rows[0][1]
-        print(f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs")
-        print(f"({_load()})")
-        print(f"{'path':<24}{'tokens/s':>10}{'vs direct':>11}")
-        for name, rate in rows:
-            print(f"{name:<24}{rate:>10.1f}{rate / base:>10.0%}")
-        print()
+        markdown += (
+            f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs "
+            f"({_load()})\n\n| path | tokens/s | vs direct |\n|---|---|---|\n"
+        )
+        markdown += "".join(f"| {n} | {r:.1f} | {r / base:.0%} |\n" for n, r in rows)
+        markdown += "\n"
     before = _load()
     table = measure_streams(tokens=args.tokens, runs=args.runs)
-    print(f"LocalEngine, N different prompts at once, {args.tokens} tokens each, greedy,")
-    print(f"median of {args.runs} runs ({before} before, {_load()} after)")
-    print(streams_table(table))
-    if args.plot:
-        plot(table, args.plot)
+    raw = measure_raw()
+    markdown += (
+        f"LocalEngine, N different prompts at once, {args.tokens} tokens each, greedy, "
+        f"median of {args.runs} runs ({before} before, {_load()} after)\n\n"
+        + streams_table(table)
+        + "\n\nllama.cpp alone, one token for each of N sequences a decode (best of 3): "
+        + ", ".join(f"{n}: {r:.0f} tokens/s ({r / raw[1]:.2f}x)" for n, r in raw.items())
+    )
+    print(markdown)
+    save("local_speed", markdown, *charts(table, raw))
 
 
 if __name__ == "__main__":

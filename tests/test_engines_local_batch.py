@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -260,8 +261,6 @@ def test_cancel_one_of_several_streams_through_the_server(make_server) -> None: 
 def test_a_deferred_response_waits_while_an_interactive_one_decodes(engine: LocalEngine) -> None:
     # issue 19: a `2h` response (defer_until ahead) decodes only when nothing else does;
     # once its deadline has passed it is batched like any other.
-    import time
-
     for late, rid in ((False, "deferred-waits"), (True, "deferred-due")):
         interactive = gen(f"{rid}-interactive", PROMPTS[0], 40)
         until = time.time() + (-1 if late else 3600)
@@ -279,8 +278,6 @@ def test_a_deferred_response_waits_while_an_interactive_one_decodes(engine: Loca
 def test_deferred_responses_alone_decode_in_turn(engine: LocalEngine) -> None:
     # With only deferred work, each step decodes one of them in turn (short steps: an
     # interactive request that arrives waits for less), and all of them finish.
-    import time
-
     until = time.time() + 3600
     requests = [gen(f"alone-deferred-{i}", PROMPTS[i], 12, defer_until=until) for i in range(3)]
     got = together(engine, requests)
@@ -293,3 +290,74 @@ def test_deferred_responses_alone_decode_in_turn(engine: LocalEngine) -> None:
     merged = sorted((at, i) for i, t in enumerate(times) for at in t)
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(merged) if a[1] != b[1]]
     assert min(gaps) > 0.001
+
+
+def test_an_announced_interactive_response_aborts_a_deferred_step() -> None:
+    """A step of deferred work in flight when an interactive response is announced
+    (`expect`) is aborted: nothing of it happened (llama.cpp removed its tokens), the
+    deferred response holds until the interactive one is admitted, and then goes on to
+    the same greedy text as one never aborted. The scheduler is driven step by step here
+    (not started), so what happens when is certain."""
+    import llama_cpp
+
+    from tether.engines.local import find_model_file
+    from tether.engines.local_batch import Scheduler
+    from tether.engines.local_worker import Channel, ModelWorker, Sampling
+
+    llm = llama_cpp.Llama(str(find_model_file()), n_ctx=256, n_threads=2, verbose=False)
+    sched = Scheduler(ModelWorker(llm, 512, Sampling(0.05, 1.15, 320)), 2, 512, 2)
+    loop = asyncio.new_event_loop()
+
+    def run(rid: str, abort: bool) -> str:
+        chan = Channel(loop, Trace(), sched.cond)
+        request = gen(rid, PROMPTS[0], 12, defer_until=time.time() + 3600)
+        live = sched._admit(request, chan)
+        assert live is not None
+        if abort:
+            assert sched.deferral.begin([live])
+            sched.expect()  # announced as the step begins: its decode is aborted
+            sched._step([live])
+            sched.deferral.end()
+            assert sched.deferral.aborts == 1 and live.at == 0 and not live.slot.tokens
+            mem = llama_cpp.llama_get_memory(sched._ctx)
+            assert llama_cpp.llama_memory_seq_pos_max(mem, live.slot.seq) == -1
+            assert sched.deferral.pick([live], [live]) == []  # held for the announced one
+            sched.deferral.arrived()  # ... until it is admitted (and then while it runs)
+        while live in sched._live:
+            with sched.cond:
+                assert sched.deferral.pick([live], [live]) == [live]
+                assert sched._ready(live)
+            sched._step([live])
+            chan.give()  # the consumer took the token
+        loop.run_until_complete(asyncio.sleep(0))  # deliver the channel's items
+        steps = []
+        while not chan.queue.empty():
+            item = chan.queue.get_nowait()
+            if item is not None:
+                steps.append(item)
+        assert tokens(steps) == 12
+        return output(steps)
+
+    try:
+        assert run("aborted", abort=True) == run("never-aborted", abort=False)
+    finally:
+        sched.close()
+        llm.close()
+        loop.close()
+
+
+def test_greedy_in_numpy_chooses_as_llama_cpp_does(engine: LocalEngine) -> None:
+    # issue 20: greedy free text is sampled in numpy (`ModelWorker._greedy`); the text
+    # is the one llama.cpp's penalties + greedy chain gives, repetition penalty included.
+    worker = engine._worker
+    assert worker is not None
+    texts = []
+    for fast in (True, False):
+        worker.fast_greedy = fast
+        try:
+            got = alone(engine, gen(f"greedy-{fast}", PROMPTS[2], 120))
+        finally:
+            worker.fast_greedy = True
+        assert tokens(got.steps) > 50
+        texts.append(got.text)
+    assert texts[0] == texts[1]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -296,3 +297,151 @@ def test_deferred_runs_leave_interactive_work_a_free_slot(make_server: Any) -> N
         )
         # One at a time: each began after the one before had produced its last token.
         assert all(runs[i + 1][0] >= runs[i][1] for i in range(len(runs) - 1))
+
+
+# --- preemption: an interactive run takes over a deferred run's slot ------------------------
+
+
+class PausingEngine:
+    """What the worker asks of an engine that pauses deferred work (`Pausing`)."""
+
+    concurrency = 1
+
+    def __init__(self, pauses: bool = True) -> None:
+        self.pauses = pauses
+        self.expected: list[str] = []
+
+    def pauses_deferred(self, model: str) -> bool:
+        return self.pauses
+
+    def expect(self, model: str) -> None:
+        self.expected.append(model)
+
+
+def one_slot_worker(engine: PausingEngine) -> Any:
+    from types import SimpleNamespace
+
+    from tether.config import Settings
+    from tether.queueing import Queueing
+    from tether.worker import Worker
+
+    dispatch = LocalDispatch()
+    settings = Settings()
+    lc = SimpleNamespace(
+        workers=1,
+        settings=settings,
+        dispatch=dispatch,
+        engine=engine,
+        queue=Queueing(dispatch, settings, "me"),
+    )
+    return Worker(lc)  # type: ignore[arg-type]
+
+
+def record(rid: str, window: str, created_at: float | None = None) -> Any:
+    from types import SimpleNamespace
+
+    run = {} if window == "soonest" else {"window": window}
+    at = time.time() if created_at is None else created_at
+    return SimpleNamespace(id=rid, tenant="t", run=run, snapshot={"model": "m", "created_at": at})
+
+
+def test_one_slot_lends_a_deferred_runs_slot_to_interactive_work_only() -> None:
+    worker = one_slot_worker(PausingEngine())
+    assert worker._room() and worker._may_defer()
+    worker._hold(record("d1", "2h"))
+    # The deferred run lends its slot: an interactive response (or a due deferred one)
+    # may be taken, not another deferred one that is not due.
+    assert worker._room() and not worker._may_defer()
+    worker._hold(record("s1", "soonest"))
+    assert not worker._room()  # lent once
+    worker._release("s1")
+    assert worker._room()
+    worker._release("d1")
+    assert worker._room() and worker._may_defer()
+    # Past its deadline a deferred run is never paused: it lends nothing.
+    worker._hold(record("d2", "2h", created_at=time.time() - 7_200))
+    assert not worker._room()
+
+
+def test_a_deferred_run_lends_nothing_when_its_engine_does_not_pause() -> None:
+    worker = one_slot_worker(PausingEngine(pauses=False))
+    worker._hold(record("d1", "8h"))
+    assert not worker._room()
+
+
+@pytest.mark.anyio
+async def test_an_interactive_response_is_announced_to_its_engine_as_it_is_queued() -> None:
+    engine = PausingEngine()
+    worker = one_slot_worker(engine)
+    queue = worker.lc.queue
+    await queue.submit(record("d1", "2h"))
+    assert engine.expected == []
+    await queue.submit(record("s1", "soonest"))
+    assert engine.expected == ["m"]
+
+
+LONG = "Write a long, detailed story about a robot who learns to paint."
+
+
+def deltas(events: list[Any]) -> int:
+    return sum(e.type == "response.output_text.delta" for e in events)
+
+
+def test_one_slot_an_interactive_response_takes_over_a_deferred_run(make_server: Any) -> None:
+    """Issue 19, one run slot on the embedded model: an interactive response created while
+    a `2h` run holds the slot runs at once, the deferred run paused meanwhile (no token of
+    it while the interactive one decodes); the deferred one then goes on and completes
+    with exact usage; a paused deferred response can be cancelled."""
+    server: Server = make_server("--workers", "1", engine="local")
+    with server.client() as client:
+        deferred, victim = (
+            client.responses.create(
+                model="smollm2-135m",
+                input=LONG,
+                background=True,
+                max_output_tokens=300,
+                temperature=0,
+                background_options={"completion_window": "2h"},
+            )
+            for _ in range(2)
+        )
+        wait_for(lambda: server.trace(deferred.id)["token_times"], 60, "the deferred run")
+        interactive = client.responses.create(
+            model="smollm2-135m", input="Describe a cat.", max_output_tokens=20, temperature=0
+        )
+        assert interactive.status in ("completed", "incomplete")
+        mine, theirs = server.trace(interactive.id), server.trace(deferred.id)
+        times = cast(list[float], theirs["token_times"])
+        mine_times = cast(list[float], mine["token_times"])
+        assert cast(float, mine["prompt_read_at"]) < times[-1]  # it did not wait for the run
+        held = cast(float, mine["admitted_at"]), mine_times[-1]
+        assert not [t for t in times if held[0] <= t <= held[1]]
+        final = wait_for(
+            lambda: (r := client.responses.retrieve(deferred.id)).status != "in_progress" and r,
+            120,
+            "the deferred run to end",
+        )
+        assert final.status in ("completed", "incomplete") and final.usage is not None
+        events = list(client.responses.retrieve(deferred.id, stream=True))
+        assert final.usage.output_tokens == deltas(events) == theirs_produced(server, deferred.id)
+        # The second deferred response runs now; an interactive stream pauses it, and
+        # it is cancelled while paused.
+        wait_for(lambda: server.trace(victim.id)["token_times"], 60, "the second deferred run")
+        with client.responses.create(
+            model="smollm2-135m", input=LONG, max_output_tokens=60, temperature=0, stream=True
+        ) as stream:
+            seen = []
+            for event in stream:
+                seen.append(event)
+                if deltas(seen) == 1:
+                    cancelled = client.responses.cancel(victim.id)
+            assert seen[-1].type in ("response.completed", "response.incomplete")
+        assert cancelled.status == "cancelled" and cancelled.usage is not None
+        events = list(client.responses.retrieve(victim.id, stream=True))
+        assert events[-1].type == "response.failed"
+        assert cancelled.usage.output_tokens == deltas(events) == theirs_produced(server, victim.id)
+    assert metric(server, 'tether_deferred_starts_total{start="late"}') == 0
+
+
+def theirs_produced(server: Server, rid: str) -> int:
+    return cast(int, server.trace(rid)["produced"])

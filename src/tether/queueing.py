@@ -9,6 +9,7 @@ any process queues it again (a queue entry lost with Redis comes back).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tether import schedule
@@ -26,6 +27,9 @@ class Queueing:
         # Responses this process submitted to its local queue and no run took yet: it
         # keeps their leases (scaled out, nobody does: `owner_of_queued`).
         self.queued: set[str] = set()
+        #: told the model of each interactive response queued (the worker sets it to its
+        #: engine's `Pausing.expect`: deferred decoding pauses before the run arrives)
+        self.expect: Callable[[str], None] = lambda model: None
 
     def owner_of_queued(self) -> str | None:
         """Who keeps the lease of a response nobody runs yet: this process when it is
@@ -54,6 +58,8 @@ class Queueing:
         if not self.dispatch.remote:
             self.queued.add(rid)
         start_by = self.start_by(record.run, record.snapshot["created_at"])
+        if start_by is None and not self.dispatch.remote:  # scaled out: at its take
+            self.expect(record.snapshot["model"])
         try:
             await self.dispatch.submit(rid, record.tenant, start_by)
         except BaseException:

@@ -15,7 +15,9 @@ same deadline.
 A process also caps the run slots deferred responses hold at once (`Settings.deferred_slots`,
 by default half of them), so that interactive work always finds a free slot; the
 embedded engine pauses a deferred response's decoding while an interactive one decodes
-(`Generation.defer_until`), so a deferred run that holds a slot does not slow it.
+(`Generation.defer_until`), so a deferred run that holds a slot does not slow it, and
+with such an engine a deferred run lends its slot to interactive work until its deadline
+(preemption, `worker.Worker`: with one slot, an interactive response does not wait for it).
 
 `RunQueue` is the in-memory queue of one process (`dispatch.LocalDispatch`); scaled out,
 `dispatch.RedisDispatch` keeps the deferred class in a sorted set by the same rule.

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from tether import metrics, schedule, tool_loop, wire
+from tether import metrics, tool_loop, wire
+from tether.engines.base import Pausing
 from tether.run import Progress, drive
 from tether.runner import Run, new_token
 from tether.runspec import RunSpec
@@ -31,38 +32,89 @@ log = logging.getLogger("tether.worker")
 class Worker:
     def __init__(self, lc: Lifecycle) -> None:
         self.lc = lc
-        slots = max(lc.workers, 1)
-        self._slots = anyio.Semaphore(slots)
+        self._slots = max(lc.workers, 1)
         # Deferred runs (`2h`/`8h`) hold at most this many slots, so that interactive
         # work finds one free (`tether.schedule`); one at least, or none would run.
-        self._deferred_cap = lc.settings.deferred_slots or max(1, slots // 2)
+        self._deferred_cap = lc.settings.deferred_slots or max(1, self._slots // 2)
+        #: the runs going on, by response id: for a deferred run whose engine pauses it
+        #: for interactive work, its start deadline (until then it lends its slot to an
+        #: interactive run: preemption); None for any other
+        self._runs: dict[str, float | None] = {}
         self._deferred: set[str] = set()
-        lc.dispatch.may_defer = lambda: len(self._deferred) < self._deferred_cap
+        self._freed = anyio.Event()  # a run ended: there may be room again
+        lc.dispatch.may_defer = self._may_defer
+        engine = lc.engine
+        self._pausing = engine if isinstance(engine, Pausing) else None
+        if self._pausing is not None:
+            # An interactive response is announced to its engine as it is queued, so
+            # deferred decoding stops before it reaches the engine (`Pausing.expect`).
+            lc.queue.expect = self._pausing.expect
+
+    def _lent(self) -> int:
+        """Slots of deferred runs that interactive runs may take over now."""
+        now = time.time()
+        return sum(1 for until in self._runs.values() if until is not None and now < until)
+
+    def _room(self) -> bool:
+        """A response may be taken: a free slot, or one a deferred run lends (only an
+        interactive response, or a deferred one due to start, takes that: `_may_defer`)."""
+        return len(self._runs) < self._slots + self._lent()
+
+    def _may_defer(self) -> bool:
+        """A deferred response that is not due may start: a slot is free (not lent) and
+        the deferred runs hold less than their share."""
+        return len(self._runs) < self._slots and len(self._deferred) < self._deferred_cap
 
     async def work(self) -> None:
-        """Take responses from the dispatch, one per free run slot, until cancelled."""
+        """Take responses from the dispatch, one per free run slot, until cancelled.
+
+        Preemption: a deferred run whose engine pauses it for interactive work
+        (`Pausing`) lends its slot until its start deadline, so an interactive response
+        that arrives while it holds the slot starts at once (beside it, paused) instead
+        of waiting for it to end. (A deadline passing during a `take` may let one run
+        more start than `slots`: the deferred run is then decoded beside it.)"""
         lc = self.lc
         while True:
-            await self._slots.acquire()
-            started = False
+            while not self._room():
+                self._freed = anyio.Event()
+                await self._freed.wait()
             try:
                 rid, tenant = await lc.dispatch.take()
                 # From here the run keeps the lease; if the run is not started below,
                 # the lease runs out and `_recover` queues the response again.
                 lc.queued.discard(rid)
                 record = await lc.store.get(rid, tenant)
-                if record is not None and record.status in wire.LIVE_STATES:
-                    if schedule.window_of(record.run) != "soonest":
-                        self._deferred.add(rid)  # before the next take counts them
-                    started = lc.runner.start(rid, partial(self._run, record)) is not None
-                if not started:
-                    self._deferred.discard(rid)
+                if (
+                    record is not None
+                    and record.status in wire.LIVE_STATES
+                    and rid not in lc.runner.runs
+                ):
+                    self._hold(record)
+                    if lc.runner.start(rid, partial(self._run, record)) is None:
+                        self._release(rid)
             except Exception:
                 log.exception("taking a run failed; retrying")
                 await anyio.sleep(0.5)
-            finally:
-                if not started:
-                    self._slots.release()
+
+    def _hold(self, record: Record) -> None:
+        """Count `record`'s run in its slot (before the next take counts them)."""
+        rid, model = record.id, record.snapshot["model"]
+        start_by = self.lc.queue.start_by(record.run, record.snapshot["created_at"])
+        pausing = self._pausing
+        if start_by is None:
+            self._runs[rid] = None
+            if pausing is not None and self.lc.dispatch.remote:  # see `Queueing.submit`
+                pausing.expect(model)
+            return
+        self._deferred.add(rid)
+        lends = pausing is not None and pausing.pauses_deferred(model)
+        self._runs[rid] = start_by if lends else None
+
+    def _release(self, rid: str) -> None:
+        self._runs.pop(rid, None)
+        self._deferred.discard(rid)
+        self._freed.set()
+        self.lc.dispatch.nudge()  # a deferred one may be taken again
 
     async def _run(self, record: Record, run: Run) -> None:
         """The body of one run, in the runner's group: claim, drive, end. The ending runs
@@ -91,10 +143,7 @@ class Worker:
                 run.claimed = True
                 await self._drive(record, run, token, snap)
         finally:
-            self._slots.release()
-            if record.id in self._deferred:
-                self._deferred.discard(record.id)
-                self.lc.dispatch.nudge()  # a deferred one may be taken again
+            self._release(record.id)
 
     async def _drive(self, record: Record, run: Run, token: str, snap: dict[str, Any]) -> None:
         lc = self.lc

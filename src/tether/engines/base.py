@@ -269,3 +269,21 @@ class TokenCounter(Protocol):
     by `POST /v1/responses/input_tokens`."""
 
     async def count_tokens(self, request: Generation) -> int | None: ...
+
+
+@runtime_checkable
+class Pausing(Protocol):
+    """An optional engine capability: it pauses a deferred generation (one with
+    `Generation.defer_until` ahead) while interactive work for the same engine runs, and
+    resumes it after, so the worker may let an interactive run take over a deferred
+    run's slot (`tether.worker`; docs/scheduling.md)."""
+
+    def pauses_deferred(self, model: str) -> bool:
+        """Whether deferred generations of `model` pause for interactive ones."""
+        ...
+
+    def expect(self, model: str) -> None:
+        """An interactive response for `model` is on its way (created, or taken from the
+        queue): pause deferred decoding now rather than when it arrives, for a moment at
+        most (a hint; it may never come)."""
+        ...

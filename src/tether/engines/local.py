@@ -121,6 +121,16 @@ class LocalEngine:
         if worker is not None:
             worker.llm.close()
 
+    # --- deferred work (`Pausing`; `local_defer`) ------------------------------------------
+
+    def pauses_deferred(self, model: str) -> bool:
+        return True
+
+    def expect(self, model: str) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.expect()
+
     async def generate(self, request: Generation, emit: Emit) -> None:
         scheduler = self._scheduler
         if scheduler is None:

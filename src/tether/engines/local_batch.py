@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 
 from tether.engines.base import EngineError, Generation
+from tether.engines.local_defer import ABORTED, Deferral
 from tether.engines.local_worker import Channel, Feed, ModelWorker, Run
 
 #: target time of one step that reads prompt tokens: a cancel during prefill, and the
@@ -101,6 +102,7 @@ class Scheduler:
         self._closing = False
         self._dead: str | None = None  # why the thread is gone: submits then fail
         self._chunk = 32  # prompt tokens a step; adapted to PREFILL_CHUNK_SECONDS
+        self.deferral = Deferral(ctx)  # when deferred responses decode (`local_defer`)
         self._thread = threading.Thread(target=self._loop, name="tether-local", daemon=True)
 
     def start(self) -> None:
@@ -112,6 +114,13 @@ class Scheduler:
             if self._dead is not None:
                 raise EngineError(self._dead)
             self._inbox.append((request, chan))
+            self.cond.notify()
+
+    def expect(self) -> None:
+        """(event loop) An interactive response is on its way: deferred work holds
+        (`Deferral.expect`)."""
+        with self.cond:
+            self.deferral.expect()
             self.cond.notify()
 
     def close(self) -> None:
@@ -141,26 +150,25 @@ class Scheduler:
                             self._inbox = deque(j for j in self._inbox if not j[1].stopped)
                         else:
                             quit_ = []
-                        jobs = [
-                            self._inbox.popleft()
-                            for _ in range(min(len(self._inbox), len(self._free)))
-                        ]
-                        jobs += quit_
+                        jobs = self._jobs() + quit_
                         stopped = [r for r in self._live if r.chan.stopped]
                         ready = [r for r in self._live if not r.chan.stopped and self._ready(r)]
-                        ready = self._yielding(ready)
+                        ready = self.deferral.pick(ready, self._live)
                         if jobs or stopped or ready:
                             break
-                        self.cond.wait()
+                        self.cond.wait(self.deferral.timeout(self._live))
                 for r in stopped:
                     self._drop(r)
                 for request, chan in jobs:
                     admitted = self._admit(request, chan)
                     if admitted is not None:
                         ready.append(admitted)  # a first feed needs no credit
-                ready = self._yielding(ready)
-                if ready:
-                    self._step(ready)
+                ready = self.deferral.pick(ready, self._live)
+                if ready and self.deferral.begin(ready):
+                    try:
+                        self._step(ready)
+                    finally:
+                        self.deferral.end()
         except Exception as exc:  # a bug or a llama.cpp failure: fail what runs, loudly
             failure = f"local engine failed: {type(exc).__name__}: {exc}"
             raise
@@ -176,25 +184,15 @@ class Scheduler:
                 chan.end()
             self._free_context()
 
-    _turn = 0  # whose turn it is among deferred responses decoding alone
-
-    def _yielding(self, ready: list[Live]) -> list[Live]:
-        """`ready` without the deferred responses while an interactive one is in the
-        engine: a `2h`/`8h` response decodes only when nothing else does (strict priority:
-        a step of 8 costs nearly 8 steps' compute on a CPU, so sharing it would slow the
-        interactive one). Once its `defer_until` has passed it is interactive too, so it
-        is never held back past its deadline (`tether.schedule`)."""
-        now = time.time()
-        held = [r for r in ready if r.defer_until is not None and now < r.defer_until]
-        if not held:
-            return ready
-        if any(not r.ended and (r.defer_until is None or now >= r.defer_until) for r in self._live):
-            return [r for r in ready if r not in held]
-        # Only deferred work: one response a step, in turn. A step's cost grows with its
-        # rows, and an interactive request that arrives waits for the step in progress;
-        # on a CPU batching gains little, so short steps cost the backlog little.
-        self._turn += 1
-        return [held[self._turn % len(held)]]
+    def _jobs(self) -> list[tuple[Generation, Channel]]:
+        """(holding the condition) Queued responses for the free slots: interactive ones
+        first (a deferred one waits while an interactive one is queued)."""
+        n = min(len(self._inbox), len(self._free))
+        if n < len(self._inbox):
+            now = time.time()
+            order = sorted(self._inbox, key=lambda j: _is_deferred(j[0], now))
+            self._inbox = deque(order)
+        return [self._inbox.popleft() for _ in range(n)]
 
     def _ready(self, r: Live) -> bool:
         """(holding the condition) Whether `r` can take part in the next step."""
@@ -204,6 +202,9 @@ class Scheduler:
 
     def _admit(self, request: Generation, chan: Channel) -> Live | None:
         trace = chan.trace
+        trace.admitted_at = time.time()
+        if not _is_deferred(request, trace.admitted_at):
+            self.deferral.arrived()
         if chan.stopped:  # cancelled while queued: it never read its prompt
             trace.aborted_at = time.time()
             trace.aborted_in_prefill = True
@@ -269,7 +270,8 @@ class Scheduler:
                 continue  # its piece waits for a later step
             first, read = False, True
             budget -= take
-            self._decode([r], [take])
+            if not self._decode([r], [take]):
+                return  # deferred work, aborted for an interactive response
         if read:
             # Adapt to this machine and its load: halve the prompt budget of a step whose
             # pieces took too long, double one that was quick (bounded both ways).
@@ -289,9 +291,10 @@ class Scheduler:
         if singles:
             self._decode(singles, [1] * len(singles))
 
-    def _decode(self, runs: list[Live], takes: list[int]) -> None:
+    def _decode(self, runs: list[Live], takes: list[int]) -> bool:
         """Evaluate `takes[i]` tokens of `runs[i]`'s feed in one llama_decode; resume each
-        whose feed is then complete (its logits are valid until the next decode)."""
+        whose feed is then complete (its logits are valid until the next decode). False
+        when the decode was aborted (`Deferral`): nothing of it happened."""
         order = sorted(range(len(runs)), key=lambda i: runs[i].slot.seq)  # consecutive ids
         batch = self._batch
         n = 0
@@ -314,6 +317,10 @@ class Scheduler:
             rows.append((r, take, row))
         batch.n_tokens = n
         code = llama_cpp.llama_decode(self._ctx, batch)
+        if code == ABORTED:
+            if self.deferral.aborted(code):
+                return False
+            code = llama_cpp.llama_decode(self._ctx, batch)  # a stale abort: again
         if code != 0:
             # No KV slot (1) cannot happen (every slot has its full context); anything
             # else is llama.cpp failing: the responses of this batch fail, their caches go.
@@ -321,7 +328,7 @@ class Scheduler:
                 llama_cpp.llama_memory_seq_rm(self._mem, r.slot.seq, -1, -1)
                 r.slot.tokens.clear()
                 self._finish(r, EngineError(f"local engine failed: llama_decode returned {code}"))
-            return
+            return True
         width = len(self._live)
         for r, take, row in rows:
             r.slot.tokens.extend(r.feed.tokens[r.at : r.at + take])
@@ -331,6 +338,7 @@ class Scheduler:
                 trace.batched = width
             if row >= 0:
                 self._advance(r, row)
+        return True
 
     def _advance(self, r: Live, row: int | None) -> bool:
         """Resume `r`'s generation with its logits row; False when it ended."""
@@ -369,6 +377,10 @@ class Scheduler:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
             self._worker.ctx = None
+
+
+def _is_deferred(request: Generation, now: float) -> bool:
+    return request.defer_until is not None and now < request.defer_until
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

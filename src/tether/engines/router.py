@@ -19,6 +19,7 @@ from tether.engines.base import (
     EngineTrace,
     Generation,
     ModelInfo,
+    Pausing,
     TokenCounter,
     Traced,
 )
@@ -66,6 +67,15 @@ class Router:
         if isinstance(engine, TokenCounter):
             return await engine.count_tokens(request)
         return None
+
+    def pauses_deferred(self, model: str) -> bool:
+        engine = self._routes.get(model)
+        return isinstance(engine, Pausing) and engine.pauses_deferred(model)
+
+    def expect(self, model: str) -> None:
+        engine = self._routes.get(model)
+        if isinstance(engine, Pausing):
+            engine.expect(model)
 
     async def generate(self, request: Generation, emit: Emit) -> None:
         engine = self._routes.get(request.model)
