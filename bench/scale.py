@@ -91,6 +91,7 @@ import httpx
 import orjson
 
 import _server
+from _report import Chart, Transcript, progress, save
 from _server import HOST, Server, percentile, table
 
 PY = sys.executable
@@ -587,6 +588,19 @@ def http_client(connections: int, timeout: float = 120.0) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=30.0))
 
 
+def tracked(jobs: Sequence[Coroutine[Any, Any, T]], desc: str) -> list[Coroutine[Any, Any, T]]:
+    """The same jobs, each ticking one progress bar (stderr) when it ends."""
+    bar = progress(total=len(jobs), desc=desc, unit="job")
+
+    async def one(job: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await job
+        finally:
+            bar.update(1)
+
+    return [one(job) for job in jobs]
+
+
 async def gather_limited(n: int, jobs: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     """Await `jobs`, at most `n` at a time."""
     sem = asyncio.Semaphore(n)
@@ -653,9 +667,12 @@ async def tp_round(c: Cluster, n: int, length: int, probe: CpuProbe | None) -> R
             probe.start()
         t0 = time.time()
         await asyncio.gather(
-            *(
-                r.read(client, "POST", f"{apis[i % len(apis)]}/v1/responses", body)
-                for i, r in enumerate(readers)
+            *tracked(
+                [
+                    r.read(client, "POST", f"{apis[i % len(apis)]}/v1/responses", body)
+                    for i, r in enumerate(readers)
+                ],
+                f"{len(c.workers)} worker(s): streams ended",
             )
         )
         cpu = probe.stop() if probe else {}
@@ -859,7 +876,8 @@ async def many_run(
                 await asyncio.sleep(ramp * i / n)
             await r.create(client, apis[i % len(apis)], apis[(i + 1) % len(apis)], body)
 
-        tasks = [asyncio.ensure_future(start(i, r)) for i, r in enumerate(readers)]
+        jobs = tracked([start(i, r) for i, r in enumerate(readers)], f"{name}: streams ended")
+        tasks = [asyncio.ensure_future(job) for job in jobs]
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for t in pending:
             t.cancel()
@@ -1125,7 +1143,8 @@ def part_cancel(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], bo
             async with http_client(2 * args.cancel_concurrency + 10) as client:
                 probe.start()
                 await gather_limited(
-                    args.cancel_concurrency, [cancel_one(client, a, b, j) for j in jobs]
+                    args.cancel_concurrency,
+                    tracked([cancel_one(client, a, b, j) for j in jobs], "cancels"),
                 )
                 cpu.update(probe.stop())
                 return await traces(
@@ -1235,6 +1254,14 @@ def _interrupt(*_: object) -> None:
 
 
 def main() -> int:
+    with Transcript() as printed:
+        charts: list[Chart] = []
+        code = run(charts)
+    save("scale", printed.text, *charts)
+    return code
+
+
+def run(charts: list[Chart]) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -1363,6 +1390,17 @@ def main() -> int:
         if 1 in args.parts:
             cases, good = part_throughput(args)
             ok &= good
+            charts.append(
+                Chart(
+                    "events/s, 1 vs 2 workers",
+                    "events/s",
+                    [mode.name.split(" (")[0] for mode, _ in cases],
+                    {
+                        f"{k + 1} worker(s)": [medians[k].rate for _, medians in cases]
+                        for k in range(2)
+                    },
+                )
+            )
             for mode, medians in cases:
                 ratio = medians[1].rate / medians[0].rate
                 summary += [
@@ -1398,6 +1436,14 @@ def main() -> int:
                 ],
             ]
             lat = [(r, ms(r.token_lat)[1], ms(r.steady_lat)[1]) for r in results]
+            charts.append(
+                Chart(
+                    f"token -> reader p99, {c.readers} streams",
+                    "ms",
+                    [r.name.split(",")[0] for r, _, _ in lat],
+                    {"all": [a for _, a, _ in lat], "once all open": [b for _, _, b in lat]},
+                )
+            )
             summary += [
                 [
                     f"token -> reader p99 ms, {r.name.split(',')[0]}",
@@ -1419,6 +1465,14 @@ def main() -> int:
             fig, good = part_cancel(args, seed)
             ok &= good
             other("3", fig["cpu"])
+            charts.append(
+                Chart(
+                    f"cancel on another replica ({fig['n']} cancels)",
+                    "ms",
+                    ["p50", "p99"],
+                    {"engine stopped": ms(fig["stop"])[:2], "reply": ms(fig["reply"])[:2]},
+                )
+            )
             summary += [
                 [
                     "cancel on B -> engine stopped p50 / p99 ms",

@@ -23,6 +23,7 @@ import pytest
 
 from engine_steps import after_tokens, collect, tokens
 from tether.config import UpstreamConfig
+from tether.engines import upstream
 from tether.engines.base import (
     Delta,
     EngineError,
@@ -33,7 +34,6 @@ from tether.engines.base import (
     Report,
 )
 from tether.engines.chat import ChatEngine
-from tether.engines import upstream
 from tether.engines.upstream import UpstreamGone, backoff
 from upstreams import FakeUpstream, fake_upstream, llama_server, smollm2_gguf
 
