@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-# llama.cpp's OpenMP threads spin while they wait for work by default: on a machine
-# shared with other processes that burns the CPU the model needs (measured: prompt
-# reading 4x slower under load). Set before llama.cpp is first loaded (by the local
-# engine or a chat upstream's tokenizer); an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# llama.cpp's OpenMP threads wait for the next token step with libgomp's default: a short
+# spin (GOMP_SPINCOUNT 300,000), then sleep. That default is kept on purpose. Sleeping at
+# once (OMP_WAIT_POLICY=PASSIVE, which tether set before) made every token step a futex
+# wake-up: one stream through `tether serve` on a quiet 2-core machine ran at ~35 tokens/s
+# against ~90-100 with the default (llama.cpp alone: ~110-130), while it gained only ~25%
+# beside a process hogging a core. On a machine shared with busy processes an operator can
+# still set OMP_WAIT_POLICY=PASSIVE (read when llama.cpp is first loaded).
 from tether.config import UpstreamConfig
 from tether.engines.base import Engine
 
