@@ -62,7 +62,11 @@ async def test_a_reader_in_another_process_follows_every_shard(pair) -> None:  #
         return [e.seq for e in await b.read(rid, 2, None, nothing_durable)]
 
     followers = [asyncio.create_task(follow(rid)) for rid in ids]
-    await asyncio.sleep(0.2)  # the followers are waiting
+    # Commit only once every follower waits: the wake-ups must end waits, not precede them.
+    deadline = asyncio.get_running_loop().time() + 10
+    while not all(b.waiting(rid) for rid in ids):
+        assert asyncio.get_running_loop().time() < deadline, "the followers never waited"
+        await asyncio.sleep(0)
     for rid in ids:
         a.committed(rid, entries(3, 2))
     assert await asyncio.gather(*followers) == [[3, 4]] * len(ids)

@@ -172,6 +172,10 @@ class Waiters:
                 if not waiters:
                     del self._by_id[response_id]
 
+    def waiting(self, response_id: str) -> int:
+        """How many readers wait on `response_id` now."""
+        return len(self._by_id.get(response_id, ()))
+
     def wake(self, response_id: str, last: int | None = None) -> None:
         """Wake the waiters of `response_id` whose cursor is before `last` (all: None)."""
         for after, waiter in self._by_id.get(response_id, ()):

@@ -271,6 +271,10 @@ class LiveLog:
             return
         await self._waiters.wait(response_id, after, timeout)
 
+    def waiting(self, response_id: str) -> int:
+        """How many readers of this process wait on `response_id` now (`wait`)."""
+        return self._waiters.waiting(response_id)
+
     # --- cache -----------------------------------------------------------------------
 
     def _trusted(self, tail: Tail) -> bool:
