@@ -184,3 +184,16 @@ def test_cluster_url_parts() -> None:
     t = redisconn.parse("rediss+cluster://u:p%40ss@h1:7000,[::1]:7001/?shards=4")
     assert t.cluster and t.nodes == (("h1", 7000), ("::1", 7001)) and t.shards == 4
     assert t.options == {"ssl": True, "username": "u", "password": "p@ss"}
+
+
+async def test_a_burst_of_submits_is_queued_whole(pair) -> None:  # type: ignore[no-untyped-def]
+    """1,000 submits at once (the create burst): none refused (redis-py's pool holds 100
+    connections; the submits go in rounds, one pipeline each), each taken once."""
+    a, b, _, _ = pair
+    ids = [f"resp_burst_{i}" for i in range(1000)]
+    await asyncio.gather(*(a.submit(rid, "t") for rid in ids))
+    got: list[str] = []
+    async with asyncio.timeout(30):
+        while len(got) < len(ids):
+            got.append((await b.take())[0])
+    assert sorted(got) == sorted(ids)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from tether import redisconn
 from tether.schedule import RunQueue
 from tether.store.base import StoreUnavailable
+from tether.store.rounds import Rounds
 
 log = logging.getLogger("tether.dispatch")
 # One take from one shard, in one step (a script runs atomically: two workers never take
@@ -157,6 +158,9 @@ class RedisDispatch:
         self._ring = asyncio.Event()
         self._channels: dict[str, tuple[str, int]] = {}
         self.may_defer: Callable[[], bool] = lambda: True
+        self._submits: Rounds[tuple[str, str, float | None], None] = Rounds(
+            self._submit_round, "tether-dispatch-submits"
+        )
         for k in range(layout.shards):
             self._channels[layout.cancel(k)] = ("cancel", k)
             self._channels[layout.ring(k)] = ("ring", k)
@@ -174,6 +178,7 @@ class RedisDispatch:
         # redis-py can swallow a cancellation (one landing in a connect attempt): the
         # listener's loops also stop on `_closing`.
         self._closing = True
+        await self._submits.close()
         if listener is not None:
             listener.cancel()
             # asyncio.wait raises nothing of the listener's own: the only cancellation
@@ -182,24 +187,35 @@ class RedisDispatch:
         await self._redis.aclose()
 
     async def submit(self, response_id: str, tenant: str, start_by: float | None = None) -> None:
+        await self._submits.call((response_id, tenant, start_by))
+
+    async def _submit_round(self, batch: list[tuple[str, str, float | None]]) -> list[None]:
+        """Submits in one pipeline (`Rounds`): a burst of creates used to open one
+        connection each, until redis-py's pool refused them (`MaxConnectionsError`:
+        503s, and responses ended as not queued). One ring per shard that got work."""
         layout = self._layout
-        k = layout.shard(response_id)
+        rung: set[int] = set()
         try:
-            if start_by is not None:
-                # A member once: queued again (lease recovery), it keeps one entry.
-                await self._redis.zadd(layout.later(k), {f"{response_id} {tenant}": start_by})
-                return
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(
-                    layout.runs(k),
-                    {"r": response_id, "t": tenant},
-                    maxlen=100_000,
-                    approximate=True,
-                )
-                pipe.execute_command(layout.publish, layout.ring(k), str(k))
+                for response_id, tenant, start_by in batch:
+                    k = layout.shard(response_id)
+                    if start_by is not None:
+                        # A member once: queued again (lease recovery), it keeps one entry.
+                        pipe.zadd(layout.later(k), {f"{response_id} {tenant}": start_by})
+                        continue
+                    pipe.xadd(
+                        layout.runs(k),
+                        {"r": response_id, "t": tenant},
+                        maxlen=100_000,
+                        approximate=True,
+                    )
+                    rung.add(k)
+                for k in sorted(rung):
+                    pipe.execute_command(layout.publish, layout.ring(k), str(k))
                 await pipe.execute()
         except redisconn.ERRORS as exc:
             raise StoreUnavailable(f"run queue unreachable: {exc}") from exc
+        return [None] * len(batch)
 
     async def take(self) -> tuple[str, str]:
         every = range(self._layout.shards)

@@ -51,6 +51,12 @@ FINISHED_TTL = 300  # seconds a finished log stays in Redis (Postgres keeps it f
 POLL = 0.25  # seconds between polls while wake-ups cannot be trusted
 DOWN_FOR = 1.0  # after a Redis error, seconds to go straight to Postgres
 CLOSE_WITHIN = 5.0  # seconds `close` waits for its tasks (a round of theirs: see `close`)
+# Reads from Redis in flight at once, per process. redis-py's pool holds 100 connections
+# and refuses the 101st at once (`MaxConnectionsError`); a burst of readers (1,000 streams
+# opened together) used to hit that, mark Redis down, and send every read to Postgres for
+# `DOWN_FOR`. Past this many, a read waits for a turn: each holder finishes within the
+# socket timeout, and a Redis that stops answering is marked down by the first of them.
+READS = 48
 
 Durable = Callable[[str, int], Awaitable[list[LogEntry]]]
 
@@ -70,6 +76,7 @@ class LiveLog:
         self._known: dict[str, int] = {}  # highest committed seq heard of, for cached ids
         self.cache = LogCache(cache_bytes, on_evict=self._unknown)
         self._fetching: dict[str, asyncio.Future[None]] = {}
+        self._reads = asyncio.Semaphore(READS)
         self._waiters = Waiters()
         self._epoch = 0
         self._healthy = False  # subscribed, and heard from Redis recently
@@ -221,14 +228,17 @@ class LiveLog:
         """Events after `after` from the stream, or None if it cannot prove them
         complete: no stream (flushed, expired, never written) or a gap."""
         key = self.key(response_id)
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xrange(key, min=f"{after + 1}-0")
-                pipe.exists(key)
-                items, exists = await pipe.execute()
-        except redisconn.ERRORS:
-            self._mark_down()
-            return None
+        async with self._reads:
+            if self._down():  # marked down while this read waited for its turn
+                return None
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.xrange(key, min=f"{after + 1}-0")
+                    pipe.exists(key)
+                    items, exists = await pipe.execute()
+            except redisconn.ERRORS:
+                self._mark_down()
+                return None
         if not exists:
             return None
         entries: list[LogEntry] = []

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
-from tether.store.base import LEDGER_UPSERT, LogEntry
+from tether.store.base import LEDGER_UPSERT, LogEntry, Record
 from tether.store.common import LIVE, Pending, pack
 from tether.store.pg_hooks import OUTBOX
 
@@ -84,6 +85,25 @@ INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data, creat
 SELECT $1, 0, $6, $12, 0, $13, $8 WHERE $6 >= 0
 """
 
+# Plain creates, many in one statement (`rounds.py`): the columns of `CREATE`, as
+# arrays of one element per response (`create_columns`).
+CREATE_MANY = """
+WITH r AS (
+    INSERT INTO responses (id, tenant, status, owner, lease_until, last_seq, stored, created_at,
+                           key_id)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[],
+                         $6::int[], $7::bool[], $8::float8[], $9::text[])
+), b AS (
+    INSERT INTO response_bodies (id, snapshot, run, input_items)
+    SELECT * FROM unnest($1::text[], $10::bytea[], $11::bytea[], $12::bytea[])
+)
+INSERT INTO events (response_id, first_seq, last_seq, types, tokens, data, created_at)
+SELECT e.id, 0, e.last_seq, e.types, 0, e.data, e.created_at
+FROM unnest($1::text[], $6::int[], $13::text[], $14::bytea[], $8::float8[])
+    AS e(id, last_seq, types, data, created_at)
+WHERE e.last_seq >= 0
+"""
+
 # A log's events after $2, from the partition of its response's creation time (`events` is
 # partitioned by it: `pg_partitions.py`), or of 0 (`events_legacy`, rows from before
 # migration 0006): the others are pruned when the statement runs, so a replay is one range
@@ -150,3 +170,29 @@ def batch_columns(rows: Iterable[tuple[str, Pending, int, list[LogEntry]]]) -> l
         types.append(kinds)
         datas.append(data)
     return [ids, tokens, firsts, lasts, counts, inputs, types, datas]
+
+
+def create_columns(batch: Iterable[tuple[Record, list[LogEntry], float]]) -> list[list[Any]]:
+    """The arrays `CREATE_MANY` unnests: (record, its first events, creation time) each."""
+    cols: list[list[Any]] = [[] for _ in range(14)]
+    for record, entries, created in batch:
+        kinds, data = pack(entries)
+        row = (
+            record.id,
+            record.tenant,
+            record.status,
+            record.owner,
+            record.lease_until,
+            len(entries) - 1,
+            bool(record.snapshot.get("store", True)),
+            created,
+            record.key_id or "",
+            orjson.dumps(record.snapshot),
+            orjson.dumps(record.run),
+            orjson.dumps(record.input_items),
+            kinds,
+            data,
+        )
+        for col, value in zip(cols, row, strict=True):
+            col.append(value)
+    return cols

@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
+from functools import partial
 from typing import Any
 
 import asyncpg
 import orjson
 
-from tether.store import pg_partitions
+from tether.store import pg_create, pg_partitions
 from tether.store import pg_sql as sql
 from tether.store.base import (
     IdempotencyConflict,
@@ -47,6 +48,7 @@ from tether.store.pg_conversations import PostgresConversations, finish_turn
 from tether.store.pg_hooks import PgHooks
 from tether.store.pg_pool import Database
 from tether.store.pg_replica import Replica
+from tether.store.rounds import Rounds
 
 log = logging.getLogger("tether.store")
 
@@ -68,6 +70,13 @@ class PostgresStore(PostgresConversations):
         self.appends = Appends(self.db, self.live)
         self._seqs = self.appends.seqs  # response -> (run token, last seq it wrote)
         self.webhooks: Webhooks = PgHooks(self.db)  # endpoints and the outbox
+        # Plain creates and reads of a record, many callers to a statement (`rounds.py`).
+        self._creates: Rounds[pg_create.Plain, Exception | None] = Rounds(
+            partial(pg_create.create_round, self.db), "tether-postgres-creates"
+        )
+        self._gets: Rounds[tuple[str, str], Record | None] = Rounds(
+            self._get_round, "tether-postgres-gets"
+        )
 
     async def open(self) -> None:
         await self.db.open(sql.migrate)
@@ -79,6 +88,8 @@ class PostgresStore(PostgresConversations):
         self.appends.start()
 
     async def close(self) -> None:
+        await self._creates.close()
+        await self._gets.close()
         await self.appends.stop()
         await self.live.close()
         await self.db.close()
@@ -96,6 +107,13 @@ class PostgresStore(PostgresConversations):
     ) -> tuple[Record, bool]:
         entries = numbered(0, events)
         created = time.time()
+        if idempotency is None and turn is None:  # one statement for many (`pg_create.py`)
+            error = await self._creates.call((record, entries, created))
+            if error is not None:
+                raise error
+            record.last_seq = len(entries) - 1
+            self.live.committed(record.id, entries)
+            return record, True
         try:
             return await self._create(record, entries, idempotency, created, turn)
         except asyncpg.CheckViolationError as exc:
@@ -310,10 +328,18 @@ class PostgresStore(PostgresConversations):
     # --- reads -------------------------------------------------------------------------
 
     async def get(self, response_id: str, tenant: str) -> Record | None:
-        row = await self.db.query(
-            "fetchrow", f"{SELECT} WHERE r.id = $1 AND r.tenant = $2", response_id, tenant
-        )
-        return None if row is None else to_record(row)
+        return await self._gets.call((response_id, tenant))
+
+    async def _get_round(self, keys: list[tuple[str, str]]) -> list[Record | None]:
+        """Records for many `get`s, one statement (`rounds.py`)."""
+        ids = list({rid for rid, _ in keys})
+        rows = await self.db.query("fetch", f"{SELECT} WHERE r.id = ANY($1::text[])", ids)
+        found = {row[0]: row for row in rows}
+        out: list[Record | None] = []
+        for rid, tenant in keys:
+            row = found.get(rid)
+            out.append(to_record(row) if row is not None and row[1] == tenant else None)
+        return out
 
     async def _get(self, con: asyncpg.Connection, response_id: str, tenant: str) -> Record | None:
         row = await con.fetchrow(f"{SELECT} WHERE r.id = $1 AND r.tenant = $2", response_id, tenant)
