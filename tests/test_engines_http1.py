@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -399,6 +401,50 @@ async def test_tls_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = Http1Pool("http://[::1]:8080", {}, connect_timeout=1, read_timeout=1)
     assert plain.ssl_context is None and plain.port == 8080
     assert b"host: [::1]:8080\r\n" in plain.request("GET", "x", None)
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl's CLI: ca-certificates brings it)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    args += ["-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *args, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_end_to_end(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    server = Server()
+    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0, ssl=served)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        server.replies += [
+            chunked(b"data: 1\n\n"),
+            then(chunked(b"data: 2\n\n", end=False), until_client_leaves),
+        ]
+        url = f"https://127.0.0.1:{port}/v1"
+        pool = Http1Pool(url, {}, connect_timeout=2, read_timeout=5, ssl_context=trusting)
+        assert await body_of(pool) == b"data: 1\n\n"
+        async with pool.stream("POST", "chat", b"{}") as resp:
+            assert await resp.read() == b"data: 2\n\n"
+        await server.closes(0)  # aborted unfinished: the peer sees the close at once
+        assert [r.connection for r in server.requests] == [0, 0]
+        assert server.requests[0].header("host") == f"127.0.0.1:{port}"
+        pool.close()
+        untrusted = Http1Pool(url, {}, connect_timeout=2, read_timeout=5)  # httpx's CAs
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await body_of(untrusted)
+    finally:
+        listener.close()
+        for writer in server.writers:
+            writer.transport.abort()
 
 
 # --- sse_batches on it ----------------------------------------------------------------
