@@ -348,7 +348,7 @@ class ChatEngine:
                 await backoff(attempt, exc)
 
     async def _relay(self, body: dict[str, Any], got: _Received, out: Outbox) -> None:
-        batches = sse_batches(self._clients(), "POST", "chat/completions", body)
+        batches = sse_batches(self._clients.streams, "POST", "chat/completions", body)
         async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
             async for batch in batches:
                 if not batch:  # the upstream accepted the request

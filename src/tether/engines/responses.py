@@ -214,10 +214,10 @@ class ResponsesEngine:
         attempt = 0
         while not run.ended:
             if run.upstream_id is None:
-                source = sse_events(self._clients(), "POST", "responses", body)
+                source = sse_events(self._clients.streams, "POST", "responses", body)
             else:  # resume the background upstream response where its stream broke
                 source = sse_events(
-                    self._clients(),
+                    self._clients.streams,
                     "GET",
                     f"responses/{run.upstream_id}?stream=true&starting_after={run.last_seq}",
                     None,

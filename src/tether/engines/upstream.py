@@ -1,11 +1,13 @@
-"""What the two upstream engines share: the HTTP client, error mapping, retries before
+"""What the two upstream engines share: the HTTP clients, error mapping, retries before
 the first token, and reading an upstream's SSE reply so that a cancel closes the
 connection at once.
 
-A cancel of the run's scope lands in the read of the upstream's body (even one waiting on
-a stalled upstream). It leaves `sse_batches`' `httpx` stream context, which closes the
-connection (httpx never returns an unfinished body to the pool, and closes it shielded
-from the cancel), and that is what makes a chat-completions server (vLLM, llama.cpp, ...)
+Streamed replies (the hot loop: a read per token) go through `tether.engines.http1`, a
+small HTTP/1.1 client on httptools; everything else (the Responses engine's cancel call)
+through httpx. A cancel of the run's scope lands in the read of the upstream's body (even
+one waiting on a stalled upstream). It leaves `sse_batches`' `Http1Pool.stream` context,
+which aborts the connection (a connection goes back to the pool only after a body that
+ended cleanly), and that is what makes a chat-completions server (vLLM, llama.cpp, ...)
 stop generating. Callers close the generator with `contextlib.aclosing`, so this holds
 also when the cancel lands in their own code between two reads.
 """
@@ -23,6 +25,7 @@ import httpx
 import orjson
 
 from tether.config import UpstreamConfig
+from tether.engines import http1
 from tether.engines.base import EngineError
 from tether.engines.sse import Event, SSEParser
 
@@ -55,59 +58,71 @@ class UpstreamGone(EngineError):
         self.retryable = retryable
 
 
-#: httpx clients (connection pools) per upstream. httpx's pool looks at every one of its
-#: connections at each request and each release, polling each idle one: with one pool
-#: for 50 streams that was a third of what tether spent per upstream request. Requests
-#: go to the pools in turn, so each holds a few connections.
-POOLS = 8
-
-
-def make_client(spec: UpstreamConfig, keepalive: int = 32) -> httpx.AsyncClient:
+def upstream_headers(spec: UpstreamConfig) -> dict[str, str]:
+    """The headers of every request: what the upstream streams, and its API key."""
     headers = {"accept": "text/event-stream"}
     key = spec.api_key
     if key:
         header = spec.api_key_header.lower()
         headers[header] = f"Bearer {key}" if header == "authorization" else key
+    return headers
+
+
+def make_client(spec: UpstreamConfig, keepalive: int = 8) -> httpx.AsyncClient:
+    """An httpx client for the upstream's calls that are not streamed."""
     timeout = httpx.Timeout(
         connect=spec.connect_timeout,
         read=spec.read_timeout,
         write=spec.connect_timeout,
         pool=spec.connect_timeout,
     )
-    # No connection limit worth having: each generation holds one connection.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=keepalive)
     return httpx.AsyncClient(
         base_url=spec.url.rstrip("/") + "/",
-        headers=headers,
+        headers=upstream_headers(spec),
         timeout=timeout,
         limits=limits,
         trust_env=False,
     )
 
 
+def make_pool(spec: UpstreamConfig) -> http1.Http1Pool:
+    """The keep-alive connections of the upstream's streamed replies: as many kept as it
+    may stream at once, so that a busy upstream's requests seldom open a new one."""
+    headers = upstream_headers(spec)
+    headers["user-agent"] = "tether"
+    return http1.Http1Pool(
+        spec.url,
+        headers,
+        connect_timeout=spec.connect_timeout,
+        read_timeout=spec.read_timeout,
+        keepalive=spec.concurrency,
+    )
+
+
 class Clients:
-    """An upstream's `POOLS` httpx clients: `clients()` is the next one in turn. Each
-    keeps alive as many connections as it may hold at once (the engine's concurrency
-    shared out), so that a busy upstream's requests seldom open a new connection."""
+    """An upstream's clients: `streams` for streamed replies (`sse_batches`), and an
+    httpx client (`clients()`) for the other calls."""
 
     def __init__(self, spec: UpstreamConfig) -> None:
-        keepalive = max(4, -(-spec.concurrency // POOLS))
-        self._all = [make_client(spec, keepalive) for _ in range(POOLS)]
-        self._turn = 0
+        self._http = make_client(spec)
+        self.streams = make_pool(spec)
 
     def __call__(self) -> httpx.AsyncClient:
-        self._turn = (self._turn + 1) % POOLS
-        return self._all[self._turn]
+        return self._http
 
     async def aclose(self) -> None:
-        for client in self._all:
-            await client.aclose()
+        self.streams.close()
+        await self._http.aclose()
 
 
-async def error_of(resp: httpx.Response) -> UpstreamHTTPError:
+#: the bytes of an error body read at most (its message is cut to 500 characters anyway)
+ERROR_BODY_LIMIT = 64 << 10
+
+
+def error_from(status: int, reason: str, body: bytes, retry_after: str | None) -> UpstreamHTTPError:
     """An upstream's error reply as an EngineError carrying its message."""
-    body = await resp.aread()
-    message = body.decode("utf-8", "replace")[:500] or resp.reason_phrase
+    message = body.decode("utf-8", "replace")[:500] or reason
     with contextlib.suppress(ValueError):
         data = orjson.loads(body)
         err = data.get("error") if isinstance(data, dict) else None
@@ -117,10 +132,10 @@ async def error_of(resp: httpx.Response) -> UpstreamHTTPError:
             message = err
         elif isinstance(data, dict) and isinstance(data.get("detail"), str):
             message = data["detail"]
-    retry_after = None
+    seconds = None
     with contextlib.suppress(TypeError, ValueError):
-        retry_after = float(resp.headers.get("retry-after"))
-    return UpstreamHTTPError(resp.status_code, message, retry_after)
+        seconds = float(retry_after)  # type: ignore[arg-type]
+    return UpstreamHTTPError(status, message, seconds)
 
 
 def is_retryable(exc: EngineError) -> bool:
@@ -157,7 +172,7 @@ class _Starting:
 
 
 async def sse_batches(
-    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+    pool: http1.Http1Pool, method: str, path: str, body: dict[str, Any] | None
 ) -> AsyncGenerator[list[Event], None]:
     """An empty batch once the upstream accepted the request (2xx headers), then the
     events of an upstream SSE reply, a batch per network read (`turn_events()` at most,
@@ -165,19 +180,27 @@ async def sse_batches(
     reader become EngineErrors (a parsing bug must fail the run, never hang it); a
     cancel goes through as it is."""
     content = orjson.dumps(body) if body is not None else None
-    headers = {"content-type": "application/json"} if body is not None else None
     _Starting.count += 1
     waiting = True
     try:
-        async with client.stream(method, path, content=content, headers=headers) as resp:
-            if resp.status_code >= 400:
-                raise await error_of(resp)
-            kind = resp.headers.get("content-type", "").partition(";")[0]
+        async with pool.stream(method, path, content) as resp:
+            if resp.status >= 400:
+                raise error_from(
+                    resp.status,
+                    resp.reason,
+                    await resp.read_all(ERROR_BODY_LIMIT),
+                    resp.header(b"retry-after"),
+                )
+            kind = (resp.header(b"content-type") or "").partition(";")[0]
             if "text/event-stream" not in kind.lower():
                 raise EngineError(f"Upstream did not stream: its content-type is {kind!r}")
+            coding = resp.header(b"content-encoding")
+            if coding and coding.lower() != "identity":
+                raise EngineError(f"Upstream sent an encoded stream ({coding}), not asked for")
             yield []
             parser = SSEParser()
-            async for data in resp.aiter_bytes():
+            read = resp.read
+            while data := await read():
                 events = parser.feed(data)
                 if events and waiting:
                     waiting = False
@@ -188,16 +211,13 @@ async def sse_batches(
                     await anyio.lowlevel.checkpoint()
                 if events:
                     yield events
-    except httpx.ConnectError as exc:
-        raise UpstreamGone(
-            f"Upstream unreachable: {exc or type(exc).__name__}", retryable=True
-        ) from None
-    except httpx.TimeoutException as exc:
-        raise UpstreamGone(
-            f"Upstream timed out ({type(exc).__name__})",
-            retryable=isinstance(exc, httpx.ConnectTimeout),
-        ) from None
-    except httpx.HTTPError as exc:  # the connection broke mid-body, a protocol error...
+    except http1.ConnectFailed as exc:
+        if exc.timeout:
+            raise UpstreamGone("Upstream timed out (ConnectTimeout)", retryable=True) from None
+        raise UpstreamGone(f"Upstream unreachable: {exc}", retryable=True) from None
+    except http1.ReadTimeout:
+        raise UpstreamGone("Upstream timed out (ReadTimeout)", retryable=False) from None
+    except http1.Http1Error as exc:  # the connection broke mid-body, a protocol error...
         raise UpstreamGone(
             f"Upstream stream broke: {type(exc).__name__}: {exc}", retryable=False
         ) from None
@@ -216,11 +236,11 @@ def turn_events() -> int:
 
 
 async def sse_events(
-    client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any] | None
+    pool: http1.Http1Pool, method: str, path: str, body: dict[str, Any] | None
 ) -> AsyncGenerator[tuple[str, str], None]:
     """`OPENED`, then the (event, data) pairs of an upstream SSE reply, one at a time
     (`sse_batches`, data decoded), with the same errors."""
-    batches = sse_batches(client, method, path, body)
+    batches = sse_batches(pool, method, path, body)
     async with contextlib.aclosing(batches):  # closed (the connection too) on any exit
         async for batch in batches:
             if not batch:
