@@ -3,12 +3,13 @@
 Run: `python bench/bare_upstream_relay.py --port 8003 --upstream MODEL=URL ...`.
 
 `POST /v1/responses` with `stream: true` opens the model's upstream
-`/chat/completions` stream (httpx, as tether's chat engine does) and turns
-each content chunk into a `response.output_text.delta` event (tether.wire's builders,
-orjson, one SSE frame per event), between the same opening and closing events tether
-sends. Nothing is stored: no log, no sequence numbers from a store, no lifecycle, no
-cancel endpoint. A client that disconnects closes the upstream stream (the generator is
-cancelled, which exits the httpx stream context). `GET /health` answers 200.
+`/chat/completions` stream (`tether.engines.http1`, the reader tether's chat engine uses)
+and turns each content chunk into a `response.output_text.delta` event (tether.wire's
+builders, orjson, one SSE frame per event), between the same opening and closing events
+tether sends. Nothing is stored: no log, no sequence numbers from a store, no lifecycle,
+no cancel endpoint. A client that disconnects closes the upstream stream (the generator
+is cancelled, which leaves the pool's stream context: the connection is aborted).
+`GET /health` answers 200.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import orjson
 import uvicorn
 from sse_starlette import EventSourceResponse
@@ -27,14 +27,25 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tether import wire, wire_output
+from tether.engines import http1
 
 
 class Relay:
     def __init__(self, upstreams: dict[str, str]) -> None:
         self.upstreams = upstreams
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=300.0), limits=httpx.Limits(max_connections=None)
-        )
+        self.pools: dict[str, http1.Http1Pool] = {}
+
+    def pool(self, model: str) -> http1.Http1Pool:
+        # Made on first use: a pool belongs to the event loop that serves.
+        if model not in self.pools:
+            self.pools[model] = http1.Http1Pool(
+                self.upstreams[model],
+                {"accept": "text/event-stream"},
+                connect_timeout=10.0,
+                read_timeout=300.0,
+                keepalive=1000,
+            )
+        return self.pools[model]
 
     async def create(self, request: Request) -> Response:
         req = wire.parse_create(orjson.loads(await request.body()))
@@ -72,10 +83,10 @@ class Relay:
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": text}],
         }
-        url = self.upstreams[req.model] + "/chat/completions"
         buffer = b""
-        async with self.client.stream("POST", url, json=body) as resp:
-            async for data in resp.aiter_bytes():
+        pool = self.pool(req.model)
+        async with pool.stream("POST", "chat/completions", orjson.dumps(body)) as resp:
+            while data := await resp.read():
                 *events, buffer = (buffer + data).split(b"\n\n")
                 out = []
                 for raw in events:
