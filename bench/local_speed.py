@@ -5,11 +5,15 @@ Run: `PYTHONPATH=src python bench/local_speed.py` (`--streams-only`: the batchin
 alone; tables and plots also go to bench/out/local_speed.md and .png). The single-stream
 paths decode the same chat prompt greedily for the same number of tokens; the difference
 is what LocalEngine adds (scheduler thread, queue hand-off, per-token detokenizing;
-measure_raw() gives what llama.cpp alone does with N sequences). The batching table runs N
-different prompts at once (`STREAM_TOKENS` each, greedy) and prints aggregate tokens/s,
-time to first token (median and worst of the N), and the time to first token of one more
-request that arrives while N - 1 streams are decoding, beside what one prefill plus one
-step costs (the goal: no more). `measure_direct()`, `measure_engine()` and
+measure_raw() gives what llama.cpp alone does with N sequences). Each single-stream row
+runs in a fresh process (`--row`), one request after a warm-up, and the rows take turns
+for `RUNS` rounds: a second llama.cpp context in one process (a second OpenMP thread team)
+slowed whichever row ran second, and taking turns spreads other load over all rows.
+
+The batching table runs N different prompts at once (`STREAM_TOKENS` each, greedy) and
+prints aggregate tokens/s, time to first token (median and worst of the N), and the time
+to first token of one more request that arrives while N - 1 streams are decoding, beside
+what one prefill plus one step costs (the goal: no more). `measure_direct()`, `measure_engine()` and
 `measure_streams()` are importable so other benchmarks can add rows.
 """
 
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -355,29 +361,65 @@ def _load() -> str:
     return f"1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
 
+ROWS = {
+    "direct": ("llama-cpp directly", measure_direct),
+    "engine": ("LocalEngine.generate", measure_engine),
+    "http": ("tether over HTTP", measure_http),
+}
+
+
+def _isolated(row: str) -> object:
+    """`row`'s result, measured in a fresh process (its own llama.cpp threads)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--row", row], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"row {row} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def single_rows(runs: int = RUNS) -> list[tuple[str, float]]:
+    """Median tokens/s of each single-stream path: `runs` rounds, each row in turn in a
+    fresh process (one request after a warm-up)."""
+    rates: dict[str, list[float]] = {row: [] for row in ROWS}
+    for run in range(runs):
+        for row in ROWS:
+            rate = _isolated(row)
+            assert isinstance(rate, float)
+            rates[row].append(rate)
+            print(f"  round {run + 1}/{runs}, {row}: {rate:.1f} tokens/s", file=sys.stderr)
+    return [(ROWS[row][0], statistics.median(r)) for row, r in rates.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams-only", action="store_true")
     parser.add_argument("--tokens", type=int, default=STREAM_TOKENS, help="per stream")
     parser.add_argument("--runs", type=int, default=3, help="runs at each number of streams")
+    parser.add_argument("--row", choices=[*ROWS, "raw"], help="(internal) one row, as JSON")
     args = parser.parse_args()
+    if args.row == "raw":
+        print(json.dumps(measure_raw()))
+        return
+    if args.row:
+        print(json.dumps(ROWS[args.row][1](TOKENS, 1)))
+        return
     markdown = ""
     if not args.streams_only:
-        rows = [
-            ("llama-cpp directly", measure_direct()),
-            ("LocalEngine.generate", measure_engine()),
-            ("tether over HTTP", measure_http()),
-        ]
+        rows = single_rows()
         base = rows[0][1]
         markdown += (
-            f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} runs "
+            f"SmolLM2-135M Q4_1, {TOKENS} tokens, greedy, n_threads=2, median of {RUNS} rounds "
+            "(each row in a fresh process, rows in turn) "
             f"({_load()})\n\n| path | tokens/s | vs direct |\n|---|---|---|\n"
         )
         markdown += "".join(f"| {n} | {r:.1f} | {r / base:.0%} |\n" for n, r in rows)
         markdown += "\n"
     before = _load()
     table = measure_streams(tokens=args.tokens, runs=args.runs)
-    raw = measure_raw()
+    got = _isolated("raw")  # in a process of its own too, for the same reason
+    assert isinstance(got, dict)
+    raw = {int(n): float(r) for n, r in got.items()}
     markdown += (
         f"LocalEngine, N different prompts at once, {args.tokens} tokens each, greedy, "
         f"median of {args.runs} runs ({before} before, {_load()} after)\n\n"
