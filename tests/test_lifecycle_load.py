@@ -21,7 +21,10 @@ from invariants import Cancel, Seen, check_response
 
 RESPONSES = 200
 LENGTH = 60
-RATE = 50
+#: tokens/s of each response. The test's client parses every event of up to 600 streams in
+#: Python on the server's 2 cores: at 50/s it fell seconds behind on a slower machine, its
+#: cancels then reached responses that had long ended, and none was cancelled.
+RATE = 10
 
 
 async def read(
