@@ -13,6 +13,8 @@ the usual layout, not a cycle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +186,14 @@ def test_no_import_cycle() -> None:
         "import cycles in src/tether (break each, e.g. by moving the shared "
         "part into a module both import):\n" + "\n".join(" -> ".join(c) for c in found)
     )
+
+
+def test_the_server_starts_without_the_mcp_sdk() -> None:
+    """The `mcp` SDK (a second of CPU to import) loads at the first MCP tool a process
+    meets (`tool_loop._load_sdk`), not with the app: every server start would pay it."""
+    probe = (
+        "import sys, tether.app, tether.cli;"
+        "print(sorted(m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -28,17 +28,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
+from tether.mcp_tools import McpFailure
+
 #: JSON-RPC's "request timed out" code, as the SDK uses it
 REQUEST_TIMEOUT = -32001
 INTERNAL_ERROR = -32603
-
-
-class McpFailure(Exception):
-    """A server that could not be reached, refused, timed out or failed a call."""
-
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(error.get("message") or "the MCP tool failed")
-        self.error = error  # OpenAI's MCPToolCallError: protocol, tool execution or HTTP
 
 
 def _failure(exc: BaseException, what: str) -> McpFailure:

@@ -232,3 +232,11 @@ def error_text(error: dict[str, Any]) -> str:
         parts = [c.get("text", "") for c in content if isinstance(c, dict)]
         return "Error: " + "\n".join(parts)
     return f"Error: {error.get('message', 'the call failed')}"
+
+
+class McpFailure(Exception):
+    """A server that could not be reached, refused, timed out or failed a call."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message") or "the MCP tool failed")
+        self.error = error  # OpenAI's MCPToolCallError: protocol, tool execution or HTTP

@@ -17,6 +17,8 @@ to the log as it comes, so a resumed stream replays every step.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -25,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from tether import mcp_client, mcp_tools
+from tether import mcp_tools
 from tether.engines.base import Engine, Generation, Message, ToolCallSpec
 from tether.errors import bad_request
-from tether.mcp_client import McpFailure
+from tether.mcp_tools import McpFailure
 from tether.run import Progress, Steps
 from tether.runspec import RunSpec
 from tether.store.base import Record
@@ -196,6 +198,9 @@ async def _listed(
         item = ListToolsItem(progress.next_index(), label)
         progress.extra.append(item)
         await progress.put(item.opened())
+    await _load_sdk()
+    from tether import mcp_client  # (loaded: at once)
+
     try:
         client = await connections.enter_async_context(
             mcp_client.connect(server, loop.timeout, loop.max_output)
@@ -229,6 +234,16 @@ async def _listed(
             }
         )
     return client
+
+
+async def _load_sdk() -> None:
+    """Import `tether.mcp_client` at the first MCP tool this process meets: the `mcp` SDK
+    takes a second of CPU to import, which every start of every server would pay, most of
+    them for nothing. Imported in a thread, so the event loop's streams go on meanwhile;
+    a cancel lands at once (the import finishes in the background)."""
+    name = "tether.mcp_client"
+    if name not in sys.modules:
+        await anyio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
 def _closed(progress: Progress, item: ListToolsItem) -> None:
@@ -310,6 +325,9 @@ async def _call(
     clients: dict[str, Any], call: McpCallItem, progress: Progress, loop: ToolLoop
 ) -> str | None:
     """Call the server (a cancel of the run lands here and goes on up)."""
+    await _load_sdk()
+    from tether import mcp_client  # (loaded: at once)
+
     await progress.put(call.calling())
     client = clients.get(call.server_label)
     try:
