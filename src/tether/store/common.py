@@ -159,13 +159,16 @@ class Waiters:
 
     async def wait(self, response_id: str, after: int, timeout: float) -> None:
         """Return when `wake` says events past `after` were committed, or after `timeout`."""
-        entry = (after, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        entry = (after, loop.create_future())
         self._by_id.setdefault(response_id, []).append(entry)
+        # A timer on the future itself, not `asyncio.wait_for` (a second future and a
+        # callback more, for each wait of each reader, i.e. for every commit it sees).
+        timer = loop.call_later(timeout, _release, entry[1])
         try:
-            await asyncio.wait_for(entry[1], timeout)
-        except TimeoutError:
-            pass
+            await entry[1]
         finally:
+            timer.cancel()
             waiters = self._by_id.get(response_id)
             if waiters is not None and entry in waiters:
                 waiters.remove(entry)
@@ -185,6 +188,12 @@ class Waiters:
     def wake_all(self) -> None:
         for response_id in list(self._by_id):
             self.wake(response_id)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    """A wait's timeout: the waiter returns as if woken."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # --- background tasks ----------------------------------------------------------------------
