@@ -125,6 +125,33 @@ async def test_a_stale_run_token_is_fenced_out(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_a_run_fenced_out_by_another_process_is_refused_after_earlier_commits(
+    tmp_path: Path,
+) -> None:
+    # The store numbers a run's later batches after its own last commit; the database
+    # still decides: another process (a takeover) that changed the token or the log
+    # wins, and the run's next batch is refused or numbered after what is there.
+    store = await opened(tmp_path)
+    await store.create(record(), [ev("response.created")])
+    await store.claim("resp_1", "tok", "me", 0, {}, [])
+    assert await store.append("resp_1", "tok", [ev(delta="a")], tokens=1)
+    assert await store.output_tokens("resp_1") == 1  # (committed)
+    other = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
+    other.execute("UPDATE responses SET last_seq = last_seq + 1 WHERE id = 'resp_1'")
+    other.execute("INSERT INTO events VALUES ('resp_1', 2, 2, 'x.other', 0, '{}')")
+    assert await store.append("resp_1", "tok", [ev(delta="b")], tokens=1)
+    assert await store.output_tokens("resp_1") == 2
+    seqs = [(e.seq, e.type) for e in await store.read("resp_1", -1, 99)]
+    assert seqs[-1] == (3, "response.output_text.delta")
+    other.execute("UPDATE responses SET run_token = 'theirs' WHERE id = 'resp_1'")
+    other.close()
+    await store.append("resp_1", "tok", [ev(delta="c")], tokens=1)
+    await store.output_tokens("resp_1")  # (the batch went to the database: refused)
+    assert not await store.append("resp_1", "tok", [ev(delta="d")], tokens=1)
+    assert await store.output_tokens("resp_1") == 2
+    await store.close()
+
+
 async def test_claim_happens_once(tmp_path: Path) -> None:
     store = await opened(tmp_path)
     await store.create(record(), [ev("response.created")])

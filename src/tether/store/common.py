@@ -162,9 +162,9 @@ class Waiters:
         loop = asyncio.get_running_loop()
         entry = (after, loop.create_future())
         self._by_id.setdefault(response_id, []).append(entry)
-        # A timer that resolves the future, not `asyncio.wait_for` (a reader waits once
-        # per event: wait_for's wrapping costs more than the rest of the wait).
-        timer = loop.call_later(timeout, _expire, entry[1])
+        # A timer on the future itself, not `asyncio.wait_for` (a second future and a
+        # callback more, for each wait of each reader, i.e. for every commit it sees).
+        timer = loop.call_later(timeout, _release, entry[1])
         try:
             await entry[1]
         finally:
@@ -190,7 +190,8 @@ class Waiters:
             self.wake(response_id)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _release(waiter: asyncio.Future[None]) -> None:
+    """A wait's timeout: the waiter returns as if woken."""
     if not waiter.done():
         waiter.set_result(None)
 

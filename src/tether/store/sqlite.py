@@ -57,6 +57,18 @@ from tether.store.sqlite_io import transaction as _transaction
 log = logging.getLogger("tether.store")
 
 INSERT_EVENTS = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)"
+# A run's batch, numbered after what this store committed for it last: a compare-and-set
+# on that `last_seq` (no RETURNING: SQLite runs that through a temporary table, which
+# doubled the cost of this statement, run for each live response at every commit).
+APPEND_AFTER = (
+    "UPDATE responses SET last_seq = ?, input_tokens = COALESCE(?, input_tokens) "
+    f"WHERE id = ? AND run_token = ? AND {LIVE} AND last_seq = ?"
+)
+# A run's batch when its `last_seq` is not known here (or was not as known).
+APPEND = (
+    "UPDATE responses SET last_seq = last_seq + ?, input_tokens = COALESCE(?, input_tokens) "
+    f"WHERE id = ? AND run_token = ? AND {LIVE} RETURNING last_seq"
+)
 
 # The WAL is cut back to this size when it restarts: what it grew to in a burst (or while
 # a full disk stopped checkpoints) goes back to the filesystem.
@@ -79,6 +91,8 @@ class SQLiteStore(SQLiteConversations):
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, Pending] = {}
+        # response -> (run token, last_seq) as this store's last commit for it left them
+        self._seqs: dict[str, tuple[str, int]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._fenced = Recent()  # runs a commit found fenced out
         self.cache = LogCache(cache_bytes)  # logs for readers (logcache.py)
@@ -220,7 +234,11 @@ class SQLiteStore(SQLiteConversations):
             if pending is not None:
                 self._flush()
             pending = self._pending[response_id] = Pending(run_token)
-        pending.add(events, tokens, input_tokens)
+        # `Pending.add`, inlined: this runs for every token
+        pending.events += events
+        pending.tokens += tokens
+        if input_tokens is not None:
+            pending.input_tokens = input_tokens
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         return True
@@ -244,6 +262,7 @@ class SQLiteStore(SQLiteConversations):
         tokens: int = 0,
     ) -> bool:
         self._flush()
+        self._seqs.pop(response_id, None)
         if run_token is not None and self._lost:
             self._check_lost(response_id, run_token)
         won = self._transition(
@@ -345,23 +364,32 @@ class SQLiteStore(SQLiteConversations):
             self._checkpointer.catch_up(self.db)
 
     def _commit(self, pending: dict[str, Pending]) -> list[tuple[str, list[LogEntry]]]:
-        db = self.db
+        db, seqs = self.db, self._seqs
         published = []
         rows = []  # the batch's `events` rows, inserted together
         with _transaction(db):
             for response_id, p in pending.items():
-                row = db.execute(
-                    "UPDATE responses SET last_seq = last_seq + ?, "
-                    "input_tokens = COALESCE(?, input_tokens) "
-                    f"WHERE id = ? AND run_token = ? AND {LIVE} RETURNING last_seq",
-                    (len(p.events), p.input_tokens, response_id, p.run_token),
-                ).fetchone()
-                if row is None:
-                    self._fenced.add((response_id, p.run_token))
-                    continue
+                n, last = len(p.events), None
+                known = seqs.get(response_id)
+                if known is not None and known[0] == p.run_token:
+                    values = (known[1] + n, p.input_tokens, response_id, p.run_token, known[1])
+                    if db.execute(APPEND_AFTER, values).rowcount == 1:
+                        last = known[1] + n
+                if last is None:
+                    row = db.execute(
+                        APPEND, (n, p.input_tokens, response_id, p.run_token)
+                    ).fetchone()
+                    if row is None:
+                        seqs.pop(response_id, None)
+                        self._fenced.add((response_id, p.run_token))
+                        continue
+                    last = row[0]
+                # Kept even if this transaction fails: the compare-and-set then misses
+                # and the next commit asks the database again.
+                seqs[response_id] = (p.run_token, last)
                 entries: list[LogEntry] = []
                 if p.events:
-                    first = row[0] - len(p.events) + 1
+                    first = last - n + 1
                     entries, types, data = packed(first, p.events)
                     rows.append((response_id, first, entries[-1].seq, types, p.tokens, data))
                 published.append((response_id, entries))  # every change wakes its readers
@@ -435,6 +463,7 @@ class SQLiteStore(SQLiteConversations):
                 db.execute("DELETE FROM idempotency_keys WHERE response_id = ?", (response_id,))
         self.cache.pop(response_id)
         self._lost.pop(response_id, None)
+        self._seqs.pop(response_id, None)
         return cur.rowcount == 1
 
     async def usage(self, tenant: str | None) -> list[dict[str, Any]]:
