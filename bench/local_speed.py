@@ -2,13 +2,18 @@
 and LocalEngine's continuous batching at 1, 2, 4 and 8 concurrent streams.
 
 Run: `PYTHONPATH=src python bench/local_speed.py` (`--streams-only`: the batching table
-alone; tables and plots also go to bench/out/local_speed.md and .png). The single-stream
-paths decode the same chat prompt greedily for the same number of tokens; the difference
-is what LocalEngine adds (scheduler thread, queue hand-off, per-token detokenizing;
-measure_raw() gives what llama.cpp alone does with N sequences). Each single-stream row
-runs in a fresh process (`--row`), one request after a warm-up, and the rows take turns
-for `RUNS` rounds: a second llama.cpp context in one process (a second OpenMP thread team)
-slowed whichever row ran second, and taking turns spreads other load over all rows.
+alone, `--single-only`: the single-stream one; tables and plots also go to
+bench/out/local_speed.md and .png). The single-stream paths decode the same chat prompt
+greedily for the same number of tokens; the difference is what LocalEngine adds (scheduler
+thread, queue hand-off, per-token detokenizing; measure_raw() gives what llama.cpp alone
+does with N sequences) and what serving adds (`tether serve` over HTTP, every event
+persisted). Over HTTP, two clients: one reads the raw SSE bytes and parses only the
+terminal event (what tether serves), one is the official SDK parsing every event into its
+model (~0.5 ms of CPU a token here, on the cores llama.cpp's two threads use). Each
+single-stream row runs in a fresh process (`--row`), one request after a warm-up, and the
+rows take turns for `RUNS` rounds: a second llama.cpp context in one process (a second
+OpenMP thread team) slowed whichever row ran second, and taking turns spreads other load
+over all rows.
 
 The batching table runs N different prompts at once (`STREAM_TOKENS` each, greedy) and
 prints aggregate tokens/s, time to first token (median and worst of the N), and the time
