@@ -239,14 +239,11 @@ async def _listed(
 async def _load_sdk() -> None:
     """Import `tether.mcp_client` at the first MCP tool this process meets: the `mcp` SDK
     takes a second of CPU to import, which every start of every server would pay, most of
-    them for nothing. Imported in a thread, so the event loop's streams go on meanwhile.
-    An import cannot be stopped: a cancel meanwhile lands when it ends (once a process),
-    and no import is left running without an owner."""
-    # Not `sys.modules`, which holds a module from the start of its import: a second
-    # caller would then import it on the event loop, waiting there for the first's.
-    # The package gets its submodule's attribute when the import has ended.
-    if not hasattr(sys.modules["tether"], "mcp_client"):
-        await anyio.to_thread.run_sync(importlib.import_module, "tether.mcp_client")
+    them for nothing. Imported in a thread, so the event loop's streams go on meanwhile;
+    a cancel lands at once (the import finishes in the background)."""
+    name = "tether.mcp_client"
+    if name not in sys.modules:
+        await anyio.to_thread.run_sync(importlib.import_module, name, abandon_on_cancel=True)
 
 
 def _closed(progress: Progress, item: ListToolsItem) -> None:
